@@ -1,0 +1,236 @@
+//! The `dynq` command line: `dynq info` (what this CPU has and what dynq will run) and
+//! `dynq bench` (dynamic int8 GEMM beside a competent fp32 SGEMM on typical layer shapes).
+
+use dynq::{isa, kernels, ActGranularity, ActType, Epilogue, GemmOptions, Isa, PackOptions, PackedWeights, WeightLayout};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "\
+usage: dynq <command> [options]
+
+commands:
+  info                       CPU features, the ISA dynq selects, the kernels in this build
+  bench [options]            dynamic int8 GEMM vs fp32 SGEMM (matrixmultiply) on layer shapes
+    --shapes MxNxK[,MxNxK]   shapes to run (default: BERT-base and LLM-like layers)
+    --isa NAME               force a kernel family (default: DYNQ_ISA or the best available)
+    --threads N              dynq threads (default 1; the fp32 baseline is single-threaded)
+    --min-time SECONDS       minimum measuring time per shape and library (default 0.3)
+    --per-tensor             per-tensor activation ranges instead of per-row
+    --symmetric              symmetric int8 activations instead of asymmetric uint8
+  help                       this text
+
+environment: DYNQ_ISA forces the kernel family, DYNQ_NUM_THREADS the default thread count.";
+
+/// (label, M, N, K)
+const DEFAULT_SHAPES: &[(&str, usize, usize, usize)] = &[
+    ("bert-base attn proj", 128, 768, 768),
+    ("bert-base ffn up", 128, 3072, 768),
+    ("bert-base ffn down", 128, 768, 3072),
+    ("llm decode 1 token", 1, 4096, 4096),
+    ("llm decode 4 tokens", 4, 4096, 4096),
+    ("llm prefill mlp up", 16, 11008, 4096),
+    ("small layer", 32, 256, 256),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("info") => info(),
+        Some("bench") => bench(&args[1..]),
+        Some("help") | Some("--help") | Some("-h") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        None => {
+            eprintln!("{USAGE}");
+            Err("no command given".into())
+        }
+        Some(other) => Err(format!("unknown command {other:?}; see `dynq help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dynq: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn info() -> Result<(), String> {
+    println!("dynq {} (C ABI {})", dynq::VERSION, dynq::ffi::DYNQ_ABI_VERSION);
+    println!("target: {}-{}", std::env::consts::ARCH, std::env::consts::OS);
+    let feats: Vec<String> =
+        isa::cpu_features().iter().map(|(n, on)| format!("{n}{}", if *on { "" } else { "(no)" })).collect();
+    println!("cpu features: {}", feats.join(" "));
+    let supported: Vec<&str> = Isa::ALL.iter().filter(|i| i.is_supported()).map(|i| i.name()).collect();
+    println!("ISAs this CPU supports: {}", supported.join(", "));
+    match isa::active() {
+        Ok(a) => println!("selected ISA: {a}{}", if std::env::var("DYNQ_ISA").is_ok() { " (forced by DYNQ_ISA)" } else { "" }),
+        Err(e) => println!("selected ISA: none: {e}"),
+    }
+    match dynq::gemm::default_threads() {
+        Ok(t) => println!("default threads: {t}"),
+        Err(e) => println!("default threads: {e}"),
+    }
+    println!("kernels in this build:");
+    for k in kernels::KERNELS {
+        let usable = isa::resolve(k.isa).is_ok();
+        println!(
+            "  {:<34} isa={:<12} MR={} NR={} KR={} layout v{}  {}",
+            k.name,
+            k.isa.name(),
+            k.mr,
+            k.nr,
+            k.kr,
+            k.layout_version,
+            if usable { "usable" } else { "not supported by this CPU" }
+        );
+    }
+    Ok(())
+}
+
+struct BenchArgs {
+    shapes: Vec<(String, usize, usize, usize)>,
+    isa: Option<Isa>,
+    threads: usize,
+    min_time: Duration,
+    gran: ActGranularity,
+    ty: ActType,
+}
+
+fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
+    let mut b = BenchArgs {
+        shapes: DEFAULT_SHAPES.iter().map(|&(l, m, n, k)| (l.to_string(), m, n, k)).collect(),
+        isa: None,
+        threads: 1,
+        min_time: Duration::from_millis(300),
+        gran: ActGranularity::PerRow,
+        ty: ActType::AsymmetricU8,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| it.next().cloned().ok_or_else(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--shapes" => {
+                b.shapes = val("--shapes")?
+                    .split(',')
+                    .map(|s| {
+                        let d: Vec<usize> = s.split('x').map(|v| v.trim().parse::<usize>()).collect::<Result<_, _>>()
+                            .map_err(|_| format!("bad shape {s:?}, expected MxNxK"))?;
+                        match d[..] {
+                            [m, n, k] if m > 0 && n > 0 && k > 0 => Ok((s.to_string(), m, n, k)),
+                            _ => Err(format!("bad shape {s:?}, expected MxNxK with positive sizes")),
+                        }
+                    })
+                    .collect::<Result<_, String>>()?
+            }
+            "--isa" => {
+                let v = val("--isa")?;
+                b.isa = Some(Isa::from_name(&v).ok_or_else(|| format!("unknown ISA {v:?}"))?);
+            }
+            "--threads" => b.threads = val("--threads")?.parse().map_err(|_| "bad --threads".to_string())?,
+            "--min-time" => {
+                let s: f64 = val("--min-time")?.parse().map_err(|_| "bad --min-time".to_string())?;
+                b.min_time = Duration::from_secs_f64(s.clamp(0.0, 60.0));
+            }
+            "--per-tensor" => b.gran = ActGranularity::PerTensor,
+            "--symmetric" => b.ty = ActType::SymmetricI8,
+            other => return Err(format!("unknown bench option {other:?}; see `dynq help`")),
+        }
+    }
+    Ok(b)
+}
+
+/// A deterministic pseudo-random generator (xorshift64*), so runs are comparable.
+struct Rng(u64);
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (v >> 40) as f32 / (1u64 << 24) as f32
+    }
+    /// Roughly normal with mean 0 and standard deviation 1 (sum of 4 uniforms).
+    fn normal(&mut self) -> f32 {
+        (0..4).map(|_| self.next_f32()).sum::<f32>().mul_add(1.732, -3.464)
+    }
+}
+
+/// Median wall time of `f` over repetitions lasting at least `min_time` (at least 3).
+fn time_it(min_time: Duration, mut f: impl FnMut()) -> Duration {
+    f(); // warm up caches and thread pools
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while samples.len() < 3 || (start.elapsed() < min_time && samples.len() < 1000) {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    let b = parse_bench(args)?;
+    let isa = isa::select(b.isa).map_err(|e| e.to_string())?;
+    println!(
+        "dynq {} bench: isa={} threads={} activations={:?}/{:?}; baseline fp32 SGEMM = matrixmultiply 0.3 (1 thread)",
+        dynq::VERSION, isa, b.threads, b.gran, b.ty
+    );
+    println!("weights reused across repetitions: figures are for weights in cache where they fit.");
+    println!();
+    println!(
+        "{:<22} {:>16} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10}",
+        "layer", "MxNxK", "dynq ms", "GOPS", "fp32 ms", "GFLOPS", "speedup", "rel.err", "cosine"
+    );
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for (label, m, n, k) in &b.shapes {
+        let (m, n, k) = (*m, *n, *k);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+        let wscale = 1.0 / (k as f32).sqrt();
+        let w_kn: Vec<f32> = (0..k * n).map(|_| rng.normal() * wscale).collect();
+        let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
+        let pw = PackedWeights::from_f32(&w_kn, n, k, WeightLayout::KN, PackOptions { isa: Some(isa), ..Default::default() })
+            .map_err(|e| e.to_string())?;
+        let opts = GemmOptions { act_granularity: b.gran, act_type: b.ty, epilogue: Epilogue::None, num_threads: b.threads };
+        let mut y = vec![0f32; m * n];
+        let t_q = time_it(b.min_time, || dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts).expect("gemm"));
+        let mut y_ref = vec![0f32; m * n];
+        let t_f = time_it(b.min_time, || {
+            for row in y_ref.chunks_exact_mut(n) {
+                row.copy_from_slice(&bias);
+            }
+            // SAFETY: the pointers and strides describe the buffers above (m x k, k x n, m x n).
+            unsafe {
+                matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, w_kn.as_ptr(), n as isize, 1, 1.0,
+                    y_ref.as_mut_ptr(), n as isize, 1)
+            }
+        });
+        let (mut dot, mut nq, mut nr, mut diff) = (0f64, 0f64, 0f64, 0f64);
+        for (q, r) in y.iter().zip(&y_ref) {
+            let (q, r) = (*q as f64, *r as f64);
+            dot += q * r;
+            nq += q * q;
+            nr += r * r;
+            diff += (q - r) * (q - r);
+        }
+        let ops = 2.0 * (m * n * k) as f64;
+        println!(
+            "{:<22} {:>16} {:>10.3} {:>9.1} {:>10.3} {:>9.1} {:>8.2}x {:>9.2e} {:>10.6}",
+            label,
+            format!("{m}x{n}x{k}"),
+            t_q.as_secs_f64() * 1e3,
+            ops / t_q.as_secs_f64() / 1e9,
+            t_f.as_secs_f64() * 1e3,
+            ops / t_f.as_secs_f64() / 1e9,
+            t_f.as_secs_f64() / t_q.as_secs_f64(),
+            (diff / nr).sqrt(),
+            dot / (nq.sqrt() * nr.sqrt()),
+        );
+    }
+    println!();
+    println!("GOPS = 2*M*N*K / time (int8 multiply-adds for dynq, fp32 for the baseline); speedup = fp32 time / dynq time;");
+    println!("rel.err = ||Y_dynq - Y_fp32|| / ||Y_fp32|| (Frobenius); cosine between the two outputs. Times are medians.");
+    Ok(())
+}

@@ -1,0 +1,758 @@
+//! The C ABI: the only place with `extern "C"`.
+//!
+//! Every function is a thin shell: it checks its arguments (null pointers, alignment, sizes
+//! and their overflow, enum values, struct sizes, overlapping buffers), calls the safe core
+//! inside `ffi_boundary!` (which also catches panics) and returns a `dynq_status`. On failure
+//! a detailed message is kept per thread for `dynq_last_error_message`.
+//!
+//! Ownership: a `dynq_packed_weights*` returned through an out-pointer belongs to the caller,
+//! who releases it with `dynq_packed_weights_free` exactly once. All other pointers are
+//! borrowed for the duration of the call only; dynq keeps none of them.
+//!
+//! Thread safety: every function may be called from any thread. A packed-weights handle is
+//! immutable after creation: any number of threads may use it at once (`dynq_gemm`, `_info`,
+//! `_serialize`), as long as none of them frees it meanwhile.
+//!
+//! Enum-like parameters are `uint32_t` in the signatures, never C enums, so that an
+//! out-of-range value from a caller is a checked `DYNQ_STATUS_INVALID_ARGUMENT`, not undefined
+//! behaviour.
+
+#![allow(non_camel_case_types)]
+
+use crate::error::{Error, Result, Status};
+use crate::gemm::{Epilogue, GemmOptions};
+use crate::isa::Isa;
+use crate::pack::{PackOptions, PackedWeights, Reservation, WeightLayout};
+use crate::quant::{ActGranularity, ActType, WeightGranularity};
+use std::cell::RefCell;
+use std::ffi::c_char;
+
+/// Major version of the library (semantic versioning).
+pub const DYNQ_VERSION_MAJOR: u32 = 0;
+/// Minor version of the library.
+pub const DYNQ_VERSION_MINOR: u32 = 1;
+/// Patch version of the library.
+pub const DYNQ_VERSION_PATCH: u32 = 0;
+/// Version of the C ABI; bumped on any incompatible change of a signature or struct.
+pub const DYNQ_ABI_VERSION: u32 = 1;
+
+/// Status codes. Stable numbers, never reused.
+pub type dynq_status = Status;
+
+/// Kernel families (`uint32_t` values). `DYNQ_ISA_AUTO` selects the best the CPU supports (or
+/// the `DYNQ_ISA` environment variable).
+#[repr(u32)]
+pub enum dynq_isa {
+    Auto = 0,
+    Scalar = 1,
+    Avx2 = 2,
+    AvxVnni = 3,
+    Avx512Vnni = 4,
+    Neon = 5,
+    NeonDotprod = 6,
+    NeonI8mm = 7,
+}
+
+/// Memory layout of a weight matrix (`uint32_t` values).
+#[repr(u32)]
+pub enum dynq_weight_layout {
+    /// `[N][K]` row-major, one row per output channel (PyTorch Linear, ONNX Gemm transB=1).
+    Nk = 0,
+    /// `[K][N]` row-major, one row per input feature (ONNX MatMul).
+    Kn = 1,
+}
+
+/// Weight scale granularity (`uint32_t` values).
+#[repr(u32)]
+pub enum dynq_weight_granularity {
+    /// One scale per output channel (default).
+    PerChannel = 0,
+    /// One scale for the whole matrix.
+    PerTensor = 1,
+}
+
+/// Activation range granularity (`uint32_t` values).
+#[repr(u32)]
+pub enum dynq_act_granularity {
+    /// One scale and zero point per row of A, i.e. per token (default).
+    PerRow = 0,
+    /// One scale and zero point for all of A (ONNX DynamicQuantizeLinear).
+    PerTensor = 1,
+}
+
+/// Activation quantization scheme (`uint32_t` values).
+#[repr(u32)]
+pub enum dynq_act_type {
+    /// uint8 with a zero point, as ONNX DynamicQuantizeLinear (default).
+    AsymmetricU8 = 0,
+    /// int8 in [-127, 127], no zero point.
+    SymmetricI8 = 1,
+}
+
+/// Operation fused after the bias (`uint32_t` values).
+#[repr(u32)]
+pub enum dynq_epilogue {
+    /// None (default).
+    None = 0,
+    /// max(y, 0).
+    Relu = 1,
+}
+
+/// Options for packing. Initialize with `dynq_pack_config_init`, then change fields.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct dynq_pack_config {
+    /// Must be `sizeof(dynq_pack_config)`; lets later versions extend the struct.
+    pub struct_size: u32,
+    /// A `dynq_weight_granularity` (ignored for pre-quantized weights).
+    pub granularity: u32,
+    /// A `dynq_isa`: the kernel family to pack for; `DYNQ_ISA_AUTO` (0) for the default.
+    pub isa: u32,
+}
+
+/// Options of a GEMM call. Initialize with `dynq_gemm_config_init`, then change fields.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct dynq_gemm_config {
+    /// Must be `sizeof(dynq_gemm_config)`.
+    pub struct_size: u32,
+    /// A `dynq_act_granularity`.
+    pub act_granularity: u32,
+    /// A `dynq_act_type`.
+    pub act_type: u32,
+    /// A `dynq_epilogue`.
+    pub epilogue: u32,
+    /// Threads: 0 = default (`DYNQ_NUM_THREADS`, else all cores), 1 = the calling thread only.
+    pub num_threads: u32,
+}
+
+/// What `dynq_packed_weights_info` reports. Set `struct_size` before the call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct dynq_packed_weights_info {
+    /// Must be `sizeof(dynq_packed_weights_info)`, set by the caller.
+    pub struct_size: u32,
+    /// The `dynq_weight_granularity` of the scales.
+    pub granularity: u32,
+    /// The `dynq_isa` whose kernel the weights are packed for.
+    pub isa: u32,
+    /// Version of that kernel's packed layout.
+    pub layout_version: u32,
+    /// Output channels.
+    pub n: usize,
+    /// Inputs per output channel.
+    pub k: usize,
+    /// Heap bytes held by the handle.
+    pub bytes: usize,
+    /// Bytes `dynq_packed_weights_serialize` writes.
+    pub serialized_bytes: usize,
+    /// Tile geometry of the kernel: rows of A, columns of W, K group.
+    pub mr: u32,
+    pub nr: u32,
+    pub kr: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Static NUL-terminated kernel name, valid for the life of the process.
+    pub kernel_name: *const c_char,
+}
+
+/// Opaque handle to packed weights.
+pub struct dynq_packed_weights {
+    inner: PackedWeights,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn record(e: &Error) -> Status {
+    let msg = e.message().to_string();
+    LAST_ERROR.with(|l| *l.borrow_mut() = msg);
+    e.status()
+}
+
+/// Runs a body returning `Result<()>` with panics caught, and turns it into a status.
+macro_rules! ffi_boundary {
+    ($body:block) => {{
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> { $body }));
+        match r {
+            Ok(Ok(())) => Status::Ok,
+            Ok(Err(e)) => record(&e),
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                record(&Error::Internal(format!("caught a panic inside dynq: {what} (please report)")))
+            }
+        }
+    }};
+}
+
+fn null_err(name: &str) -> Error {
+    Error::NullPointer(format!("{name} is NULL"))
+}
+
+/// Checks a pointer that must be non-null and aligned for `T`.
+fn check_ptr<T>(p: *const T, name: &str) -> Result<()> {
+    if p.is_null() {
+        return Err(null_err(name));
+    }
+    if (p as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{name} ({p:p}) is not aligned to {} bytes",
+            std::mem::align_of::<T>()
+        )));
+    }
+    Ok(())
+}
+
+/// Element count `rows x cols at stride ld` must address, in elements, with overflow checks
+/// covering the byte size as well (slices may not exceed isize::MAX bytes).
+fn span(rows: usize, cols: usize, ld: usize, elem: usize, name: &str) -> Result<usize> {
+    if ld < cols {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: row stride {ld} is smaller than the row length {cols}"
+        )));
+    }
+    if rows == 0 {
+        return Ok(0);
+    }
+    let len = (rows - 1)
+        .checked_mul(ld)
+        .and_then(|v| v.checked_add(cols))
+        .filter(|v| v.checked_mul(elem).is_some_and(|b| b <= isize::MAX as usize))
+        .ok_or_else(|| {
+            Error::SizeOverflow(format!("{name}: {rows} rows of {cols} at stride {ld} overflow the address space"))
+        })?;
+    Ok(len)
+}
+
+/// Reads a caller's config struct whose first field is `struct_size`.
+///
+/// # Safety
+/// `p` is NULL or points to a readable `T` (its `struct_size` is checked before the rest is
+/// read).
+unsafe fn read_config<T: Copy>(p: *const T, default: T, name: &str) -> Result<T> {
+    if p.is_null() {
+        return Ok(default);
+    }
+    check_ptr(p, name)?;
+    // SAFETY: non-null, aligned; the first field of every config is a u32.
+    let size = unsafe { *(p as *const u32) } as usize;
+    if size != std::mem::size_of::<T>() {
+        return Err(Error::InvalidArgument(format!(
+            "{name}->struct_size is {size}, expected {} (initialize it with its _init function)",
+            std::mem::size_of::<T>()
+        )));
+    }
+    // SAFETY: the caller promised a readable T, and its size field agrees.
+    Ok(unsafe { *p })
+}
+
+fn isa_from_raw(raw: u32) -> Result<Option<Isa>> {
+    if raw == 0 {
+        return Ok(None);
+    }
+    Isa::from_raw(raw)
+        .map(Some)
+        .ok_or_else(|| Error::InvalidArgument(format!("isa={raw} is not a dynq_isa value")))
+}
+
+fn default_pack_config() -> dynq_pack_config {
+    dynq_pack_config { struct_size: std::mem::size_of::<dynq_pack_config>() as u32, granularity: 0, isa: 0 }
+}
+
+fn default_gemm_config() -> dynq_gemm_config {
+    dynq_gemm_config {
+        struct_size: std::mem::size_of::<dynq_gemm_config>() as u32,
+        act_granularity: 0,
+        act_type: 0,
+        epilogue: 0,
+        num_threads: 0,
+    }
+}
+
+fn pack_options(c: &dynq_pack_config) -> Result<PackOptions> {
+    let granularity = WeightGranularity::from_raw(c.granularity).ok_or_else(|| {
+        Error::InvalidArgument(format!("granularity={} is not a dynq_weight_granularity value", c.granularity))
+    })?;
+    Ok(PackOptions { granularity, isa: isa_from_raw(c.isa)? })
+}
+
+fn gemm_options(c: &dynq_gemm_config) -> Result<GemmOptions> {
+    let inv = |f: &str, v: u32, t: &str| Error::InvalidArgument(format!("{f}={v} is not a {t} value"));
+    Ok(GemmOptions {
+        act_granularity: ActGranularity::from_raw(c.act_granularity)
+            .ok_or_else(|| inv("act_granularity", c.act_granularity, "dynq_act_granularity"))?,
+        act_type: ActType::from_raw(c.act_type).ok_or_else(|| inv("act_type", c.act_type, "dynq_act_type"))?,
+        epilogue: Epilogue::from_raw(c.epilogue).ok_or_else(|| inv("epilogue", c.epilogue, "dynq_epilogue"))?,
+        num_threads: c.num_threads as usize,
+    })
+}
+
+fn layout_from_raw(raw: u32) -> Result<WeightLayout> {
+    WeightLayout::from_raw(raw)
+        .ok_or_else(|| Error::InvalidArgument(format!("layout={raw} is not a dynq_weight_layout value")))
+}
+
+fn out_handle(out: *mut *mut dynq_packed_weights, pw: PackedWeights) {
+    let b = Box::new(dynq_packed_weights { inner: pw });
+    // SAFETY: `out` was checked non-null and aligned by the caller of this helper.
+    unsafe { *out = Box::into_raw(b) };
+}
+
+/// # Safety
+/// `p` is NULL or a live handle from this library.
+unsafe fn handle<'a>(p: *const dynq_packed_weights) -> Result<&'a PackedWeights> {
+    check_ptr(p, "packed weights")?;
+    // SAFETY: the caller guarantees a live handle.
+    Ok(unsafe { &(*p).inner })
+}
+
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.1 > 0 && b.1 > 0 && a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+// ------------------------------------------------------------------------------------------
+// Version, status and diagnostics
+// ------------------------------------------------------------------------------------------
+
+/// The library version as a static NUL-terminated string, e.g. "0.1.0".
+#[no_mangle]
+pub extern "C" fn dynq_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The C ABI version this library implements (`DYNQ_ABI_VERSION` of its header).
+#[no_mangle]
+pub extern "C" fn dynq_abi_version() -> u32 {
+    DYNQ_ABI_VERSION
+}
+
+/// A static NUL-terminated description of a status; "unknown status" for other values.
+#[no_mangle]
+pub extern "C" fn dynq_status_str(status: u32) -> *const c_char {
+    Status::from_raw(status).map_or(c"unknown status".as_ptr(), |s| s.c_str().as_ptr())
+}
+
+/// Copies the detailed message of the most recent failed call on this thread into `buf`
+/// (truncated to `len - 1` bytes and NUL-terminated) and returns the message's full length
+/// in bytes, without the NUL. With `buf` NULL or `len` 0 it only returns the length. The
+/// message is empty if no call on this thread has failed yet. Successful calls leave it as is.
+///
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_last_error_message(buf: *mut c_char, len: usize) -> usize {
+    LAST_ERROR.with(|l| {
+        let msg = l.borrow();
+        if !buf.is_null() && len > 0 {
+            let n = msg.len().min(len - 1);
+            // SAFETY: the caller provides `len` writable bytes; we write n + 1 <= len.
+            unsafe {
+                std::ptr::copy_nonoverlapping(msg.as_ptr(), buf as *mut u8, n);
+                *buf.add(n) = 0;
+            }
+        }
+        msg.len()
+    })
+}
+
+/// Writes the ISA used when none is forced into `*isa` (a `dynq_isa` value, never AUTO).
+/// Fails with `DYNQ_STATUS_UNSUPPORTED` or `DYNQ_STATUS_INVALID_ARGUMENT` when the `DYNQ_ISA`
+/// environment variable names an ISA this CPU lacks or no ISA at all.
+///
+/// # Safety
+/// `isa` is NULL or points to a writable `uint32_t`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_active_isa(isa: *mut u32) -> dynq_status {
+    ffi_boundary!({
+        check_ptr(isa, "isa")?;
+        let a = crate::isa::active()?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { *isa = a.to_raw() };
+        Ok(())
+    })
+}
+
+/// The static NUL-terminated name of a `dynq_isa` value ("auto", "scalar", "avx2", ...), or
+/// "unknown".
+#[no_mangle]
+pub extern "C" fn dynq_isa_name(isa: u32) -> *const c_char {
+    match Isa::from_raw(isa) {
+        Some(i) => i.c_name().as_ptr(),
+        None if isa == 0 => c"auto".as_ptr(),
+        None => c"unknown".as_ptr(),
+    }
+}
+
+/// 1 if `isa` can be used on this CPU with this build (it has a kernel for it), else 0.
+/// `DYNQ_ISA_AUTO` gives 1.
+#[no_mangle]
+pub extern "C" fn dynq_isa_available(isa: u32) -> i32 {
+    match isa_from_raw(isa) {
+        Ok(None) => 1,
+        Ok(Some(i)) => crate::isa::resolve(i).is_ok() as i32,
+        Err(_) => 0,
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Configs
+// ------------------------------------------------------------------------------------------
+
+/// Fills `*config` with the defaults (per-channel weights, automatic ISA).
+///
+/// # Safety
+/// `config` is NULL or points to a writable `dynq_pack_config`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_pack_config_init(config: *mut dynq_pack_config) -> dynq_status {
+    ffi_boundary!({
+        check_ptr(config, "config")?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { config.write(default_pack_config()) };
+        Ok(())
+    })
+}
+
+/// Fills `*config` with the defaults (per-row asymmetric uint8 activations, no epilogue,
+/// default thread count).
+///
+/// # Safety
+/// `config` is NULL or points to a writable `dynq_gemm_config`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm_config_init(config: *mut dynq_gemm_config) -> dynq_status {
+    ffi_boundary!({
+        check_ptr(config, "config")?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { config.write(default_gemm_config()) };
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Packed weights
+// ------------------------------------------------------------------------------------------
+
+/// Quantizes f32 weights to int8 and packs them.
+///
+/// `w` holds `n * k` floats in `layout` (`DYNQ_WEIGHT_LAYOUT_NK`: n rows of k;
+/// `DYNQ_WEIGHT_LAYOUT_KN`: k rows of n). `config` may be NULL for defaults. On success
+/// `*out` receives a new handle owned by the caller (free with `dynq_packed_weights_free`);
+/// on failure `*out` is set to NULL. NaN or infinite weights give `DYNQ_STATUS_NON_FINITE`;
+/// `n` or `k` zero `DYNQ_STATUS_INVALID_ARGUMENT`; `k` above 65536 `DYNQ_STATUS_UNSUPPORTED`.
+/// `w` is only read during the call.
+///
+/// # Safety
+/// `w` points to `n * k` readable floats; `out` to a writable pointer; `config` is NULL or
+/// points to a `dynq_pack_config`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_pack_weights(
+    w: *const f32,
+    n: usize,
+    k: usize,
+    layout: u32,
+    config: *const dynq_pack_config,
+    out: *mut *mut dynq_packed_weights,
+) -> dynq_status {
+    ffi_boundary!({
+        check_ptr(out, "out")?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { *out = std::ptr::null_mut() };
+        check_ptr(w, "w")?;
+        let layout = layout_from_raw(layout)?;
+        // SAFETY: config is NULL or readable per the contract.
+        let opts = pack_options(&unsafe { read_config(config, default_pack_config(), "config") }?)?;
+        let res = Reservation::new(n, k, opts.isa)?;
+        // SAFETY: the caller provides n * k readable floats; Reservation::new checked that
+        // n * k * 4 does not overflow.
+        let w = unsafe { std::slice::from_raw_parts(w, res.input_len()) };
+        out_handle(out, res.fill_f32(w, layout, opts.granularity)?);
+        Ok(())
+    })
+}
+
+/// Packs weights that are already quantized: int8 values (`n * k` in `layout`, any value in
+/// [-128, 127]) with `num_scales` scales, 1 (per tensor) or `n` (per channel), such that
+/// `W[n][k] ~= scale * q[n][k]`. Scales must be finite and non-negative. `config->granularity`
+/// is ignored. Ownership of `*out` as for `dynq_pack_weights`.
+///
+/// # Safety
+/// `q` points to `n * k` readable bytes, `scales` to `num_scales` readable floats, `out` to a
+/// writable pointer, `config` is NULL or points to a `dynq_pack_config`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_pack_quantized_weights(
+    q: *const i8,
+    n: usize,
+    k: usize,
+    layout: u32,
+    scales: *const f32,
+    num_scales: usize,
+    config: *const dynq_pack_config,
+    out: *mut *mut dynq_packed_weights,
+) -> dynq_status {
+    ffi_boundary!({
+        check_ptr(out, "out")?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { *out = std::ptr::null_mut() };
+        check_ptr(q, "q")?;
+        check_ptr(scales, "scales")?;
+        let layout = layout_from_raw(layout)?;
+        if num_scales != 1 && num_scales != n {
+            return Err(Error::InvalidArgument(format!(
+                "num_scales={num_scales}; expected 1 (per tensor) or n = {n} (per channel)"
+            )));
+        }
+        // SAFETY: config is NULL or readable per the contract.
+        let opts = pack_options(&unsafe { read_config(config, default_pack_config(), "config") }?)?;
+        let res = Reservation::new(n, k, opts.isa)?;
+        // SAFETY: the caller provides n * k bytes and num_scales (<= n) floats; sizes checked.
+        let (q, scales) = unsafe {
+            (std::slice::from_raw_parts(q, res.input_len()), std::slice::from_raw_parts(scales, num_scales))
+        };
+        out_handle(out, res.fill_quantized(q, layout, scales)?);
+        Ok(())
+    })
+}
+
+/// Describes packed weights. Set `info->struct_size = sizeof(dynq_packed_weights_info)` first.
+///
+/// # Safety
+/// `packed` is a live handle; `info` points to a writable `dynq_packed_weights_info`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_packed_weights_info(
+    packed: *const dynq_packed_weights,
+    info: *mut dynq_packed_weights_info,
+) -> dynq_status {
+    ffi_boundary!({
+        // SAFETY: per the contract.
+        let pw = unsafe { handle(packed) }?;
+        check_ptr(info, "info")?;
+        // SAFETY: checked non-null and aligned; struct_size is the first u32.
+        let size = unsafe { *(info as *const u32) } as usize;
+        if size != std::mem::size_of::<dynq_packed_weights_info>() {
+            return Err(Error::InvalidArgument(format!(
+                "info->struct_size is {size}, expected sizeof(dynq_packed_weights_info) = {}",
+                std::mem::size_of::<dynq_packed_weights_info>()
+            )));
+        }
+        let kern = pw.kernel();
+        let v = dynq_packed_weights_info {
+            struct_size: size as u32,
+            granularity: pw.granularity().to_raw(),
+            isa: pw.isa().to_raw(),
+            layout_version: kern.layout_version,
+            n: pw.n(),
+            k: pw.k(),
+            bytes: pw.bytes(),
+            serialized_bytes: pw.serialized_len(),
+            mr: kern.mr as u32,
+            nr: kern.nr as u32,
+            kr: kern.kr as u32,
+            reserved: 0,
+            kernel_name: kernel_name_ptr(kern.isa),
+        };
+        // SAFETY: checked non-null, aligned, and the caller's size matches.
+        unsafe { info.write(v) };
+        Ok(())
+    })
+}
+
+/// NUL-terminated kernel names, one per table entry, built once.
+fn kernel_name_ptr(isa: Isa) -> *const c_char {
+    static NAMES: once_cell::sync::Lazy<Vec<(Isa, std::ffi::CString)>> = once_cell::sync::Lazy::new(|| {
+        crate::kernels::KERNELS
+            .iter()
+            .map(|k| (k.isa, std::ffi::CString::new(k.name).expect("kernel names have no NUL")))
+            .collect()
+    });
+    NAMES.iter().find(|(i, _)| *i == isa).map_or(std::ptr::null(), |(_, c)| c.as_ptr())
+}
+
+/// Releases packed weights. NULL is a no-op. The handle must not be in use by another thread
+/// and must not be used afterwards.
+///
+/// # Safety
+/// `packed` is NULL or a live handle from this library, not freed before.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_packed_weights_free(packed: *mut dynq_packed_weights) {
+    if !packed.is_null() {
+        // SAFETY: the caller hands back ownership of a handle created by Box::into_raw.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(unsafe { Box::from_raw(packed) })));
+    }
+}
+
+/// Serializes packed weights to a portable blob (see the README for the format), which
+/// `dynq_packed_weights_deserialize` loads on any CPU.
+///
+/// With `buf` NULL, writes the required size to `*written` and returns OK. Otherwise writes
+/// the blob if `buf_len` suffices and stores its size in `*written`; if not, stores the
+/// required size in `*written` and returns `DYNQ_STATUS_BUFFER_TOO_SMALL`.
+///
+/// # Safety
+/// `packed` is a live handle; `buf` is NULL or points to `buf_len` writable bytes; `written`
+/// points to a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_packed_weights_serialize(
+    packed: *const dynq_packed_weights,
+    buf: *mut u8,
+    buf_len: usize,
+    written: *mut usize,
+) -> dynq_status {
+    ffi_boundary!({
+        // SAFETY: per the contract.
+        let pw = unsafe { handle(packed) }?;
+        check_ptr(written, "written")?;
+        let need = pw.serialized_len();
+        // SAFETY: checked non-null and aligned.
+        unsafe { *written = need };
+        if buf.is_null() {
+            return Ok(());
+        }
+        if buf_len < need {
+            return Err(Error::BufferTooSmall(format!(
+                "serialized packed weights need {need} bytes, buf_len is {buf_len}"
+            )));
+        }
+        // SAFETY: the caller provides buf_len >= need writable bytes.
+        let out = unsafe { std::slice::from_raw_parts_mut(buf, need) };
+        pw.serialize_into(out)?;
+        Ok(())
+    })
+}
+
+/// Loads a blob written by `dynq_packed_weights_serialize` (on any machine) and packs it for
+/// this CPU (or `config->isa`). A truncated, altered or foreign blob gives
+/// `DYNQ_STATUS_CORRUPT_DATA`; a newer format version `DYNQ_STATUS_UNSUPPORTED`.
+/// Ownership of `*out` as for `dynq_pack_weights`; `buf` is only read during the call.
+///
+/// # Safety
+/// `buf` points to `len` readable bytes; `out` to a writable pointer; `config` is NULL or
+/// points to a `dynq_pack_config`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_packed_weights_deserialize(
+    buf: *const u8,
+    len: usize,
+    config: *const dynq_pack_config,
+    out: *mut *mut dynq_packed_weights,
+) -> dynq_status {
+    ffi_boundary!({
+        check_ptr(out, "out")?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { *out = std::ptr::null_mut() };
+        check_ptr(buf, "buf")?;
+        if len > isize::MAX as usize {
+            return Err(Error::SizeOverflow(format!("len={len} exceeds the address space")));
+        }
+        // SAFETY: config is NULL or readable per the contract.
+        let opts = pack_options(&unsafe { read_config(config, default_pack_config(), "config") }?)?;
+        // SAFETY: the caller provides len readable bytes.
+        let blob = unsafe { std::slice::from_raw_parts(buf, len) };
+        out_handle(out, PackedWeights::deserialize(blob, opts)?);
+        Ok(())
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// GEMM
+// ------------------------------------------------------------------------------------------
+
+/// `Y = dequant(quant(A) x W^T) + bias`, then the epilogue, with activations quantized from
+/// the range seen in this call.
+///
+/// - `a`: `m` rows of `k` floats (k of `packed`), row `i` at `a + i * lda`, `lda >= k`.
+/// - `bias`: NULL or `n` floats.
+/// - `y`: `m` rows of `n` floats, row `i` at `y + i * ldy`, `ldy >= n`; elements between `n`
+///   and `ldy` are not touched. `y` must not overlap `a` or `bias`.
+/// - `config`: NULL for defaults.
+///
+/// `m == 0` is a valid empty batch (`a` and `y` may then be NULL). NaN or infinity in `a` or
+/// `bias` gives `DYNQ_STATUS_NON_FINITE` (the message names the element) and leaves `y`
+/// untouched; so does every other error. Results are bit-identical for every ISA and thread
+/// count. Safe to call concurrently on the same `packed` handle.
+///
+/// # Safety
+/// `packed` is a live handle; `a`, `bias`, `y` point to buffers of the sizes above; `config`
+/// is NULL or points to a `dynq_gemm_config`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm(
+    packed: *const dynq_packed_weights,
+    a: *const f32,
+    m: usize,
+    lda: usize,
+    bias: *const f32,
+    y: *mut f32,
+    ldy: usize,
+    config: *const dynq_gemm_config,
+) -> dynq_status {
+    ffi_boundary!({
+        // SAFETY: per the contract.
+        let pw = unsafe { handle(packed) }?;
+        // SAFETY: config is NULL or readable per the contract.
+        let opts = gemm_options(&unsafe { read_config(config, default_gemm_config(), "config") }?)?;
+        let (n, k) = (pw.n(), pw.k());
+        let a_len = span(m, k, lda, 4, "a")?;
+        let y_len = span(m, n, ldy, 4, "y")?;
+        if m == 0 {
+            return crate::gemm::gemm(pw, &[], 0, lda, None, &mut [], ldy, &opts);
+        }
+        check_ptr(a, "a")?;
+        check_ptr(y, "y")?;
+        if !bias.is_null() {
+            check_ptr(bias, "bias")?;
+        }
+        let y_range = (y as usize, y_len * 4);
+        if overlaps(y_range, (a as usize, a_len * 4)) {
+            return Err(Error::InvalidArgument("y overlaps a; the output must be a separate buffer".into()));
+        }
+        if !bias.is_null() && overlaps(y_range, (bias as usize, n * 4)) {
+            return Err(Error::InvalidArgument("y overlaps bias; the output must be a separate buffer".into()));
+        }
+        // SAFETY: the caller provides buffers of these sizes (computed without overflow), and
+        // y does not overlap the inputs (checked above).
+        let (a, y, bias) = unsafe {
+            (
+                std::slice::from_raw_parts(a, a_len),
+                std::slice::from_raw_parts_mut(y, y_len),
+                (!bias.is_null()).then(|| std::slice::from_raw_parts(bias, n)),
+            )
+        };
+        crate::gemm::gemm(pw, a, m, lda, bias, y, ldy, &opts)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_constants_match_cargo() {
+        assert_eq!(DYNQ_VERSION_MAJOR.to_string(), env!("CARGO_PKG_VERSION_MAJOR"));
+        assert_eq!(DYNQ_VERSION_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
+        assert_eq!(DYNQ_VERSION_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
+        let v = unsafe { std::ffi::CStr::from_ptr(dynq_version()) }.to_str().unwrap();
+        assert_eq!(v, crate::VERSION);
+    }
+
+    #[test]
+    fn status_strings_match_core() {
+        for s in Status::ALL {
+            let c = unsafe { std::ffi::CStr::from_ptr(dynq_status_str(s as u32)) };
+            assert_eq!(c.to_str().unwrap(), s.as_str());
+        }
+        let c = unsafe { std::ffi::CStr::from_ptr(dynq_status_str(10)) };
+        assert_eq!(c.to_str().unwrap(), "unknown status");
+    }
+
+    #[test]
+    fn isa_names_match_core() {
+        for isa in Isa::ALL {
+            let c = unsafe { std::ffi::CStr::from_ptr(dynq_isa_name(isa.to_raw())) };
+            assert_eq!(c.to_str().unwrap(), isa.name());
+            assert_eq!(dynq_isa_available(isa.to_raw()) == 1, crate::isa::resolve(isa).is_ok());
+        }
+        assert_eq!(dynq_isa_available(99), 0);
+    }
+}

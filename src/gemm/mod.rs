@@ -1,0 +1,332 @@
+//! The GEMM driver: argument checks, activation quantization, tiling, threading, and the one
+//! f32 epilogue shared by every kernel.
+//!
+//! For output row `i` and column `j`:
+//!
+//! ```text
+//! x[i][k] ~= sa[i] * (qa[i][k] - za[i])        (activations, quantized in this call)
+//! w[j][k] ~= sw[j] * qw[j][k]                  (weights, symmetric, quantized at pack time)
+//!
+//! y[i][j] = sum_k x[i][k] * w[j][k] + bias[j]
+//!         ~= sa[i] * sw[j] * sum_k (qa[i][k] - za[i]) * qw[j][k] + bias[j]
+//!          = sa[i] * sw[j] * (sum_k qa[i][k] * qw[j][k]  -  za[i] * colsum[j]) + bias[j]
+//! ```
+//!
+//! The micro-kernels compute only `acc = sum_k qa * qw` (exact, see [`crate::quant::MAX_K`]);
+//! `colsum[j] = sum_k qw[j][k]` was computed at pack time, so the zero point costs one multiply
+//! per output instead of one per product.
+//!
+//! ## Bit-identical results
+//! The f32 part is evaluated in one fixed order, with no fused multiply-add and no reduction
+//! across K in floating point:
+//!
+//! ```text
+//! c = acc - za * colsum          (i32, exact)
+//! t = f32(c) * (sa * sw)         (two f32 roundings: the product sa * sw, then the multiply)
+//! t = t + bias                   (if a bias is given)
+//! t = max(t, 0)                  (if the ReLU epilogue is selected)
+//! ```
+//!
+//! Every kernel produces the same `acc`, and every element is computed by these same
+//! operations whatever the tiling, so the output is bit-identical across ISAs and thread
+//! counts. Tests enforce it.
+
+use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
+use crate::pack::PackedWeights;
+use crate::quant::activations::{quantize_activations, ActGranularity, ActType};
+use once_cell::sync::Lazy;
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Largest thread count accepted by a GEMM call.
+pub const MAX_THREADS: usize = 1024;
+
+/// The operation applied after the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// `y = acc * scales + bias`.
+    None,
+    /// `y = max(acc * scales + bias, 0)`.
+    Relu,
+}
+
+impl Epilogue {
+    /// The C ABI value (`dynq_epilogue`).
+    pub fn to_raw(self) -> u32 {
+        match self {
+            Epilogue::None => 0,
+            Epilogue::Relu => 1,
+        }
+    }
+    /// From the C ABI value.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Epilogue::None),
+            1 => Some(Epilogue::Relu),
+            _ => None,
+        }
+    }
+}
+
+/// Options of one GEMM call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmOptions {
+    pub act_granularity: ActGranularity,
+    pub act_type: ActType,
+    pub epilogue: Epilogue,
+    /// 0: the default (`DYNQ_NUM_THREADS`, else every available core); 1: the calling thread
+    /// only; n: a pool of n threads.
+    pub num_threads: usize,
+}
+
+impl Default for GemmOptions {
+    fn default() -> Self {
+        GemmOptions {
+            act_granularity: ActGranularity::PerRow,
+            act_type: ActType::AsymmetricU8,
+            epilogue: Epilogue::None,
+            num_threads: 0,
+        }
+    }
+}
+
+/// The f32 epilogue for one element, in the fixed order documented at the top of the module.
+#[inline(always)]
+pub fn dequantize(acc: i32, za: i32, colsum: i32, sa: f32, sw: f32) -> f32 {
+    let c = acc.wrapping_sub(za.wrapping_mul(colsum));
+    (c as f32) * (sa * sw)
+}
+
+/// Required length of a matrix buffer of `rows` rows of `cols` values at stride `ld`.
+fn required_len(rows: usize, cols: usize, ld: usize, what: &str) -> Result<usize> {
+    if rows == 0 {
+        return Ok(0);
+    }
+    checked_add(checked_mul(rows - 1, ld, what)?, cols, what)
+}
+
+fn check_matrix(len: usize, rows: usize, cols: usize, ld: usize, name: &str) -> Result<()> {
+    if ld < cols {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: row stride {ld} is smaller than the row length {cols}"
+        )));
+    }
+    let need = required_len(rows, cols, ld, name)?;
+    checked_mul(need, 4, name)?;
+    if len < need {
+        return Err(Error::InvalidArgument(format!(
+            "{name} has {len} values; {rows} rows of {cols} at stride {ld} need {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// The default thread count: `DYNQ_NUM_THREADS` if set, else the available parallelism.
+pub fn default_threads() -> Result<usize> {
+    static DEFAULT: Lazy<Result<usize>> = Lazy::new(|| match std::env::var("DYNQ_NUM_THREADS") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+            _ => Err(Error::InvalidArgument(format!(
+                "DYNQ_NUM_THREADS={v:?} is not a thread count between 1 and {MAX_THREADS}"
+            ))),
+        },
+        _ => Ok(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+    });
+    DEFAULT.clone()
+}
+
+fn resolve_threads(requested: usize) -> Result<usize> {
+    match requested {
+        0 => default_threads(),
+        n if n <= MAX_THREADS => Ok(n),
+        n => Err(Error::InvalidArgument(format!("num_threads={n} exceeds the maximum {MAX_THREADS}"))),
+    }
+}
+
+fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    static POOLS: Lazy<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = Lazy::new(Default::default);
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Ok(p.clone());
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("dynq-{i}"))
+        .build()
+        .map_err(|e| Error::OutOfMemory(format!("could not start {threads} worker threads: {e}")))?;
+    let p = Arc::new(p);
+    pools.insert(threads, p.clone());
+    Ok(p)
+}
+
+/// A raw output pointer shared by the tasks of one call, each writing a disjoint set of
+/// elements.
+struct SharedOut<T> {
+    ptr: *mut T,
+    len: usize,
+}
+// SAFETY: tasks write disjoint elements (distinct (row, column) tiles) and the owner of the
+// buffer waits for all of them before the borrow ends.
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+unsafe impl<T: Send> Send for SharedOut<T> {}
+
+impl<T> SharedOut<T> {
+    fn new(s: &mut [T]) -> Self {
+        SharedOut { ptr: s.as_mut_ptr(), len: s.len() }
+    }
+    /// # Safety
+    /// No other task writes or reads index `i` concurrently.
+    #[inline(always)]
+    unsafe fn write(&self, i: usize, v: T) {
+        assert!(i < self.len);
+        // SAFETY: in bounds (checked above); exclusivity promised by the caller.
+        unsafe { self.ptr.add(i).write(v) }
+    }
+}
+
+/// Runs the micro-kernel over every (row tile, column panel) of the output and hands each
+/// `MR x NR` accumulator tile to `sink(first_row, first_col, tile)`. Tiles are visited exactly
+/// once, possibly from several threads.
+fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], kp: usize, m: usize, threads: usize, sink: F) -> Result<()>
+where
+    F: Fn(usize, usize, &[i32]) + Sync,
+{
+    let kern = w.kernel();
+    let (mr, nr) = (kern.mr, kern.nr);
+    let m_tiles = m.div_ceil(mr);
+    let n_panels = w.n().div_ceil(nr);
+    debug_assert!(qa.len() >= m_tiles * mr * kp);
+    debug_assert_eq!(w.packed_data().len(), n_panels * nr * kp);
+    // Blocks: a block of panels stays in cache while all row tiles of a block stream by.
+    let mc = 16.min(m_tiles).max(1);
+    let nc = 8.min(n_panels).max(1);
+    let m_blocks = m_tiles.div_ceil(mc);
+    let n_blocks = n_panels.div_ceil(nc);
+    let run_block = |blk: usize| {
+        let (mb, nb) = (blk / n_blocks, blk % n_blocks);
+        let mut tile = vec![0i32; mr * nr];
+        for p in nb * nc..((nb + 1) * nc).min(n_panels) {
+            let panel = &w.packed_data()[p * nr * kp..(p + 1) * nr * kp];
+            for t in mb * mc..((mb + 1) * mc).min(m_tiles) {
+                let rows = &qa[t * mr * kp..(t + 1) * mr * kp];
+                // SAFETY: `rows` holds MR rows of kp bytes at stride kp, `panel` holds kp * NR
+                // bytes, `tile` MR * NR i32, kp is a multiple of KR (padded_k), and the CPU
+                // supports the kernel's ISA (checked when `w` was packed).
+                unsafe { (kern.ukernel)(kp, rows.as_ptr(), kp, panel.as_ptr(), tile.as_mut_ptr()) };
+                sink(t * mr, p * nr, &tile);
+            }
+        }
+    };
+    let blocks = m_blocks * n_blocks;
+    if threads <= 1 || blocks == 1 {
+        (0..blocks).for_each(run_block);
+    } else {
+        pool(threads)?.install(|| (0..blocks).into_par_iter().for_each(run_block));
+    }
+    Ok(())
+}
+
+/// `Y = dequant(quant(A) * W) + bias`, then the epilogue. `a` holds `m` rows of `w.k()` values
+/// at stride `lda`; `y` receives `m` rows of `w.n()` values at stride `ldy` (other elements are
+/// left untouched). `bias`, when given, has `w.n()` values.
+///
+/// On error nothing has been written to `y`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    w: &PackedWeights,
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    ldy: usize,
+    opts: &GemmOptions,
+) -> Result<()> {
+    let (n, k) = (w.n(), w.k());
+    check_matrix(a.len(), m, k, lda, "activations A")?;
+    check_matrix(y.len(), m, n, ldy, "output Y")?;
+    if let Some(b) = bias {
+        if b.len() != n {
+            return Err(Error::InvalidArgument(format!("bias has {} values, expected n = {n}", b.len())));
+        }
+        if let Some(j) = b.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(format!("bias[{j}] is {}; bias must be finite", b[j])));
+        }
+    }
+    let threads = resolve_threads(opts.num_threads)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let kern = w.kernel();
+    let kp = kern.padded_k(k);
+    let qa = quantize_activations(a, m, k, lda, opts.act_granularity, opts.act_type, kp, m.div_ceil(kern.mr) * kern.mr)?;
+    let (scales, col_sums) = (w.scales(), w.col_sums());
+    let relu = opts.epilogue == Epilogue::Relu;
+    let out = SharedOut::new(y);
+    for_each_tile(w, &qa.data, kp, m, threads, |i0, j0, tile| {
+        let nr = kern.nr;
+        for i in i0..(i0 + kern.mr).min(m) {
+            let (sa, za) = (qa.scales[i], qa.zero_points[i]);
+            for j in j0..(j0 + nr).min(n) {
+                let mut t = dequantize(tile[(i - i0) * nr + (j - j0)], za, col_sums[j], sa, scales[j]);
+                if let Some(b) = bias {
+                    t += b[j];
+                }
+                if relu {
+                    t = t.max(0.0);
+                }
+                // SAFETY: (i, j) belongs to this tile only; tiles are disjoint.
+                unsafe { out.write(i * ldy + j, t) };
+            }
+        }
+    })
+}
+
+/// The integer part only: `out[i][j] = sum_k (qa[i][k] - za[i]) * qw[j][k]` computed by the
+/// kernel `w` is packed for. `qa` holds `m` rows of `w.k()` bytes at stride `lda`, `za` one
+/// zero point (0..=255) per row. Exposed for tests and for callers that quantize activations
+/// themselves.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_i32(
+    w: &PackedWeights,
+    qa: &[u8],
+    m: usize,
+    lda: usize,
+    za: &[i32],
+    out: &mut [i32],
+    ldo: usize,
+    num_threads: usize,
+) -> Result<()> {
+    let (n, k) = (w.n(), w.k());
+    check_matrix(qa.len(), m, k, lda, "quantized activations")?;
+    check_matrix(out.len(), m, n, ldo, "output")?;
+    if za.len() != m {
+        return Err(Error::InvalidArgument(format!("{} zero points for {m} rows", za.len())));
+    }
+    if let Some(z) = za.iter().find(|z| !(0..=255).contains(*z)) {
+        return Err(Error::InvalidArgument(format!("zero point {z} is outside 0..=255")));
+    }
+    let threads = resolve_threads(num_threads)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let kern = w.kernel();
+    let kp = kern.padded_k(k);
+    let rows_padded = m.div_ceil(kern.mr) * kern.mr;
+    let mut buf = try_zeroed_vec::<u8>(checked_mul(rows_padded, kp, "activation buffer")?, "activation buffer")?;
+    for i in 0..m {
+        buf[i * kp..i * kp + k].copy_from_slice(&qa[i * lda..i * lda + k]);
+    }
+    let col_sums = w.col_sums();
+    let shared = SharedOut::new(out);
+    for_each_tile(w, &buf, kp, m, threads, |i0, j0, tile| {
+        for i in i0..(i0 + kern.mr).min(m) {
+            for j in j0..(j0 + kern.nr).min(n) {
+                let v = tile[(i - i0) * kern.nr + (j - j0)].wrapping_sub(za[i].wrapping_mul(col_sums[j]));
+                // SAFETY: (i, j) belongs to this tile only; tiles are disjoint.
+                unsafe { shared.write(i * ldo + j, v) };
+            }
+        }
+    })
+}

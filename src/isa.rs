@@ -1,0 +1,277 @@
+//! Instruction-set detection and the one dispatch decision.
+//!
+//! This module owns the question "which kernel family may run on this CPU". The answer is
+//! computed once per process from the CPU's feature flags and the optional `DYNQ_ISA`
+//! environment variable. A forced ISA is validated against the CPU: asking for a path the
+//! CPU lacks is an error reported by every call that needs dispatch, never a SIGILL.
+
+use crate::error::Error;
+use once_cell::sync::OnceCell;
+use std::fmt;
+
+/// A family of kernels. The numeric values are part of the C ABI (`dynq_isa`) and never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust, runs everywhere; the reference path.
+    Scalar = 1,
+    /// x86-64 AVX2 without VNNI.
+    Avx2 = 2,
+    /// x86-64 AVX-VNNI (VEX-encoded `vpdpbusd` on ymm, e.g. Alder Lake).
+    AvxVnni = 3,
+    /// x86-64 AVX-512 VNNI (`vpdpbusd` on zmm).
+    Avx512Vnni = 4,
+    /// AArch64 Advanced SIMD without dot-product instructions.
+    Neon = 5,
+    /// AArch64 with `sdot`/`udot` (FEAT_DotProd).
+    NeonDotprod = 6,
+    /// AArch64 with `smmla` (FEAT_I8MM).
+    NeonI8mm = 7,
+}
+
+impl Isa {
+    /// Every ISA dynq knows, from the most portable to the most specialised.
+    pub const ALL: [Isa; 7] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::AvxVnni,
+        Isa::Avx512Vnni,
+        Isa::Neon,
+        Isa::NeonDotprod,
+        Isa::NeonI8mm,
+    ];
+
+    /// The lower-case name used by `DYNQ_ISA`, the CLI and `dynq_isa_name`, NUL-terminated.
+    pub fn c_name(self) -> &'static std::ffi::CStr {
+        match self {
+            Isa::Scalar => c"scalar",
+            Isa::Avx2 => c"avx2",
+            Isa::AvxVnni => c"avx_vnni",
+            Isa::Avx512Vnni => c"avx512_vnni",
+            Isa::Neon => c"neon",
+            Isa::NeonDotprod => c"neon_dotprod",
+            Isa::NeonI8mm => c"neon_i8mm",
+        }
+    }
+
+    /// The lower-case name used by `DYNQ_ISA`, the CLI and `dynq_isa_name`.
+    pub fn name(self) -> &'static str {
+        self.c_name().to_str().expect("ASCII")
+    }
+
+    /// Parses a name as accepted by `DYNQ_ISA` (case-insensitive, `-` and `_` alike).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        let norm = name.trim().to_ascii_lowercase().replace('-', "_");
+        Isa::ALL.iter().copied().find(|isa| isa.name() == norm)
+    }
+
+    /// The C ABI value.
+    pub fn to_raw(self) -> u32 {
+        self as u32
+    }
+
+    /// From the C ABI value; `None` for values that name no ISA (0 means "auto" at the ABI).
+    pub fn from_raw(raw: u32) -> Option<Isa> {
+        Isa::ALL.iter().copied().find(|isa| isa.to_raw() == raw)
+    }
+
+    /// Whether this CPU can execute the instructions of this ISA's kernels.
+    pub fn is_supported(self) -> bool {
+        cpu_supports(self)
+    }
+}
+
+impl fmt::Display for Isa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_supports(isa: Isa) -> bool {
+    match isa {
+        Isa::Scalar => true,
+        Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+        Isa::AvxVnni => {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("avxvnni")
+        }
+        Isa::Avx512Vnni => {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        Isa::Neon | Isa::NeonDotprod | Isa::NeonI8mm => false,
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn cpu_supports(isa: Isa) -> bool {
+    match isa {
+        Isa::Scalar => true,
+        Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+        Isa::NeonDotprod => {
+            std::arch::is_aarch64_feature_detected!("neon")
+                && std::arch::is_aarch64_feature_detected!("dotprod")
+        }
+        Isa::NeonI8mm => {
+            std::arch::is_aarch64_feature_detected!("neon")
+                && std::arch::is_aarch64_feature_detected!("i8mm")
+        }
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni => false,
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn cpu_supports(isa: Isa) -> bool {
+    isa == Isa::Scalar
+}
+
+/// CPU feature flags relevant to dynq, as `(name, present)`, for `dynq info`.
+pub fn cpu_features() -> Vec<(&'static str, bool)> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as d;
+        v.push(("sse4.1", d!("sse4.1")));
+        v.push(("avx2", d!("avx2")));
+        v.push(("fma", d!("fma")));
+        v.push(("f16c", d!("f16c")));
+        v.push(("avxvnni", d!("avxvnni")));
+        v.push(("avx512f", d!("avx512f")));
+        v.push(("avx512bw", d!("avx512bw")));
+        v.push(("avx512vl", d!("avx512vl")));
+        v.push(("avx512vnni", d!("avx512vnni")));
+        v.push(("avx512bf16", d!("avx512bf16")));
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::arch::is_aarch64_feature_detected as d;
+        v.push(("neon", d!("neon")));
+        v.push(("dotprod", d!("dotprod")));
+        v.push(("i8mm", d!("i8mm")));
+        v.push(("fp16", d!("fp16")));
+        v.push(("bf16", d!("bf16")));
+        v.push(("sve", d!("sve")));
+    }
+    v
+}
+
+/// The best ISA this CPU supports that has kernels in this build.
+pub fn best_supported() -> Isa {
+    crate::kernels::KERNELS
+        .iter()
+        .map(|k| k.isa)
+        .filter(|isa| isa.is_supported())
+        .max_by_key(|isa| preference(*isa))
+        .unwrap_or(Isa::Scalar)
+}
+
+/// Higher is preferred when several ISAs are available.
+fn preference(isa: Isa) -> u32 {
+    match isa {
+        Isa::Scalar => 0,
+        Isa::Avx2 | Isa::Neon => 1,
+        Isa::AvxVnni | Isa::NeonDotprod => 2,
+        Isa::Avx512Vnni | Isa::NeonI8mm => 3,
+    }
+}
+
+/// Resolves a requested ISA: it must name an ISA with kernels in this build and the CPU must
+/// support it. This is the single check behind `DYNQ_ISA` and the `isa` field of the C configs.
+pub fn resolve(requested: Isa) -> Result<Isa, Error> {
+    if !requested.is_supported() {
+        return Err(Error::Unsupported(format!(
+            "ISA '{}' was requested but this CPU does not support it (supported here: {})",
+            requested,
+            supported_list()
+        )));
+    }
+    if crate::kernels::kernel_for(requested).is_none() {
+        return Err(Error::Unsupported(format!(
+            "ISA '{}' is supported by this CPU but this build of dynq has no kernel for it \
+             (kernels here: {})",
+            requested,
+            crate::kernels::KERNELS
+                .iter()
+                .map(|k| k.isa.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(requested)
+}
+
+fn supported_list() -> String {
+    Isa::ALL
+        .iter()
+        .filter(|i| i.is_supported())
+        .map(|i| i.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+static ACTIVE: OnceCell<Result<Isa, Error>> = OnceCell::new();
+
+/// The ISA used when a call does not force one: `DYNQ_ISA` if set (validated), else the best
+/// the CPU supports. Decided once per process; an invalid `DYNQ_ISA` makes every call that
+/// needs dispatch fail with the same message.
+pub fn active() -> Result<Isa, Error> {
+    ACTIVE
+        .get_or_init(|| match std::env::var("DYNQ_ISA") {
+            Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => match Isa::from_name(&v) {
+                Some(isa) => resolve(isa).map_err(|e| {
+                    Error::Unsupported(format!("DYNQ_ISA={}: {}", v.trim(), e.message()))
+                }),
+                None => Err(Error::InvalidArgument(format!(
+                    "DYNQ_ISA={:?} names no ISA; use one of auto, {}",
+                    v,
+                    Isa::ALL.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ")
+                ))),
+            },
+            _ => Ok(best_supported()),
+        })
+        .clone()
+}
+
+/// The ISA a call runs on: `forced` when given (validated), else [`active`].
+pub fn select(forced: Option<Isa>) -> Result<Isa, Error> {
+    match forced {
+        Some(isa) => resolve(isa),
+        None => active(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::from_name(isa.name()), Some(isa));
+            assert_eq!(Isa::from_raw(isa.to_raw()), Some(isa));
+        }
+        assert_eq!(Isa::from_name("AVX512-VNNI"), Some(Isa::Avx512Vnni));
+        assert_eq!(Isa::from_name("sse9"), None);
+        assert_eq!(Isa::from_raw(0), None);
+        assert_eq!(Isa::from_raw(8), None);
+    }
+
+    #[test]
+    fn scalar_always_resolves() {
+        assert_eq!(resolve(Isa::Scalar).unwrap(), Isa::Scalar);
+    }
+
+    #[test]
+    fn foreign_isa_is_refused_with_message() {
+        #[cfg(target_arch = "x86_64")]
+        let foreign = Isa::NeonDotprod;
+        #[cfg(not(target_arch = "x86_64"))]
+        let foreign = Isa::Avx512Vnni;
+        let err = resolve(foreign).unwrap_err();
+        assert_eq!(err.status(), crate::Status::Unsupported);
+        assert!(err.message().contains(foreign.name()), "{}", err.message());
+    }
+}

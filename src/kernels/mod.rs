@@ -1,0 +1,130 @@
+//! The kernel table: one entry per ISA, carrying the micro-kernel, the weight packing routine
+//! that feeds it and the tile geometry they share, so packing and kernel cannot drift apart.
+//!
+//! Kernel names follow `gemm_u8s8_i32_{MR}x{NR}c{KR}__{isa}`:
+//! `u8s8` = unsigned 8-bit activations times signed 8-bit weights, `i32` = exact 32-bit
+//! integer accumulators (the f32 epilogue is shared by all kernels, see `gemm`),
+//! `MRxNR` = rows of A by columns of W computed per call, `cKR` = K is consumed in groups of KR
+//! consecutive values per column (the width of one dot-product instruction lane),
+//! `__isa` = the instruction set.
+
+use crate::isa::Isa;
+
+pub mod scalar;
+
+/// A micro-kernel: `C[MR][NR] = sum_{k < kp} A[i][k] * B[k][j]` in wrapping `i32` arithmetic.
+///
+/// # Safety
+/// - The CPU supports the kernel's ISA (guaranteed by [`crate::isa::resolve`] before any
+///   packed weights exist for it).
+/// - `a` points to `MR` rows of `kp` readable bytes, row `i` at `a + i * a_stride`.
+/// - `b` points to one packed panel: `kp * NR` readable bytes in the kernel's layout.
+/// - `c` points to `MR * NR` writable `i32`, written row-major (overwritten, not accumulated).
+/// - `kp` is a multiple of `KR`.
+pub type MicroKernel =
+    unsafe fn(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32);
+
+/// Packs canonical `[N][K]` row-major int8 weights into this kernel's layout.
+/// `out` has exactly `packed_len(n, k)` bytes.
+pub type PackFn = fn(q: &[i8], n: usize, k: usize, out: &mut [i8]);
+
+/// Inverse of [`PackFn`]: recovers canonical `[N][K]` weights (`q.len() == n * k`).
+pub type UnpackFn = fn(packed: &[i8], n: usize, k: usize, q: &mut [i8]);
+
+/// One kernel-table entry.
+#[derive(Debug)]
+pub struct Kernel {
+    pub isa: Isa,
+    /// Full kernel name (see the module documentation).
+    pub name: &'static str,
+    /// Rows of A per micro-kernel call.
+    pub mr: usize,
+    /// Columns of W per packed panel and per micro-kernel call.
+    pub nr: usize,
+    /// K values per dot-product group.
+    pub kr: usize,
+    /// Version of the in-memory packed layout of this entry; bumped whenever `pack` changes.
+    pub layout_version: u32,
+    pub ukernel: MicroKernel,
+    pub pack: PackFn,
+    pub unpack: UnpackFn,
+}
+
+impl Kernel {
+    /// K rounded up to a multiple of KR.
+    pub fn padded_k(&self, k: usize) -> usize {
+        k.div_ceil(self.kr) * self.kr
+    }
+    /// N rounded up to a multiple of NR.
+    pub fn padded_n(&self, n: usize) -> usize {
+        n.div_ceil(self.nr) * self.nr
+    }
+    /// Bytes of packed weights for an `n x k` matrix, or `None` on overflow.
+    pub fn packed_len(&self, n: usize, k: usize) -> Option<usize> {
+        self.padded_n(n).checked_mul(self.padded_k(k))
+    }
+}
+
+/// All kernels compiled into this build. Tests and benchmarks iterate over this table, so a
+/// new entry is tested and benchmarked without anyone having to remember it.
+pub static KERNELS: &[Kernel] = &[scalar::KERNEL];
+
+/// The table entry for an ISA, if this build has one.
+pub fn kernel_for(isa: Isa) -> Option<&'static Kernel> {
+    KERNELS.iter().find(|k| k.isa == isa)
+}
+
+/// The standard "panel" layout shared by the dot-product kernels: columns are grouped in
+/// panels of NR; inside a panel, K advances in groups of KR, and each group stores, for each of
+/// the NR columns, its KR consecutive K values:
+///
+/// ```text
+/// offset(n, k) = (n / NR) * (kp * NR) + (k / KR) * (NR * KR) + (n % NR) * KR + (k % KR)
+/// ```
+///
+/// Padding columns (n >= N) and padding depths (k >= K) hold 0, so they add nothing.
+pub(crate) fn pack_panels<const NR: usize, const KR: usize>(q: &[i8], n: usize, k: usize, out: &mut [i8]) {
+    let kp = k.div_ceil(KR) * KR;
+    debug_assert_eq!(out.len(), n.div_ceil(NR) * NR * kp);
+    debug_assert_eq!(q.len(), n * k);
+    out.fill(0);
+    for (nn, row) in q.chunks_exact(k.max(1)).enumerate().take(n) {
+        let (p, j) = (nn / NR, nn % NR);
+        let panel = &mut out[p * kp * NR..(p + 1) * kp * NR];
+        for (kk, &v) in row.iter().enumerate() {
+            panel[(kk / KR) * NR * KR + j * KR + kk % KR] = v;
+        }
+    }
+}
+
+/// Inverse of [`pack_panels`].
+pub(crate) fn unpack_panels<const NR: usize, const KR: usize>(packed: &[i8], n: usize, k: usize, q: &mut [i8]) {
+    let kp = k.div_ceil(KR) * KR;
+    debug_assert_eq!(q.len(), n * k);
+    for nn in 0..n {
+        let (p, j) = (nn / NR, nn % NR);
+        let panel = &packed[p * kp * NR..(p + 1) * kp * NR];
+        for kk in 0..k {
+            q[nn * k + kk] = panel[(kk / KR) * NR * KR + j * KR + kk % KR];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_unpack_round_trip_all_kernels() {
+        for kern in KERNELS {
+            for (n, k) in [(1, 1), (3, 5), (17, 33), (kern.nr + 1, kern.kr * 2 + 1)] {
+                let q: Vec<i8> = (0..n * k).map(|i| (i * 37 % 255) as i8).collect();
+                let mut packed = vec![0i8; kern.packed_len(n, k).unwrap()];
+                (kern.pack)(&q, n, k, &mut packed);
+                let mut back = vec![0i8; n * k];
+                (kern.unpack)(&packed, n, k, &mut back);
+                assert_eq!(q, back, "{} n={n} k={k}", kern.name);
+            }
+        }
+    }
+}

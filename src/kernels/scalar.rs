@@ -1,0 +1,53 @@
+//! Portable kernel: plain Rust, runs on every CPU, and the baseline the SIMD kernels are
+//! tested against (beside the naive reference in `crate::reference`).
+
+use super::{pack_panels, unpack_panels, Kernel};
+use crate::isa::Isa;
+
+const MR: usize = 4;
+const NR: usize = 8;
+const KR: usize = 4;
+
+/// The scalar table entry.
+pub const KERNEL: Kernel = Kernel {
+    isa: Isa::Scalar,
+    name: "gemm_u8s8_i32_4x8c4__scalar",
+    mr: MR,
+    nr: NR,
+    kr: KR,
+    layout_version: 1,
+    ukernel: gemm_u8s8_i32_4x8c4__scalar,
+    pack: pack_panels::<NR, KR>,
+    unpack: unpack_panels::<NR, KR>,
+};
+
+/// `u8 x s8 -> i32`, 4 rows x 8 columns, K in groups of 4, portable.
+///
+/// # Safety
+/// The contract of [`super::MicroKernel`]: `a` has `MR` rows of `kp` bytes at stride
+/// `a_stride`, `b` has `kp * NR` bytes, `c` has room for `MR * NR` `i32`, `kp % KR == 0`.
+/// No ISA requirement.
+#[allow(non_snake_case)]
+unsafe fn gemm_u8s8_i32_4x8c4__scalar(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+    // SAFETY: lengths as promised by the caller (see above).
+    let b = unsafe { std::slice::from_raw_parts(b, kp * NR) };
+    let c = unsafe { std::slice::from_raw_parts_mut(c, MR * NR) };
+    let rows: [&[u8]; MR] =
+        std::array::from_fn(|i| unsafe { std::slice::from_raw_parts(a.add(i * a_stride), kp) });
+    let mut acc = [[0i32; NR]; MR];
+    for (g, bg) in b.chunks_exact(NR * KR).enumerate() {
+        for (i, row) in rows.iter().enumerate() {
+            let ag = &row[g * KR..g * KR + KR];
+            for (j, bj) in bg.chunks_exact(KR).enumerate() {
+                let mut s = 0i32;
+                for r in 0..KR {
+                    s += ag[r] as i32 * bj[r] as i32;
+                }
+                acc[i][j] = acc[i][j].wrapping_add(s);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        c[i * NR..(i + 1) * NR].copy_from_slice(row);
+    }
+}

@@ -1,0 +1,320 @@
+//! Packed weights: the int8 weights of one linear layer in the layout of one kernel, with
+//! everything the GEMM needs precomputed (per-channel scales and column sums).
+//!
+//! A `PackedWeights` records the kernel (ISA, tile geometry, layout version) it was packed
+//! for; the GEMM always runs that kernel, so data and kernel cannot mismatch. It is immutable
+//! once built, hence `Send + Sync`: one handle serves any number of threads at once.
+
+pub mod serialize;
+
+use crate::error::{checked_mul, try_zeroed_vec, Error, Result};
+use crate::isa::{self, Isa};
+use crate::kernels::{kernel_for, Kernel};
+use crate::quant::weights::{check_finite, check_scales, quantize_weights};
+use crate::quant::{WeightGranularity, MAX_K};
+
+/// Memory layout of the weight matrix given to the packing functions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightLayout {
+    /// `[N][K]` row-major: one row per output channel. PyTorch `Linear.weight`, ONNX `Gemm`
+    /// with `transB = 1`.
+    NK,
+    /// `[K][N]` row-major: one row per input feature. ONNX `MatMul`, `Gemm` with `transB = 0`.
+    KN,
+}
+
+impl WeightLayout {
+    /// The C ABI value (`dynq_weight_layout`).
+    pub fn to_raw(self) -> u32 {
+        match self {
+            WeightLayout::NK => 0,
+            WeightLayout::KN => 1,
+        }
+    }
+    /// From the C ABI value.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(WeightLayout::NK),
+            1 => Some(WeightLayout::KN),
+            _ => None,
+        }
+    }
+    /// Index of `W[n][k]` (output channel n, input k) in a buffer of this layout.
+    #[inline(always)]
+    fn index(self, n: usize, k: usize, dim_n: usize, dim_k: usize) -> usize {
+        match self {
+            WeightLayout::NK => n * dim_k + k,
+            WeightLayout::KN => k * dim_n + n,
+        }
+    }
+}
+
+/// Options for packing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackOptions {
+    /// Weight scale granularity for f32 weights (ignored for pre-quantized weights, whose
+    /// granularity follows the number of scales given).
+    pub granularity: WeightGranularity,
+    /// Force a kernel family; `None` uses [`isa::active`].
+    pub isa: Option<Isa>,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions { granularity: WeightGranularity::PerChannel, isa: None }
+    }
+}
+
+/// Int8 weights packed for one kernel.
+#[derive(Clone, Debug)]
+pub struct PackedWeights {
+    n: usize,
+    k: usize,
+    granularity: WeightGranularity,
+    /// One scale per output channel (a per-tensor scale is repeated).
+    scales: Vec<f32>,
+    /// `colsum[n] = sum_k qw[n][k]`, for the activation zero-point correction.
+    col_sums: Vec<i32>,
+    kernel: &'static Kernel,
+    data: Vec<i8>,
+}
+
+/// Memory reserved for packing an `n x k` matrix, obtained before any input is read so that a
+/// size that cannot be allocated is reported as such (and the C ABI never builds a slice over
+/// an input it cannot process).
+pub struct Reservation {
+    n: usize,
+    k: usize,
+    kernel: &'static Kernel,
+    canonical: Vec<i8>,
+    data: Vec<i8>,
+}
+
+/// Validates the shape of a weight matrix.
+fn check_shape(n: usize, k: usize) -> Result<()> {
+    if n == 0 || k == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "weight shape n={n} x k={k}: both dimensions must be at least 1"
+        )));
+    }
+    if k > MAX_K {
+        return Err(Error::Unsupported(format!(
+            "k={k} exceeds the maximum reduction length {MAX_K} for which int32 accumulation is \
+             exact; split the layer along K"
+        )));
+    }
+    checked_mul(checked_mul(n, k, "weight elements n * k")?, 4, "weight bytes n * k * 4")?;
+    Ok(())
+}
+
+impl Reservation {
+    /// Validates the shape, selects the kernel and allocates the packed storage.
+    pub fn new(n: usize, k: usize, isa: Option<Isa>) -> Result<Self> {
+        check_shape(n, k)?;
+        let isa = isa::select(isa)?;
+        let kernel = kernel_for(isa).expect("resolve() guarantees a kernel");
+        let len = kernel.packed_len(n, k).ok_or_else(|| {
+            Error::SizeOverflow(format!("packed size of n={n} x k={k} overflows usize"))
+        })?;
+        let data = try_zeroed_vec::<i8>(len, "packed weights")?;
+        let canonical = try_zeroed_vec::<i8>(n * k, "quantized weights")?;
+        Ok(Reservation { n, k, kernel, canonical, data })
+    }
+
+    /// Number of f32 (or int8) elements the input must have: `n * k`.
+    pub fn input_len(&self) -> usize {
+        self.n * self.k
+    }
+
+    /// Quantizes f32 weights and packs them. `w.len()` must be `n * k`.
+    pub fn fill_f32(
+        mut self,
+        w: &[f32],
+        layout: WeightLayout,
+        granularity: WeightGranularity,
+    ) -> Result<PackedWeights> {
+        let (n, k) = (self.n, self.k);
+        if w.len() != n * k {
+            return Err(Error::InvalidArgument(format!(
+                "weights have {} values, expected n * k = {}",
+                w.len(),
+                n * k
+            )));
+        }
+        let idx = |nn, kk| layout.index(nn, kk, n, k);
+        check_finite(w, n, k, idx)?;
+        let scales = quantize_weights(w, n, k, idx, granularity, &mut self.canonical);
+        Ok(self.finish(scales, granularity))
+    }
+
+    /// Packs already-quantized int8 weights with their scales (1 scale: per tensor; n scales:
+    /// per channel). `q.len()` must be `n * k`.
+    pub fn fill_quantized(mut self, q: &[i8], layout: WeightLayout, scales: &[f32]) -> Result<PackedWeights> {
+        let (n, k) = (self.n, self.k);
+        if q.len() != n * k {
+            return Err(Error::InvalidArgument(format!(
+                "quantized weights have {} values, expected n * k = {}",
+                q.len(),
+                n * k
+            )));
+        }
+        let granularity = if scales.len() == n {
+            WeightGranularity::PerChannel
+        } else if scales.len() == 1 {
+            WeightGranularity::PerTensor
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "{} weight scales given; expected 1 (per tensor) or n = {n} (per channel)",
+                scales.len()
+            )));
+        };
+        check_scales(scales)?;
+        match layout {
+            WeightLayout::NK => self.canonical.copy_from_slice(q),
+            WeightLayout::KN => {
+                for nn in 0..n {
+                    for kk in 0..k {
+                        self.canonical[nn * k + kk] = q[kk * n + nn];
+                    }
+                }
+            }
+        }
+        Ok(self.finish(scales.to_vec(), granularity))
+    }
+
+    fn finish(mut self, scales: Vec<f32>, granularity: WeightGranularity) -> PackedWeights {
+        let (n, k) = (self.n, self.k);
+        (self.kernel.pack)(&self.canonical, n, k, &mut self.data);
+        let col_sums = self
+            .canonical
+            .chunks_exact(k)
+            .map(|row| row.iter().map(|&v| v as i32).sum())
+            .collect();
+        let scales = if scales.len() == n { scales } else { vec![scales[0]; n] };
+        PackedWeights { n, k, granularity, scales, col_sums, kernel: self.kernel, data: self.data }
+    }
+}
+
+impl PackedWeights {
+    /// Quantizes f32 weights (`n` output channels, `k` inputs, in `layout`) to symmetric int8
+    /// and packs them for the selected kernel. NaN or infinite weights are refused.
+    pub fn from_f32(w: &[f32], n: usize, k: usize, layout: WeightLayout, opts: PackOptions) -> Result<Self> {
+        Reservation::new(n, k, opts.isa)?.fill_f32(w, layout, opts.granularity)
+    }
+
+    /// Packs weights quantized elsewhere: int8 values (all of [-128, 127] accepted) and their
+    /// scales, `W ~= scale * q`. `opts.granularity` is ignored (it follows `scales.len()`).
+    pub fn from_quantized(
+        q: &[i8],
+        n: usize,
+        k: usize,
+        layout: WeightLayout,
+        scales: &[f32],
+        opts: PackOptions,
+    ) -> Result<Self> {
+        Reservation::new(n, k, opts.isa)?.fill_quantized(q, layout, scales)
+    }
+
+    /// The same weights packed for another ISA (validated against the CPU).
+    pub fn repack(&self, isa: Isa) -> Result<Self> {
+        let q = self.quantized_weights();
+        Reservation::new(self.n, self.k, Some(isa))?.fill_quantized(&q, WeightLayout::NK, self.source_scales())
+    }
+
+    /// Output channels.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Inputs per output channel.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Scale granularity.
+    pub fn granularity(&self) -> WeightGranularity {
+        self.granularity
+    }
+    /// The ISA whose kernel these weights are packed for.
+    pub fn isa(&self) -> Isa {
+        self.kernel.isa
+    }
+    /// The kernel-table entry these weights are packed for.
+    pub fn kernel(&self) -> &'static Kernel {
+        self.kernel
+    }
+    /// Per-output-channel scales (length n).
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
+    }
+    /// The scales as given or computed: 1 for per-tensor, n for per-channel.
+    pub fn source_scales(&self) -> &[f32] {
+        match self.granularity {
+            WeightGranularity::PerTensor => &self.scales[..1],
+            WeightGranularity::PerChannel => &self.scales,
+        }
+    }
+    /// Per-output-channel sums of the int8 weights.
+    pub fn col_sums(&self) -> &[i32] {
+        &self.col_sums
+    }
+    /// The packed int8 data in the kernel's layout.
+    pub fn packed_data(&self) -> &[i8] {
+        &self.data
+    }
+    /// Heap bytes held by this object (packed data, scales, column sums).
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.data.capacity()
+            + self.scales.capacity() * 4
+            + self.col_sums.capacity() * 4
+    }
+    /// The canonical int8 weights, `[N][K]` row-major.
+    pub fn quantized_weights(&self) -> Vec<i8> {
+        let mut q = vec![0i8; self.n * self.k];
+        (self.kernel.unpack)(&self.data, self.n, self.k, &mut q);
+        q
+    }
+    /// Dequantized weights `scale[n] * q[n][k]`, `[N][K]` row-major.
+    pub fn dequantized_weights(&self) -> Vec<f32> {
+        let q = self.quantized_weights();
+        q.chunks_exact(self.k)
+            .zip(&self.scales)
+            .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_agree() {
+        let (n, k) = (5, 7);
+        let w_nk: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0).collect();
+        let mut w_kn = vec![0.0; n * k];
+        for nn in 0..n {
+            for kk in 0..k {
+                w_kn[kk * n + nn] = w_nk[nn * k + kk];
+            }
+        }
+        let a = PackedWeights::from_f32(&w_nk, n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+        let b = PackedWeights::from_f32(&w_kn, n, k, WeightLayout::KN, PackOptions::default()).unwrap();
+        assert_eq!(a.quantized_weights(), b.quantized_weights());
+        assert_eq!(a.scales(), b.scales());
+        assert_eq!(a.col_sums(), b.col_sums());
+    }
+
+    #[test]
+    fn shape_errors() {
+        let o = PackOptions::default();
+        assert_eq!(PackedWeights::from_f32(&[], 0, 3, WeightLayout::NK, o).unwrap_err().status(), crate::Status::InvalidArgument);
+        assert_eq!(PackedWeights::from_f32(&[], 3, 0, WeightLayout::NK, o).unwrap_err().status(), crate::Status::InvalidArgument);
+        assert_eq!(PackedWeights::from_f32(&[], 1, MAX_K + 1, WeightLayout::NK, o).unwrap_err().status(), crate::Status::Unsupported);
+        assert_eq!(PackedWeights::from_f32(&[], usize::MAX / 2, 4, WeightLayout::NK, o).unwrap_err().status(), crate::Status::SizeOverflow);
+        let e = PackedWeights::from_f32(&[1.0, f32::INFINITY], 1, 2, WeightLayout::NK, o).unwrap_err();
+        assert_eq!(e.status(), crate::Status::NonFinite);
+        assert!(e.message().contains("input 1"), "{}", e.message());
+        let e = PackedWeights::from_quantized(&[1, 2], 1, 2, WeightLayout::NK, &[1.0, 2.0, 3.0], o).unwrap_err();
+        assert_eq!(e.status(), crate::Status::InvalidArgument);
+    }
+}

@@ -1,0 +1,283 @@
+//! Dynamic activation quantization: the parameters come from the range seen in each call.
+//!
+//! Two schemes, each per row (per token) or per tensor. Both produce `u8` values `qa` and a
+//! zero point `za` per row, so the kernels see one representation: `x ~= scale * (qa - za)`.
+//!
+//! Asymmetric uint8 (the default), exactly ONNX `DynamicQuantizeLinear`:
+//!
+//! ```text
+//! lo = min(0, min x), hi = max(0, max x)          (range widened to include 0)
+//! scale = (hi - lo) / 255
+//! za    = saturate_u8(round_half_even(-lo / scale))
+//! qa    = saturate_u8(round_half_even(x / scale) + za)
+//! ```
+//!
+//! It is the default because it spends all 256 levels on the range actually seen: the inputs
+//! of most linear layers are skewed (outputs of GELU/ReLU, of softmax-weighted sums, of layer
+//! norms with a bias), and a symmetric scheme then wastes up to half its levels.
+//!
+//! Symmetric int8 (`ActType::SymmetricI8`): `scale = max|x| / 127`,
+//! `q = clamp(round_half_even(x / scale), -127, 127)`, stored as `qa = q + 128` with `za = 128`.
+//! Offered for compatibility with models and tools that assume symmetric activations.
+//!
+//! Degenerate ranges: an all-zero range gives `scale = 0`, `za = 0` (or 128) and every
+//! `qa = za`, so the row contributes exactly 0. A non-zero range whose scale would underflow
+//! uses the smallest positive subnormal. A range `hi - lo` that overflows f32 is computed as
+//! `hi / 255 - lo / 255`, which cannot overflow.
+//!
+//! Non-finite values are refused ([`crate::Error::NonFinite`], naming the row and column):
+//! one NaN would otherwise poison the scale of its whole row (or tensor) and silently turn
+//! every output of that row into garbage.
+
+use super::{round_i32, TINY_SCALE};
+use crate::error::{Error, Result};
+
+/// Over what the activation range is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActGranularity {
+    /// One scale (and zero point) per row of A, i.e. per token. The default: one outlier token
+    /// no longer flattens the resolution of every other token in the batch.
+    PerRow,
+    /// One scale for the whole of A, as ONNX `DynamicQuantizeLinear` does.
+    PerTensor,
+}
+
+/// How activations are mapped to integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActType {
+    /// uint8 with a zero point (ONNX `DynamicQuantizeLinear`). The default.
+    AsymmetricU8,
+    /// int8 in [-127, 127] without zero point.
+    SymmetricI8,
+}
+
+impl ActGranularity {
+    /// The C ABI value (`dynq_act_granularity`).
+    pub fn to_raw(self) -> u32 {
+        match self {
+            ActGranularity::PerRow => 0,
+            ActGranularity::PerTensor => 1,
+        }
+    }
+    /// From the C ABI value.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(ActGranularity::PerRow),
+            1 => Some(ActGranularity::PerTensor),
+            _ => None,
+        }
+    }
+}
+
+impl ActType {
+    /// The C ABI value (`dynq_act_type`).
+    pub fn to_raw(self) -> u32 {
+        match self {
+            ActType::AsymmetricU8 => 0,
+            ActType::SymmetricI8 => 1,
+        }
+    }
+    /// From the C ABI value.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(ActType::AsymmetricU8),
+            1 => Some(ActType::SymmetricI8),
+            _ => None,
+        }
+    }
+}
+
+/// Quantization parameters of one range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QParams {
+    pub scale: f32,
+    pub zero_point: i32,
+}
+
+/// Parameters of ONNX `DynamicQuantizeLinear` for a range with minimum `min` and maximum `max`
+/// (both finite; they are widened to include 0 here).
+pub fn asymmetric_params(min: f32, max: f32) -> QParams {
+    let lo = min.min(0.0);
+    let hi = max.max(0.0);
+    let range = hi - lo;
+    if range == 0.0 {
+        return QParams { scale: 0.0, zero_point: 0 };
+    }
+    let mut scale = if range.is_finite() { range / 255.0 } else { hi / 255.0 - lo / 255.0 };
+    if scale == 0.0 {
+        scale = TINY_SCALE;
+    }
+    let zero_point = round_i32(-lo / scale).clamp(0, 255);
+    QParams { scale, zero_point }
+}
+
+/// Parameters of the symmetric scheme for a range with largest magnitude `amax`.
+pub fn symmetric_params(amax: f32) -> QParams {
+    QParams { scale: super::weights::symmetric_scale(amax), zero_point: 128 }
+}
+
+/// Quantizes one value with the given parameters into the common `u8` representation.
+#[inline(always)]
+pub fn quantize_value(x: f32, p: QParams, ty: ActType) -> u8 {
+    if p.scale == 0.0 {
+        return p.zero_point as u8;
+    }
+    let r = round_i32(x / p.scale);
+    match ty {
+        ActType::AsymmetricU8 => r.saturating_add(p.zero_point).clamp(0, 255) as u8,
+        ActType::SymmetricI8 => (r.clamp(-127, 127) + 128) as u8,
+    }
+}
+
+/// Min, max and max-magnitude of a row, or the column of its first non-finite value.
+fn row_stats(row: &[f32]) -> std::result::Result<(f32, f32), usize> {
+    let mut lo = 0.0f32;
+    let mut hi = 0.0f32;
+    let mut bad = false;
+    for &x in row {
+        // `!(x - x == 0)` is true exactly for NaN and +-inf; kept branch-free so it vectorizes.
+        bad |= (x - x) != 0.0;
+        lo = lo.min(x);
+        hi = hi.max(x);
+    }
+    if bad {
+        Err(row.iter().position(|x| !x.is_finite()).unwrap_or(0))
+    } else {
+        Ok((lo, hi))
+    }
+}
+
+fn params_for(lo: f32, hi: f32, ty: ActType) -> QParams {
+    match ty {
+        ActType::AsymmetricU8 => asymmetric_params(lo, hi),
+        ActType::SymmetricI8 => symmetric_params(hi.max(-lo)),
+    }
+}
+
+/// Activations quantized for the kernels: `rows` rows of `kp` bytes (K padded with zeros to
+/// the kernel's KR), plus per-row scale and zero point.
+#[derive(Clone, Debug)]
+pub struct QuantizedActivations {
+    /// Row-major, `rows_padded * kp` bytes; rows past `m` and columns past `k` are 0.
+    pub data: Vec<u8>,
+    /// Row stride of `data` in bytes (>= k, a multiple of the kernel's KR).
+    pub kp: usize,
+    /// Scale of each of the `m` rows.
+    pub scales: Vec<f32>,
+    /// Zero point of each of the `m` rows.
+    pub zero_points: Vec<i32>,
+}
+
+/// Quantizes `m` rows of `k` values, row `i` starting at `a[i * lda]`.
+///
+/// `kp >= k` is the padded row length of the output and `rows_padded >= m` its row count.
+/// Errors: [`Error::NonFinite`] naming the first non-finite element (in row order), or
+/// [`Error::OutOfMemory`].
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_activations(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+    granularity: ActGranularity,
+    ty: ActType,
+    kp: usize,
+    rows_padded: usize,
+) -> Result<QuantizedActivations> {
+    debug_assert!(kp >= k && rows_padded >= m && lda >= k);
+    debug_assert!(m == 0 || a.len() >= (m - 1) * lda + k);
+    let row = |i: usize| &a[i * lda..i * lda + k];
+    let mut stats = Vec::with_capacity(m);
+    for i in 0..m {
+        match row_stats(row(i)) {
+            Ok(s) => stats.push(s),
+            Err(col) => {
+                return Err(Error::NonFinite(format!(
+                    "activation A[{i}][{col}] is {}; activations must be finite",
+                    row(i)[col]
+                )))
+            }
+        }
+    }
+    let params: Vec<QParams> = match granularity {
+        ActGranularity::PerRow => stats.iter().map(|&(lo, hi)| params_for(lo, hi, ty)).collect(),
+        ActGranularity::PerTensor => {
+            let (lo, hi) = stats
+                .iter()
+                .fold((0.0f32, 0.0f32), |(l, h), &(lo, hi)| (l.min(lo), h.max(hi)));
+            vec![params_for(lo, hi, ty); m]
+        }
+    };
+    let len = crate::error::checked_mul(rows_padded, kp, "quantized activation buffer")?;
+    let mut data = crate::error::try_zeroed_vec::<u8>(len, "quantized activation buffer")?;
+    for i in 0..m {
+        let p = params[i];
+        let out = &mut data[i * kp..i * kp + k];
+        for (o, &x) in out.iter_mut().zip(row(i)) {
+            *o = quantize_value(x, p, ty);
+        }
+    }
+    Ok(QuantizedActivations {
+        data,
+        kp,
+        scales: params.iter().map(|p| p.scale).collect(),
+        zero_points: params.iter().map(|p| p.zero_point).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onnx_formula_simple() {
+        // ONNX DynamicQuantizeLinear doc example: [0, 2, -3, -2.5, 1.34, 0.5]
+        let x = [0.0f32, 2.0, -3.0, -2.5, 1.34, 0.5];
+        let q = quantize_activations(&x, 1, 6, 6, ActGranularity::PerTensor, ActType::AsymmetricU8, 6, 1)
+            .unwrap();
+        assert_eq!(q.scales[0], 5.0f32 / 255.0);
+        assert_eq!(q.zero_points[0], 153);
+        assert_eq!(q.data, vec![153, 255, 0, 26, 221, 178]);
+    }
+
+    #[test]
+    fn zero_row_and_symmetric() {
+        let x = [0.0f32; 4];
+        let q = quantize_activations(&x, 1, 4, 4, ActGranularity::PerRow, ActType::AsymmetricU8, 4, 1).unwrap();
+        assert_eq!((q.scales[0], q.zero_points[0]), (0.0, 0));
+        assert_eq!(q.data, vec![0; 4]);
+        let x = [1.0f32, -2.0, 0.5, 2.0];
+        let q = quantize_activations(&x, 1, 4, 4, ActGranularity::PerRow, ActType::SymmetricI8, 4, 1).unwrap();
+        assert_eq!(q.zero_points[0], 128);
+        assert_eq!(q.data, vec![128 + 64, 128 - 127, 128 + 32, 128 + 127]);
+    }
+
+    #[test]
+    fn huge_range_does_not_overflow() {
+        let x = [f32::MAX, -f32::MAX];
+        let q = quantize_activations(&x, 1, 2, 2, ActGranularity::PerRow, ActType::AsymmetricU8, 2, 1).unwrap();
+        assert!(q.scales[0].is_finite() && q.scales[0] > 0.0);
+        assert_eq!(q.data[0], 255);
+        assert_eq!(q.data[1], 0);
+    }
+
+    #[test]
+    fn non_finite_is_located() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, f32::NAN, 6.0];
+        let e = quantize_activations(&x, 2, 3, 3, ActGranularity::PerRow, ActType::AsymmetricU8, 4, 2)
+            .unwrap_err();
+        assert_eq!(e.status(), crate::Status::NonFinite);
+        assert!(e.message().contains("A[1][1]"), "{}", e.message());
+    }
+
+    #[test]
+    fn padding_is_zero_and_stride_respected() {
+        let x = [1.0f32, 2.0, 99.0, 3.0, 4.0, 99.0];
+        let q = quantize_activations(&x, 2, 2, 3, ActGranularity::PerRow, ActType::AsymmetricU8, 4, 3).unwrap();
+        assert_eq!(q.data.len(), 12);
+        assert_eq!(&q.data[2..4], &[0, 0]);
+        assert_eq!(&q.data[8..12], &[0, 0, 0, 0]);
+        assert_eq!(q.data[1], 255);
+        assert_eq!(q.data[5], 255);
+    }
+}
