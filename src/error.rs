@@ -31,24 +31,28 @@ pub enum Status {
     Internal = 9,
 }
 
+const ALL_STATUSES: [Status; 10] = [
+    Status::Ok,
+    Status::NullPointer,
+    Status::InvalidArgument,
+    Status::SizeOverflow,
+    Status::NonFinite,
+    Status::Unsupported,
+    Status::CorruptData,
+    Status::BufferTooSmall,
+    Status::OutOfMemory,
+    Status::Internal,
+];
+
 impl Status {
     /// Every status, in numeric order.
-    pub const ALL: [Status; 10] = [
-        Status::Ok,
-        Status::NullPointer,
-        Status::InvalidArgument,
-        Status::SizeOverflow,
-        Status::NonFinite,
-        Status::Unsupported,
-        Status::CorruptData,
-        Status::BufferTooSmall,
-        Status::OutOfMemory,
-        Status::Internal,
-    ];
+    pub fn all() -> [Status; 10] {
+        ALL_STATUSES
+    }
 
     /// The status with this C ABI number.
     pub fn from_raw(raw: u32) -> Option<Status> {
-        Status::ALL.iter().copied().find(|s| *s as u32 == raw)
+        ALL_STATUSES.iter().copied().find(|s| *s as u32 == raw)
     }
 
     /// A static, human-readable description of the status, NUL-terminated for the C ABI.

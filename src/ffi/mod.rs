@@ -36,8 +36,6 @@ pub const DYNQ_VERSION_PATCH: u32 = 0;
 /// Version of the C ABI; bumped on any incompatible change of a signature or struct.
 pub const DYNQ_ABI_VERSION: u32 = 1;
 
-/// Status codes. Stable numbers, never reused.
-pub type dynq_status = Status;
 
 /// Kernel families (`uint32_t` values). `DYNQ_ISA_AUTO` selects the best the CPU supports (or
 /// the `DYNQ_ISA` environment variable).
@@ -367,7 +365,7 @@ pub unsafe extern "C" fn dynq_last_error_message(buf: *mut c_char, len: usize) -
 /// # Safety
 /// `isa` is NULL or points to a writable `uint32_t`.
 #[no_mangle]
-pub unsafe extern "C" fn dynq_active_isa(isa: *mut u32) -> dynq_status {
+pub unsafe extern "C" fn dynq_active_isa(isa: *mut u32) -> Status {
     ffi_boundary!({
         check_ptr(isa, "isa")?;
         let a = crate::isa::active()?;
@@ -408,7 +406,7 @@ pub extern "C" fn dynq_isa_available(isa: u32) -> i32 {
 /// # Safety
 /// `config` is NULL or points to a writable `dynq_pack_config`.
 #[no_mangle]
-pub unsafe extern "C" fn dynq_pack_config_init(config: *mut dynq_pack_config) -> dynq_status {
+pub unsafe extern "C" fn dynq_pack_config_init(config: *mut dynq_pack_config) -> Status {
     ffi_boundary!({
         check_ptr(config, "config")?;
         // SAFETY: checked non-null and aligned.
@@ -423,7 +421,7 @@ pub unsafe extern "C" fn dynq_pack_config_init(config: *mut dynq_pack_config) ->
 /// # Safety
 /// `config` is NULL or points to a writable `dynq_gemm_config`.
 #[no_mangle]
-pub unsafe extern "C" fn dynq_gemm_config_init(config: *mut dynq_gemm_config) -> dynq_status {
+pub unsafe extern "C" fn dynq_gemm_config_init(config: *mut dynq_gemm_config) -> Status {
     ffi_boundary!({
         check_ptr(config, "config")?;
         // SAFETY: checked non-null and aligned.
@@ -456,7 +454,7 @@ pub unsafe extern "C" fn dynq_pack_weights(
     layout: u32,
     config: *const dynq_pack_config,
     out: *mut *mut dynq_packed_weights,
-) -> dynq_status {
+) -> Status {
     ffi_boundary!({
         check_ptr(out, "out")?;
         // SAFETY: checked non-null and aligned.
@@ -492,7 +490,7 @@ pub unsafe extern "C" fn dynq_pack_quantized_weights(
     num_scales: usize,
     config: *const dynq_pack_config,
     out: *mut *mut dynq_packed_weights,
-) -> dynq_status {
+) -> Status {
     ffi_boundary!({
         check_ptr(out, "out")?;
         // SAFETY: checked non-null and aligned.
@@ -525,7 +523,7 @@ pub unsafe extern "C" fn dynq_pack_quantized_weights(
 pub unsafe extern "C" fn dynq_packed_weights_info(
     packed: *const dynq_packed_weights,
     info: *mut dynq_packed_weights_info,
-) -> dynq_status {
+) -> Status {
     ffi_boundary!({
         // SAFETY: per the contract.
         let pw = unsafe { handle(packed) }?;
@@ -600,7 +598,7 @@ pub unsafe extern "C" fn dynq_packed_weights_serialize(
     buf: *mut u8,
     buf_len: usize,
     written: *mut usize,
-) -> dynq_status {
+) -> Status {
     ffi_boundary!({
         // SAFETY: per the contract.
         let pw = unsafe { handle(packed) }?;
@@ -637,7 +635,7 @@ pub unsafe extern "C" fn dynq_packed_weights_deserialize(
     len: usize,
     config: *const dynq_pack_config,
     out: *mut *mut dynq_packed_weights,
-) -> dynq_status {
+) -> Status {
     ffi_boundary!({
         check_ptr(out, "out")?;
         // SAFETY: checked non-null and aligned.
@@ -686,7 +684,7 @@ pub unsafe extern "C" fn dynq_gemm(
     y: *mut f32,
     ldy: usize,
     config: *const dynq_gemm_config,
-) -> dynq_status {
+) -> Status {
     ffi_boundary!({
         // SAFETY: per the contract.
         let pw = unsafe { handle(packed) }?;
@@ -738,7 +736,7 @@ mod tests {
 
     #[test]
     fn status_strings_match_core() {
-        for s in Status::ALL {
+        for s in Status::all() {
             let c = unsafe { std::ffi::CStr::from_ptr(dynq_status_str(s as u32)) };
             assert_eq!(c.to_str().unwrap(), s.as_str());
         }

@@ -176,7 +176,7 @@ mod tests {
         let s = quantize_weights(&w, 2, 2, |n, k| n * 2 + k, WeightGranularity::PerTensor, &mut q);
         assert_eq!(s, vec![2.0 / 127.0]);
         assert_eq!(q[0], 127);
-        assert_eq!(q[2], -16); // -0.5 / (2/127) = -31.75/2 = -15.875 -> -16
+        assert_eq!(q[2], -32); // -0.5 / (2/127) = -31.75 -> -32
     }
 
     #[test]
