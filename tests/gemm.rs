@@ -1,0 +1,263 @@
+//! The f32 GEMM: bit-identical across ISAs and thread counts, within a stated bound of the f64
+//! reference, within the quantization error bound of the unquantized product, and correct on
+//! strides, epilogues and bad input.
+
+mod common;
+
+use common::{isas_under_test, GuardBuf, Rng};
+use dynq::quant::activations::quantize_activations;
+use dynq::{
+    gemm, reference, ActGranularity, ActType, Epilogue, GemmOptions, Isa, PackOptions, PackedWeights, Status,
+    WeightGranularity, WeightLayout,
+};
+
+fn random(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
+    (0..len).map(|_| rng.f32() * scale).collect()
+}
+
+fn all_modes() -> Vec<(ActGranularity, ActType)> {
+    let mut v = Vec::new();
+    for g in [ActGranularity::PerRow, ActGranularity::PerTensor] {
+        for t in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+            v.push((g, t));
+        }
+    }
+    v
+}
+
+fn opts(g: ActGranularity, t: ActType, threads: usize) -> GemmOptions {
+    GemmOptions { act_granularity: g, act_type: t, epilogue: Epilogue::None, num_threads: threads }
+}
+
+fn run(w: &PackedWeights, a: &[f32], m: usize, bias: Option<&[f32]>, o: &GemmOptions) -> Vec<f32> {
+    let mut y = vec![0f32; m * w.n()];
+    gemm(w, a, m, w.k(), bias, &mut y, w.n(), o).unwrap();
+    y
+}
+
+#[test]
+fn bit_identical_across_isas_and_threads() {
+    let mut rng = Rng(10);
+    let isas = isas_under_test();
+    for &(m, n, k) in &[(1, 1, 1), (3, 17, 9), (17, 67, 131), (64, 96, 300), (130, 40, 77)] {
+        let a = random(&mut rng, m * k, 3.0);
+        let w = random(&mut rng, n * k, 0.5);
+        let bias = random(&mut rng, n, 1.0);
+        for (g, t) in all_modes() {
+            let base = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { isa: Some(Isa::Scalar), ..Default::default() }).unwrap();
+            let want = run(&base, &a, m, Some(&bias), &opts(g, t, 1));
+            for &isa in &isas {
+                let pw = base.repack(isa).unwrap();
+                for threads in [1, 2, 3, 0] {
+                    let got = run(&pw, &a, m, Some(&bias), &opts(g, t, threads));
+                    let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{isa} threads={threads} {m}x{n}x{k} {g:?} {t:?} differs from scalar");
+                }
+            }
+        }
+    }
+}
+
+/// Recomputes the quantized operands independently of the GEMM driver.
+fn quantized_reference(pw: &PackedWeights, a: &[f32], m: usize, g: ActGranularity, t: ActType, bias: Option<&[f32]>) -> Vec<f64> {
+    let k = pw.k();
+    let qa = quantize_activations(a, m, k, k, g, t, k, m).unwrap();
+    let int = reference::gemm_i64(&qa.data, m, k, k, &qa.zero_points, &pw.quantized_weights(), pw.n());
+    reference::dequantized_f64(&int, m, pw.n(), &qa.scales, pw.scales(), bias)
+}
+
+#[test]
+fn f32_output_within_rounding_of_f64_reference() {
+    // y = fl(fl(f32(c) * fl(sa * sw)) + bias): three roundings of relative size 2^-24 on the
+    // product (c converts exactly below 2^24, with one rounding above) and one on the sum.
+    let mut rng = Rng(11);
+    for isa in isas_under_test() {
+        for &(m, n, k) in &[(7, 33, 65), (32, 64, 1000), (2, 5, 20000)] {
+            let a = random(&mut rng, m * k, 10.0);
+            let w = random(&mut rng, n * k, 0.2);
+            let bias = random(&mut rng, n, 5.0);
+            let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+            for (g, t) in all_modes() {
+                let y = run(&pw, &a, m, Some(&bias), &opts(g, t, 1));
+                let r = quantized_reference(&pw, &a, m, g, t, Some(&bias));
+                for (idx, (&got, &want)) in y.iter().zip(&r).enumerate() {
+                    let b = bias[idx % n] as f64;
+                    let bound = 4.0 * f32::EPSILON as f64 / 2.0 * ((want - b).abs() + b.abs()) + 1e-30;
+                    assert!((got as f64 - want).abs() <= bound, "{isa} {g:?} {t:?} [{idx}] {got} vs {want} (bound {bound})");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantization_error_within_analytic_bound() {
+    // |y - x.w| <= sum_k (|x_k| * sw/2 + |w_k| * sa/2 + sa*sw/4) (+ rounding slack), where the
+    // halves come from rounding to nearest: an independent check of the quantization itself.
+    let mut rng = Rng(12);
+    let (m, n, k) = (9, 21, 257);
+    let a: Vec<f32> = (0..m * k).map(|i| rng.f32() * if i % 50 == 0 { 20.0 } else { 1.0 } + 0.3).collect();
+    let w = random(&mut rng, n * k, 0.1);
+    for gran in [WeightGranularity::PerChannel, WeightGranularity::PerTensor] {
+        let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, isa: None }).unwrap();
+        for (g, t) in all_modes() {
+            let y = run(&pw, &a, m, None, &opts(g, t, 0));
+            let exact = reference::gemm_f64(&a, m, k, k, &w, n, None);
+            let qa = quantize_activations(&a, m, k, k, g, t, k, m).unwrap();
+            for i in 0..m {
+                let sa = qa.scales[i] as f64;
+                for j in 0..n {
+                    let sw = pw.scales()[j] as f64;
+                    let bound: f64 = (0..k)
+                        .map(|kk| a[i * k + kk].abs() as f64 * sw / 2.0 + w[j * k + kk].abs() as f64 * sa / 2.0 + sa * sw / 4.0)
+                        .sum::<f64>()
+                        * 1.001
+                        + 1e-6;
+                    let err = (y[i * n + j] as f64 - exact[i * n + j]).abs();
+                    assert!(err <= bound, "{gran:?} {g:?} {t:?} ({i},{j}): error {err} > bound {bound}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn accuracy_on_typical_data() {
+    // Per-row asymmetric activations and per-channel weights on normal-like data: relative
+    // Frobenius error of a BERT-sized layer stays around 1%.
+    let mut rng = Rng(13);
+    let (m, n, k) = (32, 256, 768);
+    let a: Vec<f32> = (0..m * k).map(|_| (0..4).map(|_| rng.f32()).sum::<f32>()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| (0..4).map(|_| rng.f32()).sum::<f32>() * 0.03).collect();
+    let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let y = run(&pw, &a, m, None, &GemmOptions::default());
+    let exact = reference::gemm_f64(&a, m, k, k, &w, n, None);
+    let num: f64 = y.iter().zip(&exact).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+    let den: f64 = exact.iter().map(|b| b * b).sum();
+    let rel = (num / den).sqrt();
+    assert!(rel < 0.02, "relative error {rel}");
+}
+
+#[test]
+fn strides_epilogue_and_untouched_padding() {
+    let mut rng = Rng(14);
+    let (m, n, k, lda, ldy) = (5, 11, 13, 20, 16);
+    let a = random(&mut rng, (m - 1) * lda + k, 2.0);
+    let w = random(&mut rng, k * n, 1.0);
+    let bias = random(&mut rng, n, 1.0);
+    for isa in isas_under_test() {
+        let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::KN, PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+        let mut y = vec![f32::from_bits(0x7fc0_1234); (m - 1) * ldy + n];
+        gemm(&pw, &a, m, lda, Some(&bias), &mut y, ldy, &GemmOptions::default()).unwrap();
+        let mut relu = y.clone();
+        let o = GemmOptions { epilogue: Epilogue::Relu, ..Default::default() };
+        gemm(&pw, &a, m, lda, Some(&bias), &mut relu, ldy, &o).unwrap();
+        // The same rows packed densely give the same numbers.
+        let dense: Vec<f32> = (0..m).flat_map(|i| a[i * lda..i * lda + k].to_vec()).collect();
+        let yd = run(&pw, &dense, m, Some(&bias), &GemmOptions::default());
+        for i in 0..m {
+            for j in 0..ldy.min(y.len() - i * ldy) {
+                let v = y[i * ldy + j];
+                if j < n {
+                    assert_eq!(v.to_bits(), yd[i * n + j].to_bits());
+                    assert_eq!(relu[i * ldy + j].to_bits(), v.max(0.0).to_bits());
+                } else {
+                    assert_eq!(v.to_bits(), 0x7fc0_1234, "padding ({i},{j}) was written");
+                }
+            }
+        }
+        // No bias equals bias of zeros.
+        let zeros = vec![0f32; n];
+        let nb = run(&pw, &dense, m, None, &GemmOptions::default());
+        let zb = run(&pw, &dense, m, Some(&zeros), &GemmOptions::default());
+        assert!(nb.iter().zip(&zb).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
+
+#[test]
+fn guard_pages_around_inputs_and_outputs() {
+    let mut rng = Rng(15);
+    for isa in isas_under_test() {
+        let kern = dynq::kernels::kernel_for(isa).unwrap();
+        for &(m, n, k) in &[(1, 1, 1), (kern.mr + 1, kern.nr + 1, kern.kr + 1), (2 * kern.mr - 1, 2 * kern.nr - 1, 2 * kern.kr - 1)] {
+            let mut a = GuardBuf::<f32>::new(m * k, 0.0);
+            a.as_mut_slice().iter_mut().for_each(|v| *v = rng.f32());
+            let mut wb = GuardBuf::<f32>::new(n * k, 0.0);
+            wb.as_mut_slice().iter_mut().for_each(|v| *v = rng.f32());
+            let mut bias = GuardBuf::<f32>::new(n, 0.5);
+            bias.as_mut_slice()[0] = -0.5;
+            let pw = PackedWeights::from_f32(wb.as_slice(), n, k, WeightLayout::NK, PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+            let mut y = GuardBuf::<f32>::new(m * n, 0.0);
+            gemm(&pw, a.as_slice(), m, k, Some(bias.as_slice()), y.as_mut_slice(), n, &GemmOptions::default()).unwrap();
+            let blob = pw.serialize();
+            let mut gb = GuardBuf::<u8>::new(blob.len(), 0);
+            gb.as_mut_slice().copy_from_slice(&blob);
+            let back = PackedWeights::deserialize(gb.as_slice(), PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+            assert_eq!(back.quantized_weights(), pw.quantized_weights());
+        }
+    }
+}
+
+#[test]
+fn non_finite_activations_and_bias_are_refused_and_y_untouched() {
+    let (m, n, k) = (3, 4, 5);
+    let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.1).collect();
+    let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut a = vec![1.0f32; m * k];
+        a[2 * k + 3] = bad;
+        let mut y = vec![7.0f32; m * n];
+        let e = gemm(&pw, &a, m, k, None, &mut y, n, &GemmOptions::default()).unwrap_err();
+        assert_eq!(e.status(), Status::NonFinite);
+        assert!(e.message().contains("A[2][3]"), "{e}");
+        assert!(y.iter().all(|&v| v == 7.0));
+        let a = vec![1.0f32; m * k];
+        let mut bias = vec![0.0f32; n];
+        bias[1] = bad;
+        let e = gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &GemmOptions::default()).unwrap_err();
+        assert_eq!(e.status(), Status::NonFinite);
+        assert!(e.message().contains("bias[1]"), "{e}");
+        assert!(y.iter().all(|&v| v == 7.0));
+    }
+}
+
+#[test]
+fn argument_errors() {
+    let pw = PackedWeights::from_f32(&[1.0; 12], 3, 4, WeightLayout::NK, PackOptions::default()).unwrap();
+    let a = [1.0f32; 8];
+    let mut y = [0.0f32; 6];
+    let d = GemmOptions::default();
+    let st = |r: dynq::Result<()>| r.unwrap_err().status();
+    assert_eq!(st(gemm(&pw, &a, 2, 3, None, &mut y, 3, &d)), Status::InvalidArgument); // lda < k
+    assert_eq!(st(gemm(&pw, &a, 2, 4, None, &mut y, 2, &d)), Status::InvalidArgument); // ldy < n
+    assert_eq!(st(gemm(&pw, &a, 3, 4, None, &mut y, 3, &d)), Status::InvalidArgument); // a too short
+    assert_eq!(st(gemm(&pw, &a, 2, 4, Some(&[1.0]), &mut y, 3, &d)), Status::InvalidArgument); // bias length
+    assert_eq!(st(gemm(&pw, &a, usize::MAX, 4, None, &mut y, 3, &d)), Status::SizeOverflow);
+    let many = GemmOptions { num_threads: 100_000, ..d };
+    assert_eq!(st(gemm(&pw, &a, 2, 4, None, &mut y, 3, &many)), Status::InvalidArgument);
+    gemm(&pw, &[], 0, 4, None, &mut [], 3, &d).unwrap(); // empty batch
+}
+
+#[test]
+fn concurrent_calls_on_one_handle() {
+    let mut rng = Rng(16);
+    let (m, n, k) = (16, 48, 96);
+    let a = random(&mut rng, m * k, 1.0);
+    let w = random(&mut rng, n * k, 1.0);
+    let pw = std::sync::Arc::new(PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions::default()).unwrap());
+    let want = run(&pw, &a, m, None, &opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1));
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            let (pw, a, want) = (pw.clone(), a.clone(), want.clone());
+            std::thread::spawn(move || {
+                for r in 0..50 {
+                    let y = run(&pw, &a, m, None, &opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1 + (t + r) % 3));
+                    assert!(y.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}

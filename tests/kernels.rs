@@ -1,0 +1,137 @@
+//! The integer part of every kernel of every ISA this CPU has equals the plain reference
+//! exactly: micro-kernels called directly on guard-page buffers, and the whole integer GEMM
+//! over shapes around every tile edge, zero points {0, 1, 127, 128, 255} and extreme values.
+
+mod common;
+
+use common::{isas_under_test, GuardBuf, Rng};
+use dynq::{gemm_i32, kernels::kernel_for, reference, PackOptions, PackedWeights, WeightLayout, MAX_K};
+
+fn pack_q(q: &[i8], n: usize, k: usize, isa: dynq::Isa) -> PackedWeights {
+    PackedWeights::from_quantized(q, n, k, WeightLayout::NK, &[1.0], PackOptions { isa: Some(isa), ..Default::default() })
+        .unwrap()
+}
+
+#[test]
+fn micro_kernels_exact_on_guard_pages() {
+    let mut rng = Rng(1);
+    for isa in isas_under_test() {
+        let kern = kernel_for(isa).unwrap();
+        let (mr, nr, kr) = (kern.mr, kern.nr, kern.kr);
+        for groups in [1, 2, 3, 7, 16, 33, 200] {
+            let kp = groups * kr;
+            for stride_pad in [0, 1, kr] {
+                let stride = kp + stride_pad;
+                let mut a = GuardBuf::<u8>::new((mr - 1) * stride + kp, 0);
+                a.as_mut_slice().iter_mut().for_each(|v| *v = rng.u8());
+                let mut b = GuardBuf::<i8>::new(kp * nr, 0);
+                b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8());
+                let mut c = GuardBuf::<i32>::new(mr * nr, 0x5555_5555);
+                // SAFETY: buffers of exactly the sizes the contract requires; ISA resolved.
+                unsafe { (kern.ukernel)(kp, a.as_ptr(), stride, b.as_ptr(), c.as_mut_ptr()) };
+                // Unpack the panel to canonical [NR][kp] and compare with the reference.
+                let mut qw = vec![0i8; nr * kp];
+                (kern.unpack)(b.as_slice(), nr, kp, &mut qw);
+                let rows: Vec<u8> = (0..mr).flat_map(|i| a.as_slice()[i * stride..i * stride + kp].to_vec()).collect();
+                let want = reference::gemm_i64(&rows, mr, kp, kp, &vec![0; mr], &qw, nr);
+                let got: Vec<i64> = c.as_slice().iter().map(|&v| v as i64).collect();
+                assert_eq!(got, want, "{} kp={kp} stride={stride}", kern.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn integer_gemm_exact_around_tile_edges() {
+    let mut rng = Rng(2);
+    let mut cases = 0;
+    for isa in isas_under_test() {
+        let kern = kernel_for(isa).unwrap();
+        let ms: Vec<usize> = (1..=kern.mr + 1).chain([2 * kern.mr + 3, 67]).collect();
+        let ns: Vec<usize> = (1..=2 * kern.nr + 1).chain([127]).collect();
+        let ks: Vec<usize> = (1..=2 * kern.kr + 1).chain([61, 256, 257]).collect();
+        for &m in &ms {
+            for &n in &ns {
+                for &k in &ks {
+                    let lda = k + rng.below(3);
+                    let ldo = n + rng.below(3);
+                    let qa: Vec<u8> = (0..(m - 1) * lda + k).map(|_| rng.u8()).collect();
+                    let za: Vec<i32> = (0..m).map(|i| [0, 1, 127, 128, 255][(i + n + k) % 5]).collect();
+                    let qw: Vec<i8> = (0..n * k).map(|_| rng.i8()).collect();
+                    let w = pack_q(&qw, n, k, isa);
+                    let mut out = vec![i32::MIN; (m - 1) * ldo + n];
+                    gemm_i32(&w, &qa, m, lda, &za, &mut out, ldo, 1).unwrap();
+                    let want = reference::gemm_i64(&qa, m, k, lda, &za, &qw, n);
+                    for i in 0..m {
+                        for j in 0..n {
+                            assert_eq!(out[i * ldo + j] as i64, want[i * n + j], "{isa} m={m} n={n} k={k} ({i},{j})");
+                        }
+                        for j in n..ldo.min(out.len() - i * ldo) {
+                            assert_eq!(out[i * ldo + j], i32::MIN, "stride padding written");
+                        }
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert!(cases > 1000, "only {cases} cases ran");
+}
+
+#[test]
+fn integer_gemm_exact_at_the_extremes() {
+    // The largest magnitudes the int32 accumulators must hold exactly: K = MAX_K with every
+    // product at its extreme, in both signs.
+    for isa in isas_under_test() {
+        let kern = kernel_for(isa).unwrap();
+        let (n, k) = (kern.nr + 1, MAX_K);
+        for (a_val, za, w_val) in [(255u8, 0, -128i8), (0, 255, -128), (255, 0, 127), (0, 255, 127), (255, 128, -128), (1, 1, 127)] {
+            let qa = vec![a_val; 2 * k];
+            let qw = vec![w_val; n * k];
+            let w = pack_q(&qw, n, k, isa);
+            let mut out = vec![0i32; 2 * n];
+            gemm_i32(&w, &qa, 2, k, &[za, za], &mut out, n, 2).unwrap();
+            let want = (a_val as i64 - za as i64) * w_val as i64 * k as i64;
+            assert!(out.iter().all(|&v| v as i64 == want), "{isa} a={a_val} za={za} w={w_val}: {} != {want}", out[0]);
+        }
+    }
+}
+
+#[test]
+fn integer_gemm_long_k_random() {
+    let mut rng = Rng(3);
+    for isa in isas_under_test() {
+        for &(m, n, k) in &[(5, 33, 4099), (1, 64, 16384), (9, 17, 65536)] {
+            let qa: Vec<u8> = (0..m * k).map(|_| rng.u8()).collect();
+            let qw: Vec<i8> = (0..n * k).map(|_| rng.i8()).collect();
+            let za: Vec<i32> = (0..m).map(|i| (i * 37 % 256) as i32).collect();
+            let w = pack_q(&qw, n, k, isa);
+            let mut out = vec![0i32; m * n];
+            gemm_i32(&w, &qa, m, k, &za, &mut out, n, 0).unwrap();
+            let want = reference::gemm_i64(&qa, m, k, k, &za, &qw, n);
+            assert!(out.iter().zip(&want).all(|(a, b)| *a as i64 == *b), "{isa} {m}x{n}x{k}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "exhaustive sweep; run with --ignored before releases"]
+fn integer_gemm_exhaustive_sweep() {
+    let mut rng = Rng(4);
+    for isa in isas_under_test() {
+        for m in 1..=20 {
+            for n in 1..=70 {
+                for k in 1..=70 {
+                    let qa: Vec<u8> = (0..m * k).map(|_| rng.u8()).collect();
+                    let qw: Vec<i8> = (0..n * k).map(|_| rng.i8()).collect();
+                    let za: Vec<i32> = (0..m).map(|_| rng.u8() as i32).collect();
+                    let w = pack_q(&qw, n, k, isa);
+                    let mut out = vec![0i32; m * n];
+                    gemm_i32(&w, &qa, m, k, &za, &mut out, n, 1).unwrap();
+                    let want = reference::gemm_i64(&qa, m, k, k, &za, &qw, n);
+                    assert!(out.iter().zip(&want).all(|(a, b)| *a as i64 == *b), "{isa} {m}x{n}x{k}");
+                }
+            }
+        }
+    }
+}
