@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test of dynq, after installing what the tests need (scripts/setup.sh).
+#
+# DYNQ_REQUIRE_ISA=avx512_vnni,avx2 (or "all") turns the skip of an ISA this CPU lacks into a
+# failure; .ci/run sets it from /proc/cpuinfo so CI proves each kernel path really ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "format (cargo fmt --check)"
+cargo fmt --check
+
+step "lint (cargo clippy -D warnings)"
+cargo clippy --all-targets --quiet -- -D warnings
+
+step "Rust unit, integration and header tests (cargo test)"
+cargo test --all-targets
+
+step "doc tests"
+cargo test --doc --quiet
+
+step "ONNX node-test vectors match the installed onnx package"
+python3 tools/gen_onnx_vectors.py --check
+
+step "C ABI test program (C99 and C++)"
+tests/c/run.sh
+
+step "CLI smoke test"
+cargo run --release --quiet --bin dynq -- info
+cargo run --release --quiet --bin dynq -- bench --shapes 3x40x50,1x64x4096 --min-time 0
+
+step "all tests passed"

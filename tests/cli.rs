@@ -1,0 +1,48 @@
+//! The `dynq` command line: info, bench, and how it reports a bad DYNQ_ISA / DYNQ_NUM_THREADS.
+
+use std::process::Command;
+
+fn dynq(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dynq"));
+    c.args(args).env_remove("DYNQ_ISA").env_remove("DYNQ_NUM_THREADS");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("run dynq");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn info_lists_isa_and_kernels() {
+    let (ok, out) = dynq(&["info"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("selected ISA: "), "{out}");
+    assert!(out.contains("gemm_u8s8_i32_"), "{out}");
+    let (ok, out) = dynq(&["info"], &[("DYNQ_ISA", "scalar")]);
+    assert!(ok && out.contains("selected ISA: scalar (forced by DYNQ_ISA)"), "{out}");
+}
+
+#[test]
+fn bench_prints_a_table() {
+    let (ok, out) = dynq(&["bench", "--shapes", "3x20x30", "--min-time", "0", "--threads", "2"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("3x20x30") && out.contains("speedup"), "{out}");
+}
+
+#[test]
+fn bad_environment_is_reported_not_crashed() {
+    #[cfg(target_arch = "x86_64")]
+    let foreign = "neon_i8mm";
+    #[cfg(not(target_arch = "x86_64"))]
+    let foreign = "avx512_vnni";
+    let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--min-time", "0"], &[("DYNQ_ISA", foreign)]);
+    assert!(!ok);
+    assert!(out.contains(foreign) && out.contains("does not support"), "{out}");
+    let (ok, out) = dynq(&["bench", "--shapes", "2x8x8"], &[("DYNQ_ISA", "sse9")]);
+    assert!(!ok && out.contains("names no ISA"), "{out}");
+    let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--threads", "0"], &[("DYNQ_NUM_THREADS", "lots")]);
+    assert!(!ok && out.contains("DYNQ_NUM_THREADS"), "{out}");
+    let (ok, out) = dynq(&["frobnicate"], &[]);
+    assert!(!ok && out.contains("unknown command"), "{out}");
+}
