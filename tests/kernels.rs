@@ -20,22 +20,26 @@ fn micro_kernels_exact_on_guard_pages() {
         let (mr, nr, kr) = (kern.mr, kern.nr, kern.kr);
         for groups in [1, 2, 3, 7, 16, 33, 200] {
             let kp = groups * kr;
-            for stride_pad in [0, 1, kr] {
-                let stride = kp + stride_pad;
-                let mut a = GuardBuf::<u8>::new((mr - 1) * stride + kp, 0);
-                a.as_mut_slice().iter_mut().for_each(|v| *v = rng.u8());
-                let mut b = GuardBuf::<i8>::new(kp * nr, 0);
-                b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8());
-                let mut c = GuardBuf::<i32>::new(mr * nr, 0x5555_5555);
-                // SAFETY: buffers of exactly the sizes the contract requires; ISA resolved.
-                unsafe { (kern.ukernel)(kp, a.as_ptr(), stride, b.as_ptr(), c.as_mut_ptr()) };
-                // Unpack the panel to canonical [NR][kp] and compare with the reference.
-                let mut qw = vec![0i8; nr * kp];
-                (kern.unpack)(b.as_slice(), nr, kp, &mut qw);
-                let rows: Vec<u8> = (0..mr).flat_map(|i| a.as_slice()[i * stride..i * stride + kp].to_vec()).collect();
-                let want = reference::gemm_i64(&rows, mr, kp, kp, &vec![0; mr], &qw, nr);
-                let got: Vec<i64> = c.as_slice().iter().map(|&v| v as i64).collect();
-                assert_eq!(got, want, "{} kp={kp} stride={stride}", kern.name);
+            for mr_eff in 1..=mr {
+                for stride_pad in [0, 1, kr] {
+                    let stride = kp + stride_pad;
+                    let mut a = GuardBuf::<u8>::new((mr_eff - 1) * stride + kp, 0);
+                    a.as_mut_slice().iter_mut().for_each(|v| *v = rng.u8());
+                    let mut b = GuardBuf::<i8>::new(kp * nr, 0);
+                    b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8());
+                    let mut c = GuardBuf::<i32>::new(mr * nr, 0x5555_5555);
+                    // SAFETY: buffers of exactly the sizes the contract requires; ISA resolved.
+                    unsafe { (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), c.as_mut_ptr()) };
+                    // Unpack the panel to canonical [NR][kp] and compare with the reference.
+                    let mut qw = vec![0i8; nr * kp];
+                    (kern.unpack)(b.as_slice(), nr, kp, &mut qw);
+                    let rows: Vec<u8> =
+                        (0..mr_eff).flat_map(|i| a.as_slice()[i * stride..i * stride + kp].to_vec()).collect();
+                    let want = reference::gemm_i64(&rows, mr_eff, kp, kp, &vec![0; mr_eff], &qw, nr);
+                    let got: Vec<i64> = c.as_slice()[..mr_eff * nr].iter().map(|&v| v as i64).collect();
+                    assert_eq!(got, want, "{} kp={kp} rows={mr_eff} stride={stride}", kern.name);
+                    assert!(c.as_slice()[mr_eff * nr..].iter().all(|&v| v == 0x5555_5555), "rows past mr written");
+                }
             }
         }
     }

@@ -33,7 +33,8 @@
 
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
 use crate::pack::PackedWeights;
-use crate::quant::activations::{quantize_activations, ActGranularity, ActType};
+use crate::kernels::DequantRow;
+use crate::quant::activations::{quantize_activations_with, ActGranularity, ActType};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -91,11 +92,37 @@ impl Default for GemmOptions {
     }
 }
 
-/// The f32 epilogue for one element, in the fixed order documented at the top of the module.
+/// The f32 epilogue for one element, in the fixed order documented at the top of the module
+/// (bias and ReLU are applied by [`dequantize_row`]).
 #[inline(always)]
 pub fn dequantize(acc: i32, za: i32, colsum: i32, sa: f32, sw: f32) -> f32 {
     let c = acc.wrapping_sub(za.wrapping_mul(colsum));
     (c as f32) * (sa * sw)
+}
+
+/// ReLU as dynq defines it: `t` if `t > 0`, else `+0.0` (so `-0.0` and NaN give `+0.0`; this
+/// is also what `maxps(t, 0)` computes, which the SIMD epilogues use).
+#[inline(always)]
+pub fn relu(t: f32) -> f32 {
+    if t > 0.0 {
+        t
+    } else {
+        0.0
+    }
+}
+
+/// Definition of `RowOps::dequantize_row`: the epilogue of one output row segment.
+pub fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
+    for (j, (o, &c)) in out.iter_mut().zip(acc).enumerate() {
+        let mut t = dequantize(c, row.za, row.col_sums[j], row.sa, row.scales[j]);
+        if let Some(b) = row.bias {
+            t += b[j];
+        }
+        if row.relu {
+            t = relu(t);
+        }
+        *o = t;
+    }
 }
 
 /// Required length of a matrix buffer of `rows` rows of `cols` values at stride `ld`.
@@ -183,20 +210,31 @@ impl<T> SharedOut<T> {
         // SAFETY: in bounds (checked above); exclusivity promised by the caller.
         unsafe { self.ptr.add(i).write(v) }
     }
+
+    /// # Safety
+    /// No other task accesses `start..start + len` while the returned slice lives.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start <= self.len && len <= self.len - start);
+        // SAFETY: in bounds (checked above); exclusivity promised by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
 }
 
 /// Runs the micro-kernel over every (row tile, column panel) of the output and hands each
-/// `MR x NR` accumulator tile to `sink(first_row, first_col, tile)`. Tiles are visited exactly
-/// once, possibly from several threads.
+/// accumulator tile to `sink(first_row, rows, first_col, tile)` (`tile` is `MR x NR`
+/// row-major, its first `rows` rows valid). Tiles are visited exactly once, possibly from
+/// several threads.
 fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], kp: usize, m: usize, threads: usize, sink: F) -> Result<()>
 where
-    F: Fn(usize, usize, &[i32]) + Sync,
+    F: Fn(usize, usize, usize, &[i32]) + Sync,
 {
     let kern = w.kernel();
     let (mr, nr) = (kern.mr, kern.nr);
     let m_tiles = m.div_ceil(mr);
     let n_panels = w.n().div_ceil(nr);
-    debug_assert!(qa.len() >= m_tiles * mr * kp);
+    debug_assert!(qa.len() >= m * kp);
     debug_assert_eq!(w.packed_data().len(), n_panels * nr * kp);
     // Blocks: a block of panels stays in cache while all row tiles of a block stream by.
     let mc = 16.min(m_tiles).max(1);
@@ -209,12 +247,13 @@ where
         for p in nb * nc..((nb + 1) * nc).min(n_panels) {
             let panel = &w.packed_data()[p * nr * kp..(p + 1) * nr * kp];
             for t in mb * mc..((mb + 1) * mc).min(m_tiles) {
-                let rows = &qa[t * mr * kp..(t + 1) * mr * kp];
-                // SAFETY: `rows` holds MR rows of kp bytes at stride kp, `panel` holds kp * NR
-                // bytes, `tile` MR * NR i32, kp is a multiple of KR (padded_k), and the CPU
-                // supports the kernel's ISA (checked when `w` was packed).
-                unsafe { (kern.ukernel)(kp, rows.as_ptr(), kp, panel.as_ptr(), tile.as_mut_ptr()) };
-                sink(t * mr, p * nr, &tile);
+                let rows = (m - t * mr).min(mr);
+                let a = &qa[t * mr * kp..(t * mr + rows) * kp];
+                // SAFETY: `a` holds `rows <= MR` rows of kp bytes at stride kp, `panel` holds
+                // kp * NR bytes, `tile` MR * NR i32, kp is a multiple of KR (padded_k), and the
+                // CPU supports the kernel's ISA (checked when `w` was packed).
+                unsafe { (kern.ukernel)(rows, kp, a.as_ptr(), kp, panel.as_ptr(), tile.as_mut_ptr()) };
+                sink(t * mr, rows, p * nr, &tile);
             }
         }
     };
@@ -260,25 +299,29 @@ pub fn gemm(
     }
     let kern = w.kernel();
     let kp = kern.padded_k(k);
-    let qa = quantize_activations(a, m, k, lda, opts.act_granularity, opts.act_type, kp, m.div_ceil(kern.mr) * kern.mr)?;
+    let qa = quantize_activations_with(kern.ops, a, m, k, lda, opts.act_granularity, opts.act_type, kp, m)?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
     let relu = opts.epilogue == Epilogue::Relu;
     let out = SharedOut::new(y);
-    for_each_tile(w, &qa.data, kp, m, threads, |i0, j0, tile| {
+    for_each_tile(w, &qa.data, kp, m, threads, |i0, rows, j0, tile| {
         let nr = kern.nr;
-        for i in i0..(i0 + kern.mr).min(m) {
-            let (sa, za) = (qa.scales[i], qa.zero_points[i]);
-            for j in j0..(j0 + nr).min(n) {
-                let mut t = dequantize(tile[(i - i0) * nr + (j - j0)], za, col_sums[j], sa, scales[j]);
-                if let Some(b) = bias {
-                    t += b[j];
-                }
-                if relu {
-                    t = t.max(0.0);
-                }
-                // SAFETY: (i, j) belongs to this tile only; tiles are disjoint.
-                unsafe { out.write(i * ldy + j, t) };
-            }
+        let cols = (n - j0).min(nr);
+        for r in 0..rows {
+            let i = i0 + r;
+            let row = DequantRow {
+                za: qa.zero_points[i],
+                sa: qa.scales[i],
+                col_sums: &col_sums[j0..j0 + cols],
+                scales: &scales[j0..j0 + cols],
+                bias: bias.map(|b| &b[j0..j0 + cols]),
+                relu,
+            };
+            // SAFETY: the elements (i, j0..j0+cols) belong to this tile only; tiles are
+            // disjoint, and `y` outlives the call.
+            let dst = unsafe { out.slice(i * ldy + j0, cols) };
+            // SAFETY: the ops belong to the kernel the weights were packed for, whose ISA the
+            // CPU supports.
+            unsafe { (kern.ops.dequantize_row)(&row, &tile[r * nr..r * nr + cols], dst) };
         }
     })
 }
@@ -313,15 +356,14 @@ pub fn gemm_i32(
     }
     let kern = w.kernel();
     let kp = kern.padded_k(k);
-    let rows_padded = m.div_ceil(kern.mr) * kern.mr;
-    let mut buf = try_zeroed_vec::<u8>(checked_mul(rows_padded, kp, "activation buffer")?, "activation buffer")?;
+    let mut buf = try_zeroed_vec::<u8>(checked_mul(m, kp, "activation buffer")?, "activation buffer")?;
     for i in 0..m {
         buf[i * kp..i * kp + k].copy_from_slice(&qa[i * lda..i * lda + k]);
     }
     let col_sums = w.col_sums();
     let shared = SharedOut::new(out);
-    for_each_tile(w, &buf, kp, m, threads, |i0, j0, tile| {
-        for i in i0..(i0 + kern.mr).min(m) {
+    for_each_tile(w, &buf, kp, m, threads, |i0, rows, j0, tile| {
+        for i in i0..i0 + rows {
             for j in j0..(j0 + kern.nr).min(n) {
                 let v = tile[(i - i0) * kern.nr + (j - j0)].wrapping_sub(za[i].wrapping_mul(col_sums[j]));
                 // SAFETY: (i, j) belongs to this tile only; tiles are disjoint.

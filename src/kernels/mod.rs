@@ -9,20 +9,56 @@
 //! `__isa` = the instruction set.
 
 use crate::isa::Isa;
+use crate::quant::ActType;
 
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512_vnni;
 
-/// A micro-kernel: `C[MR][NR] = sum_{k < kp} A[i][k] * B[k][j]` in wrapping `i32` arithmetic.
+/// A micro-kernel: `C[i][j] = sum_{k < kp} A[i][k] * B[k][j]` for `i < mr`, `j < NR`, in
+/// wrapping `i32` arithmetic.
 ///
 /// # Safety
 /// - The CPU supports the kernel's ISA (guaranteed by [`crate::isa::resolve`] before any
 ///   packed weights exist for it).
-/// - `a` points to `MR` rows of `kp` readable bytes, row `i` at `a + i * a_stride`.
+/// - `1 <= mr <= MR`.
+/// - `a` points to `mr` rows of `kp` readable bytes, row `i` at `a + i * a_stride`.
 /// - `b` points to one packed panel: `kp * NR` readable bytes in the kernel's layout.
-/// - `c` points to `MR * NR` writable `i32`, written row-major (overwritten, not accumulated).
+/// - `c` points to `MR * NR` writable `i32`; rows `i < mr` are written row-major (overwritten,
+///   not accumulated), the others are left as they were.
 /// - `kp` is a multiple of `KR`.
 pub type MicroKernel =
-    unsafe fn(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32);
+    unsafe fn(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32);
+
+/// The O(M*K) and O(M*N) work around the micro-kernel, vectorized per ISA. Each function
+/// computes exactly what its scalar definition computes (same operations, same order), so
+/// every ISA produces the same bits.
+///
+/// # Safety (all three)
+/// The CPU supports the ISA of the kernel-table entry that holds them.
+#[derive(Debug)]
+pub struct RowOps {
+    /// `(min(0, min x), max(0, max x))` of a row, or `None` if it holds a NaN or infinity.
+    /// Definition: [`crate::quant::activations::row_stats`].
+    pub row_stats: unsafe fn(x: &[f32]) -> Option<(f32, f32)>,
+    /// Quantizes a row with `scale` (`> 0`) and zero point. `out.len() == x.len()`.
+    /// Definition: [`crate::quant::activations::quantize_row`].
+    pub quantize_row: unsafe fn(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]),
+    /// The f32 epilogue of one output row. Definition: [`crate::gemm::dequantize_row`].
+    pub dequantize_row: unsafe fn(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]),
+}
+
+/// The per-row and per-column inputs of the epilogue for one output row segment: all column
+/// slices have the length of the segment.
+#[derive(Debug)]
+pub struct DequantRow<'a> {
+    pub za: i32,
+    pub sa: f32,
+    pub col_sums: &'a [i32],
+    pub scales: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub relu: bool,
+}
 
 /// Packs canonical `[N][K]` row-major int8 weights into this kernel's layout.
 /// `out` has exactly `packed_len(n, k)` bytes.
@@ -48,6 +84,7 @@ pub struct Kernel {
     pub ukernel: MicroKernel,
     pub pack: PackFn,
     pub unpack: UnpackFn,
+    pub ops: &'static RowOps,
 }
 
 impl Kernel {
@@ -67,7 +104,11 @@ impl Kernel {
 
 /// All kernels compiled into this build. Tests and benchmarks iterate over this table, so a
 /// new entry is tested and benchmarked without anyone having to remember it.
-pub static KERNELS: &[Kernel] = &[scalar::KERNEL];
+pub static KERNELS: &[Kernel] = &[
+    scalar::KERNEL,
+    #[cfg(target_arch = "x86_64")]
+    avx512_vnni::KERNEL,
+];
 
 /// The table entry for an ISA, if this build has one.
 pub fn kernel_for(isa: Isa) -> Option<&'static Kernel> {

@@ -31,6 +31,7 @@
 
 use super::{round_i32, TINY_SCALE};
 use crate::error::{Error, Result};
+use crate::kernels::RowOps;
 
 /// Over what the activation range is taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,22 +130,27 @@ pub fn quantize_value(x: f32, p: QParams, ty: ActType) -> u8 {
     }
 }
 
-/// Min, max and max-magnitude of a row, or the column of its first non-finite value.
-fn row_stats(row: &[f32]) -> std::result::Result<(f32, f32), usize> {
+/// Definition of `RowOps::quantize_row`: every element through [`quantize_value`].
+pub fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    let p = QParams { scale, zero_point };
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = quantize_value(v, p, ty);
+    }
+}
+
+/// Definition of `RowOps::row_stats`: `(min(0, min x), max(0, max x))`, or `None` when the
+/// row holds a NaN or an infinity.
+pub fn row_stats(row: &[f32]) -> Option<(f32, f32)> {
     let mut lo = 0.0f32;
     let mut hi = 0.0f32;
     let mut bad = false;
     for &x in row {
-        // `!(x - x == 0)` is true exactly for NaN and +-inf; kept branch-free so it vectorizes.
+        // `x - x` is 0 for every finite x and NaN for NaN and +-inf.
         bad |= (x - x) != 0.0;
         lo = lo.min(x);
         hi = hi.max(x);
     }
-    if bad {
-        Err(row.iter().position(|x| !x.is_finite()).unwrap_or(0))
-    } else {
-        Ok((lo, hi))
-    }
+    (!bad).then_some((lo, hi))
 }
 
 fn params_for(lo: f32, hi: f32, ty: ActType) -> QParams {
@@ -168,11 +174,8 @@ pub struct QuantizedActivations {
     pub zero_points: Vec<i32>,
 }
 
-/// Quantizes `m` rows of `k` values, row `i` starting at `a[i * lda]`.
-///
-/// `kp >= k` is the padded row length of the output and `rows_padded >= m` its row count.
-/// Errors: [`Error::NonFinite`] naming the first non-finite element (in row order), or
-/// [`Error::OutOfMemory`].
+/// Quantizes `m` rows of `k` values, row `i` starting at `a[i * lda]`, with the scalar
+/// definitions. See [`quantize_activations_with`].
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_activations(
     a: &[f32],
@@ -184,18 +187,42 @@ pub fn quantize_activations(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
-    debug_assert!(kp >= k && rows_padded >= m && lda >= k);
-    debug_assert!(m == 0 || a.len() >= (m - 1) * lda + k);
+    quantize_activations_with(&crate::kernels::scalar::OPS, a, m, k, lda, granularity, ty, kp, rows_padded)
+}
+
+/// Quantizes `m` rows of `k` values, row `i` starting at `a[i * lda]`, with the row
+/// operations of one kernel-table entry (all entries give identical results).
+///
+/// `kp >= k` is the padded row length of the output and `rows_padded >= m` its row count.
+/// Errors: [`Error::NonFinite`] naming the first non-finite element (in row order), or
+/// [`Error::OutOfMemory`].
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_activations_with(
+    ops: &RowOps,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    lda: usize,
+    granularity: ActGranularity,
+    ty: ActType,
+    kp: usize,
+    rows_padded: usize,
+) -> Result<QuantizedActivations> {
+    assert!(kp >= k && rows_padded >= m && lda >= k);
+    assert!(m == 0 || a.len() >= (m - 1) * lda + k);
     let row = |i: usize| &a[i * lda..i * lda + k];
     let mut stats = Vec::with_capacity(m);
     for i in 0..m {
-        match row_stats(row(i)) {
-            Ok(s) => stats.push(s),
-            Err(col) => {
+        // SAFETY: `ops` comes from a kernel-table entry whose ISA was resolved for this CPU
+        // (packed weights exist only for such entries) or is the scalar table.
+        match unsafe { (ops.row_stats)(row(i)) } {
+            Some(s) => stats.push(s),
+            None => {
+                let col = row(i).iter().position(|x| !x.is_finite()).unwrap_or(0);
                 return Err(Error::NonFinite(format!(
                     "activation A[{i}][{col}] is {}; activations must be finite",
                     row(i)[col]
-                )))
+                )));
             }
         }
     }
@@ -213,8 +240,11 @@ pub fn quantize_activations(
     for i in 0..m {
         let p = params[i];
         let out = &mut data[i * kp..i * kp + k];
-        for (o, &x) in out.iter_mut().zip(row(i)) {
-            *o = quantize_value(x, p, ty);
+        if p.scale == 0.0 {
+            out.fill(p.zero_point as u8);
+        } else {
+            // SAFETY: as above.
+            unsafe { (ops.quantize_row)(row(i), p.scale, p.zero_point, ty, out) };
         }
     }
     Ok(QuantizedActivations {

@@ -1,0 +1,208 @@
+//! AVX-512 VNNI: `vpdpbusd` on zmm (16 lanes x 4 u8*s8 products per instruction).
+//!
+//! Micro-kernel `gemm_u8s8_i32_8x32c4__avx512vnni`: 8 rows of A x 32 columns of W, K in groups
+//! of 4. Per K group it loads two zmm of weights (32 columns x 4 bytes, the panel layout of
+//! `pack_panels::<32, 4>`) and broadcasts 4 bytes of each A row, then issues 16 `vpdpbusd`
+//! into 16 independent accumulators: enough to cover the instruction's latency at two per
+//! cycle, with 10 loads per 16 dot products (two load ports). Fewer rows (M tails, M = 1..7
+//! decoding) use the same body instantiated for that row count; with few rows the K loop
+//! keeps two accumulator sets (even and odd groups) to break the dependency chains.
+//!
+//! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
+
+use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps};
+use crate::isa::Isa;
+use crate::quant::ActType;
+use std::arch::x86_64::*;
+
+const MR: usize = 8;
+const NR: usize = 32;
+const KR: usize = 4;
+
+/// The AVX-512 VNNI table entry.
+pub const KERNEL: Kernel = Kernel {
+    isa: Isa::Avx512Vnni,
+    name: "gemm_u8s8_i32_8x32c4__avx512vnni",
+    mr: MR,
+    nr: NR,
+    kr: KR,
+    layout_version: 1,
+    ukernel: gemm_u8s8_i32_8x32c4__avx512vnni,
+    pack: pack_panels::<NR, KR>,
+    unpack: unpack_panels::<NR, KR>,
+    ops: &OPS,
+};
+
+/// AVX-512 row operations.
+pub static OPS: RowOps = RowOps { row_stats, quantize_row, dequantize_row };
+
+/// # Safety
+/// The contract of [`super::MicroKernel`]; the CPU has AVX-512 F/BW/VL and VNNI.
+#[allow(non_snake_case)]
+unsafe fn gemm_u8s8_i32_8x32c4__avx512vnni(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    c: *mut i32,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match mr {
+            1 => rows::<1, true>(kp, a, a_stride, b, c),
+            2 => rows::<2, true>(kp, a, a_stride, b, c),
+            3 => rows::<3, true>(kp, a, a_stride, b, c),
+            4 => rows::<4, false>(kp, a, a_stride, b, c),
+            5 => rows::<5, false>(kp, a, a_stride, b, c),
+            6 => rows::<6, false>(kp, a, a_stride, b, c),
+            7 => rows::<7, false>(kp, a, a_stride, b, c),
+            _ => rows::<8, false>(kp, a, a_stride, b, c),
+        }
+    }
+}
+
+/// `R` rows; `SPLIT`: keep separate accumulators for even and odd K groups.
+///
+/// # Safety
+/// As [`gemm_u8s8_i32_8x32c4__avx512vnni`] with `mr == R`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows<const R: usize, const SPLIT: bool>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+    let groups = kp / KR;
+    let mut acc0 = [[_mm512_setzero_si512(); 2]; R];
+    let mut acc1 = [[_mm512_setzero_si512(); 2]; R];
+    // SAFETY (whole body): every load reads inside the `kp` bytes of an A row or the
+    // `kp * NR` bytes of the panel; stores write the first R rows of the MR x NR tile.
+    unsafe {
+        let bcast = |i: usize, g: usize| _mm512_set1_epi32((a.add(i * a_stride + g * KR) as *const i32).read_unaligned());
+        let panel = |g: usize| {
+            let p = b.add(g * NR * KR) as *const __m512i;
+            (_mm512_loadu_si512(p), _mm512_loadu_si512(p.add(1)))
+        };
+        let mut g = 0;
+        if SPLIT {
+            while g + 2 <= groups {
+                let (b0, b1) = panel(g);
+                let (b2, b3) = panel(g + 1);
+                for i in 0..R {
+                    let av = bcast(i, g);
+                    acc0[i][0] = _mm512_dpbusd_epi32(acc0[i][0], av, b0);
+                    acc0[i][1] = _mm512_dpbusd_epi32(acc0[i][1], av, b1);
+                    let av = bcast(i, g + 1);
+                    acc1[i][0] = _mm512_dpbusd_epi32(acc1[i][0], av, b2);
+                    acc1[i][1] = _mm512_dpbusd_epi32(acc1[i][1], av, b3);
+                }
+                g += 2;
+            }
+        }
+        while g < groups {
+            let (b0, b1) = panel(g);
+            for i in 0..R {
+                let av = bcast(i, g);
+                acc0[i][0] = _mm512_dpbusd_epi32(acc0[i][0], av, b0);
+                acc0[i][1] = _mm512_dpbusd_epi32(acc0[i][1], av, b1);
+            }
+            g += 1;
+        }
+        for i in 0..R {
+            let (mut x0, mut x1) = (acc0[i][0], acc0[i][1]);
+            if SPLIT {
+                x0 = _mm512_add_epi32(x0, acc1[i][0]);
+                x1 = _mm512_add_epi32(x1, acc1[i][1]);
+            }
+            let dst = c.add(i * NR) as *mut __m512i;
+            _mm512_storeu_si512(dst, x0);
+            _mm512_storeu_si512(dst.add(1), x1);
+        }
+    }
+}
+
+/// Mask of the first `n` (< 16) lanes, or all 16.
+#[inline(always)]
+fn lane_mask(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
+    let mut lo = _mm512_setzero_ps();
+    let mut hi = _mm512_setzero_ps();
+    let mut bad: __mmask16 = 0;
+    let mut j = 0;
+    while j < x.len() {
+        let m = lane_mask(x.len() - j);
+        // SAFETY: masked lanes are not read (no fault) and read as 0, which is neutral here
+        // since the range is widened to include 0 anyway.
+        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
+        lo = _mm512_min_ps(lo, v);
+        hi = _mm512_max_ps(hi, v);
+        // x - x is NaN exactly for NaN and +-inf; NEQ_UQ is true for unordered.
+        bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_sub_ps(v, v), _mm512_setzero_ps());
+        j += 16;
+    }
+    (bad == 0).then(|| (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi)))
+}
+
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    assert_eq!(x.len(), out.len());
+    let sv = _mm512_set1_ps(scale);
+    let (lo, hi, add) = match ty {
+        ActType::AsymmetricU8 => (0, 255, zero_point),
+        ActType::SymmetricI8 => (-127, 127, 0),
+    };
+    let (lov, hiv, addv, bias) = (_mm512_set1_epi32(lo), _mm512_set1_epi32(hi), _mm512_set1_epi32(add), _mm512_set1_epi32(if ty == ActType::SymmetricI8 { 128 } else { 0 }));
+    let mut j = 0;
+    while j < x.len() {
+        let m = lane_mask(x.len() - j);
+        // SAFETY: masked loads and stores touch only the lanes inside both slices.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(j));
+            // round_half_even(x / scale), as quantize_value: explicit rounding, whatever MXCSR says.
+            let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(v, sv));
+            let q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, addv), lov), hiv), bias);
+            _mm_mask_storeu_epi8(out.as_mut_ptr().add(j) as *mut i8, m, _mm512_cvtepi32_epi8(q));
+        }
+        j += 16;
+    }
+}
+
+/// # Safety
+/// The CPU has AVX-512 F; all slices of `row` have `out.len()` elements and `acc` at least that.
+#[target_feature(enable = "avx512f")]
+unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
+    let n = out.len();
+    assert!(acc.len() >= n && row.col_sums.len() == n && row.scales.len() == n);
+    assert!(row.bias.is_none_or(|b| b.len() == n));
+    let (zav, sav) = (_mm512_set1_epi32(row.za), _mm512_set1_ps(row.sa));
+    let mut j = 0;
+    while j < n {
+        let m = lane_mask(n - j);
+        // SAFETY: masked loads and stores touch only lanes inside the slices (checked above).
+        unsafe {
+            let a = _mm512_maskz_loadu_epi32(m, acc.as_ptr().add(j));
+            let cs = _mm512_maskz_loadu_epi32(m, row.col_sums.as_ptr().add(j));
+            // Same operations and order as crate::gemm::dequantize_row.
+            let c = _mm512_sub_epi32(a, _mm512_mullo_epi32(zav, cs));
+            let s = _mm512_mul_ps(sav, _mm512_maskz_loadu_ps(m, row.scales.as_ptr().add(j)));
+            let mut t = _mm512_mul_ps(_mm512_cvtepi32_ps(c), s);
+            if let Some(b) = row.bias {
+                t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, b.as_ptr().add(j)));
+            }
+            if row.relu {
+                // maxps returns its second operand unless the first is greater: relu().
+                t = _mm512_max_ps(t, _mm512_setzero_ps());
+            }
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(j), m, t);
+        }
+        j += 16;
+    }
+}
