@@ -201,7 +201,7 @@ typedef struct {
   uint32_t num_threads;
 } dynq_gemm_config;
 
-// What `dynq_packed_weights_info` reports. Set `struct_size` before the call.
+// What `dynq_packed_weights_get_info` reports. Set `struct_size` before the call.
 typedef struct {
   // Must be `sizeof(dynq_packed_weights_info)`, set by the caller.
   uint32_t struct_size;
@@ -266,7 +266,7 @@ dynq_status dynq_active_isa(uint32_t *isa);
 const char *dynq_isa_name(uint32_t isa);
 
 // 1 if `isa` can be used on this CPU with this build (it has a kernel for it), else 0.
-// `DYNQ_ISA_AUTO` gives 1.
+// `DYNQ_ISA_AUTO` gives 1 unless the `DYNQ_ISA` environment variable is invalid.
 int32_t dynq_isa_available(uint32_t isa);
 
 // Fills `*config` with the defaults (per-channel weights, automatic ISA).
@@ -322,8 +322,8 @@ dynq_status dynq_pack_quantized_weights(const int8_t *q,
 //
 // # Safety
 // `packed` is a live handle; `info` points to a writable `dynq_packed_weights_info`.
-dynq_status dynq_packed_weights_info(const dynq_packed_weights *packed,
-                                     dynq_packed_weights_info *info);
+dynq_status dynq_packed_weights_get_info(const dynq_packed_weights *packed,
+                                         dynq_packed_weights_info *info);
 
 // Releases packed weights. NULL is a no-op. The handle must not be in use by another thread
 // and must not be used afterwards.

@@ -14,9 +14,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-if ! python3 -c "import onnx, numpy" >/dev/null 2>&1; then
+if ! python3 -c "import onnx, numpy; assert onnx.__version__ == '1.23.2'" >/dev/null 2>&1; then
   echo "setup: pip install onnx numpy"
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore onnx numpy
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "onnx==1.23.2" numpy
 fi
 
 if have rustup; then

@@ -137,14 +137,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 /// `a * b` or a [`Error::SizeOverflow`] naming what was computed.
 pub(crate) fn checked_mul(a: usize, b: usize, what: &str) -> Result<usize> {
-    a.checked_mul(b)
-        .ok_or_else(|| Error::SizeOverflow(format!("{what}: {a} * {b} overflows usize")))
+    a.checked_mul(b).ok_or_else(|| Error::SizeOverflow(format!("{what}: {a} * {b} overflows usize")))
 }
 
 /// `a + b` or a [`Error::SizeOverflow`] naming what was computed.
 pub(crate) fn checked_add(a: usize, b: usize, what: &str) -> Result<usize> {
-    a.checked_add(b)
-        .ok_or_else(|| Error::SizeOverflow(format!("{what}: {a} + {b} overflows usize")))
+    a.checked_add(b).ok_or_else(|| Error::SizeOverflow(format!("{what}: {a} + {b} overflows usize")))
 }
 
 /// A zero-filled `Vec` of `len` elements, or [`Error::OutOfMemory`] instead of aborting.
@@ -158,10 +156,7 @@ pub(crate) fn try_zeroed_vec<T: Copy + Default>(len: usize, what: &str) -> Resul
     }
     let mut v = Vec::new();
     v.try_reserve_exact(len).map_err(|_| {
-        Error::OutOfMemory(format!(
-            "{what}: could not allocate {} bytes",
-            len * std::mem::size_of::<T>()
-        ))
+        Error::OutOfMemory(format!("{what}: could not allocate {} bytes", len * std::mem::size_of::<T>()))
     })?;
     v.resize(len, T::default());
     Ok(v)

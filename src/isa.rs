@@ -30,15 +30,8 @@ pub enum Isa {
 
 impl Isa {
     /// Every ISA dynq knows, from the most portable to the most specialised.
-    pub const ALL: [Isa; 7] = [
-        Isa::Scalar,
-        Isa::Avx2,
-        Isa::AvxVnni,
-        Isa::Avx512Vnni,
-        Isa::Neon,
-        Isa::NeonDotprod,
-        Isa::NeonI8mm,
-    ];
+    pub const ALL: [Isa; 7] =
+        [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDotprod, Isa::NeonI8mm];
 
     /// The lower-case name used by `DYNQ_ISA`, the CLI and `dynq_isa_name`, NUL-terminated.
     pub fn c_name(self) -> &'static std::ffi::CStr {
@@ -91,10 +84,7 @@ fn cpu_supports(isa: Isa) -> bool {
     match isa {
         Isa::Scalar => true,
         Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
-        Isa::AvxVnni => {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("avxvnni")
-        }
+        Isa::AvxVnni => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("avxvnni"),
         Isa::Avx512Vnni => {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
@@ -111,12 +101,10 @@ fn cpu_supports(isa: Isa) -> bool {
         Isa::Scalar => true,
         Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
         Isa::NeonDotprod => {
-            std::arch::is_aarch64_feature_detected!("neon")
-                && std::arch::is_aarch64_feature_detected!("dotprod")
+            std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("dotprod")
         }
         Isa::NeonI8mm => {
-            std::arch::is_aarch64_feature_detected!("neon")
-                && std::arch::is_aarch64_feature_detected!("i8mm")
+            std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("i8mm")
         }
         Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni => false,
     }
@@ -183,7 +171,7 @@ fn preference(isa: Isa) -> u32 {
 pub fn resolve(requested: Isa) -> Result<Isa, Error> {
     if !requested.is_supported() {
         return Err(Error::Unsupported(format!(
-            "ISA '{}' was requested but this CPU does not support it (supported here: {})",
+            "ISA '{}' was requested but this CPU does not support it (usable here: {})",
             requested,
             supported_list()
         )));
@@ -193,11 +181,7 @@ pub fn resolve(requested: Isa) -> Result<Isa, Error> {
             "ISA '{}' is supported by this CPU but this build of dynq has no kernel for it \
              (kernels here: {})",
             requested,
-            crate::kernels::KERNELS
-                .iter()
-                .map(|k| k.isa.name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            crate::kernels::KERNELS.iter().map(|k| k.isa.name()).collect::<Vec<_>>().join(", ")
         )));
     }
     Ok(requested)
@@ -206,7 +190,7 @@ pub fn resolve(requested: Isa) -> Result<Isa, Error> {
 fn supported_list() -> String {
     Isa::ALL
         .iter()
-        .filter(|i| i.is_supported())
+        .filter(|i| i.is_supported() && crate::kernels::kernel_for(**i).is_some())
         .map(|i| i.name())
         .collect::<Vec<_>>()
         .join(", ")
@@ -221,9 +205,9 @@ pub fn active() -> Result<Isa, Error> {
     ACTIVE
         .get_or_init(|| match std::env::var("DYNQ_ISA") {
             Ok(v) if !v.trim().is_empty() && v.trim() != "auto" => match Isa::from_name(&v) {
-                Some(isa) => resolve(isa).map_err(|e| {
-                    Error::Unsupported(format!("DYNQ_ISA={}: {}", v.trim(), e.message()))
-                }),
+                Some(isa) => {
+                    resolve(isa).map_err(|e| Error::Unsupported(format!("DYNQ_ISA={}: {}", v.trim(), e.message())))
+                }
                 None => Err(Error::InvalidArgument(format!(
                     "DYNQ_ISA={:?} names no ISA; use one of auto, {}",
                     v,

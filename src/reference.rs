@@ -11,9 +11,7 @@ pub fn gemm_i64(qa: &[u8], m: usize, k: usize, lda: usize, za: &[i32], qw: &[i8]
     let mut out = vec![0i64; m * n];
     for i in 0..m {
         for j in 0..n {
-            out[i * n + j] = (0..k)
-                .map(|kk| (qa[i * lda + kk] as i64 - za[i] as i64) * qw[j * k + kk] as i64)
-                .sum();
+            out[i * n + j] = (0..k).map(|kk| (qa[i * lda + kk] as i64 - za[i] as i64) * qw[j * k + kk] as i64).sum();
         }
     }
     out
@@ -22,14 +20,7 @@ pub fn gemm_i64(qa: &[u8], m: usize, k: usize, lda: usize, za: &[i32], qw: &[i8]
 /// The dequantized product in f64: `sa[i] * sw[j] * int[i][j] + bias[j]`, no epilogue
 /// activation. This is what the f32 output approximates to within a few roundings.
 #[allow(clippy::too_many_arguments)]
-pub fn dequantized_f64(
-    int: &[i64],
-    m: usize,
-    n: usize,
-    sa: &[f32],
-    sw: &[f32],
-    bias: Option<&[f32]>,
-) -> Vec<f64> {
+pub fn dequantized_f64(int: &[i64], m: usize, n: usize, sa: &[f32], sw: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
     let mut out = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {

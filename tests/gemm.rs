@@ -44,7 +44,14 @@ fn bit_identical_across_isas_and_threads() {
         let w = random(&mut rng, n * k, 0.5);
         let bias = random(&mut rng, n, 1.0);
         for (g, t) in all_modes() {
-            let base = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { isa: Some(Isa::Scalar), ..Default::default() }).unwrap();
+            let base = PackedWeights::from_f32(
+                &w,
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(Isa::Scalar), ..Default::default() },
+            )
+            .unwrap();
             let want = run(&base, &a, m, Some(&bias), &opts(g, t, 1));
             for &isa in &isas {
                 let pw = base.repack(isa).unwrap();
@@ -59,7 +66,14 @@ fn bit_identical_across_isas_and_threads() {
 }
 
 /// Recomputes the quantized operands independently of the GEMM driver.
-fn quantized_reference(pw: &PackedWeights, a: &[f32], m: usize, g: ActGranularity, t: ActType, bias: Option<&[f32]>) -> Vec<f64> {
+fn quantized_reference(
+    pw: &PackedWeights,
+    a: &[f32],
+    m: usize,
+    g: ActGranularity,
+    t: ActType,
+    bias: Option<&[f32]>,
+) -> Vec<f64> {
     let k = pw.k();
     let qa = quantize_activations(a, m, k, k, g, t, k, m).unwrap();
     let int = reference::gemm_i64(&qa.data, m, k, k, &qa.zero_points, &pw.quantized_weights(), pw.n());
@@ -76,14 +90,24 @@ fn f32_output_within_rounding_of_f64_reference() {
             let a = random(&mut rng, m * k, 10.0);
             let w = random(&mut rng, n * k, 0.2);
             let bias = random(&mut rng, n, 5.0);
-            let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+            let pw = PackedWeights::from_f32(
+                &w,
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
             for (g, t) in all_modes() {
                 let y = run(&pw, &a, m, Some(&bias), &opts(g, t, 1));
                 let r = quantized_reference(&pw, &a, m, g, t, Some(&bias));
                 for (idx, (&got, &want)) in y.iter().zip(&r).enumerate() {
                     let b = bias[idx % n] as f64;
                     let bound = 4.0 * f32::EPSILON as f64 / 2.0 * ((want - b).abs() + b.abs()) + 1e-30;
-                    assert!((got as f64 - want).abs() <= bound, "{isa} {g:?} {t:?} [{idx}] {got} vs {want} (bound {bound})");
+                    assert!(
+                        (got as f64 - want).abs() <= bound,
+                        "{isa} {g:?} {t:?} [{idx}] {got} vs {want} (bound {bound})"
+                    );
                 }
             }
         }
@@ -99,7 +123,8 @@ fn quantization_error_within_analytic_bound() {
     let a: Vec<f32> = (0..m * k).map(|i| rng.f32() * if i % 50 == 0 { 20.0 } else { 1.0 } + 0.3).collect();
     let w = random(&mut rng, n * k, 0.1);
     for gran in [WeightGranularity::PerChannel, WeightGranularity::PerTensor] {
-        let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, isa: None }).unwrap();
+        let pw =
+            PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, isa: None }).unwrap();
         for (g, t) in all_modes() {
             let y = run(&pw, &a, m, None, &opts(g, t, 0));
             let exact = reference::gemm_f64(&a, m, k, k, &w, n, None);
@@ -109,7 +134,11 @@ fn quantization_error_within_analytic_bound() {
                 for j in 0..n {
                     let sw = pw.scales()[j] as f64;
                     let bound: f64 = (0..k)
-                        .map(|kk| a[i * k + kk].abs() as f64 * sw / 2.0 + w[j * k + kk].abs() as f64 * sa / 2.0 + sa * sw / 4.0)
+                        .map(|kk| {
+                            a[i * k + kk].abs() as f64 * sw / 2.0
+                                + w[j * k + kk].abs() as f64 * sa / 2.0
+                                + sa * sw / 4.0
+                        })
                         .sum::<f64>()
                         * 1.001
                         + 1e-6;
@@ -146,7 +175,9 @@ fn strides_epilogue_and_untouched_padding() {
     let w = random(&mut rng, k * n, 1.0);
     let bias = random(&mut rng, n, 1.0);
     for isa in isas_under_test() {
-        let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::KN, PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+        let pw =
+            PackedWeights::from_f32(&w, n, k, WeightLayout::KN, PackOptions { isa: Some(isa), ..Default::default() })
+                .unwrap();
         let mut y = vec![f32::from_bits(0x7fc0_1234); (m - 1) * ldy + n];
         gemm(&pw, &a, m, lda, Some(&bias), &mut y, ldy, &GemmOptions::default()).unwrap();
         let mut relu = y.clone();
@@ -179,20 +210,30 @@ fn guard_pages_around_inputs_and_outputs() {
     let mut rng = Rng(15);
     for isa in isas_under_test() {
         let kern = dynq::kernels::kernel_for(isa).unwrap();
-        for &(m, n, k) in &[(1, 1, 1), (kern.mr + 1, kern.nr + 1, kern.kr + 1), (2 * kern.mr - 1, 2 * kern.nr - 1, 2 * kern.kr - 1)] {
+        for &(m, n, k) in
+            &[(1, 1, 1), (kern.mr + 1, kern.nr + 1, kern.kr + 1), (2 * kern.mr - 1, 2 * kern.nr - 1, 2 * kern.kr - 1)]
+        {
             let mut a = GuardBuf::<f32>::new(m * k, 0.0);
             a.as_mut_slice().iter_mut().for_each(|v| *v = rng.f32());
             let mut wb = GuardBuf::<f32>::new(n * k, 0.0);
             wb.as_mut_slice().iter_mut().for_each(|v| *v = rng.f32());
             let mut bias = GuardBuf::<f32>::new(n, 0.5);
             bias.as_mut_slice()[0] = -0.5;
-            let pw = PackedWeights::from_f32(wb.as_slice(), n, k, WeightLayout::NK, PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+            let pw = PackedWeights::from_f32(
+                wb.as_slice(),
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
             let mut y = GuardBuf::<f32>::new(m * n, 0.0);
             gemm(&pw, a.as_slice(), m, k, Some(bias.as_slice()), y.as_mut_slice(), n, &GemmOptions::default()).unwrap();
             let blob = pw.serialize();
             let mut gb = GuardBuf::<u8>::new(blob.len(), 0);
             gb.as_mut_slice().copy_from_slice(&blob);
-            let back = PackedWeights::deserialize(gb.as_slice(), PackOptions { isa: Some(isa), ..Default::default() }).unwrap();
+            let back = PackedWeights::deserialize(gb.as_slice(), PackOptions { isa: Some(isa), ..Default::default() })
+                .unwrap();
             assert_eq!(back.quantized_weights(), pw.quantized_weights());
         }
     }
@@ -251,7 +292,8 @@ fn concurrent_calls_on_one_handle() {
             let (pw, a, want) = (pw.clone(), a.clone(), want.clone());
             std::thread::spawn(move || {
                 for r in 0..50 {
-                    let y = run(&pw, &a, m, None, &opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1 + (t + r) % 3));
+                    let y =
+                        run(&pw, &a, m, None, &opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1 + (t + r) % 3));
                     assert!(y.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
                 }
             })

@@ -8,23 +8,48 @@ use common::{isas_under_test, GuardBuf, Rng};
 use dynq::{gemm_i32, kernels::kernel_for, reference, PackOptions, PackedWeights, WeightLayout, MAX_K};
 
 fn pack_q(q: &[i8], n: usize, k: usize, isa: dynq::Isa) -> PackedWeights {
-    PackedWeights::from_quantized(q, n, k, WeightLayout::NK, &[1.0], PackOptions { isa: Some(isa), ..Default::default() })
-        .unwrap()
+    PackedWeights::from_quantized(
+        q,
+        n,
+        k,
+        WeightLayout::NK,
+        &[1.0],
+        PackOptions { isa: Some(isa), ..Default::default() },
+    )
+    .unwrap()
+}
+
+/// Every table kernel this CPU runs, plus test-only twins (the AVX-VNNI kernel's logic
+/// compiled with the AVX-512 VL encoding) when their instructions are available.
+fn micro_kernels_under_test() -> Vec<dynq::kernels::Kernel> {
+    #[allow(unused_mut)]
+    let mut v: Vec<dynq::kernels::Kernel> =
+        isas_under_test().into_iter().map(|isa| *kernel_for(isa).unwrap()).collect();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let twin = dynq::kernels::avx_vnni::evex_twin();
+        if dynq::isa::resolve(twin.isa).is_ok() {
+            v.push(twin);
+        } else {
+            eprintln!("SKIPPED: {} (needs {})", twin.name, twin.isa);
+        }
+    }
+    v
 }
 
 #[test]
 fn micro_kernels_exact_on_guard_pages() {
     let mut rng = Rng(1);
-    for isa in isas_under_test() {
-        let kern = kernel_for(isa).unwrap();
-        let (mr, nr, kr) = (kern.mr, kern.nr, kern.kr);
+    for kern in micro_kernels_under_test() {
+        let (mr, nr, kr, ab) = (kern.mr, kern.nr, kern.kr, kern.a_bytes);
         for groups in [1, 2, 3, 7, 16, 33, 200] {
             let kp = groups * kr;
             for mr_eff in 1..=mr {
                 for stride_pad in [0, 1, kr] {
-                    let stride = kp + stride_pad;
-                    let mut a = GuardBuf::<u8>::new((mr_eff - 1) * stride + kp, 0);
-                    a.as_mut_slice().iter_mut().for_each(|v| *v = rng.u8());
+                    let stride = (kp + stride_pad) * ab;
+                    let mut a = GuardBuf::<u8>::new((mr_eff - 1) * stride + kp * ab, 0);
+                    // Activations are u8 values, stored in `ab` bytes each (little-endian).
+                    a.as_mut_slice().chunks_exact_mut(ab).for_each(|v| v[0] = rng.u8());
                     let mut b = GuardBuf::<i8>::new(kp * nr, 0);
                     b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8());
                     let mut c = GuardBuf::<i32>::new(mr * nr, 0x5555_5555);
@@ -33,8 +58,15 @@ fn micro_kernels_exact_on_guard_pages() {
                     // Unpack the panel to canonical [NR][kp] and compare with the reference.
                     let mut qw = vec![0i8; nr * kp];
                     (kern.unpack)(b.as_slice(), nr, kp, &mut qw);
-                    let rows: Vec<u8> =
-                        (0..mr_eff).flat_map(|i| a.as_slice()[i * stride..i * stride + kp].to_vec()).collect();
+                    let rows: Vec<u8> = (0..mr_eff)
+                        .flat_map(|i| {
+                            a.as_slice()[i * stride..i * stride + kp * ab]
+                                .iter()
+                                .step_by(ab)
+                                .copied()
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
                     let want = reference::gemm_i64(&rows, mr_eff, kp, kp, &vec![0; mr_eff], &qw, nr);
                     let got: Vec<i64> = c.as_slice()[..mr_eff * nr].iter().map(|&v| v as i64).collect();
                     assert_eq!(got, want, "{} kp={kp} rows={mr_eff} stride={stride}", kern.name);
@@ -89,7 +121,9 @@ fn integer_gemm_exact_at_the_extremes() {
     for isa in isas_under_test() {
         let kern = kernel_for(isa).unwrap();
         let (n, k) = (kern.nr + 1, MAX_K);
-        for (a_val, za, w_val) in [(255u8, 0, -128i8), (0, 255, -128), (255, 0, 127), (0, 255, 127), (255, 128, -128), (1, 1, 127)] {
+        for (a_val, za, w_val) in
+            [(255u8, 0, -128i8), (0, 255, -128), (255, 0, 127), (0, 255, 127), (255, 128, -128), (1, 1, 127)]
+        {
             let qa = vec![a_val; 2 * k];
             let qw = vec![w_val; n * k];
             let w = pack_q(&qw, n, k, isa);

@@ -1,7 +1,9 @@
 //! The `dynq` command line: `dynq info` (what this CPU has and what dynq will run) and
 //! `dynq bench` (dynamic int8 GEMM beside a competent fp32 SGEMM on typical layer shapes).
 
-use dynq::{isa, kernels, ActGranularity, ActType, Epilogue, GemmOptions, Isa, PackOptions, PackedWeights, WeightLayout};
+use dynq::{
+    isa, kernels, ActGranularity, ActType, Epilogue, GemmOptions, Isa, PackOptions, PackedWeights, WeightLayout,
+};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -65,7 +67,10 @@ fn info() -> Result<(), String> {
     let supported: Vec<&str> = Isa::ALL.iter().filter(|i| i.is_supported()).map(|i| i.name()).collect();
     println!("ISAs this CPU supports: {}", supported.join(", "));
     match isa::active() {
-        Ok(a) => println!("selected ISA: {a}{}", if std::env::var("DYNQ_ISA").is_ok() { " (forced by DYNQ_ISA)" } else { "" }),
+        Ok(a) => println!(
+            "selected ISA: {a}{}",
+            if std::env::var("DYNQ_ISA").is_ok() { " (forced by DYNQ_ISA)" } else { "" }
+        ),
         Err(e) => println!("selected ISA: none: {e}"),
     }
     match dynq::gemm::default_threads() {
@@ -115,7 +120,10 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
                 b.shapes = val("--shapes")?
                     .split(',')
                     .map(|s| {
-                        let d: Vec<usize> = s.split('x').map(|v| v.trim().parse::<usize>()).collect::<Result<_, _>>()
+                        let d: Vec<usize> = s
+                            .split('x')
+                            .map(|v| v.trim().parse::<usize>())
+                            .collect::<Result<_, _>>()
                             .map_err(|_| format!("bad shape {s:?}, expected MxNxK"))?;
                         match d[..] {
                             [m, n, k] if m > 0 && n > 0 && k > 0 => Ok((s.to_string(), m, n, k)),
@@ -176,7 +184,11 @@ fn bench(args: &[String]) -> Result<(), String> {
     let isa = isa::select(b.isa).map_err(|e| e.to_string())?;
     println!(
         "dynq {} bench: isa={} threads={} activations={:?}/{:?}; baseline fp32 SGEMM = matrixmultiply 0.3 (1 thread)",
-        dynq::VERSION, isa, b.threads, b.gran, b.ty
+        dynq::VERSION,
+        isa,
+        b.threads,
+        b.gran,
+        b.ty
     );
     println!("weights reused across repetitions: figures are for weights in cache where they fit.");
     println!();
@@ -191,9 +203,16 @@ fn bench(args: &[String]) -> Result<(), String> {
         let wscale = 1.0 / (k as f32).sqrt();
         let w_kn: Vec<f32> = (0..k * n).map(|_| rng.normal() * wscale).collect();
         let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
-        let pw = PackedWeights::from_f32(&w_kn, n, k, WeightLayout::KN, PackOptions { isa: Some(isa), ..Default::default() })
-            .map_err(|e| e.to_string())?;
-        let opts = GemmOptions { act_granularity: b.gran, act_type: b.ty, epilogue: Epilogue::None, num_threads: b.threads };
+        let pw = PackedWeights::from_f32(
+            &w_kn,
+            n,
+            k,
+            WeightLayout::KN,
+            PackOptions { isa: Some(isa), ..Default::default() },
+        )
+        .map_err(|e| e.to_string())?;
+        let opts =
+            GemmOptions { act_granularity: b.gran, act_type: b.ty, epilogue: Epilogue::None, num_threads: b.threads };
         let mut y = vec![0f32; m * n];
         let t_q = time_it(b.min_time, || dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts).expect("gemm"));
         let mut y_ref = vec![0f32; m * n];
@@ -203,8 +222,22 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
             // SAFETY: the pointers and strides describe the buffers above (m x k, k x n, m x n).
             unsafe {
-                matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, w_kn.as_ptr(), n as isize, 1, 1.0,
-                    y_ref.as_mut_ptr(), n as isize, 1)
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    w_kn.as_ptr(),
+                    n as isize,
+                    1,
+                    1.0,
+                    y_ref.as_mut_ptr(),
+                    n as isize,
+                    1,
+                )
             }
         });
         let (mut dot, mut nq, mut nr, mut diff) = (0f64, 0f64, 0f64, 0f64);
@@ -230,7 +263,11 @@ fn bench(args: &[String]) -> Result<(), String> {
         );
     }
     println!();
-    println!("GOPS = 2*M*N*K / time (int8 multiply-adds for dynq, fp32 for the baseline); speedup = fp32 time / dynq time;");
-    println!("rel.err = ||Y_dynq - Y_fp32|| / ||Y_fp32|| (Frobenius); cosine between the two outputs. Times are medians.");
+    println!(
+        "GOPS = 2*M*N*K / time (int8 multiply-adds for dynq, fp32 for the baseline); speedup = fp32 time / dynq time;"
+    );
+    println!(
+        "rel.err = ||Y_dynq - Y_fp32|| / ||Y_fp32|| (Frobenius); cosine between the two outputs. Times are medians."
+    );
     Ok(())
 }

@@ -36,7 +36,6 @@ pub const DYNQ_VERSION_PATCH: u32 = 0;
 /// Version of the C ABI; bumped on any incompatible change of a signature or struct.
 pub const DYNQ_ABI_VERSION: u32 = 1;
 
-
 /// Kernel families (`uint32_t` values). `DYNQ_ISA_AUTO` selects the best the CPU supports (or
 /// the `DYNQ_ISA` environment variable).
 #[repr(u32)]
@@ -124,7 +123,7 @@ pub struct dynq_gemm_config {
     pub num_threads: u32,
 }
 
-/// What `dynq_packed_weights_info` reports. Set `struct_size` before the call.
+/// What `dynq_packed_weights_get_info` reports. Set `struct_size` before the call.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct dynq_packed_weights_info {
@@ -197,7 +196,7 @@ fn check_ptr<T>(p: *const T, name: &str) -> Result<()> {
     if p.is_null() {
         return Err(null_err(name));
     }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
+    if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::InvalidArgument(format!(
             "{name} ({p:p}) is not aligned to {} bytes",
             std::mem::align_of::<T>()
@@ -210,9 +209,7 @@ fn check_ptr<T>(p: *const T, name: &str) -> Result<()> {
 /// covering the byte size as well (slices may not exceed isize::MAX bytes).
 fn span(rows: usize, cols: usize, ld: usize, elem: usize, name: &str) -> Result<usize> {
     if ld < cols {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: row stride {ld} is smaller than the row length {cols}"
-        )));
+        return Err(Error::InvalidArgument(format!("{name}: row stride {ld} is smaller than the row length {cols}")));
     }
     if rows == 0 {
         return Ok(0);
@@ -253,9 +250,7 @@ fn isa_from_raw(raw: u32) -> Result<Option<Isa>> {
     if raw == 0 {
         return Ok(None);
     }
-    Isa::from_raw(raw)
-        .map(Some)
-        .ok_or_else(|| Error::InvalidArgument(format!("isa={raw} is not a dynq_isa value")))
+    Isa::from_raw(raw).map(Some).ok_or_else(|| Error::InvalidArgument(format!("isa={raw} is not a dynq_isa value")))
 }
 
 fn default_pack_config() -> dynq_pack_config {
@@ -387,11 +382,11 @@ pub extern "C" fn dynq_isa_name(isa: u32) -> *const c_char {
 }
 
 /// 1 if `isa` can be used on this CPU with this build (it has a kernel for it), else 0.
-/// `DYNQ_ISA_AUTO` gives 1.
+/// `DYNQ_ISA_AUTO` gives 1 unless the `DYNQ_ISA` environment variable is invalid.
 #[no_mangle]
 pub extern "C" fn dynq_isa_available(isa: u32) -> i32 {
     match isa_from_raw(isa) {
-        Ok(None) => 1,
+        Ok(None) => crate::isa::active().is_ok() as i32,
         Ok(Some(i)) => crate::isa::resolve(i).is_ok() as i32,
         Err(_) => 0,
     }
@@ -507,9 +502,8 @@ pub unsafe extern "C" fn dynq_pack_quantized_weights(
         let opts = pack_options(&unsafe { read_config(config, default_pack_config(), "config") }?)?;
         let res = Reservation::new(n, k, opts.isa)?;
         // SAFETY: the caller provides n * k bytes and num_scales (<= n) floats; sizes checked.
-        let (q, scales) = unsafe {
-            (std::slice::from_raw_parts(q, res.input_len()), std::slice::from_raw_parts(scales, num_scales))
-        };
+        let (q, scales) =
+            unsafe { (std::slice::from_raw_parts(q, res.input_len()), std::slice::from_raw_parts(scales, num_scales)) };
         out_handle(out, res.fill_quantized(q, layout, scales)?);
         Ok(())
     })
@@ -520,7 +514,7 @@ pub unsafe extern "C" fn dynq_pack_quantized_weights(
 /// # Safety
 /// `packed` is a live handle; `info` points to a writable `dynq_packed_weights_info`.
 #[no_mangle]
-pub unsafe extern "C" fn dynq_packed_weights_info(
+pub unsafe extern "C" fn dynq_packed_weights_get_info(
     packed: *const dynq_packed_weights,
     info: *mut dynq_packed_weights_info,
 ) -> Status {

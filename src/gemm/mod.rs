@@ -32,8 +32,8 @@
 //! counts. Tests enforce it.
 
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
-use crate::pack::PackedWeights;
 use crate::kernels::DequantRow;
+use crate::pack::PackedWeights;
 use crate::quant::activations::{quantize_activations_with, ActGranularity, ActType};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
@@ -135,9 +135,7 @@ fn required_len(rows: usize, cols: usize, ld: usize, what: &str) -> Result<usize
 
 fn check_matrix(len: usize, rows: usize, cols: usize, ld: usize, name: &str) -> Result<()> {
     if ld < cols {
-        return Err(Error::InvalidArgument(format!(
-            "{name}: row stride {ld} is smaller than the row length {cols}"
-        )));
+        return Err(Error::InvalidArgument(format!("{name}: row stride {ld} is smaller than the row length {cols}")));
     }
     let need = required_len(rows, cols, ld, name)?;
     checked_mul(need, 4, name)?;
@@ -226,7 +224,7 @@ impl<T> SharedOut<T> {
 /// accumulator tile to `sink(first_row, rows, first_col, tile)` (`tile` is `MR x NR`
 /// row-major, its first `rows` rows valid). Tiles are visited exactly once, possibly from
 /// several threads.
-fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], kp: usize, m: usize, threads: usize, sink: F) -> Result<()>
+fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], row_bytes: usize, m: usize, threads: usize, sink: F) -> Result<()>
 where
     F: Fn(usize, usize, usize, &[i32]) + Sync,
 {
@@ -234,7 +232,9 @@ where
     let (mr, nr) = (kern.mr, kern.nr);
     let m_tiles = m.div_ceil(mr);
     let n_panels = w.n().div_ceil(nr);
-    debug_assert!(qa.len() >= m * kp);
+    let kp = kern.padded_k(w.k());
+    debug_assert_eq!(row_bytes, kp * kern.a_bytes);
+    debug_assert!(qa.len() >= m * row_bytes);
     debug_assert_eq!(w.packed_data().len(), n_panels * nr * kp);
     // Blocks: a block of panels stays in cache while all row tiles of a block stream by.
     let mc = 16.min(m_tiles).max(1);
@@ -248,11 +248,11 @@ where
             let panel = &w.packed_data()[p * nr * kp..(p + 1) * nr * kp];
             for t in mb * mc..((mb + 1) * mc).min(m_tiles) {
                 let rows = (m - t * mr).min(mr);
-                let a = &qa[t * mr * kp..(t * mr + rows) * kp];
-                // SAFETY: `a` holds `rows <= MR` rows of kp bytes at stride kp, `panel` holds
-                // kp * NR bytes, `tile` MR * NR i32, kp is a multiple of KR (padded_k), and the
-                // CPU supports the kernel's ISA (checked when `w` was packed).
-                unsafe { (kern.ukernel)(rows, kp, a.as_ptr(), kp, panel.as_ptr(), tile.as_mut_ptr()) };
+                let a = &qa[t * mr * row_bytes..(t * mr + rows) * row_bytes];
+                // SAFETY: `a` holds `rows <= MR` rows of kp values at stride row_bytes, `panel`
+                // holds kp * NR bytes, `tile` MR * NR i32, kp is a multiple of KR (padded_k),
+                // and the CPU supports the kernel's ISA (checked when `w` was packed).
+                unsafe { (kern.ukernel)(rows, kp, a.as_ptr(), row_bytes, panel.as_ptr(), tile.as_mut_ptr()) };
                 sink(t * mr, rows, p * nr, &tile);
             }
         }
@@ -299,11 +299,12 @@ pub fn gemm(
     }
     let kern = w.kernel();
     let kp = kern.padded_k(k);
-    let qa = quantize_activations_with(kern.ops, a, m, k, lda, opts.act_granularity, opts.act_type, kp, m)?;
+    let qa =
+        quantize_activations_with(kern.ops, kern.a_bytes, a, m, k, lda, opts.act_granularity, opts.act_type, kp, m)?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
     let relu = opts.epilogue == Epilogue::Relu;
     let out = SharedOut::new(y);
-    for_each_tile(w, &qa.data, kp, m, threads, |i0, rows, j0, tile| {
+    for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |i0, rows, j0, tile| {
         let nr = kern.nr;
         let cols = (n - j0).min(nr);
         for r in 0..rows {
@@ -356,13 +357,17 @@ pub fn gemm_i32(
     }
     let kern = w.kernel();
     let kp = kern.padded_k(k);
-    let mut buf = try_zeroed_vec::<u8>(checked_mul(m, kp, "activation buffer")?, "activation buffer")?;
+    let row_bytes = kp * kern.a_bytes;
+    let mut buf = try_zeroed_vec::<u8>(checked_mul(m, row_bytes, "activation buffer")?, "activation buffer")?;
     for i in 0..m {
-        buf[i * kp..i * kp + k].copy_from_slice(&qa[i * lda..i * lda + k]);
+        let dst = &mut buf[i * row_bytes..i * row_bytes + k * kern.a_bytes];
+        for (d, &v) in dst.chunks_exact_mut(kern.a_bytes).zip(&qa[i * lda..i * lda + k]) {
+            d[0] = v; // little-endian: a zero-extended u16 is the byte then 0
+        }
     }
     let col_sums = w.col_sums();
     let shared = SharedOut::new(out);
-    for_each_tile(w, &buf, kp, m, threads, |i0, rows, j0, tile| {
+    for_each_tile(w, &buf, row_bytes, m, threads, |i0, rows, j0, tile| {
         for i in i0..i0 + rows {
             for j in j0..(j0 + kern.nr).min(n) {
                 let v = tile[(i - i0) * kern.nr + (j - j0)].wrapping_sub(za[i].wrapping_mul(col_sums[j]));

@@ -26,6 +26,7 @@ pub const KERNEL: Kernel = Kernel {
     mr: MR,
     nr: NR,
     kr: KR,
+    a_bytes: 1,
     layout_version: 1,
     ukernel: gemm_u8s8_i32_8x32c4__avx512vnni,
     pack: pack_panels::<NR, KR>,
@@ -67,6 +68,7 @@ unsafe fn gemm_u8s8_i32_8x32c4__avx512vnni(
 /// # Safety
 /// As [`gemm_u8s8_i32_8x32c4__avx512vnni`] with `mr == R`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // two accumulator sets indexed in lockstep
 unsafe fn rows<const R: usize, const SPLIT: bool>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
     let groups = kp / KR;
     let mut acc0 = [[_mm512_setzero_si512(); 2]; R];
@@ -74,7 +76,8 @@ unsafe fn rows<const R: usize, const SPLIT: bool>(kp: usize, a: *const u8, a_str
     // SAFETY (whole body): every load reads inside the `kp` bytes of an A row or the
     // `kp * NR` bytes of the panel; stores write the first R rows of the MR x NR tile.
     unsafe {
-        let bcast = |i: usize, g: usize| _mm512_set1_epi32((a.add(i * a_stride + g * KR) as *const i32).read_unaligned());
+        let bcast =
+            |i: usize, g: usize| _mm512_set1_epi32((a.add(i * a_stride + g * KR) as *const i32).read_unaligned());
         let panel = |g: usize| {
             let p = b.add(g * NR * KR) as *const __m512i;
             (_mm512_loadu_si512(p), _mm512_loadu_si512(p.add(1)))
@@ -159,7 +162,12 @@ unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out:
         ActType::AsymmetricU8 => (0, 255, zero_point),
         ActType::SymmetricI8 => (-127, 127, 0),
     };
-    let (lov, hiv, addv, bias) = (_mm512_set1_epi32(lo), _mm512_set1_epi32(hi), _mm512_set1_epi32(add), _mm512_set1_epi32(if ty == ActType::SymmetricI8 { 128 } else { 0 }));
+    let (lov, hiv, addv, bias) = (
+        _mm512_set1_epi32(lo),
+        _mm512_set1_epi32(hi),
+        _mm512_set1_epi32(add),
+        _mm512_set1_epi32(if ty == ActType::SymmetricI8 { 128 } else { 0 }),
+    );
     let mut j = 0;
     while j < x.len() {
         let m = lane_mask(x.len() - j);

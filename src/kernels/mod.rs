@@ -11,9 +11,13 @@
 use crate::isa::Isa;
 use crate::quant::ActType;
 
-pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512_vnni;
+#[cfg(target_arch = "x86_64")]
+pub mod avx_vnni;
+pub mod scalar;
 
 /// A micro-kernel: `C[i][j] = sum_{k < kp} A[i][k] * B[k][j]` for `i < mr`, `j < NR`, in
 /// wrapping `i32` arithmetic.
@@ -22,13 +26,12 @@ pub mod avx512_vnni;
 /// - The CPU supports the kernel's ISA (guaranteed by [`crate::isa::resolve`] before any
 ///   packed weights exist for it).
 /// - `1 <= mr <= MR`.
-/// - `a` points to `mr` rows of `kp` readable bytes, row `i` at `a + i * a_stride`.
+/// - `a` points to `mr` rows of `kp * a_bytes` readable bytes, row `i` at `a + i * a_stride`.
 /// - `b` points to one packed panel: `kp * NR` readable bytes in the kernel's layout.
 /// - `c` points to `MR * NR` writable `i32`; rows `i < mr` are written row-major (overwritten,
 ///   not accumulated), the others are left as they were.
 /// - `kp` is a multiple of `KR`.
-pub type MicroKernel =
-    unsafe fn(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32);
+pub type MicroKernel = unsafe fn(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32);
 
 /// The O(M*K) and O(M*N) work around the micro-kernel, vectorized per ISA. Each function
 /// computes exactly what its scalar definition computes (same operations, same order), so
@@ -41,7 +44,9 @@ pub struct RowOps {
     /// `(min(0, min x), max(0, max x))` of a row, or `None` if it holds a NaN or infinity.
     /// Definition: [`crate::quant::activations::row_stats`].
     pub row_stats: unsafe fn(x: &[f32]) -> Option<(f32, f32)>,
-    /// Quantizes a row with `scale` (`> 0`) and zero point. `out.len() == x.len()`.
+    /// Quantizes a row with `scale` (`> 0`) and zero point into the kernel's activation
+    /// format: `a_bytes` bytes per value (1: the `u8` itself; 2: the `u8` zero-extended to a
+    /// little-endian `u16`), so `out.len() == x.len() * a_bytes`.
     /// Definition: [`crate::quant::activations::quantize_row`].
     pub quantize_row: unsafe fn(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]),
     /// The f32 epilogue of one output row. Definition: [`crate::gemm::dequantize_row`].
@@ -68,7 +73,7 @@ pub type PackFn = fn(q: &[i8], n: usize, k: usize, out: &mut [i8]);
 pub type UnpackFn = fn(packed: &[i8], n: usize, k: usize, q: &mut [i8]);
 
 /// One kernel-table entry.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Kernel {
     pub isa: Isa,
     /// Full kernel name (see the module documentation).
@@ -79,6 +84,9 @@ pub struct Kernel {
     pub nr: usize,
     /// K values per dot-product group.
     pub kr: usize,
+    /// Bytes per quantized activation in the A buffer the micro-kernel reads: 1 (`u8`) or 2
+    /// (`u8` zero-extended to `u16`, for kernels that multiply 16-bit lanes).
+    pub a_bytes: usize,
     /// Version of the in-memory packed layout of this entry; bumped whenever `pack` changes.
     pub layout_version: u32,
     pub ukernel: MicroKernel,
@@ -106,6 +114,10 @@ impl Kernel {
 /// new entry is tested and benchmarked without anyone having to remember it.
 pub static KERNELS: &[Kernel] = &[
     scalar::KERNEL,
+    #[cfg(target_arch = "x86_64")]
+    avx2::KERNEL,
+    #[cfg(target_arch = "x86_64")]
+    avx_vnni::KERNEL,
     #[cfg(target_arch = "x86_64")]
     avx512_vnni::KERNEL,
 ];

@@ -16,6 +16,7 @@ pub const KERNEL: Kernel = Kernel {
     mr: MR,
     nr: NR,
     kr: KR,
+    a_bytes: 1,
     layout_version: 1,
     ukernel: gemm_u8s8_i32_4x8c4__scalar,
     pack: pack_panels::<NR, KR>,
@@ -43,14 +44,7 @@ unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
 /// `a_stride`, `b` has `kp * NR` bytes, `c` has room for `MR * NR` `i32`, `kp % KR == 0`.
 /// No ISA requirement.
 #[allow(non_snake_case)]
-unsafe fn gemm_u8s8_i32_4x8c4__scalar(
-    mr: usize,
-    kp: usize,
-    a: *const u8,
-    a_stride: usize,
-    b: *const i8,
-    c: *mut i32,
-) {
+unsafe fn gemm_u8s8_i32_4x8c4__scalar(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
     // SAFETY: lengths as promised by the caller (see above).
     let b = unsafe { std::slice::from_raw_parts(b, kp * NR) };
     let c = unsafe { std::slice::from_raw_parts_mut(c, mr * NR) };

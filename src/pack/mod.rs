@@ -93,9 +93,7 @@ pub struct Reservation {
 /// Validates the shape of a weight matrix.
 fn check_shape(n: usize, k: usize) -> Result<()> {
     if n == 0 || k == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "weight shape n={n} x k={k}: both dimensions must be at least 1"
-        )));
+        return Err(Error::InvalidArgument(format!("weight shape n={n} x k={k}: both dimensions must be at least 1")));
     }
     if k > MAX_K {
         return Err(Error::Unsupported(format!(
@@ -113,9 +111,9 @@ impl Reservation {
         check_shape(n, k)?;
         let isa = isa::select(isa)?;
         let kernel = kernel_for(isa).expect("resolve() guarantees a kernel");
-        let len = kernel.packed_len(n, k).ok_or_else(|| {
-            Error::SizeOverflow(format!("packed size of n={n} x k={k} overflows usize"))
-        })?;
+        let len = kernel
+            .packed_len(n, k)
+            .ok_or_else(|| Error::SizeOverflow(format!("packed size of n={n} x k={k} overflows usize")))?;
         let data = try_zeroed_vec::<i8>(len, "packed weights")?;
         let canonical = try_zeroed_vec::<i8>(n * k, "quantized weights")?;
         Ok(Reservation { n, k, kernel, canonical, data })
@@ -135,11 +133,7 @@ impl Reservation {
     ) -> Result<PackedWeights> {
         let (n, k) = (self.n, self.k);
         if w.len() != n * k {
-            return Err(Error::InvalidArgument(format!(
-                "weights have {} values, expected n * k = {}",
-                w.len(),
-                n * k
-            )));
+            return Err(Error::InvalidArgument(format!("weights have {} values, expected n * k = {}", w.len(), n * k)));
         }
         let idx = |nn, kk| layout.index(nn, kk, n, k);
         check_finite(w, n, k, idx)?;
@@ -164,7 +158,7 @@ impl Reservation {
             WeightGranularity::PerTensor
         } else {
             return Err(Error::InvalidArgument(format!(
-                "{} weight scales given; expected 1 (per tensor) or n = {n} (per channel)",
+                "number of weight scales is {}; expected 1 (per tensor) or n = {n} (per channel)",
                 scales.len()
             )));
         };
@@ -185,11 +179,7 @@ impl Reservation {
     fn finish(mut self, scales: Vec<f32>, granularity: WeightGranularity) -> PackedWeights {
         let (n, k) = (self.n, self.k);
         (self.kernel.pack)(&self.canonical, n, k, &mut self.data);
-        let col_sums = self
-            .canonical
-            .chunks_exact(k)
-            .map(|row| row.iter().map(|&v| v as i32).sum())
-            .collect();
+        let col_sums = self.canonical.chunks_exact(k).map(|row| row.iter().map(|&v| v as i32).sum()).collect();
         let scales = if scales.len() == n { scales } else { vec![scales[0]; n] };
         PackedWeights { n, k, granularity, scales, col_sums, kernel: self.kernel, data: self.data }
     }
@@ -262,10 +252,7 @@ impl PackedWeights {
     }
     /// Heap bytes held by this object (packed data, scales, column sums).
     pub fn bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.data.capacity()
-            + self.scales.capacity() * 4
-            + self.col_sums.capacity() * 4
+        std::mem::size_of::<Self>() + self.data.capacity() + self.scales.capacity() * 4 + self.col_sums.capacity() * 4
     }
     /// The canonical int8 weights, `[N][K]` row-major.
     pub fn quantized_weights(&self) -> Vec<i8> {
@@ -276,10 +263,7 @@ impl PackedWeights {
     /// Dequantized weights `scale[n] * q[n][k]`, `[N][K]` row-major.
     pub fn dequantized_weights(&self) -> Vec<f32> {
         let q = self.quantized_weights();
-        q.chunks_exact(self.k)
-            .zip(&self.scales)
-            .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s))
-            .collect()
+        q.chunks_exact(self.k).zip(&self.scales).flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s)).collect()
     }
 }
 
@@ -307,10 +291,22 @@ mod tests {
     #[test]
     fn shape_errors() {
         let o = PackOptions::default();
-        assert_eq!(PackedWeights::from_f32(&[], 0, 3, WeightLayout::NK, o).unwrap_err().status(), crate::Status::InvalidArgument);
-        assert_eq!(PackedWeights::from_f32(&[], 3, 0, WeightLayout::NK, o).unwrap_err().status(), crate::Status::InvalidArgument);
-        assert_eq!(PackedWeights::from_f32(&[], 1, MAX_K + 1, WeightLayout::NK, o).unwrap_err().status(), crate::Status::Unsupported);
-        assert_eq!(PackedWeights::from_f32(&[], usize::MAX / 2, 4, WeightLayout::NK, o).unwrap_err().status(), crate::Status::SizeOverflow);
+        assert_eq!(
+            PackedWeights::from_f32(&[], 0, 3, WeightLayout::NK, o).unwrap_err().status(),
+            crate::Status::InvalidArgument
+        );
+        assert_eq!(
+            PackedWeights::from_f32(&[], 3, 0, WeightLayout::NK, o).unwrap_err().status(),
+            crate::Status::InvalidArgument
+        );
+        assert_eq!(
+            PackedWeights::from_f32(&[], 1, MAX_K + 1, WeightLayout::NK, o).unwrap_err().status(),
+            crate::Status::Unsupported
+        );
+        assert_eq!(
+            PackedWeights::from_f32(&[], usize::MAX / 2, 4, WeightLayout::NK, o).unwrap_err().status(),
+            crate::Status::SizeOverflow
+        );
         let e = PackedWeights::from_f32(&[1.0, f32::INFINITY], 1, 2, WeightLayout::NK, o).unwrap_err();
         assert_eq!(e.status(), crate::Status::NonFinite);
         assert!(e.message().contains("input 1"), "{}", e.message());

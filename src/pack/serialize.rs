@@ -38,10 +38,7 @@ const PREFIX_LEN: usize = 24;
 const CRC_LEN: usize = 4;
 
 fn payload_len(n: usize, k: usize, num_scales: usize) -> Option<usize> {
-    HEADER_LEN
-        .checked_add(num_scales.checked_mul(4)?)?
-        .checked_add(n.checked_mul(k)?)?
-        .checked_add(CRC_LEN)
+    HEADER_LEN.checked_add(num_scales.checked_mul(4)?)?.checked_add(n.checked_mul(k)?)?.checked_add(CRC_LEN)
 }
 
 impl PackedWeights {
@@ -179,7 +176,7 @@ fn parse(blob: &[u8]) -> Result<Parsed<'_>> {
     };
     if payload_len(n, k, num_scales) != Some(blob.len()) {
         return corrupt(format!(
-            "blob of {} bytes does not match its shape n={n} x k={k} with {num_scales} scales",
+            "blob of {} bytes does not match its shape n={n} x k={k} and its number of scales ({num_scales})",
             blob.len()
         ));
     }

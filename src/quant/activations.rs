@@ -145,8 +145,7 @@ pub fn row_stats(row: &[f32]) -> Option<(f32, f32)> {
     let mut hi = 0.0f32;
     let mut bad = false;
     for &x in row {
-        // `x - x` is 0 for every finite x and NaN for NaN and +-inf.
-        bad |= (x - x) != 0.0;
+        bad |= !x.is_finite();
         lo = lo.min(x);
         hi = hi.max(x);
     }
@@ -160,14 +159,16 @@ fn params_for(lo: f32, hi: f32, ty: ActType) -> QParams {
     }
 }
 
-/// Activations quantized for the kernels: `rows` rows of `kp` bytes (K padded with zeros to
-/// the kernel's KR), plus per-row scale and zero point.
+/// Activations quantized for the kernels: `rows` rows of `kp` values (K padded with zeros to
+/// the kernel's KR) of `a_bytes` bytes each, plus per-row scale and zero point.
 #[derive(Clone, Debug)]
 pub struct QuantizedActivations {
-    /// Row-major, `rows_padded * kp` bytes; rows past `m` and columns past `k` are 0.
+    /// Row-major, `rows_padded * row_bytes` bytes; rows past `m` and columns past `k` are 0.
     pub data: Vec<u8>,
-    /// Row stride of `data` in bytes (>= k, a multiple of the kernel's KR).
+    /// Values per row of `data` (>= k, a multiple of the kernel's KR).
     pub kp: usize,
+    /// Bytes per row of `data`: `kp * a_bytes`.
+    pub row_bytes: usize,
     /// Scale of each of the `m` rows.
     pub scales: Vec<f32>,
     /// Zero point of each of the `m` rows.
@@ -187,11 +188,12 @@ pub fn quantize_activations(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
-    quantize_activations_with(&crate::kernels::scalar::OPS, a, m, k, lda, granularity, ty, kp, rows_padded)
+    quantize_activations_with(&crate::kernels::scalar::OPS, 1, a, m, k, lda, granularity, ty, kp, rows_padded)
 }
 
 /// Quantizes `m` rows of `k` values, row `i` starting at `a[i * lda]`, with the row
-/// operations of one kernel-table entry (all entries give identical results).
+/// operations of one kernel-table entry (all entries give identical results) into its
+/// activation format (`a_bytes` per value, see `RowOps::quantize_row`).
 ///
 /// `kp >= k` is the padded row length of the output and `rows_padded >= m` its row count.
 /// Errors: [`Error::NonFinite`] naming the first non-finite element (in row order), or
@@ -199,6 +201,7 @@ pub fn quantize_activations(
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_activations_with(
     ops: &RowOps,
+    a_bytes: usize,
     a: &[f32],
     m: usize,
     k: usize,
@@ -229,19 +232,20 @@ pub fn quantize_activations_with(
     let params: Vec<QParams> = match granularity {
         ActGranularity::PerRow => stats.iter().map(|&(lo, hi)| params_for(lo, hi, ty)).collect(),
         ActGranularity::PerTensor => {
-            let (lo, hi) = stats
-                .iter()
-                .fold((0.0f32, 0.0f32), |(l, h), &(lo, hi)| (l.min(lo), h.max(hi)));
+            let (lo, hi) = stats.iter().fold((0.0f32, 0.0f32), |(l, h), &(lo, hi)| (l.min(lo), h.max(hi)));
             vec![params_for(lo, hi, ty); m]
         }
     };
-    let len = crate::error::checked_mul(rows_padded, kp, "quantized activation buffer")?;
+    let row_bytes = crate::error::checked_mul(kp, a_bytes, "quantized activation row")?;
+    let len = crate::error::checked_mul(rows_padded, row_bytes, "quantized activation buffer")?;
     let mut data = crate::error::try_zeroed_vec::<u8>(len, "quantized activation buffer")?;
     for i in 0..m {
         let p = params[i];
-        let out = &mut data[i * kp..i * kp + k];
+        let out = &mut data[i * row_bytes..i * row_bytes + k * a_bytes];
         if p.scale == 0.0 {
-            out.fill(p.zero_point as u8);
+            for v in out.chunks_exact_mut(a_bytes) {
+                v[0] = p.zero_point as u8;
+            }
         } else {
             // SAFETY: as above.
             unsafe { (ops.quantize_row)(row(i), p.scale, p.zero_point, ty, out) };
@@ -250,6 +254,7 @@ pub fn quantize_activations_with(
     Ok(QuantizedActivations {
         data,
         kp,
+        row_bytes,
         scales: params.iter().map(|p| p.scale).collect(),
         zero_points: params.iter().map(|p| p.zero_point).collect(),
     })
@@ -263,8 +268,7 @@ mod tests {
     fn onnx_formula_simple() {
         // ONNX DynamicQuantizeLinear doc example: [0, 2, -3, -2.5, 1.34, 0.5]
         let x = [0.0f32, 2.0, -3.0, -2.5, 1.34, 0.5];
-        let q = quantize_activations(&x, 1, 6, 6, ActGranularity::PerTensor, ActType::AsymmetricU8, 6, 1)
-            .unwrap();
+        let q = quantize_activations(&x, 1, 6, 6, ActGranularity::PerTensor, ActType::AsymmetricU8, 6, 1).unwrap();
         assert_eq!(q.scales[0], 5.0f32 / 255.0);
         assert_eq!(q.zero_points[0], 153);
         assert_eq!(q.data, vec![153, 255, 0, 26, 221, 179]); // as numpy computes the ONNX formula
@@ -294,8 +298,7 @@ mod tests {
     #[test]
     fn non_finite_is_located() {
         let x = [1.0f32, 2.0, 3.0, 4.0, f32::NAN, 6.0];
-        let e = quantize_activations(&x, 2, 3, 3, ActGranularity::PerRow, ActType::AsymmetricU8, 4, 2)
-            .unwrap_err();
+        let e = quantize_activations(&x, 2, 3, 3, ActGranularity::PerRow, ActType::AsymmetricU8, 4, 2).unwrap_err();
         assert_eq!(e.status(), crate::Status::NonFinite);
         assert!(e.message().contains("A[1][1]"), "{}", e.message());
     }

@@ -76,12 +76,7 @@ pub fn quantize_symmetric(w: f32, scale: f32) -> i8 {
 
 /// Checks that every weight is finite; the error names the first offending position in
 /// `[n][k]` terms whatever the source layout.
-pub(crate) fn check_finite(
-    w: &[f32],
-    n: usize,
-    k: usize,
-    idx: impl Fn(usize, usize) -> usize,
-) -> Result<()> {
+pub(crate) fn check_finite(w: &[f32], n: usize, k: usize, idx: impl Fn(usize, usize) -> usize) -> Result<()> {
     if w.iter().all(|x| x.is_finite()) {
         return Ok(());
     }

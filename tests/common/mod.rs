@@ -5,8 +5,9 @@
 use dynq::Isa;
 
 /// Every ISA with a kernel in this build that this CPU can run. An ISA the CPU lacks is
-/// skipped with a message, unless `DYNQ_REQUIRE_ISA` (comma-separated names, or `all`) names
-/// it: then the test fails, so CI proves the path ran.
+/// skipped with a message, unless `DYNQ_REQUIRE_ISA` (comma-separated names, or `all` for
+/// every ISA with a kernel in this build) names it: then the test fails, so CI proves the path
+/// ran.
 pub fn isas_under_test() -> Vec<Isa> {
     let required: Vec<String> = std::env::var("DYNQ_REQUIRE_ISA")
         .unwrap_or_default()
@@ -19,7 +20,11 @@ pub fn isas_under_test() -> Vec<Isa> {
             panic!("DYNQ_REQUIRE_ISA names unknown ISA {r:?}");
         }
     }
-    let is_required = |isa: Isa| required.iter().any(|r| r == "all" || Isa::from_name(r) == Some(isa));
+    let is_required = |isa: Isa| {
+        required
+            .iter()
+            .any(|r| (r == "all" && dynq::kernels::kernel_for(isa).is_some()) || Isa::from_name(r) == Some(isa))
+    };
     let mut out = Vec::new();
     for isa in Isa::ALL {
         let has_kernel = dynq::kernels::kernel_for(isa).is_some();
@@ -75,7 +80,14 @@ impl<T: Copy> GuardBuf<T> {
         let map_len = (data_pages + 1) * page;
         // SAFETY: anonymous private mapping; checked below.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         assert_ne!(base, libc::MAP_FAILED);
         // SAFETY: the last page lies inside the mapping.

@@ -1,0 +1,246 @@
+//! AVX2 without VNNI: exact by construction, and the AVX2 row operations that the AVX2 and
+//! AVX-VNNI entries share.
+//!
+//! The classic `vpmaddubsw` route (u8 x s8, adjacent products summed into a saturating int16)
+//! overflows: `255 * 127 + 255 * 127 = 64770 > 32767`, which silently corrupted results of
+//! other libraries on such CPUs. This kernel never forms an int16 sum: activations are stored
+//! as `u16` (the `u8` zero-extended, `a_bytes = 2`) and weights are sign-extended from the
+//! int8 panel with `vpmovsxbw` as they are loaded, then `vpmaddwd` multiplies 16-bit lanes and
+//! adds adjacent pairs into int32: `|a0*b0 + a1*b1| <= 2 * 255 * 128 = 65280`, exact in int32
+//! for every possible input. The packed weights stay int8 (no extra memory traffic).
+//!
+//! Micro-kernel `gemm_u8s8_i32_6x16c2__avx2`: 6 rows x 16 columns, K in pairs; per pair two
+//! widening loads of weights, six 32-bit broadcasts of activation pairs, 12 `vpmaddwd` and
+//! 12 `vpaddd` into 12 accumulators (15 of the 16 ymm registers).
+
+use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps};
+use crate::isa::Isa;
+use crate::quant::activations::{quantize_value, QParams};
+use crate::quant::ActType;
+use std::arch::x86_64::*;
+
+const MR: usize = 6;
+const NR: usize = 16;
+const KR: usize = 2;
+
+/// The AVX2 table entry.
+pub const KERNEL: Kernel = Kernel {
+    isa: Isa::Avx2,
+    name: "gemm_u8s8_i32_6x16c2__avx2",
+    mr: MR,
+    nr: NR,
+    kr: KR,
+    a_bytes: 2,
+    layout_version: 1,
+    ukernel: gemm_u8s8_i32_6x16c2__avx2,
+    pack: pack_panels::<NR, KR>,
+    unpack: unpack_panels::<NR, KR>,
+    ops: &OPS_U16,
+};
+
+/// AVX2 row operations writing `u8` activations.
+pub static OPS_U8: RowOps = RowOps { row_stats, quantize_row: quantize_row_u8, dequantize_row };
+/// AVX2 row operations writing `u16` activations (for `vpmaddwd` kernels).
+pub static OPS_U16: RowOps = RowOps { row_stats, quantize_row: quantize_row_u16, dequantize_row };
+
+/// # Safety
+/// The contract of [`super::MicroKernel`] with `a_bytes = 2`; the CPU has AVX2.
+#[allow(non_snake_case)]
+unsafe fn gemm_u8s8_i32_6x16c2__avx2(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match mr {
+            1 => rows::<1>(kp, a, a_stride, b, c),
+            2 => rows::<2>(kp, a, a_stride, b, c),
+            3 => rows::<3>(kp, a, a_stride, b, c),
+            4 => rows::<4>(kp, a, a_stride, b, c),
+            5 => rows::<5>(kp, a, a_stride, b, c),
+            _ => rows::<6>(kp, a, a_stride, b, c),
+        }
+    }
+}
+
+/// # Safety
+/// As [`gemm_u8s8_i32_6x16c2__avx2`] with `mr == R`.
+#[target_feature(enable = "avx2")]
+unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    // SAFETY (whole body): loads stay inside the R rows of kp u16 values and the kp * NR
+    // bytes of the panel; stores write the first R rows of the MR x NR tile.
+    unsafe {
+        for g in 0..kp / KR {
+            let bp = b.add(g * NR * KR) as *const __m128i;
+            let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp));
+            let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(1)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_epi32((a.add(i * a_stride + g * 4) as *const i32).read_unaligned());
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let dst = c.add(i * NR) as *mut __m256i;
+            _mm256_storeu_si256(dst, acc[0]);
+            _mm256_storeu_si256(dst.add(1), acc[1]);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
+    let mut lo = _mm256_setzero_ps();
+    let mut hi = _mm256_setzero_ps();
+    let mut bad = _mm256_setzero_ps();
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        // SAFETY: a chunk holds 8 floats.
+        let v = unsafe { _mm256_loadu_ps(ch.as_ptr()) };
+        lo = _mm256_min_ps(lo, v);
+        hi = _mm256_max_ps(hi, v);
+        // x - x is NaN exactly for NaN and +-inf.
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NEQ_UQ>(_mm256_sub_ps(v, v), _mm256_setzero_ps()));
+    }
+    if _mm256_movemask_ps(bad) != 0 {
+        return None;
+    }
+    let (tlo, thi) = crate::quant::activations::row_stats(tail)?;
+    let mut l = [0f32; 8];
+    let mut h = [0f32; 8];
+    // SAFETY: 8-float arrays.
+    unsafe {
+        _mm256_storeu_ps(l.as_mut_ptr(), lo);
+        _mm256_storeu_ps(h.as_mut_ptr(), hi);
+    }
+    Some((l.iter().fold(tlo, |m, &v| m.min(v)), h.iter().fold(thi, |m, &v| m.max(v))))
+}
+
+/// Quantizes 8 values to i32 lanes holding the `u8` results (see `quantize_value`).
+///
+/// # Safety
+/// The CPU has AVX2; `x` points to 8 readable floats.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize8(x: *const f32, scale: __m256, add: __m256i, lo: __m256i, hi: __m256i, bias: __m256i) -> __m256i {
+    // SAFETY: per the contract.
+    let v = unsafe { _mm256_loadu_ps(x) };
+    // round_half_even(x / scale): explicit rounding, whatever MXCSR says; the rounded value
+    // is integral, so the conversion is exact.
+    let r = _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(
+        v, scale,
+    )));
+    _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(r, add), lo), hi), bias)
+}
+
+/// Constants of `quantize8` for a scheme: (add, lo, hi, bias) with q = clamp(r + add) + bias.
+#[inline(always)]
+fn scheme(zero_point: i32, ty: ActType) -> (i32, i32, i32, i32) {
+    match ty {
+        ActType::AsymmetricU8 => (zero_point, 0, 255, 0),
+        ActType::SymmetricI8 => (0, -127, 127, 128),
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row_u8(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    assert_eq!(x.len(), out.len());
+    let (add, lo, hi, bias) = scheme(zero_point, ty);
+    let (sv, addv, lov, hiv, biasv) = (
+        _mm256_set1_ps(scale),
+        _mm256_set1_epi32(add),
+        _mm256_set1_epi32(lo),
+        _mm256_set1_epi32(hi),
+        _mm256_set1_epi32(bias),
+    );
+    let full = x.len() / 8 * 8;
+    for j in (0..full).step_by(8) {
+        // SAFETY: j + 8 <= len for both slices.
+        unsafe {
+            let q = quantize8(x.as_ptr().add(j), sv, addv, lov, hiv, biasv);
+            let w = _mm256_packus_epi32(q, q); // u16: [q0..q3 q0..q3 | q4..q7 q4..q7]
+            let bytes = _mm256_packus_epi16(w, w); // u8, same lane structure
+            let lo4 = _mm256_extract_epi32::<0>(bytes) as u32;
+            let hi4 = _mm256_extract_epi32::<4>(bytes) as u32;
+            (out.as_mut_ptr().add(j) as *mut u64).write_unaligned((lo4 as u64) | ((hi4 as u64) << 32));
+        }
+    }
+    let p = QParams { scale, zero_point };
+    for j in full..x.len() {
+        out[j] = quantize_value(x[j], p, ty);
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row_u16(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    assert_eq!(x.len() * 2, out.len());
+    let (add, lo, hi, bias) = scheme(zero_point, ty);
+    let (sv, addv, lov, hiv, biasv) = (
+        _mm256_set1_ps(scale),
+        _mm256_set1_epi32(add),
+        _mm256_set1_epi32(lo),
+        _mm256_set1_epi32(hi),
+        _mm256_set1_epi32(bias),
+    );
+    let full = x.len() / 8 * 8;
+    for j in (0..full).step_by(8) {
+        // SAFETY: j + 8 <= x.len() and 2 * (j + 8) <= out.len().
+        unsafe {
+            let q = quantize8(x.as_ptr().add(j), sv, addv, lov, hiv, biasv);
+            let w = _mm256_packus_epi32(q, q); // u16: [q0..q3 q0..q3 | q4..q7 q4..q7]
+            let w = _mm256_permute4x64_epi64::<0b1000>(w); // [q0..q3 q4..q7 | ...]
+            _mm_storeu_si128(out.as_mut_ptr().add(2 * j) as *mut __m128i, _mm256_castsi256_si128(w));
+        }
+    }
+    let p = QParams { scale, zero_point };
+    for j in full..x.len() {
+        out[2 * j] = quantize_value(x[j], p, ty);
+        out[2 * j + 1] = 0;
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2; all slices of `row` have `out.len()` elements and `acc` at least that.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
+    let n = out.len();
+    assert!(acc.len() >= n && row.col_sums.len() == n && row.scales.len() == n);
+    assert!(row.bias.is_none_or(|b| b.len() == n));
+    let (zav, sav) = (_mm256_set1_epi32(row.za), _mm256_set1_ps(row.sa));
+    let full = n / 8 * 8;
+    for j in (0..full).step_by(8) {
+        // SAFETY: j + 8 <= n for every slice (checked above).
+        unsafe {
+            let a = _mm256_loadu_si256(acc.as_ptr().add(j) as *const __m256i);
+            let cs = _mm256_loadu_si256(row.col_sums.as_ptr().add(j) as *const __m256i);
+            // Same operations and order as crate::gemm::dequantize_row.
+            let c = _mm256_sub_epi32(a, _mm256_mullo_epi32(zav, cs));
+            let s = _mm256_mul_ps(sav, _mm256_loadu_ps(row.scales.as_ptr().add(j)));
+            let mut t = _mm256_mul_ps(_mm256_cvtepi32_ps(c), s);
+            if let Some(b) = row.bias {
+                t = _mm256_add_ps(t, _mm256_loadu_ps(b.as_ptr().add(j)));
+            }
+            if row.relu {
+                // maxps returns its second operand unless the first is greater: relu().
+                t = _mm256_max_ps(t, _mm256_setzero_ps());
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(j), t);
+        }
+    }
+    if full < n {
+        let tail = DequantRow {
+            za: row.za,
+            sa: row.sa,
+            col_sums: &row.col_sums[full..],
+            scales: &row.scales[full..],
+            bias: row.bias.map(|b| &b[full..]),
+            relu: row.relu,
+        };
+        crate::gemm::dequantize_row(&tail, &acc[full..n], &mut out[full..]);
+    }
+}

@@ -1,0 +1,96 @@
+//! AVX-VNNI: VEX-encoded `vpdpbusd` on ymm (8 lanes x 4 u8*s8 products), for CPUs that have
+//! VNNI without AVX-512 (Alder Lake and later client parts, some Atom/E-core servers).
+//!
+//! Micro-kernel `gemm_u8s8_i32_6x16c4__avxvnni`: 6 rows x 16 columns, K in groups of 4; per
+//! group two ymm of weights, six broadcasts, 12 `vpdpbusd` into 12 accumulators (15 of the 16
+//! ymm registers). Same panel layout as the AVX-512 kernel with NR = 16.
+//!
+//! The body is a macro instantiated twice: with the VEX instruction for the real entry, and
+//! with the EVEX-encoded ymm form of AVX-512 VL + VNNI (identical semantics) as
+//! [`evex_twin`]. A CPU without AVX-VNNI cannot run the first, but the tests run the second on
+//! any AVX-512 VNNI machine, so the kernel's logic is tested wherever either exists.
+
+use super::{pack_panels, unpack_panels, Kernel};
+use crate::isa::Isa;
+use std::arch::x86_64::*;
+
+const MR: usize = 6;
+const NR: usize = 16;
+const KR: usize = 4;
+
+/// The AVX-VNNI table entry.
+pub const KERNEL: Kernel = Kernel {
+    isa: Isa::AvxVnni,
+    name: "gemm_u8s8_i32_6x16c4__avxvnni",
+    mr: MR,
+    nr: NR,
+    kr: KR,
+    a_bytes: 1,
+    layout_version: 1,
+    ukernel: gemm_u8s8_i32_6x16c4__avxvnni,
+    pack: pack_panels::<NR, KR>,
+    unpack: unpack_panels::<NR, KR>,
+    ops: &super::avx2::OPS_U8,
+};
+
+/// The same kernel built with the EVEX (AVX-512 VL) encoding of `vpdpbusd ymm`: not a table
+/// entry, a test vehicle for the AVX-VNNI kernel's logic on AVX-512 VNNI machines. Its `isa`
+/// field says what it needs to run.
+pub const fn evex_twin() -> Kernel {
+    Kernel {
+        isa: Isa::Avx512Vnni,
+        name: "gemm_u8s8_i32_6x16c4__avx512vl_twin",
+        ukernel: gemm_u8s8_i32_6x16c4__evex,
+        ..KERNEL
+    }
+}
+
+macro_rules! vnni_ymm_kernel {
+    ($entry:ident, $rows:ident, $features:literal, $dp:ident) => {
+        /// # Safety
+        /// The contract of [`super::MicroKernel`]; the CPU has the instructions named in
+        /// the `target_feature` of the body.
+        #[allow(non_snake_case)]
+        unsafe fn $entry(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+            // SAFETY: forwarded contract.
+            unsafe {
+                match mr {
+                    1 => $rows::<1>(kp, a, a_stride, b, c),
+                    2 => $rows::<2>(kp, a, a_stride, b, c),
+                    3 => $rows::<3>(kp, a, a_stride, b, c),
+                    4 => $rows::<4>(kp, a, a_stride, b, c),
+                    5 => $rows::<5>(kp, a, a_stride, b, c),
+                    _ => $rows::<6>(kp, a, a_stride, b, c),
+                }
+            }
+        }
+
+        /// # Safety
+        /// As the entry above with `mr == R`.
+        #[target_feature(enable = $features)]
+        unsafe fn $rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            // SAFETY (whole body): loads stay inside the R rows of kp bytes and the kp * NR
+            // bytes of the panel; stores write the first R rows of the MR x NR tile.
+            unsafe {
+                for g in 0..kp / KR {
+                    let bp = b.add(g * NR * KR) as *const __m256i;
+                    let (b0, b1) = (_mm256_loadu_si256(bp), _mm256_loadu_si256(bp.add(1)));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_epi32((a.add(i * a_stride + g * KR) as *const i32).read_unaligned());
+                        acc[0] = $dp(acc[0], av, b0);
+                        acc[1] = $dp(acc[1], av, b1);
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    let dst = c.add(i * NR) as *mut __m256i;
+                    _mm256_storeu_si256(dst, acc[0]);
+                    _mm256_storeu_si256(dst.add(1), acc[1]);
+                }
+            }
+        }
+    };
+}
+
+vnni_ymm_kernel!(gemm_u8s8_i32_6x16c4__avxvnni, rows_vex, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+vnni_ymm_kernel!(gemm_u8s8_i32_6x16c4__evex, rows_evex, "avx2,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32);
