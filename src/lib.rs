@@ -20,6 +20,7 @@ pub mod gemm;
 pub mod isa;
 pub mod kernels;
 pub mod pack;
+pub mod peak;
 pub mod quant;
 pub mod reference;
 

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{isas_under_test, GuardBuf, Rng};
-use dynq::{gemm_i32, kernels::kernel_for, reference, PackOptions, PackedWeights, WeightLayout, MAX_K};
+use dynq::kernels::{kernel_for, F32Tile, TileOut};
+use dynq::{gemm_i32, reference, PackOptions, PackedWeights, WeightLayout, MAX_K};
 
 fn pack_q(q: &[i8], n: usize, k: usize, isa: dynq::Isa) -> PackedWeights {
     PackedWeights::from_quantized(
@@ -54,7 +55,9 @@ fn micro_kernels_exact_on_guard_pages() {
                     b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8());
                     let mut c = GuardBuf::<i32>::new(mr * nr, 0x5555_5555);
                     // SAFETY: buffers of exactly the sizes the contract requires; ISA resolved.
-                    unsafe { (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), c.as_mut_ptr()) };
+                    unsafe {
+                        (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), &TileOut::I32(c.as_mut_ptr()))
+                    };
                     // Unpack the panel to canonical [NR][kp] and compare with the reference.
                     let mut qw = vec![0i8; nr * kp];
                     (kern.unpack)(b.as_slice(), nr, kp, &mut qw);
@@ -71,6 +74,51 @@ fn micro_kernels_exact_on_guard_pages() {
                     let got: Vec<i64> = c.as_slice()[..mr_eff * nr].iter().map(|&v| v as i64).collect();
                     assert_eq!(got, want, "{} kp={kp} rows={mr_eff} stride={stride}", kern.name);
                     assert!(c.as_slice()[mr_eff * nr..].iter().all(|&v| v == 0x5555_5555), "rows past mr written");
+
+                    // The fused f32 epilogue, for full and partial panels, equals the scalar
+                    // definition applied to the reference integers, bit for bit; y ends at a
+                    // guard page and its stride padding is untouched.
+                    for cols in [nr, nr - 1, 1 + rng.below(nr)] {
+                        let ldy = cols + rng.below(3);
+                        let za: Vec<i32> = (0..mr_eff).map(|_| rng.u8() as i32).collect();
+                        let sa: Vec<f32> = (0..mr_eff).map(|_| rng.f32().abs() * 0.01).collect();
+                        let cs: Vec<i32> = (0..cols).map(|_| rng.below(20000) as i32 - 10000).collect();
+                        let sw: Vec<f32> = (0..cols).map(|_| rng.f32().abs() * 0.02).collect();
+                        let bias: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
+                        for (use_bias, relu) in [(false, false), (true, false), (true, true), (false, true)] {
+                            let mut y = GuardBuf::<f32>::new((mr_eff - 1) * ldy + cols, f32::from_bits(0x7fc0_dead));
+                            let ft = F32Tile {
+                                za: &za,
+                                sa: &sa,
+                                col_sums: &cs,
+                                scales: &sw,
+                                bias: use_bias.then_some(&bias[..]),
+                                relu,
+                                y: y.as_mut_ptr(),
+                                ldy,
+                            };
+                            // SAFETY: as above; y holds mr_eff rows of cols at stride ldy.
+                            unsafe { (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), &TileOut::F32(&ft)) };
+                            for i in 0..mr_eff {
+                                let acc: Vec<i32> = want[i * nr..i * nr + cols].iter().map(|&v| v as i32).collect();
+                                let mut expect = vec![0f32; cols];
+                                dynq::gemm::dequantize_row(&ft.row(i), &acc, &mut expect);
+                                for j in 0..ldy.min(y.as_slice().len() - i * ldy) {
+                                    let got = y.as_slice()[i * ldy + j].to_bits();
+                                    if j < cols {
+                                        assert_eq!(
+                                            got,
+                                            expect[j].to_bits(),
+                                            "{} f32 row {i} col {j} cols={cols}",
+                                            kern.name
+                                        );
+                                    } else {
+                                        assert_eq!(got, 0x7fc0_dead, "{} wrote stride padding", kern.name);
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }

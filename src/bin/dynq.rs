@@ -191,10 +191,27 @@ fn bench(args: &[String]) -> Result<(), String> {
         b.ty
     );
     println!("weights reused across repetitions: figures are for weights in cache where they fit.");
+    let peak = dynq::peak::dot_product_gops(isa, b.min_time);
+    match peak {
+        Some(p) => println!("measured {isa} dot-product peak, 1 thread: {p:.0} GOPS"),
+        None => println!("no dot-product peak measured for {isa}"),
+    }
+    let mut bw_cache: Vec<(usize, f64)> = Vec::new();
     println!();
     println!(
-        "{:<22} {:>16} {:>10} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10}",
-        "layer", "MxNxK", "dynq ms", "GOPS", "fp32 ms", "GFLOPS", "speedup", "rel.err", "cosine"
+        "{:<22} {:>16} {:>9} {:>7} {:>6} {:>7} {:>6} {:>9} {:>7} {:>8} {:>8} {:>9}",
+        "layer",
+        "MxNxK",
+        "dynq ms",
+        "GOPS",
+        "%peak",
+        "W GB/s",
+        "%bw",
+        "fp32 ms",
+        "GFLOPS",
+        "speedup",
+        "rel.err",
+        "cosine"
     );
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for (label, m, n, k) in &b.shapes {
@@ -249,12 +266,26 @@ fn bench(args: &[String]) -> Result<(), String> {
             diff += (q - r) * (q - r);
         }
         let ops = 2.0 * (m * n * k) as f64;
+        let gops = ops / t_q.as_secs_f64() / 1e9;
+        let wbytes = n * k;
+        let bw = match bw_cache.iter().find(|(s, _)| *s == wbytes) {
+            Some(&(_, bw)) => bw,
+            None => {
+                let bw = dynq::peak::read_bandwidth_gbs(wbytes, b.min_time);
+                bw_cache.push((wbytes, bw));
+                bw
+            }
+        };
+        let wgbs = wbytes as f64 / t_q.as_secs_f64() / 1e9;
         println!(
-            "{:<22} {:>16} {:>10.3} {:>9.1} {:>10.3} {:>9.1} {:>8.2}x {:>9.2e} {:>10.6}",
+            "{:<22} {:>16} {:>9.3} {:>7.1} {:>6} {:>7.1} {:>5.0}% {:>9.3} {:>7.1} {:>7.2}x {:>8.2e} {:>9.6}",
             label,
             format!("{m}x{n}x{k}"),
             t_q.as_secs_f64() * 1e3,
-            ops / t_q.as_secs_f64() / 1e9,
+            gops,
+            peak.map_or("-".to_string(), |p| format!("{:.0}%", 100.0 * gops / p)),
+            wgbs,
+            100.0 * wgbs / bw,
             t_f.as_secs_f64() * 1e3,
             ops / t_f.as_secs_f64() / 1e9,
             t_f.as_secs_f64() / t_q.as_secs_f64(),
@@ -264,7 +295,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     println!();
     println!(
-        "GOPS = 2*M*N*K / time (int8 multiply-adds for dynq, fp32 for the baseline); speedup = fp32 time / dynq time;"
+        "GOPS = 2*M*N*K / time (int8 multiply-adds for dynq, fp32 for the baseline); %peak = GOPS / the measured\n\
+         dot-product peak; W GB/s = int8 weight bytes / time, %bw = that / the measured read bandwidth for a buffer\n\
+         of the weights' size (the limit for small M); speedup = fp32 time / dynq time;"
     );
     println!(
         "rel.err = ||Y_dynq - Y_fp32|| / ||Y_fp32|| (Frobenius); cosine between the two outputs. Times are medians."

@@ -32,7 +32,7 @@
 //! counts. Tests enforce it.
 
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
-use crate::kernels::DequantRow;
+use crate::kernels::{DequantRow, F32Tile, TileOut};
 use crate::pack::PackedWeights;
 use crate::quant::activations::{quantize_activations_with, ActGranularity, ActType};
 use once_cell::sync::Lazy;
@@ -220,18 +220,32 @@ impl<T> SharedOut<T> {
     }
 }
 
-/// Runs the micro-kernel over every (row tile, column panel) of the output and hands each
-/// accumulator tile to `sink(first_row, rows, first_col, tile)` (`tile` is `MR x NR`
-/// row-major, its first `rows` rows valid). Tiles are visited exactly once, possibly from
-/// several threads.
-fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], row_bytes: usize, m: usize, threads: usize, sink: F) -> Result<()>
+/// One (row tile, column panel) of the output, handed to the callback of [`for_each_tile`].
+struct Tile<'a> {
+    /// First row and number of rows (`<= MR`).
+    i0: usize,
+    rows: usize,
+    /// First column and number of valid columns (`<= NR`).
+    j0: usize,
+    cols: usize,
+    /// The `rows` rows of quantized activations (stride `row_bytes`).
+    a: &'a [u8],
+    /// The packed panel.
+    panel: &'a [i8],
+}
+
+/// Visits every (row tile, column panel) of the output exactly once, possibly from several
+/// threads, with a scratch buffer of `MR * NR` `i32` per task. The callback runs the
+/// micro-kernel.
+fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], row_bytes: usize, m: usize, threads: usize, f: F) -> Result<()>
 where
-    F: Fn(usize, usize, usize, &[i32]) + Sync,
+    F: Fn(&Tile<'_>, &mut [i32]) + Sync,
 {
     let kern = w.kernel();
     let (mr, nr) = (kern.mr, kern.nr);
+    let n = w.n();
     let m_tiles = m.div_ceil(mr);
-    let n_panels = w.n().div_ceil(nr);
+    let n_panels = n.div_ceil(nr);
     let kp = kern.padded_k(w.k());
     debug_assert_eq!(row_bytes, kp * kern.a_bytes);
     debug_assert!(qa.len() >= m * row_bytes);
@@ -243,17 +257,20 @@ where
     let n_blocks = n_panels.div_ceil(nc);
     let run_block = |blk: usize| {
         let (mb, nb) = (blk / n_blocks, blk % n_blocks);
-        let mut tile = vec![0i32; mr * nr];
+        let mut scratch = vec![0i32; mr * nr];
         for p in nb * nc..((nb + 1) * nc).min(n_panels) {
             let panel = &w.packed_data()[p * nr * kp..(p + 1) * nr * kp];
             for t in mb * mc..((mb + 1) * mc).min(m_tiles) {
                 let rows = (m - t * mr).min(mr);
-                let a = &qa[t * mr * row_bytes..(t * mr + rows) * row_bytes];
-                // SAFETY: `a` holds `rows <= MR` rows of kp values at stride row_bytes, `panel`
-                // holds kp * NR bytes, `tile` MR * NR i32, kp is a multiple of KR (padded_k),
-                // and the CPU supports the kernel's ISA (checked when `w` was packed).
-                unsafe { (kern.ukernel)(rows, kp, a.as_ptr(), row_bytes, panel.as_ptr(), tile.as_mut_ptr()) };
-                sink(t * mr, rows, p * nr, &tile);
+                let tile = Tile {
+                    i0: t * mr,
+                    rows,
+                    j0: p * nr,
+                    cols: (n - p * nr).min(nr),
+                    a: &qa[t * mr * row_bytes..(t * mr + rows) * row_bytes],
+                    panel,
+                };
+                f(&tile, &mut scratch);
             }
         }
     };
@@ -304,26 +321,27 @@ pub fn gemm(
     let (scales, col_sums) = (w.scales(), w.col_sums());
     let relu = opts.epilogue == Epilogue::Relu;
     let out = SharedOut::new(y);
-    for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |i0, rows, j0, tile| {
-        let nr = kern.nr;
-        let cols = (n - j0).min(nr);
-        for r in 0..rows {
-            let i = i0 + r;
-            let row = DequantRow {
-                za: qa.zero_points[i],
-                sa: qa.scales[i],
-                col_sums: &col_sums[j0..j0 + cols],
-                scales: &scales[j0..j0 + cols],
-                bias: bias.map(|b| &b[j0..j0 + cols]),
-                relu,
-            };
-            // SAFETY: the elements (i, j0..j0+cols) belong to this tile only; tiles are
-            // disjoint, and `y` outlives the call.
-            let dst = unsafe { out.slice(i * ldy + j0, cols) };
-            // SAFETY: the ops belong to the kernel the weights were packed for, whose ISA the
-            // CPU supports.
-            unsafe { (kern.ops.dequantize_row)(&row, &tile[r * nr..r * nr + cols], dst) };
-        }
+    for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |t, _| {
+        let (i0, j0, cols) = (t.i0, t.j0, t.cols);
+        // The rows (i0..i0+rows) x columns (j0..j0+cols) of y belong to this tile only; the
+        // last element written is ((i0 + rows - 1) * ldy + j0 + cols - 1), inside y.
+        // SAFETY: in bounds (checked by the slice) and not aliased (disjoint tiles).
+        let y0 = unsafe { out.slice(i0 * ldy + j0, (t.rows - 1) * ldy + cols) }.as_mut_ptr();
+        let ft = F32Tile {
+            za: &qa.zero_points[i0..i0 + t.rows],
+            sa: &qa.scales[i0..i0 + t.rows],
+            col_sums: &col_sums[j0..j0 + cols],
+            scales: &scales[j0..j0 + cols],
+            bias: bias.map(|b| &b[j0..j0 + cols]),
+            relu,
+            y: y0,
+            ldy,
+        };
+        // SAFETY: `t.a` holds `rows <= MR` rows of kp values at stride row_bytes, the panel
+        // holds kp * NR bytes, kp is a multiple of KR (padded_k), `ft` describes rows x cols
+        // writable, unaliased elements of y, and the CPU supports the kernel's ISA (checked
+        // when `w` was packed).
+        unsafe { (kern.ukernel)(t.rows, kp, t.a.as_ptr(), qa.row_bytes, t.panel.as_ptr(), &TileOut::F32(&ft)) };
     })
 }
 
@@ -367,10 +385,16 @@ pub fn gemm_i32(
     }
     let col_sums = w.col_sums();
     let shared = SharedOut::new(out);
-    for_each_tile(w, &buf, row_bytes, m, threads, |i0, rows, j0, tile| {
-        for i in i0..i0 + rows {
-            for j in j0..(j0 + kern.nr).min(n) {
-                let v = tile[(i - i0) * kern.nr + (j - j0)].wrapping_sub(za[i].wrapping_mul(col_sums[j]));
+    for_each_tile(w, &buf, row_bytes, m, threads, |t, scratch| {
+        // SAFETY: as in `gemm`; `scratch` has room for MR * NR values.
+        unsafe {
+            (kern.ukernel)(t.rows, kp, t.a.as_ptr(), row_bytes, t.panel.as_ptr(), &TileOut::I32(scratch.as_mut_ptr()))
+        };
+        for r in 0..t.rows {
+            let i = t.i0 + r;
+            for c in 0..t.cols {
+                let j = t.j0 + c;
+                let v = scratch[r * kern.nr + c].wrapping_sub(za[i].wrapping_mul(col_sums[j]));
                 // SAFETY: (i, j) belongs to this tile only; tiles are disjoint.
                 unsafe { shared.write(i * ldo + j, v) };
             }

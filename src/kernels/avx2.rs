@@ -13,7 +13,7 @@
 //! widening loads of weights, six 32-bit broadcasts of activation pairs, 12 `vpmaddwd` and
 //! 12 `vpaddd` into 12 accumulators (15 of the 16 ymm registers).
 
-use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps};
+use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps, TileOut};
 use crate::isa::Isa;
 use crate::quant::activations::{quantize_value, QParams};
 use crate::quant::ActType;
@@ -46,7 +46,14 @@ pub static OPS_U16: RowOps = RowOps { row_stats, quantize_row: quantize_row_u16,
 /// # Safety
 /// The contract of [`super::MicroKernel`] with `a_bytes = 2`; the CPU has AVX2.
 #[allow(non_snake_case)]
-unsafe fn gemm_u8s8_i32_6x16c2__avx2(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+unsafe fn gemm_u8s8_i32_6x16c2__avx2(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    c: &TileOut<'_>,
+) {
     // SAFETY: forwarded contract.
     unsafe {
         match mr {
@@ -63,7 +70,7 @@ unsafe fn gemm_u8s8_i32_6x16c2__avx2(mr: usize, kp: usize, a: *const u8, a_strid
 /// # Safety
 /// As [`gemm_u8s8_i32_6x16c2__avx2`] with `mr == R`.
 #[target_feature(enable = "avx2")]
-unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     // SAFETY (whole body): loads stay inside the R rows of kp u16 values and the kp * NR
     // bytes of the panel; stores write the first R rows of the MR x NR tile.
@@ -78,10 +85,59 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
                 acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
             }
         }
-        for (i, acc) in acc.iter().enumerate() {
-            let dst = c.add(i * NR) as *mut __m256i;
-            _mm256_storeu_si256(dst, acc[0]);
-            _mm256_storeu_si256(dst.add(1), acc[1]);
+        deliver_16(&acc, out);
+    }
+}
+
+/// Delivers `R` rows of 16 columns held in two ymm accumulators each, as `out` asks. Shared by
+/// the AVX2 and AVX-VNNI kernels.
+///
+/// # Safety
+/// The CPU has AVX2; `out` satisfies the `TileOut` contract for `R` rows and NR = 16.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &TileOut<'_>) {
+    // SAFETY (whole body): the TileOut contract.
+    unsafe {
+        match out {
+            TileOut::I32(c) => {
+                for (i, acc) in acc.iter().enumerate() {
+                    let dst = c.add(i * 16) as *mut __m256i;
+                    _mm256_storeu_si256(dst, acc[0]);
+                    _mm256_storeu_si256(dst.add(1), acc[1]);
+                }
+            }
+            TileOut::F32(t) if t.cols() == 16 => {
+                let ld = |p: *const i32| _mm256_loadu_si256(p as *const __m256i);
+                let cs = [ld(t.col_sums.as_ptr()), ld(t.col_sums.as_ptr().add(8))];
+                let sw = [_mm256_loadu_ps(t.scales.as_ptr()), _mm256_loadu_ps(t.scales.as_ptr().add(8))];
+                let bias = t.bias.map(|b| [_mm256_loadu_ps(b.as_ptr()), _mm256_loadu_ps(b.as_ptr().add(8))]);
+                for (i, acc) in acc.iter().enumerate() {
+                    let (zav, sav) = (_mm256_set1_epi32(t.za[i]), _mm256_set1_ps(t.sa[i]));
+                    let y = t.y.add(i * t.ldy);
+                    for h in 0..2 {
+                        // Same operations and order as crate::gemm::dequantize_row.
+                        let c = _mm256_sub_epi32(acc[h], _mm256_mullo_epi32(zav, cs[h]));
+                        let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(c), _mm256_mul_ps(sav, sw[h]));
+                        if let Some(b) = bias {
+                            v = _mm256_add_ps(v, b[h]);
+                        }
+                        if t.relu {
+                            v = _mm256_max_ps(v, _mm256_setzero_ps());
+                        }
+                        _mm256_storeu_ps(y.add(8 * h), v);
+                    }
+                }
+            }
+            TileOut::F32(t) => {
+                // A partial panel (the last columns of W): spill and use the row operation.
+                let mut buf = [0i32; 16];
+                for (i, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_si256(buf.as_mut_ptr() as *mut __m256i, acc[0]);
+                    _mm256_storeu_si256(buf.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
+                    t.write_row(&OPS_U8, i, &buf);
+                }
+            }
         }
     }
 }

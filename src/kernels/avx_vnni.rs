@@ -10,7 +10,7 @@
 //! [`evex_twin`]. A CPU without AVX-VNNI cannot run the first, but the tests run the second on
 //! any AVX-512 VNNI machine, so the kernel's logic is tested wherever either exists.
 
-use super::{pack_panels, unpack_panels, Kernel};
+use super::{pack_panels, unpack_panels, Kernel, TileOut};
 use crate::isa::Isa;
 use std::arch::x86_64::*;
 
@@ -51,7 +51,7 @@ macro_rules! vnni_ymm_kernel {
         /// The contract of [`super::MicroKernel`]; the CPU has the instructions named in
         /// the `target_feature` of the body.
         #[allow(non_snake_case)]
-        unsafe fn $entry(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+        unsafe fn $entry(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: &TileOut<'_>) {
             // SAFETY: forwarded contract.
             unsafe {
                 match mr {
@@ -68,7 +68,7 @@ macro_rules! vnni_ymm_kernel {
         /// # Safety
         /// As the entry above with `mr == R`.
         #[target_feature(enable = $features)]
-        unsafe fn $rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+        unsafe fn $rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             // SAFETY (whole body): loads stay inside the R rows of kp bytes and the kp * NR
             // bytes of the panel; stores write the first R rows of the MR x NR tile.
@@ -82,11 +82,7 @@ macro_rules! vnni_ymm_kernel {
                         acc[1] = $dp(acc[1], av, b1);
                     }
                 }
-                for (i, acc) in acc.iter().enumerate() {
-                    let dst = c.add(i * NR) as *mut __m256i;
-                    _mm256_storeu_si256(dst, acc[0]);
-                    _mm256_storeu_si256(dst.add(1), acc[1]);
-                }
+                super::avx2::deliver_16(&acc, out);
             }
         }
     };

@@ -20,7 +20,8 @@ pub mod avx_vnni;
 pub mod scalar;
 
 /// A micro-kernel: `C[i][j] = sum_{k < kp} A[i][k] * B[k][j]` for `i < mr`, `j < NR`, in
-/// wrapping `i32` arithmetic.
+/// wrapping `i32` arithmetic, delivered as `out` asks: the raw accumulators, or the f32
+/// epilogue applied in registers and written straight to Y.
 ///
 /// # Safety
 /// - The CPU supports the kernel's ISA (guaranteed by [`crate::isa::resolve`] before any
@@ -28,10 +29,75 @@ pub mod scalar;
 /// - `1 <= mr <= MR`.
 /// - `a` points to `mr` rows of `kp * a_bytes` readable bytes, row `i` at `a + i * a_stride`.
 /// - `b` points to one packed panel: `kp * NR` readable bytes in the kernel's layout.
-/// - `c` points to `MR * NR` writable `i32`; rows `i < mr` are written row-major (overwritten,
-///   not accumulated), the others are left as they were.
+/// - `out` satisfies the requirements documented on [`TileOut`] for this `mr`.
 /// - `kp` is a multiple of `KR`.
-pub type MicroKernel = unsafe fn(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32);
+pub type MicroKernel = unsafe fn(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>);
+
+/// Where a micro-kernel delivers its tile.
+#[derive(Debug)]
+pub enum TileOut<'a> {
+    /// The raw accumulators, `MR x NR` row-major at this pointer: rows `i < mr` are written
+    /// (overwritten, not accumulated), the others left as they were. Must have room for
+    /// `MR * NR` values.
+    I32(*mut i32),
+    /// The f32 epilogue, written to Y.
+    F32(&'a F32Tile<'a>),
+}
+
+/// The f32 epilogue of one tile: `y[i][j] = f32(acc - za[i] * col_sums[j]) * (sa[i] *
+/// scales[j]) (+ bias[j]) (then relu)`, the definition being [`crate::gemm::dequantize_row`].
+/// `za` and `sa` have `mr` values; `col_sums`, `scales` and `bias` have `cols <= NR` values;
+/// row `i` of the output is `cols` writable floats at `y + i * ldy`, touched by no one else.
+#[derive(Debug)]
+pub struct F32Tile<'a> {
+    pub za: &'a [i32],
+    pub sa: &'a [f32],
+    pub col_sums: &'a [i32],
+    pub scales: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub relu: bool,
+    pub y: *mut f32,
+    pub ldy: usize,
+}
+
+impl F32Tile<'_> {
+    /// Number of valid columns.
+    pub fn cols(&self) -> usize {
+        self.col_sums.len()
+    }
+
+    /// The epilogue inputs of row `i` (all columns).
+    pub fn row(&self, i: usize) -> DequantRow<'_> {
+        DequantRow {
+            za: self.za[i],
+            sa: self.sa[i],
+            col_sums: self.col_sums,
+            scales: self.scales,
+            bias: self.bias,
+            relu: self.relu,
+        }
+    }
+
+    /// Output row `i`.
+    ///
+    /// # Safety
+    /// The contract of the struct: row `i` is writable and not aliased.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn y_row(&self, i: usize) -> &mut [f32] {
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.y.add(i * self.ldy), self.cols()) }
+    }
+
+    /// Writes row `i` from its `NR` accumulators (`acc.len() >= cols`) with the given row
+    /// operations (the portable path, used for tails).
+    ///
+    /// # Safety
+    /// As [`Self::y_row`]; `ops` belong to an ISA the CPU supports.
+    pub unsafe fn write_row(&self, ops: &RowOps, i: usize, acc: &[i32]) {
+        // SAFETY: per the contract.
+        unsafe { (ops.dequantize_row)(&self.row(i), &acc[..self.cols()], self.y_row(i)) }
+    }
+}
 
 /// The O(M*K) and O(M*N) work around the micro-kernel, vectorized per ISA. Each function
 /// computes exactly what its scalar definition computes (same operations, same order), so

@@ -1,7 +1,7 @@
 //! Portable kernel: plain Rust, runs on every CPU, and the baseline the SIMD kernels are
 //! tested against (beside the naive reference in `crate::reference`).
 
-use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps};
+use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps, TileOut};
 use crate::isa::Isa;
 use crate::quant::ActType;
 
@@ -41,13 +41,19 @@ unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
 ///
 /// # Safety
 /// The contract of [`super::MicroKernel`]: `a` has `MR` rows of `kp` bytes at stride
-/// `a_stride`, `b` has `kp * NR` bytes, `c` has room for `MR * NR` `i32`, `kp % KR == 0`.
+/// `a_stride`, `b` has `kp * NR` bytes, `out` as documented on `TileOut`, `kp % KR == 0`.
 /// No ISA requirement.
 #[allow(non_snake_case)]
-unsafe fn gemm_u8s8_i32_4x8c4__scalar(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: *mut i32) {
+unsafe fn gemm_u8s8_i32_4x8c4__scalar(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    out: &TileOut<'_>,
+) {
     // SAFETY: lengths as promised by the caller (see above).
     let b = unsafe { std::slice::from_raw_parts(b, kp * NR) };
-    let c = unsafe { std::slice::from_raw_parts_mut(c, mr * NR) };
     // Rows past `mr` alias the last valid row and are never used.
     let rows: [&[u8]; MR] =
         std::array::from_fn(|i| unsafe { std::slice::from_raw_parts(a.add(i.min(mr - 1) * a_stride), kp) });
@@ -64,7 +70,19 @@ unsafe fn gemm_u8s8_i32_4x8c4__scalar(mr: usize, kp: usize, a: *const u8, a_stri
             }
         }
     }
-    for (i, row) in acc.iter().enumerate().take(mr) {
-        c[i * NR..(i + 1) * NR].copy_from_slice(row);
+    match out {
+        TileOut::I32(c) => {
+            // SAFETY: room for MR * NR values (TileOut contract).
+            let c = unsafe { std::slice::from_raw_parts_mut(*c, mr * NR) };
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                c[i * NR..(i + 1) * NR].copy_from_slice(row);
+            }
+        }
+        TileOut::F32(t) => {
+            for (i, row) in acc.iter().enumerate().take(mr) {
+                // SAFETY: TileOut contract; the scalar ops run everywhere.
+                unsafe { t.write_row(&OPS, i, row) };
+            }
+        }
     }
 }

@@ -1,0 +1,204 @@
+//! This machine's own limits, measured the way `dynq bench` reports against them: the
+//! throughput of the integer dot-product instruction each kernel family is built on, and the
+//! read bandwidth for a buffer of a given size.
+//!
+//! The dot-product loops use many independent accumulators with operands in registers, so
+//! they measure the execution ports, not memory. The bandwidth loop reads a buffer repeatedly
+//! with the widest loads available; a buffer larger than the caches measures DRAM (or the
+//! host's last-level cache, which on these VMs holds 32-64 MiB).
+
+use crate::isa::Isa;
+use std::time::{Duration, Instant};
+
+/// Median of `f`'s results over repetitions lasting at least `min_time` (at least 3).
+fn median_rate(min_time: Duration, mut f: impl FnMut() -> f64) -> f64 {
+    let mut v = Vec::new();
+    let start = Instant::now();
+    f(); // warm-up
+    while v.len() < 3 || (start.elapsed() < min_time && v.len() < 50) {
+        v.push(f());
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Integer multiply-add peak of an ISA's dot-product instruction in GOPS (2 operations per
+/// u8*s8 multiply-add), single thread, or `None` when the CPU lacks it or nothing is
+/// measured for it. AVX-512 VNNI: `vpdpbusd zmm`; AVX-VNNI: `vpdpbusd ymm` (VEX);
+/// AVX2: the `vpmaddubsw + vpmaddwd + vpaddd` chain (the usual int8 route without VNNI, whose
+/// int16 step can saturate; dynq's exact AVX2 kernel is measured against it).
+pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
+    if crate::isa::resolve(isa).is_err() && !(isa == Isa::AvxVnni && isa.is_supported()) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let iters = 2_000_000usize;
+        let run = |f: &dyn Fn(usize) -> u64, macs_per_iter: usize| {
+            median_rate(min_time, || {
+                let t = Instant::now();
+                std::hint::black_box(f(iters));
+                (iters * macs_per_iter * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+        };
+        // SAFETY (each arm): the ISA was checked above.
+        match isa {
+            Isa::Avx512Vnni => Some(run(&|n| unsafe { x86::vnni_zmm(n) }, 24 * 64)),
+            Isa::AvxVnni => Some(run(&|n| unsafe { x86::vnni_ymm(n) }, 12 * 32)),
+            Isa::Avx2 => Some(run(&|n| unsafe { x86::maddubs_ymm(n) }, 12 * 32)),
+            _ => None,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = min_time;
+        None
+    }
+}
+
+/// Read bandwidth in GB/s for a buffer of `bytes` bytes (rounded up to 4 KiB), single thread.
+pub fn read_bandwidth_gbs(bytes: usize, min_time: Duration) -> f64 {
+    let words = bytes.div_ceil(4096) * 4096 / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    median_rate(min_time, || {
+        let t = Instant::now();
+        std::hint::black_box(sum_words(&buf));
+        (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+    })
+}
+
+/// Sums the buffer with 8 independent lanes; compiled for the widest vectors the CPU has.
+fn sum_words(buf: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512 F is present.
+            return unsafe { x86::sum_avx512(buf) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present.
+            return unsafe { x86::sum_avx2(buf) };
+        }
+    }
+    sum_portable(buf)
+}
+
+#[inline(always)]
+fn sum_portable(buf: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    for ch in buf.chunks_exact(8) {
+        for i in 0..8 {
+            acc[i] = acc[i].wrapping_add(ch[i]);
+        }
+    }
+    acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum_avx512(buf: &[u64]) -> u64 {
+        let mut acc = [_mm512_setzero_si512(); 4];
+        let chunks = buf.chunks_exact(32);
+        let tail = super::sum_portable(chunks.remainder());
+        for ch in chunks {
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the chunk holds 32 words, 8 per load.
+                *a = _mm512_add_epi64(*a, unsafe { _mm512_loadu_si512(ch.as_ptr().add(8 * j) as *const __m512i) });
+            }
+        }
+        fold512(&acc) ^ tail
+    }
+
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn sum_avx2(buf: &[u64]) -> u64 {
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let chunks = buf.chunks_exact(16);
+        let tail = super::sum_portable(chunks.remainder());
+        for ch in chunks {
+            for (j, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the chunk holds 16 words, 4 per load.
+                *a = _mm256_add_epi64(*a, unsafe { _mm256_loadu_si256(ch.as_ptr().add(4 * j) as *const __m256i) });
+            }
+        }
+        fold256(&acc) ^ tail
+    }
+
+    fn fold512(acc: &[__m512i]) -> u64 {
+        // SAFETY: only reached from functions requiring AVX-512 F.
+        unsafe {
+            let mut out = [0u64; 8];
+            let s = acc.iter().fold(_mm512_setzero_si512(), |a, b| _mm512_add_epi32(a, *b));
+            _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, s);
+            out.iter().fold(0, |a, b| a ^ b)
+        }
+    }
+
+    fn fold256(acc: &[__m256i]) -> u64 {
+        // SAFETY: only reached from functions requiring AVX2.
+        unsafe {
+            let mut out = [0u64; 4];
+            let s = acc.iter().fold(_mm256_setzero_si256(), |a, b| _mm256_add_epi32(a, *b));
+            _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, s);
+            out.iter().fold(0, |a, b| a ^ b)
+        }
+    }
+
+    /// 24 independent `vpdpbusd zmm` per iteration.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and VNNI.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub unsafe fn vnni_zmm(iters: usize) -> u64 {
+        let mut acc = [_mm512_setzero_si512(); 24];
+        let a = std::hint::black_box(_mm512_set1_epi32(0x0102_0304));
+        let b = std::hint::black_box(_mm512_set1_epi32(0x0101_0101));
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbusd_epi32(*x, a, b);
+            }
+        }
+        fold512(&acc)
+    }
+
+    /// 12 independent `vpdpbusd ymm` (VEX) per iteration.
+    ///
+    /// # Safety
+    /// The CPU has AVX-VNNI.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub unsafe fn vnni_ymm(iters: usize) -> u64 {
+        let mut acc = [_mm256_setzero_si256(); 12];
+        let a = std::hint::black_box(_mm256_set1_epi32(0x0102_0304));
+        let b = std::hint::black_box(_mm256_set1_epi32(0x0101_0101));
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm256_dpbusd_avx_epi32(*x, a, b);
+            }
+        }
+        fold256(&acc)
+    }
+
+    /// 12 independent `vpmaddubsw + vpmaddwd + vpaddd` chains per iteration (each chain feeds
+    /// its accumulator back as the u8 operand, so nothing can be hoisted out of the loop).
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn maddubs_ymm(iters: usize) -> u64 {
+        let mut acc = [_mm256_setzero_si256(); 12];
+        let b = std::hint::black_box(_mm256_set1_epi32(0x0101_0101));
+        let ones = _mm256_set1_epi16(1);
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm256_add_epi32(*x, _mm256_madd_epi16(_mm256_maddubs_epi16(*x, b), ones));
+            }
+        }
+        fold256(&acc)
+    }
+}
