@@ -165,6 +165,9 @@ enum dynq_epilogue
   DYNQ_EPILOGUE_NONE = 0,
   // max(y, 0).
   DYNQ_EPILOGUE_RELU = 1,
+  // GELU, erf form: 0.5 * y * (1 + erf(y / sqrt(2))), erf evaluated by dynq's own rational
+  // approximation (error below 3.5e-7), identical on every CPU.
+  DYNQ_EPILOGUE_GELU = 2,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

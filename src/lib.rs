@@ -19,6 +19,8 @@ pub mod ffi;
 pub mod gemm;
 pub mod isa;
 pub mod kernels;
+/// cbindgen:ignore
+pub mod ort;
 pub mod pack;
 pub mod peak;
 pub mod quant;

@@ -29,6 +29,38 @@ fn opts(g: ActGranularity, t: ActType, threads: usize) -> GemmOptions {
     GemmOptions { act_granularity: g, act_type: t, epilogue: Epilogue::None, num_threads: threads }
 }
 
+/// erf in f64 by its Taylor series (accurate to ~1e-9 on [-4, 4], enough to judge an f32
+/// approximation), and 1 beyond.
+fn erf_f64(x: f64) -> f64 {
+    if x.abs() > 4.5 {
+        return x.signum();
+    }
+    let (mut term, mut sum, mut n) = (x, x, 0.0f64);
+    while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+        n += 1.0;
+        term *= -x * x / n;
+        sum += term / (2.0 * n + 1.0);
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+#[test]
+fn erf_and_gelu_accuracy() {
+    let mut max_erf = 0f64;
+    for i in -100_000..=100_000 {
+        let x = i as f32 * 1e-4 * 6.0;
+        let e = dynq::gemm::erf(x) as f64;
+        max_erf = max_erf.max((e - erf_f64(x as f64)).abs());
+        let g = dynq::gemm::gelu(x) as f64;
+        let want = 0.5 * x as f64 * (1.0 + erf_f64(x as f64 / std::f64::consts::SQRT_2));
+        assert!((g - want).abs() <= 4e-7 * (x.abs() as f64).max(1.0), "gelu({x}) = {g}, exact {want}");
+    }
+    assert!(max_erf <= 3.5e-7, "erf max error {max_erf}");
+    assert!((dynq::gemm::erf(10.0) - 1.0).abs() <= 1.2e-7);
+    assert!((dynq::gemm::erf(-10.0) + 1.0).abs() <= 1.2e-7);
+    assert_eq!(dynq::gemm::gelu(0.0), 0.0);
+}
+
 fn run(w: &PackedWeights, a: &[f32], m: usize, bias: Option<&[f32]>, o: &GemmOptions) -> Vec<f32> {
     let mut y = vec![0f32; m * w.n()];
     gemm(w, a, m, w.k(), bias, &mut y, w.n(), o).unwrap();
@@ -59,6 +91,13 @@ fn bit_identical_across_isas_and_threads() {
                     let got = run(&pw, &a, m, Some(&bias), &opts(g, t, threads));
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "{isa} threads={threads} {m}x{n}x{k} {g:?} {t:?} differs from scalar");
+                }
+                for ep in [Epilogue::Relu, Epilogue::Gelu] {
+                    let o = GemmOptions { epilogue: ep, ..opts(g, t, 2) };
+                    let want = run(&base, &a, m, Some(&bias), &GemmOptions { num_threads: 1, ..o });
+                    let got = run(&pw, &a, m, Some(&bias), &o);
+                    let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{isa} {ep:?} {m}x{n}x{k} {g:?} {t:?} differs from scalar");
                 }
             }
         }

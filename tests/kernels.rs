@@ -85,7 +85,10 @@ fn micro_kernels_exact_on_guard_pages() {
                         let cs: Vec<i32> = (0..cols).map(|_| rng.below(20000) as i32 - 10000).collect();
                         let sw: Vec<f32> = (0..cols).map(|_| rng.f32().abs() * 0.02).collect();
                         let bias: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
-                        for (use_bias, relu) in [(false, false), (true, false), (true, true), (false, true)] {
+                        use dynq::Epilogue::{Gelu, None as Plain, Relu};
+                        for (use_bias, act) in
+                            [(false, Plain), (true, Plain), (true, Relu), (false, Relu), (true, Gelu), (false, Gelu)]
+                        {
                             let mut y = GuardBuf::<f32>::new((mr_eff - 1) * ldy + cols, f32::from_bits(0x7fc0_dead));
                             let ft = F32Tile {
                                 za: &za,
@@ -93,7 +96,7 @@ fn micro_kernels_exact_on_guard_pages() {
                                 col_sums: &cs,
                                 scales: &sw,
                                 bias: use_bias.then_some(&bias[..]),
-                                relu,
+                                act,
                                 y: y.as_mut_ptr(),
                                 ldy,
                             };

@@ -93,6 +93,9 @@ pub enum dynq_epilogue {
     None = 0,
     /// max(y, 0).
     Relu = 1,
+    /// GELU, erf form: 0.5 * y * (1 + erf(y / sqrt(2))), erf evaluated by dynq's own rational
+    /// approximation (error below 3.5e-7), identical on every CPU.
+    Gelu = 2,
 }
 
 /// Options for packing. Initialize with `dynq_pack_config_init`, then change fields.

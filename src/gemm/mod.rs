@@ -24,7 +24,7 @@
 //! c = acc - za * colsum          (i32, exact)
 //! t = f32(c) * (sa * sw)         (two f32 roundings: the product sa * sw, then the multiply)
 //! t = t + bias                   (if a bias is given)
-//! t = max(t, 0)                  (if the ReLU epilogue is selected)
+//! t = max(t, 0) or gelu(t)       (if the ReLU or GELU epilogue is selected; see `gelu`)
 //! ```
 //!
 //! Every kernel produces the same `acc`, and every element is computed by these same
@@ -48,8 +48,10 @@ pub const MAX_THREADS: usize = 1024;
 pub enum Epilogue {
     /// `y = acc * scales + bias`.
     None,
-    /// `y = max(acc * scales + bias, 0)`.
+    /// `y = max(acc * scales + bias, 0)`, see [`relu`].
     Relu,
+    /// `y = gelu(acc * scales + bias)`, the erf form, see [`gelu`].
+    Gelu,
 }
 
 impl Epilogue {
@@ -58,6 +60,7 @@ impl Epilogue {
         match self {
             Epilogue::None => 0,
             Epilogue::Relu => 1,
+            Epilogue::Gelu => 2,
         }
     }
     /// From the C ABI value.
@@ -65,6 +68,7 @@ impl Epilogue {
         match raw {
             0 => Some(Epilogue::None),
             1 => Some(Epilogue::Relu),
+            2 => Some(Epilogue::Gelu),
             _ => None,
         }
     }
@@ -111,6 +115,41 @@ pub fn relu(t: f32) -> f32 {
     }
 }
 
+/// Coefficients of `erf(z) ~= z * P(z^2) / Q(z^2)` on `[-4, 4]` (a rational least-squares
+/// fit made for dynq; maximum error 3.3e-7 when evaluated in f32 as [`erf`] does).
+pub(crate) const ERF_P: [f32; 6] =
+    [1.128_378_7, 0.209_969_8, 0.055_328_526, 0.004_603_963, 0.000_303_493, 1.895_347e-6];
+pub(crate) const ERF_Q: [f32; 6] = [1.0, 0.519_408_46, 0.122_190_706, 0.016_645_646, 0.001_365_527_4, 3.746_484e-5];
+
+/// erf as dynq defines it, with only `+ * / min max` in a fixed order so that every SIMD
+/// implementation reproduces it bit for bit:
+///
+/// ```text
+/// z = min(max(z, -4), 4);  s = z * z
+/// P = ((((P5*s + P4)*s + P3)*s + P2)*s + P1)*s + P0     (each step: multiply, then add)
+/// Q = ((((Q5*s + Q4)*s + Q3)*s + Q2)*s + Q1)*s + Q0
+/// erf = min(max((z * P) / Q, -1), 1)
+/// ```
+#[inline(always)]
+pub fn erf(z: f32) -> f32 {
+    let z = z.max(-4.0).min(4.0);
+    let s = z * z;
+    let mut p = ERF_P[5];
+    let mut q = ERF_Q[5];
+    for i in (0..5).rev() {
+        p = p * s + ERF_P[i];
+        q = q * s + ERF_Q[i];
+    }
+    ((z * p) / q).max(-1.0).min(1.0)
+}
+
+/// GELU as dynq defines it: `(x * 0.5) * (1 + erf(x * FRAC_1_SQRT_2))`, in that order, with
+/// [`erf`]. Within 2e-7 * |x| of the exact erf GELU.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    (x * 0.5) * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 /// Definition of `RowOps::dequantize_row`: the epilogue of one output row segment.
 pub fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
     for (j, (o, &c)) in out.iter_mut().zip(acc).enumerate() {
@@ -118,10 +157,11 @@ pub fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
         if let Some(b) = row.bias {
             t += b[j];
         }
-        if row.relu {
-            t = relu(t);
-        }
-        *o = t;
+        *o = match row.act {
+            Epilogue::None => t,
+            Epilogue::Relu => relu(t),
+            Epilogue::Gelu => gelu(t),
+        };
     }
 }
 
@@ -251,9 +291,15 @@ where
     debug_assert!(qa.len() >= m * row_bytes);
     debug_assert_eq!(w.packed_data().len(), n_panels * nr * kp);
     // Blocks: a block of panels stays in cache while all row tiles of a block stream by.
+    // With several threads, blocks are made small enough that there are at least four per
+    // thread (rayon balances them dynamically); the split never changes a result.
     let mc = 16.min(m_tiles).max(1);
-    let nc = 8.min(n_panels).max(1);
     let m_blocks = m_tiles.div_ceil(mc);
+    let mut nc = 8.min(n_panels).max(1);
+    if threads > 1 {
+        let want_n_blocks = (4 * threads).div_ceil(m_blocks);
+        nc = nc.min(n_panels.div_ceil(want_n_blocks)).max(1);
+    }
     let n_blocks = n_panels.div_ceil(nc);
     let run_block = |blk: usize| {
         let (mb, nb) = (blk / n_blocks, blk % n_blocks);
@@ -319,7 +365,7 @@ pub fn gemm(
     let qa =
         quantize_activations_with(kern.ops, kern.a_bytes, a, m, k, lda, opts.act_granularity, opts.act_type, kp, m)?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
-    let relu = opts.epilogue == Epilogue::Relu;
+    let act = opts.epilogue;
     let out = SharedOut::new(y);
     for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |t, _| {
         let (i0, j0, cols) = (t.i0, t.j0, t.cols);
@@ -333,7 +379,7 @@ pub fn gemm(
             col_sums: &col_sums[j0..j0 + cols],
             scales: &scales[j0..j0 + cols],
             bias: bias.map(|b| &b[j0..j0 + cols]),
-            relu,
+            act,
             y: y0,
             ldy,
         };

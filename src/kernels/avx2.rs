@@ -14,6 +14,7 @@
 //! 12 `vpaddd` into 12 accumulators (15 of the 16 ymm registers).
 
 use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps, TileOut};
+use crate::gemm::{Epilogue, ERF_P, ERF_Q};
 use crate::isa::Isa;
 use crate::quant::activations::{quantize_value, QParams};
 use crate::quant::ActType;
@@ -122,9 +123,7 @@ pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &T
                         if let Some(b) = bias {
                             v = _mm256_add_ps(v, b[h]);
                         }
-                        if t.relu {
-                            v = _mm256_max_ps(v, _mm256_setzero_ps());
-                        }
+                        v = activate(v, t.act);
                         _mm256_storeu_ps(y.add(8 * h), v);
                     }
                 }
@@ -138,6 +137,35 @@ pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &T
                     t.write_row(&OPS_U8, i, &buf);
                 }
             }
+        }
+    }
+}
+
+/// The epilogue activation; the same operations, in the same order, as
+/// `crate::gemm::{relu, gelu}`.
+///
+/// # Safety
+/// The CPU has AVX.
+#[inline]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn activate(v: __m256, act: Epilogue) -> __m256 {
+    match act {
+        Epilogue::None => v,
+        // maxps returns its second operand unless the first is greater: relu().
+        Epilogue::Relu => _mm256_max_ps(v, _mm256_setzero_ps()),
+        Epilogue::Gelu => {
+            let set = _mm256_set1_ps;
+            let z = _mm256_mul_ps(v, set(std::f32::consts::FRAC_1_SQRT_2));
+            let z = _mm256_min_ps(_mm256_max_ps(z, set(-4.0)), set(4.0));
+            let s = _mm256_mul_ps(z, z);
+            let (mut p, mut q) = (set(ERF_P[5]), set(ERF_Q[5]));
+            for i in (0..5).rev() {
+                p = _mm256_add_ps(_mm256_mul_ps(p, s), set(ERF_P[i]));
+                q = _mm256_add_ps(_mm256_mul_ps(q, s), set(ERF_Q[i]));
+            }
+            let e = _mm256_div_ps(_mm256_mul_ps(z, p), q);
+            let e = _mm256_min_ps(_mm256_max_ps(e, set(-1.0)), set(1.0));
+            _mm256_mul_ps(_mm256_mul_ps(v, set(0.5)), _mm256_add_ps(set(1.0), e))
         }
     }
 }
@@ -281,10 +309,7 @@ pub(crate) unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut
             if let Some(b) = row.bias {
                 t = _mm256_add_ps(t, _mm256_loadu_ps(b.as_ptr().add(j)));
             }
-            if row.relu {
-                // maxps returns its second operand unless the first is greater: relu().
-                t = _mm256_max_ps(t, _mm256_setzero_ps());
-            }
+            t = activate(t, row.act);
             _mm256_storeu_ps(out.as_mut_ptr().add(j), t);
         }
     }
@@ -295,7 +320,7 @@ pub(crate) unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut
             col_sums: &row.col_sums[full..],
             scales: &row.scales[full..],
             bias: row.bias.map(|b| &b[full..]),
-            relu: row.relu,
+            act: row.act,
         };
         crate::gemm::dequantize_row(&tail, &acc[full..n], &mut out[full..]);
     }

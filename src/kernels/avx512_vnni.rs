@@ -13,6 +13,7 @@
 //! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
 
 use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps, TileOut};
+use crate::gemm::{Epilogue, ERF_P, ERF_Q};
 use crate::isa::Isa;
 use crate::quant::ActType;
 use std::arch::x86_64::*;
@@ -177,14 +178,40 @@ unsafe fn deliver<const R: usize>(acc: &[[__m512i; 2]; R], out: &TileOut<'_>) {
                         if let Some(b) = bias {
                             v = _mm512_add_ps(v, b[h]);
                         }
-                        if t.relu {
-                            // maxps returns its second operand unless the first is greater: relu().
-                            v = _mm512_max_ps(v, _mm512_setzero_ps());
-                        }
+                        v = activate(v, t.act);
                         _mm512_mask_storeu_ps(y.add(16 * h), mask[h], v);
                     }
                 }
             }
+        }
+    }
+}
+
+/// The epilogue activation; the same operations, in the same order, as
+/// `crate::gemm::{relu, gelu}`.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn activate(v: __m512, act: Epilogue) -> __m512 {
+    match act {
+        Epilogue::None => v,
+        // maxps returns its second operand unless the first is greater: relu().
+        Epilogue::Relu => _mm512_max_ps(v, _mm512_setzero_ps()),
+        Epilogue::Gelu => {
+            let set = _mm512_set1_ps;
+            let z = _mm512_mul_ps(v, set(std::f32::consts::FRAC_1_SQRT_2));
+            let z = _mm512_min_ps(_mm512_max_ps(z, set(-4.0)), set(4.0));
+            let s = _mm512_mul_ps(z, z);
+            let (mut p, mut q) = (set(ERF_P[5]), set(ERF_Q[5]));
+            for i in (0..5).rev() {
+                p = _mm512_add_ps(_mm512_mul_ps(p, s), set(ERF_P[i]));
+                q = _mm512_add_ps(_mm512_mul_ps(q, s), set(ERF_Q[i]));
+            }
+            let e = _mm512_div_ps(_mm512_mul_ps(z, p), q);
+            let e = _mm512_min_ps(_mm512_max_ps(e, set(-1.0)), set(1.0));
+            _mm512_mul_ps(_mm512_mul_ps(v, set(0.5)), _mm512_add_ps(set(1.0), e))
         }
     }
 }
@@ -274,10 +301,7 @@ unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
             if let Some(b) = row.bias {
                 t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, b.as_ptr().add(j)));
             }
-            if row.relu {
-                // maxps returns its second operand unless the first is greater: relu().
-                t = _mm512_max_ps(t, _mm512_setzero_ps());
-            }
+            t = activate(t, row.act);
             _mm512_mask_storeu_ps(out.as_mut_ptr().add(j), m, t);
         }
         j += 16;

@@ -8,6 +8,7 @@
 //! consecutive values per column (the width of one dot-product instruction lane),
 //! `__isa` = the instruction set.
 
+pub use crate::gemm::Epilogue;
 use crate::isa::Isa;
 use crate::quant::ActType;
 
@@ -45,7 +46,8 @@ pub enum TileOut<'a> {
 }
 
 /// The f32 epilogue of one tile: `y[i][j] = f32(acc - za[i] * col_sums[j]) * (sa[i] *
-/// scales[j]) (+ bias[j]) (then relu)`, the definition being [`crate::gemm::dequantize_row`].
+/// scales[j]) (+ bias[j]) (then the activation)`, the definition being
+/// [`crate::gemm::dequantize_row`].
 /// `za` and `sa` have `mr` values; `col_sums`, `scales` and `bias` have `cols <= NR` values;
 /// row `i` of the output is `cols` writable floats at `y + i * ldy`, touched by no one else.
 #[derive(Debug)]
@@ -55,7 +57,7 @@ pub struct F32Tile<'a> {
     pub col_sums: &'a [i32],
     pub scales: &'a [f32],
     pub bias: Option<&'a [f32]>,
-    pub relu: bool,
+    pub act: Epilogue,
     pub y: *mut f32,
     pub ldy: usize,
 }
@@ -74,7 +76,7 @@ impl F32Tile<'_> {
             col_sums: self.col_sums,
             scales: self.scales,
             bias: self.bias,
-            relu: self.relu,
+            act: self.act,
         }
     }
 
@@ -128,7 +130,7 @@ pub struct DequantRow<'a> {
     pub col_sums: &'a [i32],
     pub scales: &'a [f32],
     pub bias: Option<&'a [f32]>,
-    pub relu: bool,
+    pub act: Epilogue,
 }
 
 /// Packs canonical `[N][K]` row-major int8 weights into this kernel's layout.

@@ -5,8 +5,7 @@
 //! message (and releases the status), so the op code can use `?` and report one clear message.
 
 use ort_sys::{
-    OrtApi, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtStatus, OrtStatusPtr, OrtTensorTypeAndShapeInfo,
-    OrtValue,
+    OrtApi, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtStatus, OrtStatusPtr, OrtTensorTypeAndShapeInfo, OrtValue,
 };
 use std::ffi::{c_char, CStr, CString};
 use std::ptr;
@@ -211,7 +210,11 @@ pub unsafe fn kernel_info_input_count(api: Api, info: *const OrtKernelInfo) -> R
 ///
 /// # Safety
 /// `info` is a live kernel info.
-pub unsafe fn constant_input(api: Api, info: *const OrtKernelInfo, index: usize) -> Result<Option<*const OrtValue>, String> {
+pub unsafe fn constant_input(
+    api: Api,
+    info: *const OrtKernelInfo,
+    index: usize,
+) -> Result<Option<*const OrtValue>, String> {
     let mut is_const: std::ffi::c_int = 0;
     let mut v: *const OrtValue = ptr::null();
     // SAFETY: per the contract.
@@ -223,7 +226,11 @@ pub unsafe fn constant_input(api: Api, info: *const OrtKernelInfo, index: usize)
 ///
 /// # Safety
 /// `ctx` is a live kernel context.
-pub unsafe fn context_input(api: Api, ctx: *const OrtKernelContext, index: usize) -> Result<Option<*const OrtValue>, String> {
+pub unsafe fn context_input(
+    api: Api,
+    ctx: *const OrtKernelContext,
+    index: usize,
+) -> Result<Option<*const OrtValue>, String> {
     let mut count = 0usize;
     // SAFETY: per the contract.
     unsafe { check(api, (api.0.KernelContext_GetInputCount)(ctx, &mut count))? };

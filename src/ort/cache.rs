@@ -74,9 +74,10 @@ pub fn get_or_pack(q: &[i8], n: usize, k: usize, scales: &[f32]) -> Result<(Arc<
     let key = Key { n, k, num_scales: scales.len(), hash: content_hash(q, scales) };
     {
         let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        let found = c.entries.get(&key).and_then(|v| {
-            v.iter().filter_map(Weak::upgrade).find(|p| same_content(p, q, n, k, scales))
-        });
+        let found = c
+            .entries
+            .get(&key)
+            .and_then(|v| v.iter().filter_map(Weak::upgrade).find(|p| same_content(p, q, n, k, scales)));
         if let Some(p) = found {
             c.hits += 1;
             return Ok((p, true));

@@ -436,6 +436,31 @@ static void ref_quantize_weights(const float *w, size_t n, size_t k, int per_ten
     }
 }
 
+/* GELU as the README defines it: (x * 0.5) * (1 + erf(x * (1/sqrt 2))), with erf evaluated as
+ * z = clamp(z, -4, 4); s = z*z; P, Q by Horner from the highest coefficient (multiply, then
+ * add); erf = clamp((z * P) / Q, -1, 1). Written from the documentation, not from dynq's code. */
+static float ref_gelu(float x)
+{
+    static const float P[6] = {1.1283787f, 0.2099698f, 0.055328526f, 0.004603963f, 0.000303493f, 1.895347e-6f};
+    static const float Q[6] = {1.0f, 0.51940846f, 0.122190706f, 0.016645646f, 0.0013655274f, 3.746484e-5f};
+    float z = x * 0.70710677f;
+    float s, p, q, e;
+    int i;
+    z = z > -4.0f ? z : -4.0f;
+    z = z < 4.0f ? z : 4.0f;
+    s = z * z;
+    p = P[5];
+    q = Q[5];
+    for (i = 4; i >= 0; i--) {
+        p = p * s + P[i];
+        q = q * s + Q[i];
+    }
+    e = (z * p) / q;
+    e = e > -1.0f ? e : -1.0f;
+    e = e < 1.0f ? e : 1.0f;
+    return (x * 0.5f) * (1.0f + e);
+}
+
 /* y = dequant(quant(A) x W^T) + bias, then the epilogue, in the documented order:
  *   c = acc - za * colsum (exact integer);  t = (float)c * (sa * sw);  t = t + bias;  relu.
  * q is [n][k] int8; sw has n scales. */
@@ -495,6 +520,9 @@ static void ref_gemm(const float *a, size_t m, size_t k, size_t lda, const int8_
             t = cf * s;
             if (bias != NULL) {
                 t = t + bias[j];
+            }
+            if (epi == DYNQ_EPILOGUE_GELU) {
+                t = ref_gelu(t);
             }
             if (epi == DYNQ_EPILOGUE_RELU) {
                 t = t > 0.0f ? t : 0.0f;
@@ -1313,11 +1341,11 @@ static void test_gemm_reference(void)
         random_a(aa, m, k, lda, ext);
         memcpy(a, aa, ((m - 1) * lda + k) * sizeof(float));
         free(aa);
-        for (combo = 0; combo < 16; combo++) {
+        for (combo = 0; combo < 24; combo++) {
             uint32_t gran = (combo & 1) ? DYNQ_ACT_GRANULARITY_PER_TENSOR : DYNQ_ACT_GRANULARITY_PER_ROW;
             uint32_t type = (combo & 2) ? DYNQ_ACT_TYPE_SYMMETRIC_I8 : DYNQ_ACT_TYPE_ASYMMETRIC_U8;
-            uint32_t epi = (combo & 4) ? DYNQ_EPILOGUE_RELU : DYNQ_EPILOGUE_NONE;
-            const float *b = (combo & 8) ? bias : NULL;
+            uint32_t epi = (combo >> 3) == 2 ? DYNQ_EPILOGUE_GELU : (combo & 4) ? DYNQ_EPILOGUE_RELU : DYNQ_EPILOGUE_NONE;
+            const float *b = (combo & 8) || (combo >> 3) == 2 ? bias : NULL;
             dynq_status st;
             fill_sentinel(y, (m - 1) * ldy + n);
             st = gemm_run(p, a, m, lda, b, y, ldy, gran, type, epi, 1);
@@ -1325,7 +1353,8 @@ static void test_gemm_reference(void)
             check(st == DYNQ_STATUS_OK && same_matrix(y, ldy, ref, n, m, n, why, sizeof why),
                   "dynq_gemm == C reference, %s activations, %s, %s, %s, %s, lda=%zu ldy=%zu: %s (%s)",
                   ext ? "extreme" : "random", gran ? "per-tensor" : "per-row",
-                  type ? "symmetric int8" : "asymmetric uint8", epi ? "ReLU" : "no epilogue",
+                  type ? "symmetric int8" : "asymmetric uint8",
+                  epi == DYNQ_EPILOGUE_GELU ? "GELU" : epi ? "ReLU" : "no epilogue",
                   b ? "bias" : "bias NULL", lda, ldy, st == DYNQ_STATUS_OK ? why : "call failed",
                   sname((int)st));
         }
@@ -1655,8 +1684,8 @@ static void test_invalid_arguments(void)
     gc = gemm_cfg(0, 2u, 0, 1);
     EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "act_type", "dynq_gemm(config act_type=2)",
            dynq_gemm(p, a, 3, 8, NULL, y, 6, &gc));
-    gc = gemm_cfg(0, 0, 2u, 1);
-    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "epilogue", "dynq_gemm(config epilogue=2)",
+    gc = gemm_cfg(0, 0, 3u, 1);
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "epilogue", "dynq_gemm(config epilogue=3)",
            dynq_gemm(p, a, 3, 8, NULL, y, 6, &gc));
     gc = gemm_cfg(0, 0, 0, 1025u);
     EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "num_threads", "dynq_gemm(config num_threads=1025)",

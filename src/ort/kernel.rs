@@ -1,0 +1,511 @@
+//! The `dynq.DynQMatMul` kernel: attribute parsing, weight packing at kernel creation, and the
+//! computation on ONNX Runtime's intra-op thread pool.
+
+use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_INT8, ELEM_UINT8};
+use super::{cache, gelu};
+use crate::gemm::{gemm, gemm_i32, Epilogue, GemmOptions};
+use crate::pack::{PackOptions, PackedWeights, WeightLayout};
+use crate::quant::activations::{asymmetric_params, quantize_value, row_stats, symmetric_params, QParams};
+use crate::quant::{ActGranularity, ActType};
+use crate::Error;
+use ort_sys::{OrtKernelContext, OrtKernelInfo, OrtValue};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+/// Input indices.
+pub const IN_A: usize = 0;
+pub const IN_W: usize = 1;
+pub const IN_SCALES: usize = 2;
+pub const IN_BIAS: usize = 3;
+
+/// The activation fused after the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu,
+    Gelu,
+}
+
+/// The node's attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attrs {
+    pub act_granularity: ActGranularity,
+    pub act_type: ActType,
+    pub activation: Activation,
+}
+
+/// Parses the attributes; absent ones take their defaults (per_row, asymmetric_u8, none).
+pub fn parse_attrs(get: impl Fn(&str) -> Result<Option<String>, String>) -> Result<Attrs, String> {
+    fn pick<T: Copy>(name: &str, v: Option<String>, default: T, allowed: &[(&str, T)]) -> Result<T, String> {
+        match v {
+            None => Ok(default),
+            Some(s) => allowed.iter().find(|(n, _)| *n == s).map(|(_, t)| *t).ok_or_else(|| {
+                let names: Vec<String> = allowed.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+                format!("attribute '{name}' is \"{s}\"; expected one of {}", names.join(", "))
+            }),
+        }
+    }
+    Ok(Attrs {
+        act_granularity: pick(
+            "act_granularity",
+            get("act_granularity")?,
+            ActGranularity::PerRow,
+            &[("per_row", ActGranularity::PerRow), ("per_tensor", ActGranularity::PerTensor)],
+        )?,
+        act_type: pick(
+            "act_type",
+            get("act_type")?,
+            ActType::AsymmetricU8,
+            &[("asymmetric_u8", ActType::AsymmetricU8), ("symmetric_i8", ActType::SymmetricI8)],
+        )?,
+        activation: pick(
+            "activation",
+            get("activation")?,
+            Activation::None,
+            &[("none", Activation::None), ("relu", Activation::Relu), ("gelu", Activation::Gelu)],
+        )?,
+    })
+}
+
+/// An error of the op, with the ONNX Runtime error code to report it with.
+pub struct OpError {
+    pub code: ort_sys::OrtErrorCode,
+    pub msg: String,
+}
+
+impl OpError {
+    pub fn invalid(msg: String) -> Self {
+        OpError { code: ort_sys::OrtErrorCode::ORT_INVALID_ARGUMENT, msg }
+    }
+    pub fn fail(msg: String) -> Self {
+        OpError { code: ort_sys::OrtErrorCode::ORT_FAIL, msg }
+    }
+}
+
+impl From<Error> for OpError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::OutOfMemory(_) | Error::Internal(_) => OpError::fail(e.to_string()),
+            _ => OpError::invalid(e.to_string()),
+        }
+    }
+}
+
+impl From<String> for OpError {
+    fn from(msg: String) -> Self {
+        OpError::fail(msg)
+    }
+}
+
+/// One kernel instance (one node of one session).
+pub struct DynqKernel {
+    pub(crate) api: Api,
+    /// "DynQMatMul node 'name'", for messages.
+    label: String,
+    attrs: Attrs,
+    /// Packed once at creation when W and its scales are constant initializers; else packed per call.
+    weights: Option<Arc<PackedWeights>>,
+}
+
+fn expect_weight_elem(s: &TensorShape) -> Result<(), String> {
+    match s.elem {
+        ELEM_INT8 => Ok(()),
+        ELEM_UINT8 => Err(format!(
+            "weight W is uint8; DynQMatMul takes int8 weights (python -m dynq.onnx quantize converts uint8 \
+             weights with their zero points), got {}",
+            s.describe()
+        )),
+        _ => Err(format!("weight W must be an int8 tensor [K, N], got {}", s.describe())),
+    }
+}
+
+/// `(n, k)` of a weight tensor `[K, N]` with 1 or N scales.
+fn weight_dims(w: &TensorShape, scales: &TensorShape) -> Result<(usize, usize), String> {
+    expect_weight_elem(w)?;
+    if w.dims.len() != 2 {
+        return Err(format!("weight W must have rank 2 ([K, N]), got {}", w.describe()));
+    }
+    if scales.elem != ELEM_FLOAT {
+        return Err(format!("weight scales must be float, got {}", scales.describe()));
+    }
+    let (k, n) = (w.dims[0], w.dims[1]);
+    if k <= 0 || n <= 0 {
+        return Err(format!("weight W has an empty dimension: {}", w.describe()));
+    }
+    let ns = scales.numel().unwrap_or(0);
+    if scales.dims.len() > 1 || (ns != 1 && ns as i64 != n) {
+        return Err(format!(
+            "weight scales must have 1 (per tensor) or N = {n} (per output channel) values in a tensor of rank 0 or 1, \
+             got {}",
+            scales.describe()
+        ));
+    }
+    Ok((n as usize, k as usize))
+}
+
+/// Packs W (`[K, N]` int8) with its scales, through the shared cache or not.
+///
+/// # Safety
+/// `w` and `s` are live tensor values.
+unsafe fn pack_from_values(
+    api: Api,
+    w: *const OrtValue,
+    s: *const OrtValue,
+    shared: bool,
+) -> Result<(Arc<PackedWeights>, bool), OpError> {
+    // SAFETY: per the contract.
+    let (ws, ss) = unsafe { (api::value_shape(api, w)?, api::value_shape(api, s)?) };
+    let (n, k) = weight_dims(&ws, &ss).map_err(OpError::invalid)?;
+    let ns = ss.numel().unwrap_or(0);
+    // SAFETY: the shapes were checked: W holds n * k int8 values and the scales `ns` floats.
+    let (q, scales) = unsafe {
+        (
+            std::slice::from_raw_parts(api::value_data(api, w)?.cast::<i8>().cast_const(), n * k),
+            std::slice::from_raw_parts(api::value_data(api, s)?.cast::<f32>().cast_const(), ns),
+        )
+    };
+    if shared {
+        Ok(cache::get_or_pack(q, n, k, scales)?)
+    } else {
+        Ok((Arc::new(PackedWeights::from_quantized(q, n, k, WeightLayout::KN, scales, PackOptions::default())?), false))
+    }
+}
+
+impl DynqKernel {
+    /// Builds the kernel: parses attributes, checks the node's inputs and packs constant weights.
+    ///
+    /// # Safety
+    /// `info` is a live kernel info.
+    pub unsafe fn create(api: Api, info: *const OrtKernelInfo) -> Result<Self, OpError> {
+        // SAFETY: per the contract (for every call below).
+        let name = unsafe { api::node_name(api, info) };
+        let label = format!("DynQMatMul node '{name}'");
+        let err = |m: String| OpError::invalid(format!("{label}: {m}"));
+        let count = unsafe { api::kernel_info_input_count(api, info) }.map_err(&err)?;
+        if !(3..=4).contains(&count) {
+            return Err(err(format!("expects 3 or 4 inputs (A, W, scales[, bias]), got {count}")));
+        }
+        let attrs = parse_attrs(|n| unsafe { api::attr_string(api, info, n) }).map_err(&err)?;
+        let w = unsafe { api::constant_input(api, info, IN_W) }.map_err(&err)?;
+        let s = unsafe { api::constant_input(api, info, IN_SCALES) }.map_err(&err)?;
+        let weights = match (w, s) {
+            (Some(w), Some(s)) => {
+                let (p, shared) = unsafe { pack_from_values(api, w, s, true) }.map_err(|e| err(e.msg))?;
+                if std::env::var_os("DYNQ_ORT_VERBOSE").is_some() {
+                    eprintln!(
+                        "dynq: {label}: weight {}x{} {} ({} bytes)",
+                        p.k(),
+                        p.n(),
+                        if shared { "shared with another session" } else { "packed" },
+                        p.bytes()
+                    );
+                }
+                Some(p)
+            }
+            _ => {
+                if std::env::var_os("DYNQ_ORT_VERBOSE").is_some() {
+                    eprintln!("dynq: {label}: weight is not a constant initializer; it is packed at every call (slow)");
+                }
+                None
+            }
+        };
+        Ok(DynqKernel { api, label, attrs, weights })
+    }
+
+    /// Runs the node.
+    ///
+    /// # Safety
+    /// `ctx` is a live kernel context of this kernel's node.
+    pub unsafe fn compute(&self, ctx: *mut OrtKernelContext) -> Result<(), OpError> {
+        let api = self.api;
+        let label = &self.label;
+        let err = |m: String| OpError::invalid(format!("{label}: {m}"));
+        let fail = |m: String| OpError::fail(format!("{label}: {m}"));
+        // SAFETY (all calls below): `ctx` is live; values obtained from it are live during the call.
+        let a_val = unsafe { api::context_input(api, ctx, IN_A) }
+            .map_err(fail)?
+            .ok_or_else(|| err("input A is missing".into()))?;
+        let a_shape = unsafe { api::value_shape(api, a_val) }.map_err(fail)?;
+        if a_shape.elem != ELEM_FLOAT {
+            return Err(err(format!("input A must be float, got {}", a_shape.describe())));
+        }
+        if a_shape.dims.is_empty() {
+            return Err(err(format!("input A must have rank >= 1 ([..., K]), got a scalar {}", a_shape.describe())));
+        }
+        let per_call;
+        let w: &PackedWeights = match &self.weights {
+            Some(p) => p,
+            None => {
+                let wv = unsafe { api::context_input(api, ctx, IN_W) }
+                    .map_err(fail)?
+                    .ok_or_else(|| err("input W is missing".into()))?;
+                let sv = unsafe { api::context_input(api, ctx, IN_SCALES) }
+                    .map_err(fail)?
+                    .ok_or_else(|| err("input scales is missing".into()))?;
+                per_call = unsafe { pack_from_values(api, wv, sv, false) }.map_err(|e| err(e.msg))?.0;
+                &per_call
+            }
+        };
+        let (n, k) = (w.n(), w.k());
+        let a_k = *a_shape.dims.last().expect("rank >= 1");
+        if a_k != k as i64 {
+            return Err(err(format!(
+                "input A has K = {a_k} (shape {:?}) but the weight has K = {k} (W is [{k}, {n}])",
+                a_shape.dims
+            )));
+        }
+        let a_len = a_shape.numel().ok_or_else(|| err(format!("input A has a bad shape {:?}", a_shape.dims)))?;
+        let m = a_len / k;
+        let bias: Option<&[f32]> = match unsafe { api::context_input(api, ctx, IN_BIAS) }.map_err(fail)? {
+            None => None,
+            Some(bv) => {
+                let bs = unsafe { api::value_shape(api, bv) }.map_err(fail)?;
+                if bs.elem != ELEM_FLOAT || bs.dims.len() != 1 || bs.dims[0] != n as i64 {
+                    return Err(err(format!("bias must be a float tensor [N] = [{n}], got {}", bs.describe())));
+                }
+                let p = unsafe { api::value_data(api, bv) }.map_err(fail)?;
+                // SAFETY: checked: n floats.
+                Some(unsafe { std::slice::from_raw_parts(p.cast::<f32>().cast_const(), n) })
+            }
+        };
+        let mut out_dims = a_shape.dims.clone();
+        *out_dims.last_mut().expect("rank >= 1") = n as i64;
+        let mut y_val: *mut OrtValue = std::ptr::null_mut();
+        api::check(api, unsafe {
+            (api.0.KernelContext_GetOutput)(ctx, 0, out_dims.as_ptr(), out_dims.len(), &mut y_val)
+        })
+        .map_err(fail)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let a_ptr = unsafe { api::value_data(api, a_val) }.map_err(fail)?;
+        let y_ptr = unsafe { api::value_data(api, y_val) }.map_err(fail)?;
+        // SAFETY: A holds m * k floats (its shape), Y was just allocated with m * n floats.
+        let a = unsafe { std::slice::from_raw_parts(a_ptr.cast::<f32>().cast_const(), m * k) };
+        let tensor_params = match self.attrs.act_granularity {
+            ActGranularity::PerRow => None,
+            ActGranularity::PerTensor => {
+                Some(tensor_qparams(a, m, k, self.attrs.act_type).map_err(|e| err(e.to_string()))?)
+            }
+        };
+        let job = Job {
+            w,
+            a,
+            y: y_ptr.cast::<f32>(),
+            m,
+            bias,
+            attrs: self.attrs,
+            tensor_params,
+            rows_per_chunk: rows_per_chunk(m, n, k, w.kernel().mr),
+            error: Mutex::new(None),
+        };
+        let chunks = m.div_ceil(job.rows_per_chunk);
+        if chunks <= 1 {
+            job.run_chunk(0);
+        } else {
+            let st = unsafe {
+                (api.0.KernelContext_ParallelFor)(
+                    ctx,
+                    run_chunk_trampoline,
+                    chunks,
+                    0,
+                    &job as *const Job as *mut c_void,
+                )
+            };
+            api::check(api, st).map_err(fail)?;
+        }
+        match job.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(OpError::from(e)).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Rows per parallel task: at least the kernel's row tile, at least ~1M multiply-adds, and at most
+/// 16 tasks (ONNX Runtime balances them over its pool; each task reads the whole weight matrix).
+fn rows_per_chunk(m: usize, n: usize, k: usize, mr: usize) -> usize {
+    let mr = mr.max(1);
+    let by_work = (1usize << 20).div_ceil((n * k).max(1));
+    let by_count = m.div_ceil(16);
+    by_work.max(by_count).max(1).div_ceil(mr) * mr
+}
+
+/// The per-tensor activation parameters of A (the range of all of A), or a `NonFinite` error
+/// naming the first NaN or infinity.
+fn tensor_qparams(a: &[f32], m: usize, k: usize, ty: ActType) -> crate::Result<QParams> {
+    let (mut lo, mut hi) = (0.0f32, 0.0f32);
+    for i in 0..m {
+        let row = &a[i * k..(i + 1) * k];
+        match row_stats(row) {
+            Some((l, h)) => {
+                lo = lo.min(l);
+                hi = hi.max(h);
+            }
+            None => {
+                let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                return Err(Error::NonFinite(format!(
+                    "activation A[{i}][{col}] is {}; activations must be finite",
+                    row[col]
+                )));
+            }
+        }
+    }
+    Ok(match ty {
+        ActType::AsymmetricU8 => asymmetric_params(lo, hi),
+        ActType::SymmetricI8 => symmetric_params(hi.max(-lo)),
+    })
+}
+
+/// The work of one call, shared by the parallel tasks (each writes its own rows of Y).
+struct Job<'a> {
+    w: &'a PackedWeights,
+    a: &'a [f32],
+    y: *mut f32,
+    m: usize,
+    bias: Option<&'a [f32]>,
+    attrs: Attrs,
+    tensor_params: Option<QParams>,
+    rows_per_chunk: usize,
+    error: Mutex<Option<Error>>,
+}
+
+// SAFETY: tasks read shared immutable data and write disjoint row ranges of `y`; the caller
+// waits for every task (ParallelFor returns after all of them) before `y` is used again.
+unsafe impl Sync for Job<'_> {}
+
+unsafe extern "C" fn run_chunk_trampoline(data: *mut c_void, index: usize) {
+    // SAFETY: `data` is the `Job` passed to ParallelFor, alive until it returns.
+    let job = unsafe { &*(data as *const Job) };
+    job.run_chunk(index);
+}
+
+impl Job<'_> {
+    fn record(&self, e: Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    /// Computes rows `index * rows_per_chunk ..` of Y; never unwinds.
+    fn run_chunk(&self, index: usize) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.chunk(index)));
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.record(e),
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                self.record(Error::Internal(format!("caught a panic inside dynq: {what} (please report)")))
+            }
+        }
+    }
+
+    fn chunk(&self, index: usize) -> crate::Result<()> {
+        let (n, k) = (self.w.n(), self.w.k());
+        let r0 = index * self.rows_per_chunk;
+        let r1 = (r0 + self.rows_per_chunk).min(self.m);
+        if r0 >= r1 {
+            return Ok(());
+        }
+        let rows = r1 - r0;
+        let a = &self.a[r0 * k..r1 * k];
+        // SAFETY: rows r0..r1 of Y belong to this task only; Y holds m * n floats.
+        let y = unsafe { std::slice::from_raw_parts_mut(self.y.add(r0 * n), rows * n) };
+        match self.tensor_params {
+            None => {
+                let epilogue = if self.attrs.activation == Activation::Relu { Epilogue::Relu } else { Epilogue::None };
+                let opts = GemmOptions {
+                    act_granularity: ActGranularity::PerRow,
+                    act_type: self.attrs.act_type,
+                    epilogue,
+                    num_threads: 1,
+                };
+                gemm(self.w, a, rows, k, self.bias, y, n, &opts).map_err(|e| offset_row_error(e, r0))?;
+            }
+            Some(p) => {
+                if let Some(b) = self.bias {
+                    if let Some(j) = b.iter().position(|v| !v.is_finite()) {
+                        return Err(Error::NonFinite(format!("bias[{j}] is {}; bias must be finite", b[j])));
+                    }
+                }
+                let qa: Vec<u8> = a.iter().map(|&x| quantize_value(x, p, self.attrs.act_type)).collect();
+                let za = vec![p.zero_point; rows];
+                let mut acc = vec![0i32; rows * n];
+                gemm_i32(self.w, &qa, rows, k, &za, &mut acc, n, 1)?;
+                // The same epilogue, in the same order, as `gemm` (see crate::gemm).
+                let scales = self.w.scales();
+                let relu = self.attrs.activation == Activation::Relu;
+                for (yr, cr) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
+                    for j in 0..n {
+                        let mut t = (cr[j] as f32) * (p.scale * scales[j]);
+                        if let Some(b) = self.bias {
+                            t += b[j];
+                        }
+                        if relu {
+                            t = crate::gemm::relu(t);
+                        }
+                        yr[j] = t;
+                    }
+                }
+            }
+        }
+        if self.attrs.activation == Activation::Gelu {
+            gelu::gelu_in_place(y);
+        }
+        Ok(())
+    }
+}
+
+/// Rewrites "A[i][..]" in a chunk's error message to the row index in the whole of A.
+fn offset_row_error(e: Error, r0: usize) -> Error {
+    if r0 == 0 {
+        return e;
+    }
+    if let Error::NonFinite(m) = &e {
+        if let Some(rest) = m.strip_prefix("activation A[") {
+            if let Some(end) = rest.find(']') {
+                if let Ok(i) = rest[..end].parse::<usize>() {
+                    return Error::NonFinite(format!("activation A[{}{}", i + r0, &rest[end..]));
+                }
+            }
+        }
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attrs_defaults_and_errors() {
+        let none = |_: &str| Ok(None);
+        let a = parse_attrs(none).unwrap();
+        assert_eq!(a.act_granularity, ActGranularity::PerRow);
+        assert_eq!(a.act_type, ActType::AsymmetricU8);
+        assert_eq!(a.activation, Activation::None);
+        let a = parse_attrs(|n: &str| Ok((n == "activation").then(|| "gelu".to_string()))).unwrap();
+        assert_eq!(a.activation, Activation::Gelu);
+        let e = parse_attrs(|n: &str| Ok((n == "act_type").then(|| "int4".to_string()))).unwrap_err();
+        assert!(e.contains("'act_type'") && e.contains("\"int4\"") && e.contains("\"symmetric_i8\""), "{e}");
+    }
+
+    #[test]
+    fn chunking_covers_rows_in_tiles() {
+        for &(m, n, k, mr) in &[(1, 384, 384, 8), (128, 384, 384, 8), (4096, 1536, 384, 6), (7, 1, 1, 4)] {
+            let r = rows_per_chunk(m, n, k, mr);
+            assert!(r >= 1 && r % mr == 0);
+            assert!(m.div_ceil(r) <= 16);
+        }
+    }
+
+    #[test]
+    fn row_error_offset() {
+        let e = offset_row_error(Error::NonFinite("activation A[2][5] is NaN; activations must be finite".into()), 8);
+        assert_eq!(e.message(), "activation A[10][5] is NaN; activations must be finite");
+    }
+}

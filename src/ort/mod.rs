@@ -1,0 +1,419 @@
+//! ONNX Runtime custom-op library: `libdynq.so` exports `RegisterCustomOps`, so
+//! `SessionOptions.register_custom_ops_library("libdynq.so")` (Python) or
+//! `RegisterCustomOpsLibrary` (C, C++, C#) adds the op `DynQMatMul` in the domain `dynq`.
+//!
+//! ## The op `dynq.DynQMatMul` (since version 1)
+//!
+//! `Y = act(dequant(quant(A) x W) + bias)`, activations quantized in every call.
+//!
+//! | input | type | shape | |
+//! |---|---|---|---|
+//! | A | float | `[..., K]`, any rank >= 1 | activations |
+//! | W | int8 | `[K, N]` (ONNX MatMul layout) | weight, `W_real = scale * W` |
+//! | scales | float | `[N]` (per output channel) or `[1]` / scalar (per tensor) | weight scales |
+//! | bias | float | `[N]` | optional |
+//!
+//! Output `Y`: float `[..., N]` (shape inference provides it).
+//!
+//! Attributes (strings, all optional):
+//! - `act_granularity`: `"per_row"` (default; one range per row of A, i.e. per token) or
+//!   `"per_tensor"` (one range for all of A, as ONNX `DynamicQuantizeLinear`).
+//! - `act_type`: `"asymmetric_u8"` (default; uint8 with zero point) or `"symmetric_i8"`.
+//! - `activation`: `"none"` (default), `"relu"` or `"gelu"` (exact erf form), fused after the bias.
+//!
+//! Weights that are constant initializers are packed once, when ONNX Runtime creates the kernel,
+//! through a process-wide cache keyed by content: every session of the same model shares one
+//! packed copy (reference-counted; freed with the last session). A weight that is not a constant
+//! (a graph input, or an initializer that is also listed as a graph input and so may be
+//! overridden) is packed at every call: correct, but slow.
+//!
+//! The product runs on ONNX Runtime's intra-op thread pool (`KernelContext_ParallelFor`), in
+//! chunks of rows, each a single-threaded dynq GEMM; results are bit-identical for any thread count.
+//!
+//! Bad models (wrong types or ranks, a K mismatch, bad attributes, NaN or infinite activations)
+//! give an ONNX Runtime error status naming the node, never a crash.
+//!
+//! Compiled against C API version 17: runs on ONNX Runtime 1.17 and later (tested: 1.17.3 and
+//! 1.31.1). Older versions are refused with a clear message when the library is registered.
+//!
+//! The op and domain objects live for the whole process (ONNX Runtime requires them to outlive
+//! every session that uses them); one small domain object is kept per registration.
+
+pub mod api;
+pub mod cache;
+pub mod gelu;
+pub mod kernel;
+
+use api::Api;
+use kernel::{DynqKernel, OpError, IN_A, IN_BIAS, IN_SCALES, IN_W};
+use ort_sys::{
+    ONNXTensorElementDataType, OrtApi, OrtApiBase, OrtCustomOp, OrtCustomOpDomain,
+    OrtCustomOpInputOutputCharacteristic, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtMemType, OrtSessionOptions,
+    OrtShapeInferContext, OrtStatus, OrtStatusPtr, OrtTensorTypeAndShapeInfo,
+};
+use std::ffi::{c_char, c_int, c_void};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// The C API version this library is compiled against (`OrtCustomOp.version`, `GetApi`).
+pub const ORT_API_VERSION: u32 = 17;
+/// The op's domain.
+pub const DOMAIN: &std::ffi::CStr = c"dynq";
+/// The op's name.
+pub const OP_NAME: &std::ffi::CStr = c"DynQMatMul";
+
+/// The API table given at registration (shape inference receives none).
+static API: AtomicPtr<OrtApi> = AtomicPtr::new(ptr::null_mut());
+
+fn api() -> Option<Api> {
+    let p = API.load(Ordering::Acquire);
+    // SAFETY: only ever set to a table ONNX Runtime returned, which lives for the process.
+    (!p.is_null()).then(|| Api(unsafe { &*p }))
+}
+
+/// Runs `f`, turning an error or a panic into an ONNX Runtime status.
+fn guarded(api: &OrtApi, f: impl FnOnce() -> Result<(), OpError>) -> OrtStatusPtr {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(())) => OrtStatusPtr(ptr::null_mut()),
+        Ok(Err(e)) => OrtStatusPtr(api::make_status(api, e.code, &e.msg)),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            OrtStatusPtr(api::make_status(
+                api,
+                OrtErrorCode::ORT_FAIL,
+                &format!("DynQMatMul: caught a panic inside dynq: {what} (please report)"),
+            ))
+        }
+    }
+}
+
+unsafe extern "system" fn get_name(_op: *const OrtCustomOp) -> *const c_char {
+    OP_NAME.as_ptr()
+}
+
+unsafe extern "system" fn get_ep(_op: *const OrtCustomOp) -> *const c_char {
+    c"CPUExecutionProvider".as_ptr()
+}
+
+// Every input is declared with an undefined ("any") element type so that a wrong type reaches
+// our checks and gets a message that says what is expected, instead of a failed kernel lookup.
+unsafe extern "system" fn get_input_type(_op: *const OrtCustomOp, _index: usize) -> ONNXTensorElementDataType {
+    ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+}
+
+unsafe extern "system" fn get_input_count(_op: *const OrtCustomOp) -> usize {
+    4
+}
+
+unsafe extern "system" fn get_output_type(_op: *const OrtCustomOp, _index: usize) -> ONNXTensorElementDataType {
+    ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+}
+
+unsafe extern "system" fn get_output_count(_op: *const OrtCustomOp) -> usize {
+    1
+}
+
+unsafe extern "system" fn get_input_characteristic(
+    _op: *const OrtCustomOp,
+    index: usize,
+) -> OrtCustomOpInputOutputCharacteristic {
+    if index == IN_BIAS {
+        OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+    } else {
+        OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+    }
+}
+
+unsafe extern "system" fn get_output_characteristic(
+    _op: *const OrtCustomOp,
+    _index: usize,
+) -> OrtCustomOpInputOutputCharacteristic {
+    OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+}
+
+unsafe extern "system" fn get_input_memory_type(_op: *const OrtCustomOp, _index: usize) -> OrtMemType {
+    OrtMemType::OrtMemTypeDefault
+}
+
+unsafe extern "system" fn variadic_min_arity(_op: *const OrtCustomOp) -> c_int {
+    1
+}
+
+unsafe extern "system" fn variadic_homogeneity(_op: *const OrtCustomOp) -> c_int {
+    0
+}
+
+unsafe extern "system" fn start_version(_op: *const OrtCustomOp) -> c_int {
+    1
+}
+
+unsafe extern "system" fn end_version(_op: *const OrtCustomOp) -> c_int {
+    c_int::MAX
+}
+
+unsafe extern "system" fn create_kernel_v2(
+    _op: *const OrtCustomOp,
+    api: *const OrtApi,
+    info: *const OrtKernelInfo,
+    kernel: *mut *mut c_void,
+) -> OrtStatusPtr {
+    // SAFETY: ONNX Runtime passes its live API table, valid for the process.
+    let api: &'static OrtApi = unsafe { &*api };
+    guarded(api, || {
+        if kernel.is_null() {
+            return Err(OpError::fail("DynQMatMul: ONNX Runtime passed no kernel slot".into()));
+        }
+        // SAFETY: `info` is live during this call.
+        let k = unsafe { DynqKernel::create(Api(api), info) }?;
+        // SAFETY: `kernel` is a writable slot; ONNX Runtime hands the pointer back to compute and destroy.
+        unsafe { *kernel = Box::into_raw(Box::new(k)).cast() };
+        Ok(())
+    })
+}
+
+unsafe extern "system" fn kernel_compute_v2(op_kernel: *mut c_void, ctx: *mut OrtKernelContext) -> OrtStatusPtr {
+    // SAFETY: `op_kernel` is a kernel made by `create_kernel_v2`, not yet destroyed.
+    let k = unsafe { &*(op_kernel as *const DynqKernel) };
+    let api = k.api;
+    // SAFETY: `ctx` is live during this call.
+    guarded(api.0, || unsafe { k.compute(ctx) })
+}
+
+unsafe extern "system" fn kernel_destroy(op_kernel: *mut c_void) {
+    if !op_kernel.is_null() {
+        // SAFETY: made by Box::into_raw in `create_kernel_v2`; ONNX Runtime destroys it once.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(unsafe { Box::from_raw(op_kernel as *mut DynqKernel) })
+        }));
+    }
+}
+
+/// Type and shape of one input in shape inference (owned by the context: not released).
+struct InferInput {
+    shape: api::TensorShape,
+    symbols: Vec<*const c_char>,
+}
+
+/// # Safety
+/// `ctx` is a live shape-inference context.
+unsafe fn infer_input(api: Api, ctx: *mut OrtShapeInferContext, index: usize) -> Result<InferInput, String> {
+    let mut info: *mut OrtTensorTypeAndShapeInfo = ptr::null_mut();
+    // SAFETY: `ctx` live; the returned info is owned by the context (releasing it double-frees).
+    unsafe { api::check(api, (api.0.ShapeInferContext_GetInputTypeShape)(ctx, index, &mut info))? };
+    if info.is_null() {
+        return Err(format!("no type information for input {index}"));
+    }
+    // SAFETY: `info` is live.
+    let shape = unsafe { api::read_shape_info(api, info)? };
+    let mut symbols = vec![ptr::null::<c_char>(); shape.dims.len()];
+    if !symbols.is_empty() {
+        // SAFETY: `symbols` has one slot per dimension; the strings are owned by `info`.
+        unsafe { api::check(api, (api.0.GetSymbolicDimensions)(info, symbols.as_mut_ptr(), symbols.len()))? };
+    }
+    Ok(InferInput { shape, symbols })
+}
+
+/// Checks the input types and computes the output shape `[..., N]`.
+///
+/// # Safety
+/// `ctx` is a live shape-inference context.
+unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> {
+    let mut count = 0usize;
+    // SAFETY: `ctx` is live (all calls below).
+    unsafe { api::check(api, (api.0.ShapeInferContext_GetInputCount)(ctx, &mut count))? };
+    if !(3..=4).contains(&count) {
+        return Err(format!("expects 3 or 4 inputs (A, W, scales[, bias]), got {count}"));
+    }
+    let a = unsafe { infer_input(api, ctx, IN_A)? };
+    let w = unsafe { infer_input(api, ctx, IN_W)? };
+    let s = unsafe { infer_input(api, ctx, IN_SCALES)? };
+    if a.shape.elem != api::ELEM_FLOAT {
+        let hint = if a.shape.elem == api::ELEM_FLOAT16 { " (float16 is not supported; Cast to float)" } else { "" };
+        return Err(format!("input A must be float, got {}{hint}", api::elem_name(a.shape.elem)));
+    }
+    if w.shape.elem != api::ELEM_INT8 {
+        return Err(format!(
+            "weight W must be int8, got {}{}",
+            api::elem_name(w.shape.elem),
+            if w.shape.elem == api::ELEM_UINT8 {
+                " (convert uint8 weights with: python -m dynq.onnx quantize in.onnx out.onnx)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if s.shape.elem != api::ELEM_FLOAT {
+        return Err(format!("weight scales must be float, got {}", api::elem_name(s.shape.elem)));
+    }
+    if count == 4 {
+        let b = unsafe { infer_input(api, ctx, IN_BIAS)? };
+        // An absent optional input reports an undefined type.
+        if b.shape.elem != 0 && b.shape.elem != api::ELEM_FLOAT {
+            return Err(format!("bias must be float, got {}", api::elem_name(b.shape.elem)));
+        }
+    }
+    // Rank 0 means a scalar or an unknown shape here: then nothing is known about the output shape.
+    if w.shape.dims.is_empty() || a.shape.dims.is_empty() {
+        return Ok(());
+    }
+    if w.shape.dims.len() != 2 {
+        return Err(format!("weight W must have rank 2 ([K, N]), got shape {:?}", w.shape.dims));
+    }
+    let (ka, kw) = (*a.shape.dims.last().expect("rank >= 1"), w.shape.dims[0]);
+    if ka >= 0 && kw >= 0 && ka != kw {
+        return Err(format!("input A has K = {ka} (shape {:?}) but W is [{kw}, {}]", a.shape.dims, w.shape.dims[1]));
+    }
+    let mut dims = a.shape.dims.clone();
+    let mut symbols = a.symbols.clone();
+    *dims.last_mut().expect("rank >= 1") = w.shape.dims[1];
+    *symbols.last_mut().expect("rank >= 1") = w.symbols[1];
+    let empty = c"".as_ptr();
+    for s in &mut symbols {
+        if s.is_null() {
+            *s = empty;
+        }
+    }
+    let mut out: *mut OrtTensorTypeAndShapeInfo = ptr::null_mut();
+    unsafe { api::check(api, (api.0.CreateTensorTypeAndShapeInfo)(&mut out))? };
+    let r = (|| unsafe {
+        api::check(
+            api,
+            (api.0.SetTensorElementType)(out, ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+        )?;
+        api::check(api, (api.0.SetDimensions)(out, dims.as_ptr(), dims.len()))?;
+        api::check(api, (api.0.SetSymbolicDimensions)(out, symbols.as_mut_ptr(), symbols.len()))?;
+        api::check(api, (api.0.ShapeInferContext_SetOutputTypeShape)(ctx, 0, out))
+    })();
+    unsafe { (api.0.ReleaseTensorTypeAndShapeInfo)(out) };
+    r
+}
+
+unsafe extern "system" fn infer_output_shape(_op: *const OrtCustomOp, ctx: *mut OrtShapeInferContext) -> OrtStatusPtr {
+    let Some(api) = api() else {
+        return OrtStatusPtr(ptr::null_mut());
+    };
+    guarded(api.0, || {
+        // SAFETY: `ctx` is live during this call.
+        unsafe { infer(api, ctx) }.map_err(|m| OpError::invalid(format!("DynQMatMul: {m}")))
+    })
+}
+
+struct StaticOp(OrtCustomOp);
+// SAFETY: the op descriptor is immutable; ONNX Runtime only reads it, from any thread.
+unsafe impl Sync for StaticOp {}
+
+static OP: StaticOp = StaticOp(OrtCustomOp {
+    version: ORT_API_VERSION,
+    CreateKernel: None,
+    GetName: Some(get_name),
+    GetExecutionProviderType: Some(get_ep),
+    GetInputType: Some(get_input_type),
+    GetInputTypeCount: Some(get_input_count),
+    GetOutputType: Some(get_output_type),
+    GetOutputTypeCount: Some(get_output_count),
+    KernelCompute: None,
+    KernelDestroy: Some(kernel_destroy),
+    GetInputCharacteristic: Some(get_input_characteristic),
+    GetOutputCharacteristic: Some(get_output_characteristic),
+    GetInputMemoryType: Some(get_input_memory_type),
+    GetVariadicInputMinArity: Some(variadic_min_arity),
+    GetVariadicInputHomogeneity: Some(variadic_homogeneity),
+    GetVariadicOutputMinArity: Some(variadic_min_arity),
+    GetVariadicOutputHomogeneity: Some(variadic_homogeneity),
+    CreateKernelV2: Some(create_kernel_v2),
+    KernelComputeV2: Some(kernel_compute_v2),
+    InferOutputShapeFn: Some(infer_output_shape),
+    GetStartVersion: Some(start_version),
+    GetEndVersion: Some(end_version),
+});
+
+/// # Safety
+/// `api_base` and `options` are what ONNX Runtime passes to a custom-op library.
+unsafe fn register(options: *mut OrtSessionOptions, api_base: *const OrtApiBase) -> *mut OrtStatus {
+    if api_base.is_null() {
+        return ptr::null_mut(); // cannot even report: nothing to create a status with
+    }
+    // SAFETY: `api_base` is ONNX Runtime's live API base.
+    let base = unsafe { &*api_base };
+    // SAFETY: GetApi returns NULL for a version the runtime does not serve.
+    let p = unsafe { (base.GetApi)(ORT_API_VERSION) };
+    if p.is_null() {
+        // SAFETY: version 1 is served by every ONNX Runtime; the version string is static.
+        let (v1, version) = unsafe { ((base.GetApi)(1), api::cstr((base.GetVersionString)())) };
+        if v1.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: `v1` is a live API table.
+        return api::make_status(
+            unsafe { &*v1 },
+            OrtErrorCode::ORT_FAIL,
+            &format!(
+                "dynq needs ONNX Runtime 1.17 or later (C API version {ORT_API_VERSION}); this is ONNX Runtime {version}"
+            ),
+        );
+    }
+    API.store(p.cast_mut(), Ordering::Release);
+    // SAFETY: `p` is a live API table.
+    let api: &'static OrtApi = unsafe { &*p };
+    guarded(api, || {
+        let a = Api(api);
+        let mut domain: *mut OrtCustomOpDomain = ptr::null_mut();
+        // SAFETY: plain API calls; the domain is intentionally never released (it must outlive
+        // every session created with these options, and ONNX Runtime does not tell us when that is).
+        unsafe {
+            api::check(a, (api.CreateCustomOpDomain)(DOMAIN.as_ptr(), &mut domain))?;
+            api::check(a, (api.CustomOpDomain_Add)(domain, &OP.0))?;
+            api::check(a, (api.AddCustomOpDomain)(options, domain))?;
+        }
+        Ok(())
+    })
+    .0
+}
+
+/// The entry point ONNX Runtime calls when the library is registered with a session's options.
+///
+/// # Safety
+/// Called by ONNX Runtime with its session options and API base.
+#[no_mangle]
+pub unsafe extern "C" fn RegisterCustomOps(
+    options: *mut OrtSessionOptions,
+    api_base: *const OrtApiBase,
+) -> *mut OrtStatus {
+    // SAFETY: per the contract.
+    std::panic::catch_unwind(|| unsafe { register(options, api_base) }).unwrap_or(ptr::null_mut())
+}
+
+/// Counters of the shared packed-weight cache of the ONNX Runtime op (diagnostics and tests):
+/// packed weights alive, their heap bytes, lookups served from the cache, lookups that packed.
+/// Any pointer may be NULL.
+///
+/// # Safety
+/// Each pointer is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_ort_weight_cache_stats(
+    live: *mut usize,
+    bytes: *mut usize,
+    hits: *mut u64,
+    misses: *mut u64,
+) {
+    let s = cache::stats();
+    // SAFETY: per the contract.
+    unsafe {
+        if !live.is_null() {
+            *live = s.live;
+        }
+        if !bytes.is_null() {
+            *bytes = s.bytes;
+        }
+        if !hits.is_null() {
+            *hits = s.hits;
+        }
+        if !misses.is_null() {
+            *misses = s.misses;
+        }
+    }
+}
