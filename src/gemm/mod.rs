@@ -119,7 +119,7 @@ pub fn relu(t: f32) -> f32 {
 /// fit made for dynq; maximum error 3.3e-7 when evaluated in f32 as [`erf`] does).
 pub(crate) const ERF_P: [f32; 6] =
     [1.128_378_7, 0.209_969_8, 0.055_328_526, 0.004_603_963, 0.000_303_493, 1.895_347e-6];
-pub(crate) const ERF_Q: [f32; 6] = [1.0, 0.519_408_46, 0.122_190_706, 0.016_645_646, 0.001_365_527_4, 3.746_484e-5];
+pub(crate) const ERF_Q: [f32; 6] = [1.0, 0.519_408_46, 0.122_190_71, 0.016_645_646, 0.001_365_527_4, 3.746_484e-5];
 
 /// erf as dynq defines it, with only `+ * / min max` in a fixed order so that every SIMD
 /// implementation reproduces it bit for bit:
@@ -132,7 +132,7 @@ pub(crate) const ERF_Q: [f32; 6] = [1.0, 0.519_408_46, 0.122_190_706, 0.016_645_
 /// ```
 #[inline(always)]
 pub fn erf(z: f32) -> f32 {
-    let z = z.max(-4.0).min(4.0);
+    let z = z.clamp(-4.0, 4.0);
     let s = z * z;
     let mut p = ERF_P[5];
     let mut q = ERF_Q[5];
@@ -140,7 +140,7 @@ pub fn erf(z: f32) -> f32 {
         p = p * s + ERF_P[i];
         q = q * s + ERF_Q[i];
     }
-    ((z * p) / q).max(-1.0).min(1.0)
+    ((z * p) / q).clamp(-1.0, 1.0)
 }
 
 /// GELU as dynq defines it: `(x * 0.5) * (1 + erf(x * FRAC_1_SQRT_2))`, in that order, with
