@@ -177,6 +177,27 @@ typedef uint32_t dynq_epilogue;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// Element types of activations and outputs (`uint32_t` values), for `dynq_gemm_ex`.
+enum dynq_dtype
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // IEEE binary32.
+  DYNQ_DTYPE_F32 = 0,
+  // IEEE binary16.
+  DYNQ_DTYPE_F16 = 1,
+  // bfloat16.
+  DYNQ_DTYPE_BF16 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum dynq_dtype dynq_dtype;
+#else
+typedef uint32_t dynq_dtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Opaque handle to packed weights.
 typedef struct dynq_packed_weights dynq_packed_weights;
 
@@ -388,6 +409,25 @@ dynq_status dynq_gemm(const dynq_packed_weights *packed,
                       float *y,
                       size_t ldy,
                       const dynq_gemm_config *config);
+
+// `dynq_gemm` with activations and outputs of another element type: `a_type` and `y_type`
+// are `dynq_dtype` values (`DYNQ_DTYPE_F32`, `_F16`, `_BF16`), `lda` and `ldy` count
+// elements, and the pointers must be aligned to their element size. The bias stays f32.
+// Inputs are widened exactly; outputs are computed in f32 and rounded to nearest even, so they
+// are bit-identical on every CPU too.
+//
+// # Safety
+// As `dynq_gemm`, with `a` and `y` holding elements of `a_type` and `y_type`.
+dynq_status dynq_gemm_ex(const dynq_packed_weights *packed,
+                         const void *a,
+                         uint32_t a_type,
+                         size_t m,
+                         size_t lda,
+                         const float *bias,
+                         void *y,
+                         uint32_t y_type,
+                         size_t ldy,
+                         const dynq_gemm_config *config);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -14,6 +14,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod gemm;
@@ -26,8 +27,9 @@ pub mod peak;
 pub mod quant;
 pub mod reference;
 
+pub use dtype::{DType, Element};
 pub use error::{Error, Result, Status};
-pub use gemm::{gemm, gemm_i32, Epilogue, GemmOptions};
+pub use gemm::{gemm, gemm_i32, gemm_typed, Epilogue, GemmOptions};
 pub use isa::Isa;
 pub use pack::{PackOptions, PackedWeights, WeightLayout};
 pub use quant::{ActGranularity, ActType, WeightGranularity, MAX_K};

@@ -98,6 +98,17 @@ pub enum dynq_epilogue {
     Gelu = 2,
 }
 
+/// Element types of activations and outputs (`uint32_t` values), for `dynq_gemm_ex`.
+#[repr(u32)]
+pub enum dynq_dtype {
+    /// IEEE binary32.
+    F32 = 0,
+    /// IEEE binary16.
+    F16 = 1,
+    /// bfloat16.
+    Bf16 = 2,
+}
+
 /// Options for packing. Initialize with `dynq_pack_config_init`, then change fields.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -682,40 +693,107 @@ pub unsafe extern "C" fn dynq_gemm(
     ldy: usize,
     config: *const dynq_gemm_config,
 ) -> Status {
+    // SAFETY: forwarded contract, with f32 elements.
+    ffi_boundary!({ unsafe { gemm_generic::<f32, f32>(packed, a, m, lda, bias, y, ldy, config) } })
+}
+
+/// `dynq_gemm` with activations and outputs of another element type: `a_type` and `y_type`
+/// are `dynq_dtype` values (`DYNQ_DTYPE_F32`, `_F16`, `_BF16`), `lda` and `ldy` count
+/// elements, and the pointers must be aligned to their element size. The bias stays f32.
+/// Inputs are widened exactly; outputs are computed in f32 and rounded to nearest even, so they
+/// are bit-identical on every CPU too.
+///
+/// # Safety
+/// As `dynq_gemm`, with `a` and `y` holding elements of `a_type` and `y_type`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm_ex(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    bias: *const f32,
+    y: *mut std::ffi::c_void,
+    y_type: u32,
+    ldy: usize,
+    config: *const dynq_gemm_config,
+) -> Status {
+    use crate::dtype::DType;
+    use half::{bf16, f16};
     ffi_boundary!({
-        // SAFETY: per the contract.
-        let pw = unsafe { handle(packed) }?;
-        // SAFETY: config is NULL or readable per the contract.
-        let opts = gemm_options(&unsafe { read_config(config, default_gemm_config(), "config") }?)?;
-        let (n, k) = (pw.n(), pw.k());
-        let a_len = span(m, k, lda, 4, "a")?;
-        let y_len = span(m, n, ldy, 4, "y")?;
-        if m == 0 {
-            return crate::gemm::gemm(pw, &[], 0, lda, None, &mut [], ldy, &opts);
-        }
-        check_ptr(a, "a")?;
-        check_ptr(y, "y")?;
-        if !bias.is_null() {
-            check_ptr(bias, "bias")?;
-        }
-        let y_range = (y as usize, y_len * 4);
-        if overlaps(y_range, (a as usize, a_len * 4)) {
-            return Err(Error::InvalidArgument("y overlaps a; the output must be a separate buffer".into()));
-        }
-        if !bias.is_null() && overlaps(y_range, (bias as usize, n * 4)) {
-            return Err(Error::InvalidArgument("y overlaps bias; the output must be a separate buffer".into()));
-        }
-        // SAFETY: the caller provides buffers of these sizes (computed without overflow), and
-        // y does not overlap the inputs (checked above).
-        let (a, y, bias) = unsafe {
-            (
-                std::slice::from_raw_parts(a, a_len),
-                std::slice::from_raw_parts_mut(y, y_len),
-                (!bias.is_null()).then(|| std::slice::from_raw_parts(bias, n)),
-            )
+        let dt = |raw: u32, name: &str| {
+            DType::from_raw(raw)
+                .ok_or_else(|| Error::InvalidArgument(format!("{name}={raw} is not a dynq_dtype value")))
         };
-        crate::gemm::gemm(pw, a, m, lda, bias, y, ldy, &opts)
+        let (at, yt) = (dt(a_type, "a_type")?, dt(y_type, "y_type")?);
+        macro_rules! go {
+            ($a:ty, $y:ty) => {
+                // SAFETY: forwarded contract with the element types the caller named.
+                unsafe { gemm_generic::<$a, $y>(packed, a as *const $a, m, lda, bias, y as *mut $y, ldy, config) }
+            };
+        }
+        match (at, yt) {
+            (DType::F32, DType::F32) => go!(f32, f32),
+            (DType::F32, DType::F16) => go!(f32, f16),
+            (DType::F32, DType::BF16) => go!(f32, bf16),
+            (DType::F16, DType::F32) => go!(f16, f32),
+            (DType::F16, DType::F16) => go!(f16, f16),
+            (DType::F16, DType::BF16) => go!(f16, bf16),
+            (DType::BF16, DType::F32) => go!(bf16, f32),
+            (DType::BF16, DType::F16) => go!(bf16, f16),
+            (DType::BF16, DType::BF16) => go!(bf16, bf16),
+        }
     })
+}
+
+/// The checks and the call shared by `dynq_gemm` and `dynq_gemm_ex`.
+///
+/// # Safety
+/// The contract of `dynq_gemm_ex` for element types `A` and `Y`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
+    packed: *const dynq_packed_weights,
+    a: *const A,
+    m: usize,
+    lda: usize,
+    bias: *const f32,
+    y: *mut Y,
+    ldy: usize,
+    config: *const dynq_gemm_config,
+) -> Result<()> {
+    // SAFETY: per the contract.
+    let pw = unsafe { handle(packed) }?;
+    // SAFETY: config is NULL or readable per the contract.
+    let opts = gemm_options(&unsafe { read_config(config, default_gemm_config(), "config") }?)?;
+    let (n, k) = (pw.n(), pw.k());
+    let (asz, ysz) = (std::mem::size_of::<A>(), std::mem::size_of::<Y>());
+    let a_len = span(m, k, lda, asz, "a")?;
+    let y_len = span(m, n, ldy, ysz, "y")?;
+    if m == 0 {
+        return crate::gemm::gemm_typed::<A, Y>(pw, &[], 0, lda, None, &mut [], ldy, &opts);
+    }
+    check_ptr(a, "a")?;
+    check_ptr(y, "y")?;
+    if !bias.is_null() {
+        check_ptr(bias, "bias")?;
+    }
+    let y_range = (y as usize, y_len * ysz);
+    if overlaps(y_range, (a as usize, a_len * asz)) {
+        return Err(Error::InvalidArgument("y overlaps a; the output must be a separate buffer".into()));
+    }
+    if !bias.is_null() && overlaps(y_range, (bias as usize, n * 4)) {
+        return Err(Error::InvalidArgument("y overlaps bias; the output must be a separate buffer".into()));
+    }
+    // SAFETY: the caller provides buffers of these sizes (computed without overflow), and y
+    // does not overlap the inputs (checked above).
+    let (a, y, bias) = unsafe {
+        (
+            std::slice::from_raw_parts(a, a_len),
+            std::slice::from_raw_parts_mut(y, y_len),
+            (!bias.is_null()).then(|| std::slice::from_raw_parts(bias, n)),
+        )
+    };
+    crate::gemm::gemm_typed(pw, a, m, lda, bias, y, ldy, &opts)
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@
 //! operations whatever the tiling, so the output is bit-identical across ISAs and thread
 //! counts. Tests enforce it.
 
+use crate::dtype::Element;
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
 use crate::kernels::{DequantRow, F32Tile, TileOut};
 use crate::pack::PackedWeights;
@@ -345,6 +346,23 @@ pub fn gemm(
     ldy: usize,
     opts: &GemmOptions,
 ) -> Result<()> {
+    gemm_typed(w, a, m, lda, bias, y, ldy, opts)
+}
+
+/// [`gemm`] with activations and outputs of any [`Element`] type (f32, f16, bf16). Inputs are
+/// widened exactly; outputs are computed in f32 by the same epilogue and rounded to nearest
+/// (ties to even), so they too are identical on every ISA and thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_typed<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    bias: Option<&[f32]>,
+    y: &mut [Y],
+    ldy: usize,
+    opts: &GemmOptions,
+) -> Result<()> {
     let (n, k) = (w.n(), w.k());
     check_matrix(a.len(), m, k, lda, "activations A")?;
     check_matrix(y.len(), m, n, ldy, "output Y")?;
@@ -366,13 +384,19 @@ pub fn gemm(
         quantize_activations_with(kern.ops, kern.a_bytes, a, m, k, lda, opts.act_granularity, opts.act_type, kp, m)?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
     let act = opts.epilogue;
-    let out = SharedOut::new(y);
-    for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |t, _| {
+    let direct = Y::as_f32_mut(y).map(|y| SharedOut::new(y));
+    let converted = SharedOut::new(y);
+    for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |t, scratch| {
         let (i0, j0, cols) = (t.i0, t.j0, t.cols);
-        // The rows (i0..i0+rows) x columns (j0..j0+cols) of y belong to this tile only; the
-        // last element written is ((i0 + rows - 1) * ldy + j0 + cols - 1), inside y.
-        // SAFETY: in bounds (checked by the slice) and not aliased (disjoint tiles).
-        let y0 = unsafe { out.slice(i0 * ldy + j0, (t.rows - 1) * ldy + cols) }.as_mut_ptr();
+        // The rows (i0..i0+rows) x columns (j0..j0+cols) of y belong to this tile only.
+        let span = (t.rows - 1) * ldy + cols;
+        let (y0, ld) = match &direct {
+            // SAFETY: in bounds (checked by `slice`) and not aliased (disjoint tiles).
+            Some(out) => (unsafe { out.slice(i0 * ldy + j0, span) }.as_mut_ptr(), ldy),
+            // f16/bf16 output: the tile goes through the f32 scratch buffer (MR * NR words;
+            // f32 and i32 have the same size and alignment) and is rounded below.
+            None => (scratch.as_mut_ptr() as *mut f32, cols),
+        };
         let ft = F32Tile {
             za: &qa.zero_points[i0..i0 + t.rows],
             sa: &qa.scales[i0..i0 + t.rows],
@@ -381,13 +405,24 @@ pub fn gemm(
             bias: bias.map(|b| &b[j0..j0 + cols]),
             act,
             y: y0,
-            ldy,
+            ldy: ld,
         };
         // SAFETY: `t.a` holds `rows <= MR` rows of kp values at stride row_bytes, the panel
         // holds kp * NR bytes, kp is a multiple of KR (padded_k), `ft` describes rows x cols
-        // writable, unaliased elements of y, and the CPU supports the kernel's ISA (checked
-        // when `w` was packed).
+        // writable, unaliased f32 (in y or in the scratch buffer, rows * cols <= MR * NR), and
+        // the CPU supports the kernel's ISA (checked when `w` was packed).
         unsafe { (kern.ukernel)(t.rows, kp, t.a.as_ptr(), qa.row_bytes, t.panel.as_ptr(), &TileOut::F32(&ft)) };
+        if direct.is_none() {
+            // SAFETY: the kernel wrote rows * cols f32 at the start of the scratch buffer.
+            let tile = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const f32, t.rows * cols) };
+            // SAFETY: as above, for the Y elements of this tile.
+            let dst = unsafe { converted.slice(i0 * ldy + j0, span) };
+            for r in 0..t.rows {
+                for c in 0..cols {
+                    dst[r * ldy + c] = Y::from_f32(tile[r * cols + c]);
+                }
+            }
+        }
     })
 }
 

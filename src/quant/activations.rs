@@ -199,10 +199,10 @@ pub fn quantize_activations(
 /// Errors: [`Error::NonFinite`] naming the first non-finite element (in row order), or
 /// [`Error::OutOfMemory`].
 #[allow(clippy::too_many_arguments)]
-pub fn quantize_activations_with(
+pub fn quantize_activations_with<T: crate::dtype::Element>(
     ops: &RowOps,
     a_bytes: usize,
-    a: &[f32],
+    a: &[T],
     m: usize,
     k: usize,
     lda: usize,
@@ -213,18 +213,19 @@ pub fn quantize_activations_with(
 ) -> Result<QuantizedActivations> {
     assert!(kp >= k && rows_padded >= m && lda >= k);
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
-    let row = |i: usize| &a[i * lda..i * lda + k];
+    let mut buf = Vec::new();
     let mut stats = Vec::with_capacity(m);
     for i in 0..m {
+        let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
         // SAFETY: `ops` comes from a kernel-table entry whose ISA was resolved for this CPU
         // (packed weights exist only for such entries) or is the scalar table.
-        match unsafe { (ops.row_stats)(row(i)) } {
+        match unsafe { (ops.row_stats)(row) } {
             Some(s) => stats.push(s),
             None => {
-                let col = row(i).iter().position(|x| !x.is_finite()).unwrap_or(0);
+                let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
                 return Err(Error::NonFinite(format!(
                     "activation A[{i}][{col}] is {}; activations must be finite",
-                    row(i)[col]
+                    row[col]
                 )));
             }
         }
@@ -247,8 +248,9 @@ pub fn quantize_activations_with(
                 v[0] = p.zero_point as u8;
             }
         } else {
+            let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
             // SAFETY: as above.
-            unsafe { (ops.quantize_row)(row(i), p.scale, p.zero_point, ty, out) };
+            unsafe { (ops.quantize_row)(row, p.scale, p.zero_point, ty, out) };
         }
     }
     Ok(QuantizedActivations {
