@@ -27,8 +27,20 @@ python3 tools/gen_onnx_vectors.py --check
 step "C ABI test program (C99 and C++)"
 tests/c/run.sh
 
+step "aarch64: NEON kernels under qemu-user (max, neoverse-n1, cortex-a53)"
+scripts/test-aarch64.sh
+
 step "CLI smoke test"
 cargo run --release --quiet --bin dynq -- info
 cargo run --release --quiet --bin dynq -- bench --shapes 3x40x50,1x64x4096 --min-time 0
+
+step "CMake package: install, C++ consumer (find_package, shared and static, ctest), pkg-config, exports"
+tests/cmake_consumer/run.sh
+
+step "Go binding (cgo; go vet, go test shared and -tags dynq_static; offline)"
+bindings/go/test.sh
+
+step "C# binding (P/Invoke; mcs + mono)"
+bindings/csharp/test.sh
 
 step "all tests passed"

@@ -70,7 +70,8 @@ fn micro_kernels_exact_on_guard_pages() {
                                 .collect::<Vec<_>>()
                         })
                         .collect();
-                    let want = reference::gemm_i64(&rows, mr_eff, kp, kp, &vec![0; mr_eff], &qw, nr);
+                    // The raw accumulators are sum (a - a_shift) * w (see Kernel::a_shift).
+                    let want = reference::gemm_i64(&rows, mr_eff, kp, kp, &vec![kern.a_shift; mr_eff], &qw, nr);
                     let got: Vec<i64> = c.as_slice()[..mr_eff * nr].iter().map(|&v| v as i64).collect();
                     assert_eq!(got, want, "{} kp={kp} rows={mr_eff} stride={stride}", kern.name);
                     assert!(c.as_slice()[mr_eff * nr..].iter().all(|&v| v == 0x5555_5555), "rows past mr written");

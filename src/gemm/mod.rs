@@ -384,6 +384,8 @@ pub fn gemm_typed<A: Element, Y: Element>(
         quantize_activations_with(kern.ops, kern.a_bytes, a, m, k, lda, opts.act_granularity, opts.act_type, kp, m)?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
     let act = opts.epilogue;
+    // The zero points as the kernel's raw accumulators need them (see `Kernel::a_shift`).
+    let za: Vec<i32> = qa.zero_points.iter().map(|z| z - kern.a_shift).collect();
     let direct = Y::as_f32_mut(y).map(|y| SharedOut::new(y));
     let converted = SharedOut::new(y);
     for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |t, scratch| {
@@ -398,7 +400,7 @@ pub fn gemm_typed<A: Element, Y: Element>(
             None => (scratch.as_mut_ptr() as *mut f32, cols),
         };
         let ft = F32Tile {
-            za: &qa.zero_points[i0..i0 + t.rows],
+            za: &za[i0..i0 + t.rows],
             sa: &qa.scales[i0..i0 + t.rows],
             col_sums: &col_sums[j0..j0 + cols],
             scales: &scales[j0..j0 + cols],
@@ -475,7 +477,8 @@ pub fn gemm_i32(
             let i = t.i0 + r;
             for c in 0..t.cols {
                 let j = t.j0 + c;
-                let v = scratch[r * kern.nr + c].wrapping_sub(za[i].wrapping_mul(col_sums[j]));
+                let z = za[i] - kern.a_shift;
+                let v = scratch[r * kern.nr + c].wrapping_sub(z.wrapping_mul(col_sums[j]));
                 // SAFETY: (i, j) belongs to this tile only; tiles are disjoint.
                 unsafe { shared.write(i * ldo + j, v) };
             }

@@ -32,6 +32,7 @@ pub const KERNEL: Kernel = Kernel {
     nr: NR,
     kr: KR,
     a_bytes: 2,
+    a_shift: 0,
     layout_version: 1,
     ukernel: gemm_u8s8_i32_6x16c2__avx2,
     pack: pack_panels::<NR, KR>,

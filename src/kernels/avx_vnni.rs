@@ -26,6 +26,7 @@ pub const KERNEL: Kernel = Kernel {
     nr: NR,
     kr: KR,
     a_bytes: 1,
+    a_shift: 0,
     layout_version: 1,
     ukernel: gemm_u8s8_i32_6x16c4__avxvnni,
     pack: pack_panels::<NR, KR>,

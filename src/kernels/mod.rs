@@ -18,10 +18,12 @@ pub mod avx2;
 pub mod avx512_vnni;
 #[cfg(target_arch = "x86_64")]
 pub mod avx_vnni;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 
-/// A micro-kernel: `C[i][j] = sum_{k < kp} A[i][k] * B[k][j]` for `i < mr`, `j < NR`, in
-/// wrapping `i32` arithmetic, delivered as `out` asks: the raw accumulators, or the f32
+/// A micro-kernel: `C[i][j] = sum_{k < kp} (A[i][k] - a_shift) * B[k][j]` for `i < mr`,
+/// `j < NR`, in wrapping `i32` arithmetic, delivered as `out` asks: the raw accumulators, or the f32
 /// epilogue applied in registers and written straight to Y.
 ///
 /// # Safety
@@ -155,6 +157,10 @@ pub struct Kernel {
     /// Bytes per quantized activation in the A buffer the micro-kernel reads: 1 (`u8`) or 2
     /// (`u8` zero-extended to `u16`, for kernels that multiply 16-bit lanes).
     pub a_bytes: usize,
+    /// The kernel's raw accumulator is `sum (qa - a_shift) * qw` (0, or 128 for kernels built
+    /// on a signed x signed instruction such as `sdot`, which flip the sign bit of `qa`).
+    /// Consumers use the zero point `za - a_shift`, which gives the same exact result.
+    pub a_shift: i32,
     /// Version of the in-memory packed layout of this entry; bumped whenever `pack` changes.
     pub layout_version: u32,
     pub ukernel: MicroKernel,
@@ -182,6 +188,12 @@ impl Kernel {
 /// new entry is tested and benchmarked without anyone having to remember it.
 pub static KERNELS: &[Kernel] = &[
     scalar::KERNEL,
+    #[cfg(target_arch = "aarch64")]
+    neon::KERNEL,
+    #[cfg(target_arch = "aarch64")]
+    neon::KERNEL_DOTPROD,
+    #[cfg(target_arch = "aarch64")]
+    neon::KERNEL_I8MM,
     #[cfg(target_arch = "x86_64")]
     avx2::KERNEL,
     #[cfg(target_arch = "x86_64")]
