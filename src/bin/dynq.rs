@@ -19,6 +19,9 @@ commands:
     --min-time SECONDS       minimum measuring time per shape and library (default 0.3)
     --per-tensor             per-tensor activation ranges instead of per-row
     --symmetric              symmetric int8 activations instead of asymmetric uint8
+  peak [--isa NAME] [--bytes N[,N...]]
+                             this machine's measured limits as JSON: the dot-product peak of an
+                             ISA (GOPS, 1 thread) and the read bandwidth for buffers of N bytes
   help                       this text
 
 environment: DYNQ_ISA forces the kernel family, DYNQ_NUM_THREADS the default thread count.";
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("info") => info(),
         Some("bench") => bench(&args[1..]),
+        Some("peak") => peak(&args[1..]),
         Some("help") | Some("--help") | Some("-h") => {
             println!("{USAGE}");
             Ok(())
@@ -91,6 +95,39 @@ fn info() -> Result<(), String> {
             if usable { "usable" } else { "not supported by this CPU" }
         );
     }
+    Ok(())
+}
+
+fn peak(args: &[String]) -> Result<(), String> {
+    let mut isa = None;
+    let mut sizes = vec![16usize << 20];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--isa" => {
+                let v = it.next().ok_or("--isa needs a value")?;
+                isa = Some(Isa::from_name(v).ok_or_else(|| format!("unknown ISA {v:?}"))?);
+            }
+            "--bytes" => {
+                let v = it.next().ok_or("--bytes needs a value")?;
+                sizes = v
+                    .split(',')
+                    .map(|s| s.trim().parse().map_err(|_| format!("bad size {s:?}")))
+                    .collect::<Result<_, _>>()?;
+            }
+            other => return Err(format!("unknown peak option {other:?}")),
+        }
+    }
+    let isa = isa::select(isa).map_err(|e| e.to_string())?;
+    let t = Duration::from_millis(300);
+    let gops = dynq::peak::dot_product_gops(isa, t);
+    let bw: Vec<String> =
+        sizes.iter().map(|&b| format!("\"{b}\": {:.2}", dynq::peak::read_bandwidth_gbs(b, t))).collect();
+    println!(
+        "{{\"isa\": \"{isa}\", \"dot_product_gops\": {}, \"read_gbs\": {{{}}}}}",
+        gops.map_or("null".to_string(), |g| format!("{g:.1}")),
+        bw.join(", ")
+    );
     Ok(())
 }
 
