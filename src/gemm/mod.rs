@@ -386,7 +386,7 @@ pub fn gemm_typed<A: Element, Y: Element>(
     let act = opts.epilogue;
     // The zero points as the kernel's raw accumulators need them (see `Kernel::a_shift`).
     let za: Vec<i32> = qa.zero_points.iter().map(|z| z - kern.a_shift).collect();
-    let direct = Y::as_f32_mut(y).map(|y| SharedOut::new(y));
+    let direct = Y::as_f32_mut(y).map(SharedOut::new);
     let converted = SharedOut::new(y);
     for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |t, scratch| {
         let (i0, j0, cols) = (t.i0, t.j0, t.cols);

@@ -104,7 +104,14 @@ macro_rules! dispatch_rows {
 /// # Safety
 /// The contract of [`super::MicroKernel`]; the CPU has NEON.
 #[allow(non_snake_case)]
-unsafe fn gemm_u8s8_i32_4x8c1__neon(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
+unsafe fn gemm_u8s8_i32_4x8c1__neon(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    out: &TileOut<'_>,
+) {
     // SAFETY: forwarded contract.
     unsafe { dispatch_rows!(rows_plain, mr, kp, a, a_stride, b, out) }
 }
@@ -143,7 +150,14 @@ unsafe fn rows_plain<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b
 /// # Safety
 /// The contract of [`super::MicroKernel`]; the CPU has NEON and the dot-product extension.
 #[allow(non_snake_case)]
-unsafe fn gemm_u8s8_i32_4x16c4__neondot(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
+unsafe fn gemm_u8s8_i32_4x16c4__neondot(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    out: &TileOut<'_>,
+) {
     // SAFETY: forwarded contract.
     unsafe { dispatch_rows!(rows_dot, mr, kp, a, a_stride, b, out) }
 }
@@ -210,7 +224,14 @@ unsafe fn rows_dot<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: 
 /// # Safety
 /// The contract of [`super::MicroKernel`]; the CPU has NEON and the i8mm extension.
 #[allow(non_snake_case)]
-unsafe fn gemm_u8s8_i32_4x8c8__neoni8mm(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
+unsafe fn gemm_u8s8_i32_4x8c8__neoni8mm(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    out: &TileOut<'_>,
+) {
     // SAFETY: forwarded contract.
     unsafe { dispatch_rows!(rows_mmla, mr, kp, a, a_stride, b, out) }
 }

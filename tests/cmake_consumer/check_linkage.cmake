@@ -3,6 +3,7 @@
 #
 #   cmake -DSHARED_EXE=<exe> -DSTATIC_EXE=<exe> -DSONAME=<libdynq.so.x.y> -DREADELF=readelf
 #         -P check_linkage.cmake
+cmake_policy(VERSION 3.16)
 foreach(v SHARED_EXE STATIC_EXE SONAME READELF)
   if(NOT DEFINED ${v})
     message(FATAL_ERROR "check_linkage.cmake: -D${v}= is required")

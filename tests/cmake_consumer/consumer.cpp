@@ -392,6 +392,6 @@ int main()
         std::printf("FAIL unexpected dynq::error (%s): %s\n", dynq_status_str(e.status()), e.what());
         ++g_failed;
     }
-    std::printf("consumer (dynq %s): %d passed, %d failed\n", dynq::version(), g_passed, g_failed);
+    std::printf("dynq %s\nconsumer: %d passed, %d failed\n", dynq::version(), g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;
 }

@@ -1,0 +1,5 @@
+//go:build !dynq_static
+
+package dynq
+
+const linkedStatically = false
