@@ -38,8 +38,6 @@ use crate::pack::PackedWeights;
 use crate::quant::activations::{quantize_activations_with, ActGranularity, ActType};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 
 /// Largest thread count accepted by a GEMM call.
 pub const MAX_THREADS: usize = 1024;
@@ -82,7 +80,8 @@ pub struct GemmOptions {
     pub act_type: ActType,
     pub epilogue: Epilogue,
     /// 0: the default (`DYNQ_NUM_THREADS`, else every available core); 1: the calling thread
-    /// only; n: a pool of n threads.
+    /// only; n: up to n workers of dynq's pool (whose size is the larger of the default and the
+    /// number of cores).
     pub num_threads: usize,
 }
 
@@ -210,20 +209,21 @@ fn resolve_threads(requested: usize) -> Result<usize> {
     }
 }
 
-fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
-    static POOLS: Lazy<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = Lazy::new(Default::default);
-    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = pools.get(&threads) {
-        return Ok(p.clone());
-    }
-    let p = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("dynq-{i}"))
-        .build()
-        .map_err(|e| Error::OutOfMemory(format!("could not start {threads} worker threads: {e}")))?;
-    let p = Arc::new(p);
-    pools.insert(threads, p.clone());
-    Ok(p)
+/// The one worker pool of the process, created on first use with as many threads as the
+/// larger of the default thread count and the available cores. A call asking for `t` threads
+/// runs `min(t, pool size)` workers from it: whatever thread counts callers ask for, dynq
+/// starts a bounded number of threads once, never one pool per count.
+fn pool() -> Result<&'static rayon::ThreadPool> {
+    static POOL: once_cell::sync::OnceCell<rayon::ThreadPool> = once_cell::sync::OnceCell::new();
+    POOL.get_or_try_init(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let size = cores.max(default_threads().unwrap_or(1)).min(MAX_THREADS);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(size)
+            .thread_name(|i| format!("dynq-{i}"))
+            .build()
+            .map_err(|e| Error::OutOfMemory(format!("could not start {size} worker threads: {e}")))
+    })
 }
 
 /// A raw output pointer shared by the tasks of one call, each writing a disjoint set of
@@ -325,7 +325,20 @@ where
     if threads <= 1 || blocks == 1 {
         (0..blocks).for_each(run_block);
     } else {
-        pool(threads)?.install(|| (0..blocks).into_par_iter().for_each(run_block));
+        // `workers` tasks pull blocks from a shared counter: dynamic balancing with at most
+        // `workers` threads busy for this call.
+        let pool = pool()?;
+        let workers = threads.min(pool.current_num_threads()).min(blocks);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        pool.install(|| {
+            (0..workers).into_par_iter().for_each(|_| loop {
+                let blk = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if blk >= blocks {
+                    break;
+                }
+                run_block(blk);
+            })
+        });
     }
     Ok(())
 }
