@@ -43,4 +43,12 @@ bindings/go/test.sh
 step "C# binding (P/Invoke; mcs + mono)"
 bindings/csharp/test.sh
 
+step "Python package: numpy wrapper, ONNX Runtime op, converter, real model (onnxruntime 1.31.1)"
+cargo build --release --lib --quiet
+DYNQ_REQUIRE_MODEL=1 python3 -m pytest -q -p no:cacheprovider bindings/python/tests
+
+step "ONNX Runtime op and converter on the oldest supported runtime (onnxruntime 1.17.3)"
+target/py-ort1.17/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests/test_wrapper.py \
+  bindings/python/tests/test_ort_op.py bindings/python/tests/test_convert.py
+
 step "all tests passed"

@@ -107,8 +107,9 @@ fn micro_kernels_exact_on_guard_pages() {
                                 let acc: Vec<i32> = want[i * nr..i * nr + cols].iter().map(|&v| v as i32).collect();
                                 let mut expect = vec![0f32; cols];
                                 dynq::gemm::dequantize_row(&ft.row(i), &acc, &mut expect);
-                                for j in 0..ldy.min(y.as_slice().len() - i * ldy) {
-                                    let got = y.as_slice()[i * ldy + j].to_bits();
+                                let row = &y.as_slice()[i * ldy..(i * ldy + ldy).min(y.as_slice().len())];
+                                for (j, v) in row.iter().enumerate() {
+                                    let got = v.to_bits();
                                     if j < cols {
                                         assert_eq!(
                                             got,

@@ -2,10 +2,9 @@
 //! computation on ONNX Runtime's intra-op thread pool.
 
 use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_INT8, ELEM_UINT8};
-use super::{cache, gelu};
-use crate::gemm::{gemm, gemm_i32, Epilogue, GemmOptions};
+use super::cache;
+use crate::gemm::{gemm, Epilogue, GemmOptions};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
-use crate::quant::activations::{asymmetric_params, quantize_value, row_stats, symmetric_params, QParams};
 use crate::quant::{ActGranularity, ActType};
 use crate::Error;
 use ort_sys::{OrtKernelContext, OrtKernelInfo, OrtValue};
@@ -282,12 +281,6 @@ impl DynqKernel {
         let y_ptr = unsafe { api::value_data(api, y_val) }.map_err(fail)?;
         // SAFETY: A holds m * k floats (its shape), Y was just allocated with m * n floats.
         let a = unsafe { std::slice::from_raw_parts(a_ptr.cast::<f32>().cast_const(), m * k) };
-        let tensor_params = match self.attrs.act_granularity {
-            ActGranularity::PerRow => None,
-            ActGranularity::PerTensor => {
-                Some(tensor_qparams(a, m, k, self.attrs.act_type).map_err(|e| err(e.to_string()))?)
-            }
-        };
         let job = Job {
             w,
             a,
@@ -295,8 +288,12 @@ impl DynqKernel {
             m,
             bias,
             attrs: self.attrs,
-            tensor_params,
-            rows_per_chunk: rows_per_chunk(m, n, k, w.kernel().mr),
+            // Per-tensor activations need the range of all of A before any row can be quantized:
+            // one task on the calling thread. Per-row ranges are independent: split the rows.
+            rows_per_chunk: match self.attrs.act_granularity {
+                ActGranularity::PerRow => rows_per_chunk(m, n, k, w.kernel().mr),
+                ActGranularity::PerTensor => m,
+            },
             error: Mutex::new(None),
         };
         let chunks = m.div_ceil(job.rows_per_chunk);
@@ -321,39 +318,26 @@ impl DynqKernel {
     }
 }
 
-/// Rows per parallel task: at least the kernel's row tile, at least ~1M multiply-adds, and at most
-/// 16 tasks (ONNX Runtime balances them over its pool; each task reads the whole weight matrix).
-fn rows_per_chunk(m: usize, n: usize, k: usize, mr: usize) -> usize {
-    let mr = mr.max(1);
-    let by_work = (1usize << 20).div_ceil((n * k).max(1));
-    let by_count = m.div_ceil(16);
-    by_work.max(by_count).max(1).div_ceil(mr) * mr
+/// Most tasks one call is split into (`DYNQ_ORT_MAX_TASKS` overrides, 1..=256).
+fn max_tasks() -> usize {
+    static V: once_cell::sync::Lazy<usize> = once_cell::sync::Lazy::new(|| {
+        std::env::var("DYNQ_ORT_MAX_TASKS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|v| (1..=256).contains(v))
+            .unwrap_or(8)
+    });
+    *V
 }
 
-/// The per-tensor activation parameters of A (the range of all of A), or a `NonFinite` error
-/// naming the first NaN or infinity.
-fn tensor_qparams(a: &[f32], m: usize, k: usize, ty: ActType) -> crate::Result<QParams> {
-    let (mut lo, mut hi) = (0.0f32, 0.0f32);
-    for i in 0..m {
-        let row = &a[i * k..(i + 1) * k];
-        match row_stats(row) {
-            Some((l, h)) => {
-                lo = lo.min(l);
-                hi = hi.max(h);
-            }
-            None => {
-                let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
-                return Err(Error::NonFinite(format!(
-                    "activation A[{i}][{col}] is {}; activations must be finite",
-                    row[col]
-                )));
-            }
-        }
-    }
-    Ok(match ty {
-        ActType::AsymmetricU8 => asymmetric_params(lo, hi),
-        ActType::SymmetricI8 => symmetric_params(hi.max(-lo)),
-    })
+/// Rows per parallel task: at least the kernel's row tile, at least ~2M multiply-adds, and at most
+/// [`max_tasks`] tasks (ONNX Runtime balances them over its pool; each task reads the whole weight
+/// matrix, so fewer, larger tasks keep it in cache longer).
+fn rows_per_chunk(m: usize, n: usize, k: usize, mr: usize) -> usize {
+    let mr = mr.max(1);
+    let by_work = (1usize << 21).div_ceil((n * k).max(1));
+    let by_count = m.div_ceil(max_tasks());
+    by_work.max(by_count).max(1).div_ceil(mr) * mr
 }
 
 /// The work of one call, shared by the parallel tasks (each writes its own rows of Y).
@@ -364,7 +348,6 @@ struct Job<'a> {
     m: usize,
     bias: Option<&'a [f32]>,
     attrs: Attrs,
-    tensor_params: Option<QParams>,
     rows_per_chunk: usize,
     error: Mutex<Option<Error>>,
 }
@@ -415,47 +398,18 @@ impl Job<'_> {
         let a = &self.a[r0 * k..r1 * k];
         // SAFETY: rows r0..r1 of Y belong to this task only; Y holds m * n floats.
         let y = unsafe { std::slice::from_raw_parts_mut(self.y.add(r0 * n), rows * n) };
-        match self.tensor_params {
-            None => {
-                let epilogue = if self.attrs.activation == Activation::Relu { Epilogue::Relu } else { Epilogue::None };
-                let opts = GemmOptions {
-                    act_granularity: ActGranularity::PerRow,
-                    act_type: self.attrs.act_type,
-                    epilogue,
-                    num_threads: 1,
-                };
-                gemm(self.w, a, rows, k, self.bias, y, n, &opts).map_err(|e| offset_row_error(e, r0))?;
-            }
-            Some(p) => {
-                if let Some(b) = self.bias {
-                    if let Some(j) = b.iter().position(|v| !v.is_finite()) {
-                        return Err(Error::NonFinite(format!("bias[{j}] is {}; bias must be finite", b[j])));
-                    }
-                }
-                let qa: Vec<u8> = a.iter().map(|&x| quantize_value(x, p, self.attrs.act_type)).collect();
-                let za = vec![p.zero_point; rows];
-                let mut acc = vec![0i32; rows * n];
-                gemm_i32(self.w, &qa, rows, k, &za, &mut acc, n, 1)?;
-                // The same epilogue, in the same order, as `gemm` (see crate::gemm).
-                let scales = self.w.scales();
-                let relu = self.attrs.activation == Activation::Relu;
-                for (yr, cr) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
-                    for j in 0..n {
-                        let mut t = (cr[j] as f32) * (p.scale * scales[j]);
-                        if let Some(b) = self.bias {
-                            t += b[j];
-                        }
-                        if relu {
-                            t = crate::gemm::relu(t);
-                        }
-                        yr[j] = t;
-                    }
-                }
-            }
-        }
-        if self.attrs.activation == Activation::Gelu {
-            gelu::gelu_in_place(y);
-        }
+        let epilogue = match self.attrs.activation {
+            Activation::None => Epilogue::None,
+            Activation::Relu => Epilogue::Relu,
+            Activation::Gelu => Epilogue::Gelu,
+        };
+        let opts = GemmOptions {
+            act_granularity: self.attrs.act_granularity,
+            act_type: self.attrs.act_type,
+            epilogue,
+            num_threads: 1,
+        };
+        gemm(self.w, a, rows, k, self.bias, y, n, &opts).map_err(|e| offset_row_error(e, r0))?;
         Ok(())
     }
 }
@@ -498,8 +452,8 @@ mod tests {
     fn chunking_covers_rows_in_tiles() {
         for &(m, n, k, mr) in &[(1, 384, 384, 8), (128, 384, 384, 8), (4096, 1536, 384, 6), (7, 1, 1, 4)] {
             let r = rows_per_chunk(m, n, k, mr);
-            assert!(r >= 1 && r % mr == 0);
-            assert!(m.div_ceil(r) <= 16);
+            assert!(r >= 1 && r.is_multiple_of(mr));
+            assert!(m.div_ceil(r) <= max_tasks());
         }
     }
 

@@ -19,7 +19,8 @@
 //! - `act_granularity`: `"per_row"` (default; one range per row of A, i.e. per token) or
 //!   `"per_tensor"` (one range for all of A, as ONNX `DynamicQuantizeLinear`).
 //! - `act_type`: `"asymmetric_u8"` (default; uint8 with zero point) or `"symmetric_i8"`.
-//! - `activation`: `"none"` (default), `"relu"` or `"gelu"` (exact erf form), fused after the bias.
+//! - `activation`: `"none"` (default), `"relu"` or `"gelu"` (erf form), fused into the GEMM's
+//!   epilogue after the bias (dynq's `Epilogue`).
 //!
 //! Weights that are constant initializers are packed once, when ONNX Runtime creates the kernel,
 //! through a process-wide cache keyed by content: every session of the same model shares one
@@ -27,8 +28,12 @@
 //! (a graph input, or an initializer that is also listed as a graph input and so may be
 //! overridden) is packed at every call: correct, but slow.
 //!
-//! The product runs on ONNX Runtime's intra-op thread pool (`KernelContext_ParallelFor`), in
-//! chunks of rows, each a single-threaded dynq GEMM; results are bit-identical for any thread count.
+//! With per-row activations (the default) the product runs on ONNX Runtime's intra-op thread pool
+//! (`KernelContext_ParallelFor`), in chunks of rows, each a single-threaded dynq GEMM, so dynq never
+//! starts threads of its own inside a session; results are bit-identical for any thread count.
+//! Per-tensor activations need the range of all of A first and run on the calling thread.
+//! `DYNQ_ORT_MAX_TASKS` (default 8) caps the number of chunks of one call;
+//! `DYNQ_ORT_VERBOSE=1` prints how each weight was packed or shared.
 //!
 //! Bad models (wrong types or ranks, a K mismatch, bad attributes, NaN or infinite activations)
 //! give an ONNX Runtime error status naming the node, never a crash.
@@ -41,7 +46,6 @@
 
 pub mod api;
 pub mod cache;
-pub mod gelu;
 pub mod kernel;
 
 use api::Api;
@@ -53,7 +57,7 @@ use ort_sys::{
 };
 use std::ffi::{c_char, c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 /// The C API version this library is compiled against (`OrtCustomOp.version`, `GetApi`).
 pub const ORT_API_VERSION: u32 = 17;
@@ -271,9 +275,20 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     let mut symbols = a.symbols.clone();
     *dims.last_mut().expect("rank >= 1") = w.shape.dims[1];
     *symbols.last_mut().expect("rank >= 1") = w.symbols[1];
+    // ONNX Runtime records a dimension without a symbol as its value, so an unknown (-1) dimension
+    // without a name would become a literal -1 (and break Reshape targets computed from Shape).
+    // Unknown dimensions without a symbol get a fresh unique symbol instead.
+    static UNKNOWN: AtomicUsize = AtomicUsize::new(0);
+    let mut owned: Vec<std::ffi::CString> = Vec::new();
     let empty = c"".as_ptr();
-    for s in &mut symbols {
-        if s.is_null() {
+    for (d, s) in dims.iter().zip(symbols.iter_mut()) {
+        // SAFETY: non-null symbols are NUL-terminated strings owned by the input infos.
+        let named = !s.is_null() && unsafe { *(*s) } != 0;
+        if *d < 0 && !named {
+            let id = UNKNOWN.fetch_add(1, Ordering::Relaxed);
+            owned.push(std::ffi::CString::new(format!("dynq_unk_{id}")).expect("no NUL"));
+            *s = owned.last().expect("just pushed").as_ptr();
+        } else if s.is_null() || *d >= 0 {
             *s = empty;
         }
     }

@@ -1,0 +1,772 @@
+"""The converter: fp32 (or ONNX Runtime dynamically quantized) ONNX models to ``dynq.DynQMatMul``.
+
+What it rewrites (everything else is kept as it was):
+
+- ``MatMul(X, W)`` and ``Gemm(X, W[, C])`` whose weight ``W`` is a constant 2-D float initializer
+  (not also a graph input, which would make it overridable), with a following ``Add`` of a
+  constant bias of N values folded in, and optionally a following ReLU or GELU (``Relu``,
+  ``Gelu``, ``com.microsoft.Gelu``, or the ``Div/Erf/Add/Mul/Mul`` pattern of PyTorch's export)
+  fused into the op's epilogue.
+- Models already quantized by ONNX Runtime's ``quantize_dynamic``: ``DynamicQuantizeLinear`` +
+  ``MatMulInteger`` + ``Cast`` + scale ``Mul``, ``com.microsoft.DynamicQuantizeMatMul`` and
+  ``com.microsoft.MatMulIntegerToFloat`` with constant int8 or uint8 weights. The integer weights
+  and their scales are reused (no round trip through fp32): ``q - zero_point`` when it fits int8
+  (always for symmetric int8 weights), else that channel is requantized from those integers.
+- Optionally (on by default) embedding tables: ``Gather(table, ids)`` on a constant float
+  ``[V, D]`` table becomes an int8 table with one scale per row, gathered and dequantized
+  (``Cast`` and ``Mul``).
+
+Weights are quantized exactly as the dynq library does (symmetric int8, ``scale = max|w|/127``,
+round half to even); see :func:`dynq.quantize_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .. import quantize_weights
+
+DOMAIN = "dynq"
+OP = "DynQMatMul"
+METADATA_KEY = "dynq.quantize_options"
+
+
+@dataclass
+class QuantizeOptions:
+    """Options of :func:`quantize_model` (the CLI flags have the same names)."""
+
+    weight_granularity: str = "per_channel"  # or "per_tensor"
+    act_granularity: str = "per_row"  # or "per_tensor"
+    act_type: str = "asymmetric_u8"  # or "symmetric_i8"
+    op_types: Tuple[str, ...] = ("MatMul", "Gemm")  # float ops to convert
+    include_nodes: Tuple[str, ...] = ()  # if given, only these node names (exact names)
+    exclude_nodes: Tuple[str, ...] = ()
+    exclude_op_types: Tuple[str, ...] = ()
+    min_size: int = 0  # skip weights with fewer than this many elements (K * N)
+    fuse_bias: bool = True
+    fuse_activation: bool = True
+    convert_quantized: bool = True  # MatMulInteger / DynamicQuantizeMatMul / MatMulIntegerToFloat
+    quantize_embeddings: bool = True  # Gather on a constant float [V, D] table
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "QuantizeOptions":
+        d = json.loads(s)
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+        return cls(**d)
+
+    def check(self):
+        for name, value, allowed in (
+            ("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor")),
+            ("act_granularity", self.act_granularity, ("per_row", "per_tensor")),
+            ("act_type", self.act_type, ("asymmetric_u8", "symmetric_i8")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        bad = set(self.op_types) - {"MatMul", "Gemm"}
+        if bad:
+            raise ValueError(f"op_types may contain MatMul and Gemm, got {sorted(bad)}")
+
+
+@dataclass
+class LayerRecord:
+    """One converted layer."""
+
+    name: str  # name of the new node (the original MatMul/Gemm/... node's name)
+    source: str  # "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", ...
+    output: str  # output tensor name (the same name as in the original model)
+    input: str  # activation input tensor name
+    k: int
+    n: int
+    bias: bool
+    activation: str
+    weight_granularity: str
+    requantized_channels: int = 0  # uint8/asymmetric sources: channels rescaled to fit int8
+    fused_nodes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    converted: List[LayerRecord] = field(default_factory=list)
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)  # (node, op_type, reason)
+    embeddings: List[Tuple[str, int, int]] = field(default_factory=list)  # (node, V, D)
+    fp32_weight_bytes: int = 0
+    int8_weight_bytes: int = 0
+
+    def summary(self) -> str:
+        lines = [
+            f"converted {len(self.converted)} layers to dynq.{OP}"
+            + (f", {len(self.embeddings)} embedding tables to int8" if self.embeddings else "")
+            + f"; weights {self.fp32_weight_bytes / 1e6:.1f} MB fp32 -> {self.int8_weight_bytes / 1e6:.1f} MB int8"
+        ]
+        fused = sum(1 for r in self.converted if r.bias)
+        acts = {}
+        for r in self.converted:
+            if r.activation != "none":
+                acts[r.activation] = acts.get(r.activation, 0) + 1
+        lines.append(
+            f"  bias folded: {fused}; activations fused: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(acts.items())) or "none")
+        )
+        req = [r for r in self.converted if r.requantized_channels]
+        if req:
+            lines.append(
+                f"  {len(req)} pre-quantized layers had channels outside int8 after removing the zero point "
+                f"({sum(r.requantized_channels for r in req)} channels requantized from their integers)"
+            )
+        if self.skipped:
+            by_reason: Dict[str, int] = {}
+            for _, _, why in self.skipped:
+                by_reason[why] = by_reason.get(why, 0) + 1
+            lines.append("  skipped: " + "; ".join(f"{v} x {k}" for k, v in sorted(by_reason.items())))
+        return "\n".join(lines)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, what: str = "quantize"):
+        self.total = max(total, 1)
+        self.enabled = enabled
+        self.what = what
+        self.tty = enabled and sys.stderr.isatty()
+        self.last_pct = -1
+        self.t0 = time.time()
+
+    def update(self, done: int, label: str = ""):
+        if not self.enabled:
+            return
+        pct = int(100 * done / self.total)
+        if self.tty:
+            sys.stderr.write(f"\r{self.what}: {done}/{self.total} ({pct}%) {label[:60]:<60}")
+            sys.stderr.flush()
+        elif pct // 10 != self.last_pct // 10 or done == self.total:
+            sys.stderr.write(f"{self.what}: {done}/{self.total} ({pct}%) {time.time() - self.t0:.1f}s\n")
+            sys.stderr.flush()
+        self.last_pct = pct
+
+    def close(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+class _Graph:
+    """Indexes of one graph: producers, consumers, constants."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.g = g
+        self.inits = {t.name: t for t in g.initializer}
+        self.graph_inputs = {i.name for i in g.input}
+        self.graph_outputs = {o.name for o in g.output}
+        self.const_nodes = {}
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        self.const_nodes[n.output[0]] = a.t
+        self.producer = {}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = {}
+        for n in g.node:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        # Names used by subgraphs (If/Loop/Scan bodies) count as consumers we cannot rewrite.
+        self.subgraph_uses = set()
+        for n in g.node:
+            for a in n.attribute:
+                for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    for sn in sg.node:
+                        self.subgraph_uses.update(sn.input)
+        self.ranks: Dict[str, int] = {}
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                self.ranks[vi.name] = len(t.shape.dim)
+
+    def const(self, name: str) -> Optional[np.ndarray]:
+        """The value of a constant (initializer that is not a graph input, or Constant node)."""
+        if name in self.graph_inputs:
+            return None
+        t = self.inits.get(name)
+        if t is None:
+            t = self.const_nodes.get(name)
+        if t is None:
+            return None
+        return numpy_helper.to_array(t)
+
+    def is_const(self, name: str) -> bool:
+        return name not in self.graph_inputs and (name in self.inits or name in self.const_nodes)
+
+    def sole_consumer(self, name: str) -> Optional[onnx.NodeProto]:
+        """The only consumer of `name` when it has exactly one and is not a graph output."""
+        if name in self.graph_outputs or name in self.subgraph_uses:
+            return None
+        c = self.consumers.get(name, [])
+        return c[0] if len(c) == 1 else None
+
+    def internal(self, name: str) -> bool:
+        return name not in self.graph_outputs and name not in self.subgraph_uses
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _scalar(arr: Optional[np.ndarray]) -> Optional[float]:
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def _other_input(node: onnx.NodeProto, name: str) -> Optional[str]:
+    ins = [i for i in node.input]
+    if len(ins) != 2 or ins.count(name) != 1:
+        return None
+    return ins[1] if ins[0] == name else ins[0]
+
+
+def _match_bias(G: _Graph, out: str, n: int, x_name: str) -> Optional[Tuple[onnx.NodeProto, np.ndarray]]:
+    """A following `Add(out, const)` whose constant is a bias of N values broadcast along the last
+    axis only (and does not raise the rank of the result)."""
+    add = G.sole_consumer(out)
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    other = _other_input(add, out)
+    if other is None:
+        return None
+    b = G.const(other)
+    if b is None or b.dtype != np.float32 or b.size != n or b.shape[-1:] != (n,):
+        return None
+    if b.ndim > 1:
+        xr = G.ranks.get(x_name)
+        if any(d != 1 for d in b.shape[:-1]) or xr is None or xr < b.ndim:
+            return None
+    return add, b.reshape(n).astype(np.float32)
+
+
+def _close(v: Optional[float], target: float, tol: float = 1e-3) -> bool:
+    return v is not None and abs(v - target) <= tol * abs(target)
+
+
+def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodeProto], str]]:
+    """An activation consuming tensor `t` alone: returns (kind, nodes to remove, output name)."""
+    if not G.internal(t):
+        return None
+    cons = G.consumers.get(t, [])
+    if len(cons) == 1:
+        c = cons[0]
+        if c.op_type == "Relu" and c.domain in ("", "ai.onnx"):
+            return "relu", [c], c.output[0]
+        if c.op_type == "Gelu" and (
+            (c.domain in ("", "ai.onnx") and _attr(c, "approximate", b"none") in (b"none", "none"))
+            or c.domain == "com.microsoft"
+        ):
+            return "gelu", [c], c.output[0]
+        return None
+    if len(cons) != 2:
+        return None
+    # 0.5 * t * (1 + erf(t / sqrt(2))), as PyTorch exports it (and the Mul(0.5)-first variant).
+    d = next((c for c in cons if c.op_type in ("Div", "Mul") and c.input[0] == t), None)
+    if d is None:
+        d = next((c for c in cons if c.op_type == "Mul" and len(c.input) == 2 and c.input[1] == t), None)
+    if d is None:
+        return None
+    k = _scalar(G.const(_other_input(d, t) or ""))
+    if not ((d.op_type == "Div" and _close(k, 2**0.5)) or (d.op_type == "Mul" and _close(k, 2**-0.5))):
+        return None
+    erf = G.sole_consumer(d.output[0])
+    if erf is None or erf.op_type != "Erf":
+        return None
+    add1 = G.sole_consumer(erf.output[0])
+    if add1 is None or add1.op_type != "Add" or not _close(_scalar(G.const(_other_input(add1, erf.output[0]) or "")), 1.0):
+        return None
+    m1 = next(c for c in cons if c is not d)
+    if m1.op_type != "Mul":
+        return None
+    if set(m1.input) == {t, add1.output[0]}:
+        m2 = G.sole_consumer(m1.output[0])
+        if m2 is None or m2.op_type != "Mul" or not _close(_scalar(G.const(_other_input(m2, m1.output[0]) or "")), 0.5):
+            return None
+        return "gelu", [d, erf, add1, m1, m2], m2.output[0]
+    if _close(_scalar(G.const(_other_input(m1, t) or "")), 0.5):
+        m2 = G.sole_consumer(m1.output[0])
+        if m2 is None or m2.op_type != "Mul" or set(m2.input) != {m1.output[0], add1.output[0]}:
+            return None
+        if G.sole_consumer(add1.output[0]) is not m2:
+            return None
+        return "gelu", [d, erf, add1, m1, m2], m2.output[0]
+    return None
+
+
+def _int_weights_to_int8(q: np.ndarray, zp: Optional[np.ndarray], scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Integer weights `[K, N]` (int8 or uint8) with zero points (None, scalar or [N]) and scales
+    (scalar or [N]) to symmetric int8 `[K, N]` and scales: `q - zp` when it fits int8, otherwise
+    that channel is requantized from those integers. Returns (q8, scales, requantized channels)."""
+    k, n = q.shape
+    d = q.astype(np.int32)
+    if zp is not None:
+        z = np.asarray(zp).astype(np.int32).reshape(-1)
+        if z.size not in (1, n):
+            raise ValueError(f"weight zero point has {z.size} values, expected 1 or {n}")
+        d = d - (z[np.newaxis, :] if z.size == n else z[0])
+    s = np.asarray(scale, dtype=np.float32).reshape(-1)
+    if s.size not in (1, n):
+        raise ValueError(f"weight scale has {s.size} values, expected 1 or {n}")
+    lo, hi = d.min(axis=0), d.max(axis=0)
+    bad = (lo < -128) | (hi > 127)
+    if not bad.any():
+        return d.astype(np.int8), s.copy(), 0
+    # Rescale the offending channels to [-127, 127] (per channel from here on).
+    s = np.broadcast_to(s, (n,)).astype(np.float32).copy()
+    amax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
+    cols = np.nonzero(bad)[0]
+    f = 127.0 / amax[cols]
+    d = d.astype(np.float64)
+    d[:, cols] = np.clip(np.round(d[:, cols] * f[np.newaxis, :]), -127, 127)
+    s[cols] = (s[cols].astype(np.float64) / f).astype(np.float32)
+    return d.astype(np.int8), s, int(bad.sum())
+
+
+def _dedupe_name(used: set, base: str) -> str:
+    name = base
+    i = 1
+    while name in used:
+        name = f"{base}_{i}"
+        i += 1
+    used.add(name)
+    return name
+
+
+def quantize_model(
+    model: "onnx.ModelProto | str | os.PathLike",
+    options: Optional[QuantizeOptions] = None,
+    progress: bool = False,
+) -> Tuple[onnx.ModelProto, Report]:
+    """Converts a model (a ModelProto or a path; external data is loaded) and returns the new
+    model and a :class:`Report`. The input ModelProto is not modified."""
+    opts = options or QuantizeOptions()
+    opts.check()
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(os.fspath(model), load_external_data=True)
+    else:
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(model)
+        model = m2
+    # Ranks of intermediate tensors help decide whether a bias Add can be folded.
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        model.graph.ClearField("value_info")
+        model.graph.value_info.extend(inferred.graph.value_info)
+    except Exception:
+        pass
+    G = _Graph(model)
+    g = model.graph
+    report = Report()
+    removed = set()  # ids of nodes to drop
+    replacement: Dict[int, List[onnx.NodeProto]] = {}  # id(node) -> nodes to put in its place
+    new_inits: List[onnx.TensorProto] = []
+    used_names = set(G.inits) | set(G.producer) | {i.name for i in g.input}
+    node_names = {n.name for n in g.node if n.name}
+    include = set(opts.include_nodes)
+    exclude = set(opts.exclude_nodes)
+
+    def selected(node: onnx.NodeProto) -> Optional[str]:
+        if include and node.name not in include:
+            return "not in --include-nodes"
+        if node.name in exclude:
+            return "excluded by name"
+        if node.op_type in opts.exclude_op_types:
+            return "excluded by op type"
+        return None
+
+    def add_init(base: str, arr: np.ndarray) -> str:
+        name = _dedupe_name(used_names, base)
+        new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def emit(anchor: onnx.NodeProto, rec: LayerRecord, x: str, q: np.ndarray, scales: np.ndarray, bias, dead: List[onnx.NodeProto]):
+        base = rec.name or rec.output
+        inputs = [x, add_init(base + "_W_int8", q), add_init(base + "_W_scale", scales.astype(np.float32))]
+        if bias is not None:
+            inputs.append(add_init(base + "_bias", bias.astype(np.float32)))
+        attrs = {}
+        if opts.act_granularity != "per_row":
+            attrs["act_granularity"] = opts.act_granularity
+        if opts.act_type != "asymmetric_u8":
+            attrs["act_type"] = opts.act_type
+        if rec.activation != "none":
+            attrs["activation"] = rec.activation
+        node = helper.make_node(OP, inputs, [rec.output], name=rec.name, domain=DOMAIN, **attrs)
+        node.doc_string = f"dynq: from {rec.source} " + ", ".join(rec.fused_nodes)
+        replacement[id(anchor)] = [node]
+        for d in dead:
+            removed.add(id(d))
+        report.converted.append(rec)
+        report.int8_weight_bytes += q.size + 4 * scales.size
+
+    def fuse_tail(out: str, n: int, x: str, rec_nodes: List[onnx.NodeProto]):
+        """Bias Add and activation after `out`: (bias, activation, final output, nodes fused)."""
+        bias = None
+        fused: List[onnx.NodeProto] = []
+        if opts.fuse_bias:
+            mb = _match_bias(G, out, n, x)
+            if mb is not None:
+                add, bias = mb
+                fused.append(add)
+                out = add.output[0]
+        act = "none"
+        if opts.fuse_activation:
+            ma = _match_activation(G, out)
+            if ma is not None:
+                act, nodes, out = ma
+                fused.extend(nodes)
+        return bias, act, out, fused
+
+    candidates = [n for n in g.node if n.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gather")]
+    prog = _Progress(len(candidates), progress)
+    done = 0
+    for node in list(g.node):
+        if node.op_type not in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gather"):
+            continue
+        done += 1
+        prog.update(done, node.name)
+        if id(node) in removed:
+            continue
+        dom_std = node.domain in ("", "ai.onnx")
+        why = selected(node)
+        try:
+            if node.op_type in ("MatMul", "Gemm") and dom_std:
+                if node.op_type not in opts.op_types:
+                    report.skipped.append((node.name, node.op_type, "op type not selected"))
+                    continue
+                if why:
+                    report.skipped.append((node.name, node.op_type, why))
+                    continue
+                _convert_float(node, G, opts, report, emit, fuse_tail)
+            elif node.op_type == "MatMulInteger" and dom_std and opts.convert_quantized:
+                if why:
+                    report.skipped.append((node.name, node.op_type, why))
+                    continue
+                _convert_matmulinteger(node, G, opts, report, emit, fuse_tail, removed)
+            elif node.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat") and node.domain == "com.microsoft" and opts.convert_quantized:
+                if why:
+                    report.skipped.append((node.name, node.op_type, why))
+                    continue
+                _convert_ms_quantized(node, G, opts, report, emit, fuse_tail)
+            elif node.op_type == "Gather" and dom_std and opts.quantize_embeddings:
+                if why:
+                    continue
+                _convert_gather(node, G, opts, report, replacement, add_init, used_names, node_names)
+        except _Skip as s:
+            report.skipped.append((node.name, node.op_type, str(s)))
+    prog.close()
+
+    # Rebuild the node list: replacements in place, fused nodes dropped.
+    new_nodes = []
+    for n in g.node:
+        if id(n) in replacement:
+            new_nodes.extend(replacement[id(n)])
+        elif id(n) not in removed:
+            new_nodes.append(n)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    _remove_dead(model)
+    if report.converted and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if report.embeddings and not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("", 13))
+    # Value infos of replaced tensors stay valid (same names, same shapes); drop the rest.
+    model.graph.ClearField("value_info")
+    meta = {p.key: p for p in model.metadata_props}
+    if METADATA_KEY in meta:
+        meta[METADATA_KEY].value = opts.to_json()
+    else:
+        model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=opts.to_json()))
+    return model, report
+
+
+class _Skip(Exception):
+    pass
+
+
+def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit, fuse_tail):
+    x, wname = node.input[0], node.input[1]
+    w = G.const(wname)
+    if w is None:
+        raise _Skip("weight is not a constant initializer")
+    if w.dtype != np.float32 or w.ndim != 2:
+        raise _Skip(f"weight is not a 2-D float tensor ({w.dtype} {list(w.shape)})")
+    bias_from_gemm = None
+    if node.op_type == "Gemm":
+        if _attr(node, "transA", 0):
+            raise _Skip("Gemm with transA=1")
+        alpha = float(_attr(node, "alpha", 1.0))
+        beta = float(_attr(node, "beta", 1.0))
+        if _attr(node, "transB", 0):
+            w = w.T
+        if alpha != 1.0:
+            w = (w * np.float32(alpha)).astype(np.float32)
+        if len(node.input) > 2 and node.input[2]:
+            c = G.const(node.input[2])
+            n = w.shape[1]
+            if c is None or c.dtype != np.float32 or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+                raise _Skip("Gemm bias C is not a constant of N values")
+            bias_from_gemm = (np.broadcast_to(c.reshape(-1), (n,)) * np.float32(beta)).astype(np.float32)
+    k, n = w.shape
+    if k * n < opts.min_size:
+        raise _Skip("below --min-size")
+    if k > 65536:
+        raise _Skip("K > 65536")
+    if not np.all(np.isfinite(w)):
+        raise _Skip("weight has NaN or infinity")
+    out = node.output[0]
+    report.fp32_weight_bytes += w.size * 4
+    fused_nodes: List[onnx.NodeProto] = []
+    if bias_from_gemm is not None:
+        bias, act, final, fused = None, "none", out, []
+        if opts.fuse_activation:
+            ma = _match_activation(G, out)
+            if ma is not None:
+                act, fused, final = ma
+        bias = bias_from_gemm
+    else:
+        bias, act, final, fused = fuse_tail(out, n, x, fused_nodes)
+    q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
+    rec = LayerRecord(
+        name=node.name,
+        source=node.op_type,
+        output=final,
+        input=x,
+        k=int(k),
+        n=int(n),
+        bias=bias is not None,
+        activation=act,
+        weight_granularity=opts.weight_granularity,
+        fused_nodes=[f.name or f.op_type for f in fused],
+    )
+    emit(node, rec, x, q, scales, bias, fused)
+
+
+def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tail, removed):
+    """DynamicQuantizeLinear(X) -> MatMulInteger(Xq, Wq, Xzp, Wzp) -> Cast -> Mul(., Xscale*Wscale)."""
+    ins = list(node.input) + [""] * (4 - len(node.input))
+    aq, wname, azp, wzp = ins[:4]
+    dql = G.producer.get(aq)
+    if dql is None or dql.op_type != "DynamicQuantizeLinear" or list(dql.output)[0] != aq:
+        raise _Skip("activation is not produced by DynamicQuantizeLinear")
+    if azp and azp != dql.output[2]:
+        raise _Skip("activation zero point is not the DynamicQuantizeLinear's")
+    x = dql.input[0]
+    q = G.const(wname)
+    if q is None or q.ndim != 2 or q.dtype not in (np.int8, np.uint8):
+        raise _Skip("weight is not a constant 2-D int8/uint8 tensor")
+    zp = None
+    if wzp:
+        zp = G.const(wzp)
+        if zp is None:
+            raise _Skip("weight zero point is not constant")
+    cast = G.sole_consumer(node.output[0])
+    if cast is None or cast.op_type != "Cast" or _attr(cast, "to") != TensorProto.FLOAT:
+        raise _Skip("MatMulInteger output is not Cast to float")
+    mul = G.sole_consumer(cast.output[0])
+    if mul is None or mul.op_type != "Mul":
+        raise _Skip("no scale Mul after the Cast")
+    sname = _other_input(mul, cast.output[0])
+    smul = G.producer.get(sname or "")
+    wscale = None
+    if smul is not None and smul.op_type == "Mul" and dql.output[1] in smul.input:
+        wscale = G.const(_other_input(smul, dql.output[1]) or "")
+    if wscale is None:
+        raise _Skip("scale is not DynamicQuantizeLinear scale x constant weight scale")
+    k, n = q.shape
+    if k * n < opts.min_size:
+        raise _Skip("below --min-size")
+    q8, scales, nreq = _int_weights_to_int8(q, zp, wscale)
+    out = mul.output[0]
+    bias, act, final, fused = fuse_tail(out, n, x, [])
+    rec = LayerRecord(
+        name=node.name,
+        source="MatMulInteger",
+        output=final,
+        input=x,
+        k=int(k),
+        n=int(n),
+        bias=bias is not None,
+        activation=act,
+        weight_granularity="per_channel" if scales.size > 1 else "per_tensor",
+        requantized_channels=nreq,
+        fused_nodes=[f.name or f.op_type for f in [cast, mul] + fused],
+    )
+    report.fp32_weight_bytes += q.size * 4
+    # The scale Mul (shared between layers of one DynamicQuantizeLinear? no: one per MatMulInteger)
+    dead = [cast, mul] + fused
+    if G.sole_consumer(smul.output[0]) is mul:
+        dead.append(smul)
+    emit(node, rec, x, q8, scales, bias, dead)
+
+
+def _convert_ms_quantized(node, G: _Graph, opts, report: Report, emit, fuse_tail):
+    ins = list(node.input)
+    if node.op_type == "DynamicQuantizeMatMul":
+        # A, B, b_scale, b_zero_point?, bias?
+        ins += [""] * (5 - len(ins))
+        x, wname, sname, zname, bname = ins[:5]
+    else:
+        # MatMulIntegerToFloat: A(uint8 from DQL), B, a_scale, b_scale, a_zp?, b_zp?, bias?
+        ins += [""] * (7 - len(ins))
+        aq, wname, asc, sname, azp, zname, bname = ins[:7]
+        dql = G.producer.get(aq)
+        if dql is None or dql.op_type != "DynamicQuantizeLinear" or dql.output[0] != aq or asc != dql.output[1]:
+            raise _Skip("activation is not produced by DynamicQuantizeLinear")
+        x = dql.input[0]
+    q = G.const(wname)
+    if q is None or q.ndim != 2 or q.dtype not in (np.int8, np.uint8):
+        raise _Skip("weight is not a constant 2-D int8/uint8 tensor")
+    s = G.const(sname)
+    if s is None:
+        raise _Skip("weight scale is not constant")
+    zp = None
+    if zname:
+        zp = G.const(zname)
+        if zp is None:
+            raise _Skip("weight zero point is not constant")
+    k, n = q.shape
+    if k * n < opts.min_size:
+        raise _Skip("below --min-size")
+    q8, scales, nreq = _int_weights_to_int8(q, zp, s)
+    bias = None
+    if bname:
+        b = G.const(bname)
+        if b is None or b.size != n:
+            raise _Skip("bias is not a constant of N values")
+        bias = b.reshape(n).astype(np.float32)
+    out = node.output[0]
+    act, fused = "none", []
+    if bias is None:
+        bias, act, out, fused = fuse_tail(out, n, x, [])
+    elif opts.fuse_activation:
+        ma = _match_activation(G, out)
+        if ma is not None:
+            act, fused, out = ma
+    rec = LayerRecord(
+        name=node.name,
+        source=node.op_type,
+        output=out,
+        input=x,
+        k=int(k),
+        n=int(n),
+        bias=bias is not None,
+        activation=act,
+        weight_granularity="per_channel" if scales.size > 1 else "per_tensor",
+        requantized_channels=nreq,
+        fused_nodes=[f.name or f.op_type for f in fused],
+    )
+    report.fp32_weight_bytes += q.size * 4
+    emit(node, rec, x, q8, scales, bias, fused)
+
+
+def _convert_gather(node, G: _Graph, opts, report: Report, replacement, add_init, used_names, node_names):
+    table = G.const(node.input[0])
+    if table is None or table.dtype != np.float32 or table.ndim != 2:
+        return
+    if int(_attr(node, "axis", 0)) != 0:
+        return
+    v, d = table.shape
+    if table.size < max(opts.min_size, 1024):
+        return
+    if not np.all(np.isfinite(table)):
+        return
+    # One symmetric int8 scale per row (per token id): [V, D] as "nk" layout with N = V rows.
+    q, scales = quantize_weights(table, "per_channel", layout="nk")
+    base = node.name or node.output[0]
+    qn = add_init(base + "_table_int8", q)
+    sn = add_init(base + "_table_scale", scales.reshape(v, 1).astype(np.float32))
+    ids = node.input[1]
+    t_q = _dedupe_name(used_names, base + "_q")
+    t_s = _dedupe_name(used_names, base + "_s")
+    t_f = _dedupe_name(used_names, base + "_f")
+    nodes = [
+        helper.make_node("Gather", [qn, ids], [t_q], name=_dedupe_name(node_names, base + "_gather_int8"), axis=0),
+        helper.make_node("Gather", [sn, ids], [t_s], name=_dedupe_name(node_names, base + "_gather_scale"), axis=0),
+        helper.make_node("Cast", [t_q], [t_f], name=_dedupe_name(node_names, base + "_cast"), to=TensorProto.FLOAT),
+        helper.make_node("Mul", [t_f, t_s], [node.output[0]], name=_dedupe_name(node_names, base + "_dequant")),
+    ]
+    replacement[id(node)] = nodes
+    report.embeddings.append((node.name, int(v), int(d)))
+    report.fp32_weight_bytes += table.size * 4
+    report.int8_weight_bytes += q.size + 4 * v
+
+
+def _remove_dead(model: onnx.ModelProto):
+    """Drops nodes whose outputs nobody uses and initializers nobody reads (the fp32 weights)."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    sub_uses = set()
+    for n in g.node:
+        for a in n.attribute:
+            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                stack = [sg]
+                while stack:
+                    s = stack.pop()
+                    for sn in s.node:
+                        sub_uses.update(sn.input)
+                        for sa in sn.attribute:
+                            if sa.HasField("g"):
+                                stack.append(sa.g)
+                            stack.extend(sa.graphs)
+    changed = True
+    nodes = list(g.node)
+    while changed:
+        changed = False
+        used = set(outputs) | sub_uses
+        for n in nodes:
+            used.update(i for i in n.input if i)
+        keep = [n for n in nodes if any(o in used for o in n.output if o) or not any(n.output)]
+        if len(keep) != len(nodes):
+            nodes = keep
+            changed = True
+    del g.node[:]
+    g.node.extend(nodes)
+    used = set(outputs) | sub_uses
+    for n in nodes:
+        used.update(i for i in n.input if i)
+    inputs = {i.name for i in g.input}
+    keep_inits = [t for t in g.initializer if t.name in used or t.name in inputs]
+    del g.initializer[:]
+    g.initializer.extend(keep_inits)
+
+
+def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] = None):
+    """Saves a model; weights go to a side file ``<path>.data`` when asked, or automatically when
+    the model would not fit in one protobuf (2 GB)."""
+    path = os.fspath(path)
+    if external_data is None:
+        external_data = model.ByteSize() > 1_800_000_000
+    if external_data:
+        loc = os.path.basename(path) + ".data"
+        target = os.path.join(os.path.dirname(os.path.abspath(path)), loc)
+        if os.path.exists(target):
+            os.remove(target)
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=loc, size_threshold=1024)
+    else:
+        onnx.save_model(model, path)

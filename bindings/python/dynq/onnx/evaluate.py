@@ -1,0 +1,399 @@
+"""Accuracy of a converted model against its fp32 original, per layer and at the outputs, with an
+accuracy gate and optional mixed precision (the most sensitive layers kept in fp32)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .convert import DOMAIN, METADATA_KEY, OP, QuantizeOptions, quantize_model
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def metrics(ref: np.ndarray, out: np.ndarray) -> Dict[str, float]:
+    """Cosine similarity, SQNR (dB) and max absolute error of `out` against `ref` (flattened)."""
+    r = np.asarray(ref, dtype=np.float64).ravel()
+    o = np.asarray(out, dtype=np.float64).ravel()
+    if r.shape != o.shape:
+        raise ValueError(f"shape mismatch {np.shape(ref)} vs {np.shape(out)}")
+    if r.size == 0:
+        return {"cosine": 1.0, "sqnr_db": math.inf, "max_abs_error": 0.0}
+    nr, no = np.linalg.norm(r), np.linalg.norm(o)
+    cos = 1.0 if nr == 0 and no == 0 else (float(r @ o / (nr * no)) if nr > 0 and no > 0 else 0.0)
+    err = np.sum((r - o) ** 2)
+    sig = np.sum(r**2)
+    sqnr = math.inf if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf)
+    return {"cosine": cos, "sqnr_db": sqnr, "max_abs_error": float(np.max(np.abs(r - o)))}
+
+
+def _load(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return onnx.load(os.fspath(model), load_external_data=True)
+
+
+def _vocab_sizes(model: onnx.ModelProto) -> Dict[str, int]:
+    """Graph inputs used as Gather indices into a constant table: their table's row count."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "Gather" and len(n.input) == 2 and n.input[0] in inits:
+            out[n.input[1]] = int(inits[n.input[0]].dims[0])
+    return out
+
+
+def make_inputs(model, batch: int = 1, seq_len: int = 16, samples: int = 1, seed: int = 0) -> List[Dict[str, np.ndarray]]:
+    """Sample inputs generated from the model's input signature: symbolic dims become `batch`
+    (the first one) or `seq_len`; token ids are drawn from the vocabulary of the embedding they
+    index, masks are ones, token types zeros, floats standard normal."""
+    m = _load(model)
+    inits = {t.name for t in m.graph.initializer}
+    vocab = _vocab_sizes(m)
+    rng = np.random.default_rng(seed)
+    feeds_list = []
+    for _ in range(samples):
+        feeds = {}
+        for vi in m.graph.input:
+            if vi.name in inits:
+                continue
+            tt = vi.type.tensor_type
+            dt = _NP_TYPES.get(tt.elem_type)
+            if dt is None:
+                raise ValueError(f"input {vi.name}: element type {tt.elem_type} not supported by the generator; pass --inputs")
+            shape = []
+            for i, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    shape.append(d.dim_value)
+                else:
+                    shape.append(batch if i == 0 else seq_len)
+            name = vi.name.lower()
+            if dt in (np.int64, np.int32):
+                if "mask" in name:
+                    a = np.ones(shape, dtype=dt)
+                elif "type" in name or "segment" in name:
+                    a = np.zeros(shape, dtype=dt)
+                elif "position" in name and shape:
+                    a = np.broadcast_to(np.arange(shape[-1], dtype=dt), shape).copy()
+                else:
+                    hi = vocab.get(vi.name, 100)
+                    a = rng.integers(0, hi, size=shape).astype(dt)
+                    if "ids" in name and a.ndim >= 2 and a.shape[-1] >= 2 and hi > 102:
+                        a[..., 0], a[..., -1] = 101, 102  # BERT's [CLS] ... [SEP]
+            elif dt == np.bool_:
+                a = np.ones(shape, dtype=dt)
+            else:
+                a = rng.standard_normal(shape).astype(dt)
+            feeds[vi.name] = a
+        feeds_list.append(feeds)
+    return feeds_list
+
+
+def load_inputs(paths: Sequence[str]) -> List[Dict[str, np.ndarray]]:
+    """One sample per .npz file (arrays keyed by input name)."""
+    out = []
+    for p in paths:
+        with np.load(p) as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+            have.add(n)
+    return m
+
+
+def session(model: onnx.ModelProto, threads: int = 0, custom_ops: bool = True):
+    """An ONNX Runtime CPU session for a ModelProto, with the dynq op library registered."""
+    import onnxruntime as ort
+
+    from .. import library_path
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if custom_ops:
+        so.register_custom_ops_library(library_path())
+    if model.ByteSize() < 1_800_000_000:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    d = tempfile.mkdtemp(prefix="dynq_eval_")
+    p = os.path.join(d, "model.onnx")
+    onnx.save_model(model, p, save_as_external_data=True, location="model.onnx.data")
+    return ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+
+
+def _run(sess, feeds, names):
+    valid = {i.name for i in sess.get_inputs()}
+    res = sess.run(list(names), {k: v for k, v in feeds.items() if k in valid})
+    return dict(zip(names, res))
+
+
+def _dynq_layers(model: onnx.ModelProto):
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.domain == DOMAIN and n.op_type == OP:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+            yield n, attrs, inits
+
+
+def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
+    """The layer alone on fp32 input `x`, through the dynq C ABI."""
+    from .. import PackedWeights, gemm
+
+    q = numpy_helper.to_array(inits[node.input[1]])
+    s = numpy_helper.to_array(inits[node.input[2]])
+    b = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+    pw = PackedWeights.from_quantized(q, s, layout="kn")
+    y = gemm(
+        pw,
+        x,
+        bias=b,
+        act_granularity=attrs.get("act_granularity", "per_row"),
+        act_type=attrs.get("act_type", "asymmetric_u8"),
+        epilogue=attrs.get("activation", "none"),
+        num_threads=1,
+    )
+    return y
+
+
+@dataclass
+class Evaluation:
+    samples: int
+    final: List[Dict] = field(default_factory=list)
+    layers: List[Dict] = field(default_factory=list)
+    gate: Optional[Dict] = None
+    mixed_precision: Optional[Dict] = None
+
+    @property
+    def final_cosine(self) -> float:
+        """The gate metric: the lowest mean cosine over the model's outputs."""
+        return min((f["cosine_mean"] for f in self.final), default=1.0)
+
+    def to_json(self) -> str:
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return json.dumps(
+            clean(
+                {
+                    "samples": self.samples,
+                    "final": self.final,
+                    "layers": self.layers,
+                    "gate": self.gate,
+                    "mixed_precision": self.mixed_precision,
+                }
+            ),
+            indent=2,
+        )
+
+    def table(self) -> str:
+        lines = []
+        if self.layers:
+            w = max(20, min(60, max(len(l["name"]) for l in self.layers)))
+            lines.append(f"{'layer':<{w}} {'K x N':>11} {'act':>5}  {'cosine':>9} {'SQNR dB':>8} {'max err':>9}  {'isolated cos':>12} {'iso SQNR':>8}")
+            for l in self.layers:
+                name = l["name"] if len(l["name"]) <= w else "..." + l["name"][-(w - 3):]
+                lines.append(
+                    f"{name:<{w}} {str(l['k']) + 'x' + str(l['n']):>11} {l['activation']:>5}  {l['cosine']:>9.6f} {l['sqnr_db']:>8.2f} "
+                    f"{l['max_abs_error']:>9.4g}  {l['isolated_cosine']:>12.6f} {l['isolated_sqnr_db']:>8.2f}"
+                )
+            lines.append("")
+        lines.append(f"{'output':<30} {'cosine mean':>11} {'cosine min':>11} {'SQNR dB':>8} {'max err':>9}")
+        for f in self.final:
+            lines.append(
+                f"{f['output'][:30]:<30} {f['cosine_mean']:>11.6f} {f['cosine_min']:>11.6f} {f['sqnr_db']:>8.2f} {f['max_abs_error']:>9.4g}"
+            )
+        if self.gate:
+            g = self.gate
+            lines.append(
+                f"gate: final cosine {g['final_cosine']:.6f} {'>=' if g['passed'] else '<'} {g['min_cosine']} -> {'PASS' if g['passed'] else 'FAIL'}"
+            )
+        if self.mixed_precision:
+            mp = self.mixed_precision
+            lines.append(
+                f"mixed precision: kept {len(mp['kept_fp32'])} layers in fp32, final cosine {mp['final_cosine']:.6f}"
+                + (f", written to {mp['output']}" if mp.get("output") else "")
+            )
+            for n in mp["kept_fp32"]:
+                lines.append(f"  fp32: {n}")
+        return "\n".join(lines)
+
+
+def _final_metrics(fp32_sess, q_sess, feeds_list) -> List[Dict]:
+    names = [o.name for o in fp32_sess.get_outputs()]
+    qnames = {o.name for o in q_sess.get_outputs()}
+    names = [n for n in names if n in qnames]
+    per = {n: [] for n in names}
+    for feeds in feeds_list:
+        a = _run(fp32_sess, feeds, names)
+        b = _run(q_sess, feeds, names)
+        for n in names:
+            if np.issubdtype(np.asarray(a[n]).dtype, np.floating):
+                per[n].append(metrics(a[n], b[n]))
+    out = []
+    for n, ms in per.items():
+        if not ms:
+            continue
+        out.append(
+            {
+                "output": n,
+                "cosine_mean": float(np.mean([m["cosine"] for m in ms])),
+                "cosine_min": float(np.min([m["cosine"] for m in ms])),
+                "sqnr_db": float(np.mean([m["sqnr_db"] for m in ms])),
+                "max_abs_error": float(np.max([m["max_abs_error"] for m in ms])),
+            }
+        )
+    return out
+
+
+def evaluate(
+    fp32_model,
+    converted_model,
+    feeds_list: Optional[List[Dict[str, np.ndarray]]] = None,
+    per_layer: bool = True,
+    threads: int = 0,
+    min_cosine: Optional[float] = None,
+    mixed_precision_out: Optional[str] = None,
+    log=None,
+) -> Evaluation:
+    """Runs both models on the same inputs and measures the error (see the module doc)."""
+    fp32 = _load(fp32_model)
+    conv = _load(converted_model)
+    if feeds_list is None:
+        feeds_list = make_inputs(fp32, samples=4)
+    layers = list(_dynq_layers(conv))
+    names_out = [n.output[0] for n, _, _ in layers]
+    names_in = [n.input[0] for n, _, _ in layers]
+    ev = Evaluation(samples=len(feeds_list))
+    fp32_sess = session(_with_outputs(fp32, names_out + names_in) if per_layer else fp32, threads, custom_ops=False)
+    q_sess = session(_with_outputs(conv, names_out) if per_layer else conv, threads)
+    base_fp32 = session(fp32, threads, custom_ops=False) if per_layer else fp32_sess
+    base_q = session(conv, threads) if per_layer else q_sess
+    ev.final = _final_metrics(base_fp32, base_q, feeds_list)
+    if per_layer and layers:
+        acc: Dict[str, List[Dict]] = {n.name or n.output[0]: [] for n, _, _ in layers}
+        iso: Dict[str, List[Dict]] = {k: [] for k in acc}
+        fp_names = [o.name for o in fp32_sess.get_outputs()]
+        q_names = [o.name for o in q_sess.get_outputs()]
+        for feeds in feeds_list:
+            a = _run(fp32_sess, feeds, fp_names)
+            b = _run(q_sess, feeds, q_names)
+            for node, attrs, inits in layers:
+                key = node.name or node.output[0]
+                ref = a.get(node.output[0])
+                if ref is None:
+                    continue
+                acc[key].append(metrics(ref, b[node.output[0]]))
+                x = a.get(node.input[0])
+                if x is not None:
+                    iso[key].append(metrics(ref, _isolated(node, attrs, inits, x)))
+        for node, attrs, _ in layers:
+            key = node.name or node.output[0]
+            ms, iv = acc[key], iso[key]
+            if not ms:
+                continue
+            k = next((t.dims[0] for t in conv.graph.initializer if t.name == node.input[1]), 0)
+            nn = next((t.dims[1] for t in conv.graph.initializer if t.name == node.input[1]), 0)
+            ev.layers.append(
+                {
+                    "name": key,
+                    "output": node.output[0],
+                    "k": int(k),
+                    "n": int(nn),
+                    "activation": attrs.get("activation", "none"),
+                    "cosine": float(np.mean([m["cosine"] for m in ms])),
+                    "sqnr_db": float(np.mean([m["sqnr_db"] for m in ms])),
+                    "max_abs_error": float(np.max([m["max_abs_error"] for m in ms])),
+                    "isolated_cosine": float(np.mean([m["cosine"] for m in iv])) if iv else float("nan"),
+                    "isolated_sqnr_db": float(np.mean([m["sqnr_db"] for m in iv])) if iv else float("nan"),
+                }
+            )
+    if min_cosine is not None:
+        fc = ev.final_cosine
+        ev.gate = {"min_cosine": min_cosine, "final_cosine": fc, "passed": fc >= min_cosine}
+        if not ev.gate["passed"] and mixed_precision_out:
+            ev.mixed_precision = _mixed_precision(fp32, conv, ev, feeds_list, threads, min_cosine, mixed_precision_out, log)
+            if ev.mixed_precision["passed"]:
+                ev.gate["passed_with_mixed_precision"] = True
+    return ev
+
+
+def _mixed_precision(fp32, conv, ev: Evaluation, feeds_list, threads, min_cosine, out_path, log) -> Dict:
+    """Keeps the most sensitive layers (lowest isolated SQNR) in fp32, as few as needed to reach
+    `min_cosine`: doubling steps, then a binary search between the last failing and first passing
+    count."""
+    from .convert import save_model
+
+    meta = {p.key: p.value for p in conv.metadata_props}
+    opts = QuantizeOptions.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else QuantizeOptions()
+    ranked = sorted(ev.layers, key=lambda l: (l["isolated_sqnr_db"] if math.isfinite(l["isolated_sqnr_db"]) else 1e9, l["sqnr_db"]))
+    names = [l["name"] for l in ranked]
+    base_excl = tuple(opts.exclude_nodes)
+    fp32_sess = session(fp32, threads, custom_ops=False)
+    tried: Dict[int, Tuple[float, onnx.ModelProto]] = {}
+
+    def attempt(k: int) -> float:
+        if k in tried:
+            return tried[k][0]
+        o = QuantizeOptions.from_json(opts.to_json())
+        o.exclude_nodes = base_excl + tuple(names[:k])
+        m, _ = quantize_model(fp32, o)
+        fc = min((f["cosine_mean"] for f in _final_metrics(fp32_sess, session(m, threads), feeds_list)), default=1.0)
+        tried[k] = (fc, m)
+        if log:
+            log(f"mixed precision: {k} layers in fp32 -> final cosine {fc:.6f}")
+        return fc
+
+    lo, hi = 0, None  # lo fails; hi passes
+    k = 1
+    while k <= len(names):
+        if attempt(k) >= min_cosine:
+            hi = k
+            break
+        lo = k
+        if k == len(names):
+            break
+        k = min(k * 2, len(names))
+    if hi is None:
+        fc = tried[max(tried)][0] if tried else ev.final_cosine
+        return {"passed": False, "kept_fp32": names, "final_cosine": fc, "output": None}
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if attempt(mid) >= min_cosine:
+            hi = mid
+        else:
+            lo = mid
+    fc, model = tried[hi]
+    save_model(model, out_path)
+    return {"passed": True, "kept_fp32": names[:hi], "final_cosine": fc, "output": out_path}

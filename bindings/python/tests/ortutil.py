@@ -1,0 +1,51 @@
+"""Helpers to build small ONNX models with the dynq op and run them in ONNX Runtime."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import dynq
+
+OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("dynq", 1), helper.make_opsetid("com.microsoft", 1)]
+
+
+def model(nodes, inputs, outputs, inits=(), value_infos=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits), value_info=list(value_infos))
+    # IR 8 / opset 17: loadable by every ONNX Runtime from 1.17 on.
+    return helper.make_model(g, opset_imports=OPSETS, ir_version=8)
+
+
+def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, **attrs):
+    """A model computing Y = DynQMatMul(A, W, scales[, bias]); W is an initializer (const=True) or a
+    graph input (const=False)."""
+    k, n = w_q.shape
+    a_shape = [k if d is None else d for d in a_shape]
+    ins = ["A", "W", "S"] + (["B"] if bias is not None else [])
+    node = helper.make_node("DynQMatMul", ins, ["Y"], domain="dynq", name="dq", **attrs)
+    inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "S")]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
+    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, a_shape)]
+    if const:
+        inits.append(numpy_helper.from_array(w_q, "W"))
+    else:
+        inputs.append(helper.make_tensor_value_info("W", TensorProto.INT8, [k, n]))
+    return model([node], inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+
+
+def session(m, threads=1, custom=True):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if custom:
+        so.register_custom_ops_library(dynq.library_path())
+    data = m.SerializeToString() if isinstance(m, onnx.ModelProto) else m
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def gelu(x):
+    import math
+
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)

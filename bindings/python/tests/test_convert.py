@@ -1,0 +1,284 @@
+"""The converter and the evaluator (python -m dynq.onnx quantize|evaluate)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import dynq
+from dynq.onnx import QuantizeOptions, evaluate, make_inputs, quantize_model, save_model
+from ortutil import model, session
+
+PKG = str(Path(__file__).resolve().parent.parent)
+RNG = np.random.default_rng(11)
+
+
+def f32(*shape, scale=0.1):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def mlp(d=32, h=64, vocab=300):
+    """ids -> embedding Gather -> MatMul+Add+GELU(torch pattern) -> MatMul+Add+Relu -> Gemm(transB) ->
+    MatMul with a graph-input weight -> small MatMul (4x4) -> LayerNormalization."""
+    inits = [
+        numpy_helper.from_array(f32(vocab, d, scale=1.0), "emb"),
+        numpy_helper.from_array(f32(d, h), "w1"),
+        numpy_helper.from_array(f32(h), "b1"),
+        numpy_helper.from_array(np.array(1.4142135, np.float32), "sqrt2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(f32(h, d), "w2"),
+        numpy_helper.from_array(f32(d), "b2"),
+        numpy_helper.from_array(f32(d, d), "w3t"),  # Gemm transB=1: [N, K]
+        numpy_helper.from_array(f32(d), "c3"),
+        numpy_helper.from_array(f32(d, 4), "w5"),
+        numpy_helper.from_array(f32(4, 4), "w6"),
+        numpy_helper.from_array(np.ones(4, np.float32), "ln_s"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "ln_b"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["x0"], name="embed"),
+        helper.make_node("Identity", ["x0"], ["x"], name="flatten"),
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
+        helper.make_node("Div", ["h1b", "sqrt2"], ["g_div"], name="g_div"),
+        helper.make_node("Erf", ["g_div"], ["g_erf"], name="g_erf"),
+        helper.make_node("Add", ["g_erf", "one"], ["g_add"], name="g_add"),
+        helper.make_node("Mul", ["h1b", "g_add"], ["g_mul"], name="g_mul"),
+        helper.make_node("Mul", ["g_mul", "half"], ["g"], name="g_half"),
+        helper.make_node("MatMul", ["g", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["b2", "h2"], ["h2b"], name="fc2_bias"),
+        helper.make_node("Relu", ["h2b"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "w3t", "c3"], ["h3"], name="fc3", transB=1),
+        helper.make_node("MatMul", ["h3", "w4"], ["h4"], name="fc4_dynamic_weight"),
+        helper.make_node("MatMul", ["h4", "w5"], ["h5"], name="fc5"),
+        helper.make_node("MatMul", ["h5", "w6"], ["h6"], name="fc6_small"),
+        helper.make_node("LayerNormalization", ["h6", "ln_s", "ln_b"], ["y"], name="ln", axis=-1),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("w4", TensorProto.FLOAT, [d, d]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]), helper.make_tensor_value_info("h3", TensorProto.FLOAT, ["batch", d])]
+    return model(nodes, inputs, outputs, inits)
+
+
+def feeds(d=32, n=24):
+    return {"ids": RNG.integers(0, 300, size=(n,)).astype(np.int64), "w4": np.eye(d, dtype=np.float32) + f32(d, d, scale=0.02)}
+
+
+def cosine(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+
+def test_convert_mlp_fuses_and_keeps_the_rest():
+    m = mlp()
+    q, rep = quantize_model(m, QuantizeOptions(min_size=64))
+    ops = [(n.op_type, n.name) for n in q.graph.node]
+    dq = {n.name: n for n in q.graph.node if n.op_type == "DynQMatMul"}
+    assert set(dq) == {"fc1", "fc2", "fc3", "fc5"}, ops
+    attrs = lambda n: {a.name: helper.get_attribute_value(a).decode() for a in n.attribute}  # noqa: E731
+    assert attrs(dq["fc1"]) == {"activation": "gelu"} and len(dq["fc1"].input) == 4
+    assert attrs(dq["fc2"]) == {"activation": "relu"} and len(dq["fc2"].input) == 4
+    assert len(dq["fc3"].input) == 4  # Gemm's C became the bias
+    assert dq["fc1"].output[0] == "g" and dq["fc2"].output[0] == "r2"
+    names = {n.name for n in q.graph.node}
+    assert {"fc4_dynamic_weight", "fc6_small", "ln", "flatten"} <= names  # kept as they were
+    assert not names & {"fc1_bias", "g_div", "g_erf", "g_add", "g_mul", "g_half", "fc2_bias", "relu2"}
+    assert not {"w1", "w2", "w3t", "emb"} & {t.name for t in q.graph.initializer}, "fp32 weights are dropped"
+    assert ("fc6_small", "MatMul", "below --min-size") in rep.skipped
+    assert any(r[0] == "fc4_dynamic_weight" and "not a constant" in r[2] for r in rep.skipped)
+    assert rep.embeddings == [("embed", 300, 32)]
+    onnx.checker.check_model(q)  # custom domain ops are accepted by the checker
+    f = feeds()
+    ref = session(m, custom=False).run(None, f)
+    out = session(q).run(None, f)
+    for r, o in zip(ref, out):
+        assert cosine(r, o) > 0.999
+
+
+def test_include_exclude_and_options():
+    m = mlp()
+    q, rep = quantize_model(m, QuantizeOptions(include_nodes=("fc1", "fc2"), quantize_embeddings=False))
+    assert sorted(n.name for n in q.graph.node if n.op_type == "DynQMatMul") == ["fc1", "fc2"]
+    assert any(n.op_type == "Gather" and n.input[0] == "emb" for n in q.graph.node)
+    q, _ = quantize_model(m, QuantizeOptions(exclude_nodes=("fc2",), exclude_op_types=("Gemm", "Gather")))
+    assert sorted(n.name for n in q.graph.node if n.op_type == "DynQMatMul") == ["fc1", "fc5", "fc6_small"]
+    q, _ = quantize_model(m, QuantizeOptions(op_types=("Gemm",)))
+    assert [n.name for n in q.graph.node if n.op_type == "DynQMatMul"] == ["fc3"]
+    q, _ = quantize_model(
+        m,
+        QuantizeOptions(weight_granularity="per_tensor", act_granularity="per_tensor", act_type="symmetric_i8", fuse_activation=False, fuse_bias=False),
+    )
+    n = next(n for n in q.graph.node if n.name == "fc1")
+    attrs = {a.name: helper.get_attribute_value(a).decode() for a in n.attribute}
+    assert attrs == {"act_granularity": "per_tensor", "act_type": "symmetric_i8"}
+    assert len(n.input) == 3
+    scale = next(t for t in q.graph.initializer if t.name == n.input[2])
+    assert list(scale.dims) == [1]
+    assert any(x.name == "fc1_bias" for x in q.graph.node) and any(x.name == "relu2" for x in q.graph.node)
+    f = feeds()
+    assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.99
+
+
+def test_external_data_in_and_out(tmp_path):
+    m = mlp()
+    src = tmp_path / "fp32.onnx"
+    mc = onnx.ModelProto()
+    mc.CopyFrom(m)  # save_model with external data rewrites the proto it is given
+    onnx.save_model(mc, str(src), save_as_external_data=True, location="fp32.onnx.data", size_threshold=0)
+    assert (tmp_path / "fp32.onnx.data").exists()
+    out = tmp_path / "int8.onnx"
+    r = subprocess.run(
+        [sys.executable, "-m", "dynq.onnx", "quantize", str(src), str(out), "--external-data", "--report-json", str(tmp_path / "r.json")],
+        cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG},
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "int8.onnx.data").exists()
+    assert "converted 5 layers" in r.stdout
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert len(rep["converted"]) == 5 and rep["output_bytes"] < rep["input_bytes"] * 0.4
+    f = feeds()
+    ref = session(m, custom=False).run(None, f)[0]
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(dynq.library_path())
+    got = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, f)[0]
+    assert cosine(ref, got) > 0.999
+
+
+def bert_like(d=64, h=128, layers=2):
+    """A small stack of MatMul+Add(+GELU) with LayerNorm, fed by a float input (for quantize_dynamic)."""
+    nodes, inits = [], []
+    x = "x"
+    for i in range(layers):
+        for j, (k, n, act) in enumerate([(d, h, True), (h, d, False)]):
+            w, b, o = f"w{i}{j}", f"b{i}{j}", f"l{i}{j}"
+            inits += [numpy_helper.from_array(f32(k, n), w), numpy_helper.from_array(f32(n), b)]
+            nodes += [helper.make_node("MatMul", [x, w], [o + "_mm"], name=o), helper.make_node("Add", [o + "_mm", b], [o], name=o + "_add")]
+            x = o
+            if act:
+                nodes.append(helper.make_node("Relu", [x], [x + "_r"], name=x + "_relu"))
+                x = x + "_r"
+        inits += [numpy_helper.from_array(np.ones(d, np.float32), f"s{i}"), numpy_helper.from_array(np.zeros(d, np.float32), f"z{i}")]
+        nodes.append(helper.make_node("LayerNormalization", [x, f"s{i}", f"z{i}"], [f"ln{i}"], name=f"ln{i}", axis=-1))
+        x = f"ln{i}"
+    return model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", d])], [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", "s", d])], inits)
+
+
+@pytest.mark.parametrize("weight_type,per_channel", [("QInt8", False), ("QInt8", True), ("QUInt8", False), ("QUInt8", True)])
+def test_convert_ort_quantize_dynamic_models(tmp_path, weight_type, per_channel):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    m = bert_like()
+    src = tmp_path / "fp32.onnx"
+    onnx.save_model(m, str(src))
+    ortq = tmp_path / "ortq.onnx"
+    quantize_dynamic(str(src), str(ortq), weight_type=getattr(QuantType, weight_type), per_channel=per_channel)
+    qm = onnx.load(str(ortq))
+    assert any(n.op_type == "MatMulInteger" for n in qm.graph.node)
+    conv, rep = quantize_model(qm)
+    types = {n.op_type for n in conv.graph.node}
+    assert "MatMulInteger" not in types and "DynamicQuantizeLinear" not in types, types
+    assert len(rep.converted) == 4 and all(r.bias for r in rep.converted)
+    assert sum(r.activation == "relu" for r in rep.converted) == 2
+    if weight_type == "QInt8":
+        # Symmetric int8 weights are taken as they are: no channel was requantized, values identical.
+        assert all(r.requantized_channels == 0 for r in rep.converted)
+        orig = {t.name: numpy_helper.to_array(t) for t in qm.graph.initializer}
+        new = {t.name: numpy_helper.to_array(t) for t in conv.graph.initializer}
+        n = next(n for n in qm.graph.node if n.op_type == "MatMulInteger")
+        d = next(x for x in conv.graph.node if x.name == n.name)
+        np.testing.assert_array_equal(new[d.input[1]], orig[n.input[1]])
+    x = f32(2, 9, 64, scale=1.0)
+    ref = session(m, custom=False).run(None, {"x": x})[0]
+    got = session(conv).run(None, {"x": x})[0]
+    ortq_out = session(qm, custom=False).run(None, {"x": x})[0]
+    assert cosine(ref, got) > 0.999
+    assert cosine(ref, got) >= cosine(ref, ortq_out) - 1e-4  # per-row activations: no worse than ORT's
+
+
+def test_convert_dynamic_quantize_matmul():
+    k, n = 48, 40
+    q = RNG.integers(-127, 128, size=(k, n)).astype(np.int8)
+    s = (RNG.random(n) * 0.01).astype(np.float32)
+    zp = np.full(n, 0, np.int8)
+    b = f32(n)
+    inits = [numpy_helper.from_array(q, "W"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(zp, "Z"), numpy_helper.from_array(b, "B")]
+    m = model(
+        [helper.make_node("DynamicQuantizeMatMul", ["A", "W", "S", "Z", "B"], ["Y"], domain="com.microsoft", name="dqmm")],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    conv, rep = quantize_model(m, QuantizeOptions(act_granularity="per_tensor"))
+    assert [x.op_type for x in conv.graph.node] == ["DynQMatMul"]
+    a = f32(5, k, scale=1.0)
+    ref = session(m, custom=False).run(None, {"A": a})[0]
+    got = session(conv).run(None, {"A": a})[0]
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_uint8_weights_with_wide_zero_point_range_are_requantized():
+    from dynq.onnx.convert import _int_weights_to_int8
+
+    q = np.array([[0, 255, 10], [255, 0, 200]], np.uint8)  # with zp 128/10: col 1 fits, col 0 and 2 do not
+    q8, s, nreq = _int_weights_to_int8(q, np.array([128, 127, 10], np.uint8), np.array([0.1, 0.2, 0.3], np.float32))
+    real = (q.astype(np.float64) - [128, 127, 10]) * [0.1, 0.2, 0.3]
+    assert nreq == 0 or np.abs(q8.astype(np.float64) * s - real).max() <= 0.5 * s.max()
+    q8, s, nreq = _int_weights_to_int8(np.array([[0], [255]], np.uint8), np.array([0], np.uint8), np.array([1.0], np.float32))
+    assert nreq == 1 and q8.ravel().tolist() == [0, 127] and abs(s[0] - 255 / 127) < 1e-6
+
+
+def test_evaluate_cli_json_gate_and_mixed_precision(tmp_path):
+    m = bert_like(layers=3)
+    # Make one layer much harder to quantize: a huge outlier weight flattens its scale.
+    for t in m.graph.initializer:
+        if t.name == "w10":
+            w = numpy_helper.to_array(t).copy()
+            w[0, 0] = 40.0
+            t.CopyFrom(numpy_helper.from_array(w, "w10"))
+    src, out = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
+    onnx.save_model(m, str(src))
+    env = {**os.environ, "PYTHONPATH": PKG}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dynq.onnx", *a], cwd=PKG, capture_output=True, text=True, env=env)  # noqa: E731
+    r = run("quantize", str(src), str(out), "--weight-granularity", "per_tensor", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run("evaluate", str(src), str(out), "--json", str(tmp_path / "e.json"), "--samples", "2", "--seq-len", "8", "--min-cosine", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "isolated cos" in r.stdout and "PASS" in r.stdout
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert len(ev["layers"]) == 6 and 0.5 < ev["final"][0]["cosine_mean"] < 0.99
+    assert {"cosine", "sqnr_db", "max_abs_error", "isolated_cosine", "isolated_sqnr_db"} <= set(ev["layers"][0])
+    worst = min(ev["layers"], key=lambda l: l["isolated_sqnr_db"])
+    assert worst["name"] == "l10", worst
+    c0 = ev["final"][0]["cosine_mean"]
+    # Gate that cannot pass: exit code 3.
+    r = run("evaluate", str(src), str(out), "--samples", "2", "--seq-len", "8", "--min-cosine", "1.01", "--no-per-layer")
+    assert r.returncode == 3 and "accuracy gate failed" in r.stderr
+    # Mixed precision: keep the most sensitive layers in fp32 until the gate passes.
+    goal = c0 + (1 - c0) * 0.5
+    mp = tmp_path / "mixed.onnx"
+    r = run("evaluate", str(src), str(out), "--samples", "2", "--seq-len", "8", "--min-cosine", f"{goal:.9f}", "--mixed-precision", str(mp), "--json", str(tmp_path / "m.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    ev = json.loads((tmp_path / "m.json").read_text())
+    kept = ev["mixed_precision"]["kept_fp32"]
+    assert kept and kept[0] == "l10" and ev["mixed_precision"]["final_cosine"] >= goal
+    mm = onnx.load(str(mp))
+    assert any(n.name == "l10" and n.op_type == "MatMul" for n in mm.graph.node)
+    assert sum(n.op_type == "DynQMatMul" for n in mm.graph.node) == 6 - len(kept)
+    res = evaluate(m, mm, make_inputs(m, seq_len=8, samples=2), per_layer=False)
+    assert res.final_cosine >= goal - 1e-6
+
+
+def test_quantize_cli_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dynq.onnx", "quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")], cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG})
+    assert r.returncode == 2 and "error" in r.stderr

@@ -1,0 +1,247 @@
+"""The ONNX Runtime custom op dynq.DynQMatMul, run by the real onnxruntime package."""
+
+import gc
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import dynq
+from ortutil import dynq_model, gelu, model, session
+
+RNG = np.random.default_rng(7)
+
+
+def weights(k, n, seed=0):
+    r = np.random.default_rng(seed)
+    q = r.integers(-127, 128, size=(k, n)).astype(np.int8)
+    s = (r.random(n) * 0.02 + 0.001).astype(np.float32)
+    return q, s
+
+
+@pytest.mark.parametrize("a_shape", [(5,), (7, 5), (2, 3, 5), (2, 1, 3, 5)])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_op_matches_numpy_and_dynq(a_shape, activation):
+    k = a_shape[-1]
+    n = 9
+    q, s = weights(k, n)
+    b = RNG.standard_normal(n).astype(np.float32)
+    m = dynq_model(q, s, b, a_shape=["d%d" % i for i in range(len(a_shape) - 1)] + [None], activation=activation)
+    a = (RNG.standard_normal(a_shape) * 2).astype(np.float32)
+    y = session(m).run(None, {"A": a})[0]
+    assert y.shape == a_shape[:-1] + (n,)
+    # Bit-identical to the library's own GEMM (same quantization, same epilogue order).
+    p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
+    lib = dynq.gemm(p, a, bias=b, epilogue=activation)
+    np.testing.assert_array_equal(y, lib)
+    # And close to the float product of the dequantized weights.
+    ref = a.astype(np.float64) @ (q.astype(np.float64) * s) + b
+    if activation == "relu":
+        ref = np.maximum(ref, 0)
+    elif activation == "gelu":
+        ref = gelu(ref)
+    err = np.abs(y - ref).max() / (np.abs(ref).max() + 1e-6)
+    assert err < 0.02, err
+    if activation == "gelu":
+        # dynq's erf agrees with the exact one to ~3e-7.
+        exact = gelu(dynq.gemm(p, a, bias=b).astype(np.float64))
+        np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_type", ["asymmetric_u8", "symmetric_i8"])
+@pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_activation_modes_match_library(act_type, gran, activation):
+    k, n, rows = 64, 40, 300  # enough rows to be split into parallel tasks
+    q, s = weights(k, n, 1)
+    a = (RNG.standard_normal((rows, k)) * RNG.uniform(0.1, 5, size=(rows, 1))).astype(np.float32)
+    m = dynq_model(q, s, a_shape=["m", None], act_granularity=gran, act_type=act_type, activation=activation)
+    p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
+    lib = dynq.gemm(p, a, act_granularity=gran, act_type=act_type, epilogue=activation)
+    for threads in (1, 2, 4):
+        y = session(m, threads).run(None, {"A": a})[0]
+        np.testing.assert_array_equal(y, lib)
+
+
+def test_per_tensor_u8_matches_ort_dynamic_quantize_matmul():
+    """Same int8 weights, per-tensor uint8 activations: dynq equals ONNX Runtime's own
+    com.microsoft.DynamicQuantizeMatMul to within float rounding."""
+    for (rows, k, n, per_channel) in [(16, 128, 64, True), (33, 384, 96, False), (1, 256, 17, True)]:
+        q, s = weights(k, n, rows)
+        if not per_channel:
+            s = s[:1]
+        b = RNG.standard_normal(n).astype(np.float32)
+        a = (RNG.standard_normal((rows, k)) * 1.5 + 0.3).astype(np.float32)
+        inits = [numpy_helper.from_array(q, "W"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(b, "B")]
+        a_vi = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])]
+        y_vi = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
+        ms = model([helper.make_node("DynamicQuantizeMatMul", ["A", "W", "S", "", "B"], ["Y"], domain="com.microsoft")], a_vi, y_vi, inits)
+        md = model([helper.make_node("DynQMatMul", ["A", "W", "S", "B"], ["Y"], domain="dynq", act_granularity="per_tensor")], a_vi, y_vi, inits)
+        y_ms = session(ms, custom=False).run(None, {"A": a})[0]
+        y_dq = session(md).run(None, {"A": a})[0]
+        scale = np.abs(y_ms).max()
+        diff = np.abs(y_ms - y_dq).max()
+        assert diff <= 1e-5 * scale, (diff, scale)
+
+
+def test_output_shape_inference():
+    q, s = weights(12, 5)
+    sess = session(dynq_model(q, s, a_shape=["batch", "seq", None]))
+    out = sess.get_outputs()[0]
+    assert out.type == "tensor(float)"
+    assert out.shape == ["batch", "seq", 5]
+    # Unnamed unknown dims stay unknown (not a literal -1): Reshape from Shape keeps working.
+    k = 12
+    nodes = [
+        helper.make_node("Relu", ["A"], ["R"]),
+        helper.make_node("DynQMatMul", ["R", "W", "S"], ["Y0"], domain="dynq"),
+        helper.make_node("Shape", ["Y0"], ["sh"]),
+        helper.make_node("Reshape", ["Y0", "sh"], ["Y"]),
+    ]
+    inits = [numpy_helper.from_array(q, "W"), numpy_helper.from_array(s, "S")]
+    m = model(nodes, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, None, k])], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    a = RNG.standard_normal((2, 3, k)).astype(np.float32)
+    assert session(m).run(None, {"A": a})[0].shape == (2, 3, 5)
+
+
+def test_empty_batch():
+    q, s = weights(8, 3)
+    y = session(dynq_model(q, s, a_shape=["m", None])).run(None, {"A": np.zeros((0, 8), np.float32)})[0]
+    assert y.shape == (0, 3)
+
+
+@pytest.mark.parametrize("as_graph_input", [True, False])
+def test_non_constant_weight_is_packed_per_call(as_graph_input):
+    q, s = weights(16, 6)
+    a = RNG.standard_normal((4, 16)).astype(np.float32)
+    want = session(dynq_model(q, s, a_shape=["m", None])).run(None, {"A": a})[0]
+    if as_graph_input:
+        m = dynq_model(q, s, a_shape=["m", None], const=False)
+        feeds = {"A": a, "W": q}
+    else:
+        # An initializer also listed as a graph input may be overridden: not a constant.
+        m = dynq_model(q, s, a_shape=["m", None])
+        m.graph.input.append(helper.make_tensor_value_info("W", TensorProto.INT8, [16, 6]))
+        feeds = {"A": a}
+    sess = session(m)
+    np.testing.assert_array_equal(sess.run(None, feeds)[0], want)
+    if as_graph_input:
+        q2 = q.copy()
+        q2[0] = -q2[0]
+        want2 = session(dynq_model(q2, s, a_shape=["m", None])).run(None, {"A": a})[0]
+        np.testing.assert_array_equal(sess.run(None, {"A": a, "W": q2})[0], want2)
+
+
+def bad(nodes, inputs, inits, feeds=None):
+    m = model(nodes, inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    with pytest.raises(Exception) as e:
+        s = session(m)
+        s.run(None, feeds or {})
+    return str(e.value)
+
+
+def test_bad_models_give_clear_errors():
+    q, s = weights(8, 4)
+    A = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", 8])]
+    feeds = {"A": np.ones((2, 8), np.float32)}
+    I = lambda arr, name: numpy_helper.from_array(arr, name)  # noqa: E731
+    node = lambda ins=("A", "W", "S"), **kw: helper.make_node("DynQMatMul", list(ins), ["Y"], domain="dynq", name="bad", **kw)  # noqa: E731
+    cases = [
+        ([node()], A, [I(q.astype(np.uint8), "W"), I(s, "S")], "uint8"),
+        ([node()], A, [I(q.astype(np.float32), "W"), I(s, "S")], "int8"),
+        ([node()], A, [I(q.reshape(2, 4, 4), "W"), I(s, "S")], "rank 2"),
+        ([node()], A, [I(weights(9, 4)[0], "W"), I(s, "S")], "K = 8"),
+        ([node()], A, [I(q, "W"), I(s[:3], "S")], "scales"),
+        ([node()], A, [I(q, "W"), I(s.astype(np.float64), "S")], "scales must be float"),
+        ([node(activation="swish")], A, [I(q, "W"), I(s, "S")], "'activation'"),
+        ([node(act_granularity=1)], A, [I(q, "W"), I(s, "S")], "must be a string"),
+        ([node(act_type="int4")], A, [I(q, "W"), I(s, "S")], "symmetric_i8"),
+        ([node(("A", "W", "S", "B"))], A, [I(q, "W"), I(s, "S"), I(np.ones(5, np.float32), "B")], "bias"),
+        ([node(("A", "W"))], A, [I(q, "W")], "input size 2"),
+        ([node()], [helper.make_tensor_value_info("A", TensorProto.FLOAT16, ["m", 8])], [I(q, "W"), I(s, "S")], "float16"),
+        ([node()], A, [I(q, "W"), I(np.array([0.1, np.nan, 0.1, 0.1], np.float32), "S")], "scale"),
+    ]
+    for nodes, inputs, inits, expect in cases:
+        f = feeds if inputs is A else {"A": np.ones((2, 8), np.float16)}
+        msg = bad(nodes, inputs, inits, f)
+        assert expect in msg, (expect, msg)
+    # Wrong K at run time (the declared shape is symbolic).
+    m = dynq_model(q, s, a_shape=["m", "k"])
+    with pytest.raises(Exception) as e:
+        session(m).run(None, {"A": np.ones((2, 7), np.float32)})
+    assert "K = 7" in str(e.value) and "DynQMatMul node 'dq'" in str(e.value)
+    # NaN activations are refused with the element named.
+    a = np.ones((3, 8), np.float32)
+    a[2, 5] = np.nan
+    with pytest.raises(Exception) as e:
+        session(dynq_model(q, s, a_shape=["m", None])).run(None, {"A": a})
+    assert "A[2][5]" in str(e.value)
+    # Per tensor too.
+    with pytest.raises(Exception) as e:
+        session(dynq_model(q, s, a_shape=["m", None], act_granularity="per_tensor")).run(None, {"A": a})
+    assert "A[2][5]" in str(e.value)
+
+
+def test_sessions_share_one_packed_copy():
+    gc.collect()
+    q, s = weights(256, 192, 99)
+    m = dynq_model(q, s, a_shape=["m", None])
+    before = dynq.ort_cache_stats()
+    s1 = session(m)
+    st1 = dynq.ort_cache_stats()
+    assert st1["live"] == before["live"] + 1
+    assert st1["misses"] == before["misses"] + 1
+    s2 = session(m)
+    s3 = session(m, threads=2)
+    st2 = dynq.ort_cache_stats()
+    assert st2["live"] == st1["live"], "a second session must not pack another copy"
+    assert st2["bytes"] == st1["bytes"]
+    assert st2["hits"] == st1["hits"] + 2
+    a = RNG.standard_normal((5, 256)).astype(np.float32)
+    y = s1.run(None, {"A": a})[0]
+    np.testing.assert_array_equal(s2.run(None, {"A": a})[0], y)
+    # Different weights: another copy.
+    q2 = q.copy()
+    q2[3, 3] ^= 1
+    s4 = session(dynq_model(q2, s, a_shape=["m", None]))
+    assert dynq.ort_cache_stats()["live"] == st1["live"] + 1
+    del s1, s2, s3, s4
+    gc.collect()
+    assert dynq.ort_cache_stats()["live"] == before["live"], "packed copies are freed with the last session"
+
+
+def test_sessions_in_threads_give_the_same_results():
+    q, s = weights(192, 160, 5)
+    b = RNG.standard_normal(160).astype(np.float32)
+    m = dynq_model(q, s, b, a_shape=["m", None], activation="gelu")
+    inputs = [RNG.standard_normal((r, 192)).astype(np.float32) for r in (1, 7, 64, 200)]
+    ref = session(m).run
+    want = [ref(None, {"A": a})[0] for a in inputs]
+    sessions = [session(m, threads=t) for t in (1, 2, 3, 2)]
+    errors = []
+
+    def worker(i):
+        try:
+            sess = sessions[i]
+            for rep in range(5):
+                for a, w in zip(inputs, want):
+                    np.testing.assert_array_equal(sess.run(None, {"A": a})[0], w)
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(sessions))]
+    # One session shared by two threads as well.
+    threads += [threading.Thread(target=worker, args=(0,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_version_reported():
+    # The library registers on this runtime; the supported range is 1.17 and later.
+    major, minor = (int(x) for x in ort.__version__.split(".")[:2])
+    assert (major, minor) >= (1, 17)

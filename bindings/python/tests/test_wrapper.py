@@ -1,0 +1,91 @@
+"""The numpy wrapper over the C ABI."""
+
+import numpy as np
+import pytest
+
+import dynq
+
+
+def ref_per_row_u8(a, q, scales, bias=None):
+    """numpy reference of per-row asymmetric uint8 activations (ONNX DynamicQuantizeLinear per row)."""
+    a = a.astype(np.float32)
+    lo = np.minimum(a.min(axis=1), 0).astype(np.float32)
+    hi = np.maximum(a.max(axis=1), 0).astype(np.float32)
+    sa = ((hi - lo) / np.float32(255)).astype(np.float32)
+    safe = np.where(sa == 0, np.float32(1), sa).astype(np.float32)
+    za = np.clip(np.round(-lo / safe), 0, 255)
+    qa = np.clip(np.round(a / safe[:, None]) + za[:, None], 0, 255)
+    qa = np.where(sa[:, None] == 0, za[:, None], qa)
+    acc = (qa.astype(np.int64) - za[:, None].astype(np.int64)) @ q.astype(np.int64)  # q: [K, N]
+    y = acc.astype(np.float32) * (sa[:, None] * scales[None, :].astype(np.float32))
+    if bias is not None:
+        y = y + bias
+    return y.astype(np.float32)
+
+
+def test_version_and_isa():
+    assert dynq.version().count(".") == 2
+    assert dynq.active_isa()
+
+
+def test_numpy_quantization_matches_library():
+    rng = np.random.default_rng(1)
+    for shape, gran in [((64, 48), "per_channel"), ((33, 17), "per_tensor"), ((5, 3), "per_channel")]:
+        w = (rng.standard_normal(shape) * rng.uniform(0.01, 3.0, size=(1, shape[1]))).astype(np.float32)
+        w[:, 0] = 0.0  # an all-zero channel
+        q, s = dynq.quantize_weights(w, gran, layout="kn")
+        p = dynq.PackedWeights.from_float(w, layout="kn", granularity=gran)
+        lq, ls = p.quantized()
+        np.testing.assert_array_equal(q.T, lq)
+        np.testing.assert_array_equal(s, ls)
+
+
+def test_gemm_matches_reference_bit_for_bit_on_integers():
+    rng = np.random.default_rng(2)
+    m, k, n = 37, 70, 45
+    q = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
+    s = (rng.random(n) * 0.02 + 0.001).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    a = rng.standard_normal((m, k)).astype(np.float32) * 3 + 1
+    p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
+    y = dynq.gemm(p, a, bias=b)
+    ref = ref_per_row_u8(a, q, s, b)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # Threads never change a bit.
+    for t in (1, 2, 3):
+        np.testing.assert_array_equal(dynq.gemm(p, a, bias=b, num_threads=t), y)
+    # Leading dimensions are flattened.
+    y3 = dynq.gemm(p, a[:36].reshape(4, 9, k), bias=b)
+    np.testing.assert_array_equal(y3.reshape(36, n), y[:36])
+    relu = dynq.gemm(p, a, bias=b, epilogue="relu")
+    np.testing.assert_array_equal(relu, np.maximum(y, 0))
+
+
+def test_serialize_roundtrip():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((20, 11)).astype(np.float32)
+    p = dynq.PackedWeights.from_float(w, layout="nk")
+    p2 = dynq.PackedWeights.deserialize(p.serialize())
+    assert (p2.n, p2.k) == (20, 11)
+    a = rng.standard_normal((3, 11)).astype(np.float32)
+    np.testing.assert_array_equal(dynq.gemm(p, a), dynq.gemm(p2, a))
+
+
+def test_errors_are_exceptions_with_messages():
+    w = np.ones((4, 3), dtype=np.float32)
+    w[2, 1] = np.nan
+    with pytest.raises(dynq.DynqError) as e:
+        dynq.PackedWeights.from_float(w)
+    assert e.value.status == "NON_FINITE" and "input" in e.value.message
+    p = dynq.PackedWeights.from_float(np.ones((4, 3), dtype=np.float32))
+    a = np.ones((2, 4), dtype=np.float32)
+    a[1, 2] = np.inf
+    with pytest.raises(dynq.DynqError) as e:
+        dynq.gemm(p, a)
+    assert "A[1][2]" in e.value.message
+    with pytest.raises(dynq.DynqError):
+        dynq.PackedWeights.deserialize(b"not a blob at all, clearly")
+    with pytest.raises(ValueError):
+        dynq.gemm(p, np.ones((2, 5), dtype=np.float32))
+    with pytest.raises(ValueError):
+        dynq.gemm(p, a, act_type="int4")
