@@ -71,7 +71,10 @@ fn run(w: &PackedWeights, a: &[f32], m: usize, bias: Option<&[f32]>, o: &GemmOpt
 fn bit_identical_across_isas_and_threads() {
     let mut rng = Rng(10);
     let isas = isas_under_test();
-    for &(m, n, k) in &[(1, 1, 1), (3, 17, 9), (17, 67, 131), (64, 96, 300), (130, 40, 77)] {
+    // Long K as well: (14, 70, 1000) and (5, 45, 3500) run many K groups per tile.
+    for &(m, n, k) in
+        &[(1, 1, 1), (3, 17, 9), (17, 67, 131), (64, 96, 300), (130, 40, 77), (14, 70, 1000), (5, 45, 3500)]
+    {
         let a = random(&mut rng, m * k, 3.0);
         let w = random(&mut rng, n * k, 0.5);
         let bias = random(&mut rng, n, 1.0);
@@ -347,41 +350,54 @@ fn concurrent_calls_on_one_handle() {
 fn f16_and_bf16_inputs_and_outputs() {
     use half::{bf16, f16};
     let mut rng = Rng(17);
-    let (m, n, k) = (13, 37, 70);
-    let a32: Vec<f32> = (0..m * k).map(|_| rng.f32() * 4.0).collect();
-    let a16: Vec<f16> = a32.iter().map(|&v| f16::from_f32(v)).collect();
-    let ab16: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
-    let w = random(&mut rng, n * k, 0.3);
-    let bias = random(&mut rng, n, 1.0);
-    for isa in isas_under_test() {
-        let pw =
-            PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { isa: Some(isa), ..Default::default() })
-                .unwrap();
-        for ep in [Epilogue::None, Epilogue::Gelu] {
-            let o = GemmOptions { epilogue: ep, num_threads: 2, ..Default::default() };
-            // Widened input through the f32 path is the definition.
-            let wide16: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
-            let want = run(&pw, &wide16, m, Some(&bias), &o);
-            let mut y32 = vec![0f32; m * n];
-            dynq::gemm_typed(&pw, &a16, m, k, Some(&bias), &mut y32, n, &o).unwrap();
-            assert!(y32.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa} f16 -> f32");
-            let mut y16 = vec![f16::ZERO; m * n];
-            dynq::gemm_typed(&pw, &a16, m, k, Some(&bias), &mut y16, n, &o).unwrap();
-            assert!(y16.iter().zip(&want).all(|(a, b)| a.to_bits() == f16::from_f32(*b).to_bits()), "{isa} f16 -> f16");
-            let wideb: Vec<f32> = ab16.iter().map(|v| v.to_f32()).collect();
-            let want = run(&pw, &wideb, m, Some(&bias), &o);
-            let mut yb = vec![bf16::ZERO; (m - 1) * (n + 3) + n];
-            dynq::gemm_typed(&pw, &ab16, m, k, Some(&bias), &mut yb, n + 3, &o).unwrap();
-            for i in 0..m {
-                for j in 0..n {
-                    assert_eq!(yb[i * (n + 3) + j].to_bits(), bf16::from_f32(want[i * n + j]).to_bits(), "{isa} bf16");
+    for (m, n, k) in [(13, 37, 70), (5, 40, 1800)] {
+        let a32: Vec<f32> = (0..m * k).map(|_| rng.f32() * 4.0).collect();
+        let a16: Vec<f16> = a32.iter().map(|&v| f16::from_f32(v)).collect();
+        let ab16: Vec<bf16> = a32.iter().map(|&v| bf16::from_f32(v)).collect();
+        let w = random(&mut rng, n * k, 0.3);
+        let bias = random(&mut rng, n, 1.0);
+        for isa in isas_under_test() {
+            let pw = PackedWeights::from_f32(
+                &w,
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
+            for ep in [Epilogue::None, Epilogue::Gelu] {
+                let o = GemmOptions { epilogue: ep, num_threads: 2, ..Default::default() };
+                // Widened input through the f32 path is the definition.
+                let wide16: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
+                let want = run(&pw, &wide16, m, Some(&bias), &o);
+                let mut y32 = vec![0f32; m * n];
+                dynq::gemm_typed(&pw, &a16, m, k, Some(&bias), &mut y32, n, &o).unwrap();
+                assert!(y32.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa} f16 -> f32");
+                let mut y16 = vec![f16::ZERO; m * n];
+                dynq::gemm_typed(&pw, &a16, m, k, Some(&bias), &mut y16, n, &o).unwrap();
+                assert!(
+                    y16.iter().zip(&want).all(|(a, b)| a.to_bits() == f16::from_f32(*b).to_bits()),
+                    "{isa} f16 -> f16"
+                );
+                let wideb: Vec<f32> = ab16.iter().map(|v| v.to_f32()).collect();
+                let want = run(&pw, &wideb, m, Some(&bias), &o);
+                let mut yb = vec![bf16::ZERO; (m - 1) * (n + 3) + n];
+                dynq::gemm_typed(&pw, &ab16, m, k, Some(&bias), &mut yb, n + 3, &o).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        assert_eq!(
+                            yb[i * (n + 3) + j].to_bits(),
+                            bf16::from_f32(want[i * n + j]).to_bits(),
+                            "{isa} bf16"
+                        );
+                    }
                 }
             }
+            let mut bad = a16.clone();
+            bad[5] = f16::INFINITY;
+            let mut y16 = vec![f16::ZERO; m * n];
+            let e = dynq::gemm_typed(&pw, &bad, m, k, None, &mut y16, n, &GemmOptions::default()).unwrap_err();
+            assert_eq!(e.status(), Status::NonFinite);
         }
-        let mut bad = a16.clone();
-        bad[5] = f16::INFINITY;
-        let mut y16 = vec![f16::ZERO; m * n];
-        let e = dynq::gemm_typed(&pw, &bad, m, k, None, &mut y16, n, &GemmOptions::default()).unwrap_err();
-        assert_eq!(e.status(), Status::NonFinite);
     }
 }
