@@ -201,6 +201,16 @@ pub fn default_threads() -> Result<usize> {
     DEFAULT.clone()
 }
 
+/// Multiply-adds below which one more worker costs more (waking it, splitting the tiles)
+/// than it saves: about 5 us of work on one core.
+const MIN_MACS_PER_WORKER: usize = 2 << 20;
+
+/// The number of workers worth waking for an `m x n x k` product (never more than asked).
+fn useful_threads(threads: usize, m: usize, n: usize, k: usize) -> usize {
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    threads.min((macs / MIN_MACS_PER_WORKER).max(1))
+}
+
 fn resolve_threads(requested: usize) -> Result<usize> {
     match requested {
         0 => default_threads(),
@@ -387,7 +397,7 @@ pub fn gemm_typed<A: Element, Y: Element>(
             return Err(Error::NonFinite(format!("bias[{j}] is {}; bias must be finite", b[j])));
         }
     }
-    let threads = resolve_threads(opts.num_threads)?;
+    let threads = useful_threads(resolve_threads(opts.num_threads)?, m, n, k);
     if m == 0 {
         return Ok(());
     }
