@@ -52,4 +52,21 @@ if have rustup; then
     rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
   done
 fi
+# Fuzzing and Miri (scripts/fuzz.sh, scripts/sanitize.sh): a pinned nightly toolchain with miri
+# and rust-src, and cargo-fuzz (built from crates.io). DYNQ_NIGHTLY overrides the toolchain.
+if have rustup; then
+  nightly=${DYNQ_NIGHTLY:-nightly-2026-10-30}
+  if ! rustup toolchain list 2>/dev/null | grep -q "^$nightly"; then
+    echo "setup: rustup toolchain install $nightly (miri, rust-src)"
+    rustup toolchain install "$nightly" --profile minimal --component miri,rust-src
+  fi
+  for c in miri rust-src; do
+    rustup component list --toolchain "$nightly" --installed 2>/dev/null | grep -q "^$c" ||
+      rustup component add --toolchain "$nightly" "$c"
+  done
+  if ! cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz 0.13.2"; then
+    echo "setup: cargo install cargo-fuzz 0.13.2"
+    cargo install cargo-fuzz --version 0.13.2 --locked --quiet
+  fi
+fi
 echo "setup: ok"

@@ -51,4 +51,18 @@ step "ONNX Runtime op and converter on the oldest supported runtime (onnxruntime
 target/py-ort1.17/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests/test_wrapper.py \
   bindings/python/tests/test_ort_op.py bindings/python/tests/test_convert.py
 
+step "fuzzing (every cargo-fuzz target, 45 s each), with sanitizers in parallel (C ABI tests under ASan+UBSan, Miri)"
+# The fuzzers use one core; the sanitizer builds and Miri use the other. docs/reliability.md.
+scripts/sanitize.sh >target/sanitize.log 2>&1 &
+sanitize_pid=$!
+fuzz_status=0
+scripts/fuzz.sh -t 45 || fuzz_status=$?
+sanitize_status=0
+wait "$sanitize_pid" || sanitize_status=$?
+cat target/sanitize.log
+if [ "$fuzz_status" != 0 ] || [ "$sanitize_status" != 0 ]; then
+  echo "fuzzing (status $fuzz_status) or sanitizers (status $sanitize_status) FAILED"
+  exit 1
+fi
+
 step "all tests passed"

@@ -260,14 +260,15 @@ impl<T> SharedOut<T> {
         unsafe { self.ptr.add(i).write(v) }
     }
 
-    /// # Safety
-    /// No other task accesses `start..start + len` while the returned slice lives.
+    /// A raw pointer to element `start` after checking that `start..start + len` is in
+    /// bounds. It is a pointer, not a slice: a tile's span (rows at stride ldy) covers
+    /// elements of neighbouring tiles between its rows, which other tasks write meanwhile, so
+    /// no `&mut` may be formed over it; only the tile's own elements are written through it.
     #[inline(always)]
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+    fn ptr_at(&self, start: usize, len: usize) -> *mut T {
         assert!(start <= self.len && len <= self.len - start);
-        // SAFETY: in bounds (checked above); exclusivity promised by the caller.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+        // SAFETY: in bounds (checked above); pointer arithmetic only.
+        unsafe { self.ptr.add(start) }
     }
 }
 
@@ -416,8 +417,8 @@ pub fn gemm_typed<A: Element, Y: Element>(
         // The rows (i0..i0+rows) x columns (j0..j0+cols) of y belong to this tile only.
         let span = (t.rows - 1) * ldy + cols;
         let (y0, ld) = match &direct {
-            // SAFETY: in bounds (checked by `slice`) and not aliased (disjoint tiles).
-            Some(out) => (unsafe { out.slice(i0 * ldy + j0, span) }.as_mut_ptr(), ldy),
+            // In bounds (checked by `ptr_at`); the kernel writes only this tile's elements.
+            Some(out) => (out.ptr_at(i0 * ldy + j0, span), ldy),
             // f16/bf16 output: the tile goes through the f32 scratch buffer (MR * NR words;
             // f32 and i32 have the same size and alignment) and is rounded below.
             None => (scratch.as_mut_ptr() as *mut f32, cols),
@@ -440,11 +441,12 @@ pub fn gemm_typed<A: Element, Y: Element>(
         if direct.is_none() {
             // SAFETY: the kernel wrote rows * cols f32 at the start of the scratch buffer.
             let tile = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const f32, t.rows * cols) };
-            // SAFETY: as above, for the Y elements of this tile.
-            let dst = unsafe { converted.slice(i0 * ldy + j0, span) };
+            let dst = converted.ptr_at(i0 * ldy + j0, span);
             for r in 0..t.rows {
                 for c in 0..cols {
-                    dst[r * ldy + c] = Y::from_f32(tile[r * cols + c]);
+                    // SAFETY: (i0 + r, j0 + c) is in bounds (checked by ptr_at: r * ldy + c <
+                    // span) and belongs to this tile only.
+                    unsafe { dst.add(r * ldy + c).write(Y::from_f32(tile[r * cols + c])) };
                 }
             }
         }

@@ -101,7 +101,14 @@ fn check_shape(n: usize, k: usize) -> Result<()> {
              exact; split the layer along K"
         )));
     }
-    checked_mul(checked_mul(n, k, "weight elements n * k")?, 4, "weight bytes n * k * 4")?;
+    let bytes = checked_mul(checked_mul(n, k, "weight elements n * k")?, 4, "weight bytes n * k * 4")?;
+    // No buffer can be larger than isize::MAX bytes: refuse such a shape as an overflow before
+    // trying to allocate anything for it (found by fuzz/fuzz_targets/ffi.rs).
+    if bytes > isize::MAX as usize {
+        return Err(Error::SizeOverflow(format!(
+            "weight shape n={n} x k={k}: n * k * 4 = {bytes} bytes exceed the address space"
+        )));
+    }
     Ok(())
 }
 
@@ -208,7 +215,10 @@ impl PackedWeights {
     /// The same weights packed for another ISA (validated against the CPU).
     pub fn repack(&self, isa: Isa) -> Result<Self> {
         let q = self.quantized_weights();
-        Reservation::new(self.n, self.k, Some(isa))?.fill_quantized(&q, WeightLayout::NK, self.source_scales())
+        let mut pw =
+            Reservation::new(self.n, self.k, Some(isa))?.fill_quantized(&q, WeightLayout::NK, self.source_scales())?;
+        pw.granularity = self.granularity; // n = 1: one scale fits both granularities
+        Ok(pw)
     }
 
     /// Output channels.

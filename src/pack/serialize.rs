@@ -96,13 +96,18 @@ impl PackedWeights {
     /// [`Error::Unsupported`] for a valid blob of a newer format version.
     pub fn deserialize(blob: &[u8], opts: PackOptions) -> Result<Self> {
         let h = parse(blob)?;
-        Reservation::new(h.n, h.k, opts.isa)?.fill_quantized(h.weights, WeightLayout::NK, &h.scales)
+        let mut pw = Reservation::new(h.n, h.k, opts.isa)?.fill_quantized(h.weights, WeightLayout::NK, &h.scales)?;
+        // With n = 1 one scale is both per channel and per tensor: keep what the blob says, so
+        // that it re-serializes to the same bytes (found by fuzz/fuzz_targets/deserialize.rs).
+        pw.granularity = h.granularity;
+        Ok(pw)
     }
 }
 
 struct Parsed<'a> {
     n: usize,
     k: usize,
+    granularity: WeightGranularity,
     scales: Vec<f32>,
     weights: &'a [i8],
 }
@@ -190,7 +195,7 @@ fn parse(blob: &[u8]) -> Result<Parsed<'_>> {
     let off = HEADER_LEN + 4 * num_scales;
     let bytes = &blob[off..off + n * k];
     let weights = as_i8(bytes);
-    Ok(Parsed { n, k, scales, weights })
+    Ok(Parsed { n, k, granularity, scales, weights })
 }
 
 /// Views bytes as `i8`.
