@@ -228,11 +228,15 @@ fn scheme(zero_point: i32, ty: ActType) -> (i32, i32, i32, i32) {
     }
 }
 
+/// Quantizes a row into `u8` values (`BYTES == 1`) or `u8` values zero-extended to
+/// little-endian `u16` (`BYTES == 2`); `out.len() == x.len() * BYTES`.
+///
 /// # Safety
 /// The CPU has AVX2.
+#[inline]
 #[target_feature(enable = "avx2")]
-pub(crate) unsafe fn quantize_row_u8(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
-    assert_eq!(x.len(), out.len());
+unsafe fn quantize_row_as<const BYTES: usize>(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    assert_eq!(x.len() * BYTES, out.len());
     let (add, lo, hi, bias) = scheme(zero_point, ty);
     let (sv, addv, lov, hiv, biasv) = (
         _mm256_set1_ps(scale),
@@ -243,50 +247,44 @@ pub(crate) unsafe fn quantize_row_u8(x: &[f32], scale: f32, zero_point: i32, ty:
     );
     let full = x.len() / 8 * 8;
     for j in (0..full).step_by(8) {
-        // SAFETY: j + 8 <= len for both slices.
+        // SAFETY: j + 8 <= x.len() and BYTES * (j + 8) <= out.len().
         unsafe {
             let q = quantize8(x.as_ptr().add(j), sv, addv, lov, hiv, biasv);
             let w = _mm256_packus_epi32(q, q); // u16: [q0..q3 q0..q3 | q4..q7 q4..q7]
-            let bytes = _mm256_packus_epi16(w, w); // u8, same lane structure
-            let lo4 = _mm256_extract_epi32::<0>(bytes) as u32;
-            let hi4 = _mm256_extract_epi32::<4>(bytes) as u32;
-            (out.as_mut_ptr().add(j) as *mut u64).write_unaligned((lo4 as u64) | ((hi4 as u64) << 32));
+            if BYTES == 1 {
+                let bytes = _mm256_packus_epi16(w, w); // u8, same lane structure
+                let lo4 = _mm256_extract_epi32::<0>(bytes) as u32;
+                let hi4 = _mm256_extract_epi32::<4>(bytes) as u32;
+                (out.as_mut_ptr().add(j) as *mut u64).write_unaligned((lo4 as u64) | ((hi4 as u64) << 32));
+            } else {
+                let w = _mm256_permute4x64_epi64::<0b1000>(w); // [q0..q3 q4..q7 | ...]
+                _mm_storeu_si128(out.as_mut_ptr().add(2 * j) as *mut __m128i, _mm256_castsi256_si128(w));
+            }
         }
     }
     let p = QParams { scale, zero_point };
     for j in full..x.len() {
-        out[j] = quantize_value(x[j], p, ty);
+        out[BYTES * j] = quantize_value(x[j], p, ty);
+        if BYTES == 2 {
+            out[2 * j + 1] = 0;
+        }
     }
 }
 
 /// # Safety
 /// The CPU has AVX2.
 #[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_row_u8(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    // SAFETY: forwarded.
+    unsafe { quantize_row_as::<1>(x, scale, zero_point, ty, out) }
+}
+
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
 pub(crate) unsafe fn quantize_row_u16(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
-    assert_eq!(x.len() * 2, out.len());
-    let (add, lo, hi, bias) = scheme(zero_point, ty);
-    let (sv, addv, lov, hiv, biasv) = (
-        _mm256_set1_ps(scale),
-        _mm256_set1_epi32(add),
-        _mm256_set1_epi32(lo),
-        _mm256_set1_epi32(hi),
-        _mm256_set1_epi32(bias),
-    );
-    let full = x.len() / 8 * 8;
-    for j in (0..full).step_by(8) {
-        // SAFETY: j + 8 <= x.len() and 2 * (j + 8) <= out.len().
-        unsafe {
-            let q = quantize8(x.as_ptr().add(j), sv, addv, lov, hiv, biasv);
-            let w = _mm256_packus_epi32(q, q); // u16: [q0..q3 q0..q3 | q4..q7 q4..q7]
-            let w = _mm256_permute4x64_epi64::<0b1000>(w); // [q0..q3 q4..q7 | ...]
-            _mm_storeu_si128(out.as_mut_ptr().add(2 * j) as *mut __m128i, _mm256_castsi256_si128(w));
-        }
-    }
-    let p = QParams { scale, zero_point };
-    for j in full..x.len() {
-        out[2 * j] = quantize_value(x[j], p, ty);
-        out[2 * j + 1] = 0;
-    }
+    // SAFETY: forwarded.
+    unsafe { quantize_row_as::<2>(x, scale, zero_point, ty, out) }
 }
 
 /// # Safety
@@ -324,5 +322,72 @@ pub(crate) unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut
             act: row.act,
         };
         crate::gemm::dequantize_row(&tail, &acc[full..n], &mut out[full..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::activations::row_stats as row_stats_definition;
+    use crate::quant::activations::{asymmetric_params, quantize_row, symmetric_params};
+
+    /// Both AVX2 activation formats (u8 for the AVX-VNNI kernel, which this machine may not be
+    /// able to run, and u16 for the AVX2 kernel) against the scalar definitions, including
+    /// values that fall exactly on rounding ties and rows whose length is not a multiple of 8.
+    #[test]
+    fn row_ops_match_the_definitions() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("SKIPPED: AVX2 row operations: this CPU has no AVX2");
+            return;
+        }
+        let mut seed = 7u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for len in [1usize, 7, 8, 9, 31, 64, 100] {
+            for ty in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+                let x: Vec<f32> = (0..len)
+                    .map(|i| {
+                        let r = (rnd() % 2000) as f32 / 100.0 - 9.0;
+                        if i % 5 == 0 {
+                            (r.round() + 0.5) / 8.0
+                        } else {
+                            r
+                        }
+                    })
+                    .collect();
+                let (lo, hi) = row_stats_definition(&x).unwrap();
+                // SAFETY: AVX2 checked above.
+                assert_eq!(unsafe { row_stats_avx2_for_test(&x) }, Some((lo, hi)));
+                let p = match ty {
+                    ActType::AsymmetricU8 => asymmetric_params(lo, hi),
+                    ActType::SymmetricI8 => symmetric_params(hi.max(-lo)),
+                };
+                let mut want = vec![0u8; len];
+                quantize_row(&x, p.scale, p.zero_point, ty, &mut want);
+                let mut u8s = vec![0u8; len];
+                let mut u16s = vec![0xAAu8; 2 * len];
+                // SAFETY: AVX2 checked above; lengths as required.
+                unsafe {
+                    quantize_row_u8(&x, p.scale, p.zero_point, ty, &mut u8s);
+                    quantize_row_u16(&x, p.scale, p.zero_point, ty, &mut u16s);
+                }
+                assert_eq!(u8s, want, "u8 len={len} {ty:?}");
+                let wide: Vec<u8> = want.iter().flat_map(|&v| [v, 0]).collect();
+                assert_eq!(u16s, wide, "u16 len={len} {ty:?}");
+            }
+        }
+        // SAFETY: AVX2 checked above.
+        assert_eq!(unsafe { row_stats_avx2_for_test(&[1.0, f32::NAN, 2.0]) }, None);
+    }
+
+    /// # Safety
+    /// The CPU has AVX2.
+    unsafe fn row_stats_avx2_for_test(x: &[f32]) -> Option<(f32, f32)> {
+        // SAFETY: forwarded.
+        unsafe { super::row_stats(x) }
     }
 }
