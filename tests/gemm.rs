@@ -401,3 +401,27 @@ fn f16_and_bf16_inputs_and_outputs() {
         }
     }
 }
+
+#[test]
+fn parallel_quantization_reports_the_first_bad_row_and_matches_serial() {
+    // Large enough for the activation quantization to be split between workers.
+    let (m, n, k) = (64, 8, 2048);
+    let mut rng = Rng(18);
+    let w = random(&mut rng, n * k, 0.5);
+    let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let a = random(&mut rng, m * k, 2.0);
+    for (g, t) in all_modes() {
+        let one = run(&pw, &a, m, None, &opts(g, t, 1));
+        let two = run(&pw, &a, m, None, &opts(g, t, 2));
+        assert!(one.iter().zip(&two).all(|(x, y)| x.to_bits() == y.to_bits()), "{g:?} {t:?}");
+    }
+    let mut bad = a.clone();
+    bad[50 * k + 7] = f32::NAN;
+    bad[10 * k + 3] = f32::INFINITY;
+    for threads in [1, 2] {
+        let mut y = vec![0f32; m * n];
+        let e = gemm(&pw, &bad, m, k, None, &mut y, n, &opts(ActGranularity::PerRow, ActType::AsymmetricU8, threads))
+            .unwrap_err();
+        assert!(e.message().contains("A[10][3]"), "threads={threads}: {e}");
+    }
+}

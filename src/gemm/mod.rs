@@ -35,7 +35,7 @@ use crate::dtype::Element;
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
 use crate::kernels::{DequantRow, F32Tile, TileOut};
 use crate::pack::PackedWeights;
-use crate::quant::activations::{quantize_activations_with, ActGranularity, ActType};
+use crate::quant::activations::{quantize_activations_threaded, ActGranularity, ActType};
 use once_cell::sync::Lazy;
 use rayon::prelude::*;
 
@@ -236,6 +236,28 @@ fn pool() -> Result<&'static rayon::ThreadPool> {
     })
 }
 
+/// Runs `task(t)` for every `t < tasks` on up to `threads` workers of the pool (inline when
+/// one worker suffices); the workers pull tasks from a shared counter.
+pub(crate) fn run_tasks<F: Fn(usize) + Sync>(threads: usize, tasks: usize, task: F) -> Result<()> {
+    if threads <= 1 || tasks <= 1 {
+        (0..tasks).for_each(task);
+        return Ok(());
+    }
+    let pool = pool()?;
+    let workers = threads.min(pool.current_num_threads()).min(tasks);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    pool.install(|| {
+        (0..workers).into_par_iter().for_each(|_| loop {
+            let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if t >= tasks {
+                break;
+            }
+            task(t);
+        })
+    });
+    Ok(())
+}
+
 /// A raw output pointer shared by the tasks of one call, each writing a disjoint set of
 /// elements.
 struct SharedOut<T> {
@@ -332,26 +354,8 @@ where
             }
         }
     };
-    let blocks = m_blocks * n_blocks;
-    if threads <= 1 || blocks == 1 {
-        (0..blocks).for_each(run_block);
-    } else {
-        // `workers` tasks pull blocks from a shared counter: dynamic balancing with at most
-        // `workers` threads busy for this call.
-        let pool = pool()?;
-        let workers = threads.min(pool.current_num_threads()).min(blocks);
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        pool.install(|| {
-            (0..workers).into_par_iter().for_each(|_| loop {
-                let blk = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if blk >= blocks {
-                    break;
-                }
-                run_block(blk);
-            })
-        });
-    }
-    Ok(())
+    // Dynamic balancing: up to `threads` workers pull blocks from a shared counter.
+    run_tasks(threads, m_blocks * n_blocks, run_block)
 }
 
 /// `Y = dequant(quant(A) * W) + bias`, then the epilogue. `a` holds `m` rows of `w.k()` values
@@ -404,8 +408,19 @@ pub fn gemm_typed<A: Element, Y: Element>(
     }
     let kern = w.kernel();
     let kp = kern.padded_k(k);
-    let qa =
-        quantize_activations_with(kern.ops, kern.a_bytes, a, m, k, lda, opts.act_granularity, opts.act_type, kp, m)?;
+    let qa = quantize_activations_threaded(
+        kern.ops,
+        kern.a_bytes,
+        a,
+        m,
+        k,
+        lda,
+        opts.act_granularity,
+        opts.act_type,
+        kp,
+        m,
+        threads,
+    )?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
     let act = opts.epilogue;
     // The zero points as the kernel's raw accumulators need them (see `Kernel::a_shift`).

@@ -211,24 +211,64 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
+    quantize_activations_threaded(ops, a_bytes, a, m, k, lda, granularity, ty, kp, rows_padded, 1)
+}
+
+/// Elements of A below which quantizing on more than one worker does not pay.
+const MIN_PARALLEL_ELEMENTS: usize = 1 << 16;
+
+/// [`quantize_activations_with`] on up to `threads` workers of dynq's pool, each taking a
+/// contiguous range of rows (both passes: range, then quantization). Every row is computed by
+/// the same operations whatever the split, so the result does not depend on `threads`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
+    ops: &RowOps,
+    a_bytes: usize,
+    a: &[T],
+    m: usize,
+    k: usize,
+    lda: usize,
+    granularity: ActGranularity,
+    ty: ActType,
+    kp: usize,
+    rows_padded: usize,
+    threads: usize,
+) -> Result<QuantizedActivations> {
+    use std::sync::Mutex;
     assert!(kp >= k && rows_padded >= m && lda >= k);
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
-    let mut buf = Vec::new();
-    let mut stats = Vec::with_capacity(m);
-    for i in 0..m {
-        let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
-        // SAFETY: `ops` comes from a kernel-table entry whose ISA was resolved for this CPU
-        // (packed weights exist only for such entries) or is the scalar table.
-        match unsafe { (ops.row_stats)(row) } {
-            Some(s) => stats.push(s),
-            None => {
-                let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
-                return Err(Error::NonFinite(format!(
-                    "activation A[{i}][{col}] is {}; activations must be finite",
-                    row[col]
-                )));
+    let tasks = if m.saturating_mul(k) >= MIN_PARALLEL_ELEMENTS { threads.clamp(1, m.max(1)) } else { 1 };
+    let rows_per = m.div_ceil(tasks).max(1);
+
+    // Pass 1: the range of every row; a task stops at its first non-finite row.
+    let mut stats = vec![(0f32, 0f32); m];
+    let bad: Mutex<Option<(usize, usize, f32)>> = Mutex::new(None);
+    {
+        let chunks: Vec<Mutex<&mut [(f32, f32)]>> = stats.chunks_mut(rows_per).map(Mutex::new).collect();
+        crate::gemm::run_tasks(threads, chunks.len(), |c| {
+            let mut chunk = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
+            let mut buf = Vec::new();
+            for (r, st) in chunk.iter_mut().enumerate() {
+                let i = c * rows_per + r;
+                let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
+                // SAFETY: `ops` comes from a kernel-table entry whose ISA was resolved for this
+                // CPU (packed weights exist only for such entries) or is the scalar table.
+                match unsafe { (ops.row_stats)(row) } {
+                    Some(s) => *st = s,
+                    None => {
+                        let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                        let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
+                        if b.is_none_or(|(bi, _, _)| i < bi) {
+                            *b = Some((i, col, row[col]));
+                        }
+                        return;
+                    }
+                }
             }
-        }
+        })?;
+    }
+    if let Some((i, col, v)) = bad.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(Error::NonFinite(format!("activation A[{i}][{col}] is {v}; activations must be finite")));
     }
     let params: Vec<QParams> = match granularity {
         ActGranularity::PerRow => stats.iter().map(|&(lo, hi)| params_for(lo, hi, ty)).collect(),
@@ -237,21 +277,34 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
             vec![params_for(lo, hi, ty); m]
         }
     };
+
+    // Pass 2: quantize each row into the kernel's format.
     let row_bytes = crate::error::checked_mul(kp, a_bytes, "quantized activation row")?;
     let len = crate::error::checked_mul(rows_padded, row_bytes, "quantized activation buffer")?;
     let mut data = crate::error::try_zeroed_vec::<u8>(len, "quantized activation buffer")?;
-    for i in 0..m {
-        let p = params[i];
-        let out = &mut data[i * row_bytes..i * row_bytes + k * a_bytes];
-        if p.scale == 0.0 {
-            for v in out.chunks_exact_mut(a_bytes) {
-                v[0] = p.zero_point as u8;
+    {
+        let chunks: Vec<Mutex<&mut [u8]>> = data.chunks_mut(rows_per * row_bytes).map(Mutex::new).collect();
+        crate::gemm::run_tasks(threads, tasks.min(chunks.len()), |c| {
+            let mut chunk = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
+            let mut buf = Vec::new();
+            for r in 0..rows_per {
+                let i = c * rows_per + r;
+                if i >= m {
+                    break;
+                }
+                let p = params[i];
+                let out = &mut chunk[r * row_bytes..r * row_bytes + k * a_bytes];
+                if p.scale == 0.0 {
+                    for v in out.chunks_exact_mut(a_bytes) {
+                        v[0] = p.zero_point as u8;
+                    }
+                } else {
+                    let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
+                    // SAFETY: as above.
+                    unsafe { (ops.quantize_row)(row, p.scale, p.zero_point, ty, out) };
+                }
             }
-        } else {
-            let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
-            // SAFETY: as above.
-            unsafe { (ops.quantize_row)(row, p.scale, p.zero_point, ty, out) };
-        }
+        })?;
     }
     Ok(QuantizedActivations {
         data,
