@@ -12,7 +12,7 @@
 //!
 //! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
 
-use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps, TileOut};
+use super::{pack_panels, unpack_panels, Kernel, RowOps, TileOut};
 use crate::gemm::{Epilogue, ERF_P, ERF_Q};
 use crate::isa::Isa;
 use crate::quant::ActType;
@@ -40,8 +40,9 @@ pub const KERNEL: Kernel = Kernel {
     ops: &OPS,
 };
 
-/// AVX-512 row operations.
-pub static OPS: RowOps = RowOps { row_stats, quantize_row, dequantize_row };
+/// AVX-512 row operations. The epilogue itself runs in registers inside the micro-kernel
+/// (`deliver`, masked for partial panels), so the row form is only the portable definition.
+pub static OPS: RowOps = RowOps { row_stats, quantize_row, dequantize_row: super::scalar::dequantize_row };
 
 /// # Safety
 /// The contract of [`super::MicroKernel`]; the CPU has AVX-512 F/BW/VL and VNNI.
@@ -275,35 +276,6 @@ unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out:
             let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(v, sv));
             let q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, addv), lov), hiv), bias);
             _mm_mask_storeu_epi8(out.as_mut_ptr().add(j) as *mut i8, m, _mm512_cvtepi32_epi8(q));
-        }
-        j += 16;
-    }
-}
-
-/// # Safety
-/// The CPU has AVX-512 F; all slices of `row` have `out.len()` elements and `acc` at least that.
-#[target_feature(enable = "avx512f")]
-unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
-    let n = out.len();
-    assert!(acc.len() >= n && row.col_sums.len() == n && row.scales.len() == n);
-    assert!(row.bias.is_none_or(|b| b.len() == n));
-    let (zav, sav) = (_mm512_set1_epi32(row.za), _mm512_set1_ps(row.sa));
-    let mut j = 0;
-    while j < n {
-        let m = lane_mask(n - j);
-        // SAFETY: masked loads and stores touch only lanes inside the slices (checked above).
-        unsafe {
-            let a = _mm512_maskz_loadu_epi32(m, acc.as_ptr().add(j));
-            let cs = _mm512_maskz_loadu_epi32(m, row.col_sums.as_ptr().add(j));
-            // Same operations and order as crate::gemm::dequantize_row.
-            let c = _mm512_sub_epi32(a, _mm512_mullo_epi32(zav, cs));
-            let s = _mm512_mul_ps(sav, _mm512_maskz_loadu_ps(m, row.scales.as_ptr().add(j)));
-            let mut t = _mm512_mul_ps(_mm512_cvtepi32_ps(c), s);
-            if let Some(b) = row.bias {
-                t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, b.as_ptr().add(j)));
-            }
-            t = activate(t, row.act);
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(j), m, t);
         }
         j += 16;
     }

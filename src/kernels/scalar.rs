@@ -34,7 +34,7 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
 unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     crate::quant::activations::quantize_row(x, scale, zero_point, ty, out)
 }
-unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
+pub(crate) unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
     crate::gemm::dequantize_row(row, acc, out)
 }
 
