@@ -24,6 +24,13 @@ fn info_lists_isa_and_kernels() {
 }
 
 #[test]
+fn peak_prints_json() {
+    let (ok, out) = dynq(&["peak", "--bytes", "65536"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("\"dot_product_gops\"") && out.contains("\"65536\""), "{out}");
+}
+
+#[test]
 fn bench_prints_a_table() {
     let (ok, out) = dynq(&["bench", "--shapes", "3x20x30", "--min-time", "0", "--threads", "2"], &[]);
     assert!(ok, "{out}");
@@ -43,6 +50,10 @@ fn bad_environment_is_reported_not_crashed() {
     assert!(!ok && out.contains("names no ISA"), "{out}");
     let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--threads", "0"], &[("DYNQ_NUM_THREADS", "lots")]);
     assert!(!ok && out.contains("DYNQ_NUM_THREADS"), "{out}");
+    let (ok, out) = dynq(&["peak", "--bytes", "lots"], &[]);
+    assert!(!ok && out.contains("bad size"), "{out}");
+    let (ok, out) = dynq(&["peak", "--isa", "sse9"], &[]);
+    assert!(!ok && out.contains("unknown ISA"), "{out}");
     let (ok, out) = dynq(&["frobnicate"], &[]);
     assert!(!ok && out.contains("unknown command"), "{out}");
 }
