@@ -319,6 +319,13 @@ where
     let (mr, nr) = (kern.mr, kern.nr);
     let n = w.n();
     let m_tiles = m.div_ceil(mr);
+    // The rows are spread evenly over the tiles (M = 16 as 8 + 8 rather than 12 + 4): a tile
+    // with few rows has few independent accumulators and reads the whole panel for little work.
+    let tile_rows = |t: usize| {
+        let (start, end) = (t * m / m_tiles, (t + 1) * m / m_tiles);
+        assert!(end > start && end - start <= mr); // the micro-kernel relies on it
+        (start, end - start)
+    };
     let n_panels = n.div_ceil(nr);
     let kp = kern.padded_k(w.k());
     debug_assert_eq!(row_bytes, kp * kern.a_bytes);
@@ -341,13 +348,13 @@ where
         for p in nb * nc..((nb + 1) * nc).min(n_panels) {
             let panel = &w.packed_data()[p * nr * kp..(p + 1) * nr * kp];
             for t in mb * mc..((mb + 1) * mc).min(m_tiles) {
-                let rows = (m - t * mr).min(mr);
+                let (i0, rows) = tile_rows(t);
                 let tile = Tile {
-                    i0: t * mr,
+                    i0,
                     rows,
                     j0: p * nr,
                     cols: (n - p * nr).min(nr),
-                    a: &qa[t * mr * row_bytes..(t * mr + rows) * row_bytes],
+                    a: &qa[i0 * row_bytes..(i0 + rows) * row_bytes],
                     panel,
                 };
                 f(&tile, &mut scratch);

@@ -7,8 +7,9 @@
 //! products. Measured on this machine class (loop of that shape, operands in L1): 16
 //! accumulators (8x32) reach 64% of the `vpdpbusd` peak, 24 (12x32) 81%: the extra
 //! accumulators hide the latency of the broadcast loads. Fewer rows (M tails, M = 1..11
-//! decoding) use the same body instantiated for that row count; with 1 to 3 rows the K loop
-//! keeps two accumulator sets (even and odd groups) to break the dependency chains.
+//! decoding) use the same body instantiated for that row count; with 1 to 6 rows the K loop
+//! keeps two accumulator sets (even and odd groups) to break the dependency chains (at most
+//! 24 accumulators, as in the full tile).
 //!
 //! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
 
@@ -61,9 +62,9 @@ unsafe fn gemm_u8s8_i32_12x32c4__avx512vnni(
             1 => rows::<1, true>(kp, a, a_stride, b, c),
             2 => rows::<2, true>(kp, a, a_stride, b, c),
             3 => rows::<3, true>(kp, a, a_stride, b, c),
-            4 => rows::<4, false>(kp, a, a_stride, b, c),
-            5 => rows::<5, false>(kp, a, a_stride, b, c),
-            6 => rows::<6, false>(kp, a, a_stride, b, c),
+            4 => rows::<4, true>(kp, a, a_stride, b, c),
+            5 => rows::<5, true>(kp, a, a_stride, b, c),
+            6 => rows::<6, true>(kp, a, a_stride, b, c),
             7 => rows::<7, false>(kp, a, a_stride, b, c),
             8 => rows::<8, false>(kp, a, a_stride, b, c),
             9 => rows::<9, false>(kp, a, a_stride, b, c),
@@ -88,8 +89,7 @@ unsafe fn rows<const R: usize, const SPLIT: bool>(
     out: &TileOut<'_>,
 ) {
     let groups = kp / KR;
-    let mut acc0 = [[_mm512_setzero_si512(); 2]; R];
-    let mut acc1 = [[_mm512_setzero_si512(); 2]; R];
+    debug_assert!(groups >= 1);
     // SAFETY (whole body): every load reads inside the `kp` bytes of an A row or the
     // `kp * NR` bytes of the panel; stores write the first R rows of the MR x NR tile.
     unsafe {
@@ -104,38 +104,47 @@ unsafe fn rows<const R: usize, const SPLIT: bool>(
             _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(PREFETCH + 64));
             (_mm512_loadu_si512(p), _mm512_loadu_si512(p.add(1)))
         };
-        let mut g = 0;
+        // The first K group initializes the accumulators (a zeroed array would be written to
+        // the stack with memset first, which costs a few percent of a tile).
+        let (b0, b1) = panel(0);
+        let mut acc: [[__m512i; 2]; R] = std::array::from_fn(|i| {
+            let av = bcast(i, 0);
+            let z = _mm512_setzero_si512();
+            [_mm512_dpbusd_epi32(z, av, b0), _mm512_dpbusd_epi32(z, av, b1)]
+        });
+        let mut g = 1;
         if SPLIT {
+            // A second accumulator set for the odd K groups, so that each chain of dependent
+            // `vpdpbusd` is half as long; folded into `acc` after the loop.
+            let mut odd = [[_mm512_setzero_si512(); 2]; R];
             while g + 2 <= groups {
                 let (b0, b1) = panel(g);
                 let (b2, b3) = panel(g + 1);
                 for i in 0..R {
                     let av = bcast(i, g);
-                    acc0[i][0] = _mm512_dpbusd_epi32(acc0[i][0], av, b0);
-                    acc0[i][1] = _mm512_dpbusd_epi32(acc0[i][1], av, b1);
+                    acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+                    acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
                     let av = bcast(i, g + 1);
-                    acc1[i][0] = _mm512_dpbusd_epi32(acc1[i][0], av, b2);
-                    acc1[i][1] = _mm512_dpbusd_epi32(acc1[i][1], av, b3);
+                    odd[i][0] = _mm512_dpbusd_epi32(odd[i][0], av, b2);
+                    odd[i][1] = _mm512_dpbusd_epi32(odd[i][1], av, b3);
                 }
                 g += 2;
+            }
+            for i in 0..R {
+                acc[i][0] = _mm512_add_epi32(acc[i][0], odd[i][0]);
+                acc[i][1] = _mm512_add_epi32(acc[i][1], odd[i][1]);
             }
         }
         while g < groups {
             let (b0, b1) = panel(g);
             for i in 0..R {
                 let av = bcast(i, g);
-                acc0[i][0] = _mm512_dpbusd_epi32(acc0[i][0], av, b0);
-                acc0[i][1] = _mm512_dpbusd_epi32(acc0[i][1], av, b1);
+                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
             }
             g += 1;
         }
-        if SPLIT {
-            for i in 0..R {
-                acc0[i][0] = _mm512_add_epi32(acc0[i][0], acc1[i][0]);
-                acc0[i][1] = _mm512_add_epi32(acc0[i][1], acc1[i][1]);
-            }
-        }
-        deliver(&acc0, out);
+        deliver(&acc, out);
     }
 }
 
@@ -232,30 +241,75 @@ fn lane_mask(n: usize) -> __mmask16 {
 /// The CPU has AVX-512 F.
 #[target_feature(enable = "avx512f")]
 unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
-    let mut lo = _mm512_setzero_ps();
-    let mut hi = _mm512_setzero_ps();
+    // Four independent (min, max) pairs: one pair would be a chain of dependent `vminps`
+    // (4 cycles each per 16 values), slower than the loads. min and max are exact and
+    // order-independent, so the result is the definition's.
+    let zero = _mm512_setzero_ps();
+    let (mut lo, mut hi) = ([zero; 4], [zero; 4]);
     let mut bad: __mmask16 = 0;
     let mut j = 0;
+    while j + 64 <= x.len() {
+        for u in 0..4 {
+            // SAFETY: j + 64 <= x.len().
+            let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) };
+            lo[u] = _mm512_min_ps(lo[u], v);
+            hi[u] = _mm512_max_ps(hi[u], v);
+            // x - x is NaN exactly for NaN and +-inf; NEQ_UQ is true for unordered lanes.
+            bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_sub_ps(v, v), zero);
+        }
+        j += 64;
+    }
     while j < x.len() {
         let m = lane_mask(x.len() - j);
         // SAFETY: masked lanes are not read (no fault) and read as 0, which is neutral here
         // since the range is widened to include 0 anyway.
         let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
-        lo = _mm512_min_ps(lo, v);
-        hi = _mm512_max_ps(hi, v);
-        // x - x is NaN exactly for NaN and +-inf; NEQ_UQ is true for unordered.
-        bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_sub_ps(v, v), _mm512_setzero_ps());
+        lo[0] = _mm512_min_ps(lo[0], v);
+        hi[0] = _mm512_max_ps(hi[0], v);
+        bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_sub_ps(v, v), zero);
         j += 16;
     }
+    let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+    let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
     (bad == 0).then(|| (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi)))
 }
+
+/// Scales for which [`quantize_row`] replaces the division `x / scale` by a multiplication with
+/// the reciprocal and one correction step (Markstein): with `y = RN(1 / scale)`,
+/// `q = RN(x * y)` is within one ulp of `x / scale`, the remainder `r = x - q * scale` is exact
+/// in a fused multiply-add, and `RN(q + r * y)` is the correctly rounded quotient, i.e. the
+/// same value as the division, provided nothing underflows or overflows. Here `|x / scale|
+/// <= 255` (x lies in the range the scale was made from); inside these bounds a remainder that
+/// would be subnormal is too small to move `q` (and flush-to-zero cannot change the result),
+/// and a quotient below 0.25 rounds to 0 either way. Outside them, the division is used.
+/// Tested against the division on millions of values, ties and their neighbours included.
+const RECIP_SCALE_MIN: f32 = 8.673_617e-19; // 2^-60
+const RECIP_SCALE_MAX: f32 = 1.152_921_5e18; // 2^60
 
 /// # Safety
 /// The CPU has AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
+        // SAFETY: forwarded; the scale is inside the bounds.
+        unsafe { quantize_row_as::<true>(x, scale, zero_point, ty, out) }
+    } else {
+        // SAFETY: forwarded.
+        unsafe { quantize_row_as::<false>(x, scale, zero_point, ty, out) }
+    }
+}
+
+/// `RECIP`: divide by the reciprocal-and-correction method (see [`RECIP_SCALE_MIN`]), which
+/// requires `scale` within its bounds; otherwise by `vdivps`.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     assert_eq!(x.len(), out.len());
     let sv = _mm512_set1_ps(scale);
+    let yv = _mm512_set1_ps(1.0 / scale);
     let (lo, hi, add) = match ty {
         ActType::AsymmetricU8 => (0, 255, zero_point),
         ActType::SymmetricI8 => (-127, 127, 0),
@@ -272,11 +326,109 @@ unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out:
         // SAFETY: masked loads and stores touch only the lanes inside both slices.
         unsafe {
             let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(j));
+            let quotient = if RECIP {
+                let q = _mm512_mul_ps(v, yv);
+                let r = _mm512_fnmadd_ps(q, sv, v); // x - q * scale, exact
+                _mm512_fmadd_ps(r, yv, q)
+            } else {
+                _mm512_div_ps(v, sv)
+            };
             // round_half_even(x / scale), as quantize_value: explicit rounding, whatever MXCSR says.
-            let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(v, sv));
+            let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(quotient);
             let q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, addv), lov), hiv), bias);
             _mm_mask_storeu_epi8(out.as_mut_ptr().add(j) as *mut i8, m, _mm512_cvtepi32_epi8(q));
         }
         j += 16;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::activations::{quantize_row as quantize_row_definition, row_stats as row_stats_definition};
+
+    fn have_avx512() -> bool {
+        let ok = crate::isa::Isa::Avx512Vnni.is_supported();
+        if !ok {
+            eprintln!("SKIPPED: AVX-512 row operations: this CPU lacks AVX-512 VNNI");
+        }
+        ok
+    }
+
+    /// The reciprocal-and-correction quotient must round exactly like the division: scales of
+    /// every binade inside the bounds and just outside them, values on rounding ties
+    /// (`(n + 1/2) * scale`, rounded to f32) and their neighbours, and values spread over the
+    /// whole range, in both activation schemes.
+    #[test]
+    fn quantize_row_rounds_like_the_division() {
+        if !have_avx512() {
+            return;
+        }
+        let mut seed = 0x2545_F491u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let mut scales = vec![
+            RECIP_SCALE_MIN,
+            RECIP_SCALE_MAX,
+            RECIP_SCALE_MIN.next_down(),
+            RECIP_SCALE_MAX.next_up(),
+            1.0e-45,
+            3.0e36,
+            1.0 / 255.0,
+        ];
+        for e in -64..=64 {
+            for _ in 0..6 {
+                let mantissa = 1.0 + (rnd() >> 8) as f32 / (1u32 << 24) as f32;
+                scales.push(mantissa * 2f32.powi(e));
+            }
+        }
+        let mut checked = 0usize;
+        for &s in &scales {
+            let mut x = Vec::with_capacity(4 * 520);
+            for n in -260..260 {
+                let t = (n as f32 + 0.5) * s;
+                x.extend([t, t.next_up(), t.next_down()]);
+                x.push(s * ((rnd() >> 8) as f32 / (1u32 << 24) as f32 * 520.0 - 260.0));
+            }
+            x.retain(|v| v.is_finite());
+            for (ty, zp) in [(ActType::AsymmetricU8, 128), (ActType::AsymmetricU8, 3), (ActType::SymmetricI8, 128)] {
+                let mut want = vec![0u8; x.len()];
+                quantize_row_definition(&x, s, zp, ty, &mut want);
+                let mut got = vec![0u8; x.len()];
+                // SAFETY: AVX-512 checked above; equal lengths.
+                unsafe { quantize_row(&x, s, zp, ty, &mut got) };
+                if let Some(i) = (0..x.len()).find(|&i| got[i] != want[i]) {
+                    panic!("scale {s:e} x {:e} ({ty:?}, zp {zp}): got {} want {}", x[i], got[i], want[i]);
+                }
+                checked += x.len();
+            }
+        }
+        assert!(checked > 1_000_000, "{checked}");
+    }
+
+    #[test]
+    fn row_stats_match_the_definition() {
+        if !have_avx512() {
+            return;
+        }
+        for len in 0..200usize {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 7919) % 201) as f32 - 100.0 + 0.25 * (len % 3) as f32).collect();
+            // SAFETY: AVX-512 checked above.
+            assert_eq!(unsafe { row_stats(&x) }, row_stats_definition(&x), "len {len}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for pos in [0, len / 2, len.saturating_sub(1)] {
+                    if pos < len {
+                        let mut y = x.clone();
+                        y[pos] = bad;
+                        // SAFETY: AVX-512 checked above.
+                        assert_eq!(unsafe { row_stats(&y) }, None, "len {len} pos {pos} {bad}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -33,7 +33,7 @@ pub mod scalar;
 /// - `a` points to `mr` rows of `kp * a_bytes` readable bytes, row `i` at `a + i * a_stride`.
 /// - `b` points to one packed panel: `kp * NR` readable bytes in the kernel's layout.
 /// - `out` satisfies the requirements documented on [`TileOut`] for this `mr`.
-/// - `kp` is a multiple of `KR`.
+/// - `kp` is a positive multiple of `KR` (K is never 0).
 pub type MicroKernel = unsafe fn(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>);
 
 /// Where a micro-kernel delivers its tile.

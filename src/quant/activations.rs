@@ -218,8 +218,9 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
 const MIN_PARALLEL_ELEMENTS: usize = 1 << 16;
 
 /// [`quantize_activations_with`] on up to `threads` workers of dynq's pool, each taking a
-/// contiguous range of rows (both passes: range, then quantization). Every row is computed by
-/// the same operations whatever the split, so the result does not depend on `threads`.
+/// contiguous range of rows (per-row ranges: one pass, each row's range then its quantization;
+/// per-tensor: a pass for the ranges, then one to quantize). Every row is computed by the same
+/// operations whatever the split, so the result does not depend on `threads`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     ops: &RowOps,
@@ -239,22 +240,46 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
     let tasks = if m.saturating_mul(k) >= MIN_PARALLEL_ELEMENTS { threads.clamp(1, m.max(1)) } else { 1 };
     let rows_per = m.div_ceil(tasks).max(1);
+    let row_bytes = crate::error::checked_mul(kp, a_bytes, "quantized activation row")?;
+    let len = crate::error::checked_mul(rows_padded, row_bytes, "quantized activation buffer")?;
+    let mut data = crate::error::try_zeroed_vec::<u8>(len, "quantized activation buffer")?;
+    let mut params = vec![QParams { scale: 0.0, zero_point: 0 }; m];
+    // Quantizes row `i` (already widened to f32) into `out` (its `k * a_bytes` bytes).
+    let quantize = |row: &[f32], p: QParams, out: &mut [u8]| {
+        if p.scale == 0.0 {
+            for v in out.chunks_exact_mut(a_bytes) {
+                v[0] = p.zero_point as u8;
+            }
+        } else {
+            // SAFETY: `ops` comes from a kernel-table entry whose ISA was resolved for this
+            // CPU (packed weights exist only for such entries) or is the scalar table.
+            unsafe { (ops.quantize_row)(row, p.scale, p.zero_point, ty, out) };
+        }
+    };
+    let per_row = granularity == ActGranularity::PerRow;
 
-    // Pass 1: the range of every row; a task stops at its first non-finite row.
+    // Pass 1: the range of every row; a task stops at its first non-finite row. With per-row
+    // ranges the row is quantized right away, while it is still in L1: one pass over A.
     let mut stats = vec![(0f32, 0f32); m];
     let bad: Mutex<Option<(usize, usize, f32)>> = Mutex::new(None);
     {
-        let chunks: Vec<Mutex<&mut [(f32, f32)]>> = stats.chunks_mut(rows_per).map(Mutex::new).collect();
+        type Chunk<'c> = (&'c mut [(f32, f32)], &'c mut [QParams], &'c mut [u8]);
+        let chunks: Vec<Mutex<Chunk<'_>>> = stats
+            .chunks_mut(rows_per)
+            .zip(params.chunks_mut(rows_per))
+            .zip(data.chunks_mut(rows_per * row_bytes))
+            .map(|((s, p), d)| Mutex::new((s, p, d)))
+            .collect();
         crate::gemm::run_tasks(threads, chunks.len(), |c| {
-            let mut chunk = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
+            let (st, ps, out) = &mut *guard;
             let mut buf = Vec::new();
-            for (r, st) in chunk.iter_mut().enumerate() {
+            for r in 0..st.len() {
                 let i = c * rows_per + r;
                 let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
-                // SAFETY: `ops` comes from a kernel-table entry whose ISA was resolved for this
-                // CPU (packed weights exist only for such entries) or is the scalar table.
+                // SAFETY: as in `quantize`.
                 match unsafe { (ops.row_stats)(row) } {
-                    Some(s) => *st = s,
+                    Some(s) => st[r] = s,
                     None => {
                         let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
                         let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
@@ -264,25 +289,22 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                         return;
                     }
                 }
+                if per_row {
+                    ps[r] = params_for(st[r].0, st[r].1, ty);
+                    quantize(row, ps[r], &mut out[r * row_bytes..r * row_bytes + k * a_bytes]);
+                }
             }
         })?;
     }
     if let Some((i, col, v)) = bad.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(Error::NonFinite(format!("activation A[{i}][{col}] is {v}; activations must be finite")));
     }
-    let params: Vec<QParams> = match granularity {
-        ActGranularity::PerRow => stats.iter().map(|&(lo, hi)| params_for(lo, hi, ty)).collect(),
-        ActGranularity::PerTensor => {
-            let (lo, hi) = stats.iter().fold((0.0f32, 0.0f32), |(l, h), &(lo, hi)| (l.min(lo), h.max(hi)));
-            vec![params_for(lo, hi, ty); m]
-        }
-    };
 
-    // Pass 2: quantize each row into the kernel's format.
-    let row_bytes = crate::error::checked_mul(kp, a_bytes, "quantized activation row")?;
-    let len = crate::error::checked_mul(rows_padded, row_bytes, "quantized activation buffer")?;
-    let mut data = crate::error::try_zeroed_vec::<u8>(len, "quantized activation buffer")?;
-    {
+    // Pass 2 (per-tensor ranges only): quantize every row with the parameters of the whole.
+    if !per_row {
+        let (lo, hi) = stats.iter().fold((0.0f32, 0.0f32), |(l, h), &(lo, hi)| (l.min(lo), h.max(hi)));
+        let p = params_for(lo, hi, ty);
+        params.fill(p);
         let chunks: Vec<Mutex<&mut [u8]>> = data.chunks_mut(rows_per * row_bytes).map(Mutex::new).collect();
         crate::gemm::run_tasks(threads, tasks.min(chunks.len()), |c| {
             let mut chunk = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
@@ -292,17 +314,8 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 if i >= m {
                     break;
                 }
-                let p = params[i];
-                let out = &mut chunk[r * row_bytes..r * row_bytes + k * a_bytes];
-                if p.scale == 0.0 {
-                    for v in out.chunks_exact_mut(a_bytes) {
-                        v[0] = p.zero_point as u8;
-                    }
-                } else {
-                    let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
-                    // SAFETY: as above.
-                    unsafe { (ops.quantize_row)(row, p.scale, p.zero_point, ty, out) };
-                }
+                let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
+                quantize(row, p, &mut chunk[r * row_bytes..r * row_bytes + k * a_bytes]);
             }
         })?;
     }
