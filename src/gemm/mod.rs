@@ -258,6 +258,56 @@ pub(crate) fn run_tasks<F: Fn(usize) + Sync>(threads: usize, tasks: usize, task:
     Ok(())
 }
 
+/// Where the parallel parts of a GEMM call run: dynq's own pool ([`gemm_typed`]), or a pool the
+/// caller owns ([`gemm_typed_on`]; the ONNX Runtime op runs on ONNX Runtime's intra-op pool, so a
+/// session never has two pools competing for the cores).
+pub trait Parallel: Sync {
+    /// How many workers may run tasks at once: the work of a call is split for this many.
+    fn workers(&self) -> usize;
+    /// Runs `task(t)` for every `t < tasks` (in any order, on any threads, using at most about
+    /// `max_workers` of them) and returns once all have finished. Results never depend on how
+    /// the tasks were scheduled.
+    fn run(&self, max_workers: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()>;
+}
+
+/// dynq's own pool, with up to this many workers per call.
+struct Pool(usize);
+
+impl Parallel for Pool {
+    fn workers(&self) -> usize {
+        self.0
+    }
+    fn run(&self, max_workers: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> Result<()> {
+        run_tasks(max_workers.min(self.0), tasks, task)
+    }
+}
+
+/// The executor of one call: a [`Parallel`] and the number of workers worth using for this
+/// product (fewer than offered for small products, see [`useful_threads`]).
+pub(crate) struct Exec<'a> {
+    par: &'a dyn Parallel,
+    threads: usize,
+}
+
+impl Exec<'_> {
+    /// Sequential, on the calling thread.
+    pub(crate) const SERIAL: Exec<'static> = Exec { par: &Pool(1), threads: 1 };
+
+    /// Workers this call is split for.
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `task(t)` for every `t < tasks`: inline when one worker or one task suffices.
+    pub(crate) fn run<F: Fn(usize) + Sync>(&self, tasks: usize, task: F) -> Result<()> {
+        if self.threads <= 1 || tasks <= 1 {
+            (0..tasks).for_each(task);
+            return Ok(());
+        }
+        self.par.run(self.threads, tasks, &task)
+    }
+}
+
 /// A raw output pointer shared by the tasks of one call, each writing a disjoint set of
 /// elements.
 struct SharedOut<T> {
@@ -311,7 +361,7 @@ struct Tile<'a> {
 /// Visits every (row tile, column panel) of the output exactly once, possibly from several
 /// threads, with a scratch buffer of `MR * NR` `i32` per task. The callback runs the
 /// micro-kernel.
-fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], row_bytes: usize, m: usize, threads: usize, f: F) -> Result<()>
+fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], row_bytes: usize, m: usize, exec: &Exec<'_>, f: F) -> Result<()>
 where
     F: Fn(&Tile<'_>, &mut [i32]) + Sync,
 {
@@ -337,6 +387,7 @@ where
     let mc = 16.min(m_tiles).max(1);
     let m_blocks = m_tiles.div_ceil(mc);
     let mut nc = 8.min(n_panels).max(1);
+    let threads = exec.threads();
     if threads > 1 {
         let want_n_blocks = (4 * threads).div_ceil(m_blocks);
         nc = nc.min(n_panels.div_ceil(want_n_blocks)).max(1);
@@ -361,8 +412,8 @@ where
             }
         }
     };
-    // Dynamic balancing: up to `threads` workers pull blocks from a shared counter.
-    run_tasks(threads, m_blocks * n_blocks, run_block)
+    // Dynamic balancing: the workers pull blocks as they finish others.
+    exec.run(m_blocks * n_blocks, run_block)
 }
 
 /// `Y = dequant(quant(A) * W) + bias`, then the epilogue. `a` holds `m` rows of `w.k()` values
@@ -398,6 +449,24 @@ pub fn gemm_typed<A: Element, Y: Element>(
     ldy: usize,
     opts: &GemmOptions,
 ) -> Result<()> {
+    let pool = Pool(resolve_threads(opts.num_threads)?);
+    gemm_typed_on(w, a, m, lda, bias, y, ldy, opts, &pool)
+}
+
+/// [`gemm_typed`] with its parallel parts run by `par` instead of dynq's pool
+/// (`opts.num_threads` is then not used). The result is the same bits whatever `par` does.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_typed_on<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    bias: Option<&[f32]>,
+    y: &mut [Y],
+    ldy: usize,
+    opts: &GemmOptions,
+    par: &dyn Parallel,
+) -> Result<()> {
     let (n, k) = (w.n(), w.k());
     check_matrix(a.len(), m, k, lda, "activations A")?;
     check_matrix(y.len(), m, n, ldy, "output Y")?;
@@ -409,7 +478,7 @@ pub fn gemm_typed<A: Element, Y: Element>(
             return Err(Error::NonFinite(format!("bias[{j}] is {}; bias must be finite", b[j])));
         }
     }
-    let threads = useful_threads(resolve_threads(opts.num_threads)?, m, n, k);
+    let exec = Exec { par, threads: useful_threads(par.workers().clamp(1, MAX_THREADS), m, n, k) };
     if m == 0 {
         return Ok(());
     }
@@ -426,7 +495,7 @@ pub fn gemm_typed<A: Element, Y: Element>(
         opts.act_type,
         kp,
         m,
-        threads,
+        &exec,
     )?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
     let act = opts.epilogue;
@@ -434,7 +503,7 @@ pub fn gemm_typed<A: Element, Y: Element>(
     let za: Vec<i32> = qa.zero_points.iter().map(|z| z - kern.a_shift).collect();
     let direct = Y::as_f32_mut(y).map(SharedOut::new);
     let converted = SharedOut::new(y);
-    for_each_tile(w, &qa.data, qa.row_bytes, m, threads, |t, scratch| {
+    for_each_tile(w, &qa.data, qa.row_bytes, m, &exec, |t, scratch| {
         let (i0, j0, cols) = (t.i0, t.j0, t.cols);
         // The rows (i0..i0+rows) x columns (j0..j0+cols) of y belong to this tile only.
         let span = (t.rows - 1) * ldy + cols;
@@ -499,7 +568,8 @@ pub fn gemm_i32(
     if let Some(z) = za.iter().find(|z| !(0..=255).contains(*z)) {
         return Err(Error::InvalidArgument(format!("zero point {z} is outside 0..=255")));
     }
-    let threads = resolve_threads(num_threads)?;
+    let pool = Pool(resolve_threads(num_threads)?);
+    let exec = Exec { par: &pool, threads: pool.0 };
     if m == 0 {
         return Ok(());
     }
@@ -515,7 +585,7 @@ pub fn gemm_i32(
     }
     let col_sums = w.col_sums();
     let shared = SharedOut::new(out);
-    for_each_tile(w, &buf, row_bytes, m, threads, |t, scratch| {
+    for_each_tile(w, &buf, row_bytes, m, &exec, |t, scratch| {
         // SAFETY: as in `gemm`; `scratch` has room for MR * NR values.
         unsafe {
             (kern.ukernel)(t.rows, kp, t.a.as_ptr(), row_bytes, t.panel.as_ptr(), &TileOut::I32(scratch.as_mut_ptr()))

@@ -3,7 +3,7 @@
 
 use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_INT8, ELEM_UINT8};
 use super::cache;
-use crate::gemm::{gemm, Epilogue, GemmOptions};
+use crate::gemm::{gemm_typed_on, Epilogue, GemmOptions, Parallel};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
 use crate::quant::{ActGranularity, ActType};
 use crate::Error;
@@ -279,156 +279,90 @@ impl DynqKernel {
         }
         let a_ptr = unsafe { api::value_data(api, a_val) }.map_err(fail)?;
         let y_ptr = unsafe { api::value_data(api, y_val) }.map_err(fail)?;
-        // SAFETY: A holds m * k floats (its shape), Y was just allocated with m * n floats.
-        let a = unsafe { std::slice::from_raw_parts(a_ptr.cast::<f32>().cast_const(), m * k) };
-        let job = Job {
-            w,
-            a,
-            y: y_ptr.cast::<f32>(),
-            m,
-            bias,
-            attrs: self.attrs,
-            // Per-tensor activations need the range of all of A before any row can be quantized:
-            // one task on the calling thread. Per-row ranges are independent: split the rows.
-            rows_per_chunk: match self.attrs.act_granularity {
-                ActGranularity::PerRow => rows_per_chunk(m, n, k, w.kernel().mr),
-                ActGranularity::PerTensor => m,
-            },
-            error: Mutex::new(None),
-        };
-        let chunks = m.div_ceil(job.rows_per_chunk);
-        if chunks <= 1 {
-            job.run_chunk(0);
-        } else {
-            let st = unsafe {
-                (api.0.KernelContext_ParallelFor)(
-                    ctx,
-                    run_chunk_trampoline,
-                    chunks,
-                    0,
-                    &job as *const Job as *mut c_void,
-                )
-            };
-            api::check(api, st).map_err(fail)?;
-        }
-        match job.error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(e) => Err(OpError::from(e)).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) }),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Most tasks one call is split into (`DYNQ_ORT_MAX_TASKS` overrides, 1..=256).
-fn max_tasks() -> usize {
-    static V: once_cell::sync::Lazy<usize> = once_cell::sync::Lazy::new(|| {
-        std::env::var("DYNQ_ORT_MAX_TASKS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .filter(|v| (1..=256).contains(v))
-            .unwrap_or(8)
-    });
-    *V
-}
-
-/// Rows per parallel task: at least the kernel's row tile, at least ~2M multiply-adds, and at most
-/// [`max_tasks`] tasks (ONNX Runtime balances them over its pool; each task reads the whole weight
-/// matrix, so fewer, larger tasks keep it in cache longer).
-fn rows_per_chunk(m: usize, n: usize, k: usize, mr: usize) -> usize {
-    let mr = mr.max(1);
-    let by_work = (1usize << 21).div_ceil((n * k).max(1));
-    let by_count = m.div_ceil(max_tasks());
-    by_work.max(by_count).max(1).div_ceil(mr) * mr
-}
-
-/// The work of one call, shared by the parallel tasks (each writes its own rows of Y).
-struct Job<'a> {
-    w: &'a PackedWeights,
-    a: &'a [f32],
-    y: *mut f32,
-    m: usize,
-    bias: Option<&'a [f32]>,
-    attrs: Attrs,
-    rows_per_chunk: usize,
-    error: Mutex<Option<Error>>,
-}
-
-// SAFETY: tasks read shared immutable data and write disjoint row ranges of `y`; the caller
-// waits for every task (ParallelFor returns after all of them) before `y` is used again.
-unsafe impl Sync for Job<'_> {}
-
-unsafe extern "C" fn run_chunk_trampoline(data: *mut c_void, index: usize) {
-    // SAFETY: `data` is the `Job` passed to ParallelFor, alive until it returns.
-    let job = unsafe { &*(data as *const Job) };
-    job.run_chunk(index);
-}
-
-impl Job<'_> {
-    fn record(&self, e: Error) {
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-    }
-
-    /// Computes rows `index * rows_per_chunk ..` of Y; never unwinds.
-    fn run_chunk(&self, index: usize) {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.chunk(index)));
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => self.record(e),
-            Err(p) => {
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                self.record(Error::Internal(format!("caught a panic inside dynq: {what} (please report)")))
-            }
-        }
-    }
-
-    fn chunk(&self, index: usize) -> crate::Result<()> {
-        let (n, k) = (self.w.n(), self.w.k());
-        let r0 = index * self.rows_per_chunk;
-        let r1 = (r0 + self.rows_per_chunk).min(self.m);
-        if r0 >= r1 {
-            return Ok(());
-        }
-        let rows = r1 - r0;
-        let a = &self.a[r0 * k..r1 * k];
-        // SAFETY: rows r0..r1 of Y belong to this task only; Y holds m * n floats.
-        let y = unsafe { std::slice::from_raw_parts_mut(self.y.add(r0 * n), rows * n) };
-        let epilogue = match self.attrs.activation {
-            Activation::None => Epilogue::None,
-            Activation::Relu => Epilogue::Relu,
-            Activation::Gelu => Epilogue::Gelu,
+        // SAFETY: A holds m * k floats (its shape), Y was just allocated with m * n floats and
+        // nobody else sees it until this call returns.
+        let (a, y) = unsafe {
+            (
+                std::slice::from_raw_parts(a_ptr.cast::<f32>().cast_const(), m * k),
+                std::slice::from_raw_parts_mut(y_ptr.cast::<f32>(), m * n),
+            )
         };
         let opts = GemmOptions {
             act_granularity: self.attrs.act_granularity,
             act_type: self.attrs.act_type,
-            epilogue,
-            num_threads: 1,
+            epilogue: match self.attrs.activation {
+                Activation::None => Epilogue::None,
+                Activation::Relu => Epilogue::Relu,
+                Activation::Gelu => Epilogue::Gelu,
+            },
+            num_threads: 1, // not used: the work runs on `pool`
         };
-        gemm(self.w, a, rows, k, self.bias, y, n, &opts).map_err(|e| offset_row_error(e, r0))?;
-        Ok(())
+        let pool = OrtPool { api, ctx };
+        gemm_typed_on(w, a, m, k, bias, y, n, &opts, &pool)
+            .map_err(OpError::from)
+            .map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })
     }
 }
 
-/// Rewrites "A[i][..]" in a chunk's error message to the row index in the whole of A.
-fn offset_row_error(e: Error, r0: usize) -> Error {
-    if r0 == 0 {
-        return e;
+/// ONNX Runtime's intra-op thread pool (`KernelContext_ParallelFor`) as the executor of the
+/// GEMM's parallel parts: the activation quantization and the blocks of output tiles (the same
+/// work split as dynq's own pool, so per-row and per-tensor activations, small M and large M
+/// all use every thread of the session, and dynq starts no threads inside a session).
+struct OrtPool {
+    api: Api,
+    ctx: *mut OrtKernelContext,
+}
+
+// SAFETY: only `run` touches `ctx`, from the thread that runs the node (the GEMM driver calls
+// it from its calling thread); the tasks themselves never see the pool.
+unsafe impl Sync for OrtPool {}
+
+/// What the tasks of one `ParallelFor` share.
+struct ForContext<'a> {
+    task: &'a (dyn Fn(usize) + Sync),
+    panic: Mutex<Option<String>>,
+}
+
+unsafe extern "C" fn run_task_trampoline(data: *mut c_void, index: usize) {
+    // SAFETY: `data` is the `ForContext` passed to ParallelFor, alive until it returns.
+    let c = unsafe { &*(data as *const ForContext<'_>) };
+    // A panic must not unwind into ONNX Runtime's C++ frames: catch it and report it after.
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (c.task)(index))) {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        c.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(what);
     }
-    if let Error::NonFinite(m) = &e {
-        if let Some(rest) = m.strip_prefix("activation A[") {
-            if let Some(end) = rest.find(']') {
-                if let Ok(i) = rest[..end].parse::<usize>() {
-                    return Error::NonFinite(format!("activation A[{}{}", i + r0, &rest[end..]));
-                }
-            }
+}
+
+impl Parallel for OrtPool {
+    fn workers(&self) -> usize {
+        // The C API does not tell a kernel its pool size; split the work for every core
+        // (ParallelFor runs the tasks inline when the session has one thread).
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+
+    fn run(&self, _max_workers: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> crate::Result<()> {
+        let c = ForContext { task, panic: Mutex::new(None) };
+        // SAFETY: `ctx` is the live context of the running node; `c` outlives the call, which
+        // returns after every task has finished.
+        let st = unsafe {
+            (self.api.0.KernelContext_ParallelFor)(
+                self.ctx,
+                run_task_trampoline,
+                tasks,
+                0,
+                &c as *const ForContext<'_> as *mut c_void,
+            )
+        };
+        api::check(self.api, st).map_err(Error::Internal)?;
+        match c.panic.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(what) => Err(Error::Internal(format!("caught a panic inside dynq: {what} (please report)"))),
+            None => Ok(()),
         }
     }
-    e
 }
 
 #[cfg(test)]
@@ -446,20 +380,5 @@ mod tests {
         assert_eq!(a.activation, Activation::Gelu);
         let e = parse_attrs(|n: &str| Ok((n == "act_type").then(|| "int4".to_string()))).unwrap_err();
         assert!(e.contains("'act_type'") && e.contains("\"int4\"") && e.contains("\"symmetric_i8\""), "{e}");
-    }
-
-    #[test]
-    fn chunking_covers_rows_in_tiles() {
-        for &(m, n, k, mr) in &[(1, 384, 384, 8), (128, 384, 384, 8), (4096, 1536, 384, 6), (7, 1, 1, 4)] {
-            let r = rows_per_chunk(m, n, k, mr);
-            assert!(r >= 1 && r.is_multiple_of(mr));
-            assert!(m.div_ceil(r) <= max_tasks());
-        }
-    }
-
-    #[test]
-    fn row_error_offset() {
-        let e = offset_row_error(Error::NonFinite("activation A[2][5] is NaN; activations must be finite".into()), 8);
-        assert_eq!(e.message(), "activation A[10][5] is NaN; activations must be finite");
     }
 }

@@ -28,12 +28,12 @@
 //! (a graph input, or an initializer that is also listed as a graph input and so may be
 //! overridden) is packed at every call: correct, but slow.
 //!
-//! With per-row activations (the default) the product runs on ONNX Runtime's intra-op thread pool
-//! (`KernelContext_ParallelFor`), in chunks of rows, each a single-threaded dynq GEMM, so dynq never
-//! starts threads of its own inside a session; results are bit-identical for any thread count.
-//! Per-tensor activations need the range of all of A first and run on the calling thread.
-//! `DYNQ_ORT_MAX_TASKS` (default 8) caps the number of chunks of one call;
-//! `DYNQ_ORT_VERBOSE=1` prints how each weight was packed or shared.
+//! The product runs on ONNX Runtime's intra-op thread pool (`KernelContext_ParallelFor`): the
+//! activation quantization (by rows) and then the output tiles (in blocks of rows and columns, so
+//! that decoding shapes with M = 1 use every thread too), with the same work split as dynq's own
+//! pool; dynq never starts threads of its own inside a session, and results are bit-identical
+//! for any thread count, in both activation modes. `DYNQ_ORT_VERBOSE=1` prints how each weight
+//! was packed or shared.
 //!
 //! Bad models (wrong types or ranks, a K mismatch, bad attributes, NaN or infinite activations)
 //! give an ONNX Runtime error status naming the node, never a crash.

@@ -31,6 +31,7 @@
 
 use super::{round_i32, TINY_SCALE};
 use crate::error::{Error, Result};
+use crate::gemm::Exec;
 use crate::kernels::RowOps;
 
 /// Over what the activation range is taken.
@@ -211,16 +212,16 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
-    quantize_activations_threaded(ops, a_bytes, a, m, k, lda, granularity, ty, kp, rows_padded, 1)
+    quantize_activations_threaded(ops, a_bytes, a, m, k, lda, granularity, ty, kp, rows_padded, &Exec::SERIAL)
 }
 
 /// Elements of A below which quantizing on more than one worker does not pay.
 const MIN_PARALLEL_ELEMENTS: usize = 1 << 16;
 
-/// [`quantize_activations_with`] on up to `threads` workers of dynq's pool, each taking a
+/// [`quantize_activations_with`] on the workers of `exec`, each taking a
 /// contiguous range of rows (per-row ranges: one pass, each row's range then its quantization;
 /// per-tensor: a pass for the ranges, then one to quantize). Every row is computed by the same
-/// operations whatever the split, so the result does not depend on `threads`.
+/// operations whatever the split, so the result does not depend on the workers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     ops: &RowOps,
@@ -233,12 +234,12 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     ty: ActType,
     kp: usize,
     rows_padded: usize,
-    threads: usize,
+    exec: &Exec<'_>,
 ) -> Result<QuantizedActivations> {
     use std::sync::Mutex;
     assert!(kp >= k && rows_padded >= m && lda >= k);
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
-    let tasks = if m.saturating_mul(k) >= MIN_PARALLEL_ELEMENTS { threads.clamp(1, m.max(1)) } else { 1 };
+    let tasks = if m.saturating_mul(k) >= MIN_PARALLEL_ELEMENTS { exec.threads().clamp(1, m.max(1)) } else { 1 };
     let rows_per = m.div_ceil(tasks).max(1);
     let row_bytes = crate::error::checked_mul(kp, a_bytes, "quantized activation row")?;
     let len = crate::error::checked_mul(rows_padded, row_bytes, "quantized activation buffer")?;
@@ -270,7 +271,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
             .zip(data.chunks_mut(rows_per * row_bytes))
             .map(|((s, p), d)| Mutex::new((s, p, d)))
             .collect();
-        crate::gemm::run_tasks(threads, chunks.len(), |c| {
+        exec.run(chunks.len(), |c| {
             let mut guard = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
             let (st, ps, out) = &mut *guard;
             let mut buf = Vec::new();
@@ -306,7 +307,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
         let p = params_for(lo, hi, ty);
         params.fill(p);
         let chunks: Vec<Mutex<&mut [u8]>> = data.chunks_mut(rows_per * row_bytes).map(Mutex::new).collect();
-        crate::gemm::run_tasks(threads, tasks.min(chunks.len()), |c| {
+        exec.run(tasks.min(chunks.len()), |c| {
             let mut chunk = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
             let mut buf = Vec::new();
             for r in 0..rows_per {

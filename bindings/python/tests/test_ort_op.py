@@ -53,8 +53,10 @@ def test_op_matches_numpy_and_dynq(a_shape, activation):
 @pytest.mark.parametrize("act_type", ["asymmetric_u8", "symmetric_i8"])
 @pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_activation_modes_match_library(act_type, gran, activation):
-    k, n, rows = 64, 40, 300  # enough rows to be split into parallel tasks
+@pytest.mark.parametrize("rows,k,n", [(300, 256, 200), (1, 4096, 1536), (13, 64, 40)])
+def test_activation_modes_match_library(act_type, gran, activation, rows, k, n):
+    # The first two are large enough (15M and 6M multiply-adds) to be split into parallel tasks
+    # on ONNX Runtime's pool: by rows and column blocks, and by column blocks alone for M = 1.
     q, s = weights(k, n, 1)
     a = (RNG.standard_normal((rows, k)) * RNG.uniform(0.1, 5, size=(rows, 1))).astype(np.float32)
     m = dynq_model(q, s, a_shape=["m", None], act_granularity=gran, act_type=act_type, activation=activation)
