@@ -1,8 +1,9 @@
 //! The `dynq.DynQMatMul` kernel: attribute parsing, weight packing at kernel creation, and the
 //! computation on ONNX Runtime's intra-op thread pool.
 
-use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_INT8, ELEM_UINT8};
+use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_FLOAT16, ELEM_INT8, ELEM_UINT8};
 use super::cache;
+use crate::dtype::Element;
 use crate::gemm::{gemm_typed_on, Epilogue, GemmOptions, Parallel};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
 use crate::quant::{ActGranularity, ActType};
@@ -225,8 +226,8 @@ impl DynqKernel {
             .map_err(fail)?
             .ok_or_else(|| err("input A is missing".into()))?;
         let a_shape = unsafe { api::value_shape(api, a_val) }.map_err(fail)?;
-        if a_shape.elem != ELEM_FLOAT {
-            return Err(err(format!("input A must be float, got {}", a_shape.describe())));
+        if a_shape.elem != ELEM_FLOAT && a_shape.elem != ELEM_FLOAT16 {
+            return Err(err(format!("input A must be float or float16, got {}", a_shape.describe())));
         }
         if a_shape.dims.is_empty() {
             return Err(err(format!("input A must have rank >= 1 ([..., K]), got a scalar {}", a_shape.describe())));
@@ -277,16 +278,16 @@ impl DynqKernel {
         if m == 0 {
             return Ok(());
         }
+        let y_elem = unsafe { api::value_shape(api, y_val) }.map_err(fail)?.elem;
+        if y_elem != a_shape.elem {
+            return Err(fail(format!(
+                "output Y was allocated as {} for input A of type {} (shape inference did not run?)",
+                api::elem_name(y_elem),
+                api::elem_name(a_shape.elem)
+            )));
+        }
         let a_ptr = unsafe { api::value_data(api, a_val) }.map_err(fail)?;
         let y_ptr = unsafe { api::value_data(api, y_val) }.map_err(fail)?;
-        // SAFETY: A holds m * k floats (its shape), Y was just allocated with m * n floats and
-        // nobody else sees it until this call returns.
-        let (a, y) = unsafe {
-            (
-                std::slice::from_raw_parts(a_ptr.cast::<f32>().cast_const(), m * k),
-                std::slice::from_raw_parts_mut(y_ptr.cast::<f32>(), m * n),
-            )
-        };
         let opts = GemmOptions {
             act_granularity: self.attrs.act_granularity,
             act_type: self.attrs.act_type,
@@ -298,9 +299,38 @@ impl DynqKernel {
             num_threads: 1, // not used: the work runs on `pool`
         };
         let pool = OrtPool { api, ctx };
-        gemm_typed_on(w, a, m, k, bias, y, n, &opts, &pool)
-            .map_err(OpError::from)
-            .map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })
+        /// # Safety
+        /// `a` and `y` point to `m * k` and `m * n` values of type `T`, `y` not aliased.
+        unsafe fn run<T: Element>(
+            w: &PackedWeights,
+            (a, y): (*const u8, *mut u8),
+            (m, n, k): (usize, usize, usize),
+            bias: Option<&[f32]>,
+            opts: &GemmOptions,
+            pool: &OrtPool,
+        ) -> crate::Result<()> {
+            let align = std::mem::align_of::<T>();
+            if !(a as usize).is_multiple_of(align) || !(y as usize).is_multiple_of(align) {
+                return Err(Error::InvalidArgument(format!("a tensor buffer is not aligned to {align} bytes")));
+            }
+            // SAFETY: per the contract; alignment checked above.
+            let (a, y) = unsafe {
+                (std::slice::from_raw_parts(a.cast::<T>(), m * k), std::slice::from_raw_parts_mut(y.cast::<T>(), m * n))
+            };
+            gemm_typed_on(w, a, m, k, bias, y, n, opts, pool)
+        }
+        let ptrs = (a_ptr.cast_const(), y_ptr);
+        // SAFETY: A holds m * k values of its element type (its shape), Y was just allocated
+        // with m * n values of the same type (checked above) and nobody else sees it until this
+        // call returns.
+        let r = unsafe {
+            if a_shape.elem == ELEM_FLOAT16 {
+                run::<half::f16>(w, ptrs, (m, n, k), bias, &opts, &pool)
+            } else {
+                run::<f32>(w, ptrs, (m, n, k), bias, &opts, &pool)
+            }
+        };
+        r.map_err(OpError::from).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })
     }
 }
 

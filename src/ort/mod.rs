@@ -8,12 +8,13 @@
 //!
 //! | input | type | shape | |
 //! |---|---|---|---|
-//! | A | float | `[..., K]`, any rank >= 1 | activations |
+//! | A | float or float16 | `[..., K]`, any rank >= 1 | activations |
 //! | W | int8 | `[K, N]` (ONNX MatMul layout) | weight, `W_real = scale * W` |
 //! | scales | float | `[N]` (per output channel) or `[1]` / scalar (per tensor) | weight scales |
 //! | bias | float | `[N]` | optional |
 //!
-//! Output `Y`: float `[..., N]` (shape inference provides it).
+//! Output `Y`: `[..., N]` of A's element type (shape inference provides both). float16 inputs
+//! are widened exactly and outputs rounded to nearest-even from dynq's f32 epilogue.
 //!
 //! Attributes (strings, all optional):
 //! - `act_granularity`: `"per_row"` (default; one range per row of A, i.e. per token) or
@@ -113,8 +114,17 @@ unsafe extern "system" fn get_input_count(_op: *const OrtCustomOp) -> usize {
     4
 }
 
+// The output has A's element type: the op is registered twice under the same name, with a
+// float and a float16 output (ONNX Runtime merges them into one schema whose output may be either,
+// and picks the kernel whose output type matches what shape inference gave: A's type). A single
+// registration with an undefined output type would need exactly one undefined input type, and
+// the inputs are undefined so that wrong types reach `infer`'s messages.
 unsafe extern "system" fn get_output_type(_op: *const OrtCustomOp, _index: usize) -> ONNXTensorElementDataType {
     ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+}
+
+unsafe extern "system" fn get_output_type_f16(_op: *const OrtCustomOp, _index: usize) -> ONNXTensorElementDataType {
+    ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
 }
 
 unsafe extern "system" fn get_output_count(_op: *const OrtCustomOp) -> usize {
@@ -235,9 +245,8 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     let a = unsafe { infer_input(api, ctx, IN_A)? };
     let w = unsafe { infer_input(api, ctx, IN_W)? };
     let s = unsafe { infer_input(api, ctx, IN_SCALES)? };
-    if a.shape.elem != api::ELEM_FLOAT {
-        let hint = if a.shape.elem == api::ELEM_FLOAT16 { " (float16 is not supported; Cast to float)" } else { "" };
-        return Err(format!("input A must be float, got {}{hint}", api::elem_name(a.shape.elem)));
+    if a.shape.elem != api::ELEM_FLOAT && a.shape.elem != api::ELEM_FLOAT16 {
+        return Err(format!("input A must be float or float16, got {}", api::elem_name(a.shape.elem)));
     }
     if w.shape.elem != api::ELEM_INT8 {
         return Err(format!(
@@ -260,9 +269,9 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             return Err(format!("bias must be float, got {}", api::elem_name(b.shape.elem)));
         }
     }
-    // Rank 0 means a scalar or an unknown shape here: then nothing is known about the output shape.
+    // Rank 0 means a scalar or an unknown shape here: then only the output type is known.
     if w.shape.dims.is_empty() || a.shape.dims.is_empty() {
-        return Ok(());
+        return unsafe { set_output(api, ctx, a.shape.elem, None) };
     }
     if w.shape.dims.len() != 2 {
         return Err(format!("weight W must have rank 2 ([K, N]), got shape {:?}", w.shape.dims));
@@ -292,15 +301,33 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             *s = empty;
         }
     }
+    unsafe { set_output(api, ctx, a.shape.elem, Some((&dims, &mut symbols))) }
+}
+
+/// Sets the output's element type (A's: float or float16) and, when known, its shape.
+///
+/// # Safety
+/// `ctx` is a live shape-inference context.
+unsafe fn set_output(
+    api: Api,
+    ctx: *mut OrtShapeInferContext,
+    elem: i32,
+    shape: Option<(&[i64], &mut [*const c_char])>,
+) -> Result<(), String> {
+    let ty = if elem == api::ELEM_FLOAT16 {
+        ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
+    } else {
+        ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+    };
     let mut out: *mut OrtTensorTypeAndShapeInfo = ptr::null_mut();
+    // SAFETY: `ctx` is live; `out` is created here and released below.
     unsafe { api::check(api, (api.0.CreateTensorTypeAndShapeInfo)(&mut out))? };
     let r = (|| unsafe {
-        api::check(
-            api,
-            (api.0.SetTensorElementType)(out, ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
-        )?;
-        api::check(api, (api.0.SetDimensions)(out, dims.as_ptr(), dims.len()))?;
-        api::check(api, (api.0.SetSymbolicDimensions)(out, symbols.as_mut_ptr(), symbols.len()))?;
+        api::check(api, (api.0.SetTensorElementType)(out, ty))?;
+        if let Some((dims, symbols)) = shape {
+            api::check(api, (api.0.SetDimensions)(out, dims.as_ptr(), dims.len()))?;
+            api::check(api, (api.0.SetSymbolicDimensions)(out, symbols.as_mut_ptr(), symbols.len()))?;
+        }
         api::check(api, (api.0.ShapeInferContext_SetOutputTypeShape)(ctx, 0, out))
     })();
     unsafe { (api.0.ReleaseTensorTypeAndShapeInfo)(out) };
@@ -321,30 +348,39 @@ struct StaticOp(OrtCustomOp);
 // SAFETY: the op descriptor is immutable; ONNX Runtime only reads it, from any thread.
 unsafe impl Sync for StaticOp {}
 
-static OP: StaticOp = StaticOp(OrtCustomOp {
-    version: ORT_API_VERSION,
-    CreateKernel: None,
-    GetName: Some(get_name),
-    GetExecutionProviderType: Some(get_ep),
-    GetInputType: Some(get_input_type),
-    GetInputTypeCount: Some(get_input_count),
-    GetOutputType: Some(get_output_type),
-    GetOutputTypeCount: Some(get_output_count),
-    KernelCompute: None,
-    KernelDestroy: Some(kernel_destroy),
-    GetInputCharacteristic: Some(get_input_characteristic),
-    GetOutputCharacteristic: Some(get_output_characteristic),
-    GetInputMemoryType: Some(get_input_memory_type),
-    GetVariadicInputMinArity: Some(variadic_min_arity),
-    GetVariadicInputHomogeneity: Some(variadic_homogeneity),
-    GetVariadicOutputMinArity: Some(variadic_min_arity),
-    GetVariadicOutputHomogeneity: Some(variadic_homogeneity),
-    CreateKernelV2: Some(create_kernel_v2),
-    KernelComputeV2: Some(kernel_compute_v2),
-    InferOutputShapeFn: Some(infer_output_shape),
-    GetStartVersion: Some(start_version),
-    GetEndVersion: Some(end_version),
-});
+/// The op descriptor with output type `output_type`.
+const fn op(output_type: OutputTypeFn) -> StaticOp {
+    StaticOp(OrtCustomOp {
+        version: ORT_API_VERSION,
+        CreateKernel: None,
+        GetName: Some(get_name),
+        GetExecutionProviderType: Some(get_ep),
+        GetInputType: Some(get_input_type),
+        GetInputTypeCount: Some(get_input_count),
+        GetOutputType: Some(output_type),
+        GetOutputTypeCount: Some(get_output_count),
+        KernelCompute: None,
+        KernelDestroy: Some(kernel_destroy),
+        GetInputCharacteristic: Some(get_input_characteristic),
+        GetOutputCharacteristic: Some(get_output_characteristic),
+        GetInputMemoryType: Some(get_input_memory_type),
+        GetVariadicInputMinArity: Some(variadic_min_arity),
+        GetVariadicInputHomogeneity: Some(variadic_homogeneity),
+        GetVariadicOutputMinArity: Some(variadic_min_arity),
+        GetVariadicOutputHomogeneity: Some(variadic_homogeneity),
+        CreateKernelV2: Some(create_kernel_v2),
+        KernelComputeV2: Some(kernel_compute_v2),
+        InferOutputShapeFn: Some(infer_output_shape),
+        GetStartVersion: Some(start_version),
+        GetEndVersion: Some(end_version),
+    })
+}
+
+type OutputTypeFn = unsafe extern "system" fn(*const OrtCustomOp, usize) -> ONNXTensorElementDataType;
+
+/// `DynQMatMul` with a float output, and with a float16 output.
+static OP: StaticOp = op(get_output_type);
+static OP_F16: StaticOp = op(get_output_type_f16);
 
 /// # Safety
 /// `api_base` and `options` are what ONNX Runtime passes to a custom-op library.
@@ -382,6 +418,7 @@ unsafe fn register(options: *mut OrtSessionOptions, api_base: *const OrtApiBase)
         unsafe {
             api::check(a, (api.CreateCustomOpDomain)(DOMAIN.as_ptr(), &mut domain))?;
             api::check(a, (api.CustomOpDomain_Add)(domain, &OP.0))?;
+            api::check(a, (api.CustomOpDomain_Add)(domain, &OP_F16.0))?;
             api::check(a, (api.AddCustomOpDomain)(options, domain))?;
         }
         Ok(())

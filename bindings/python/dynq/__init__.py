@@ -172,6 +172,8 @@ def _load():
         lib.dynq_packed_weights_deserialize.argtypes = [P, sz, ctypes.POINTER(_PackConfig), ctypes.POINTER(P)]
         lib.dynq_gemm.restype = u32
         lib.dynq_gemm.argtypes = [P, P, sz, sz, P, P, sz, ctypes.POINTER(_GemmConfig)]
+        lib.dynq_gemm_ex.restype = u32
+        lib.dynq_gemm_ex.argtypes = [P, P, u32, sz, sz, P, P, u32, sz, ctypes.POINTER(_GemmConfig)]
         if hasattr(lib, "dynq_ort_weight_cache_stats"):
             lib.dynq_ort_weight_cache_stats.restype = None
             lib.dynq_ort_weight_cache_stats.argtypes = [ctypes.POINTER(sz), ctypes.POINTER(sz)] + [
@@ -365,14 +367,16 @@ def gemm(
     num_threads: int = 0,
 ) -> np.ndarray:
     """``Y = dequant(quant(A) x W) + bias`` then the epilogue (``"none"``, ``"relu"`` or ``"gelu"``).
-    ``a`` is float32 of shape ``[..., K]``; the result has shape ``[..., N]``."""
+    ``a`` has shape ``[..., K]``; the result has shape ``[..., N]`` and the type of ``a`` when it
+    is float16 (widened exactly, computed as float32, rounded to nearest-even), else float32."""
     if packed._h is None:
         raise ValueError("packed weights were closed")
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    half = isinstance(a, np.ndarray) and a.dtype == np.float16
+    a = np.ascontiguousarray(a, dtype=np.float16 if half else np.float32)
     if a.ndim < 1 or a.shape[-1] != packed.k:
         raise ValueError(f"a must have shape [..., {packed.k}], got {a.shape}")
     m = int(np.prod(a.shape[:-1], dtype=np.int64)) if a.ndim > 1 else 1
-    y = np.empty(a.shape[:-1] + (packed.n,), dtype=np.float32)
+    y = np.empty(a.shape[:-1] + (packed.n,), dtype=a.dtype)
     b = None
     if bias is not None:
         b = np.ascontiguousarray(bias, dtype=np.float32).ravel()
@@ -383,16 +387,10 @@ def gemm(
     cfg.act_type = _enum(_ACT_TYPE, act_type, "act_type")
     cfg.epilogue = _enum(_EPILOGUE, epilogue, "epilogue")
     cfg.num_threads = int(num_threads)
-    _check(
-        lib.dynq_gemm(
-            packed._h,
-            a.ctypes.data if m else None,
-            m,
-            packed.k,
-            b.ctypes.data if b is not None else None,
-            y.ctypes.data if m else None,
-            packed.n,
-            ctypes.byref(cfg),
-        )
-    )
+    a_ptr, b_ptr, y_ptr = (a.ctypes.data if m else None), (b.ctypes.data if b is not None else None), (y.ctypes.data if m else None)
+    if half:
+        f16 = 1  # DYNQ_DTYPE_F16
+        _check(lib.dynq_gemm_ex(packed._h, a_ptr, f16, m, packed.k, b_ptr, y_ptr, f16, packed.n, ctypes.byref(cfg)))
+    else:
+        _check(lib.dynq_gemm(packed._h, a_ptr, m, packed.k, b_ptr, y_ptr, packed.n, ctypes.byref(cfg)))
     return y

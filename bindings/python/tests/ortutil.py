@@ -16,9 +16,9 @@ def model(nodes, inputs, outputs, inits=(), value_infos=()):
     return helper.make_model(g, opset_imports=OPSETS, ir_version=8)
 
 
-def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, **attrs):
+def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, elem=TensorProto.FLOAT, **attrs):
     """A model computing Y = DynQMatMul(A, W, scales[, bias]); W is an initializer (const=True) or a
-    graph input (const=False)."""
+    graph input (const=False); A and Y have element type `elem`."""
     k, n = w_q.shape
     a_shape = [k if d is None else d for d in a_shape]
     ins = ["A", "W", "S"] + (["B"] if bias is not None else [])
@@ -26,12 +26,12 @@ def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=Tru
     inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "S")]
     if bias is not None:
         inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
-    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, a_shape)]
+    inputs = [helper.make_tensor_value_info("A", elem, a_shape)]
     if const:
         inits.append(numpy_helper.from_array(w_q, "W"))
     else:
         inputs.append(helper.make_tensor_value_info("W", TensorProto.INT8, [k, n]))
-    return model([node], inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return model([node], inputs, [helper.make_tensor_value_info("Y", elem, None)], inits)
 
 
 def session(m, threads=1, custom=True):
@@ -49,3 +49,15 @@ def gelu(x):
 
     erf = np.vectorize(math.erf, otypes=[np.float64])
     return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
+
+
+# The first ONNX Runtime whose custom-op schemas accept either output type (float or float16)
+# for one op name; older ones run DynQMatMul with float A only (and say so when given float16).
+ORT_F16_OP = (1, 19)
+
+
+def skip_without_f16_op():
+    import pytest
+
+    if tuple(int(v) for v in ort.__version__.split(".")[:2]) < ORT_F16_OP:
+        pytest.skip(f"DynQMatMul with float16 A needs ONNX Runtime >= {ORT_F16_OP[0]}.{ORT_F16_OP[1]}")

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import dynq
 from dynq.onnx import QuantizeOptions, evaluate, make_inputs, quantize_model, save_model
-from ortutil import model, session
+from ortutil import model, session, skip_without_f16_op
 
 PKG = str(Path(__file__).resolve().parent.parent)
 RNG = np.random.default_rng(11)
@@ -282,3 +282,48 @@ def test_evaluate_cli_json_gate_and_mixed_precision(tmp_path):
 def test_quantize_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dynq.onnx", "quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")], cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG})
     assert r.returncode == 2 and "error" in r.stderr
+
+
+def test_convert_float16_model():
+    """A float16 model (weights, bias, activations): converted without going through a float32
+    copy of A; the dynq nodes take and give float16, close to the float32 reference."""
+    skip_without_f16_op()
+    d, h = 64, 96
+    h16 = lambda *s: f32(*s).astype(np.float16)  # noqa: E731
+    w1, b1, w2, b2, w3t, c3 = h16(d, h), h16(h), h16(h, d), h16(d), h16(d, d), h16(d)
+    f16 = lambda v, name: numpy_helper.from_array(np.array(v, np.float16), name)  # noqa: E731
+    inits = [numpy_helper.from_array(v, n) for v, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (w3t, "w3t"), (c3, "c3")]]
+    inits += [f16(1.4142135, "sqrt2"), f16(1.0, "one"), f16(0.5, "half")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
+        helper.make_node("Div", ["h1b", "sqrt2"], ["g_div"], name="g_div"),
+        helper.make_node("Erf", ["g_div"], ["g_erf"], name="g_erf"),
+        helper.make_node("Add", ["g_erf", "one"], ["g_add"], name="g_add"),
+        helper.make_node("Mul", ["h1b", "g_add"], ["g_mul"], name="g_mul"),
+        helper.make_node("Mul", ["g_mul", "half"], ["g"], name="g_half"),
+        helper.make_node("MatMul", ["g", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "b2"], ["h2b"], name="fc2_bias"),
+        helper.make_node("Relu", ["h2b"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "w3t", "c3"], ["y"], name="fc3", transB=1),
+    ]
+    m = model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", d])],
+        inits,
+    )
+    q, rep = quantize_model(m, QuantizeOptions(min_size=64))
+    assert sorted(n.op_type for n in q.graph.node) == ["DynQMatMul"] * 3, [n.op_type for n in q.graph.node]
+    x = (RNG.standard_normal((40, d))).astype(np.float16)
+    y = session(q, threads=2).run(None, {"x": x})[0]
+    assert y.dtype == np.float16 and y.shape == (40, d)
+    # float32 reference from the same float16 parameters.
+    import math
+
+    t = x.astype(np.float32) @ w1.astype(np.float32) + b1.astype(np.float32)
+    t = 0.5 * t * (1 + np.vectorize(math.erf)(t / math.sqrt(2)))
+    t = np.maximum(t @ w2.astype(np.float32) + b2.astype(np.float32), 0)
+    ref = t @ w3t.astype(np.float32).T + c3.astype(np.float32)
+    assert cosine(ref, y.astype(np.float32)) > 0.999
+    assert rep.fp32_weight_bytes == 2 * (w1.size + w2.size + w3t.size)

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dynq
-from ortutil import dynq_model, gelu, model, session
+from ortutil import dynq_model, gelu, model, session, skip_without_f16_op
 
 RNG = np.random.default_rng(7)
 
@@ -65,6 +65,31 @@ def test_activation_modes_match_library(act_type, gran, activation, rows, k, n):
     for threads in (1, 2, 4):
         y = session(m, threads).run(None, {"A": a})[0]
         np.testing.assert_array_equal(y, lib)
+
+
+@pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
+def test_float16_activations_and_output(gran):
+    """A float16 model: A and Y are float16 (Y = the float32 result rounded to nearest-even),
+    bit-identical to the library at any thread count; a float model still gets float."""
+    skip_without_f16_op()
+    k, n = 256, 200
+    q, s = weights(k, n, 3)
+    b = RNG.standard_normal(n).astype(np.float32)
+    m16 = dynq_model(q, s, b, a_shape=["m", None], act_granularity=gran, activation="gelu", elem=TensorProto.FLOAT16)
+    p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
+    for rows in (1, 7, 300):
+        a = (RNG.standard_normal((rows, k)) * 3).astype(np.float16)
+        lib = dynq.gemm(p, a, bias=b, act_granularity=gran, epilogue="gelu")
+        assert lib.dtype == np.float16
+        want = dynq.gemm(p, a.astype(np.float32), bias=b, act_granularity=gran, epilogue="gelu").astype(np.float16)
+        np.testing.assert_array_equal(lib, want)
+        for threads in (1, 2):
+            y = session(m16, threads).run(None, {"A": a})[0]
+            assert y.dtype == np.float16 and y.shape == (rows, n)
+            np.testing.assert_array_equal(y, lib)
+    m32 = dynq_model(q, s, b, a_shape=["m", None], act_granularity=gran)
+    y32 = session(m32).run(None, {"A": np.ones((2, k), np.float32)})[0]
+    assert y32.dtype == np.float32
 
 
 def test_per_tensor_u8_matches_ort_dynamic_quantize_matmul():

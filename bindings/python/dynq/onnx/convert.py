@@ -254,7 +254,7 @@ def _match_bias(G: _Graph, out: str, n: int, x_name: str) -> Optional[Tuple[onnx
     if other is None:
         return None
     b = G.const(other)
-    if b is None or b.dtype != np.float32 or b.size != n or b.shape[-1:] != (n,):
+    if b is None or b.dtype not in (np.float32, np.float16) or b.size != n or b.shape[-1:] != (n,):
         return None
     if b.ndim > 1:
         xr = G.ranks.get(x_name)
@@ -514,8 +514,12 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     w = G.const(wname)
     if w is None:
         raise _Skip("weight is not a constant initializer")
-    if w.dtype != np.float32 or w.ndim != 2:
-        raise _Skip(f"weight is not a 2-D float tensor ({w.dtype} {list(w.shape)})")
+    if w.dtype not in (np.float32, np.float16) or w.ndim != 2:
+        raise _Skip(f"weight is not a 2-D float or float16 tensor ({w.dtype} {list(w.shape)})")
+    # float16 models: the weight is widened exactly and quantized like a float one; A and Y stay
+    # float16 (the op takes and gives A's type).
+    w_bytes = w.nbytes
+    w = w.astype(np.float32)
     bias_from_gemm = None
     if node.op_type == "Gemm":
         if _attr(node, "transA", 0):
@@ -529,9 +533,9 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
         if len(node.input) > 2 and node.input[2]:
             c = G.const(node.input[2])
             n = w.shape[1]
-            if c is None or c.dtype != np.float32 or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
+            if c is None or c.dtype not in (np.float32, np.float16) or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
                 raise _Skip("Gemm bias C is not a constant of N values")
-            bias_from_gemm = (np.broadcast_to(c.reshape(-1), (n,)) * np.float32(beta)).astype(np.float32)
+            bias_from_gemm = (np.broadcast_to(c.reshape(-1).astype(np.float32), (n,)) * np.float32(beta)).astype(np.float32)
     k, n = w.shape
     if k * n < opts.min_size:
         raise _Skip("below --min-size")
@@ -540,7 +544,7 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     if not np.all(np.isfinite(w)):
         raise _Skip("weight has NaN or infinity")
     out = node.output[0]
-    report.fp32_weight_bytes += w.size * 4
+    report.fp32_weight_bytes += w_bytes
     fused_nodes: List[onnx.NodeProto] = []
     if bias_from_gemm is not None:
         bias, act, final, fused = None, "none", out, []
