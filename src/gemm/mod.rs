@@ -37,7 +37,7 @@ use crate::kernels::{DequantRow, F32Tile, TileOut};
 use crate::pack::PackedWeights;
 use crate::quant::activations::{quantize_activations_threaded, ActGranularity, ActType};
 use once_cell::sync::Lazy;
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Largest thread count accepted by a GEMM call.
 pub const MAX_THREADS: usize = 1024;
@@ -236,26 +236,82 @@ fn pool() -> Result<&'static rayon::ThreadPool> {
     })
 }
 
-/// Runs `task(t)` for every `t < tasks` on up to `threads` workers of the pool (inline when
-/// one worker suffices); the workers pull tasks from a shared counter.
+/// Runs `task(t)` for every `t < tasks` on the calling thread and up to `threads - 1` helpers
+/// from the pool; everyone pulls tasks from a shared counter.
+///
+/// The caller works instead of waiting: it posts the helpers' jobs and starts on the tasks at
+/// once, and afterwards waits only for tasks a helper has actually taken. A helper that wakes
+/// late (waking a sleeping thread can take tens of microseconds, more in a virtual machine) finds
+/// nothing left and costs nothing; with a busy pool the caller simply does all the work. A panic
+/// in any task is caught, every started task is waited for, and the panic is then resumed on the
+/// calling thread.
 pub(crate) fn run_tasks<F: Fn(usize) + Sync>(threads: usize, tasks: usize, task: F) -> Result<()> {
     if threads <= 1 || tasks <= 1 {
         (0..tasks).for_each(task);
         return Ok(());
     }
     let pool = pool()?;
-    let workers = threads.min(pool.current_num_threads()).min(tasks);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    pool.install(|| {
-        (0..workers).into_par_iter().for_each(|_| loop {
-            let t = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if t >= tasks {
-                break;
-            }
-            task(t);
-        })
+    let helpers = (threads.min(tasks) - 1).min(pool.current_num_threads());
+    let task: &(dyn Fn(usize) + Sync) = &task;
+    // SAFETY: the lifetime is erased so that helper jobs (which must be 'static) can hold the
+    // pointer. `TaskSet::work` calls the task only for an index it claimed below `tasks`, and
+    // this function returns only once `done == tasks`, i.e. after every claimed task has
+    // returned; a helper that starts later claims nothing and never touches the closure.
+    let task: &'static (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(task) };
+    let set = std::sync::Arc::new(TaskSet {
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        tasks,
+        panic: std::sync::Mutex::new(None),
+        task,
     });
+    for _ in 0..helpers {
+        let set = set.clone();
+        pool.spawn(move || set.work());
+    }
+    set.work();
+    let mut spins = 0u32;
+    while set.done.load(Ordering::Acquire) < tasks {
+        if spins < 1 << 12 {
+            std::hint::spin_loop();
+            spins += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    let panic = set.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(p) = panic {
+        std::panic::resume_unwind(p);
+    }
     Ok(())
+}
+
+/// The shared state of one [`run_tasks`] call.
+struct TaskSet {
+    /// The next task index to claim.
+    next: AtomicUsize,
+    /// Tasks finished (returned or panicked).
+    done: AtomicUsize,
+    tasks: usize,
+    /// The first panic of a task, resumed by the caller.
+    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    task: &'static (dyn Fn(usize) + Sync),
+}
+
+impl TaskSet {
+    fn work(&self) {
+        loop {
+            let t = self.next.fetch_add(1, Ordering::Relaxed);
+            if t >= self.tasks {
+                return;
+            }
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.task)(t)));
+            if let Err(p) = r {
+                self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
 }
 
 /// Where the parallel parts of a GEMM call run: dynq's own pool ([`gemm_typed`]), or a pool the
@@ -383,7 +439,7 @@ where
     debug_assert_eq!(w.packed_data().len(), n_panels * nr * kp);
     // Blocks: a block of panels stays in cache while all row tiles of a block stream by.
     // With several threads, blocks are made small enough that there are at least four per
-    // thread (rayon balances them dynamically); the split never changes a result.
+    // thread (the workers pull them as they go); the split never changes a result.
     let mc = 16.min(m_tiles).max(1);
     let m_blocks = m_tiles.div_ceil(mc);
     let mut nc = 8.min(n_panels).max(1);
@@ -601,4 +657,50 @@ pub fn gemm_i32(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every task runs exactly once, whatever the thread count, and the borrowed closure state
+    /// is complete when `run_tasks` returns.
+    #[test]
+    fn run_tasks_runs_each_task_once() {
+        for threads in [1, 2, 3, 8] {
+            for tasks in [0, 1, 2, 7, 100, 1000] {
+                let hits: Vec<AtomicUsize> = (0..tasks).map(|_| AtomicUsize::new(0)).collect();
+                run_tasks(threads, tasks, |t| {
+                    hits[t].fetch_add(1, Ordering::Relaxed);
+                })
+                .unwrap();
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "threads {threads} tasks {tasks}");
+            }
+        }
+    }
+
+    /// A panicking task reaches the caller after every other task has finished, and the pool
+    /// keeps working afterwards.
+    #[test]
+    fn run_tasks_resumes_a_panic_after_all_tasks() {
+        let finished = AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_tasks(2, 64, |t| {
+                if t == 17 {
+                    panic!("task 17 fails");
+                }
+                std::thread::sleep(std::time::Duration::from_micros(50));
+                finished.fetch_add(1, Ordering::Relaxed);
+            })
+        }));
+        let p = r.expect_err("the panic must reach the caller");
+        assert_eq!(p.downcast_ref::<&str>(), Some(&"task 17 fails"));
+        assert_eq!(finished.load(Ordering::Relaxed), 63);
+        let sum = AtomicUsize::new(0);
+        run_tasks(2, 10, |t| {
+            sum.fetch_add(t, Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(sum.into_inner(), 45);
+    }
 }
