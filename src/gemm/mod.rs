@@ -449,22 +449,39 @@ where
         nc = nc.min(n_panels.div_ceil(want_n_blocks)).max(1);
     }
     let n_blocks = n_panels.div_ceil(nc);
+    // Order inside a block. Tiles outer (each A tile stays in L1 while the block's panels come
+    // from L2, and each output row is written in one run of nc * NR columns) when the block's
+    // panels fit in L2 beside the rest and several tiles reuse them; panels outer (each panel
+    // read once, from memory for weights that do not fit in cache, and reused by every tile)
+    // otherwise, e.g. for decoding shapes with one or two row tiles.
+    let tiles_outer = mc >= 4 && nc * nr * kp <= 512 * 1024;
     let run_block = |blk: usize| {
         let (mb, nb) = (blk / n_blocks, blk % n_blocks);
         let mut scratch = vec![0i32; mr * nr];
-        for p in nb * nc..((nb + 1) * nc).min(n_panels) {
-            let panel = &w.packed_data()[p * nr * kp..(p + 1) * nr * kp];
-            for t in mb * mc..((mb + 1) * mc).min(m_tiles) {
-                let (i0, rows) = tile_rows(t);
-                let tile = Tile {
-                    i0,
-                    rows,
-                    j0: p * nr,
-                    cols: (n - p * nr).min(nr),
-                    a: &qa[i0 * row_bytes..(i0 + rows) * row_bytes],
-                    panel,
-                };
-                f(&tile, &mut scratch);
+        let visit = |p: usize, t: usize, scratch: &mut [i32]| {
+            let (i0, rows) = tile_rows(t);
+            let tile = Tile {
+                i0,
+                rows,
+                j0: p * nr,
+                cols: (n - p * nr).min(nr),
+                a: &qa[i0 * row_bytes..(i0 + rows) * row_bytes],
+                panel: &w.packed_data()[p * nr * kp..(p + 1) * nr * kp],
+            };
+            f(&tile, scratch);
+        };
+        let (panels, tiles) = (nb * nc..((nb + 1) * nc).min(n_panels), mb * mc..((mb + 1) * mc).min(m_tiles));
+        if tiles_outer {
+            for t in tiles {
+                for p in panels.clone() {
+                    visit(p, t, &mut scratch);
+                }
+            }
+        } else {
+            for p in panels {
+                for t in tiles.clone() {
+                    visit(p, t, &mut scratch);
+                }
             }
         }
     };
