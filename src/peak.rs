@@ -56,6 +56,51 @@ pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
     }
 }
 
+/// Throughput in GOPS of the ISA's micro-kernel alone, single thread, on one full tile
+/// (MR x NR) with depth `k`, operands resident in L1 (one A tile, cycling over 4 panels), the f32
+/// epilogue written to a small Y: the ceiling a full GEMM of that depth can approach, since
+/// quantization, packing order and memory only add to it. `None` when the CPU cannot run the
+/// ISA or this build has no kernel for it.
+pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> {
+    use crate::kernels::{kernel_for, F32Tile, TileOut};
+    crate::isa::resolve(isa).ok()?;
+    let kern = kernel_for(isa)?;
+    let (mr, nr) = (kern.mr, kern.nr);
+    let kp = kern.padded_k(k.max(1));
+    let panels = 4;
+    let row_bytes = kp * kern.a_bytes;
+    let a: Vec<u8> = (0..mr * row_bytes).map(|i| if i % kern.a_bytes == 0 { (i * 7 % 251) as u8 } else { 0 }).collect();
+    let b: Vec<i8> = (0..panels * nr * kp).map(|i| (i * 13 % 255) as i8).collect();
+    let n = panels * nr;
+    let (za, sa) = (vec![3i32; mr], vec![0.01f32; mr]);
+    let (col_sums, scales, bias) = (vec![5i32; n], vec![0.02f32; n], vec![0.5f32; n]);
+    let mut y = vec![0f32; mr * n];
+    let calls = (8_000_000 / (mr * nr * kp)).max(panels) / panels * panels;
+    Some(median_rate(min_time, || {
+        let t = Instant::now();
+        for c in 0..calls {
+            let p = c % panels;
+            let ft = F32Tile {
+                za: &za,
+                sa: &sa,
+                col_sums: &col_sums[p * nr..(p + 1) * nr],
+                scales: &scales[p * nr..(p + 1) * nr],
+                bias: Some(&bias[p * nr..(p + 1) * nr]),
+                act: crate::Epilogue::None,
+                // In bounds: row i of the tile is y[i * n + p * nr..][..nr].
+                y: y[p * nr..].as_mut_ptr(),
+                ldy: n,
+            };
+            // SAFETY: the CPU runs the kernel's ISA (resolved above); `a` holds MR rows of kp
+            // values at stride row_bytes, the panel kp * NR bytes, kp is a positive multiple of
+            // KR, and `ft` describes MR x NR writable floats of `y` that nothing else touches.
+            unsafe { (kern.ukernel)(mr, kp, a.as_ptr(), row_bytes, b[p * nr * kp..].as_ptr(), &TileOut::F32(&ft)) };
+        }
+        std::hint::black_box(&mut y);
+        (calls * mr * nr * kp * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
+    }))
+}
+
 /// Read bandwidth in GB/s for a buffer of `bytes` bytes (rounded up to 4 KiB), single thread.
 pub fn read_bandwidth_gbs(bytes: usize, min_time: Duration) -> f64 {
     let words = bytes.div_ceil(4096) * 4096 / 8;

@@ -28,6 +28,13 @@ fn peak_prints_json() {
     let (ok, out) = dynq(&["peak", "--bytes", "65536"], &[]);
     assert!(ok, "{out}");
     assert!(out.contains("\"dot_product_gops\"") && out.contains("\"65536\""), "{out}");
+    // The micro-kernel ceiling is measured for every ISA with a kernel, scalar included.
+    let (ok, out) = dynq(&["peak", "--isa", "scalar", "--bytes", "4096"], &[]);
+    assert!(ok, "{out}");
+    let kernel = out.split("\"micro_kernel_gops_by_k\": {").nth(1).unwrap_or_else(|| panic!("{out}"));
+    let first: f64 =
+        kernel.split(['"', ':', ',']).map(str::trim).filter(|s| !s.is_empty()).nth(1).unwrap().parse().unwrap();
+    assert!(first > 0.0, "{out}");
 }
 
 #[test]

@@ -121,11 +121,17 @@ fn peak(args: &[String]) -> Result<(), String> {
     let isa = isa::select(isa).map_err(|e| e.to_string())?;
     let t = Duration::from_millis(300);
     let gops = dynq::peak::dot_product_gops(isa, t);
+    let fmt = |g: Option<f64>| g.map_or("null".to_string(), |g| format!("{g:.1}"));
+    let kernel: Vec<String> = [256usize, 768, 3072]
+        .iter()
+        .map(|&k| format!("\"{k}\": {}", fmt(dynq::peak::micro_kernel_gops(isa, k, t))))
+        .collect();
     let bw: Vec<String> =
         sizes.iter().map(|&b| format!("\"{b}\": {:.2}", dynq::peak::read_bandwidth_gbs(b, t))).collect();
     println!(
-        "{{\"isa\": \"{isa}\", \"dot_product_gops\": {}, \"read_gbs\": {{{}}}}}",
-        gops.map_or("null".to_string(), |g| format!("{g:.1}")),
+        "{{\"isa\": \"{isa}\", \"dot_product_gops\": {}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
+        fmt(gops),
+        kernel.join(", "),
         bw.join(", ")
     );
     Ok(())
@@ -232,6 +238,10 @@ fn bench(args: &[String]) -> Result<(), String> {
     match peak {
         Some(p) => println!("measured {isa} dot-product peak, 1 thread: {p:.0} GOPS"),
         None => println!("no dot-product peak measured for {isa}"),
+    }
+    if let Some(kg) = dynq::peak::micro_kernel_gops(isa, 768, b.min_time) {
+        let pct = peak.map_or(String::new(), |p| format!(" = {:.0}% of the peak", 100.0 * kg / p));
+        println!("its micro-kernel alone (one tile, K = 768, operands in L1, f32 epilogue): {kg:.0} GOPS{pct}");
     }
     let mut bw_cache: Vec<(usize, f64)> = Vec::new();
     println!();
