@@ -2,7 +2,8 @@
 // neural networks: weights are quantized to int8 once (Pack), activations are quantized from
 // the range seen in each call (Gemm), and the product runs as exact integer dot products,
 // dequantized to float32 with a fused bias and activation. Results are bit-identical on
-// every CPU and thread count.
+// every CPU and thread count. GemmEx takes and returns float16 and bfloat16 too, as uint16
+// bit patterns (Float16bits, BFloat16bits).
 //
 // The package is a thin layer over the C ABI of libdynq (dynq.h), linked through pkg-config:
 // module dynq by default, dynq-static with the build tag dynq_static.
@@ -361,15 +362,9 @@ func (p *PackedWeights) Gemm(y, a, bias []float32, opts *GemmOptions) error {
 		return ErrClosed
 	}
 	n, k := p.n, p.k
-	if len(a)%k != 0 {
-		return invalid(op, "len(a) = %d is not a multiple of k = %d", len(a), k)
-	}
-	m := len(a) / k
-	if len(y) != m*n {
-		return invalid(op, "len(y) = %d, expected m*n = %d*%d = %d", len(y), m, n, m*n)
-	}
-	if len(bias) != 0 && len(bias) != n {
-		return invalid(op, "len(bias) = %d, expected 0 or n = %d", len(bias), n)
+	m, err := gemmShape(op, len(a), len(y), len(bias), n, k)
+	if err != nil {
+		return err
 	}
 	cfg, err := opts.toC(op)
 	if err != nil {
@@ -406,6 +401,22 @@ func f32ptr(s []float32) *C.float {
 		return (*C.float)(unsafe.Pointer(&zeroF32))
 	}
 	return (*C.float)(unsafe.Pointer(&s[0]))
+}
+
+// gemmShape checks the lengths of a, y and bias (in elements) against the weights' n and k and
+// returns m, the number of rows.
+func gemmShape(op string, lenA, lenY, lenBias, n, k int) (int, error) {
+	if lenA%k != 0 {
+		return 0, invalid(op, "len(a) = %d is not a multiple of k = %d", lenA, k)
+	}
+	m := lenA / k
+	if lenY != m*n {
+		return 0, invalid(op, "len(y) = %d, expected m*n = %d*%d = %d", lenY, m, n, m*n)
+	}
+	if lenBias != 0 && lenBias != n {
+		return 0, invalid(op, "len(bias) = %d, expected 0 or n = %d", lenBias, n)
+	}
+	return m, nil
 }
 
 // checkShape checks what only Go can: that the slice has n*k elements. Zero dimensions are

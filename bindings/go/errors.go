@@ -41,10 +41,11 @@ type Error struct {
 }
 
 func (e *Error) Error() string {
+	// Status.String, not Status.Error (which %s would pick), so that "dynq: " comes once.
 	if e.Message == "" {
-		return fmt.Sprintf("dynq: %s: %s", e.Op, e.Status)
+		return fmt.Sprintf("dynq: %s: %s", e.Op, e.Status.String())
 	}
-	return fmt.Sprintf("dynq: %s: %s: %s", e.Op, e.Status, e.Message)
+	return fmt.Sprintf("dynq: %s: %s: %s", e.Op, e.Status.String(), e.Message)
 }
 
 // Unwrap returns the Status, so errors.Is(err, dynq.StatusX) works.

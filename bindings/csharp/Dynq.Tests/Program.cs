@@ -1,5 +1,6 @@
 // Tests of the C# binding: packing, GEMM against the reference bit for bit in every
-// configuration, array and span overloads, serialization, every error path (as DynqException
+// configuration, array and span overloads, GEMM on float16 and bfloat16 against the float GEMM
+// and the 16-bit conversions, serialization, every error path (as DynqException
 // with the library's status and message, or ArgumentException for lengths checked in C#),
 // disposal and concurrent use. A console program: prints "N passed, N failed", exit code 1 on
 // any failure. DYNQ_HEADER=<path of dynq.h>, when set, is checked against the enums here.
@@ -122,6 +123,7 @@ namespace Dynq.Tests
             CompareEnum(text, typeof(ActType), "DYNQ_ACT_TYPE_");
             CompareEnum(text, typeof(Epilogue), "DYNQ_EPILOGUE_");
             CompareEnum(text, typeof(Isa), "DYNQ_ISA_");
+            CompareEnum(text, typeof(ElementType), "DYNQ_DTYPE_");
         }
 
         // Every constant PREFIX_NAME = value of the header has a C# member whose name, in upper
@@ -472,6 +474,434 @@ namespace Dynq.Tests
             }
         }
 
+        // ---- float16 and bfloat16 -------------------------------------------------------------
+
+        private static float Bits(uint b) { return BitConverter.Int32BitsToSingle(unchecked((int)b)); }
+
+        private static uint BitsOf(float f) { return unchecked((uint)BitConverter.SingleToInt32Bits(f)); }
+
+        // Bits equal, except that any NaN equals any NaN.
+        private static bool SameFloat(float got, float want)
+        {
+            return float.IsNaN(want) ? float.IsNaN(got) : BitsOf(got) == BitsOf(want);
+        }
+
+        private static bool IsNaN16(ushort b, ElementType t)
+        {
+            return t == ElementType.BF16 ? (b & 0x7f80) == 0x7f80 && (b & 0x7f) != 0 : (b & 0x7c00) == 0x7c00 && (b & 0x3ff) != 0;
+        }
+
+        private static float NextUp(float x) { return Bits(x >= 0 ? BitsOf(x) + 1 : BitsOf(x) - 1); }
+
+        private static float NextDown(float x) { return x > 0 ? Bits(BitsOf(x) - 1) : -NextUp(-x); }
+
+        private static ushort[] Narrow(float[] v, ElementType t)
+        {
+            return t == ElementType.F16 ? Float16Bits.FromSingle(v) : BFloat16Bits.FromSingle(v);
+        }
+
+        private static float[] Widen(ushort[] b, ElementType t)
+        {
+            return t == ElementType.F16 ? Float16Bits.ToSingle(b) : BFloat16Bits.ToSingle(b);
+        }
+
+        private static string FirstDifference(ushort[] got, ushort[] want)
+        {
+            if (got.Length != want.Length) return "lengths " + got.Length + " and " + want.Length;
+            for (int i = 0; i < got.Length; i++)
+            {
+                if (got[i] != want[i]) return "element " + i + ": 0x" + got[i].ToString("x4") + ", expected 0x" + want[i].ToString("x4");
+            }
+            return null;
+        }
+
+        private static void TestConversionsKnown()
+        {
+            var f16 = new List<Tuple<string, float, ushort>>
+            {
+                Tuple.Create("one", 1f, (ushort)0x3c00),
+                Tuple.Create("minus two", -2f, (ushort)0xc000),
+                Tuple.Create("negative zero", Bits(0x80000000), (ushort)0x8000),
+                Tuple.Create("0.1 rounds down", 0.1f, (ushort)0x2e66),
+                Tuple.Create("1/3", 1f / 3, (ushort)0x3555),
+                Tuple.Create("max", 65504f, (ushort)0x7bff),
+                Tuple.Create("just below the overflow tie", NextDown(65520f), (ushort)0x7bff),
+                Tuple.Create("overflow tie goes to infinity (even)", 65520f, (ushort)0x7c00),
+                Tuple.Create("overflow", 1e6f, (ushort)0x7c00),
+                Tuple.Create("negative overflow", -1e30f, (ushort)0xfc00),
+                Tuple.Create("infinity", float.PositiveInfinity, (ushort)0x7c00),
+                Tuple.Create("negative infinity", float.NegativeInfinity, (ushort)0xfc00),
+                Tuple.Create("smallest normal", 1f / (1 << 14), (ushort)0x0400),
+                Tuple.Create("largest subnormal", 1023f / (1 << 24), (ushort)0x03ff),
+                Tuple.Create("smallest subnormal", 1f / (1 << 24), (ushort)0x0001),
+                Tuple.Create("negative smallest subnormal", -1f / (1 << 24), (ushort)0x8001),
+                Tuple.Create("tie between subnormal and normal goes up (even)", 1023.5f / (1 << 24), (ushort)0x0400),
+                Tuple.Create("half the smallest subnormal ties to zero", 1f / (1 << 25), (ushort)0x0000),
+                Tuple.Create("just above half the smallest subnormal", NextUp(1f / (1 << 25)), (ushort)0x0001),
+                Tuple.Create("1.5 smallest subnormals ties to 2", 3f / (1 << 25), (ushort)0x0002),
+                Tuple.Create("2.5 smallest subnormals ties to 2", 5f / (1 << 25), (ushort)0x0002),
+                Tuple.Create("float32 subnormal underflows", Bits(0x00000001), (ushort)0x0000),
+                Tuple.Create("negative float32 subnormal underflows", Bits(0x80000001), (ushort)0x8000),
+                Tuple.Create("tie above 1 goes down (even)", 1 + 1f / (1 << 11), (ushort)0x3c00),
+                Tuple.Create("tie above 1+ulp goes up (even)", 1 + 3f / (1 << 11), (ushort)0x3c02),
+                Tuple.Create("just above the tie", NextUp(1 + 1f / (1 << 11)), (ushort)0x3c01),
+                Tuple.Create("carry into the exponent", NextDown(2f), (ushort)0x4000),
+                Tuple.Create("quiet NaN", Bits(0x7fc00000), (ushort)0x7e00),
+                Tuple.Create("negative NaN", Bits(0xffc00000), (ushort)0xfe00),
+                Tuple.Create("NaN payload only in the low bits stays NaN", Bits(0x7f800001), (ushort)0x7e00),
+                Tuple.Create("NaN keeps its leading payload", Bits(0x7fa02000), (ushort)0x7f01),
+            };
+            foreach (var c in f16)
+            {
+                ushort got = Float16Bits.FromSingle(c.Item2);
+                Check(got == c.Item3, "Float16Bits.FromSingle, " + c.Item1 + ": 0x" + got.ToString("x4") + ", expected 0x" + c.Item3.ToString("x4"));
+            }
+            var bf16 = new List<Tuple<string, float, ushort>>
+            {
+                Tuple.Create("one", 1f, (ushort)0x3f80),
+                Tuple.Create("minus two", -2f, (ushort)0xc000),
+                Tuple.Create("negative zero", Bits(0x80000000), (ushort)0x8000),
+                Tuple.Create("pi rounds down", (float)Math.PI, (ushort)0x4049),
+                Tuple.Create("0.1 rounds up", 0.1f, (ushort)0x3dcd),
+                Tuple.Create("max", Bits(0x7f7f0000), (ushort)0x7f7f),
+                Tuple.Create("max float overflows", float.MaxValue, (ushort)0x7f80),
+                Tuple.Create("overflow tie goes to infinity (even)", Bits(0x7f7f8000), (ushort)0x7f80),
+                Tuple.Create("just below the overflow tie", Bits(0x7f7f7fff), (ushort)0x7f7f),
+                Tuple.Create("infinity", float.PositiveInfinity, (ushort)0x7f80),
+                Tuple.Create("negative infinity", float.NegativeInfinity, (ushort)0xff80),
+                Tuple.Create("tie above 1 goes down (even)", 1 + 1f / (1 << 8), (ushort)0x3f80),
+                Tuple.Create("tie above 1+ulp goes up (even)", 1 + 3f / (1 << 8), (ushort)0x3f82),
+                Tuple.Create("just above the tie", NextUp(1 + 1f / (1 << 8)), (ushort)0x3f81),
+                Tuple.Create("smallest subnormal", Bits(0x00010000), (ushort)0x0001),
+                Tuple.Create("subnormal tie to zero", Bits(0x00008000), (ushort)0x0000),
+                Tuple.Create("subnormal tie to 2", Bits(0x00018000), (ushort)0x0002),
+                Tuple.Create("largest subnormal rounds to the smallest normal", Bits(0x007fffff), (ushort)0x0080),
+                Tuple.Create("quiet NaN", Bits(0x7fc00000), (ushort)0x7fc0),
+                Tuple.Create("negative NaN", Bits(0xffc00000), (ushort)0xffc0),
+                Tuple.Create("NaN payload only in the low bits stays NaN", Bits(0x7f800001), (ushort)0x7fc0),
+            };
+            foreach (var c in bf16)
+            {
+                ushort got = BFloat16Bits.FromSingle(c.Item2);
+                Check(got == c.Item3, "BFloat16Bits.FromSingle, " + c.Item1 + ": 0x" + got.ToString("x4") + ", expected 0x" + c.Item3.ToString("x4"));
+            }
+            var widen = new List<Tuple<string, ElementType, ushort, float>>
+            {
+                Tuple.Create("f16 one", ElementType.F16, (ushort)0x3c00, 1f),
+                Tuple.Create("f16 max", ElementType.F16, (ushort)0x7bff, 65504f),
+                Tuple.Create("f16 smallest normal", ElementType.F16, (ushort)0x0400, 1f / (1 << 14)),
+                Tuple.Create("f16 largest subnormal", ElementType.F16, (ushort)0x03ff, 1023f / (1 << 24)),
+                Tuple.Create("f16 smallest subnormal", ElementType.F16, (ushort)0x0001, 1f / (1 << 24)),
+                Tuple.Create("f16 negative subnormal", ElementType.F16, (ushort)0x8201, -513f / (1 << 24)),
+                Tuple.Create("f16 negative zero", ElementType.F16, (ushort)0x8000, Bits(0x80000000)),
+                Tuple.Create("f16 infinity", ElementType.F16, (ushort)0x7c00, float.PositiveInfinity),
+                Tuple.Create("f16 negative infinity", ElementType.F16, (ushort)0xfc00, float.NegativeInfinity),
+                Tuple.Create("f16 quiet NaN", ElementType.F16, (ushort)0x7e00, float.NaN),
+                Tuple.Create("f16 signaling NaN stays NaN", ElementType.F16, (ushort)0x7c01, float.NaN),
+                Tuple.Create("bf16 one", ElementType.BF16, (ushort)0x3f80, 1f),
+                Tuple.Create("bf16 max", ElementType.BF16, (ushort)0x7f7f, Bits(0x7f7f0000)),
+                Tuple.Create("bf16 smallest subnormal", ElementType.BF16, (ushort)0x0001, Bits(0x00010000)),
+                Tuple.Create("bf16 negative infinity", ElementType.BF16, (ushort)0xff80, float.NegativeInfinity),
+                Tuple.Create("bf16 NaN", ElementType.BF16, (ushort)0x7fc1, float.NaN),
+            };
+            foreach (var c in widen)
+            {
+                float got = c.Item2 == ElementType.F16 ? Float16Bits.ToSingle(c.Item3) : BFloat16Bits.ToSingle(c.Item3);
+                Check(SameFloat(got, c.Item4), "ToSingle, " + c.Item1 + ": " + got.ToString("R") + ", expected " + c.Item4.ToString("R"));
+            }
+
+            // Array and span helpers.
+            float[] values = { 1f, -2f, 65504f, 1e6f };
+            ushort[] bits = Float16Bits.FromSingle(values);
+            Check(FirstDifference(bits, new ushort[] { 0x3c00, 0xc000, 0x7bff, 0x7c00 }) == null, "Float16Bits.FromSingle(float[])");
+            float[] back = new float[4];
+            BFloat16Bits.ToSingle(new ReadOnlySpan<ushort>(BFloat16Bits.FromSingle(values)), new Span<float>(back));
+            Check(back[0] == 1f && back[1] == -2f && back[2] == 65536f && back[3] == 999424f, "BFloat16Bits span round trip");
+            Expect<ArgumentException>("FromSingle with spans of different lengths",
+                () => Float16Bits.FromSingle(new ReadOnlySpan<float>(values), new Span<ushort>(new ushort[3])));
+            Expect<ArgumentNullException>("ToSingle of a null array", () => BFloat16Bits.ToSingle((ushort[])null));
+        }
+
+        // Every pattern: widening gives the value of its fields, narrowing gives the pattern back.
+        private static void TestConversionsAllPatterns()
+        {
+            int bad16 = -1, badBf16 = -1;
+            for (int i = 0; i < 1 << 16 && bad16 < 0; i++)
+            {
+                ushort h = (ushort)i;
+                int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+                double want = exp == 0x1f ? (man == 0 ? double.PositiveInfinity : double.NaN)
+                    : exp == 0 ? man * Math.Pow(2, -24) : (1024 + man) * Math.Pow(2, exp - 25);
+                if ((h & 0x8000) != 0) want = -want;
+                float got = Float16Bits.ToSingle(h);
+                ushort again = Float16Bits.FromSingle(got);
+                bool ok = SameFloat(got, (float)want) && (IsNaN16(h, ElementType.F16)
+                    ? IsNaN16(again, ElementType.F16) && (again & 0x8000) == (h & 0x8000) : again == h);
+                if (!ok) bad16 = i;
+            }
+            Check(bad16 < 0, "every float16 pattern widens to its value and narrows back: 0x" + bad16.ToString("x4"));
+            for (int i = 0; i < 1 << 16 && badBf16 < 0; i++)
+            {
+                ushort h = (ushort)i;
+                float got = BFloat16Bits.ToSingle(h);
+                ushort again = BFloat16Bits.FromSingle(got);
+                bool ok = BitsOf(got) == (uint)h << 16 || float.IsNaN(got) && IsNaN16(h, ElementType.BF16);
+                ok &= IsNaN16(h, ElementType.BF16) ? IsNaN16(again, ElementType.BF16) && (again & 0x8000) == (h & 0x8000) : again == h;
+                if (!ok) badBf16 = i;
+            }
+            Check(badBf16 < 0, "every bfloat16 pattern widens to its value and narrows back: 0x" + badBf16.ToString("x4"));
+        }
+
+        // x rounded to mantBits fraction bits, exponents down to minExp (subnormals below), ties to
+        // even, infinity above maxFinite, in double: an independent reference.
+        private static double RefRound(float x, int mantBits, int minExp, double maxFinite)
+        {
+            double ax = Math.Abs((double)x);
+            if (ax != 0 && !double.IsInfinity(ax))
+            {
+                int e = (int)((BitConverter.DoubleToInt64Bits(ax) >> 52) & 0x7ff) - 1023;
+                double ulp = BitConverter.Int64BitsToDouble((long)(Math.Max(e, minExp) - mantBits + 1023) << 52);
+                ax = Math.Round(ax / ulp, MidpointRounding.ToEven) * ulp;
+                if (ax > maxFinite) ax = double.PositiveInfinity;
+            }
+            return x < 0 || BitsOf(x) == 0x80000000 ? -ax : ax;
+        }
+
+        // Narrowing against RefRound around every rounding boundary and on random values.
+        private static void TestConversionsReference()
+        {
+            foreach (ElementType t in new[] { ElementType.F16, ElementType.BF16 })
+            {
+                bool f16 = t == ElementType.F16;
+                int mantBits = f16 ? 10 : 7, minExp = f16 ? -14 : -126;
+                ushort maxBits = (ushort)(f16 ? 0x7bff : 0x7f7f);
+                Func<float, ushort> narrow = f16 ? (Func<float, ushort>)Float16Bits.FromSingle : BFloat16Bits.FromSingle;
+                Func<ushort, float> widen = f16 ? (Func<ushort, float>)Float16Bits.ToSingle : BFloat16Bits.ToSingle;
+                double maxFinite = widen(maxBits);
+                string first = null;
+                int checkedValues = 0;
+                Action<float> check = x =>
+                {
+                    checkedValues++;
+                    if (first != null) return;
+                    double want = RefRound(x, mantBits, minExp, maxFinite);
+                    float got = widen(narrow(x));
+                    if ((double)got != want || (BitsOf(got) >> 31) != (BitConverter.DoubleToInt64Bits(want) < 0 ? 1u : 0u))
+                    {
+                        first = x.ToString("R") + " (0x" + BitsOf(x).ToString("x8") + ") gives " + got.ToString("R") + ", reference " + want.ToString("R");
+                    }
+                };
+                for (int b = 0; b <= maxBits; b++)
+                {
+                    double lo = widen((ushort)b);
+                    double hi = b == maxBits ? lo + (lo - widen((ushort)(b - 1))) : widen((ushort)(b + 1));
+                    float mid = (float)((lo + hi) / 2);
+                    foreach (float x in new[] { mid, NextDown(mid), NextUp(mid) })
+                    {
+                        check(x);
+                        check(-x);
+                    }
+                }
+                Random r = new Random(42);
+                byte[] four = new byte[4];
+                for (int i = 0; i < 200000; i++)
+                {
+                    r.NextBytes(four);
+                    float x = BitConverter.ToSingle(four, 0);
+                    if (!float.IsNaN(x)) check(x);
+                    int e = r.Next(2 * (mantBits - minExp + 20)) - (mantBits - minExp + 10);
+                    check((float)((1 + r.NextDouble()) * Math.Pow(2, e)));
+                }
+                Check(first == null, t + " narrowing equals the reference on " + checkedValues + " values: " + first);
+            }
+        }
+
+        private struct GemmExCase
+        {
+            public string Name;
+            public int M, N, K;
+            public GemmOptions Options;
+            public bool Bias;
+            public float ScaleW, ScaleA, Skew;
+            public bool WantInf16, WantSubnormal16;
+
+            public GemmExCase(string name, int m, int n, int k, GemmOptions options = null, bool bias = true,
+                float scaleW = 0.5f, float scaleA = 1f, float skew = 0f, bool wantInf16 = false, bool wantSubnormal16 = false)
+            {
+                Name = name;
+                M = m;
+                N = n;
+                K = k;
+                Options = options;
+                Bias = bias;
+                ScaleW = scaleW;
+                ScaleA = scaleA;
+                Skew = skew;
+                WantInf16 = wantInf16;
+                WantSubnormal16 = wantSubnormal16;
+            }
+        }
+
+        // The 16-bit overloads on every pair of element types equal the float Gemm on the widened
+        // activations, rounded to the output type by Float16Bits / BFloat16Bits, bit for bit.
+        private static void TestGemmExMatchesGemm()
+        {
+            GemmExCase[] cases =
+            {
+                new GemmExCase("1x1x1", 1, 1, 1, scaleW: 1f),
+                new GemmExCase("defaults", 3, 17, 33, scaleA: 3f),
+                new GemmExCase("no bias, per-tensor symmetric", 5, 24, 48, bias: false, scaleA: 2f,
+                    options: new GemmOptions { ActGranularity = ActGranularity.PerTensor, ActType = ActType.SymmetricI8 }),
+                new GemmExCase("relu, skewed, two threads", 9, 40, 130, skew: 1f,
+                    options: new GemmOptions { Epilogue = Epilogue.Relu, NumThreads = 2 }),
+                new GemmExCase("gelu", 6, 24, 40, scaleW: 1f, scaleA: 2f, options: new GemmOptions { Epilogue = Epilogue.Gelu }),
+                new GemmExCase("large outputs overflow f16", 4, 16, 64, bias: false, scaleW: 1f, scaleA: 30000f, wantInf16: true),
+                new GemmExCase("tiny outputs are f16 subnormals", 4, 16, 32, bias: false, scaleW: 0.01f, scaleA: 1e-3f,
+                    wantSubnormal16: true),
+                new GemmExCase("zero rows", 0, 8, 16),
+            };
+            ElementType[] types = { ElementType.F32, ElementType.F16, ElementType.BF16 };
+            int seed = 200, call = 0;
+            foreach (GemmExCase c in cases)
+            {
+                Run(c.Name, () =>
+                {
+                    Random r = new Random(seed++);
+                    using (PackedWeights p = PackedWeights.Pack(RandomArray(r, c.N * c.K, c.ScaleW, 0f), c.N, c.K))
+                    {
+                        float[] a32 = RandomArray(r, c.M * c.K, c.ScaleA, c.Skew);
+                        float[] bias = c.Bias ? RandomArray(r, c.N, 1f, 0f) : null;
+                        ReadOnlySpan<float> biasSpan = bias == null ? ReadOnlySpan<float>.Empty : new ReadOnlySpan<float>(bias);
+                        foreach (ElementType at in types)
+                        {
+                            foreach (ElementType yt in types)
+                            {
+                                if (at == ElementType.F32 && yt == ElementType.F32) continue;
+                                string what = c.Name + ", " + at + " -> " + yt;
+                                ushort[] a16 = at == ElementType.F32 ? null : Narrow(a32, at);
+                                float[] want32 = p.Forward(a16 == null ? a32 : Widen(a16, at), bias, c.Options);
+                                bool spans = call++ % 2 == 1; // arrays and spans in turn
+                                if (yt == ElementType.F32)
+                                {
+                                    float[] y = new float[c.M * c.N];
+                                    if (!spans) p.Gemm(a16, at, y, bias, c.Options);
+                                    else if (bias == null) p.Gemm(new ReadOnlySpan<ushort>(a16), at, new Span<float>(y), c.Options);
+                                    else p.Gemm(new ReadOnlySpan<ushort>(a16), at, new Span<float>(y), biasSpan, c.Options);
+                                    string diff = FirstDifference(y, want32);
+                                    Check(diff == null, what + ": equals Gemm on the widened inputs: " + diff);
+                                    continue;
+                                }
+                                ushort[] y16 = new ushort[c.M * c.N];
+                                if (at == ElementType.F32)
+                                {
+                                    if (!spans) p.Gemm(a32, y16, yt, bias, c.Options);
+                                    else if (bias == null) p.Gemm(new ReadOnlySpan<float>(a32), new Span<ushort>(y16), yt, c.Options);
+                                    else p.Gemm(new ReadOnlySpan<float>(a32), new Span<ushort>(y16), yt, biasSpan, c.Options);
+                                }
+                                else if (!spans)
+                                {
+                                    p.Gemm(a16, at, y16, yt, bias, c.Options);
+                                }
+                                else if (bias == null)
+                                {
+                                    p.Gemm(new ReadOnlySpan<ushort>(a16), at, new Span<ushort>(y16), yt, c.Options);
+                                }
+                                else
+                                {
+                                    p.Gemm(new ReadOnlySpan<ushort>(a16), at, new Span<ushort>(y16), yt, biasSpan, c.Options);
+                                }
+                                string diff16 = FirstDifference(y16, Narrow(want32, yt));
+                                Check(diff16 == null, what + ": equals Gemm on the widened inputs, rounded: " + diff16);
+                                if (at == yt)
+                                {
+                                    Check(FirstDifference(p.Forward(a16, at, bias, c.Options), y16) == null, what + ": Forward equals Gemm");
+                                }
+                                if (yt == ElementType.F16 && (c.WantInf16 || c.WantSubnormal16))
+                                {
+                                    bool inf = Array.Exists(y16, b => (b & 0x7fff) == 0x7c00);
+                                    bool sub = Array.Exists(y16, b => (b & 0x7c00) == 0 && (b & 0x3ff) != 0);
+                                    Check((!c.WantInf16 || inf) && (!c.WantSubnormal16 || sub),
+                                        what + ": outputs include infinities (" + inf + ") or subnormals (" + sub + ") as expected");
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }
+
+        private static void TestGemmExErrors()
+        {
+            Random r = new Random(4);
+            using (PackedWeights p = PackedWeights.Pack(RandomArray(r, 6 * 4, 1f, 0f), 6, 4)) // N = 6, K = 4
+            {
+                const ElementType F16 = ElementType.F16, BF16 = ElementType.BF16;
+                ushort[] infA = new ushort[8];
+                infA[6] = 0x7c00;
+                ushort[] nanA = new ushort[8];
+                nanA[1] = 0x7fc1;
+
+                // Refused by the library, with its message.
+                DynqException de = null;
+                ExpectDynq("GemmEx unknown a type", Status.InvalidArgument, "a_type=7 is not a dynq_dtype value",
+                    () => p.Gemm(new ushort[8], (ElementType)7, new ushort[12], F16));
+                try
+                {
+                    p.Gemm(new float[8], new ushort[12], (ElementType)9);
+                }
+                catch (DynqException e)
+                {
+                    de = e;
+                }
+                Check(de != null && de.Function == "dynq_gemm_ex" && de.LibraryMessage == "y_type=9 is not a dynq_dtype value",
+                    "GemmEx unknown y type: " + (de == null ? "no exception" : de.Function + ": " + de.LibraryMessage));
+                // The library gets no buffers for an unknown type, so the lengths do not matter.
+                ExpectDynq("GemmEx unknown type, lengths fitting nothing", Status.InvalidArgument, "a_type=3",
+                    () => p.Gemm(new ushort[3], (ElementType)3, new float[1]));
+                ExpectDynq("GemmEx infinite f16 activation", Status.NonFinite, "A[1][2]",
+                    () => p.Gemm(infA, F16, new ushort[12], F16));
+                ExpectDynq("GemmEx NaN bf16 activation", Status.NonFinite, "A[0][1]", () => p.Gemm(nanA, BF16, new float[12]));
+                ExpectDynq("GemmEx NaN bias", Status.NonFinite, "bias",
+                    () => p.Gemm(new ushort[8], F16, new ushort[12], F16, new float[] { 0, 0, float.NaN, 0, 0, 0 }));
+                ushort[] shared = new ushort[16];
+                ExpectDynq("GemmEx y overlaps a", Status.InvalidArgument, "overlaps",
+                    () => p.Gemm(new ReadOnlySpan<ushort>(shared, 0, 8), F16, new Span<ushort>(shared, 4, 12), F16));
+                ExpectDynq("GemmEx unknown epilogue", Status.InvalidArgument, "epilogue",
+                    () => p.Forward(new ushort[4], F16, null, new GemmOptions { Epilogue = (Epilogue)9 }));
+                ushort[] y = new ushort[12];
+                for (int i = 0; i < y.Length; i++) y[i] = 0x4700;
+                ExpectDynq("GemmEx infinite activation, y kept", Status.NonFinite, "inf", () => p.Gemm(infA, F16, y, F16));
+                Check(Array.TrueForAll(y, v => v == 0x4700), "a failing GemmEx leaves y untouched");
+
+                // Checked by the binding.
+                ArgumentException ae = Expect<ArgumentException>("GemmEx a not a multiple of K",
+                    () => p.Gemm(new ushort[7], F16, new ushort[12], F16));
+                Check(ae != null && ae.ParamName == "a" && ae.Message.Contains("multiple of K = 4"), "GemmEx message names a and K");
+                ae = Expect<ArgumentException>("GemmEx y of the wrong length", () => p.Gemm(new ushort[8], BF16, new ushort[11], F16));
+                Check(ae != null && ae.ParamName == "y", "GemmEx y of the wrong length names y");
+                ae = Expect<ArgumentException>("GemmEx float y of the wrong length", () => p.Gemm(new ushort[8], F16, new float[13]));
+                Check(ae != null && ae.ParamName == "y", "GemmEx float y of the wrong length names y");
+                ae = Expect<ArgumentException>("GemmEx bias of the wrong length",
+                    () => p.Gemm(new float[8], new ushort[12], F16, new float[5]));
+                Check(ae != null && ae.ParamName == "bias", "GemmEx bias of the wrong length names bias");
+                ae = Expect<ArgumentException>("GemmEx 16-bit activations typed F32",
+                    () => p.Gemm(new ushort[8], ElementType.F32, new ushort[12], F16));
+                Check(ae != null && ae.ParamName == "aType", "F32 for 16-bit activations names aType");
+                ae = Expect<ArgumentException>("GemmEx 16-bit outputs typed F32",
+                    () => p.Gemm(new float[8], new ushort[12], ElementType.F32));
+                Check(ae != null && ae.ParamName == "yType", "F32 for 16-bit outputs names yType");
+                Expect<ArgumentException>("Forward on 16-bit data typed F32", () => p.Forward(new ushort[8], ElementType.F32));
+                Expect<ArgumentOutOfRangeException>("GemmEx negative threads",
+                    () => p.Forward(new ushort[4], F16, null, new GemmOptions { NumThreads = -1 }));
+                Expect<ArgumentNullException>("GemmEx null activations", () => p.Gemm((ushort[])null, F16, new ushort[6], F16));
+                Expect<ArgumentNullException>("GemmEx null outputs", () => p.Gemm(new ushort[4], F16, (float[])null));
+            }
+
+            PackedWeights disposed = PackedWeights.Pack(new float[] { 1, 2, 3, 4 }, 2, 2);
+            disposed.Dispose();
+            Expect<ObjectDisposedException>("GemmEx after Dispose", () => disposed.Forward(new ushort[] { 0x3c00, 0x3c00 }, ElementType.F16));
+        }
+
         private static int Main()
         {
             Run("version and header", TestVersionAndHeader);
@@ -483,6 +913,11 @@ namespace Dynq.Tests
             Run("errors", TestErrors);
             Run("dispose", TestDispose);
             Run("concurrent gemm", TestConcurrentGemm);
+            Run("float16 and bfloat16 known patterns", TestConversionsKnown);
+            Run("float16 and bfloat16 all patterns", TestConversionsAllPatterns);
+            Run("float16 and bfloat16 rounding reference", TestConversionsReference);
+            TestGemmExMatchesGemm();
+            Run("gemm ex errors", TestGemmExErrors);
             Console.WriteLine("C# binding of dynq " + DynqLibrary.Version + ", kernel " + DynqLibrary.ActiveIsa + ", runtime "
                 + Environment.Version);
             Console.WriteLine("csharp: " + _passed + " passed, " + _failed + " failed");

@@ -166,20 +166,7 @@ namespace Dynq
         public void Gemm(ReadOnlySpan<float> a, Span<float> y, ReadOnlySpan<float> bias, GemmOptions options = null)
         {
             int n = N, k = K;
-            if (a.Length % k != 0)
-            {
-                throw new ArgumentException(string.Format("a has {0} values, not a multiple of K = {1}", a.Length, k), "a");
-            }
-            int m = a.Length / k;
-            if ((long)y.Length != (long)m * n)
-            {
-                throw new ArgumentException(string.Format("y has {0} values, expected m * N = {1} * {2} = {3}",
-                    y.Length, m, n, (long)m * n), "y");
-            }
-            if (bias.Length != 0 && bias.Length != n)
-            {
-                throw new ArgumentException(string.Format("bias has {0} values, expected 0 or N = {1}", bias.Length, n), "bias");
-            }
+            int m = CheckGemmShape(a.Length, y.Length, bias.Length);
             NativeGemmConfig cfg = (options ?? new GemmOptions()).ToNative();
             fixed (float* ap = &MemoryMarshal.GetReference(a))
             fixed (float* yp = &MemoryMarshal.GetReference(y))
@@ -213,6 +200,170 @@ namespace Dynq
             float[] y = new float[a.Length % k == 0 ? checked(a.Length / k * N) : 0];
             Gemm(a, y, bias, options);
             return y;
+        }
+
+        /// <summary>
+        /// Gemm on float16 or bfloat16 activations (<paramref name="aType"/>, as ushort bit
+        /// patterns) giving float16 or bfloat16 outputs (<paramref name="yType"/>); the bias
+        /// stays float. The inputs are widened to float exactly and the float result is rounded
+        /// to nearest even (as <see cref="Float16Bits.FromSingle(float)"/> and
+        /// <see cref="BFloat16Bits.FromSingle(float)"/> do), so y equals the float Gemm on the
+        /// widened inputs, rounded, bit for bit. Lengths as for the float Gemm, in elements.
+        /// </summary>
+        /// <exception cref="ArgumentException">A length does not fit the shape, or a type of
+        /// 16-bit data is F32.</exception>
+        /// <exception cref="DynqException">InvalidArgument for a type that is no
+        /// <see cref="ElementType"/> (with the library's message) or bad options, NonFinite for
+        /// NaN or infinity in a or bias (y is left untouched).</exception>
+        public void Gemm(ReadOnlySpan<ushort> a, ElementType aType, Span<ushort> y, ElementType yType,
+            ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            fixed (ushort* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, bias, options);
+            }
+        }
+
+        /// <summary>Gemm on 16-bit activations and outputs, without bias.</summary>
+        public void Gemm(ReadOnlySpan<ushort> a, ElementType aType, Span<ushort> y, ElementType yType,
+            GemmOptions options = null)
+        {
+            Gemm(a, aType, y, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>Gemm on float16 or bfloat16 activations (<paramref name="aType"/>, as ushort
+        /// bit patterns) giving float outputs; otherwise as the 16-bit overload.</summary>
+        public void Gemm(ReadOnlySpan<ushort> a, ElementType aType, Span<float> y, ReadOnlySpan<float> bias,
+            GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            fixed (float* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, bias, options);
+            }
+        }
+
+        /// <summary>Gemm on 16-bit activations giving float outputs, without bias.</summary>
+        public void Gemm(ReadOnlySpan<ushort> a, ElementType aType, Span<float> y, GemmOptions options = null)
+        {
+            Gemm(a, aType, y, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>Gemm on float activations giving float16 or bfloat16 outputs
+        /// (<paramref name="yType"/>, as ushort bit patterns); otherwise as the 16-bit overload.</summary>
+        public void Gemm(ReadOnlySpan<float> a, Span<ushort> y, ElementType yType, ReadOnlySpan<float> bias,
+            GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            fixed (ushort* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, bias, options);
+            }
+        }
+
+        /// <summary>Gemm on float activations giving 16-bit outputs, without bias.</summary>
+        public void Gemm(ReadOnlySpan<float> a, Span<ushort> y, ElementType yType, GemmOptions options = null)
+        {
+            Gemm(a, y, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>Array overload of Gemm on 16-bit activations and outputs; bias may be null.</summary>
+        public void Gemm(ushort[] a, ElementType aType, ushort[] y, ElementType yType, float[] bias = null,
+            GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            Gemm(new ReadOnlySpan<ushort>(a), aType, new Span<ushort>(y), yType,
+                bias == null ? ReadOnlySpan<float>.Empty : new ReadOnlySpan<float>(bias), options);
+        }
+
+        /// <summary>Array overload of Gemm on 16-bit activations giving float outputs; bias may be null.</summary>
+        public void Gemm(ushort[] a, ElementType aType, float[] y, float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            Gemm(new ReadOnlySpan<ushort>(a), aType, new Span<float>(y),
+                bias == null ? ReadOnlySpan<float>.Empty : new ReadOnlySpan<float>(bias), options);
+        }
+
+        /// <summary>Array overload of Gemm on float activations giving 16-bit outputs; bias may be null.</summary>
+        public void Gemm(float[] a, ushort[] y, ElementType yType, float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            Gemm(new ReadOnlySpan<float>(a), new Span<ushort>(y), yType,
+                bias == null ? ReadOnlySpan<float>.Empty : new ReadOnlySpan<float>(bias), options);
+        }
+
+        /// <summary>Gemm into a new array on 16-bit data: returns y (m * N values) for a (m * K
+        /// values), both of <paramref name="type"/> (F16 or BF16); bias may be null.</summary>
+        public ushort[] Forward(ushort[] a, ElementType type, float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            int k = K;
+            ushort[] y = new ushort[a.Length % k == 0 ? checked(a.Length / k * N) : 0];
+            Gemm(a, type, y, type, bias, options);
+            return y;
+        }
+
+        /// <summary>The checks and the call of dynq_gemm_ex. a and y point to aLength and yLength
+        /// elements of 2 bytes (a16, y16) or 4 (floats), pinned by the caller.</summary>
+        private void GemmEx(void* a, int aLength, ElementType aType, bool a16, void* y, int yLength,
+            ElementType yType, bool y16, ReadOnlySpan<float> bias, GemmOptions options)
+        {
+            int n = N, k = K;
+            NativeGemmConfig cfg = (options ?? new GemmOptions()).ToNative();
+            if (!IsKnown(aType) || !IsKnown(yType))
+            {
+                // The library names the bad value. It gets no buffers and m = 0, so nothing can
+                // be read or written whatever size it gives the type; should a newer library know
+                // the type, this binding still does not.
+                Native.Check(Native.dynq_gemm_ex(_handle, null, (uint)aType, UIntPtr.Zero, (UIntPtr)k, null, null,
+                    (uint)yType, (UIntPtr)n, &cfg), "dynq_gemm_ex");
+                throw new ArgumentException(string.Format("element types {0} and {1}: this binding knows F32, F16 and BF16 only",
+                    aType, yType), IsKnown(aType) ? "yType" : "aType");
+            }
+            if (a16 && aType == ElementType.F32)
+            {
+                throw new ArgumentException("aType is F32 for 16-bit data; float activations take the float overloads", "aType");
+            }
+            if (y16 && yType == ElementType.F32)
+            {
+                throw new ArgumentException("yType is F32 for 16-bit data; float outputs take the float overloads", "yType");
+            }
+            int m = CheckGemmShape(aLength, yLength, bias.Length);
+            fixed (float* bp = &MemoryMarshal.GetReference(bias))
+            {
+                Native.Check(Native.dynq_gemm_ex(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
+                    bias.Length == 0 ? null : bp, m == 0 ? null : y, (uint)yType, (UIntPtr)n, &cfg), "dynq_gemm_ex");
+            }
+        }
+
+        private static bool IsKnown(ElementType t)
+        {
+            return t == ElementType.F32 || t == ElementType.F16 || t == ElementType.BF16;
+        }
+
+        /// <summary>Checks the lengths of a, y and bias (in elements) and returns m, the rows of a.</summary>
+        private int CheckGemmShape(int aLength, int yLength, int biasLength)
+        {
+            int n = N, k = K;
+            if (aLength % k != 0)
+            {
+                throw new ArgumentException(string.Format("a has {0} values, not a multiple of K = {1}", aLength, k), "a");
+            }
+            int m = aLength / k;
+            if ((long)yLength != (long)m * n)
+            {
+                throw new ArgumentException(string.Format("y has {0} values, expected m * N = {1} * {2} = {3}",
+                    yLength, m, n, (long)m * n), "y");
+            }
+            if (biasLength != 0 && biasLength != n)
+            {
+                throw new ArgumentException(string.Format("bias has {0} values, expected 0 or N = {1}", biasLength, n), "bias");
+            }
+            return m;
         }
 
         /// <summary>Releases the native memory. Calls after Dispose throw ObjectDisposedException.</summary>

@@ -76,6 +76,19 @@ namespace Dynq
         Gelu = 2,
     }
 
+    /// <summary>Element types of activations and outputs of the Gemm overloads on 16-bit data.
+    /// .NET Standard 2.1 (and Mono) has no System.Half: float16 and bfloat16 values travel as
+    /// their ushort bit patterns (see <see cref="Float16Bits"/> and <see cref="BFloat16Bits"/>).</summary>
+    public enum ElementType : uint
+    {
+        /// <summary>IEEE binary32 (float).</summary>
+        F32 = 0,
+        /// <summary>IEEE binary16, as ushort bit patterns.</summary>
+        F16 = 1,
+        /// <summary>bfloat16 (the upper half of a float), as ushort bit patterns.</summary>
+        BF16 = 2,
+    }
+
     /// <summary>Kernel families. Auto selects the best the CPU has (or the DYNQ_ISA environment variable).</summary>
     public enum Isa : uint
     {
