@@ -201,9 +201,11 @@ pub fn default_threads() -> Result<usize> {
     DEFAULT.clone()
 }
 
-/// Multiply-adds below which one more worker costs more (waking it, splitting the tiles)
-/// than it saves: about 5 us of work on one core.
-const MIN_MACS_PER_WORKER: usize = 2 << 20;
+/// Multiply-adds below which one more worker costs more (handing it work, splitting the tiles)
+/// than it saves: about 4 us of work on one core. Measured with the caller working from the
+/// start (see [`run_tasks`]): at 2M multiply-adds two threads already gave 1.5x (8x512x512),
+/// at 1M they gave nothing (1x1024x1024).
+const MIN_MACS_PER_WORKER: usize = 1 << 20;
 
 /// The number of workers worth waking for an `m x n x k` product (never more than asked).
 fn useful_threads(threads: usize, m: usize, n: usize, k: usize) -> usize {
