@@ -252,7 +252,15 @@ pub(crate) fn run_tasks<F: Fn(usize) + Sync>(threads: usize, tasks: usize, task:
         (0..tasks).for_each(task);
         return Ok(());
     }
-    let pool = pool()?;
+    let pool = match pool() {
+        Ok(p) => p,
+        // No worker threads could be started (a process at its thread limit): the calling
+        // thread does all the work, with the same result.
+        Err(_) => {
+            (0..tasks).for_each(task);
+            return Ok(());
+        }
+    };
     let helpers = (threads.min(tasks) - 1).min(pool.current_num_threads());
     let task: &(dyn Fn(usize) + Sync) = &task;
     // SAFETY: the lifetime is erased so that helper jobs (which must be 'static) can hold the
