@@ -425,3 +425,68 @@ fn parallel_quantization_reports_the_first_bad_row_and_matches_serial() {
         assert!(e.message().contains("A[10][3]"), "threads={threads}: {e}");
     }
 }
+
+/// A caller-owned executor for `gemm_typed_on`: runs the tasks on scoped threads in a scrambled
+/// order (reverse, interleaved), or refuses. The result must be the bits of the pool's result
+/// whatever the order and the worker count it claims, and a refusal must surface as an error
+/// with `y` untouched.
+struct Scrambled {
+    workers: usize,
+    refuse: bool,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl dynq::Parallel for Scrambled {
+    fn workers(&self) -> usize {
+        self.workers
+    }
+    fn run(&self, _max: usize, tasks: usize, task: &(dyn Fn(usize) + Sync)) -> dynq::Result<()> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.refuse {
+            return Err(dynq::Error::Internal("the test executor refuses".into()));
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| (0..tasks).rev().step_by(2).for_each(task));
+            s.spawn(|| (0..tasks).rev().skip(1).step_by(2).for_each(task));
+        });
+        Ok(())
+    }
+}
+
+#[test]
+fn caller_owned_executor_gives_the_same_bits() {
+    let mut rng = Rng(41);
+    for isa in isas_under_test() {
+        // All above 1M multiply-adds per worker, so that 2 workers are used.
+        for &(m, n, k) in &[(1, 700, 3000), (64, 200, 300), (130, 96, 177)] {
+            let a = random(&mut rng, m * k, 2.0);
+            let w = random(&mut rng, n * k, 0.3);
+            let pw = PackedWeights::from_f32(
+                &w,
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
+            for (g, t) in all_modes() {
+                let o = opts(g, t, 1);
+                let want = run(&pw, &a, m, None, &o);
+                for workers in [1, 2, 7] {
+                    let par = Scrambled { workers, refuse: false, calls: Default::default() };
+                    let mut y = vec![0f32; m * n];
+                    dynq::gemm_typed_on(&pw, &a, m, k, None, &mut y, n, &o, &par).unwrap();
+                    assert!(y == want, "{isa} {m}x{n}x{k} {g:?} {t:?} workers {workers}");
+                    if workers > 1 {
+                        assert!(par.calls.into_inner() > 0, "the executor was used ({isa} {m}x{n}x{k})");
+                    }
+                }
+                let par = Scrambled { workers: 2, refuse: true, calls: Default::default() };
+                let mut y = vec![7f32; m * n];
+                let e = dynq::gemm_typed_on(&pw, &a, m, k, None, &mut y, n, &o, &par).unwrap_err();
+                assert_eq!(e.status(), Status::Internal, "{e:?}");
+                assert!(y.iter().all(|&v| v == 7.0), "y written after a refusal");
+            }
+        }
+    }
+}
