@@ -23,6 +23,8 @@ use std::arch::x86_64::*;
 const MR: usize = 6;
 const NR: usize = 16;
 const KR: usize = 2;
+/// Prefetch distance in the weight stream, bytes.
+const PREFETCH: usize = 4096;
 
 /// The AVX2 table entry.
 pub const KERNEL: Kernel = Kernel {
@@ -79,6 +81,12 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
     unsafe {
         for g in 0..kp / KR {
             let bp = b.add(g * NR * KR) as *const __m128i;
+            // One cache line of weights per two K pairs, prefetched 4 KiB ahead (measured
+            // interleaved: +25-43% for M = 1..4 decoding shapes, +3-10% for 16x11008x4096,
+            // within 2% on compute-bound ones). A prefetch past the end is harmless.
+            if g % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>((bp as *const i8).add(PREFETCH));
+            }
             let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp));
             let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(1)));
             for (i, acc) in acc.iter_mut().enumerate() {
