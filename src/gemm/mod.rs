@@ -435,7 +435,7 @@ where
     let (mr, nr) = (kern.mr, kern.nr);
     let n = w.n();
     let m_tiles = m.div_ceil(mr);
-    // The rows are spread evenly over the tiles (M = 16 as 8 + 8 rather than 12 + 4): a tile
+    // The rows are spread evenly over the tiles (M = 20 with MR = 8: 7 + 7 + 6, not 8 + 8 + 4): a tile
     // with few rows has few independent accumulators and reads the whole panel for little work.
     let tile_rows = |t: usize| {
         let (start, end) = (t * m / m_tiles, (t + 1) * m / m_tiles);
