@@ -17,6 +17,8 @@ use std::arch::x86_64::*;
 const MR: usize = 6;
 const NR: usize = 16;
 const KR: usize = 4;
+/// Prefetch distance in the weight stream, bytes.
+const PREFETCH: usize = 4096;
 
 /// The AVX-VNNI table entry.
 pub const KERNEL: Kernel = Kernel {
@@ -76,6 +78,10 @@ macro_rules! vnni_ymm_kernel {
             unsafe {
                 for g in 0..kp / KR {
                     let bp = b.add(g * NR * KR) as *const __m256i;
+                    // The weight stream, one line per K group, 4 KiB ahead (measured on the EVEX
+                    // twin, streaming a 16 MiB matrix: +11% for 1 row, +25-50% for 4-6 rows).
+                    // A prefetch past the end is harmless.
+                    _mm_prefetch::<_MM_HINT_T0>((bp as *const i8).add(PREFETCH));
                     let (b0, b1) = (_mm256_loadu_si256(bp), _mm256_loadu_si256(bp.add(1)));
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let av = _mm256_set1_epi32((a.add(i * a_stride + g * KR) as *const i32).read_unaligned());
