@@ -468,8 +468,7 @@ where
     let run_block = |blk: usize| {
         let (mb, nb) = (blk / n_blocks, blk % n_blocks);
         let mut scratch = vec![0i32; mr * nr];
-        let visit = |p: usize, t: usize, scratch: &mut [i32]| {
-            let (i0, rows) = tile_rows(t);
+        let visit = |p: usize, (i0, rows): (usize, usize), scratch: &mut [i32]| {
             let tile = Tile {
                 i0,
                 rows,
@@ -483,14 +482,16 @@ where
         let (panels, tiles) = (nb * nc..((nb + 1) * nc).min(n_panels), mb * mc..((mb + 1) * mc).min(m_tiles));
         if tiles_outer {
             for t in tiles {
+                let rows = tile_rows(t);
                 for p in panels.clone() {
-                    visit(p, t, &mut scratch);
+                    visit(p, rows, &mut scratch);
                 }
             }
         } else {
+            let rows: Vec<(usize, usize)> = tiles.map(tile_rows).collect();
             for p in panels {
-                for t in tiles.clone() {
-                    visit(p, t, &mut scratch);
+                for &r in &rows {
+                    visit(p, r, &mut scratch);
                 }
             }
         }

@@ -322,8 +322,9 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
         _mm512_set1_epi32(add),
         _mm512_set1_epi32(if ty == ActType::SymmetricI8 { 128 } else { 0 }),
     );
-    // round_half_even(x / scale) as i32, as quantize_value: explicit rounding, whatever MXCSR says.
-    let rounded = |v: __m512| {
+    // round_half_even(x / scale) as i32, as quantize_value (explicit rounding, whatever MXCSR
+    // says), then clamped and offset into the stored u8 value (in an i32 lane).
+    let quantized = |v: __m512| {
         let quotient = if RECIP {
             let q = _mm512_mul_ps(v, yv);
             let r = _mm512_fnmadd_ps(q, sv, v); // x - q * scale, exact
@@ -331,7 +332,9 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
         } else {
             _mm512_div_ps(v, sv)
         };
-        _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(quotient)
+        let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(quotient);
+        // The stored value: clamp(r + add, lo, hi) + bias (see quantize_value).
+        _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, addv), lov), hiv), bias)
     };
     let mut j = 0;
     // 64 values per step: the clamped i32 lanes (all in 0..=255) are narrowed with two packing
@@ -340,10 +343,7 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
     while j + 64 <= x.len() {
         // SAFETY: j + 64 <= x.len() == out.len().
         unsafe {
-            let q: [__m512i; 4] = std::array::from_fn(|u| {
-                let r = rounded(_mm512_loadu_ps(x.as_ptr().add(j + 16 * u)));
-                _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, addv), lov), hiv), bias)
-            });
+            let q: [__m512i; 4] = std::array::from_fn(|u| quantized(_mm512_loadu_ps(x.as_ptr().add(j + 16 * u))));
             let w = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
             _mm512_storeu_si512(out.as_mut_ptr().add(j) as *mut __m512i, _mm512_permutexvar_epi32(order, w));
         }
@@ -353,8 +353,7 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
         let m = lane_mask(x.len() - j);
         // SAFETY: masked loads and stores touch only the lanes inside both slices.
         unsafe {
-            let r = rounded(_mm512_maskz_loadu_ps(m, x.as_ptr().add(j)));
-            let q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, addv), lov), hiv), bias);
+            let q = quantized(_mm512_maskz_loadu_ps(m, x.as_ptr().add(j)));
             _mm_mask_storeu_epi8(out.as_mut_ptr().add(j) as *mut i8, m, _mm512_cvtepi32_epi8(q));
         }
         j += 16;

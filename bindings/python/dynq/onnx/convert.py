@@ -423,11 +423,12 @@ def quantize_model(
         report.converted.append(rec)
         report.int8_weight_bytes += q.size + 4 * scales.size
 
-    def fuse_tail(out: str, n: int, x: str, rec_nodes: List[onnx.NodeProto]):
-        """Bias Add and activation after `out`: (bias, activation, final output, nodes fused)."""
-        bias = None
+    def fuse_tail(out: str, n: int, x: str, bias: Optional[np.ndarray] = None):
+        """Bias Add and activation after `out`: (bias, activation, final output, nodes fused).
+        A `bias` the node already has (Gemm's C, DynamicQuantizeMatMul's B) is kept and no Add
+        is folded on top of it; only the activation is then looked for."""
         fused: List[onnx.NodeProto] = []
-        if opts.fuse_bias:
+        if bias is None and opts.fuse_bias:
             mb = _match_bias(G, out, n, x)
             if mb is not None:
                 add, bias = mb
@@ -545,16 +546,7 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
         raise _Skip("weight has NaN or infinity")
     out = node.output[0]
     report.fp32_weight_bytes += w_bytes
-    fused_nodes: List[onnx.NodeProto] = []
-    if bias_from_gemm is not None:
-        bias, act, final, fused = None, "none", out, []
-        if opts.fuse_activation:
-            ma = _match_activation(G, out)
-            if ma is not None:
-                act, fused, final = ma
-        bias = bias_from_gemm
-    else:
-        bias, act, final, fused = fuse_tail(out, n, x, fused_nodes)
+    bias, act, final, fused = fuse_tail(out, n, x, bias_from_gemm)
     q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
     rec = LayerRecord(
         name=node.name,
@@ -607,7 +599,7 @@ def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tai
         raise _Skip("below --min-size")
     q8, scales, nreq = _int_weights_to_int8(q, zp, wscale)
     out = mul.output[0]
-    bias, act, final, fused = fuse_tail(out, n, x, [])
+    bias, act, final, fused = fuse_tail(out, n, x)
     rec = LayerRecord(
         name=node.name,
         source="MatMulInteger",
@@ -665,13 +657,7 @@ def _convert_ms_quantized(node, G: _Graph, opts, report: Report, emit, fuse_tail
             raise _Skip("bias is not a constant of N values")
         bias = b.reshape(n).astype(np.float32)
     out = node.output[0]
-    act, fused = "none", []
-    if bias is None:
-        bias, act, out, fused = fuse_tail(out, n, x, [])
-    elif opts.fuse_activation:
-        ma = _match_activation(G, out)
-        if ma is not None:
-            act, fused, out = ma
+    bias, act, out, fused = fuse_tail(out, n, x, bias)
     rec = LayerRecord(
         name=node.name,
         source=node.op_type,
