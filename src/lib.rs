@@ -29,7 +29,7 @@ pub mod reference;
 
 pub use dtype::{DType, Element};
 pub use error::{Error, Result, Status};
-pub use gemm::{gemm, gemm_i32, gemm_typed, gemm_typed_on, Epilogue, GemmOptions, Parallel};
+pub use gemm::{gemm, gemm_i32, gemm_smoothed_on, gemm_typed, gemm_typed_on, Epilogue, GemmOptions, Parallel};
 pub use isa::Isa;
 pub use pack::{PackOptions, PackedWeights, WeightLayout};
 pub use quant::{ActGranularity, ActType, WeightGranularity, MAX_K};

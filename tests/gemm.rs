@@ -490,3 +490,76 @@ fn caller_owned_executor_gives_the_same_bits() {
         }
     }
 }
+
+/// Smoothing factors: the product with `smooth` is, bit for bit, the product on A multiplied by
+/// them beforehand (one f32 multiplication per element), on every ISA, mode, input type and
+/// worker count; and bad factors are refused with y untouched.
+#[test]
+fn smoothing_factors_equal_premultiplied_activations() {
+    let mut rng = Rng(77);
+    for isa in isas_under_test() {
+        for &(m, n, k) in &[(1, 96, 300), (37, 130, 257), (64, 200, 300)] {
+            let a = random(&mut rng, m * k, 2.0);
+            let w = random(&mut rng, n * k, 0.3);
+            // Factors over four orders of magnitude, as SmoothQuant produces for outlier channels.
+            let s: Vec<f32> = (0..k).map(|_| 10f32.powf(rng.f32() * 2.0)).collect();
+            let pre: Vec<f32> = a.iter().enumerate().map(|(i, v)| v * s[i % k]).collect();
+            let pw = PackedWeights::from_f32(
+                &w,
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
+            let bias = random(&mut rng, n, 1.0);
+            for (g, t) in all_modes() {
+                let mut o = opts(g, t, 1);
+                o.epilogue = Epilogue::Gelu;
+                let want = run(&pw, &pre, m, Some(&bias), &o);
+                for workers in [1, 2] {
+                    let par = Scrambled { workers, refuse: false, calls: Default::default() };
+                    let mut y = vec![0f32; m * n];
+                    dynq::gemm_smoothed_on(&pw, &a, m, k, Some(&s), Some(&bias), &mut y, n, &o, &par).unwrap();
+                    assert!(y == want, "{isa} {m}x{n}x{k} {g:?} {t:?} workers {workers}");
+                }
+                // f16 activations are widened exactly, then multiplied.
+                let a16: Vec<half::f16> = a.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let pre16: Vec<f32> = a16.iter().enumerate().map(|(i, v)| v.to_f32() * s[i % k]).collect();
+                let want16 = run(&pw, &pre16, m, Some(&bias), &o);
+                let par = Scrambled { workers: 2, refuse: false, calls: Default::default() };
+                let mut y = vec![0f32; m * n];
+                dynq::gemm_smoothed_on(&pw, &a16, m, k, Some(&s), Some(&bias), &mut y, n, &o, &par).unwrap();
+                assert!(y == want16, "f16 {isa} {m}x{n}x{k} {g:?} {t:?}");
+            }
+        }
+    }
+    // Refused: wrong length, zero, negative, NaN, infinite; and a product that overflows.
+    let (m, n, k) = (3, 16, 8);
+    let pw = PackedWeights::from_f32(&vec![0.5f32; n * k], n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let a = vec![1.0f32; m * k];
+    let o = opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1);
+    let pool = Scrambled { workers: 1, refuse: false, calls: Default::default() };
+    let cases: Vec<(Vec<f32>, Status, &str)> = vec![
+        (vec![1.0; k - 1], Status::InvalidArgument, "expected k = 8"),
+        (vec![1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], Status::InvalidArgument, "[1] is 0"),
+        (vec![1.0, 1.0, -2.0, 1.0, 1.0, 1.0, 1.0, 1.0], Status::InvalidArgument, "[2] is -2"),
+        (vec![1.0, 1.0, 1.0, f32::NAN, 1.0, 1.0, 1.0, 1.0], Status::InvalidArgument, "[3] is NaN"),
+        (vec![1.0, 1.0, 1.0, 1.0, f32::INFINITY, 1.0, 1.0, 1.0], Status::InvalidArgument, "[4] is inf"),
+    ];
+    for (s, status, msg) in cases {
+        let mut y = vec![7f32; m * n];
+        let e = dynq::gemm_smoothed_on(&pw, &a, m, k, Some(&s), None, &mut y, n, &o, &pool).unwrap_err();
+        assert_eq!(e.status(), status, "{e}");
+        assert!(e.message().contains(msg), "{e}");
+        assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
+    }
+    let mut big = a.clone();
+    big[k + 5] = 3e38;
+    let s = vec![2.0f32; k];
+    let mut y = vec![7f32; m * n];
+    let e = dynq::gemm_smoothed_on(&pw, &big, m, k, Some(&s), None, &mut y, n, &o, &pool).unwrap_err();
+    assert_eq!(e.status(), Status::NonFinite, "{e}");
+    assert!(e.message().contains("A[1][5]") && e.message().contains("overflows"), "{e}");
+    assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
+}

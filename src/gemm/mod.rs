@@ -551,9 +551,44 @@ pub fn gemm_typed_on<A: Element, Y: Element>(
     opts: &GemmOptions,
     par: &dyn Parallel,
 ) -> Result<()> {
+    gemm_smoothed_on(w, a, m, lda, None, bias, y, ldy, opts, par)
+}
+
+/// [`gemm_typed_on`] with per-input-channel smoothing factors: when `smooth` is given (`w.k()`
+/// positive finite values), row `i` of A is quantized as `a[i][k] * smooth[k]` (one f32
+/// multiplication, so the result is exactly that of [`gemm_typed_on`] on the multiplied A).
+///
+/// This is how activation outliers move into the weights (SmoothQuant): a converter that
+/// multiplies row `k` of the float weights by `s[k]` before quantizing them and passes
+/// `smooth[k] = 1 / s[k]` computes the same product, with activation channels of very different
+/// ranges brought closer together so that one per-row quantization range fits them all.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_smoothed_on<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    smooth: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    y: &mut [Y],
+    ldy: usize,
+    opts: &GemmOptions,
+    par: &dyn Parallel,
+) -> Result<()> {
     let (n, k) = (w.n(), w.k());
     check_matrix(a.len(), m, k, lda, "activations A")?;
     check_matrix(y.len(), m, n, ldy, "output Y")?;
+    if let Some(s) = smooth {
+        if s.len() != k {
+            return Err(Error::InvalidArgument(format!("smoothing factors: {} values, expected k = {k}", s.len())));
+        }
+        if let Some(j) = s.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(Error::InvalidArgument(format!(
+                "smoothing factor [{j}] is {}; smoothing factors must be positive and finite",
+                s[j]
+            )));
+        }
+    }
     if let Some(b) = bias {
         if b.len() != n {
             return Err(Error::InvalidArgument(format!("bias has {} values, expected n = {n}", b.len())));
@@ -575,6 +610,7 @@ pub fn gemm_typed_on<A: Element, Y: Element>(
         m,
         k,
         lda,
+        smooth,
         opts.act_granularity,
         opts.act_type,
         kp,

@@ -4,7 +4,7 @@
 use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_FLOAT16, ELEM_INT8, ELEM_UINT8};
 use super::cache;
 use crate::dtype::Element;
-use crate::gemm::{gemm_typed_on, Epilogue, GemmOptions, Parallel};
+use crate::gemm::{gemm_smoothed_on, Epilogue, GemmOptions, Parallel};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
 use crate::quant::{ActGranularity, ActType};
 use crate::Error;
@@ -17,6 +17,7 @@ pub const IN_A: usize = 0;
 pub const IN_W: usize = 1;
 pub const IN_SCALES: usize = 2;
 pub const IN_BIAS: usize = 3;
+pub const IN_SMOOTH: usize = 4;
 
 /// The activation fused after the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,8 +183,8 @@ impl DynqKernel {
         let label = format!("DynQMatMul node '{name}'");
         let err = |m: String| OpError::invalid(format!("{label}: {m}"));
         let count = unsafe { api::kernel_info_input_count(api, info) }.map_err(&err)?;
-        if !(3..=4).contains(&count) {
-            return Err(err(format!("expects 3 or 4 inputs (A, W, scales[, bias]), got {count}")));
+        if !(3..=5).contains(&count) {
+            return Err(err(format!("expects 3 to 5 inputs (A, W, scales[, bias[, smooth]]), got {count}")));
         }
         let attrs = parse_attrs(|n| unsafe { api::attr_string(api, info, n) }).map_err(&err)?;
         let w = unsafe { api::constant_input(api, info, IN_W) }.map_err(&err)?;
@@ -268,6 +269,21 @@ impl DynqKernel {
                 Some(unsafe { std::slice::from_raw_parts(p.cast::<f32>().cast_const(), n) })
             }
         };
+        let smooth: Option<&[f32]> = match unsafe { api::context_input(api, ctx, IN_SMOOTH) }.map_err(fail)? {
+            None => None,
+            Some(sv) => {
+                let ss = unsafe { api::value_shape(api, sv) }.map_err(fail)?;
+                if ss.elem != ELEM_FLOAT || ss.dims.len() != 1 || ss.dims[0] != k as i64 {
+                    return Err(err(format!(
+                        "smoothing factors must be a float tensor [K] = [{k}], got {}",
+                        ss.describe()
+                    )));
+                }
+                let p = unsafe { api::value_data(api, sv) }.map_err(fail)?;
+                // SAFETY: checked: k floats.
+                Some(unsafe { std::slice::from_raw_parts(p.cast::<f32>().cast_const(), k) })
+            }
+        };
         let mut out_dims = a_shape.dims.clone();
         *out_dims.last_mut().expect("rank >= 1") = n as i64;
         let mut y_val: *mut OrtValue = std::ptr::null_mut();
@@ -305,7 +321,7 @@ impl DynqKernel {
             w: &PackedWeights,
             (a, y): (*const u8, *mut u8),
             (m, n, k): (usize, usize, usize),
-            bias: Option<&[f32]>,
+            (smooth, bias): (Option<&[f32]>, Option<&[f32]>),
             opts: &GemmOptions,
             pool: &OrtPool,
         ) -> crate::Result<()> {
@@ -317,7 +333,7 @@ impl DynqKernel {
             let (a, y) = unsafe {
                 (std::slice::from_raw_parts(a.cast::<T>(), m * k), std::slice::from_raw_parts_mut(y.cast::<T>(), m * n))
             };
-            gemm_typed_on(w, a, m, k, bias, y, n, opts, pool)
+            gemm_smoothed_on(w, a, m, k, smooth, bias, y, n, opts, pool)
         }
         let ptrs = (a_ptr.cast_const(), y_ptr);
         // SAFETY: A holds m * k values of its element type (its shape), Y was just allocated
@@ -325,9 +341,9 @@ impl DynqKernel {
         // call returns.
         let r = unsafe {
             if a_shape.elem == ELEM_FLOAT16 {
-                run::<half::f16>(w, ptrs, (m, n, k), bias, &opts, &pool)
+                run::<half::f16>(w, ptrs, (m, n, k), (smooth, bias), &opts, &pool)
             } else {
-                run::<f32>(w, ptrs, (m, n, k), bias, &opts, &pool)
+                run::<f32>(w, ptrs, (m, n, k), (smooth, bias), &opts, &pool)
             }
         };
         r.map_err(OpError::from).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })

@@ -12,6 +12,7 @@
 //! | W | int8 | `[K, N]` (ONNX MatMul layout) | weight, `W_real = scale * W` |
 //! | scales | float | `[N]` (per output channel) or `[1]` / scalar (per tensor) | weight scales |
 //! | bias | float | `[N]` | optional |
+//! | smooth | float | `[K]` | optional: per-input-channel smoothing factors (below) |
 //!
 //! Output `Y`: `[..., N]` of A's element type (shape inference provides both). float16 inputs
 //! are widened exactly and outputs rounded to nearest-even from dynq's f32 epilogue.
@@ -22,6 +23,14 @@
 //! - `act_type`: `"asymmetric_u8"` (default; uint8 with zero point) or `"symmetric_i8"`.
 //! - `activation`: `"none"` (default), `"relu"` or `"gelu"` (erf form), fused into the GEMM's
 //!   epilogue after the bias (dynq's `Epilogue`).
+//!
+//! `smooth` (optional, positive finite): row `i` of A is quantized as `A[i, k] * smooth[k]`. A
+//! converter that multiplied row `k` of the float weight by `1 / smooth[k]` before quantizing it
+//! computes the same product with activation channels of very different ranges brought closer
+//! together (SmoothQuant); `python -m dynq.onnx quantize` does this where it measures a gain.
+//! Give a bias (zeros if there is none) rather than an empty input name before `smooth`: ONNX
+//! Runtime 1.17 to 1.21 (at least) crash creating a session whose custom-op node leaves a middle
+//! input empty (1.31 accepts it).
 //!
 //! Weights that are constant initializers are packed once, when ONNX Runtime creates the kernel,
 //! through a process-wide cache keyed by content: every session of the same model shares one
@@ -50,7 +59,7 @@ pub mod cache;
 pub mod kernel;
 
 use api::Api;
-use kernel::{DynqKernel, OpError, IN_A, IN_BIAS, IN_SCALES, IN_W};
+use kernel::{DynqKernel, OpError, IN_A, IN_BIAS, IN_SCALES, IN_SMOOTH, IN_W};
 use ort_sys::{
     ONNXTensorElementDataType, OrtApi, OrtApiBase, OrtCustomOp, OrtCustomOpDomain,
     OrtCustomOpInputOutputCharacteristic, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtMemType, OrtSessionOptions,
@@ -111,7 +120,7 @@ unsafe extern "system" fn get_input_type(_op: *const OrtCustomOp, _index: usize)
 }
 
 unsafe extern "system" fn get_input_count(_op: *const OrtCustomOp) -> usize {
-    4
+    5
 }
 
 // The output has A's element type: the op is registered twice under the same name, with a
@@ -135,7 +144,7 @@ unsafe extern "system" fn get_input_characteristic(
     _op: *const OrtCustomOp,
     index: usize,
 ) -> OrtCustomOpInputOutputCharacteristic {
-    if index == IN_BIAS {
+    if index == IN_BIAS || index == IN_SMOOTH {
         OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
     } else {
         OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
@@ -239,8 +248,8 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     let mut count = 0usize;
     // SAFETY: `ctx` is live (all calls below).
     unsafe { api::check(api, (api.0.ShapeInferContext_GetInputCount)(ctx, &mut count))? };
-    if !(3..=4).contains(&count) {
-        return Err(format!("expects 3 or 4 inputs (A, W, scales[, bias]), got {count}"));
+    if !(3..=5).contains(&count) {
+        return Err(format!("expects 3 to 5 inputs (A, W, scales[, bias[, smooth]]), got {count}"));
     }
     let a = unsafe { infer_input(api, ctx, IN_A)? };
     let w = unsafe { infer_input(api, ctx, IN_W)? };
@@ -262,11 +271,13 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     if s.shape.elem != api::ELEM_FLOAT {
         return Err(format!("weight scales must be float, got {}", api::elem_name(s.shape.elem)));
     }
-    if count == 4 {
-        let b = unsafe { infer_input(api, ctx, IN_BIAS)? };
-        // An absent optional input reports an undefined type.
-        if b.shape.elem != 0 && b.shape.elem != api::ELEM_FLOAT {
-            return Err(format!("bias must be float, got {}", api::elem_name(b.shape.elem)));
+    for (index, what) in [(IN_BIAS, "bias"), (IN_SMOOTH, "smoothing factors")] {
+        if index < count {
+            let b = unsafe { infer_input(api, ctx, index)? };
+            // An absent optional input reports an undefined type.
+            if b.shape.elem != 0 && b.shape.elem != api::ELEM_FLOAT {
+                return Err(format!("{what} must be float, got {}", api::elem_name(b.shape.elem)));
+            }
         }
     }
     // Rank 0 means a scalar or an unknown shape here: then only the output type is known.

@@ -212,7 +212,24 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
-    quantize_activations_threaded(ops, a_bytes, a, m, k, lda, granularity, ty, kp, rows_padded, &Exec::SERIAL)
+    quantize_activations_threaded(ops, a_bytes, a, m, k, lda, None, granularity, ty, kp, rows_padded, &Exec::SERIAL)
+}
+
+/// Row `src` as f32, multiplied element by element by `smooth` when given (`buf` holds the
+/// result unless the row is already f32 and unscaled).
+fn smoothed_row<'a, T: crate::dtype::Element>(
+    src: &'a [T],
+    smooth: Option<&[f32]>,
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    match smooth {
+        None => T::row_f32(src, buf),
+        Some(s) => {
+            buf.clear();
+            buf.extend(src.iter().zip(s).map(|(v, f)| v.to_f32() * f));
+            buf
+        }
+    }
 }
 
 /// Elements of A below which quantizing on more than one worker does not pay.
@@ -230,6 +247,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     m: usize,
     k: usize,
     lda: usize,
+    smooth: Option<&[f32]>,
     granularity: ActGranularity,
     ty: ActType,
     kp: usize,
@@ -238,6 +256,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
 ) -> Result<QuantizedActivations> {
     use std::sync::Mutex;
     assert!(kp >= k && rows_padded >= m && lda >= k);
+    assert!(smooth.is_none_or(|s| s.len() == k));
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
     let tasks = if m.saturating_mul(k) >= MIN_PARALLEL_ELEMENTS { exec.threads().clamp(1, m.max(1)) } else { 1 };
     let rows_per = m.div_ceil(tasks).max(1);
@@ -277,7 +296,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
             let mut buf = Vec::new();
             for r in 0..st.len() {
                 let i = c * rows_per + r;
-                let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
+                let row = smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf);
                 // SAFETY: as in `quantize`.
                 match unsafe { (ops.row_stats)(row) } {
                     Some(s) => st[r] = s,
@@ -285,7 +304,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                         let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
                         let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
                         if b.is_none_or(|(bi, _, _)| i < bi) {
-                            *b = Some((i, col, row[col]));
+                            *b = Some((i, col, a[i * lda + col].to_f32()));
                         }
                         return;
                     }
@@ -298,7 +317,13 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
         })?;
     }
     if let Some((i, col, v)) = bad.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        return Err(Error::NonFinite(format!("activation A[{i}][{col}] is {v}; activations must be finite")));
+        return Err(Error::NonFinite(match smooth {
+            Some(s) if v.is_finite() => format!(
+                "activation A[{i}][{col}] = {v} times its smoothing factor {} overflows; scaled activations must be finite",
+                s[col]
+            ),
+            _ => format!("activation A[{i}][{col}] is {v}; activations must be finite"),
+        }));
     }
 
     // Pass 2 (per-tensor ranges only): quantize every row with the parameters of the whole.
@@ -315,7 +340,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 if i >= m {
                     break;
                 }
-                let row = T::row_f32(&a[i * lda..i * lda + k], &mut buf);
+                let row = smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf);
                 quantize(row, p, &mut chunk[r * row_bytes..r * row_bytes + k * a_bytes]);
             }
         })?;

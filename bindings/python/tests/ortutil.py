@@ -16,16 +16,25 @@ def model(nodes, inputs, outputs, inits=(), value_infos=()):
     return helper.make_model(g, opset_imports=OPSETS, ir_version=8)
 
 
-def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, elem=TensorProto.FLOAT, **attrs):
-    """A model computing Y = DynQMatMul(A, W, scales[, bias]); W is an initializer (const=True) or a
-    graph input (const=False); A and Y have element type `elem`."""
+# ONNX Runtime 1.17.3 to 1.21.1 (at least) crash while creating a session when a custom-op node
+# leaves an optional input empty before a present one (A, W, S, "", smooth); 1.31.1 accepts it.
+ORT_EMPTY_MIDDLE_INPUT = (1, 31)
+
+
+def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, elem=TensorProto.FLOAT, smooth=None, **attrs):
+    """A model computing Y = DynQMatMul(A, W, scales[, bias[, smooth]]); W is an initializer
+    (const=True) or a graph input (const=False); A and Y have element type `elem`."""
     k, n = w_q.shape
     a_shape = [k if d is None else d for d in a_shape]
     ins = ["A", "W", "S"] + (["B"] if bias is not None else [])
+    if smooth is not None:
+        ins += ([""] if bias is None else []) + ["M"]  # see ORT_EMPTY_MIDDLE_INPUT
     node = helper.make_node("DynQMatMul", ins, ["Y"], domain="dynq", name="dq", **attrs)
     inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "S")]
     if bias is not None:
         inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
+    if smooth is not None:
+        inits.append(numpy_helper.from_array(np.asarray(smooth, np.float32), "M"))
     inputs = [helper.make_tensor_value_info("A", elem, a_shape)]
     if const:
         inits.append(numpy_helper.from_array(w_q, "W"))

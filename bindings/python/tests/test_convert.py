@@ -80,7 +80,7 @@ def cosine(a, b):
 
 def test_convert_mlp_fuses_and_keeps_the_rest():
     m = mlp()
-    q, rep = quantize_model(m, QuantizeOptions(min_size=64))
+    q, rep = quantize_model(m, QuantizeOptions(min_size=64, smooth="off"))
     ops = [(n.op_type, n.name) for n in q.graph.node]
     dq = {n.name: n for n in q.graph.node if n.op_type == "DynQMatMul"}
     assert set(dq) == {"fc1", "fc2", "fc3", "fc5"}, ops
@@ -115,7 +115,7 @@ def test_include_exclude_and_options():
     assert [n.name for n in q.graph.node if n.op_type == "DynQMatMul"] == ["fc3"]
     q, _ = quantize_model(
         m,
-        QuantizeOptions(weight_granularity="per_tensor", act_granularity="per_tensor", act_type="symmetric_i8", fuse_activation=False, fuse_bias=False),
+        QuantizeOptions(weight_granularity="per_tensor", act_granularity="per_tensor", act_type="symmetric_i8", fuse_activation=False, fuse_bias=False, smooth="off"),
     )
     n = next(n for n in q.graph.node if n.name == "fc1")
     attrs = {a.name: helper.get_attribute_value(a).decode() for a in n.attribute}
@@ -250,7 +250,8 @@ def test_evaluate_cli_json_gate_and_mixed_precision(tmp_path):
     onnx.save_model(m, str(src))
     env = {**os.environ, "PYTHONPATH": PKG}
     run = lambda *a: subprocess.run([sys.executable, "-m", "dynq.onnx", *a], cwd=PKG, capture_output=True, text=True, env=env)  # noqa: E731
-    r = run("quantize", str(src), str(out), "--weight-granularity", "per_tensor", "--quiet")
+    # Without smoothing, which would repair much of the outlier (this test is about the gate).
+    r = run("quantize", str(src), str(out), "--weight-granularity", "per_tensor", "--smooth", "off", "--quiet")
     assert r.returncode == 0, r.stderr
     r = run("evaluate", str(src), str(out), "--json", str(tmp_path / "e.json"), "--samples", "2", "--seq-len", "8", "--min-cosine", "0.5")
     assert r.returncode == 0, r.stderr
@@ -327,3 +328,84 @@ def test_convert_float16_model():
     ref = t @ w3t.astype(np.float32).T + c3.astype(np.float32)
     assert cosine(ref, y.astype(np.float32)) > 0.999
     assert rep.fp32_weight_bytes == 2 * (w1.size + w2.size + w3t.size)
+
+
+def ln_outlier_model(k=64, n=96, seed=5):
+    """LayerNormalization whose scale has a few channels ~30x larger than the rest (the outlier
+    channels of transformer LayerNorm outputs), then MatMul + bias, then a second MatMul."""
+    r = np.random.default_rng(seed)
+    gamma = (1 + 0.1 * r.standard_normal(k)).astype(np.float32)
+    gamma[[3, 17, 40]] = [30.0, -25.0, 35.0]
+    inits = [
+        numpy_helper.from_array(gamma, "g"),
+        numpy_helper.from_array((0.1 * r.standard_normal(k)).astype(np.float32), "beta"),
+        numpy_helper.from_array((0.1 * r.standard_normal((k, n))).astype(np.float32), "w1"),
+        numpy_helper.from_array((0.1 * r.standard_normal(n)).astype(np.float32), "b1"),
+        numpy_helper.from_array((0.1 * r.standard_normal((n, k))).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "beta"], ["ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["ln", "w1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name="fc1_bias"),
+        helper.make_node("MatMul", ["hb", "w2"], ["y"], name="fc2"),
+    ]
+    return model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+
+
+def test_smoothing_moves_outlier_channels_into_the_weights(tmp_path):
+    m = ln_outlier_model()
+    on, rep_on = quantize_model(m)  # smooth="auto" is the default
+    off, rep_off = quantize_model(m, QuantizeOptions(smooth="off"))
+    fc1 = next(n for n in on.graph.node if n.name == "fc1")
+    assert len(fc1.input) == 5 and fc1.input[3], fc1.input  # bias folded, then the factors
+    sm = numpy_helper.to_array(next(t for t in on.graph.initializer if t.name == fc1.input[4]))
+    assert sm.shape == (64,) and sm.dtype == np.float32 and np.all(sm > 0)
+    # The outlier channels are scaled down the most.
+    assert set(np.argsort(sm)[:3]) == {3, 17, 40}, np.argsort(sm)[:5]
+    rec = next(r for r in rep_on.converted if r.name == "fc1")
+    assert rec.smooth_alpha is not None and rec.smooth_gain_db >= 0.5
+    assert "activation smoothing: " in rep_on.summary()
+    for n in on.graph.node:
+        if n.op_type == "DynQMatMul" and len(n.input) == 5:
+            assert n.input[3], "a zero bias, never an empty middle input (old ONNX Runtime crashes on it)"
+    assert all(r.smooth_alpha is None for r in rep_off.converted)
+    assert all(len(n.input) <= 4 for n in off.graph.node if n.op_type == "DynQMatMul")
+    # On inputs the calibration never saw, the smoothed model is closer to fp32.
+    x = (np.random.default_rng(99).standard_normal((3, 20, 64)) * 2).astype(np.float32)
+    ref = session(m, custom=False).run(None, {"x": x})[0].astype(np.float64)
+    err = lambda q: np.linalg.norm(session(q).run(None, {"x": x})[0] - ref) / np.linalg.norm(ref)  # noqa: E731
+    e_on, e_off = err(on), err(off)
+    assert e_on < 0.7 * e_off, (e_on, e_off)
+    # The evaluator's isolated layer (the C ABI with the factors applied) agrees.
+    feeds = [{"x": x}]
+    ev_on = evaluate(m, on, feeds)
+    ev_off = evaluate(m, off, feeds)
+    iso = lambda ev: next(l for l in ev.layers if l["name"] == "fc1")["isolated_sqnr_db"]  # noqa: E731
+    assert iso(ev_on) > iso(ev_off) + 2, (iso(ev_on), iso(ev_off))
+    # Calibration inputs can be given (CLI: --calibration); --smooth off is honoured.
+    npz = tmp_path / "cal.npz"
+    np.savez(npz, x=(np.random.default_rng(1).standard_normal((2, 16, 64))).astype(np.float32))
+    src = tmp_path / "m.onnx"
+    onnx.save_model(m, str(src))
+    env = {**os.environ, "PYTHONPATH": PKG}
+    for extra, inputs in [(["--calibration", str(npz)], 5), (["--smooth", "off"], 4)]:
+        out = tmp_path / "q.onnx"
+        r = subprocess.run([sys.executable, "-m", "dynq.onnx", "quantize", str(src), str(out), *extra], cwd=PKG, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr
+        q = onnx.load(str(out))
+        assert len(next(n for n in q.graph.node if n.name == "fc1").input) == inputs, extra
+
+
+def test_smoothing_skipped_with_a_note_when_the_model_cannot_run():
+    m = ln_outlier_model()
+    q, rep = quantize_model(m, calibration_inputs=[{"not_an_input": np.zeros(3, np.float32)}])
+    assert rep.smooth_note and "could not be run" in rep.smooth_note, rep.smooth_note
+    assert "activation smoothing not applied" in rep.summary()
+    assert all(r.smooth_alpha is None for r in rep.converted) and len(rep.converted) == 2
+    x = np.ones((1, 4, 64), np.float32)
+    assert session(q).run(None, {"x": x})[0].shape == (1, 4, 64)

@@ -36,11 +36,18 @@ def _quantize(args) -> int:
         fuse_activation=not args.no_fuse_activation,
         convert_quantized=not args.no_convert_quantized,
         quantize_embeddings=not args.no_embeddings,
+        smooth=args.smooth,
+        smooth_min_gain_db=args.smooth_min_gain_db,
     )
     t0 = time.time()
     if not args.quiet:
         print(f"loading {args.input}", file=sys.stderr)
-    model, report = quantize_model(args.input, opts, progress=not args.quiet)
+    calibration = None
+    if args.calibration:
+        from .evaluate import load_inputs
+
+        calibration = load_inputs(args.calibration)
+    model, report = quantize_model(args.input, opts, progress=not args.quiet, calibration_inputs=calibration)
     ext = True if args.external_data else (False if args.no_external_data else None)
     save_model(model, args.output, external_data=ext)
     size_in = _size(args.input)
@@ -145,6 +152,14 @@ def main(argv=None) -> int:
     q.add_argument("--no-fuse-activation", action="store_true", help="do not fuse a following Relu/GELU")
     q.add_argument("--no-convert-quantized", action="store_true", help="leave MatMulInteger/DynamicQuantizeMatMul as they are")
     q.add_argument("--no-embeddings", action="store_true", help="keep embedding tables (Gather) in fp32")
+    q.add_argument(
+        "--smooth",
+        choices=["auto", "off"],
+        default="auto",
+        help="activation smoothing (SmoothQuant) on the layers where a run of the float model on sample inputs shows a gain (default auto)",
+    )
+    q.add_argument("--smooth-min-gain-db", type=float, default=0.5, help="smooth a layer only if its SQNR gains at least this (default 0.5)")
+    q.add_argument("--calibration", action="append", metavar="NPZ", help="sample inputs for smoothing, .npz keyed by input name (repeatable; default: generated from the model's signature)")
     q.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
     q.add_argument("--no-external-data", action="store_true", help="never write external data")
     q.add_argument("--report-json", metavar="PATH", help="write what was converted or skipped as JSON")

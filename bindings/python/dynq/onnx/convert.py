@@ -56,6 +56,8 @@ class QuantizeOptions:
     fuse_activation: bool = True
     convert_quantized: bool = True  # MatMulInteger / DynamicQuantizeMatMul / MatMulIntegerToFloat
     quantize_embeddings: bool = True  # Gather on a constant float [V, D] table
+    smooth: str = "auto"  # "auto": activation smoothing where it measurably helps (see smooth.py); "off"
+    smooth_min_gain_db: float = 0.5  # a layer is smoothed only if its SQNR improves at least this much
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -73,6 +75,7 @@ class QuantizeOptions:
             ("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor")),
             ("act_granularity", self.act_granularity, ("per_row", "per_tensor")),
             ("act_type", self.act_type, ("asymmetric_u8", "symmetric_i8")),
+            ("smooth", self.smooth, ("auto", "off")),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -95,6 +98,8 @@ class LayerRecord:
     activation: str
     weight_granularity: str
     requantized_channels: int = 0  # uint8/asymmetric sources: channels rescaled to fit int8
+    smooth_alpha: Optional[float] = None  # activation smoothing applied (its alpha), or None
+    smooth_gain_db: Optional[float] = None  # the layer's SQNR gain measured on calibration data
     fused_nodes: List[str] = field(default_factory=list)
 
 
@@ -105,6 +110,7 @@ class Report:
     embeddings: List[Tuple[str, int, int]] = field(default_factory=list)  # (node, V, D)
     fp32_weight_bytes: int = 0
     int8_weight_bytes: int = 0
+    smooth_note: Optional[str] = None  # why smoothing was not tried, if it was asked for
 
     def summary(self) -> str:
         lines = [
@@ -121,6 +127,15 @@ class Report:
             f"  bias folded: {fused}; activations fused: "
             + (", ".join(f"{k} {v}" for k, v in sorted(acts.items())) or "none")
         )
+        sm = [r for r in self.converted if r.smooth_alpha is not None]
+        if sm:
+            gains = sorted(r.smooth_gain_db for r in sm)
+            lines.append(
+                f"  activation smoothing: {len(sm)} of {len(self.converted)} layers "
+                f"(SQNR gain on calibration data {gains[0]:.1f} to {gains[-1]:.1f} dB, median {gains[len(gains) // 2]:.1f})"
+            )
+        if self.smooth_note:
+            lines.append(f"  activation smoothing not applied: {self.smooth_note}")
         req = [r for r in self.converted if r.requantized_channels]
         if req:
             lines.append(
@@ -360,9 +375,14 @@ def quantize_model(
     model: "onnx.ModelProto | str | os.PathLike",
     options: Optional[QuantizeOptions] = None,
     progress: bool = False,
+    calibration_inputs: Optional[List[Dict[str, np.ndarray]]] = None,
 ) -> Tuple[onnx.ModelProto, Report]:
     """Converts a model (a ModelProto or a path; external data is loaded) and returns the new
-    model and a :class:`Report`. The input ModelProto is not modified."""
+    model and a :class:`Report`. The input ModelProto is not modified.
+
+    With ``options.smooth == "auto"`` the float model is run once (ONNX Runtime) on
+    ``calibration_inputs`` (sample inputs keyed by input name), or on inputs generated from its
+    signature when None, to choose each layer's activation smoothing (see :mod:`dynq.onnx.smooth`)."""
     opts = options or QuantizeOptions()
     opts.check()
     if isinstance(model, (str, os.PathLike)):
@@ -381,6 +401,16 @@ def quantize_model(
     G = _Graph(model)
     g = model.graph
     report = Report()
+    calib = None
+    if opts.smooth == "auto":
+        from .smooth import Calibration
+
+        xs = [
+            n.input[0]
+            for n in g.node
+            if n.op_type in opts.op_types and n.domain in ("", "ai.onnx") and len(n.input) > 1 and G.is_const(n.input[1])
+        ]
+        calib = Calibration(model, xs, calibration_inputs) if xs else None
     removed = set()  # ids of nodes to drop
     replacement: Dict[int, List[onnx.NodeProto]] = {}  # id(node) -> nodes to put in its place
     new_inits: List[onnx.TensorProto] = []
@@ -403,11 +433,17 @@ def quantize_model(
         new_inits.append(numpy_helper.from_array(arr, name))
         return name
 
-    def emit(anchor: onnx.NodeProto, rec: LayerRecord, x: str, q: np.ndarray, scales: np.ndarray, bias, dead: List[onnx.NodeProto]):
+    def emit(anchor: onnx.NodeProto, rec: LayerRecord, x: str, q: np.ndarray, scales: np.ndarray, bias, dead: List[onnx.NodeProto], smooth=None):
         base = rec.name or rec.output
         inputs = [x, add_init(base + "_W_int8", q), add_init(base + "_W_scale", scales.astype(np.float32))]
         if bias is not None:
             inputs.append(add_init(base + "_bias", bias.astype(np.float32)))
+        if smooth is not None:
+            if bias is None:
+                # A zero bias rather than an empty optional input: ONNX Runtime up to 1.21 at least
+                # crashes creating a session whose custom-op node leaves a middle input empty.
+                inputs.append(add_init(base + "_bias", np.zeros(q.shape[1], np.float32)))
+            inputs.append(add_init(base + "_smooth", smooth.astype(np.float32)))
         attrs = {}
         if opts.act_granularity != "per_row":
             attrs["act_granularity"] = opts.act_granularity
@@ -421,7 +457,7 @@ def quantize_model(
         for d in dead:
             removed.add(id(d))
         report.converted.append(rec)
-        report.int8_weight_bytes += q.size + 4 * scales.size
+        report.int8_weight_bytes += q.size + 4 * scales.size + (4 * smooth.size if smooth is not None else 0)
 
     def fuse_tail(out: str, n: int, x: str, bias: Optional[np.ndarray] = None):
         """Bias Add and activation after `out`: (bias, activation, final output, nodes fused).
@@ -462,7 +498,7 @@ def quantize_model(
                 if why:
                     report.skipped.append((node.name, node.op_type, why))
                     continue
-                _convert_float(node, G, opts, report, emit, fuse_tail)
+                _convert_float(node, G, opts, report, emit, fuse_tail, calib)
             elif node.op_type == "MatMulInteger" and dom_std and opts.convert_quantized:
                 if why:
                     report.skipped.append((node.name, node.op_type, why))
@@ -480,6 +516,8 @@ def quantize_model(
         except _Skip as s:
             report.skipped.append((node.name, node.op_type, str(s)))
     prog.close()
+    if calib is not None and calib.error:
+        report.smooth_note = f"the float model could not be run on sample inputs ({calib.error}); pass calibration inputs"
 
     # Rebuild the node list: replacements in place, fused nodes dropped.
     new_nodes = []
@@ -510,7 +548,7 @@ class _Skip(Exception):
     pass
 
 
-def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit, fuse_tail):
+def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit, fuse_tail, calib=None):
     x, wname = node.input[0], node.input[1]
     w = G.const(wname)
     if w is None:
@@ -547,6 +585,15 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     out = node.output[0]
     report.fp32_weight_bytes += w_bytes
     bias, act, final, fused = fuse_tail(out, n, x, bias_from_gemm)
+    choice = None
+    acts = calib.activations(x) if calib is not None else None
+    if acts is not None and acts.shape[1] == k:
+        from .smooth import choose
+
+        choice = choose(acts, w, opts.weight_granularity, opts.act_granularity, opts.act_type, opts.smooth_min_gain_db)
+        if choice is not None:
+            # The op multiplies A by `smooth`; the weight rows are divided by it (same product).
+            w = (w / choice.smooth[:, None]).astype(np.float32)
     q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
     rec = LayerRecord(
         name=node.name,
@@ -559,8 +606,10 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
         activation=act,
         weight_granularity=opts.weight_granularity,
         fused_nodes=[f.name or f.op_type for f in fused],
+        smooth_alpha=choice.alpha if choice else None,
+        smooth_gain_db=choice.gain_db if choice else None,
     )
-    emit(node, rec, x, q, scales, bias, fused)
+    emit(node, rec, x, q, scales, bias, fused, choice.smooth if choice else None)
 
 
 def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tail, removed):

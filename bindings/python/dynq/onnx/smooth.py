@@ -1,0 +1,196 @@
+"""Activation smoothing (SmoothQuant without a calibration set).
+
+Per-row activation quantization gives every value of a row (a token) one range. When a few
+input channels are much larger than the rest (the outlier channels that LayerNorm outputs of
+transformers have), that range is set by them and the other channels keep only a few levels.
+Smoothing divides channel ``k`` of the activations by ``s[k]`` and multiplies row ``k`` of the
+weight by it, which leaves the product unchanged and moves part of the outlier range into the
+weights (whose int8 scales are per output channel, so they absorb it better).
+
+``s[k] = max|a_k|^alpha / max|w_k|^(1 - alpha)`` (normalized to a geometric mean of 1). The
+activation maxima come from one run of the fp32 model on inputs generated from its signature
+(:func:`dynq.onnx.make_inputs`) or on sample inputs given by the caller; no data set is needed.
+
+Smoothing does not help every layer (the input of a transformer's second FFN matrix, after GELU,
+usually gets worse), so each layer is checked: factors fitted on half of the calibration rows
+are judged on the other half, whose product is computed in numpy with dynq's quantization (the
+options' weight and activation schemes) with and without smoothing, for a few ``alpha``; the
+best is kept only if it improves the layer's SQNR on those held-out rows by at least
+``QuantizeOptions.smooth_min_gain_db``. The op receives ``1 / s`` as its
+``smooth`` input and multiplies A by it before quantizing (one f32 multiplication per value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+ALPHAS = (0.2, 0.3, 0.4)
+# Rows of calibration activations kept per tensor, and output columns used for the SQNR check
+# (with per-channel weights every column is quantized on its own, so a subset estimates well).
+MAX_ROWS = 512
+MAX_COLS = 768
+# Factors are kept within this ratio of their geometric mean.
+MAX_FACTOR = 1e4
+
+
+@dataclass
+class Choice:
+    smooth: np.ndarray  # float32 [K]: the op's input (1 / s)
+    alpha: float
+    gain_db: float
+
+
+class Calibration:
+    """Activations of the float model's MatMul/Gemm inputs on sample inputs, computed on first use.
+
+    ``feeds``: sample inputs (dicts keyed by input name); generated from the model's signature
+    when None. ``wanted``: the tensor names whose activations are needed.
+    """
+
+    def __init__(self, model: onnx.ModelProto, wanted: Sequence[str], feeds: Optional[List[Dict[str, np.ndarray]]] = None):
+        self._model = model
+        self._wanted = list(dict.fromkeys(wanted))
+        self._feeds = feeds
+        self._acts: Optional[Dict[str, np.ndarray]] = None
+        self.error: Optional[str] = None
+
+    def _run(self):
+        self._acts = {}
+        try:
+            import onnxruntime as ort
+
+            from .evaluate import _with_outputs, make_inputs
+
+            feeds = self._feeds if self._feeds is not None else make_inputs(self._model, batch=2, seq_len=128, samples=1, seed=1)
+            inputs = {i.name for i in self._model.graph.input}
+            names = [n for n in self._wanted if n not in inputs]
+            m = _with_outputs(self._model, names)
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            # Basic optimizations only: fusions must not remove the tensors we ask for.
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            data = m.SerializeToString() if m.ByteSize() < 1_800_000_000 else None
+            if data is None:
+                self.error = "model over 1.8 GB: smoothing needs a run of it (not done)"
+                return
+            sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            valid = {i.name for i in sess.get_inputs()}
+            parts: Dict[str, List[np.ndarray]] = {n: [] for n in self._wanted}
+            for f in feeds:
+                f = {k: v for k, v in f.items() if k in valid}
+                for n, v in zip(names, sess.run(names, f)):
+                    parts[n].append(np.asarray(v))
+                for n in self._wanted:
+                    if n in inputs and n in f:
+                        parts[n].append(np.asarray(f[n]))
+            rng = np.random.default_rng(0)
+            for n, vs in parts.items():
+                if not vs or any(v.ndim < 1 or not np.issubdtype(v.dtype, np.floating) for v in vs):
+                    continue
+                k = vs[0].shape[-1]
+                if any(v.shape[-1] != k for v in vs):
+                    continue
+                a = np.concatenate([v.reshape(-1, k) for v in vs]).astype(np.float32)
+                if a.shape[0] > MAX_ROWS:
+                    a = a[np.sort(rng.choice(a.shape[0], MAX_ROWS, replace=False))]
+                if np.all(np.isfinite(a)):
+                    self._acts[n] = a
+        except Exception as e:  # a model the generator or ONNX Runtime cannot run
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+    def activations(self, name: str) -> Optional[np.ndarray]:
+        if self._acts is None:
+            self._run()
+        return self._acts.get(name)
+
+
+def _quant_w(w: np.ndarray, granularity: str) -> np.ndarray:
+    """Dequantized int8 weights [K, N] (symmetric, max|w| / 127 per column or per tensor)."""
+    amax = np.abs(w).max(axis=0, keepdims=True) if granularity == "per_channel" else np.abs(w).max(keepdims=True)
+    sc = np.where(amax > 0, amax / 127.0, 1.0)
+    return np.clip(np.round(w / sc), -127, 127) * sc
+
+
+def _quant_a(a: np.ndarray, granularity: str, act_type: str) -> np.ndarray:
+    """Dequantized activations [M, K] as dynq quantizes them (per row or per tensor)."""
+    axis = 1 if granularity == "per_row" else None
+    keep = granularity == "per_row"
+    if act_type == "symmetric_i8":
+        amax = np.abs(a).max(axis=axis, keepdims=keep)
+        sc = np.where(amax > 0, amax / 127.0, 1.0)
+        return np.clip(np.round(a / sc), -127, 127) * sc
+    lo = np.minimum(a.min(axis=axis, keepdims=keep), 0.0)
+    hi = np.maximum(a.max(axis=axis, keepdims=keep), 0.0)
+    sc = np.where(hi > lo, (hi - lo) / 255.0, 1.0)
+    zp = np.clip(np.round(-lo / sc), 0, 255)
+    return (np.clip(np.round(a / sc) + zp, 0, 255) - zp) * sc
+
+
+def _sqnr(ref: np.ndarray, y: np.ndarray) -> float:
+    err = float(np.sum((ref - y) ** 2))
+    sig = float(np.sum(ref**2))
+    if err == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(max(sig, 1e-300) / err)
+
+
+def factors(a_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
+    """``s = a_max^alpha / w_max^(1 - alpha)``, geometric mean 1, within ``MAX_FACTOR`` of it."""
+    a_max = np.maximum(a_max.astype(np.float64), max(float(a_max.max()), 1e-30) * 1e-6)
+    w_max = np.maximum(w_max.astype(np.float64), max(float(w_max.max()), 1e-30) * 1e-6)
+    s = a_max**alpha / w_max ** (1.0 - alpha)
+    s = s / np.exp(np.mean(np.log(s)))
+    return np.clip(s, 1.0 / MAX_FACTOR, MAX_FACTOR)
+
+
+def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularity: str, act_type: str, min_gain_db: float) -> Optional[Choice]:
+    """The best smoothing of the layer ``a [M, K] @ w [K, N]``, or None if none gains enough.
+
+    The factors are fitted on the even rows of ``a`` and judged on the odd ones (held out), so
+    that a gain that only fits the calibration sample does not count; the factors kept are then
+    fitted on all rows."""
+    if a.shape[0] < 2:
+        return None
+    fit, held = a[0::2], a[1::2].astype(np.float64)
+    w64 = w.astype(np.float64)
+    n = w64.shape[1]
+    cols = np.arange(n) if n <= MAX_COLS else np.sort(np.random.default_rng(1).choice(n, MAX_COLS, replace=False))
+    ref = held @ w64[:, cols]
+
+    def sqnr_with(smooth: Optional[np.ndarray]) -> float:
+        # The weight as the converter stores it before int8 (divided by the op's factors), and
+        # the activations as the op quantizes them (multiplied by the factors in f32).
+        ws = w64 if smooth is None else (w / smooth[:, None]).astype(np.float64)
+        xs = held if smooth is None else (held.astype(np.float32) * smooth).astype(np.float64)
+        if weight_granularity == "per_tensor":
+            wq = _quant_w(ws, weight_granularity)[:, cols]
+        else:
+            wq = _quant_w(ws[:, cols], weight_granularity)
+        return _sqnr(ref, _quant_a(xs, act_granularity, act_type) @ wq)
+
+    def smooth_for(rows: np.ndarray, alpha: float) -> Optional[np.ndarray]:
+        sm = (1.0 / factors(np.abs(rows).max(axis=0), np.abs(w64).max(axis=1), alpha)).astype(np.float32)
+        if not (np.all(np.isfinite(sm)) and np.all(sm > 0)):
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.all(np.isfinite(w / sm[:, None])):
+                return None
+        return sm
+
+    base = sqnr_with(None)
+    best: Optional[Choice] = None
+    for alpha in ALPHAS:
+        sm = smooth_for(fit, alpha)
+        if sm is None:
+            continue
+        gain = sqnr_with(sm) - base
+        if np.isfinite(gain) and (best is None or gain > best.gain_db):
+            best = Choice(sm, alpha, float(gain))
+    if best is None or best.gain_db < min_gain_db:
+        return None
+    final = smooth_for(a, best.alpha)
+    return Choice(final, best.alpha, best.gain_db) if final is not None else None
