@@ -429,6 +429,32 @@ dynq_status dynq_gemm_ex(const dynq_packed_weights *packed,
                          size_t ldy,
                          const dynq_gemm_config *config);
 
+// `dynq_gemm_ex` with per-input-channel smoothing factors: `smooth` is NULL (then this is
+// `dynq_gemm_ex`) or points to `k` positive finite floats, and row `i` of A is quantized as
+// `a[i][j] * smooth[j]` (one f32 multiplication; the result is exactly `dynq_gemm_ex` on the
+// multiplied A).
+//
+// This is how activation outliers move into the weights (SmoothQuant): quantize the weights
+// with row `j` of the float `W[K][N]` (column `j` of `W[N][K]`) divided by `smooth[j]`, and pass
+// `smooth` here; the product is the same, but channels of A with very different ranges share
+// one quantization range better. Factors that are not positive and finite give
+// `DYNQ_STATUS_INVALID_ARGUMENT`; a product that overflows `DYNQ_STATUS_NON_FINITE`; `y` is
+// then untouched. `smooth` must not overlap `y`.
+//
+// # Safety
+// As `dynq_gemm_ex`; `smooth` is NULL or points to `k` readable floats.
+dynq_status dynq_gemm_smoothed(const dynq_packed_weights *packed,
+                               const void *a,
+                               uint32_t a_type,
+                               size_t m,
+                               size_t lda,
+                               const float *smooth,
+                               const float *bias,
+                               void *y,
+                               uint32_t y_type,
+                               size_t ldy,
+                               const dynq_gemm_config *config);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

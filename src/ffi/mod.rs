@@ -694,7 +694,7 @@ pub unsafe extern "C" fn dynq_gemm(
     config: *const dynq_gemm_config,
 ) -> Status {
     // SAFETY: forwarded contract, with f32 elements.
-    ffi_boundary!({ unsafe { gemm_generic::<f32, f32>(packed, a, m, lda, bias, y, ldy, config) } })
+    ffi_boundary!({ unsafe { gemm_generic::<f32, f32>(packed, a, m, lda, std::ptr::null(), bias, y, ldy, config) } })
 }
 
 /// `dynq_gemm` with activations and outputs of another element type: `a_type` and `y_type`
@@ -718,35 +718,88 @@ pub unsafe extern "C" fn dynq_gemm_ex(
     ldy: usize,
     config: *const dynq_gemm_config,
 ) -> Status {
-    use crate::dtype::DType;
-    use half::{bf16, f16};
+    // SAFETY: forwarded contract, without smoothing factors.
     ffi_boundary!({
-        let dt = |raw: u32, name: &str| {
-            DType::from_raw(raw)
-                .ok_or_else(|| Error::InvalidArgument(format!("{name}={raw} is not a dynq_dtype value")))
-        };
-        let (at, yt) = (dt(a_type, "a_type")?, dt(y_type, "y_type")?);
-        macro_rules! go {
-            ($a:ty, $y:ty) => {
-                // SAFETY: forwarded contract with the element types the caller named.
-                unsafe { gemm_generic::<$a, $y>(packed, a as *const $a, m, lda, bias, y as *mut $y, ldy, config) }
-            };
-        }
-        match (at, yt) {
-            (DType::F32, DType::F32) => go!(f32, f32),
-            (DType::F32, DType::F16) => go!(f32, f16),
-            (DType::F32, DType::BF16) => go!(f32, bf16),
-            (DType::F16, DType::F32) => go!(f16, f32),
-            (DType::F16, DType::F16) => go!(f16, f16),
-            (DType::F16, DType::BF16) => go!(f16, bf16),
-            (DType::BF16, DType::F32) => go!(bf16, f32),
-            (DType::BF16, DType::F16) => go!(bf16, f16),
-            (DType::BF16, DType::BF16) => go!(bf16, bf16),
-        }
+        unsafe { gemm_typed_raw(packed, a, a_type, m, lda, std::ptr::null(), bias, y, y_type, ldy, config) }
     })
 }
 
-/// The checks and the call shared by `dynq_gemm` and `dynq_gemm_ex`.
+/// `dynq_gemm_ex` with per-input-channel smoothing factors: `smooth` is NULL (then this is
+/// `dynq_gemm_ex`) or points to `k` positive finite floats, and row `i` of A is quantized as
+/// `a[i][j] * smooth[j]` (one f32 multiplication; the result is exactly `dynq_gemm_ex` on the
+/// multiplied A).
+///
+/// This is how activation outliers move into the weights (SmoothQuant): quantize the weights
+/// with row `j` of the float `W[K][N]` (column `j` of `W[N][K]`) divided by `smooth[j]`, and pass
+/// `smooth` here; the product is the same, but channels of A with very different ranges share
+/// one quantization range better. Factors that are not positive and finite give
+/// `DYNQ_STATUS_INVALID_ARGUMENT`; a product that overflows `DYNQ_STATUS_NON_FINITE`; `y` is
+/// then untouched. `smooth` must not overlap `y`.
+///
+/// # Safety
+/// As `dynq_gemm_ex`; `smooth` is NULL or points to `k` readable floats.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm_smoothed(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    y: *mut std::ffi::c_void,
+    y_type: u32,
+    ldy: usize,
+    config: *const dynq_gemm_config,
+) -> Status {
+    // SAFETY: forwarded contract.
+    ffi_boundary!({ unsafe { gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, y, y_type, ldy, config) } })
+}
+
+/// `dynq_gemm_smoothed` after the boundary: element types resolved, then `gemm_generic`.
+///
+/// # Safety
+/// The contract of `dynq_gemm_smoothed`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_typed_raw(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    y: *mut std::ffi::c_void,
+    y_type: u32,
+    ldy: usize,
+    config: *const dynq_gemm_config,
+) -> Result<()> {
+    use crate::dtype::DType;
+    use half::{bf16, f16};
+    let dt = |raw: u32, name: &str| {
+        DType::from_raw(raw).ok_or_else(|| Error::InvalidArgument(format!("{name}={raw} is not a dynq_dtype value")))
+    };
+    let (at, yt) = (dt(a_type, "a_type")?, dt(y_type, "y_type")?);
+    macro_rules! go {
+        ($a:ty, $y:ty) => {
+            // SAFETY: forwarded contract with the element types the caller named.
+            unsafe { gemm_generic::<$a, $y>(packed, a as *const $a, m, lda, smooth, bias, y as *mut $y, ldy, config) }
+        };
+    }
+    match (at, yt) {
+        (DType::F32, DType::F32) => go!(f32, f32),
+        (DType::F32, DType::F16) => go!(f32, f16),
+        (DType::F32, DType::BF16) => go!(f32, bf16),
+        (DType::F16, DType::F32) => go!(f16, f32),
+        (DType::F16, DType::F16) => go!(f16, f16),
+        (DType::F16, DType::BF16) => go!(f16, bf16),
+        (DType::BF16, DType::F32) => go!(bf16, f32),
+        (DType::BF16, DType::F16) => go!(bf16, f16),
+        (DType::BF16, DType::BF16) => go!(bf16, bf16),
+    }
+}
+
+/// The checks and the call shared by `dynq_gemm`, `dynq_gemm_ex` and `dynq_gemm_smoothed`.
 ///
 /// # Safety
 /// The contract of `dynq_gemm_ex` for element types `A` and `Y`.
@@ -756,6 +809,7 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     a: *const A,
     m: usize,
     lda: usize,
+    smooth: *const f32,
     bias: *const f32,
     y: *mut Y,
     ldy: usize,
@@ -770,7 +824,13 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     let a_len = span(m, k, lda, asz, "a")?;
     let y_len = span(m, n, ldy, ysz, "y")?;
     if m == 0 {
-        return crate::gemm::gemm_typed::<A, Y>(pw, &[], 0, lda, None, &mut [], ldy, &opts);
+        // An empty batch still has its factors checked.
+        if !smooth.is_null() {
+            check_ptr(smooth, "smooth")?;
+        }
+        // SAFETY: non-null smooth points to k readable floats per the contract.
+        let smooth = (!smooth.is_null()).then(|| unsafe { std::slice::from_raw_parts(smooth, k) });
+        return crate::gemm::gemm_smoothed::<A, Y>(pw, &[], 0, lda, smooth, None, &mut [], ldy, &opts);
     }
     check_ptr(a, "a")?;
     check_ptr(y, "y")?;
@@ -784,16 +844,23 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     if !bias.is_null() && overlaps(y_range, (bias as usize, n * 4)) {
         return Err(Error::InvalidArgument("y overlaps bias; the output must be a separate buffer".into()));
     }
+    if !smooth.is_null() {
+        check_ptr(smooth, "smooth")?;
+        if overlaps(y_range, (smooth as usize, k * 4)) {
+            return Err(Error::InvalidArgument("y overlaps smooth; the output must be a separate buffer".into()));
+        }
+    }
     // SAFETY: the caller provides buffers of these sizes (computed without overflow), and y
     // does not overlap the inputs (checked above).
-    let (a, y, bias) = unsafe {
+    let (a, y, bias, smooth) = unsafe {
         (
             std::slice::from_raw_parts(a, a_len),
             std::slice::from_raw_parts_mut(y, y_len),
             (!bias.is_null()).then(|| std::slice::from_raw_parts(bias, n)),
+            (!smooth.is_null()).then(|| std::slice::from_raw_parts(smooth, k)),
         )
     };
-    crate::gemm::gemm_typed(pw, a, m, lda, bias, y, ldy, &opts)
+    crate::gemm::gemm_smoothed(pw, a, m, lda, smooth, bias, y, ldy, &opts)
 }
 
 #[cfg(test)]

@@ -537,6 +537,24 @@ pub fn gemm_typed<A: Element, Y: Element>(
     gemm_typed_on(w, a, m, lda, bias, y, ldy, opts, &pool)
 }
 
+/// [`gemm_typed`] with per-input-channel smoothing factors (see [`gemm_smoothed_on`]), on
+/// dynq's pool.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_smoothed<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    smooth: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    y: &mut [Y],
+    ldy: usize,
+    opts: &GemmOptions,
+) -> Result<()> {
+    let pool = Pool(resolve_threads(opts.num_threads)?);
+    gemm_smoothed_on(w, a, m, lda, smooth, bias, y, ldy, opts, &pool)
+}
+
 /// [`gemm_typed`] with its parallel parts run by `par` instead of dynq's pool
 /// (`opts.num_threads` is then not used). The result is the same bits whatever `par` does.
 #[allow(clippy::too_many_arguments)]

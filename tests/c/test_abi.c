@@ -1494,6 +1494,77 @@ static void test_gemm_threads(void)
     free(ref);
 }
 
+/* dynq_gemm_smoothed: exactly dynq_gemm on A multiplied by the factors (one float
+   multiplication per element), NULL factors = dynq_gemm_ex; bad factors refused, y untouched. */
+static void test_gemm_smoothed(void)
+{
+    const size_t m = 37, n = 50, k = 72;
+    int8_t *q = ALLOC(int8_t, n * k);
+    float *sw = ALLOC(float, n), *bias = ALLOC(float, n), *sm = ALLOC(float, k);
+    float *a = ALLOC(float, m * k), *pre = ALLOC(float, m * k);
+    float *y1 = ALLOC(float, m * n), *y2 = ALLOC(float, m * n);
+    dynq_gemm_config c = gemm_cfg(0, 0, 0, 2);
+    dynq_packed_weights *p;
+    size_t i, j;
+    random_q(q, n * k);
+    for (j = 0; j < n; j++) {
+        sw[j] = 0.002f * (float)(j % 13 + 1);
+        bias[j] = rnd_f();
+    }
+    for (j = 0; j < k; j++) {
+        sm[j] = (j % 5 == 0) ? 0.02f * (float)(j + 1) : 1.0f + 0.25f * (float)(j % 7);
+    }
+    random_a(a, m, k, k, 0);
+    for (i = 0; i < m; i++) {
+        for (j = 0; j < k; j++) {
+            pre[i * k + j] = a[i * k + j] * sm[j];
+        }
+    }
+    p = pack_q(q, n, k, sw, n);
+    fill_sentinel(y1, m * n);
+    fill_sentinel(y2, m * n);
+    EXPECT_OK("dynq_gemm(pre-multiplied A)", dynq_gemm(p, pre, m, k, bias, y1, n, &c));
+    EXPECT_OK("dynq_gemm_smoothed(f32)",
+              dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, y2, DYNQ_DTYPE_F32, n, &c));
+    check(memcmp(y1, y2, m * n * sizeof(float)) == 0, "dynq_gemm_smoothed equals dynq_gemm on A * smooth");
+    EXPECT_OK("dynq_gemm(plain A)", dynq_gemm(p, a, m, k, bias, y1, n, &c));
+    EXPECT_OK("dynq_gemm_smoothed(smooth=NULL)",
+              dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, NULL, bias, y2, DYNQ_DTYPE_F32, n, &c));
+    check(memcmp(y1, y2, m * n * sizeof(float)) == 0, "dynq_gemm_smoothed with NULL factors equals dynq_gemm");
+    EXPECT_OK("dynq_gemm_smoothed(m=0)",
+              dynq_gemm_smoothed(p, NULL, DYNQ_DTYPE_F32, 0, k, sm, NULL, NULL, DYNQ_DTYPE_F32, n, &c));
+    {
+        float saved = sm[5];
+        fill_sentinel(y2, m * n);
+        sm[5] = 0.0f;
+        EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "smoothing factor [5] is 0", "dynq_gemm_smoothed(factor 0)",
+               dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, y2, DYNQ_DTYPE_F32, n, &c));
+        EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "smoothing factor [5] is 0", "dynq_gemm_smoothed(m=0, factor 0)",
+               dynq_gemm_smoothed(p, NULL, DYNQ_DTYPE_F32, 0, k, sm, NULL, NULL, DYNQ_DTYPE_F32, n, &c));
+        sm[5] = -1.0f;
+        EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "positive and finite", "dynq_gemm_smoothed(factor -1)",
+               dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, y2, DYNQ_DTYPE_F32, n, &c));
+        sm[5] = saved;
+        check(all_sentinel(y2, m * n), "y untouched after refused factors");
+        a[3 * k + 10] = 3e38f;
+        sm[10] = 4.0f;
+        EXPECT(DYNQ_STATUS_NON_FINITE, "A[3][10]", "dynq_gemm_smoothed(product overflows)",
+               dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, y2, DYNQ_DTYPE_F32, n, &c));
+        check(all_sentinel(y2, m * n), "y untouched after an overflowing product");
+        EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "y overlaps smooth", "dynq_gemm_smoothed(y overlaps smooth)",
+               dynq_gemm_smoothed(p, pre, DYNQ_DTYPE_F32, 1, k, y2, NULL, y2, DYNQ_DTYPE_F32, n, &c));
+    }
+    dynq_packed_weights_free(p);
+    free(q);
+    free(sw);
+    free(bias);
+    free(sm);
+    free(a);
+    free(pre);
+    free(y1);
+    free(y2);
+}
+
 /* Every pointer argument NULL. */
 static void test_null_pointers(void)
 {
@@ -2186,6 +2257,7 @@ int main(int argc, char **argv)
     test_serialize();
     test_gemm_reference();
     test_gemm_threads();
+    test_gemm_smoothed();
     test_null_pointers();
     test_invalid_arguments();
     test_size_overflow();

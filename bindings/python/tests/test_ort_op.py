@@ -180,6 +180,7 @@ def test_smoothing_factors_equal_premultiplied_activations(gran, with_bias):
         np.testing.assert_array_equal(session(m, threads).run(None, {"A": a})[0], want)
     p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
     np.testing.assert_array_equal(want, dynq.gemm(p, a * smooth, bias=b, act_granularity=gran, epilogue="gelu"))
+    np.testing.assert_array_equal(want, dynq.gemm(p, a, bias=b, act_granularity=gran, epilogue="gelu", smooth=smooth))
     if tuple(int(v) for v in ort.__version__.split(".")[:2]) >= (1, 19):
         a16 = a.astype(np.float16)
         m16 = dynq_model(q, s, b, a_shape=["m", None], act_granularity=gran, smooth=smooth, elem=TensorProto.FLOAT16)

@@ -89,3 +89,25 @@ def test_errors_are_exceptions_with_messages():
         dynq.gemm(p, np.ones((2, 5), dtype=np.float32))
     with pytest.raises(ValueError):
         dynq.gemm(p, a, act_type="int4")
+
+
+def test_smoothing_factors():
+    """gemm(smooth=s) quantizes a * s (dynq_gemm_smoothed): the same bits as gemm on a * s, for
+    float32 and float16 a; bad factors raise with the library's message."""
+    r = np.random.default_rng(4)
+    k, n = 40, 24
+    q = r.integers(-127, 128, size=(k, n)).astype(np.int8)
+    p = dynq.PackedWeights.from_quantized(q, (r.random(n) * 0.01 + 0.001).astype(np.float32), layout="kn")
+    a = r.standard_normal((9, k)).astype(np.float32)
+    s = (10.0 ** r.uniform(-1, 1, size=k)).astype(np.float32)
+    np.testing.assert_array_equal(dynq.gemm(p, a, smooth=s), dynq.gemm(p, a * s))
+    a16 = a.astype(np.float16)
+    got = dynq.gemm(p, a16, smooth=s, act_granularity="per_tensor")
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, dynq.gemm(p, a16.astype(np.float32) * s, act_granularity="per_tensor").astype(np.float16))
+    with pytest.raises(ValueError, match="40 values"):
+        dynq.gemm(p, a, smooth=s[:5])
+    bad = s.copy()
+    bad[7] = np.nan
+    with pytest.raises(dynq.DynqError, match=r"smoothing factor \[7\] is NaN"):
+        dynq.gemm(p, a, smooth=bad)

@@ -168,9 +168,7 @@ def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
     q = numpy_helper.to_array(inits[node.input[1]])
     s = numpy_helper.to_array(inits[node.input[2]])
     b = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
-    if len(node.input) > 4 and node.input[4]:
-        # The op's smoothing: A times the factors, one f32 multiplication (as the library does).
-        x = np.asarray(x, np.float32) * numpy_helper.to_array(inits[node.input[4]]).astype(np.float32)
+    sm = numpy_helper.to_array(inits[node.input[4]]) if len(node.input) > 4 and node.input[4] else None
     pw = PackedWeights.from_quantized(q, s, layout="kn")
     y = gemm(
         pw,
@@ -180,6 +178,7 @@ def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
         act_type=attrs.get("act_type", "asymmetric_u8"),
         epilogue=attrs.get("activation", "none"),
         num_threads=1,
+        smooth=sm,
     )
     return y
 
