@@ -427,6 +427,40 @@ fn bad_inputs_table() {
         let st = dynq_gemm_ex(p, ap, 2, usize::MAX / 4, k, null(), yp as *mut c_void, 2, n, &gc);
         g(&mut t, "bf16, m = SIZE_MAX/4 (a's extent overflows)", Status::SizeOverflow, st, &y);
 
+        let f = "dynq_gemm_smoothed";
+        let g = |t: &mut Table, input: &str, want, st, y: &[f32]| {
+            t.case(f, input, want, st);
+            assert!(y.iter().all(|v| v.to_bits() == sentinel), "{f}: {input}: y written");
+        };
+        let a32 = a.as_ptr() as *const c_void;
+        let yv = yp as *mut c_void;
+        let mut sm = vec![1.0f32; k];
+        sm[2] = 0.0;
+        let st = dynq_gemm_smoothed(p, a32, 0, m, k, sm.as_ptr(), null(), yv, 0, n, &gc);
+        g(&mut t, "smooth[2] = 0", Status::InvalidArgument, st, &y);
+        sm[2] = f32::NAN;
+        let st = dynq_gemm_smoothed(p, a32, 0, m, k, sm.as_ptr(), null(), yv, 0, n, &gc);
+        g(&mut t, "smooth[2] = NaN", Status::InvalidArgument, st, &y);
+        sm[2] = -0.5;
+        let st = dynq_gemm_smoothed(p, a32, 0, 0, k, sm.as_ptr(), null(), null_mut(), 0, n, &gc);
+        g(
+            &mut t,
+            "smooth[2] = -0.5 with m = 0 (an empty batch still checks the factors)",
+            Status::InvalidArgument,
+            st,
+            &y,
+        );
+        let mut big = a.clone();
+        big[k + 4] = 3e38;
+        let sm = vec![2.0f32; k];
+        let st = dynq_gemm_smoothed(p, big.as_ptr() as *const c_void, 0, m, k, sm.as_ptr(), null(), yv, 0, n, &gc);
+        g(&mut t, "A[1][4] = 3e38 times smooth 2 (overflows to inf)", Status::NonFinite, st, &y);
+        let st =
+            dynq_gemm_smoothed(p, a32, 0, m, k, (sm.as_ptr() as *const u8).add(1) as *const f32, null(), yv, 0, n, &gc);
+        g(&mut t, "smooth misaligned (address + 1 byte)", Status::InvalidArgument, st, &y);
+        let st = dynq_gemm_smoothed(p, a32, 0, m, k, yp as *const f32, null(), yv, 0, n, &gc);
+        g(&mut t, "smooth inside y", Status::InvalidArgument, st, &y);
+
         // ---- the rest ----
         t.case("dynq_pack_config_init", "config = NULL", Status::NullPointer, dynq_pack_config_init(null_mut()));
         t.case("dynq_gemm_config_init", "config = NULL", Status::NullPointer, dynq_gemm_config_init(null_mut()));

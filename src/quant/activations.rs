@@ -319,7 +319,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     if let Some((i, col, v)) = bad.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(Error::NonFinite(match smooth {
             Some(s) if v.is_finite() => format!(
-                "activation A[{i}][{col}] = {v} times its smoothing factor {} overflows; scaled activations must be finite",
+                "activation A[{i}][{col}] = {v:e} times its smoothing factor {} overflows; scaled activations must be finite",
                 s[col]
             ),
             _ => format!("activation A[{i}][{col}] is {v}; activations must be finite"),
