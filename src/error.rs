@@ -146,6 +146,21 @@ pub(crate) fn checked_add(a: usize, b: usize, what: &str) -> Result<usize> {
 }
 
 /// A zero-filled `Vec` of `len` elements, or [`Error::OutOfMemory`] instead of aborting.
+/// `v` resized to `len` elements, reusing its allocation: the elements it already had keep
+/// their (stale) values, only new ones are zeroed; allocation failure is an error, not an abort.
+pub(crate) fn try_resize_reused<T: Copy + Default>(mut v: Vec<T>, len: usize, what: &str) -> Result<Vec<T>> {
+    if v.len() >= len {
+        v.truncate(len);
+        return Ok(v);
+    }
+    if v.capacity() < len {
+        // A fresh zeroed buffer rather than growing (which would copy the stale elements).
+        return try_zeroed_vec(len, what);
+    }
+    v.resize(len, T::default());
+    Ok(v)
+}
+
 pub(crate) fn try_zeroed_vec<T: Copy + Default>(len: usize, what: &str) -> Result<Vec<T>> {
     let bytes = len.checked_mul(std::mem::size_of::<T>()).filter(|b| *b <= isize::MAX as usize);
     if bytes.is_none() {

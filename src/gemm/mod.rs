@@ -73,6 +73,27 @@ impl Epilogue {
     }
 }
 
+/// Quantized-activation buffers kept by each thread between calls (up to this size), so that a
+/// layer's call does not allocate and zero its buffer again: a thread that runs GEMMs holds at
+/// most this much between calls.
+const SCRATCH_KEEP_MAX: usize = 8 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's kept buffer (empty if none, or if the thread is being torn down).
+fn take_scratch() -> Vec<u8> {
+    SCRATCH.try_with(|c| c.take()).unwrap_or_default()
+}
+
+/// Keeps `v` for this thread's next call if it is not too large.
+fn give_scratch(v: Vec<u8>) {
+    if v.capacity() <= SCRATCH_KEEP_MAX {
+        let _ = SCRATCH.try_with(|c| c.set(v));
+    }
+}
+
 /// Options of one GEMM call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmOptions {
@@ -633,6 +654,7 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
         opts.act_type,
         kp,
         m,
+        take_scratch(),
         &exec,
     )?;
     let (scales, col_sums) = (w.scales(), w.col_sums());
@@ -641,7 +663,7 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
     let za: Vec<i32> = qa.zero_points.iter().map(|z| z - kern.a_shift).collect();
     let direct = Y::as_f32_mut(y).map(SharedOut::new);
     let converted = SharedOut::new(y);
-    for_each_tile(w, &qa.data, qa.row_bytes, m, &exec, |t, scratch| {
+    let r = for_each_tile(w, &qa.data, qa.row_bytes, m, &exec, |t, scratch| {
         let (i0, j0, cols) = (t.i0, t.j0, t.cols);
         // The rows (i0..i0+rows) x columns (j0..j0+cols) of y belong to this tile only.
         let span = (t.rows - 1) * ldy + cols;
@@ -679,7 +701,9 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
                 }
             }
         }
-    })
+    });
+    give_scratch(qa.data);
+    r
 }
 
 /// The integer part only: `out[i][j] = sum_k (qa[i][k] - za[i]) * qw[j][k]` computed by the

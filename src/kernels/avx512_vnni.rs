@@ -256,8 +256,8 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
             let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) };
             lo[u] = _mm512_min_ps(lo[u], v);
             hi[u] = _mm512_max_ps(hi[u], v);
-            // x - x is NaN exactly for NaN and +-inf; NEQ_UQ is true for unordered lanes.
-            bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_sub_ps(v, v), zero);
+            // NaN lanes are flagged here; an infinity reaches lo or hi and is caught below.
+            bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
         }
         j += 64;
     }
@@ -268,12 +268,13 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
         let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
         lo[0] = _mm512_min_ps(lo[0], v);
         hi[0] = _mm512_max_ps(hi[0], v);
-        bad |= _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_sub_ps(v, v), zero);
+        bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
         j += 16;
     }
     let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
     let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
-    (bad == 0).then(|| (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi)))
+    let (l, h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    (bad == 0 && l.is_finite() && h.is_finite()).then_some((l, h))
 }
 
 /// Scales for which [`quantize_row`] replaces the division `x / scale` by a multiplication with
@@ -323,8 +324,8 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
         _mm512_set1_epi32(if ty == ActType::SymmetricI8 { 128 } else { 0 }),
     );
     // round_half_even(x / scale) as i32, as quantize_value (explicit rounding, whatever MXCSR
-    // says), then clamped and offset into the stored u8 value (in an i32 lane).
-    let quantized = |v: __m512| {
+    // says), plus the zero point.
+    let rounded = |v: __m512| {
         let quotient = if RECIP {
             let q = _mm512_mul_ps(v, yv);
             let r = _mm512_fnmadd_ps(q, sv, v); // x - q * scale, exact
@@ -333,17 +334,25 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
             _mm512_div_ps(v, sv)
         };
         let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(quotient);
-        // The stored value: clamp(r + add, lo, hi) + bias (see quantize_value).
-        _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, addv), lov), hiv), bias)
+        _mm512_add_epi32(r, addv)
     };
+    // The stored value in an i32 lane: clamp(r + add, lo, hi) + bias (see quantize_value).
+    let quantized = |v: __m512| _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(rounded(v), lov), hiv), bias);
     let mut j = 0;
-    // 64 values per step: the clamped i32 lanes (all in 0..=255) are narrowed with two packing
-    // steps (exact, as nothing saturates) and put back in order with one permutation.
+    // 64 values per step: the i32 lanes are narrowed with two packing steps and put back in
+    // order with one permutation. The packs saturate (i32 -> i16 -> u8), so for asymmetric
+    // uint8 (bias 0, range 0..=255) they are the clamp and `rounded` suffices; |r| stays far
+    // from the i32 limits since |x / scale| <= 255 for the values a scale was made from.
     let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let asym = ty == ActType::AsymmetricU8;
     while j + 64 <= x.len() {
         // SAFETY: j + 64 <= x.len() == out.len().
         unsafe {
-            let q: [__m512i; 4] = std::array::from_fn(|u| quantized(_mm512_loadu_ps(x.as_ptr().add(j + 16 * u))));
+            let q: [__m512i; 4] = if asym {
+                std::array::from_fn(|u| rounded(_mm512_loadu_ps(x.as_ptr().add(j + 16 * u))))
+            } else {
+                std::array::from_fn(|u| quantized(_mm512_loadu_ps(x.as_ptr().add(j + 16 * u))))
+            };
             let w = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
             _mm512_storeu_si512(out.as_mut_ptr().add(j) as *mut __m512i, _mm512_permutexvar_epi32(order, w));
         }

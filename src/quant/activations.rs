@@ -212,7 +212,21 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
-    quantize_activations_threaded(ops, a_bytes, a, m, k, lda, None, granularity, ty, kp, rows_padded, &Exec::SERIAL)
+    quantize_activations_threaded(
+        ops,
+        a_bytes,
+        a,
+        m,
+        k,
+        lda,
+        None,
+        granularity,
+        ty,
+        kp,
+        rows_padded,
+        Vec::new(),
+        &Exec::SERIAL,
+    )
 }
 
 /// Row `src` as f32, multiplied element by element by `smooth` when given (`buf` holds the
@@ -252,6 +266,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     ty: ActType,
     kp: usize,
     rows_padded: usize,
+    reuse: Vec<u8>,
     exec: &Exec<'_>,
 ) -> Result<QuantizedActivations> {
     use std::sync::Mutex;
@@ -262,10 +277,15 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     let rows_per = m.div_ceil(tasks).max(1);
     let row_bytes = crate::error::checked_mul(kp, a_bytes, "quantized activation row")?;
     let len = crate::error::checked_mul(rows_padded, row_bytes, "quantized activation buffer")?;
-    let mut data = crate::error::try_zeroed_vec::<u8>(len, "quantized activation buffer")?;
+    // `reuse` (a previous call's buffer) saves the allocation and zeroing: every byte of the
+    // result is written below (each row's values and K padding, and the rows past m).
+    let mut data = crate::error::try_resize_reused::<u8>(reuse, len, "quantized activation buffer")?;
+    data[m * row_bytes..].fill(0);
     let mut params = vec![QParams { scale: 0.0, zero_point: 0 }; m];
-    // Quantizes row `i` (already widened to f32) into `out` (its `k * a_bytes` bytes).
+    // Quantizes a row into `out` (its `row_bytes` bytes: `k * a_bytes` values, then zeros).
     let quantize = |row: &[f32], p: QParams, out: &mut [u8]| {
+        let (out, pad) = out.split_at_mut(k * a_bytes);
+        pad.fill(0);
         if p.scale == 0.0 {
             for v in out.chunks_exact_mut(a_bytes) {
                 v[0] = p.zero_point as u8;
@@ -311,7 +331,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 }
                 if per_row {
                     ps[r] = params_for(st[r].0, st[r].1, ty);
-                    quantize(row, ps[r], &mut out[r * row_bytes..r * row_bytes + k * a_bytes]);
+                    quantize(row, ps[r], &mut out[r * row_bytes..(r + 1) * row_bytes]);
                 }
             }
         })?;
@@ -341,7 +361,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                     break;
                 }
                 let row = smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf);
-                quantize(row, p, &mut chunk[r * row_bytes..r * row_bytes + k * a_bytes]);
+                quantize(row, p, &mut chunk[r * row_bytes..(r + 1) * row_bytes]);
             }
         })?;
     }
@@ -378,6 +398,39 @@ mod tests {
         let q = quantize_activations(&x, 1, 4, 4, ActGranularity::PerRow, ActType::SymmetricI8, 4, 1).unwrap();
         assert_eq!(q.zero_points[0], 128);
         assert_eq!(q.data, vec![128 + 64, 128 - 127, 128 + 32, 128 + 127]);
+    }
+
+    /// A reused buffer full of stale bytes gives exactly the fresh result: every byte (values,
+    /// K padding, rows past m) is written, in both modes, whether the buffer shrinks or grows.
+    #[test]
+    fn reused_buffer_is_fully_overwritten() {
+        let (m, k, kp, rows_padded) = (5, 13, 16, 8);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3).collect();
+        for g in [ActGranularity::PerRow, ActGranularity::PerTensor] {
+            let fresh = quantize_activations(&a, m, k, k, g, ActType::AsymmetricU8, kp, rows_padded).unwrap();
+            for stale_len in [0, 7, rows_padded * kp, 3 * rows_padded * kp] {
+                let mut stale = vec![0xABu8; stale_len];
+                stale.reserve(rows_padded * kp);
+                let ops = &crate::kernels::scalar::OPS;
+                let q = quantize_activations_threaded(
+                    ops,
+                    1,
+                    &a,
+                    m,
+                    k,
+                    k,
+                    None,
+                    g,
+                    ActType::AsymmetricU8,
+                    kp,
+                    rows_padded,
+                    stale,
+                    &Exec::SERIAL,
+                )
+                .unwrap();
+                assert_eq!(q.data, fresh.data, "{g:?}, stale buffer of {stale_len} bytes");
+            }
+        }
     }
 
     #[test]
