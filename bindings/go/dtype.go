@@ -104,7 +104,29 @@ func (s Slice) checkTag(op, name string) error {
 // infinity in a or bias fails with StatusNonFinite naming the element, leaving y untouched.
 // opts may be nil. Safe to call from many goroutines at once.
 func (p *PackedWeights) GemmEx(y, a Slice, bias []float32, opts *GemmOptions) error {
-	const op = "GemmEx"
+	return p.gemmTyped("GemmEx", y, a, nil, bias, opts, false)
+}
+
+// GemmSmoothed is GemmEx with per-input-channel smoothing factors (SmoothQuant): row i of a is
+// quantized as a[i][j] * smooth[j], one float32 multiplication of the widened element, so the
+// result is bit for bit GemmEx (or Gemm) on float32 activations multiplied by smooth. Quantize
+// the weights with column j of W[N][K] (row j of W[K][N]) divided by smooth[j]: the product
+// is the same, but channels of a with very different ranges share one quantization range
+// better.
+//
+// smooth is nil (or empty), which makes this GemmEx, or K() positive finite values; other
+// lengths fail with StatusInvalidArgument before any C call. Factors that are zero, negative,
+// NaN or infinite fail with StatusInvalidArgument and the library's message ("smoothing factor
+// [j] is NaN; ..."), a product that overflows float32 with StatusNonFinite; y is then left
+// untouched. smooth must not share memory with y. Everything else as GemmEx.
+func (p *PackedWeights) GemmSmoothed(y, a Slice, smooth, bias []float32, opts *GemmOptions) error {
+	return p.gemmTyped("GemmSmoothed", y, a, smooth, bias, opts, true)
+}
+
+// gemmTyped holds the checks and the C call of GemmEx (dynq_gemm_ex) and GemmSmoothed
+// (dynq_gemm_smoothed, with smooth nil or K() values).
+func (p *PackedWeights) gemmTyped(op string, y, a Slice, smooth, bias []float32, opts *GemmOptions,
+	smoothed bool) error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.h == nil {
@@ -115,14 +137,20 @@ func (p *PackedWeights) GemmEx(y, a Slice, bias []float32, opts *GemmOptions) er
 	if err != nil {
 		return err
 	}
+	// cgemm calls the C function of op; smooth is nil or K() values.
+	cgemm := func(ap unsafe.Pointer, m int, sp, bp *C.float, yp unsafe.Pointer) C.dynq_status {
+		if smoothed {
+			return C.dynq_gemm_smoothed(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), sp, bp, yp,
+				C.uint32_t(y.dtype), C.size_t(n), &cfg)
+		}
+		return C.dynq_gemm_ex(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), bp, yp, C.uint32_t(y.dtype),
+			C.size_t(n), &cfg)
+	}
 	if !a.dtype.known() || !y.dtype.known() {
 		// The library names the bad value. It gets no buffers and m = 0, so nothing can be
 		// read or written whatever size it gives the type; should a newer library know the
 		// type, this binding still does not.
-		err := call(op, func() C.dynq_status {
-			return C.dynq_gemm_ex(p.h, nil, C.uint32_t(a.dtype), 0, C.size_t(k), nil, nil, C.uint32_t(y.dtype),
-				C.size_t(n), &cfg)
-		})
+		err := call(op, func() C.dynq_status { return cgemm(nil, 0, nil, nil, nil) })
 		if err != nil {
 			return err
 		}
@@ -138,20 +166,24 @@ func (p *PackedWeights) GemmEx(y, a Slice, bias []float32, opts *GemmOptions) er
 	if err != nil {
 		return err
 	}
+	if len(smooth) != 0 && len(smooth) != k {
+		return invalid(op, "len(smooth) = %d, expected 0 or k = %d (one factor per input channel)", len(smooth), k)
+	}
 	var ap, yp unsafe.Pointer
 	if m > 0 {
 		ap, yp = a.ptr(), y.ptr()
 	}
-	var bp *C.float
+	var sp, bp *C.float
+	if len(smooth) > 0 {
+		sp = (*C.float)(unsafe.Pointer(&smooth[0]))
+	}
 	if len(bias) > 0 {
 		bp = (*C.float)(unsafe.Pointer(&bias[0]))
 	}
-	err = call(op, func() C.dynq_status {
-		return C.dynq_gemm_ex(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), bp, yp, C.uint32_t(y.dtype),
-			C.size_t(n), &cfg)
-	})
+	err = call(op, func() C.dynq_status { return cgemm(ap, m, sp, bp, yp) })
 	runtime.KeepAlive(a)
 	runtime.KeepAlive(y)
+	runtime.KeepAlive(smooth)
 	runtime.KeepAlive(bias)
 	return err
 }

@@ -44,3 +44,28 @@ func ExampleFloat16bits() {
 	// 0x3c00 0x7bff 0x7c00
 	// 0x3f80 0.33325195
 }
+
+func ExamplePackedWeights_GemmSmoothed() {
+	// Smoothing factors s move range from the activations into the weights: column j of W is
+	// divided by s[j] before packing, and a[j] is multiplied by s[j] before quantizing.
+	w := []float32{2, 0, -1, 2, 0.5, 1} // [N=2][K=3]
+	s := []float32{2, 0.5, 1}
+	for i := range w {
+		w[i] /= s[i%3]
+	}
+	packed, err := dynq.Pack(w, 2, 3, dynq.LayoutNK, nil)
+	if err != nil {
+		panic(err)
+	}
+	defer packed.Close()
+	a := []float32{3, 4, 4}
+	y := make([]float32, 2)
+	if err := packed.GemmSmoothed(dynq.F32(y), dynq.F32(a), s, nil, nil); err != nil {
+		panic(err)
+	}
+	fmt.Printf("%.2f\n", y)
+	fmt.Println(packed.GemmSmoothed(dynq.F32(y), dynq.F32(a), []float32{2, 0, 1}, nil, nil))
+	// Output:
+	// [2.00 12.00]
+	// dynq: GemmSmoothed: invalid argument: smoothing factor [1] is 0; smoothing factors must be positive and finite
+}

@@ -169,6 +169,13 @@ func TestGemmExSubslices(t *testing.T) {
 
 func checkError(t *testing.T, err error, status Status, message string) {
 	t.Helper()
+	checkOpError(t, "GemmEx", err, status, message)
+}
+
+// checkOpError checks that err is a *dynq.Error of op with the status and a message containing
+// message.
+func checkOpError(t *testing.T, op string, err error, status Status, message string) {
+	t.Helper()
 	if err == nil {
 		t.Fatal("no error")
 	}
@@ -182,7 +189,7 @@ func checkError(t *testing.T, err error, status Status, message string) {
 	if de.Message == "" || !strings.Contains(de.Message, message) {
 		t.Fatalf("message %q should contain %q", de.Message, message)
 	}
-	if want := "dynq: GemmEx: " + status.String() + ": " + de.Message; err.Error() != want {
+	if want := "dynq: " + op + ": " + status.String() + ": " + de.Message; de.Op != op || err.Error() != want {
 		t.Fatalf("Error() = %q, expected %q", err.Error(), want)
 	}
 }

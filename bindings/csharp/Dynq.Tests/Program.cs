@@ -1,9 +1,10 @@
 // Tests of the C# binding: packing, GEMM against the reference bit for bit in every
 // configuration, array and span overloads, GEMM on float16 and bfloat16 against the float GEMM
-// and the 16-bit conversions, serialization, every error path (as DynqException
-// with the library's status and message, or ArgumentException for lengths checked in C#),
-// disposal and concurrent use. A console program: prints "N passed, N failed", exit code 1 on
-// any failure. DYNQ_HEADER=<path of dynq.h>, when set, is checked against the enums here.
+// and the 16-bit conversions, GEMM with smoothing factors (Smoothed.cs), serialization, every
+// error path (as DynqException with the library's status and message, or ArgumentException
+// for lengths checked in C#), disposal and concurrent use. A console program: prints
+// "N passed, N failed", exit code 1 on any failure. DYNQ_HEADER=<path of dynq.h>, when set, is
+// checked against the enums here.
 using System;
 using System.Collections.Generic;
 using System.IO;
@@ -12,7 +13,7 @@ using System.Threading;
 
 namespace Dynq.Tests
 {
-    internal static class Program
+    internal static partial class Program
     {
         private static int _passed;
         private static int _failed;
@@ -918,6 +919,9 @@ namespace Dynq.Tests
             Run("float16 and bfloat16 rounding reference", TestConversionsReference);
             TestGemmExMatchesGemm();
             Run("gemm ex errors", TestGemmExErrors);
+            TestGemmSmoothedMatchesGemm();
+            Run("gemm smoothed without factors", TestGemmSmoothedWithoutFactors);
+            Run("gemm smoothed errors", TestGemmSmoothedErrors);
             Console.WriteLine("C# binding of dynq " + DynqLibrary.Version + ", kernel " + DynqLibrary.ActiveIsa + ", runtime "
                 + Environment.Version);
             Console.WriteLine("csharp: " + _passed + " passed, " + _failed + " failed");

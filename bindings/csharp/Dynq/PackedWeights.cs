@@ -221,7 +221,7 @@ namespace Dynq
             fixed (ushort* ap = &MemoryMarshal.GetReference(a))
             fixed (ushort* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, bias, options);
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, ReadOnlySpan<float>.Empty, false, bias, options);
             }
         }
 
@@ -240,7 +240,8 @@ namespace Dynq
             fixed (ushort* ap = &MemoryMarshal.GetReference(a))
             fixed (float* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, bias, options);
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, ReadOnlySpan<float>.Empty, false, bias,
+                    options);
             }
         }
 
@@ -258,7 +259,8 @@ namespace Dynq
             fixed (float* ap = &MemoryMarshal.GetReference(a))
             fixed (ushort* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, bias, options);
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, ReadOnlySpan<float>.Empty, false, bias,
+                    options);
             }
         }
 
@@ -307,20 +309,160 @@ namespace Dynq
             return y;
         }
 
-        /// <summary>The checks and the call of dynq_gemm_ex. a and y point to aLength and yLength
-        /// elements of 2 bytes (a16, y16) or 4 (floats), pinned by the caller.</summary>
+        /// <summary>
+        /// Gemm with per-input-channel smoothing factors (SmoothQuant, dynq_gemm_smoothed): row i
+        /// of <paramref name="a"/> is quantized as a[i][j] * smooth[j], one float multiplication,
+        /// so y equals the float Gemm on a multiplied by <paramref name="smooth"/>, bit for bit.
+        /// Quantize the weights with column j of W[N][K] (row j of W[K][N]) divided by smooth[j]:
+        /// the product is the same, but channels of a with very different ranges share one
+        /// quantization range better. <paramref name="smooth"/> is empty (then this is Gemm) or
+        /// K positive finite values; lengths otherwise as for Gemm.
+        /// </summary>
+        /// <exception cref="ArgumentException">A length does not fit the shape: smooth has
+        /// neither 0 nor K values (ParamName "smooth"), or a, y or bias.</exception>
+        /// <exception cref="DynqException">InvalidArgument for a factor that is zero, negative,
+        /// NaN or infinite ("smoothing factor [j] is 0; smoothing factors must be positive and
+        /// finite"), for y overlapping smooth, or bad options; NonFinite for NaN or infinity in a
+        /// or bias, or a product that overflows. y is then left untouched.</exception>
+        public void GemmSmoothed(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, Span<float> y,
+            ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            fixed (float* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, ElementType.F32, false, smooth, true, bias,
+                    options);
+            }
+        }
+
+        /// <summary>GemmSmoothed on float data, without bias.</summary>
+        public void GemmSmoothed(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, Span<float> y,
+            GemmOptions options = null)
+        {
+            GemmSmoothed(a, smooth, y, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmSmoothed on float16 or bfloat16 activations (<paramref name="aType"/>, as
+        /// ushort bit patterns) giving float16 or bfloat16 outputs (<paramref name="yType"/>): the
+        /// activations are widened to float exactly, then multiplied by the factors; the result is
+        /// rounded as by the 16-bit Gemm overloads. F32 for 16-bit data throws ArgumentException.</summary>
+        public void GemmSmoothed(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, Span<ushort> y,
+            ElementType yType, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            fixed (ushort* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, smooth, true, bias, options);
+            }
+        }
+
+        /// <summary>GemmSmoothed on 16-bit activations and outputs, without bias.</summary>
+        public void GemmSmoothed(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, Span<ushort> y,
+            ElementType yType, GemmOptions options = null)
+        {
+            GemmSmoothed(a, aType, smooth, y, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmSmoothed on 16-bit activations (<paramref name="aType"/>) giving float outputs.</summary>
+        public void GemmSmoothed(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, Span<float> y,
+            ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            fixed (float* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, smooth, true, bias, options);
+            }
+        }
+
+        /// <summary>GemmSmoothed on 16-bit activations giving float outputs, without bias.</summary>
+        public void GemmSmoothed(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, Span<float> y,
+            GemmOptions options = null)
+        {
+            GemmSmoothed(a, aType, smooth, y, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmSmoothed on float activations giving 16-bit outputs (<paramref name="yType"/>).</summary>
+        public void GemmSmoothed(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, Span<ushort> y, ElementType yType,
+            ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            fixed (ushort* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, smooth, true, bias, options);
+            }
+        }
+
+        /// <summary>GemmSmoothed on float activations giving 16-bit outputs, without bias.</summary>
+        public void GemmSmoothed(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, Span<ushort> y, ElementType yType,
+            GemmOptions options = null)
+        {
+            GemmSmoothed(a, smooth, y, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>Array overload of GemmSmoothed on float data: writes y (m * N values);
+        /// smooth (then this is Gemm) and bias may be null.</summary>
+        public void GemmSmoothed(float[] a, float[] smooth, float[] y, float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmSmoothed(new ReadOnlySpan<float>(a), AsSpan(smooth), new Span<float>(y), AsSpan(bias), options);
+        }
+
+        /// <summary>Array overload of GemmSmoothed on 16-bit activations and outputs; smooth and bias may be null.</summary>
+        public void GemmSmoothed(ushort[] a, ElementType aType, float[] smooth, ushort[] y, ElementType yType,
+            float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmSmoothed(new ReadOnlySpan<ushort>(a), aType, AsSpan(smooth), new Span<ushort>(y), yType, AsSpan(bias),
+                options);
+        }
+
+        /// <summary>Array overload of GemmSmoothed on 16-bit activations giving float outputs;
+        /// smooth and bias may be null.</summary>
+        public void GemmSmoothed(ushort[] a, ElementType aType, float[] smooth, float[] y, float[] bias = null,
+            GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmSmoothed(new ReadOnlySpan<ushort>(a), aType, AsSpan(smooth), new Span<float>(y), AsSpan(bias), options);
+        }
+
+        /// <summary>Array overload of GemmSmoothed on float activations giving 16-bit outputs;
+        /// smooth and bias may be null.</summary>
+        public void GemmSmoothed(float[] a, float[] smooth, ushort[] y, ElementType yType, float[] bias = null,
+            GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmSmoothed(new ReadOnlySpan<float>(a), AsSpan(smooth), new Span<ushort>(y), yType, AsSpan(bias), options);
+        }
+
+        private static ReadOnlySpan<float> AsSpan(float[] v)
+        {
+            return v == null ? ReadOnlySpan<float>.Empty : new ReadOnlySpan<float>(v);
+        }
+
+        /// <summary>The checks and the call of dynq_gemm_ex, or of dynq_gemm_smoothed when
+        /// <paramref name="smoothed"/> (smooth empty or K values). a and y point to aLength and
+        /// yLength elements of 2 bytes (a16, y16) or 4 (floats), pinned by the caller.</summary>
         private void GemmEx(void* a, int aLength, ElementType aType, bool a16, void* y, int yLength,
-            ElementType yType, bool y16, ReadOnlySpan<float> bias, GemmOptions options)
+            ElementType yType, bool y16, ReadOnlySpan<float> smooth, bool smoothed, ReadOnlySpan<float> bias,
+            GemmOptions options)
         {
             int n = N, k = K;
+            string function = smoothed ? "dynq_gemm_smoothed" : "dynq_gemm_ex";
             NativeGemmConfig cfg = (options ?? new GemmOptions()).ToNative();
             if (!IsKnown(aType) || !IsKnown(yType))
             {
                 // The library names the bad value. It gets no buffers and m = 0, so nothing can
                 // be read or written whatever size it gives the type; should a newer library know
                 // the type, this binding still does not.
-                Native.Check(Native.dynq_gemm_ex(_handle, null, (uint)aType, UIntPtr.Zero, (UIntPtr)k, null, null,
-                    (uint)yType, (UIntPtr)n, &cfg), "dynq_gemm_ex");
+                Native.Check(smoothed
+                    ? Native.dynq_gemm_smoothed(_handle, null, (uint)aType, UIntPtr.Zero, (UIntPtr)k, null, null, null,
+                        (uint)yType, (UIntPtr)n, &cfg)
+                    : Native.dynq_gemm_ex(_handle, null, (uint)aType, UIntPtr.Zero, (UIntPtr)k, null, null,
+                        (uint)yType, (UIntPtr)n, &cfg), function);
                 throw new ArgumentException(string.Format("element types {0} and {1}: this binding knows F32, F16 and BF16 only",
                     aType, yType), IsKnown(aType) ? "yType" : "aType");
             }
@@ -333,10 +475,20 @@ namespace Dynq
                 throw new ArgumentException("yType is F32 for 16-bit data; float outputs take the float overloads", "yType");
             }
             int m = CheckGemmShape(aLength, yLength, bias.Length);
+            if (smooth.Length != 0 && smooth.Length != k)
+            {
+                throw new ArgumentException(string.Format(
+                    "smooth has {0} values, expected 0 or K = {1} (one factor per input channel)", smooth.Length, k), "smooth");
+            }
+            fixed (float* sp = &MemoryMarshal.GetReference(smooth))
             fixed (float* bp = &MemoryMarshal.GetReference(bias))
             {
-                Native.Check(Native.dynq_gemm_ex(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
-                    bias.Length == 0 ? null : bp, m == 0 ? null : y, (uint)yType, (UIntPtr)n, &cfg), "dynq_gemm_ex");
+                Native.Check(smoothed
+                    ? Native.dynq_gemm_smoothed(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
+                        smooth.Length == 0 ? null : sp, bias.Length == 0 ? null : bp, m == 0 ? null : y, (uint)yType,
+                        (UIntPtr)n, &cfg)
+                    : Native.dynq_gemm_ex(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
+                        bias.Length == 0 ? null : bp, m == 0 ? null : y, (uint)yType, (UIntPtr)n, &cfg), function);
             }
         }
 
