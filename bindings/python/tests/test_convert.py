@@ -409,3 +409,21 @@ def test_smoothing_skipped_with_a_note_when_the_model_cannot_run():
     assert all(r.smooth_alpha is None for r in rep.converted) and len(rep.converted) == 2
     x = np.ones((1, 4, 64), np.float32)
     assert session(q).run(None, {"x": x})[0].shape == (1, 4, 64)
+
+
+def test_smoothing_on_a_float16_model():
+    """The calibration run fetches float16 activations as float16 (their inferred type)."""
+    m = ln_outlier_model()
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    q, rep = quantize_model(m)
+    assert rep.smooth_note is None, rep.smooth_note
+    assert sum(r.smooth_alpha is not None for r in rep.converted) >= 1, rep.summary()
+    skip_without_f16_op()
+    x = np.random.default_rng(3).standard_normal((2, 10, 64)).astype(np.float16)
+    ref = session(m, custom=False).run(None, {"x": x})[0].astype(np.float64)
+    off, _ = quantize_model(m, QuantizeOptions(smooth="off"))
+    err = lambda qm: np.linalg.norm(session(qm).run(None, {"x": x})[0].astype(np.float64) - ref) / np.linalg.norm(ref)  # noqa: E731
+    assert err(q) < err(off), (err(q), err(off))

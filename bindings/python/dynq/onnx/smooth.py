@@ -35,6 +35,8 @@ MAX_ROWS = 512
 MAX_COLS = 768
 # Factors are kept within this ratio of their geometric mean.
 MAX_FACTOR = 1e4
+# Activation tensors fetched per run of the float model.
+CHUNK = 48
 
 
 @dataclass
@@ -63,42 +65,60 @@ class Calibration:
         try:
             import onnxruntime as ort
 
-            from .evaluate import _with_outputs, make_inputs
+            from .evaluate import make_inputs
 
             feeds = self._feeds if self._feeds is not None else make_inputs(self._model, batch=2, seq_len=128, samples=1, seed=1)
             inputs = {i.name for i in self._model.graph.input}
             names = [n for n in self._wanted if n not in inputs]
-            m = _with_outputs(self._model, names)
+            # Element types of the tensors asked for (float16 models give float16 activations).
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self._model, strict_mode=False)
+                types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+            except Exception:
+                types = {}
+            m = onnx.ModelProto()
+            m.CopyFrom(self._model)
+            have = {o.name for o in m.graph.output}
+            for n in names:
+                if n not in have:
+                    m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n) or onnx.TensorProto.FLOAT, None))
+            if m.ByteSize() >= 1_800_000_000:
+                self.error = "model over 1.8 GB: smoothing needs a run of it (not done)"
+                return
             so = ort.SessionOptions()
             so.log_severity_level = 3
             # Basic optimizations only: fusions must not remove the tensors we ask for.
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            data = m.SerializeToString() if m.ByteSize() < 1_800_000_000 else None
-            if data is None:
-                self.error = "model over 1.8 GB: smoothing needs a run of it (not done)"
-                return
-            sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
             valid = {i.name for i in sess.get_inputs()}
-            parts: Dict[str, List[np.ndarray]] = {n: [] for n in self._wanted}
-            for f in feeds:
-                f = {k: v for k, v in f.items() if k in valid}
-                for n, v in zip(names, sess.run(names, f)):
-                    parts[n].append(np.asarray(v))
-                for n in self._wanted:
-                    if n in inputs and n in f:
-                        parts[n].append(np.asarray(f[n]))
             rng = np.random.default_rng(0)
-            for n, vs in parts.items():
-                if not vs or any(v.ndim < 1 or not np.issubdtype(v.dtype, np.floating) for v in vs):
-                    continue
-                k = vs[0].shape[-1]
-                if any(v.shape[-1] != k for v in vs):
-                    continue
-                a = np.concatenate([v.reshape(-1, k) for v in vs]).astype(np.float32)
-                if a.shape[0] > MAX_ROWS:
-                    a = a[np.sort(rng.choice(a.shape[0], MAX_ROWS, replace=False))]
-                if np.all(np.isfinite(a)):
-                    self._acts[n] = a
+            # A few tensors per run, each cut to MAX_ROWS rows right away: memory stays bounded
+            # for models with hundreds of layers (at the price of one model run per chunk).
+            for c in range(0, max(len(names), 1), CHUNK):
+                chunk = names[c : c + CHUNK]
+                parts: Dict[str, List[np.ndarray]] = {n: [] for n in chunk}
+                if c == 0:
+                    parts.update({n: [] for n in self._wanted if n in inputs})
+                for f in feeds:
+                    f = {k: v for k, v in f.items() if k in valid}
+                    if chunk:
+                        for n, v in zip(chunk, sess.run(chunk, f)):
+                            parts[n].append(np.asarray(v))
+                    for n in parts:
+                        if n in inputs and n in f:
+                            parts[n].append(np.asarray(f[n]))
+                for n, vs in parts.items():
+                    if not vs or any(v.ndim < 1 or not np.issubdtype(v.dtype, np.floating) for v in vs):
+                        continue
+                    k = vs[0].shape[-1]
+                    if any(v.shape[-1] != k for v in vs):
+                        continue
+                    a = np.concatenate([v.reshape(-1, k) for v in vs])
+                    if a.shape[0] > MAX_ROWS:
+                        a = a[np.sort(rng.choice(a.shape[0], MAX_ROWS, replace=False))]
+                    a = a.astype(np.float32)
+                    if np.all(np.isfinite(a)):
+                        self._acts[n] = a
         except Exception as e:  # a model the generator or ONNX Runtime cannot run
             self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
@@ -131,8 +151,8 @@ def _quant_a(a: np.ndarray, granularity: str, act_type: str) -> np.ndarray:
 
 
 def _sqnr(ref: np.ndarray, y: np.ndarray) -> float:
-    err = float(np.sum((ref - y) ** 2))
-    sig = float(np.sum(ref**2))
+    err = float(np.sum((ref.astype(np.float64) - y) ** 2))
+    sig = float(np.sum(ref.astype(np.float64) ** 2))
     if err == 0.0:
         return float("inf")
     return 10.0 * np.log10(max(sig, 1e-300) / err)
@@ -155,17 +175,19 @@ def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularit
     fitted on all rows."""
     if a.shape[0] < 2:
         return None
-    fit, held = a[0::2], a[1::2].astype(np.float64)
-    w64 = w.astype(np.float64)
-    n = w64.shape[1]
+    # float32 products: the SQNR estimate needs far less precision than that, and they are
+    # several times faster than float64 on models with thousands of channels.
+    fit, held = a[0::2], a[1::2].astype(np.float32)
+    w32 = w.astype(np.float32)
+    n = w32.shape[1]
     cols = np.arange(n) if n <= MAX_COLS else np.sort(np.random.default_rng(1).choice(n, MAX_COLS, replace=False))
-    ref = held @ w64[:, cols]
+    ref = (held.astype(np.float64) @ w32[:, cols].astype(np.float64)).astype(np.float32)
 
     def sqnr_with(smooth: Optional[np.ndarray]) -> float:
         # The weight as the converter stores it before int8 (divided by the op's factors), and
         # the activations as the op quantizes them (multiplied by the factors in f32).
-        ws = w64 if smooth is None else (w / smooth[:, None]).astype(np.float64)
-        xs = held if smooth is None else (held.astype(np.float32) * smooth).astype(np.float64)
+        ws = w32 if smooth is None else (w32 / smooth[:, None]).astype(np.float32)
+        xs = held if smooth is None else held * smooth
         if weight_granularity == "per_tensor":
             wq = _quant_w(ws, weight_granularity)[:, cols]
         else:
@@ -173,7 +195,7 @@ def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularit
         return _sqnr(ref, _quant_a(xs, act_granularity, act_type) @ wq)
 
     def smooth_for(rows: np.ndarray, alpha: float) -> Optional[np.ndarray]:
-        sm = (1.0 / factors(np.abs(rows).max(axis=0), np.abs(w64).max(axis=1), alpha)).astype(np.float32)
+        sm = (1.0 / factors(np.abs(rows).max(axis=0), np.abs(w32).max(axis=1), alpha)).astype(np.float32)
         if not (np.all(np.isfinite(sm)) and np.all(sm > 0)):
             return None
         with np.errstate(over="ignore", invalid="ignore"):
