@@ -287,7 +287,9 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
         let (out, pad) = out.split_at_mut(k * a_bytes);
         pad.fill(0);
         if p.scale == 0.0 {
+            // Every byte of each value (a_bytes = 2 holds it little-endian).
             for v in out.chunks_exact_mut(a_bytes) {
+                v.fill(0);
                 v[0] = p.zero_point as u8;
             }
         } else {
@@ -400,35 +402,54 @@ mod tests {
         assert_eq!(q.data, vec![128 + 64, 128 - 127, 128 + 32, 128 + 127]);
     }
 
+    /// Two bytes per value (little-endian u16), as the AVX2 kernel's row operations write them.
+    unsafe fn quantize_row_u16(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+        for (o, &v) in out.chunks_exact_mut(2).zip(x) {
+            o[0] = quantize_value(v, QParams { scale, zero_point }, ty);
+            o[1] = 0;
+        }
+    }
+
     /// A reused buffer full of stale bytes gives exactly the fresh result: every byte (values,
-    /// K padding, rows past m) is written, in both modes, whether the buffer shrinks or grows.
+    /// both bytes of 2-byte values, zero rows, K padding, rows past m) is written, in both
+    /// modes, whether the buffer shrinks or grows.
     #[test]
     fn reused_buffer_is_fully_overwritten() {
         let (m, k, kp, rows_padded) = (5, 13, 16, 8);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3).collect();
-        for g in [ActGranularity::PerRow, ActGranularity::PerTensor] {
-            let fresh = quantize_activations(&a, m, k, k, g, ActType::AsymmetricU8, kp, rows_padded).unwrap();
-            for stale_len in [0, 7, rows_padded * kp, 3 * rows_padded * kp] {
-                let mut stale = vec![0xABu8; stale_len];
-                stale.reserve(rows_padded * kp);
-                let ops = &crate::kernels::scalar::OPS;
-                let q = quantize_activations_threaded(
-                    ops,
-                    1,
-                    &a,
-                    m,
-                    k,
-                    k,
-                    None,
-                    g,
-                    ActType::AsymmetricU8,
-                    kp,
-                    rows_padded,
-                    stale,
-                    &Exec::SERIAL,
-                )
-                .unwrap();
-                assert_eq!(q.data, fresh.data, "{g:?}, stale buffer of {stale_len} bytes");
+        let mut a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.3).collect();
+        a[2 * k..3 * k].fill(0.0); // a zero row: scale 0, every value the zero point
+        let scalar = &crate::kernels::scalar::OPS;
+        let ops16 = RowOps { quantize_row: quantize_row_u16, ..*scalar };
+        for (ops, a_bytes) in [(scalar, 1), (&ops16, 2)] {
+            for g in [ActGranularity::PerRow, ActGranularity::PerTensor] {
+                for t in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+                    let len = rows_padded * kp * a_bytes;
+                    let fresh = quantize_activations_with(ops, a_bytes, &a, m, k, k, g, t, kp, rows_padded).unwrap();
+                    for stale_len in [0, 7, len, 3 * len] {
+                        let mut stale = vec![0xABu8; stale_len];
+                        stale.reserve(len);
+                        let q = quantize_activations_threaded(
+                            ops,
+                            a_bytes,
+                            &a,
+                            m,
+                            k,
+                            k,
+                            None,
+                            g,
+                            t,
+                            kp,
+                            rows_padded,
+                            stale,
+                            &Exec::SERIAL,
+                        )
+                        .unwrap();
+                        assert_eq!(
+                            q.data, fresh.data,
+                            "{a_bytes} bytes, {g:?} {t:?}, stale buffer of {stale_len} bytes"
+                        );
+                    }
+                }
             }
         }
     }
