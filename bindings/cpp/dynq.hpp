@@ -175,6 +175,29 @@ public:
         return y;
     }
 
+    /* With per-input-channel smoothing factors (dynq_gemm_smoothed): row i of a is quantized as
+       a[i][j] * smooth[j]; smooth is empty (then this is gemm) or k positive finite floats. */
+    std::vector<float> gemm_smoothed(const std::vector<float> &a, const std::vector<float> &smooth,
+                                     const std::vector<float> &bias = std::vector<float>(),
+                                     const dynq_gemm_config *config = NULL) const
+    {
+        dynq_packed_weights_info i = info();
+        if (!smooth.empty() && smooth.size() != i.k) {
+            throw error(DYNQ_STATUS_INVALID_ARGUMENT, "dynq::packed_weights::gemm_smoothed: smooth has " +
+                                                          std::to_string(smooth.size()) + " floats, expected k = " +
+                                                          std::to_string(i.k));
+        }
+        if (a.size() % i.k != 0 || (!bias.empty() && bias.size() != i.n)) {
+            return gemm(a, bias, config); /* the same messages */
+        }
+        std::size_t m = a.size() / i.k;
+        std::vector<float> y(m * i.n);
+        check(dynq_gemm_smoothed(p_, m ? a.data() : NULL, DYNQ_DTYPE_F32, m, i.k, smooth.empty() ? NULL : smooth.data(),
+                                 bias.empty() ? NULL : bias.data(), m ? y.data() : NULL, DYNQ_DTYPE_F32, i.n, config),
+              "dynq_gemm_smoothed");
+        return y;
+    }
+
     const dynq_packed_weights *get() const noexcept { return p_; }
     /* Gives up ownership; the caller frees the handle with dynq_packed_weights_free. */
     dynq_packed_weights *release() noexcept

@@ -554,8 +554,7 @@ pub fn gemm_typed<A: Element, Y: Element>(
     ldy: usize,
     opts: &GemmOptions,
 ) -> Result<()> {
-    let pool = Pool(resolve_threads(opts.num_threads)?);
-    gemm_typed_on(w, a, m, lda, bias, y, ldy, opts, &pool)
+    gemm_smoothed(w, a, m, lda, None, bias, y, ldy, opts)
 }
 
 /// [`gemm_typed`] with per-input-channel smoothing factors (see [`gemm_smoothed_on`]), on

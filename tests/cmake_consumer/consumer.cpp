@@ -306,6 +306,38 @@ void test_defaults_and_raw_call()
           "default config (per-row asymmetric u8) equals the reference: " + why);
     check(pad_ok, "elements between n and ldy are untouched");
     check(w.gemm(std::vector<float>()).empty(), "m = 0 is an empty batch");
+
+    // Smoothing factors: the same bits as gemm on a multiplied by them; wrong length or a zero
+    // factor throws dynq::error with the status.
+    std::vector<float> smooth(k);
+    for (size_t j = 0; j < k; j++) {
+        smooth[j] = 0.25f + 0.125f * static_cast<float>(j % 9);
+    }
+    std::vector<float> pre(a);
+    for (size_t i = 0; i < m; i++) {
+        for (size_t j = 0; j < k; j++) {
+            pre[i * k + j] = a[i * k + j] * smooth[j];
+        }
+    }
+    check(same_bits(w.gemm_smoothed(a, smooth, bias), w.gemm(pre, bias), why),
+          "gemm_smoothed equals gemm on the multiplied activations: " + why);
+    check(same_bits(w.gemm_smoothed(a, std::vector<float>(), bias), w.gemm(a, bias), why),
+          "gemm_smoothed without factors equals gemm: " + why);
+    bool threw = false;
+    try {
+        w.gemm_smoothed(a, std::vector<float>(k - 1, 1.0f));
+    } catch (const dynq::error &e) {
+        threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT;
+    }
+    check(threw, "gemm_smoothed with k - 1 factors throws INVALID_ARGUMENT");
+    threw = false;
+    smooth[3] = 0.0f;
+    try {
+        w.gemm_smoothed(a, smooth);
+    } catch (const dynq::error &e) {
+        threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("[3] is 0") != std::string::npos;
+    }
+    check(threw, "gemm_smoothed with a zero factor throws the library's message");
 }
 
 void test_serialize()
