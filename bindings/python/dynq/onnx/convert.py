@@ -411,6 +411,10 @@ def quantize_model(
             if n.op_type in opts.op_types and n.domain in ("", "ai.onnx") and len(n.input) > 1 and G.is_const(n.input[1])
         ]
         calib = Calibration(model, xs, calibration_inputs) if xs else None
+        if calib is not None and progress:
+            # The run happens before the first layer is converted; it can take a while on a
+            # large model, so say what is going on.
+            print(f"smoothing: running the float model on sample inputs ({len(set(xs))} activation tensors)", file=sys.stderr)
     removed = set()  # ids of nodes to drop
     replacement: Dict[int, List[onnx.NodeProto]] = {}  # id(node) -> nodes to put in its place
     new_inits: List[onnx.TensorProto] = []
