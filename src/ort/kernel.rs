@@ -257,33 +257,35 @@ impl DynqKernel {
         }
         let a_len = a_shape.numel().ok_or_else(|| err(format!("input A has a bad shape {:?}", a_shape.dims)))?;
         let m = a_len / k;
-        let bias: Option<&[f32]> = match unsafe { api::context_input(api, ctx, IN_BIAS) }.map_err(fail)? {
-            None => None,
-            Some(bv) => {
-                let bs = unsafe { api::value_shape(api, bv) }.map_err(fail)?;
-                if bs.elem != ELEM_FLOAT || bs.dims.len() != 1 || bs.dims[0] != n as i64 {
-                    return Err(err(format!("bias must be a float tensor [N] = [{n}], got {}", bs.describe())));
-                }
-                let p = unsafe { api::value_data(api, bv) }.map_err(fail)?;
-                // SAFETY: checked: n floats.
-                Some(unsafe { std::slice::from_raw_parts(p.cast::<f32>().cast_const(), n) })
+        /// Optional input `index`: absent, or a float tensor `[len]` (`what` and `dim` name it
+        /// in the error, which `label` prefixes as `err` and `fail` do).
+        ///
+        /// # Safety
+        /// `ctx` is live; the slice lives as long as the input, i.e. during this call.
+        unsafe fn float_vector<'a>(
+            api: Api,
+            ctx: *mut OrtKernelContext,
+            label: &str,
+            index: usize,
+            len: usize,
+            (what, dim): (&str, &str),
+        ) -> Result<Option<&'a [f32]>, OpError> {
+            let fail = |m: String| OpError::fail(format!("{label}: {m}"));
+            // SAFETY (all calls): `ctx` is live.
+            let Some(v) = (unsafe { api::context_input(api, ctx, index) }).map_err(fail)? else {
+                return Ok(None);
+            };
+            let sh = unsafe { api::value_shape(api, v) }.map_err(fail)?;
+            if sh.elem != ELEM_FLOAT || sh.dims.len() != 1 || sh.dims[0] != len as i64 {
+                let m = format!("{what} must be a float tensor [{dim}] = [{len}], got {}", sh.describe());
+                return Err(OpError::invalid(format!("{label}: {m}")));
             }
-        };
-        let smooth: Option<&[f32]> = match unsafe { api::context_input(api, ctx, IN_SMOOTH) }.map_err(fail)? {
-            None => None,
-            Some(sv) => {
-                let ss = unsafe { api::value_shape(api, sv) }.map_err(fail)?;
-                if ss.elem != ELEM_FLOAT || ss.dims.len() != 1 || ss.dims[0] != k as i64 {
-                    return Err(err(format!(
-                        "smoothing factors must be a float tensor [K] = [{k}], got {}",
-                        ss.describe()
-                    )));
-                }
-                let p = unsafe { api::value_data(api, sv) }.map_err(fail)?;
-                // SAFETY: checked: k floats.
-                Some(unsafe { std::slice::from_raw_parts(p.cast::<f32>().cast_const(), k) })
-            }
-        };
+            let p = unsafe { api::value_data(api, v) }.map_err(fail)?;
+            // SAFETY: checked: `len` floats.
+            Ok(Some(unsafe { std::slice::from_raw_parts(p.cast::<f32>().cast_const(), len) }))
+        }
+        let bias = unsafe { float_vector(api, ctx, label, IN_BIAS, n, ("bias", "N")) }?;
+        let smooth = unsafe { float_vector(api, ctx, label, IN_SMOOTH, k, ("smoothing factors", "K")) }?;
         let mut out_dims = a_shape.dims.clone();
         *out_dims.last_mut().expect("rank >= 1") = n as i64;
         let mut y_val: *mut OrtValue = std::ptr::null_mut();

@@ -63,10 +63,12 @@ def gelu(x):
 # The first ONNX Runtime whose custom-op schemas accept either output type (float or float16)
 # for one op name; older ones run DynQMatMul with float A only (and say so when given float16).
 ORT_F16_OP = (1, 19)
+# (major, minor) of the installed ONNX Runtime.
+ORT_VERSION = tuple(int(v) for v in ort.__version__.split(".")[:2])
 
 
 def skip_without_f16_op():
     import pytest
 
-    if tuple(int(v) for v in ort.__version__.split(".")[:2]) < ORT_F16_OP:
+    if ORT_VERSION < ORT_F16_OP:
         pytest.skip(f"DynQMatMul with float16 A needs ONNX Runtime >= {ORT_F16_OP[0]}.{ORT_F16_OP[1]}")

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dynq
-from ortutil import ORT_EMPTY_MIDDLE_INPUT, dynq_model, gelu, model, session, skip_without_f16_op
+from ortutil import ORT_EMPTY_MIDDLE_INPUT, ORT_F16_OP, ORT_VERSION, dynq_model, gelu, model, session, skip_without_f16_op
 
 RNG = np.random.default_rng(7)
 
@@ -167,7 +167,7 @@ def test_smoothing_factors_equal_premultiplied_activations(gran, with_bias):
     """The optional `smooth` input: A * smooth (one f32 multiplication) is what gets quantized, so
     the node equals, bit for bit, the node without it fed the multiplied A; with or without a
     bias (absent bias = empty input name), on 1 and 2 threads; float16 A too."""
-    if not with_bias and tuple(int(v) for v in ort.__version__.split(".")[:2]) < ORT_EMPTY_MIDDLE_INPUT:
+    if not with_bias and ORT_VERSION < ORT_EMPTY_MIDDLE_INPUT:
         pytest.skip("ONNX Runtime before 1.31 crashes on a custom-op node with an empty middle input (the converter writes a zero bias instead)")
     k, n, rows = 96, 40, 300
     q, s = weights(k, n, 3)
@@ -181,7 +181,7 @@ def test_smoothing_factors_equal_premultiplied_activations(gran, with_bias):
     p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
     np.testing.assert_array_equal(want, dynq.gemm(p, a * smooth, bias=b, act_granularity=gran, epilogue="gelu"))
     np.testing.assert_array_equal(want, dynq.gemm(p, a, bias=b, act_granularity=gran, epilogue="gelu", smooth=smooth))
-    if tuple(int(v) for v in ort.__version__.split(".")[:2]) >= (1, 19):
+    if ORT_VERSION >= ORT_F16_OP:
         a16 = a.astype(np.float16)
         m16 = dynq_model(q, s, b, a_shape=["m", None], act_granularity=gran, smooth=smooth, elem=TensorProto.FLOAT16)
         y16 = session(m16).run(None, {"A": a16})[0]
@@ -323,5 +323,4 @@ def test_sessions_in_threads_give_the_same_results():
 
 def test_version_reported():
     # The library registers on this runtime; the supported range is 1.17 and later.
-    major, minor = (int(x) for x in ort.__version__.split(".")[:2])
-    assert (major, minor) >= (1, 17)
+    assert ORT_VERSION >= (1, 17)

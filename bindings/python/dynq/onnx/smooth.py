@@ -181,38 +181,38 @@ def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularit
     w32 = w.astype(np.float32)
     n = w32.shape[1]
     cols = np.arange(n) if n <= MAX_COLS else np.sort(np.random.default_rng(1).choice(n, MAX_COLS, replace=False))
-    ref = (held.astype(np.float64) @ w32[:, cols].astype(np.float64)).astype(np.float32)
+    ref = held.astype(np.float64) @ w32[:, cols].astype(np.float64)
 
-    def sqnr_with(smooth: Optional[np.ndarray]) -> float:
-        # The weight as the converter stores it before int8 (divided by the op's factors), and
-        # the activations as the op quantizes them (multiplied by the factors in f32).
-        ws = w32 if smooth is None else (w32 / smooth[:, None]).astype(np.float32)
-        xs = held if smooth is None else held * smooth
+    def sqnr_with(ws: np.ndarray, xs: np.ndarray) -> float:
+        """SQNR of the held-out product with weight `ws` (before int8) and activations `xs`."""
         if weight_granularity == "per_tensor":
             wq = _quant_w(ws, weight_granularity)[:, cols]
         else:
             wq = _quant_w(ws[:, cols], weight_granularity)
         return _sqnr(ref, _quant_a(xs, act_granularity, act_type) @ wq)
 
-    def smooth_for(rows: np.ndarray, alpha: float) -> Optional[np.ndarray]:
+    def smooth_for(rows: np.ndarray, alpha: float):
+        """The op's factors fitted on `rows`, and the weight as the converter stores it before
+        int8 (divided by them); None if either is not finite."""
         sm = (1.0 / factors(np.abs(rows).max(axis=0), np.abs(w32).max(axis=1), alpha)).astype(np.float32)
         if not (np.all(np.isfinite(sm)) and np.all(sm > 0)):
             return None
         with np.errstate(over="ignore", invalid="ignore"):
-            if not np.all(np.isfinite(w / sm[:, None])):
-                return None
-        return sm
+            ws = (w32 / sm[:, None]).astype(np.float32)
+        return (sm, ws) if np.all(np.isfinite(ws)) else None
 
-    base = sqnr_with(None)
+    base = sqnr_with(w32, held)
     best: Optional[Choice] = None
     for alpha in ALPHAS:
-        sm = smooth_for(fit, alpha)
-        if sm is None:
+        fitted = smooth_for(fit, alpha)
+        if fitted is None:
             continue
-        gain = sqnr_with(sm) - base
+        sm, ws = fitted
+        # The activations as the op quantizes them: multiplied by the factors in f32.
+        gain = sqnr_with(ws, held * sm) - base
         if np.isfinite(gain) and (best is None or gain > best.gain_db):
             best = Choice(sm, alpha, float(gain))
     if best is None or best.gain_db < min_gain_db:
         return None
     final = smooth_for(a, best.alpha)
-    return Choice(final, best.alpha, best.gain_db) if final is not None else None
+    return Choice(final[0], best.alpha, best.gain_db) if final is not None else None
