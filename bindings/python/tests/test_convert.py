@@ -427,3 +427,15 @@ def test_smoothing_on_a_float16_model():
     off, _ = quantize_model(m, QuantizeOptions(smooth="off"))
     err = lambda qm: np.linalg.norm(session(qm).run(None, {"x": x})[0].astype(np.float64) - ref) / np.linalg.norm(ref)  # noqa: E731
     assert err(q) < err(off), (err(q), err(off))
+
+
+def test_smoothing_option_errors(tmp_path):
+    with pytest.raises(ValueError, match="smooth must be one of"):
+        quantize_model(ln_outlier_model(), QuantizeOptions(smooth="always"))
+    src = tmp_path / "m.onnx"
+    onnx.save_model(ln_outlier_model(), str(src))
+    r = subprocess.run(
+        [sys.executable, "-m", "dynq.onnx", "quantize", str(src), str(tmp_path / "q.onnx"), "--calibration", str(tmp_path / "missing.npz")],
+        cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG},
+    )
+    assert r.returncode == 2 and "error:" in r.stderr and "missing.npz" in r.stderr, r.stderr
