@@ -48,11 +48,10 @@ pub trait Element: Copy + Send + Sync + 'static + std::fmt::Display {
     fn to_f32(self) -> f32;
     /// Rounding to nearest, ties to even.
     fn from_f32(v: f32) -> Self;
-    /// The row as f32: borrowed when it already is, else converted into `buf`.
-    fn row_f32<'a>(row: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        buf.clear();
-        buf.extend(row.iter().map(|v| v.to_f32()));
-        buf
+    /// The values as f32 when they already are.
+    fn as_f32(v: &[Self]) -> Option<&[f32]> {
+        let _ = v;
+        None
     }
     /// The buffer as f32 when it already is.
     fn as_f32_mut(y: &mut [Self]) -> Option<&mut [f32]> {
@@ -69,8 +68,8 @@ impl Element for f32 {
     fn from_f32(v: f32) -> Self {
         v
     }
-    fn row_f32<'a>(row: &'a [Self], _buf: &'a mut Vec<f32>) -> &'a [f32] {
-        row
+    fn as_f32(v: &[Self]) -> Option<&[f32]> {
+        Some(v)
     }
     fn as_f32_mut(y: &mut [Self]) -> Option<&mut [f32]> {
         Some(y)

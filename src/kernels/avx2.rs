@@ -183,23 +183,32 @@ pub(crate) unsafe fn activate(v: __m256, act: Epilogue) -> __m256 {
 /// The CPU has AVX2.
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
-    let mut lo = _mm256_setzero_ps();
-    let mut hi = _mm256_setzero_ps();
-    let mut bad = _mm256_setzero_ps();
-    let chunks = x.chunks_exact(8);
+    // Four independent accumulators of each kind: one would be a chain of dependent
+    // operations (4 cycles each per 8 values). min and max are exact and order-independent, so
+    // the result is the definition's.
+    let zero = _mm256_setzero_ps();
+    let (mut lo, mut hi) = ([zero; 4], [zero; 4]);
+    // x - x is +0 for finite x and NaN for NaN and +-inf; OR-ed together, the bits stay zero
+    // exactly while every value is finite.
+    let mut bad = [zero; 4];
+    let chunks = x.chunks_exact(32);
     let tail = chunks.remainder();
     for ch in chunks {
-        // SAFETY: a chunk holds 8 floats.
-        let v = unsafe { _mm256_loadu_ps(ch.as_ptr()) };
-        lo = _mm256_min_ps(lo, v);
-        hi = _mm256_max_ps(hi, v);
-        // x - x is NaN exactly for NaN and +-inf.
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NEQ_UQ>(_mm256_sub_ps(v, v), _mm256_setzero_ps()));
+        for u in 0..4 {
+            // SAFETY: a chunk holds 32 floats.
+            let v = unsafe { _mm256_loadu_ps(ch.as_ptr().add(8 * u)) };
+            lo[u] = _mm256_min_ps(lo[u], v);
+            hi[u] = _mm256_max_ps(hi[u], v);
+            bad[u] = _mm256_or_ps(bad[u], _mm256_sub_ps(v, v));
+        }
     }
-    if _mm256_movemask_ps(bad) != 0 {
+    let bad = _mm256_castps_si256(_mm256_or_ps(_mm256_or_ps(bad[0], bad[1]), _mm256_or_ps(bad[2], bad[3])));
+    if _mm256_testz_si256(bad, bad) == 0 {
         return None;
     }
     let (tlo, thi) = crate::quant::activations::row_stats(tail)?;
+    let lo = _mm256_min_ps(_mm256_min_ps(lo[0], lo[1]), _mm256_min_ps(lo[2], lo[3]));
+    let hi = _mm256_max_ps(_mm256_max_ps(hi[0], hi[1]), _mm256_max_ps(hi[2], hi[3]));
     let mut l = [0f32; 8];
     let mut h = [0f32; 8];
     // SAFETY: 8-float arrays.
@@ -390,6 +399,36 @@ mod tests {
         }
         // SAFETY: AVX2 checked above.
         assert_eq!(unsafe { row_stats_avx2_for_test(&[1.0, f32::NAN, 2.0]) }, None);
+    }
+
+    /// Ranges of every length (full 32-value steps and the tail), with a NaN (either sign) or
+    /// an infinity at the start, middle or end refused, and extreme finite values kept.
+    #[test]
+    fn row_stats_flag_every_non_finite_value() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("SKIPPED: AVX2 row statistics: this CPU has no AVX2");
+            return;
+        }
+        for len in 0..150usize {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 7919) % 201) as f32 - 100.0 + 0.25 * (len % 3) as f32).collect();
+            // SAFETY: AVX2 checked above.
+            assert_eq!(unsafe { row_stats_avx2_for_test(&x) }, row_stats_definition(&x), "len {len}");
+            for pos in [0, len / 2, len.saturating_sub(1)].into_iter().filter(|&p| p < len) {
+                for bad in [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut y = x.clone();
+                    y[pos] = bad;
+                    // SAFETY: AVX2 checked above.
+                    assert_eq!(unsafe { row_stats_avx2_for_test(&y) }, None, "len {len} pos {pos} {bad}");
+                }
+                for extreme in [f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 1e-45] {
+                    let mut y = x.clone();
+                    y[pos] = extreme;
+                    // SAFETY: AVX2 checked above.
+                    let got = unsafe { row_stats_avx2_for_test(&y) };
+                    assert_eq!(got, row_stats_definition(&y), "len {len} pos {pos} {extreme}");
+                }
+            }
+        }
     }
 
     /// # Safety

@@ -268,7 +268,10 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
     // order-independent, so the result is the definition's.
     let zero = _mm512_setzero_ps();
     let (mut lo, mut hi) = ([zero; 4], [zero; 4]);
-    let mut bad: __mmask16 = 0;
+    // `v * 0 + flag` stays +-0 while every value is finite and becomes NaN (for good: NaN
+    // plus anything is NaN) at the first NaN or infinity: one operation per vector where a
+    // compare into a mask register and a move out of it would be two.
+    let mut flag = [zero; 4];
     let mut j = 0;
     while j + 64 <= x.len() {
         for u in 0..4 {
@@ -276,25 +279,26 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
             let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) };
             lo[u] = _mm512_min_ps(lo[u], v);
             hi[u] = _mm512_max_ps(hi[u], v);
-            // NaN lanes are flagged here; an infinity reaches lo or hi and is caught below.
-            bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            flag[u] = _mm512_fmadd_ps(v, zero, flag[u]);
         }
         j += 64;
     }
     while j < x.len() {
         let m = lane_mask(x.len() - j);
         // SAFETY: masked lanes are not read (no fault) and read as 0, which is neutral here
-        // since the range is widened to include 0 anyway.
+        // since the range is widened to include 0 anyway, and finite.
         let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
         lo[0] = _mm512_min_ps(lo[0], v);
         hi[0] = _mm512_max_ps(hi[0], v);
-        bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        flag[0] = _mm512_fmadd_ps(v, zero, flag[0]);
         j += 16;
     }
     let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
     let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+    let flag = _mm512_add_ps(_mm512_add_ps(flag[0], flag[1]), _mm512_add_ps(flag[2], flag[3]));
+    let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(flag, flag);
     let (l, h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
-    (bad == 0 && l.is_finite() && h.is_finite()).then_some((l, h))
+    (bad == 0).then_some((l, h))
 }
 
 /// Scales for which [`quantize_row`] replaces the division `x / scale` by a multiplication with
@@ -474,6 +478,15 @@ mod tests {
                         // SAFETY: AVX-512 checked above.
                         assert_eq!(unsafe { row_stats(&y) }, None, "len {len} pos {pos} {bad}");
                     }
+                }
+            }
+            // Extreme finite values are not mistaken for non-finite ones.
+            for extreme in [f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 1e-45] {
+                if len > 0 {
+                    let mut y = x.clone();
+                    y[len / 2] = extreme;
+                    // SAFETY: AVX-512 checked above.
+                    assert_eq!(unsafe { row_stats(&y) }, row_stats_definition(&y), "len {len} {extreme}");
                 }
             }
         }

@@ -229,6 +229,14 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
     )
 }
 
+/// Appends row `src` to `buf` as f32, multiplied element by element by `smooth` when given.
+fn extend_f32<T: crate::dtype::Element>(buf: &mut Vec<f32>, src: &[T], smooth: Option<&[f32]>) {
+    match smooth {
+        None => buf.extend(src.iter().map(|v| v.to_f32())),
+        Some(s) => buf.extend(src.iter().zip(s).map(|(v, f)| v.to_f32() * f)),
+    }
+}
+
 /// Row `src` as f32, multiplied element by element by `smooth` when given (`buf` holds the
 /// result unless the row is already f32 and unscaled).
 fn smoothed_row<'a, T: crate::dtype::Element>(
@@ -236,14 +244,12 @@ fn smoothed_row<'a, T: crate::dtype::Element>(
     smooth: Option<&[f32]>,
     buf: &'a mut Vec<f32>,
 ) -> &'a [f32] {
-    match smooth {
-        None => T::row_f32(src, buf),
-        Some(s) => {
-            buf.clear();
-            buf.extend(src.iter().zip(s).map(|(v, f)| v.to_f32() * f));
-            buf
-        }
+    if let (None, Some(row)) = (smooth, T::as_f32(src)) {
+        return row;
     }
+    buf.clear();
+    extend_f32(buf, src, smooth);
+    buf
 }
 
 /// Elements of A below which quantizing on more than one worker does not pay.
@@ -315,26 +321,58 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
         exec.run(chunks.len(), |c| {
             let mut guard = chunks[c].lock().unwrap_or_else(|e| e.into_inner());
             let (st, ps, out) = &mut *guard;
-            let mut buf = Vec::new();
-            for r in 0..st.len() {
-                let i = c * rows_per + r;
-                let row = smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf);
-                // SAFETY: as in `quantize`.
-                match unsafe { (ops.row_stats)(row) } {
-                    Some(s) => st[r] = s,
-                    None => {
-                        let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
-                        let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
-                        if b.is_none_or(|(bi, _, _)| i < bi) {
-                            *b = Some((i, col, a[i * lda + col].to_f32()));
+            // Rows go in small blocks: the ranges of the block, then its parameters, then its
+            // quantization. A row's range ends in a reduction and its parameters in divisions,
+            // a chain of latencies that one row at a time would leave exposed (it costs as much
+            // as quantizing a row of a few hundred values); a block's rows are independent and
+            // overlap. A block is kept small enough to stay in L1 for the second read. Rows
+            // that are not f32 already, or are smoothed, are converted once into `conv`.
+            let block = (16 * 1024 / (k * 4).max(1)).clamp(1, 8);
+            // A itself when its rows can be read as they are.
+            let direct = if smooth.is_none() { T::as_f32(a) } else { None };
+            let mut conv: Vec<f32> = Vec::new();
+            let mut r0 = 0;
+            while r0 < st.len() {
+                let r1 = (r0 + block).min(st.len());
+                if direct.is_none() {
+                    conv.clear();
+                    for r in r0..r1 {
+                        let i = c * rows_per + r;
+                        extend_f32(&mut conv, &a[i * lda..i * lda + k], smooth);
+                    }
+                }
+                let row_of = |r: usize| -> &[f32] {
+                    let i = c * rows_per + r;
+                    match direct {
+                        Some(af) => &af[i * lda..i * lda + k],
+                        None => &conv[(r - r0) * k..(r - r0 + 1) * k],
+                    }
+                };
+                for r in r0..r1 {
+                    let row = row_of(r);
+                    // SAFETY: as in `quantize`.
+                    match unsafe { (ops.row_stats)(row) } {
+                        Some(s) => st[r] = s,
+                        None => {
+                            let i = c * rows_per + r;
+                            let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                            let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
+                            if b.is_none_or(|(bi, _, _)| i < bi) {
+                                *b = Some((i, col, a[i * lda + col].to_f32()));
+                            }
+                            return;
                         }
-                        return;
                     }
                 }
                 if per_row {
-                    ps[r] = params_for(st[r].0, st[r].1, ty);
-                    quantize(row, ps[r], &mut out[r * row_bytes..(r + 1) * row_bytes]);
+                    for r in r0..r1 {
+                        ps[r] = params_for(st[r].0, st[r].1, ty);
+                    }
+                    for r in r0..r1 {
+                        quantize(row_of(r), ps[r], &mut out[r * row_bytes..(r + 1) * row_bytes]);
+                    }
                 }
+                r0 = r1;
             }
         })?;
     }
