@@ -37,7 +37,7 @@ use crate::kernels::{DequantRow, F32Tile, TileOut};
 use crate::pack::PackedWeights;
 use crate::quant::activations::{quantize_activations_threaded, ActGranularity, ActType};
 use once_cell::sync::Lazy;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 /// Largest thread count accepted by a GEMM call.
 pub const MAX_THREADS: usize = 1024;
@@ -242,21 +242,77 @@ fn resolve_threads(requested: usize) -> Result<usize> {
     }
 }
 
+/// The worker pool of the process and the fork generation it was made in.
+struct PoolSlot {
+    generation: usize,
+    pool: rayon::ThreadPool,
+}
+
+/// The current pool (null before first use). A pool is never freed: it lives as long as the
+/// process, and one inherited from a parent process must not be dropped (see [`pool`]).
+static POOL: AtomicPtr<PoolSlot> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Incremented in the child process of every `fork()` (a `pthread_atfork` handler).
+static FORK_GENERATION: AtomicUsize = AtomicUsize::new(0);
+
+#[cfg(all(unix, not(miri)))]
+extern "C" fn after_fork_in_child() {
+    // Async-signal-safe: one atomic add.
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Registers [`after_fork_in_child`] once per process (registrations are inherited by children).
+fn watch_forks() {
+    // (Miri cannot call foreign functions; it never forks either.)
+    #[cfg(all(unix, not(miri)))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: registers a handler that only touches an atomic; no other precondition.
+            // If registration fails, forked children keep the parent's pool (whose threads do
+            // not exist there): their calls then run on the calling thread, still correct.
+            let _ = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        });
+    }
+}
+
 /// The one worker pool of the process, created on first use with as many threads as the
 /// larger of the default thread count and the available cores. A call asking for `t` threads
 /// runs `min(t, pool size)` workers from it: whatever thread counts callers ask for, dynq
 /// starts a bounded number of threads once, never one pool per count.
+///
+/// A child process made by `fork()` (Python's multiprocessing, pre-forking servers) inherits
+/// the pool but none of its threads: its first multi-threaded call makes a pool of its own. The
+/// inherited one is left alone (its bookkeeping refers to threads of the parent).
 fn pool() -> Result<&'static rayon::ThreadPool> {
-    static POOL: once_cell::sync::OnceCell<rayon::ThreadPool> = once_cell::sync::OnceCell::new();
-    POOL.get_or_try_init(|| {
+    loop {
+        let generation = FORK_GENERATION.load(Ordering::Acquire);
+        let current = POOL.load(Ordering::Acquire);
+        // SAFETY: a non-null POOL points to a leaked, never freed PoolSlot.
+        if let Some(slot) = unsafe { current.as_ref() } {
+            if slot.generation == generation {
+                return Ok(&slot.pool);
+            }
+        }
+        watch_forks();
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let size = cores.max(default_threads().unwrap_or(1)).min(MAX_THREADS);
-        rayon::ThreadPoolBuilder::new()
+        let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(size)
             .thread_name(|i| format!("dynq-{i}"))
             .build()
-            .map_err(|e| Error::OutOfMemory(format!("could not start {size} worker threads: {e}")))
-    })
+            .map_err(|e| Error::OutOfMemory(format!("could not start {size} worker threads: {e}")))?;
+        let fresh = Box::into_raw(Box::new(PoolSlot { generation, pool }));
+        match POOL.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire) {
+            // SAFETY: `fresh` was just leaked from a Box and is never freed.
+            Ok(_) => return Ok(unsafe { &(*fresh).pool }),
+            Err(_) => {
+                // Another thread installed a pool first: use that one.
+                // SAFETY: `fresh` was never shared; this takes the Box back to drop it.
+                drop(unsafe { Box::from_raw(fresh) });
+            }
+        }
+    }
 }
 
 /// Runs `task(t)` for every `t < tasks` on the calling thread and up to `threads - 1` helpers
