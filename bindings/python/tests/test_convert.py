@@ -439,3 +439,139 @@ def test_smoothing_option_errors(tmp_path):
         cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG},
     )
     assert r.returncode == 2 and "error:" in r.stderr and "missing.npz" in r.stderr, r.stderr
+
+
+def _vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def test_outer_tensor_read_in_a_nested_subgraph_is_not_fused_away():
+    """A MatMul output read by an If nested in a Loop body (outer scope, two levels down): the
+    bias Add after it must not be folded, or the subgraph would read a tensor that is gone."""
+    k, n = 16, 12
+    then = helper.make_graph([helper.make_node("Add", ["h", "x_in"], ["t"])], "then", [], [_vi("t", [2, 5, n])])
+    els = helper.make_graph([helper.make_node("Sub", ["h", "x_in"], ["e"])], "else", [], [_vi("e", [2, 5, n])])
+    body = helper.make_graph(
+        [helper.make_node("If", ["c_in"], ["x_out"], then_branch=then, else_branch=els), helper.make_node("Not", ["c_in"], ["c_out"])],
+        "body",
+        [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("x_in", [2, 5, n])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("x_out", [2, 5, n])],
+    )
+    m = model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Add", ["h", "b"], ["hb"], name="mm_bias"),
+            helper.make_node("Loop", ["trip", "cond", "hb"], ["y"], name="loop", body=body),
+        ],
+        [_vi("x", [2, 5, k]), _vi("trip", [], TensorProto.INT64), _vi("cond", [], TensorProto.BOOL)],
+        [_vi("y", [2, 5, n])],
+        [numpy_helper.from_array(f32(k, n), "w"), numpy_helper.from_array(f32(n), "b")],
+    )
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [r.name for r in rep.converted] == ["mm"] and not rep.converted[0].bias
+    assert any(x.name == "mm_bias" for x in q.graph.node)
+    onnx.checker.check_model(q)
+    f = {"x": f32(2, 5, k, scale=1.0), "trip": np.array(3, np.int64), "cond": np.array(True)}
+    assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999
+
+
+def test_new_initializer_names_do_not_shadow_subgraph_names():
+    """Tensors defined inside If branches named like the converter's new initializers: the new
+    names must differ (ONNX allows one definition of a name across scopes)."""
+    k, n = 16, 12
+    then = helper.make_graph([helper.make_node("Neg", ["x"], ["mm_W_int8"]), helper.make_node("Relu", ["mm_W_int8"], ["t"])], "then", [], [_vi("t", [3, k])])
+    els = helper.make_graph([helper.make_node("Identity", ["x"], ["mm_W_scale"])], "else", [], [_vi("mm_W_scale", [3, k])])
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("If", ["c"], ["z"], then_branch=then, else_branch=els)],
+        [_vi("x", [3, k]), _vi("c", [], TensorProto.BOOL)],
+        [_vi("y", [3, n]), _vi("z", [3, k])],
+        [numpy_helper.from_array(f32(k, n), "w")],
+    )
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [r.name for r in rep.converted] == ["mm"]
+    dq = next(x for x in q.graph.node if x.op_type == "DynQMatMul")
+    assert not {"mm_W_int8", "mm_W_scale"} & set(dq.input), dq.input
+    onnx.checker.check_model(q)
+    for c in (True, False):
+        f = {"x": f32(3, k, scale=1.0), "c": np.array(c)}
+        ref, got = session(m, custom=False).run(None, f), session(q).run(None, f)
+        assert cosine(ref[0], got[0]) > 0.999 and np.array_equal(ref[1], got[1])
+
+
+@pytest.mark.parametrize("reader", ["graph_output", "other_node"])
+def test_gelu_pattern_with_a_shared_intermediate_is_not_fused(reader):
+    """PyTorch's erf GELU whose `1 + erf(.)` tensor is also a graph output or read by another
+    node: fusing it would delete that tensor, so the GELU stays as it is."""
+    k, n = 16, 12
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Div", ["h", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"], name="g_add"),
+        helper.make_node("Mul", ["h", "a"], ["m1"]),
+        helper.make_node("Mul", ["m1", "half"], ["y"]),
+    ]
+    outputs = [_vi("y", [4, n]), _vi("a", [4, n])]
+    if reader == "other_node":
+        nodes.append(helper.make_node("Neg", ["a"], ["z"]))
+        outputs[1] = _vi("z", [4, n])
+    inits = [
+        numpy_helper.from_array(f32(k, n), "w"),
+        numpy_helper.from_array(np.array(2**0.5, np.float32), "sqrt2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    m = model(nodes, [_vi("x", [4, k])], outputs, inits)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [(r.name, r.activation) for r in rep.converted] == [("mm", "none")]
+    assert any(x.name == "g_add" for x in q.graph.node)
+    onnx.checker.check_model(q)
+    f = {"x": f32(4, k, scale=1.0)}
+    for r, o in zip(session(m, custom=False).run(None, f), session(q).run(None, f)):
+        assert cosine(r, o) > 0.999
+
+
+def test_shared_weight_is_stored_once():
+    """One weight read by two MatMuls: one int8 copy (and one scale vector) in the output, and
+    the float bytes counted once; the float weight stays while a non-MatMul node reads it."""
+    k, n = 64, 48
+    w = f32(k, n)
+    m = model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h1"], name="mm1"),
+            helper.make_node("Relu", ["x"], ["x2"]),
+            helper.make_node("MatMul", ["x2", "w"], ["h2"], name="mm2"),
+            helper.make_node("Add", ["h1", "h2"], ["y"]),
+            helper.make_node("ReduceSum", ["w"], ["wsum"], keepdims=0),
+        ],
+        [_vi("x", [5, k])],
+        [_vi("y", [5, n]), _vi("wsum", [])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    dq = [x for x in q.graph.node if x.op_type == "DynQMatMul"]
+    assert len(dq) == 2 and dq[0].input[1:3] == dq[1].input[1:3]
+    int8 = [t for t in q.graph.initializer if t.data_type == TensorProto.INT8]
+    assert len(int8) == 1
+    assert "w" in {t.name for t in q.graph.initializer}  # still read by ReduceSum
+    assert rep.fp32_weight_bytes == 4 * k * n and rep.int8_weight_bytes == k * n + 4 * n
+    onnx.checker.check_model(q)
+    f = {"x": f32(5, k, scale=1.0)}
+    ref, got = session(m, custom=False).run(None, f), session(q).run(None, f)
+    assert cosine(ref[0], got[0]) > 0.999 and np.array_equal(ref[1], got[1])
+
+
+def test_overridable_weight_initializer_is_left_alone():
+    """A weight initializer also listed as a graph input (IR >= 4) can be fed at run time: it is
+    not a constant, so the MatMul is kept (and the report says why)."""
+    k, n = 16, 12
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [_vi("x", [3, k]), _vi("w", [k, n])],
+        [_vi("y", [3, n])],
+        [numpy_helper.from_array(f32(k, n), "w")],
+    )
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert not rep.converted and rep.skipped[0][0] == "mm" and "graph input" in rep.skipped[0][2]
+    x, w2 = f32(3, k, scale=1.0), f32(k, n)
+    np.testing.assert_array_equal(session(q).run(None, {"x": x, "w": w2})[0], session(m, custom=False).run(None, {"x": x, "w": w2})[0])

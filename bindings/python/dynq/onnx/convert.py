@@ -22,6 +22,7 @@ round half to even); see :func:`dynq.quantize_weights`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -201,13 +202,13 @@ class _Graph:
             for i in n.input:
                 if i:
                     self.consumers.setdefault(i, []).append(n)
-        # Names used by subgraphs (If/Loop/Scan bodies) count as consumers we cannot rewrite.
+        # Names used by subgraphs (If/Loop/Scan bodies, at any depth) count as consumers we cannot
+        # rewrite.
         self.subgraph_uses = set()
-        for n in g.node:
-            for a in n.attribute:
-                for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                    for sn in sg.node:
-                        self.subgraph_uses.update(sn.input)
+        for sg in _subgraphs(g):
+            for sn in sg.node:
+                self.subgraph_uses.update(sn.input)
+        self._counted: set = set()
         self.ranks: Dict[str, int] = {}
         for vi in list(g.value_info) + list(g.input) + list(g.output):
             t = vi.type.tensor_type
@@ -225,6 +226,14 @@ class _Graph:
             return None
         return numpy_helper.to_array(t)
 
+    def first_use(self, name: str) -> bool:
+        """True the first time a weight `name` is counted (a weight shared by several layers is
+        stored once in the source model)."""
+        if name in self._counted:
+            return False
+        self._counted.add(name)
+        return True
+
     def is_const(self, name: str) -> bool:
         return name not in self.graph_inputs and (name in self.inits or name in self.const_nodes)
 
@@ -237,6 +246,31 @@ class _Graph:
 
     def internal(self, name: str) -> bool:
         return name not in self.graph_outputs and name not in self.subgraph_uses
+
+
+def _subgraphs(g: onnx.GraphProto):
+    """Every subgraph nested in the nodes of `g` (If branches, Loop/Scan bodies, at any depth)."""
+    stack = [a for n in g.node for a in n.attribute]
+    while stack:
+        a = stack.pop()
+        for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            yield sg
+            stack.extend(sa for sn in sg.node for sa in sn.attribute)
+
+
+def _subgraph_names(g: onnx.GraphProto) -> set:
+    """Every tensor name that appears in a subgraph of `g` (new outer names must not shadow them:
+    ONNX wants one definition per name across scopes)."""
+    names = set()
+    for sg in _subgraphs(g):
+        names.update(i.name for i in sg.input)
+        names.update(o.name for o in sg.output)
+        names.update(t.name for t in sg.initializer)
+        for sn in sg.node:
+            names.update(sn.input)
+            names.update(sn.output)
+    names.discard("")
+    return names
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -318,6 +352,8 @@ def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodePr
     if m1.op_type != "Mul":
         return None
     if set(m1.input) == {t, add1.output[0]}:
+        if G.sole_consumer(add1.output[0]) is not m1:
+            return None
         m2 = G.sole_consumer(m1.output[0])
         if m2 is None or m2.op_type != "Mul" or not _close(_scalar(G.const(_other_input(m2, m1.output[0]) or "")), 0.5):
             return None
@@ -418,7 +454,7 @@ def quantize_model(
     removed = set()  # ids of nodes to drop
     replacement: Dict[int, List[onnx.NodeProto]] = {}  # id(node) -> nodes to put in its place
     new_inits: List[onnx.TensorProto] = []
-    used_names = set(G.inits) | set(G.producer) | {i.name for i in g.input}
+    used_names = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g)
     node_names = {n.name for n in g.node if n.name}
     include = set(opts.include_nodes)
     exclude = set(opts.exclude_nodes)
@@ -437,9 +473,19 @@ def quantize_model(
         new_inits.append(numpy_helper.from_array(arr, name))
         return name
 
+    # Quantized weights already emitted, by content: layers sharing one weight (tied or reused
+    # matrices) share its int8 initializers instead of storing them once per layer.
+    emitted_w: Dict[Tuple, Tuple[str, str]] = {}
+
     def emit(anchor: onnx.NodeProto, rec: LayerRecord, x: str, q: np.ndarray, scales: np.ndarray, bias, dead: List[onnx.NodeProto], smooth=None):
         base = rec.name or rec.output
-        inputs = [x, add_init(base + "_W_int8", q), add_init(base + "_W_scale", scales.astype(np.float32))]
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+        q = np.ascontiguousarray(q)
+        key = (q.shape, q.dtype.str, hashlib.blake2b(q.data, digest_size=32).digest(), scales.shape, scales.tobytes())
+        shared = key in emitted_w
+        if not shared:
+            emitted_w[key] = (add_init(base + "_W_int8", q), add_init(base + "_W_scale", scales))
+        inputs = [x, *emitted_w[key]]
         if bias is not None:
             inputs.append(add_init(base + "_bias", bias.astype(np.float32)))
         if smooth is not None:
@@ -461,7 +507,7 @@ def quantize_model(
         for d in dead:
             removed.add(id(d))
         report.converted.append(rec)
-        report.int8_weight_bytes += q.size + 4 * scales.size + (4 * smooth.size if smooth is not None else 0)
+        report.int8_weight_bytes += (0 if shared else q.size + 4 * scales.size) + (4 * smooth.size if smooth is not None else 0)
 
     def fuse_tail(out: str, n: int, x: str, bias: Optional[np.ndarray] = None):
         """Bias Add and activation after `out`: (bias, activation, final output, nodes fused).
@@ -556,6 +602,12 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     x, wname = node.input[0], node.input[1]
     w = G.const(wname)
     if w is None:
+        if wname in G.inits and wname in G.graph_inputs:
+            # ONNX Runtime lets such an initializer be fed (IR >= 4): it is a default, not a constant.
+            # IR < 4 lists every initializer as an input; those models are left as they are too.
+            if G.model.ir_version < 4:
+                raise _Skip("weight initializer is also a graph input (IR version < 4 model), not converted")
+            raise _Skip("weight initializer is also a graph input (overridable), so not a constant")
         raise _Skip("weight is not a constant initializer")
     if w.dtype not in (np.float32, np.float16) or w.ndim != 2:
         raise _Skip(f"weight is not a 2-D float or float16 tensor ({w.dtype} {list(w.shape)})")
@@ -587,7 +639,8 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     if not np.all(np.isfinite(w)):
         raise _Skip("weight has NaN or infinity")
     out = node.output[0]
-    report.fp32_weight_bytes += w_bytes
+    if G.first_use(wname):
+        report.fp32_weight_bytes += w_bytes
     bias, act, final, fused = fuse_tail(out, n, x, bias_from_gemm)
     choice = None
     acts = calib.activations(x) if calib is not None else None
@@ -666,7 +719,8 @@ def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tai
         requantized_channels=nreq,
         fused_nodes=[f.name or f.op_type for f in [cast, mul] + fused],
     )
-    report.fp32_weight_bytes += q.size * 4
+    if G.first_use(wname):
+        report.fp32_weight_bytes += q.size * 4
     # The scale Mul (shared between layers of one DynamicQuantizeLinear? no: one per MatMulInteger)
     dead = [cast, mul] + fused
     if G.sole_consumer(smul.output[0]) is mul:
@@ -724,7 +778,8 @@ def _convert_ms_quantized(node, G: _Graph, opts, report: Report, emit, fuse_tail
         requantized_channels=nreq,
         fused_nodes=[f.name or f.op_type for f in fused],
     )
-    report.fp32_weight_bytes += q.size * 4
+    if G.first_use(wname):
+        report.fp32_weight_bytes += q.size * 4
     emit(node, rec, x, q8, scales, bias, fused)
 
 
@@ -756,7 +811,8 @@ def _convert_gather(node, G: _Graph, opts, report: Report, replacement, add_init
     ]
     replacement[id(node)] = nodes
     report.embeddings.append((node.name, int(v), int(d)))
-    report.fp32_weight_bytes += table.size * 4
+    if G.first_use(node.input[0]):
+        report.fp32_weight_bytes += table.size * 4
     report.int8_weight_bytes += q.size + 4 * v
 
 
@@ -765,18 +821,9 @@ def _remove_dead(model: onnx.ModelProto):
     g = model.graph
     outputs = {o.name for o in g.output}
     sub_uses = set()
-    for n in g.node:
-        for a in n.attribute:
-            for sg in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                stack = [sg]
-                while stack:
-                    s = stack.pop()
-                    for sn in s.node:
-                        sub_uses.update(sn.input)
-                        for sa in sn.attribute:
-                            if sa.HasField("g"):
-                                stack.append(sa.g)
-                            stack.extend(sa.graphs)
+    for sg in _subgraphs(g):
+        for sn in sg.node:
+            sub_uses.update(sn.input)
     changed = True
     nodes = list(g.node)
     while changed:
