@@ -280,6 +280,79 @@ def test_evaluate_cli_json_gate_and_mixed_precision(tmp_path):
     assert res.final_cosine >= goal - 1e-6
 
 
+def test_mixed_precision_keeps_unnamed_layers(tmp_path):
+    """Exporters may leave nodes unnamed: such a layer is known by its first output, so that the
+    evaluator's report, --exclude-nodes and mixed precision all name it the same way."""
+    m = bert_like(layers=3)
+    for t in m.graph.initializer:
+        if t.name == "w10":
+            w = numpy_helper.to_array(t).copy()
+            w[0, 0] = 40.0
+            t.CopyFrom(numpy_helper.from_array(w, "w10"))
+    first_out = {}
+    for n in m.graph.node:
+        if n.op_type == "MatMul":
+            first_out[n.name] = n.output[0]
+            n.name = ""
+    for n in m.graph.node:  # the other nodes keep their names, so no new name collides
+        assert n.name or n.op_type == "MatMul"
+    opts = QuantizeOptions(weight_granularity="per_tensor", smooth="off")
+    conv, rep = quantize_model(m, opts)
+    dq = [n for n in conv.graph.node if n.op_type == "DynQMatMul"]
+    assert len(dq) == 6 and all(n.name for n in dq)
+    assert first_out["l10"] in {n.name for n in dq}
+    # Excluding by that name keeps exactly that layer in fp32.
+    kept, _ = quantize_model(m, QuantizeOptions(weight_granularity="per_tensor", smooth="off", exclude_nodes=(first_out["l10"],)))
+    assert sum(n.op_type == "DynQMatMul" for n in kept.graph.node) == 5
+    assert any(n.op_type == "MatMul" and n.output[0] == first_out["l10"] for n in kept.graph.node)
+    only, _ = quantize_model(m, QuantizeOptions(weight_granularity="per_tensor", smooth="off", include_nodes=(first_out["l10"],)))
+    assert [n.name for n in only.graph.node if n.op_type == "DynQMatMul"] == [first_out["l10"]]
+    # The evaluator reports it under that name and mixed precision keeps it.
+    feeds_list = make_inputs(m, seq_len=8, samples=2)
+    ev = evaluate(m, conv, feeds_list)
+    worst = min(ev.layers, key=lambda l: l["isolated_sqnr_db"])
+    assert worst["name"] == first_out["l10"], worst
+    c0 = ev.final_cosine
+    goal = c0 + (1 - c0) * 0.5
+    ev = evaluate(m, conv, feeds_list, min_cosine=goal, mixed_precision_out=str(tmp_path / "mixed.onnx"))
+    assert ev.mixed_precision["passed"], ev.mixed_precision
+    assert ev.mixed_precision["kept_fp32"][0] == first_out["l10"]
+    mm = onnx.load(str(tmp_path / "mixed.onnx"))
+    assert any(n.op_type == "MatMul" and n.output[0] == first_out["l10"] for n in mm.graph.node)
+
+
+def test_weights_behind_identity_and_constant_float_lists():
+    """PyTorch's exporter reads a parameter used twice through one Identity per use, and some
+    exporters write a bias as Constant(value_floats): both are constants and are converted; the
+    shared weight is stored and counted once."""
+    d = 32
+    w, b = f32(d, d), f32(d)
+    inits = [numpy_helper.from_array(w, "shared.weight")]
+    nodes = [
+        helper.make_node("Identity", ["shared.weight"], ["w_use1"], name="id1"),
+        helper.make_node("Identity", ["shared.weight"], ["w_use2"], name="id2"),
+        helper.make_node("Identity", ["w_use2"], ["w_use2b"], name="id2b"),  # a chain
+        helper.make_node("Constant", [], ["bias"], name="bias_const", value_floats=b.tolist()),
+        helper.make_node("MatMul", ["x", "w_use1"], ["h"], name="first"),
+        helper.make_node("Add", ["h", "bias"], ["hb"], name="first_bias"),
+        helper.make_node("MatMul", ["hb", "w_use2b"], ["y"], name="second"),
+    ]
+    m = model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])], inits)
+    conv, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    ops = [n.op_type for n in conv.graph.node]
+    assert ops == ["DynQMatMul", "DynQMatMul"], ops
+    first = next(n for n in conv.graph.node if n.name == "first")
+    assert first.output[0] == "hb" and len(first.input) == 4  # the Constant bias was folded
+    second = next(n for n in conv.graph.node if n.name == "second")
+    assert first.input[1] == second.input[1]  # one int8 weight
+    assert rep.fp32_weight_bytes == w.nbytes
+    assert not any(t.name == "shared.weight" for t in conv.graph.initializer)
+    x = f32(5, d, scale=1.0)
+    want = (x @ w + b) @ w
+    got = session(conv).run(None, {"x": x})[0]
+    assert cosine(got, want) > 0.999
+
+
 def test_quantize_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dynq.onnx", "quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")], cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG})
     assert r.returncode == 2 and "error" in r.stderr

@@ -193,6 +193,26 @@ class _Graph:
                 for a in n.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         self.const_nodes[n.output[0]] = a.t
+                    elif a.name == "value_float":
+                        self.const_nodes[n.output[0]] = numpy_helper.from_array(np.array(a.f, np.float32))
+                    elif a.name == "value_floats":
+                        self.const_nodes[n.output[0]] = numpy_helper.from_array(np.array(a.floats, np.float32))
+        # Identity of a constant is that constant (PyTorch's exporter reads a parameter used in
+        # several places through one Identity per use). `alias` maps such an output to the
+        # tensor it copies, so that a shared weight is recognised as one.
+        self.alias: Dict[str, str] = {}
+        changed = True
+        while changed:
+            changed = False
+            for n in g.node:
+                if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1 and len(n.output) == 1:
+                    src, out = n.input[0], n.output[0]
+                    if out in self.alias or out in self.graph_outputs or out in self.inits or out in self.const_nodes:
+                        continue
+                    if src not in self.graph_inputs and (src in self.inits or src in self.const_nodes):
+                        self.alias[out] = self.alias.get(src, src)
+                        self.const_nodes[out] = self.inits[src] if src in self.inits else self.const_nodes[src]
+                        changed = True
         self.producer = {}
         self.consumers: Dict[str, List[onnx.NodeProto]] = {}
         for n in g.node:
@@ -229,6 +249,7 @@ class _Graph:
     def first_use(self, name: str) -> bool:
         """True the first time a weight `name` is counted (a weight shared by several layers is
         stored once in the source model)."""
+        name = self.alias.get(name, name)
         if name in self._counted:
             return False
         self._counted.add(name)
@@ -460,9 +481,12 @@ def quantize_model(
     exclude = set(opts.exclude_nodes)
 
     def selected(node: onnx.NodeProto) -> Optional[str]:
-        if include and node.name not in include:
+        # A node without a name is known by its first output (the name its dynq node gets, and
+        # the one `evaluate` reports and mixed precision passes back here).
+        key = node.name or node.output[0]
+        if include and key not in include:
             return "not in --include-nodes"
-        if node.name in exclude:
+        if key in exclude:
             return "excluded by name"
         if node.op_type in opts.exclude_op_types:
             return "excluded by op type"
@@ -501,7 +525,14 @@ def quantize_model(
             attrs["act_type"] = opts.act_type
         if rec.activation != "none":
             attrs["activation"] = rec.activation
-        node = helper.make_node(OP, inputs, [rec.output], name=rec.name, domain=DOMAIN, **attrs)
+        name = rec.name
+        if not name:
+            # Named after the replaced node's output (see `selected`), unless a node has that name.
+            name = anchor.output[0]
+            while name in node_names:
+                name += "_dynq"
+            node_names.add(name)
+        node = helper.make_node(OP, inputs, [rec.output], name=name, domain=DOMAIN, **attrs)
         node.doc_string = f"dynq: from {rec.source} " + ", ".join(rec.fused_nodes)
         replacement[id(anchor)] = [node]
         for d in dead:
