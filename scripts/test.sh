@@ -47,6 +47,13 @@ step "Python package: numpy wrapper, ONNX Runtime op, converter, real model (onn
 cargo build --release --lib --quiet
 DYNQ_REQUIRE_MODEL=1 python3 -m pytest -q -p no:cacheprovider bindings/python/tests
 
+step "portable build (glibc >= 2.17, x86_64 and aarch64): checks, C ABI tests (aarch64 under qemu), Python op tests"
+scripts/build-portable.sh x86_64 aarch64
+DYNQ_LIB_DIR=dist/linux-x86_64 tests/c/run.sh
+DYNQ_LIB_DIR=dist/linux-aarch64 DYNQ_TEST_ARCH=aarch64 tests/c/run.sh
+DYNQ_LIBRARY=$PWD/dist/linux-x86_64/libdynq.so python3 -m pytest -q -p no:cacheprovider \
+  bindings/python/tests/test_wrapper.py bindings/python/tests/test_ort_op.py bindings/python/tests/test_fork.py
+
 step "ONNX Runtime op and converter on the oldest supported runtime (onnxruntime 1.17.3)"
 target/py-ort1.17/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests/test_wrapper.py \
   bindings/python/tests/test_ort_op.py bindings/python/tests/test_convert.py

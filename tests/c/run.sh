@@ -5,41 +5,64 @@
 #
 # Usage (from anywhere): tests/c/run.sh        SKIP_BUILD=1 skips `cargo build --release`.
 # Outputs go to target/ctest/. Fails if any compile or any check fails.
+#
+# Another build of the library (scripts/build-portable.sh) is tested with
+#   DYNQ_LIB_DIR=dist/linux-x86_64 tests/c/run.sh
+#   DYNQ_LIB_DIR=dist/linux-aarch64 DYNQ_TEST_ARCH=aarch64 tests/c/run.sh
+# (aarch64 from another machine: compiled with aarch64-linux-gnu-gcc, as C99 only, and run
+# under qemu-aarch64 with QEMU_CPU=max; outputs in target/ctest-<arch>-<dir name>).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+lib=${DYNQ_LIB_DIR:-target/release}
+arch=${DYNQ_TEST_ARCH:-$(uname -m)}
+runner=()
+if [[ -z "${DYNQ_LIB_DIR:-}" && "${SKIP_BUILD:-0}" != 1 ]]; then
     cargo build --release
 fi
-if [[ ! -e target/release/libdynq.so ]]; then
-    echo "run.sh: target/release/libdynq.so not found (build first)" >&2
+if [[ ! -e $lib/libdynq.so ]]; then
+    echo "run.sh: $lib/libdynq.so not found (build first)" >&2
     exit 1
 fi
 
 out=target/ctest
+[[ -z "${DYNQ_LIB_DIR:-}" ]] || out=target/ctest-$arch-$(basename "$lib")
 mkdir -p "$out/lib"
+rel=$(realpath --relative-to="$out/lib" "$lib")
 
 # libdynq.so carries a SONAME (libdynq.so.0.<minor>, see build.rs), which is the name the test
 # binaries look up at run time; cargo does not create that link (ldconfig or an installer
 # would), so provide it next to the test binaries.
-soname=$( (readelf -d target/release/libdynq.so 2>/dev/null || objdump -p target/release/libdynq.so 2>/dev/null || true) |
+soname=$( (readelf -d "$lib/libdynq.so" 2>/dev/null || objdump -p "$lib/libdynq.so" 2>/dev/null || true) |
     grep -i soname | grep -o 'libdynq\.so[.0-9]*' | head -n 1 || true)
 if [[ -n "$soname" && "$soname" != libdynq.so ]]; then
-    ln -sfn ../../release/libdynq.so "$out/lib/$soname"
+    ln -sfn "$rel/libdynq.so" "$out/lib/$soname"
 fi
-libpath="$out/lib:target/release"
+libpath="$out/lib:$lib"
 CC=${CC:-cc}
 CXX=${CXX:-c++}
+langs=(c99 cxx11 cxx17)
+if [[ "$arch" != "$(uname -m)" ]]; then
+    [[ "$arch" == aarch64 ]] || { echo "run.sh: cannot run $arch binaries here" >&2; exit 2; }
+    CC=aarch64-linux-gnu-gcc
+    langs=(c99)
+    runner=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
+    export QEMU_CPU=max
+fi
 common=(-O2 -g -Wall -Wextra -Werror -pedantic -ffp-contract=off -Iinclude)
-link=(-Ltarget/release -ldynq -lm -lpthread)
+link=("-L$lib" -ldynq -lm -lpthread)
 
-echo "== compiling (C99, C++11, C++17)"
-"$CC" -std=c99 "${common[@]}" tests/c/test_abi.c -o "$out/test_abi_c99" "${link[@]}"
-"$CXX" -x c++ -std=c++11 "${common[@]}" tests/c/test_abi.c -o "$out/test_abi_cxx11" "${link[@]}"
-"$CXX" -x c++ -std=c++17 "${common[@]}" tests/c/test_abi.c -o "$out/test_abi_cxx17" "${link[@]}"
+echo "== compiling (${langs[*]}) against $lib/libdynq.so"
+for lang in "${langs[@]}"; do
+    case $lang in
+        c99) "$CC" -std=c99 "${common[@]}" tests/c/test_abi.c -o "$out/test_abi_c99" "${link[@]}" ;;
+        cxx11) "$CXX" -x c++ -std=c++11 "${common[@]}" tests/c/test_abi.c -o "$out/test_abi_cxx11" "${link[@]}" ;;
+        cxx17) "$CXX" -x c++ -std=c++17 "${common[@]}" tests/c/test_abi.c -o "$out/test_abi_cxx17" "${link[@]}" ;;
+    esac
+done
 
-case "$(uname -m)" in
+case "$arch" in
     x86_64 | i?86) foreign=neon_i8mm ;;
     *) foreign=avx512_vnni ;;
 esac
@@ -48,7 +71,7 @@ failed=0
 run() { # run <log name> <binary> [mode]: with the given extra environment in ENVV
     local log="$out/$1.log"
     shift
-    if env -u DYNQ_ISA -u DYNQ_NUM_THREADS "${ENVV[@]}" LD_LIBRARY_PATH="$libpath" "$@" >"$log" 2>&1; then
+    if env -u DYNQ_ISA -u DYNQ_NUM_THREADS "${ENVV[@]}" LD_LIBRARY_PATH="$libpath" ${runner[@]+"${runner[@]}"} "$@" >"$log" 2>&1; then
         echo "ok    $* ${ENVV[*]}: $(tail -n 1 "$log")"
     else
         echo "FAIL  $* ${ENVV[*]}: $(tail -n 1 "$log") (log: $log)"
@@ -57,7 +80,8 @@ run() { # run <log name> <binary> [mode]: with the given extra environment in EN
     fi
 }
 
-for bin in test_abi_c99 test_abi_cxx11 test_abi_cxx17; do
+for lang in "${langs[@]}"; do
+    bin=test_abi_$lang
     echo "== $bin"
     ENVV=()
     run "$bin" "$out/$bin"
@@ -74,7 +98,12 @@ for bin in test_abi_c99 test_abi_cxx11 test_abi_cxx17; do
 done
 
 # The full suite once more on every other kernel this CPU can run, forced with DYNQ_ISA.
-for isa in $(target/release/dynq info | awk '/usable$/ { sub("isa=", "", $2); print $2 }'); do
+if [[ "$arch" == aarch64 && "$arch" != "$(uname -m)" ]]; then
+    isas="neon neon_dotprod neon_i8mm" # QEMU_CPU=max has them all
+else
+    isas=$(target/release/dynq info | awk '/usable$/ { sub("isa=", "", $2); print $2 }')
+fi
+for isa in $isas; do
     ENVV=(DYNQ_ISA=$isa)
     run "test_abi_c99.isa-$isa" "$out/test_abi_c99"
 done
@@ -83,4 +112,4 @@ if [[ $failed != 0 ]]; then
     echo "C ABI tests FAILED"
     exit 1
 fi
-echo "C ABI tests passed: $(tail -n 1 "$out/test_abi_c99.log") (full suite, each of C99, C++11, C++17)"
+echo "C ABI tests passed against $lib/libdynq.so ($arch): $(tail -n 1 "$out/test_abi_c99.log") (full suite, each of ${langs[*]})"
