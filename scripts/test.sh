@@ -47,12 +47,17 @@ step "Python package: numpy wrapper, ONNX Runtime op, converter, real model (onn
 cargo build --release --lib --quiet
 DYNQ_REQUIRE_MODEL=1 python3 -m pytest -q -p no:cacheprovider bindings/python/tests
 
-step "portable build (glibc >= 2.17, x86_64 and aarch64): checks, C ABI tests (aarch64 under qemu), Python op tests"
+step "portable build (glibc >= 2.17, x86_64 and aarch64): checks, C ABI tests (aarch64 under qemu), Python op tests, the wheel"
 scripts/build-portable.sh x86_64 aarch64
 DYNQ_LIB_DIR=dist/linux-x86_64 tests/c/run.sh
 DYNQ_LIB_DIR=dist/linux-aarch64 DYNQ_TEST_ARCH=aarch64 tests/c/run.sh
 DYNQ_LIBRARY=$PWD/dist/linux-x86_64/libdynq.so python3 -m pytest -q -p no:cacheprovider \
   bindings/python/tests/test_wrapper.py bindings/python/tests/test_ort_op.py bindings/python/tests/test_fork.py
+# The wheel, installed into a fresh virtual environment and used from outside the source tree.
+rm -rf target/wheel-test
+python3 -m venv --system-site-packages target/wheel-test
+target/wheel-test/bin/pip install --quiet --no-deps dist/dynq-*-manylinux2014_x86_64.whl
+(cd "${TMPDIR:-/tmp}" && "$OLDPWD/target/wheel-test/bin/python" "$OLDPWD/tests/wheel_smoke.py")
 
 step "ONNX Runtime op and converter on the oldest supported runtime (onnxruntime 1.17.3)"
 target/py-ort1.17/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests/test_wrapper.py \
