@@ -238,14 +238,20 @@ def test_uint8_weights_with_wide_zero_point_range_are_requantized():
     assert nreq == 1 and q8.ravel().tolist() == [0, 127] and abs(s[0] - 255 / 127) < 1e-6
 
 
-def test_evaluate_cli_json_gate_and_mixed_precision(tmp_path):
+def bert_like_with_outlier():
+    """bert_like(layers=3) with one layer (l10) much harder to quantize: a huge outlier weight
+    flattens its per-tensor scale."""
     m = bert_like(layers=3)
-    # Make one layer much harder to quantize: a huge outlier weight flattens its scale.
     for t in m.graph.initializer:
         if t.name == "w10":
             w = numpy_helper.to_array(t).copy()
             w[0, 0] = 40.0
             t.CopyFrom(numpy_helper.from_array(w, "w10"))
+    return m
+
+
+def test_evaluate_cli_json_gate_and_mixed_precision(tmp_path):
+    m = bert_like_with_outlier()
     src, out = tmp_path / "fp32.onnx", tmp_path / "q.onnx"
     onnx.save_model(m, str(src))
     env = {**os.environ, "PYTHONPATH": PKG}
@@ -283,12 +289,7 @@ def test_evaluate_cli_json_gate_and_mixed_precision(tmp_path):
 def test_mixed_precision_keeps_unnamed_layers(tmp_path):
     """Exporters may leave nodes unnamed: such a layer is known by its first output, so that the
     evaluator's report, --exclude-nodes and mixed precision all name it the same way."""
-    m = bert_like(layers=3)
-    for t in m.graph.initializer:
-        if t.name == "w10":
-            w = numpy_helper.to_array(t).copy()
-            w[0, 0] = 40.0
-            t.CopyFrom(numpy_helper.from_array(w, "w10"))
+    m = bert_like_with_outlier()
     first_out = {}
     for n in m.graph.node:
         if n.op_type == "MatMul":
