@@ -79,6 +79,9 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
     // SAFETY (whole body): loads stay inside the R rows of kp u16 values and the kp * NR
     // bytes of the panel; stores write the first R rows of the MR x NR tile.
     unsafe {
+        // Row pointers computed once, hidden from the optimizer (see the AVX-512 kernel): each
+        // broadcast is then indexed by the K pair alone.
+        let rowp: [*const i32; R] = std::hint::black_box(std::array::from_fn(|i| a.add(i * a_stride) as *const i32));
         for g in 0..kp / KR {
             let bp = b.add(g * NR * KR) as *const __m128i;
             // One cache line of weights per two K pairs, prefetched 4 KiB ahead (measured
@@ -90,7 +93,8 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
             let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp));
             let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(1)));
             for (i, acc) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_epi32((a.add(i * a_stride + g * 4) as *const i32).read_unaligned());
+                // A K pair is two u16 values, the i32 at index g.
+                let av = _mm256_set1_epi32(rowp[i].add(g).read_unaligned());
                 acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
                 acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
             }

@@ -76,6 +76,10 @@ macro_rules! vnni_ymm_kernel {
             // SAFETY (whole body): loads stay inside the R rows of kp bytes and the kp * NR
             // bytes of the panel; stores write the first R rows of the MR x NR tile.
             unsafe {
+                // Row pointers computed once, hidden from the optimizer (see the AVX-512
+                // kernel): each broadcast is then indexed by the K group alone.
+                let rowp: [*const i32; R] =
+                    std::hint::black_box(std::array::from_fn(|i| a.add(i * a_stride) as *const i32));
                 for g in 0..kp / KR {
                     let bp = b.add(g * NR * KR) as *const __m256i;
                     // The weight stream, one line per K group, 4 KiB ahead (measured on the EVEX
@@ -84,7 +88,8 @@ macro_rules! vnni_ymm_kernel {
                     _mm_prefetch::<_MM_HINT_T0>((bp as *const i8).add(PREFETCH));
                     let (b0, b1) = (_mm256_loadu_si256(bp), _mm256_loadu_si256(bp.add(1)));
                     for (i, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm256_set1_epi32((a.add(i * a_stride + g * KR) as *const i32).read_unaligned());
+                        // KR = 4: group g of a row is the i32 at index g.
+                        let av = _mm256_set1_epi32(rowp[i].add(g).read_unaligned());
                         acc[0] = $dp(acc[0], av, b0);
                         acc[1] = $dp(acc[1], av, b1);
                     }
