@@ -16,7 +16,7 @@ step "lint (cargo clippy -D warnings)"
 cargo clippy --all-targets --quiet -- -D warnings
 
 step "Rust unit, integration and header tests (cargo test)"
-cargo test --all-targets
+DYNQ_REQUIRE_ORT=1 cargo test --all-targets
 
 step "doc tests"
 cargo test --doc --quiet

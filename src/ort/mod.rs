@@ -52,7 +52,10 @@
 //! 1.31.1). Older versions are refused with a clear message when the library is registered.
 //!
 //! The op and domain objects live for the whole process (ONNX Runtime requires them to outlive
-//! every session that uses them); one small domain object is kept per registration.
+//! every session that uses them); one small domain object is kept per registration. Registering
+//! the library again with the same session options does nothing (the options are marked with the
+//! config entry `dynq.custom_ops_registered`). Each ONNX Runtime build in the process (a Python
+//! module and a C++ library may bring two) gets op descriptors that carry its own API table.
 
 pub mod api;
 pub mod cache;
@@ -67,7 +70,7 @@ use ort_sys::{
 };
 use std::ffi::{c_char, c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The C API version this library is compiled against (`OrtCustomOp.version`, `GetApi`).
 pub const ORT_API_VERSION: u32 = 17;
@@ -76,14 +79,10 @@ pub const DOMAIN: &std::ffi::CStr = c"dynq";
 /// The op's name.
 pub const OP_NAME: &std::ffi::CStr = c"DynQMatMul";
 
-/// The API table given at registration (shape inference receives none).
-static API: AtomicPtr<OrtApi> = AtomicPtr::new(ptr::null_mut());
-
-fn api() -> Option<Api> {
-    let p = API.load(Ordering::Acquire);
-    // SAFETY: only ever set to a table ONNX Runtime returned, which lives for the process.
-    (!p.is_null()).then(|| Api(unsafe { &*p }))
-}
+/// Session config key that marks options the library has already been registered with:
+/// registering twice would add the `dynq` domain twice, and ONNX Runtime then refuses every
+/// session ("Domain already set in registry").
+const REGISTERED_KEY: &std::ffi::CStr = c"dynq.custom_ops_registered";
 
 /// Runs `f`, turning an error or a panic into an ONNX Runtime status.
 fn guarded(api: &OrtApi, f: impl FnOnce() -> Result<(), OpError>) -> OrtStatusPtr {
@@ -345,23 +344,52 @@ unsafe fn set_output(
     r
 }
 
-unsafe extern "system" fn infer_output_shape(_op: *const OrtCustomOp, ctx: *mut OrtShapeInferContext) -> OrtStatusPtr {
-    let Some(api) = api() else {
+unsafe extern "system" fn infer_output_shape(op: *const OrtCustomOp, ctx: *mut OrtShapeInferContext) -> OrtStatusPtr {
+    if op.is_null() {
         return OrtStatusPtr(ptr::null_mut());
-    };
+    }
+    // SAFETY: every descriptor dynq registers is the first field of an `ApiOp` (see `ops_for`),
+    // which lives for the process.
+    let api = Api(unsafe { &*(*op.cast::<ApiOp>()).api });
     guarded(api.0, || {
         // SAFETY: `ctx` is live during this call.
         unsafe { infer(api, ctx) }.map_err(|m| OpError::invalid(format!("DynQMatMul: {m}")))
     })
 }
 
-struct StaticOp(OrtCustomOp);
-// SAFETY: the op descriptor is immutable; ONNX Runtime only reads it, from any thread.
-unsafe impl Sync for StaticOp {}
+/// An op descriptor and the API table of the ONNX Runtime it was registered with (shape
+/// inference receives no API table, only the descriptor). `op` comes first: ONNX Runtime holds
+/// a pointer to it, and reads only the fields of the C API version it declares.
+#[repr(C)]
+struct ApiOp {
+    op: OrtCustomOp,
+    api: *const OrtApi,
+}
+// SAFETY: immutable once made; ONNX Runtime only reads it, from any thread, and the API table
+// it points to lives for the process.
+unsafe impl Sync for ApiOp {}
+unsafe impl Send for ApiOp {}
+
+/// The two descriptors (float and float16 output) for the API table `api`: made once per
+/// distinct table and kept for the process (ONNX Runtime requires them to outlive every
+/// session). A process normally sees one table; two ONNX Runtime builds loaded at once (a
+/// Python module and a C++ library, say) each get descriptors that point to their own.
+fn ops_for(api: &'static OrtApi) -> &'static [ApiOp; 2] {
+    static ALL: std::sync::Mutex<Vec<(usize, &'static [ApiOp; 2])>> = std::sync::Mutex::new(Vec::new());
+    let mut all = ALL.lock().unwrap_or_else(|e| e.into_inner());
+    let key = api as *const OrtApi as usize;
+    if let Some((_, ops)) = all.iter().find(|(k, _)| *k == key) {
+        return ops;
+    }
+    let ops: &'static [ApiOp; 2] =
+        Box::leak(Box::new([ApiOp { op: op(get_output_type), api }, ApiOp { op: op(get_output_type_f16), api }]));
+    all.push((key, ops));
+    ops
+}
 
 /// The op descriptor with output type `output_type`.
-const fn op(output_type: OutputTypeFn) -> StaticOp {
-    StaticOp(OrtCustomOp {
+const fn op(output_type: OutputTypeFn) -> OrtCustomOp {
+    OrtCustomOp {
         version: ORT_API_VERSION,
         CreateKernel: None,
         GetName: Some(get_name),
@@ -384,14 +412,10 @@ const fn op(output_type: OutputTypeFn) -> StaticOp {
         InferOutputShapeFn: Some(infer_output_shape),
         GetStartVersion: Some(start_version),
         GetEndVersion: Some(end_version),
-    })
+    }
 }
 
 type OutputTypeFn = unsafe extern "system" fn(*const OrtCustomOp, usize) -> ONNXTensorElementDataType;
-
-/// `DynQMatMul` with a float output, and with a float16 output.
-static OP: StaticOp = op(get_output_type);
-static OP_F16: StaticOp = op(get_output_type_f16);
 
 /// # Safety
 /// `api_base` and `options` are what ONNX Runtime passes to a custom-op library.
@@ -418,19 +442,31 @@ unsafe fn register(options: *mut OrtSessionOptions, api_base: *const OrtApiBase)
             ),
         );
     }
-    API.store(p.cast_mut(), Ordering::Release);
-    // SAFETY: `p` is a live API table.
+    // SAFETY: `p` is a live API table, valid for the process.
     let api: &'static OrtApi = unsafe { &*p };
     guarded(api, || {
         let a = Api(api);
+        if options.is_null() {
+            return Err(OpError::invalid("RegisterCustomOps: no session options".into()));
+        }
+        // Registered with these options already (twice from one program, or by two of its
+        // layers): the domain is there; adding it again would make every session fail.
+        let mut registered: c_int = 0;
+        // SAFETY: `options` is live; the key is a NUL-terminated string.
+        unsafe { api::check(a, (api.HasSessionConfigEntry)(options, REGISTERED_KEY.as_ptr(), &mut registered))? };
+        if registered != 0 {
+            return Ok(());
+        }
+        let ops = ops_for(api);
         let mut domain: *mut OrtCustomOpDomain = ptr::null_mut();
         // SAFETY: plain API calls; the domain is intentionally never released (it must outlive
         // every session created with these options, and ONNX Runtime does not tell us when that is).
         unsafe {
             api::check(a, (api.CreateCustomOpDomain)(DOMAIN.as_ptr(), &mut domain))?;
-            api::check(a, (api.CustomOpDomain_Add)(domain, &OP.0))?;
-            api::check(a, (api.CustomOpDomain_Add)(domain, &OP_F16.0))?;
+            api::check(a, (api.CustomOpDomain_Add)(domain, &ops[0].op))?;
+            api::check(a, (api.CustomOpDomain_Add)(domain, &ops[1].op))?;
             api::check(a, (api.AddCustomOpDomain)(options, domain))?;
+            api::check(a, (api.AddSessionConfigEntry)(options, REGISTERED_KEY.as_ptr(), c"1".as_ptr()))?;
         }
         Ok(())
     })

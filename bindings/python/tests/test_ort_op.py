@@ -324,3 +324,18 @@ def test_sessions_in_threads_give_the_same_results():
 def test_version_reported():
     # The library registers on this runtime; the supported range is 1.17 and later.
     assert ORT_VERSION >= (1, 17)
+
+
+def test_library_registered_twice_in_one_session_options():
+    """A program (or two of its layers) may register the library twice with the same options:
+    the domain must be added once, else ONNX Runtime refuses the session ("Domain already set in
+    registry")."""
+    q, s = weights(32, 16)
+    m = dynq_model(q, s)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(dynq.library_path())
+    so.register_custom_ops_library(dynq.library_path())
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    a = RNG.standard_normal((2, 3, 32)).astype(np.float32)
+    want = session(m).run(None, {"A": a})[0]
+    np.testing.assert_array_equal(sess.run(None, {"A": a})[0], want)
