@@ -124,9 +124,10 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize>(
             let p = b.add(g * NR * KR) as *const __m512i;
             // Software prefetch PREFETCH bytes ahead in the weight stream: with few rows the
             // kernel is bound by how fast weights arrive (GEMV-like shapes), and the hardware
-            // prefetcher alone leaves bandwidth unused. A prefetch past the end is harmless.
+            // prefetcher alone leaves bandwidth unused. A prefetch past the end is harmless
+            // (its address is made with wrapping_add: no out-of-bounds pointer arithmetic).
             for v in 0..W {
-                _mm_prefetch::<_MM_HINT_T0>((p.add(v) as *const i8).add(PREFETCH));
+                _mm_prefetch::<_MM_HINT_T0>((p.add(v) as *const i8).wrapping_add(PREFETCH));
             }
             std::array::from_fn(|v| _mm512_loadu_si512(p.add(v)))
         };
@@ -277,6 +278,9 @@ fn lane_mask(n: usize) -> __mmask16 {
     }
 }
 
+/// Bytes ahead of the range pass's reads that [`row_stats`] prefetches.
+const RANGE_PREFETCH: usize = 2048;
+
 /// # Safety
 /// The CPU has AVX-512 F.
 #[target_feature(enable = "avx512f")]
@@ -292,6 +296,13 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
     let mut flag = [zero; 4];
     let mut j = 0;
     while j + 64 <= x.len() {
+        // A range pass over A coming from L3 or memory is bound by how fast lines arrive:
+        // prefetching 2 KiB ahead (into the next rows when they follow) made it 8-19% faster,
+        // interleaved. A prefetch never faults; the address is made with wrapping_add.
+        for l in 0..4 {
+            let line = (x.as_ptr() as *const i8).wrapping_add(4 * (j + 16 * l) + RANGE_PREFETCH);
+            _mm_prefetch::<_MM_HINT_T0>(line);
+        }
         for u in 0..4 {
             // SAFETY: j + 64 <= x.len().
             let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) };
