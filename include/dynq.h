@@ -455,6 +455,35 @@ dynq_status dynq_gemm_smoothed(const dynq_packed_weights *packed,
                                size_t ldy,
                                const dynq_gemm_config *config);
 
+// `dynq_gemm_smoothed` with a residual added to the result: `y[i][j] = act(product + bias[j])
+// + residual[i][j]` (the epilogue activation first, then one f32 addition of the residual,
+// widened exactly from `y_type`; then the store). This is the skip connection of a transformer
+// block (`x + Linear(h)`) fused into the product, so the sum costs no extra pass over memory.
+// The result is bit-identical to `dynq_gemm_smoothed` followed by that addition in f32.
+//
+// `residual` is NULL (then this is `dynq_gemm_smoothed`) or points to `m` rows of `n`
+// values of type `y_type` at stride `ldr` (elements, `>= n`). It must not overlap `y`: to
+// accumulate into `y`, copy it first (`DYNQ_STATUS_INVALID_ARGUMENT` otherwise). Residual
+// values are added as they are: a NaN or infinity there gives NaN or infinity in that element
+// only, as the float addition it replaces would. On any error `y` is untouched.
+//
+// # Safety
+// As `dynq_gemm_smoothed`; `residual` is NULL or points to `(m - 1) * ldr + n` readable values
+// of type `y_type` (when `m > 0`).
+dynq_status dynq_gemm_residual(const dynq_packed_weights *packed,
+                               const void *a,
+                               uint32_t a_type,
+                               size_t m,
+                               size_t lda,
+                               const float *smooth,
+                               const float *bias,
+                               const void *residual,
+                               size_t ldr,
+                               void *y,
+                               uint32_t y_type,
+                               size_t ldy,
+                               const dynq_gemm_config *config);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

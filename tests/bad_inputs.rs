@@ -461,6 +461,36 @@ fn bad_inputs_table() {
         let st = dynq_gemm_smoothed(p, a32, 0, m, k, yp as *const f32, null(), yv, 0, n, &gc);
         g(&mut t, "smooth inside y", Status::InvalidArgument, st, &y);
 
+        let f = "dynq_gemm_residual";
+        let g = |t: &mut Table, input: &str, want, st, y: &[f32]| {
+            t.case(f, input, want, st);
+            assert!(y.iter().all(|v| v.to_bits() == sentinel), "{f}: {input}: y written");
+        };
+        let res = vec![1.0f32; m * n];
+        let rv = res.as_ptr() as *const c_void;
+        let st = dynq_gemm_residual(p, a32, 0, m, k, null(), null(), rv, n - 1, yv, 0, n, &gc);
+        g(&mut t, "ldr = n - 1", Status::InvalidArgument, st, &y);
+        let st = dynq_gemm_residual(p, a32, 0, m, k, null(), null(), rv, usize::MAX / 2, yv, 0, n, &gc);
+        g(&mut t, "ldr = SIZE_MAX/2 (the residual's extent overflows)", Status::SizeOverflow, st, &y);
+        let st = dynq_gemm_residual(
+            p,
+            a32,
+            0,
+            m,
+            k,
+            null(),
+            null(),
+            (rv as *const u8).add(1) as *const c_void,
+            n,
+            yv,
+            0,
+            n,
+            &gc,
+        );
+        g(&mut t, "residual misaligned (address + 1 byte)", Status::InvalidArgument, st, &y);
+        let st = dynq_gemm_residual(p, a32, 0, m, k, null(), null(), yp as *const c_void, n, yv, 0, n, &gc);
+        g(&mut t, "residual = y (in place)", Status::InvalidArgument, st, &y);
+
         // ---- the rest ----
         t.case("dynq_pack_config_init", "config = NULL", Status::NullPointer, dynq_pack_config_init(null_mut()));
         t.case("dynq_gemm_config_init", "config = NULL", Status::NullPointer, dynq_gemm_config_init(null_mut()));

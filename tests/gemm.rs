@@ -563,3 +563,128 @@ fn smoothing_factors_equal_premultiplied_activations() {
     assert!(e.message().contains("A[1][5]") && e.message().contains("overflows"), "{e}");
     assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
 }
+
+/// All-ones smoothing factors are the identity: the same bits as no factors.
+#[test]
+fn all_ones_smoothing_equals_none() {
+    let mut rng = Rng(78);
+    let (m, n, k) = (9, 40, 70);
+    let a = random(&mut rng, m * k, 2.0);
+    let pw =
+        PackedWeights::from_f32(&random(&mut rng, n * k, 0.3), n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    for (g, t) in all_modes() {
+        let o = opts(g, t, 1);
+        let want = run(&pw, &a, m, None, &o);
+        let mut y = vec![0f32; m * n];
+        dynq::gemm_smoothed_on(&pw, &a, m, k, Some(&vec![1.0; k]), None, &mut y, n, &o, &Scrambled::new(1)).unwrap();
+        assert!(y == want, "{g:?} {t:?}");
+    }
+}
+
+impl Scrambled {
+    fn new(workers: usize) -> Self {
+        Scrambled { workers, refuse: false, calls: Default::default() }
+    }
+}
+
+/// A residual: `y = act(product + bias) + residual` is, bit for bit, the product without it
+/// followed by one f32 addition per element; on every ISA, mode, epilogue, worker count, output
+/// type and residual stride; partial tiles included. Non-finite residual values propagate to
+/// their own element only; a short residual is refused with y untouched.
+#[test]
+fn residual_equals_product_then_addition() {
+    use dynq::{Element, Fused, Residual};
+    let mut rng = Rng(79);
+    #[allow(clippy::too_many_arguments)]
+    fn check<Y: Element>(
+        pw: &PackedWeights,
+        a: &[f32],
+        m: usize,
+        bias: &[f32],
+        res32: &[f32],
+        ldr: usize,
+        o: &GemmOptions,
+        what: &str,
+    ) {
+        let n = pw.n();
+        let res: Vec<Y> = res32.iter().map(|&v| Y::from_f32(v)).collect();
+        // Expected: the f32 result of the call without the residual, plus the widened residual,
+        // then rounded to Y.
+        let mut base = vec![0f32; m * n];
+        gemm(pw, a, m, pw.k(), Some(bias), &mut base, n, o).unwrap();
+        let want: Vec<Y> = (0..m * n).map(|e| Y::from_f32(base[e] + res[(e / n) * ldr + e % n].to_f32())).collect();
+        for workers in [1, 2] {
+            let ldy = n + 3;
+            let mut y = vec![Y::from_f32(-9.0); m * ldy];
+            let f = Fused { smooth: None, bias: Some(bias), residual: Some(Residual { data: &res, ld: ldr }) };
+            dynq::gemm_fused_on(pw, a, m, pw.k(), &f, &mut y, ldy, o, &Scrambled::new(workers)).unwrap();
+            for i in 0..m {
+                for j in 0..ldy {
+                    let got = y[i * ldy + j].to_f32();
+                    if j < n {
+                        let w = want[i * n + j].to_f32();
+                        assert!(got.to_bits() == w.to_bits(), "{what} workers {workers} [{i}][{j}]: {got} != {w}");
+                    } else {
+                        assert_eq!(got, -9.0, "{what}: padding written");
+                    }
+                }
+            }
+        }
+    }
+    for isa in isas_under_test() {
+        for &(m, n, k) in &[(1, 16, 64), (13, 37, 100), (64, 200, 300)] {
+            let a = random(&mut rng, m * k, 2.0);
+            let pw = PackedWeights::from_f32(
+                &random(&mut rng, n * k, 0.3),
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
+            let bias = random(&mut rng, n, 1.0);
+            for ldr in [n, n + 5] {
+                let res = random(&mut rng, (m - 1) * ldr + n, 4.0);
+                for (g, t) in all_modes() {
+                    for ep in [Epilogue::None, Epilogue::Gelu] {
+                        let o = GemmOptions { epilogue: ep, ..opts(g, t, 1) };
+                        let what = format!("{isa} {m}x{n}x{k} ldr {ldr} {g:?} {t:?} {ep:?}");
+                        check::<f32>(&pw, &a, m, &bias, &res, ldr, &o, &format!("f32 {what}"));
+                        check::<half::f16>(&pw, &a, m, &bias, &res, ldr, &o, &format!("f16 {what}"));
+                        check::<half::bf16>(&pw, &a, m, &bias, &res, ldr, &o, &format!("bf16 {what}"));
+                    }
+                }
+            }
+        }
+    }
+    // Non-finite residual values: IEEE addition, element by element.
+    let (m, n, k) = (3, 20, 8);
+    let pw = PackedWeights::from_f32(&vec![0.5f32; n * k], n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let a = vec![1.0f32; m * k];
+    let o = opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1);
+    let mut res = vec![1.0f32; m * n];
+    res[n + 3] = f32::NAN;
+    res[2 * n + 7] = f32::INFINITY;
+    let mut y = vec![0f32; m * n];
+    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n }) };
+    dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap();
+    let base = run(&pw, &a, m, None, &o);
+    for e in 0..m * n {
+        match e {
+            e if e == n + 3 => assert!(y[e].is_nan()),
+            e if e == 2 * n + 7 => assert_eq!(y[e], f32::INFINITY),
+            _ => assert_eq!(y[e], base[e] + 1.0),
+        }
+    }
+    // Too short for m rows at stride ld: refused, y untouched.
+    let mut y = vec![7f32; m * n];
+    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res[..m * n - 1], ld: n }) };
+    let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+    assert!(e.message().contains("residual"), "{e}");
+    assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
+    // A stride below n is refused too.
+    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n - 1 }) };
+    let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+}

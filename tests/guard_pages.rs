@@ -146,6 +146,11 @@ fn micro_kernels_with_buffers_starting_after_a_guard_page() {
                     let sw: Vec<f32> = (0..cols).map(|_| rng.f32().abs() * 0.02).collect();
                     let bias = Guarded::from_slice(&(0..cols).map(|_| rng.f32()).collect::<Vec<f32>>(), true);
                     let mut y = Guarded::<f32>::new((rows - 1) * ldy + cols, 0.0, true);
+                    // The residual's last row ends at a guard page.
+                    let res = Guarded::from_slice(
+                        &(0..(rows - 1) * ldy + cols).map(|_| rng.f32()).collect::<Vec<f32>>(),
+                        true,
+                    );
                     let ft = F32Tile {
                         za: &za,
                         sa: &sa,
@@ -155,6 +160,7 @@ fn micro_kernels_with_buffers_starting_after_a_guard_page() {
                         act: Epilogue::Gelu,
                         y: y.as_mut_slice().as_mut_ptr(),
                         ldy,
+                        residual: Some((res.as_slice().as_ptr(), ldy)),
                     };
                     // SAFETY: as above; y holds rows x cols at stride ldy.
                     unsafe {
@@ -171,6 +177,8 @@ fn micro_kernels_with_buffers_starting_after_a_guard_page() {
                         let acc: Vec<i32> = want[i * nr..i * nr + cols].iter().map(|&v| v as i32).collect();
                         let mut expect = vec![0f32; cols];
                         dynq::gemm::dequantize_row(&ft.row(i), &acc, &mut expect);
+                        let r = &res.as_slice()[i * ldy..i * ldy + cols];
+                        expect.iter_mut().zip(r).for_each(|(e, r)| *e += *r);
                         let got = &y.as_slice()[i * ldy..i * ldy + cols];
                         assert!(
                             got.iter().zip(&expect).all(|(g, e)| g.to_bits() == e.to_bits()),

@@ -87,9 +87,24 @@ fn micro_kernels_exact_on_guard_pages() {
                         let sw: Vec<f32> = (0..cols).map(|_| rng.f32().abs() * 0.02).collect();
                         let bias: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
                         use dynq::Epilogue::{Gelu, None as Plain, Relu};
-                        for (use_bias, act) in
-                            [(false, Plain), (true, Plain), (true, Relu), (false, Relu), (true, Gelu), (false, Gelu)]
-                        {
+                        // The residual ends at a guard page too: the kernels' masked loads must
+                        // not read past a partial panel's columns.
+                        let ldr = cols + rng.below(3);
+                        let mut res = GuardBuf::<f32>::new((mr_eff - 1) * ldr + cols, 0.0);
+                        for v in res.as_mut_slice() {
+                            *v = rng.f32() * 4.0;
+                        }
+                        for (use_bias, act, use_res) in [
+                            (false, Plain, false),
+                            (true, Plain, false),
+                            (true, Relu, false),
+                            (false, Relu, false),
+                            (true, Gelu, false),
+                            (false, Gelu, false),
+                            (true, Plain, true),
+                            (false, Relu, true),
+                            (true, Gelu, true),
+                        ] {
                             let mut y = GuardBuf::<f32>::new((mr_eff - 1) * ldy + cols, f32::from_bits(0x7fc0_dead));
                             let ft = F32Tile {
                                 za: &za,
@@ -100,6 +115,7 @@ fn micro_kernels_exact_on_guard_pages() {
                                 act,
                                 y: y.as_mut_ptr(),
                                 ldy,
+                                residual: use_res.then(|| (res.as_slice().as_ptr(), ldr)),
                             };
                             // SAFETY: as above; y holds mr_eff rows of cols at stride ldy.
                             unsafe { (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), &TileOut::F32(&ft)) };
@@ -107,6 +123,11 @@ fn micro_kernels_exact_on_guard_pages() {
                                 let acc: Vec<i32> = want[i * nr..i * nr + cols].iter().map(|&v| v as i32).collect();
                                 let mut expect = vec![0f32; cols];
                                 dynq::gemm::dequantize_row(&ft.row(i), &acc, &mut expect);
+                                if use_res {
+                                    // One f32 addition after the activation.
+                                    let r = &res.as_slice()[i * ldr..i * ldr + cols];
+                                    expect.iter_mut().zip(r).for_each(|(e, r)| *e += *r);
+                                }
                                 let row = &y.as_slice()[i * ldy..(i * ldy + ldy).min(y.as_slice().len())];
                                 for (j, v) in row.iter().enumerate() {
                                     let got = v.to_bits();

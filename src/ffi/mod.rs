@@ -694,7 +694,11 @@ pub unsafe extern "C" fn dynq_gemm(
     config: *const dynq_gemm_config,
 ) -> Status {
     // SAFETY: forwarded contract, with f32 elements.
-    ffi_boundary!({ unsafe { gemm_generic::<f32, f32>(packed, a, m, lda, std::ptr::null(), bias, y, ldy, config) } })
+    ffi_boundary!({
+        unsafe {
+            gemm_generic::<f32, f32>(packed, a, m, lda, std::ptr::null(), bias, (std::ptr::null(), 0), y, ldy, config)
+        }
+    })
 }
 
 /// `dynq_gemm` with activations and outputs of another element type: `a_type` and `y_type`
@@ -720,7 +724,22 @@ pub unsafe extern "C" fn dynq_gemm_ex(
 ) -> Status {
     // SAFETY: forwarded contract, without smoothing factors.
     ffi_boundary!({
-        unsafe { gemm_typed_raw(packed, a, a_type, m, lda, std::ptr::null(), bias, y, y_type, ldy, config) }
+        unsafe {
+            gemm_typed_raw(
+                packed,
+                a,
+                a_type,
+                m,
+                lda,
+                std::ptr::null(),
+                bias,
+                (std::ptr::null(), 0),
+                y,
+                y_type,
+                ldy,
+                config,
+            )
+        }
     })
 }
 
@@ -753,13 +772,54 @@ pub unsafe extern "C" fn dynq_gemm_smoothed(
     config: *const dynq_gemm_config,
 ) -> Status {
     // SAFETY: forwarded contract.
-    ffi_boundary!({ unsafe { gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, y, y_type, ldy, config) } })
+    ffi_boundary!({
+        unsafe {
+            gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, (std::ptr::null(), 0), y, y_type, ldy, config)
+        }
+    })
 }
 
-/// `dynq_gemm_smoothed` after the boundary: element types resolved, then `gemm_generic`.
+/// `dynq_gemm_smoothed` with a residual added to the result: `y[i][j] = act(product + bias[j])
+/// + residual[i][j]` (the epilogue activation first, then one f32 addition of the residual,
+/// widened exactly from `y_type`; then the store). This is the skip connection of a transformer
+/// block (`x + Linear(h)`) fused into the product, so the sum costs no extra pass over memory.
+/// The result is bit-identical to `dynq_gemm_smoothed` followed by that addition in f32.
+///
+/// `residual` is NULL (then this is `dynq_gemm_smoothed`) or points to `m` rows of `n`
+/// values of type `y_type` at stride `ldr` (elements, `>= n`). It must not overlap `y`: to
+/// accumulate into `y`, copy it first (`DYNQ_STATUS_INVALID_ARGUMENT` otherwise). Residual
+/// values are added as they are: a NaN or infinity there gives NaN or infinity in that element
+/// only, as the float addition it replaces would. On any error `y` is untouched.
 ///
 /// # Safety
-/// The contract of `dynq_gemm_smoothed`.
+/// As `dynq_gemm_smoothed`; `residual` is NULL or points to `(m - 1) * ldr + n` readable values
+/// of type `y_type` (when `m > 0`).
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm_residual(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    residual: *const std::ffi::c_void,
+    ldr: usize,
+    y: *mut std::ffi::c_void,
+    y_type: u32,
+    ldy: usize,
+    config: *const dynq_gemm_config,
+) -> Status {
+    // SAFETY: forwarded contract.
+    ffi_boundary!({
+        unsafe { gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, (residual, ldr), y, y_type, ldy, config) }
+    })
+}
+
+/// `dynq_gemm_residual` after the boundary: element types resolved, then `gemm_generic`.
+///
+/// # Safety
+/// The contract of `dynq_gemm_residual` (a null residual pointer: none).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_typed_raw(
     packed: *const dynq_packed_weights,
@@ -769,6 +829,7 @@ unsafe fn gemm_typed_raw(
     lda: usize,
     smooth: *const f32,
     bias: *const f32,
+    residual: (*const std::ffi::c_void, usize),
     y: *mut std::ffi::c_void,
     y_type: u32,
     ldy: usize,
@@ -783,7 +844,20 @@ unsafe fn gemm_typed_raw(
     macro_rules! go {
         ($a:ty, $y:ty) => {
             // SAFETY: forwarded contract with the element types the caller named.
-            unsafe { gemm_generic::<$a, $y>(packed, a as *const $a, m, lda, smooth, bias, y as *mut $y, ldy, config) }
+            unsafe {
+                gemm_generic::<$a, $y>(
+                    packed,
+                    a as *const $a,
+                    m,
+                    lda,
+                    smooth,
+                    bias,
+                    (residual.0 as *const $y, residual.1),
+                    y as *mut $y,
+                    ldy,
+                    config,
+                )
+            }
         };
     }
     match (at, yt) {
@@ -799,10 +873,11 @@ unsafe fn gemm_typed_raw(
     }
 }
 
-/// The checks and the call shared by `dynq_gemm`, `dynq_gemm_ex` and `dynq_gemm_smoothed`.
+/// The checks and the call shared by `dynq_gemm`, `dynq_gemm_ex`, `dynq_gemm_smoothed` and
+/// `dynq_gemm_residual`.
 ///
 /// # Safety
-/// The contract of `dynq_gemm_ex` for element types `A` and `Y`.
+/// The contract of `dynq_gemm_residual` for element types `A` and `Y`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     packed: *const dynq_packed_weights,
@@ -811,6 +886,7 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     lda: usize,
     smooth: *const f32,
     bias: *const f32,
+    (residual, ldr): (*const Y, usize),
     y: *mut Y,
     ldy: usize,
     config: *const dynq_gemm_config,
@@ -823,6 +899,7 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     let (asz, ysz) = (std::mem::size_of::<A>(), std::mem::size_of::<Y>());
     let a_len = span(m, k, lda, asz, "a")?;
     let y_len = span(m, n, ldy, ysz, "y")?;
+    let r_len = if residual.is_null() { 0 } else { span(m, n, ldr, ysz, "residual")? };
     if m == 0 {
         // An empty batch still has its factors checked.
         if !smooth.is_null() {
@@ -850,17 +927,28 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
             return Err(Error::InvalidArgument("y overlaps smooth; the output must be a separate buffer".into()));
         }
     }
+    if !residual.is_null() {
+        check_ptr(residual, "residual")?;
+        if overlaps(y_range, (residual as usize, r_len * ysz)) {
+            return Err(Error::InvalidArgument(
+                "y overlaps residual; the output must be a separate buffer (to accumulate into y, copy it first)"
+                    .into(),
+            ));
+        }
+    }
     // SAFETY: the caller provides buffers of these sizes (computed without overflow), and y
     // does not overlap the inputs (checked above).
-    let (a, y, bias, smooth) = unsafe {
+    let (a, y, bias, smooth, residual) = unsafe {
         (
             std::slice::from_raw_parts(a, a_len),
             std::slice::from_raw_parts_mut(y, y_len),
             (!bias.is_null()).then(|| std::slice::from_raw_parts(bias, n)),
             (!smooth.is_null()).then(|| std::slice::from_raw_parts(smooth, k)),
+            (!residual.is_null())
+                .then(|| crate::gemm::Residual { data: std::slice::from_raw_parts(residual, r_len), ld: ldr }),
         )
     };
-    crate::gemm::gemm_smoothed(pw, a, m, lda, smooth, bias, y, ldy, &opts)
+    crate::gemm::gemm_fused(pw, a, m, lda, &crate::gemm::Fused { smooth, bias, residual }, y, ldy, &opts)
 }
 
 #[cfg(test)]

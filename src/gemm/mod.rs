@@ -669,9 +669,77 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
     opts: &GemmOptions,
     par: &dyn Parallel,
 ) -> Result<()> {
+    gemm_fused_on(w, a, m, lda, &Fused { smooth, bias, residual: None }, y, ldy, opts, par)
+}
+
+/// A matrix added to the output after the epilogue: `m` rows of `w.n()` values at stride `ld`.
+#[derive(Clone, Copy, Debug)]
+pub struct Residual<'a, Y> {
+    pub data: &'a [Y],
+    pub ld: usize,
+}
+
+/// The optional inputs fused into one GEMM call (see [`gemm_fused_on`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Fused<'a, Y> {
+    /// Per-input-channel smoothing factors (`w.k()` positive finite values).
+    pub smooth: Option<&'a [f32]>,
+    /// `w.n()` finite values added before the activation.
+    pub bias: Option<&'a [f32]>,
+    /// A matrix added after the activation: the residual (skip) connection of a transformer
+    /// block, `y = act(A * W + bias) + residual`.
+    pub residual: Option<Residual<'a, Y>>,
+}
+
+impl<Y> Default for Fused<'_, Y> {
+    fn default() -> Self {
+        Fused { smooth: None, bias: None, residual: None }
+    }
+}
+
+/// [`gemm_fused_on`] on dynq's pool (`opts.num_threads` workers).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fused<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    fused: &Fused<'_, Y>,
+    y: &mut [Y],
+    ldy: usize,
+    opts: &GemmOptions,
+) -> Result<()> {
+    let pool = Pool(resolve_threads(opts.num_threads)?);
+    gemm_fused_on(w, a, m, lda, fused, y, ldy, opts, &pool)
+}
+
+/// The general GEMM call: [`gemm_smoothed_on`] plus an optional residual. For each output
+/// element, `y[i][j] = act(product + bias[j]) + residual[i][j]`: the residual (widened to f32
+/// exactly) is added to the f32 result of the epilogue with one f32 addition, then the sum is
+/// stored (rounded to nearest-even for f16/bf16 outputs). So the result is bit-identical to
+/// the call without a residual followed by that addition done in f32, on every ISA and thread
+/// count. The residual is data like A, not a weight: its values are added as they are (a NaN
+/// or infinity gives NaN or infinity in that element only, as the float `Add` it replaces
+/// would).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fused_on<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    fused: &Fused<'_, Y>,
+    y: &mut [Y],
+    ldy: usize,
+    opts: &GemmOptions,
+    par: &dyn Parallel,
+) -> Result<()> {
+    let Fused { smooth, bias, residual } = *fused;
     let (n, k) = (w.n(), w.k());
     check_matrix(a.len(), m, k, lda, "activations A")?;
     check_matrix(y.len(), m, n, ldy, "output Y")?;
+    if let Some(r) = &residual {
+        check_matrix(r.data.len(), m, n, r.ld, "residual")?;
+    }
     if let Some(s) = smooth {
         if s.len() != k {
             return Err(Error::InvalidArgument(format!("smoothing factors: {} values, expected k = {k}", s.len())));
@@ -683,6 +751,8 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
             )));
         }
     }
+    // Factors that are all 1 change nothing (x * 1 == x exactly): skip the multiplications.
+    let smooth = smooth.filter(|s| s.iter().any(|&v| v != 1.0));
     if let Some(b) = bias {
         if b.len() != n {
             return Err(Error::InvalidArgument(format!("bias has {} values, expected n = {n}", b.len())));
@@ -717,6 +787,7 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
     // The zero points as the kernel's raw accumulators need them (see `Kernel::a_shift`).
     let za: Vec<i32> = qa.zero_points.iter().map(|z| z - kern.a_shift).collect();
     let direct = Y::as_f32_mut(y).map(SharedOut::new);
+    let res_f32: Option<(&[f32], usize)> = residual.as_ref().and_then(|r| Y::as_f32(r.data).map(|d| (d, r.ld)));
     let converted = SharedOut::new(y);
     let r = for_each_tile(w, &qa.data, qa.row_bytes, m, &exec, |t, scratch| {
         let (i0, j0, cols) = (t.i0, t.j0, t.cols);
@@ -738,12 +809,35 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
             act,
             y: y0,
             ldy: ld,
+            // An f32 residual is added by the kernel, in registers (rows i0.. from column j0:
+            // in bounds, checked by check_matrix).
+            residual: res_f32.map(|(r, ldr)| (r[i0 * ldr + j0..].as_ptr(), ldr)),
         };
+        if let Some((r, ldr)) = ft.residual {
+            // The tile's residual lines are requested now and arrive while the kernel computes
+            // (its epilogue would otherwise wait for memory on each of them).
+            for i in 0..t.rows {
+                let row = r.wrapping_add(i * ldr);
+                prefetch(row);
+                prefetch(row.wrapping_add(cols - 1));
+            }
+        }
         // SAFETY: `t.a` holds `rows <= MR` rows of kp values at stride row_bytes, the panel
         // holds kp * NR bytes, kp is a multiple of KR (padded_k), `ft` describes rows x cols
-        // writable, unaliased f32 (in y or in the scratch buffer, rows * cols <= MR * NR), and
-        // the CPU supports the kernel's ISA (checked when `w` was packed).
+        // writable, unaliased f32 (in y or in the scratch buffer, rows * cols <= MR * NR) and
+        // readable residual rows, and the CPU supports the kernel's ISA (checked when `w` was
+        // packed).
         unsafe { (kern.ukernel)(t.rows, kp, t.a.as_ptr(), qa.row_bytes, t.panel.as_ptr(), &TileOut::F32(&ft)) };
+        if let (Some(res), None) = (&residual, res_f32) {
+            // f16/bf16 residual (and output): added to the f32 tile in the scratch buffer.
+            for r in 0..t.rows {
+                let src = &res.data[(i0 + r) * res.ld + j0..][..cols];
+                // SAFETY: row r of the scratch tile: `cols` f32 the kernel just wrote, which
+                // only this task sees.
+                let row = unsafe { std::slice::from_raw_parts_mut(y0.add(r * ld), cols) };
+                row.iter_mut().zip(src).for_each(|(y, r)| *y += r.to_f32());
+            }
+        }
         if direct.is_none() {
             // SAFETY: the kernel wrote rows * cols f32 at the start of the scratch buffer.
             let tile = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const f32, t.rows * cols) };
@@ -759,6 +853,23 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
     });
     give_scratch(qa.data);
     r
+}
+
+/// Asks for the cache line holding `p` (a hint: no effect on any result, and it never faults).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that cannot fault, whatever the address; SSE is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above (PRFM is a hint in the base instruction set).
+    unsafe {
+        std::arch::asm!("prfm pldl1keep, [{0}]", in(reg) p, options(nostack, preserves_flags, readonly))
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
 }
 
 /// The integer part only: `out[i][j] = sum_k (qa[i][k] - za[i]) * qw[j][k]` computed by the

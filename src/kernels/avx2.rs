@@ -138,6 +138,9 @@ pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &T
                             v = _mm256_add_ps(v, b[h]);
                         }
                         v = activate(v, t.act);
+                        if let Some((r, ldr)) = t.residual {
+                            v = _mm256_add_ps(v, _mm256_loadu_ps(r.add(i * ldr + 8 * h)));
+                        }
                         _mm256_storeu_ps(y.add(8 * h), v);
                     }
                 }

@@ -231,6 +231,9 @@ unsafe fn deliver<const R: usize, const W: usize>(acc: &[[__m512i; W]; R], out: 
                             v = _mm512_add_ps(v, b[h]);
                         }
                         v = activate(v, t.act);
+                        if let Some((r, ldr)) = t.residual {
+                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[h], r.add(i * ldr + 16 * h)));
+                        }
                         _mm512_mask_storeu_ps(y.add(16 * h), mask[h], v);
                     }
                 }

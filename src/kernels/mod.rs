@@ -49,9 +49,11 @@ pub enum TileOut<'a> {
 
 /// The f32 epilogue of one tile: `y[i][j] = f32(acc - za[i] * col_sums[j]) * (sa[i] *
 /// scales[j]) (+ bias[j]) (then the activation)`, the definition being
-/// [`crate::gemm::dequantize_row`].
+/// [`crate::gemm::dequantize_row`], then `+ residual[i][j]` (one f32 addition) when a residual is
+/// given.
 /// `za` and `sa` have `mr` values; `col_sums`, `scales` and `bias` have `cols <= NR` values;
-/// row `i` of the output is `cols` writable floats at `y + i * ldy`, touched by no one else.
+/// row `i` of the output is `cols` writable floats at `y + i * ldy`, touched by no one else;
+/// row `i` of the residual, `cols` readable floats at `r + i * ldr`.
 #[derive(Debug)]
 pub struct F32Tile<'a> {
     pub za: &'a [i32],
@@ -62,6 +64,8 @@ pub struct F32Tile<'a> {
     pub act: Epilogue,
     pub y: *mut f32,
     pub ldy: usize,
+    /// `(r, ldr)`: the residual's rows, added after the activation.
+    pub residual: Option<(*const f32, usize)>,
 }
 
 impl F32Tile<'_> {
@@ -99,7 +103,14 @@ impl F32Tile<'_> {
     /// As [`Self::y_row`]; `ops` belong to an ISA the CPU supports.
     pub unsafe fn write_row(&self, ops: &RowOps, i: usize, acc: &[i32]) {
         // SAFETY: per the contract.
-        unsafe { (ops.dequantize_row)(&self.row(i), &acc[..self.cols()], self.y_row(i)) }
+        let y = unsafe { self.y_row(i) };
+        // SAFETY: per the contract.
+        unsafe { (ops.dequantize_row)(&self.row(i), &acc[..self.cols()], y) };
+        if let Some((r, ldr)) = self.residual {
+            // SAFETY: row i of the residual is `cols` readable floats (the struct's contract).
+            let r = unsafe { std::slice::from_raw_parts(r.add(i * ldr), y.len()) };
+            y.iter_mut().zip(r).for_each(|(y, r)| *y += *r);
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_FLOAT16, ELEM_INT8, ELEM_UINT8};
 use super::cache;
 use crate::dtype::Element;
-use crate::gemm::{gemm_smoothed_on, Epilogue, GemmOptions, Parallel};
+use crate::gemm::{gemm_fused_on, Epilogue, Fused, GemmOptions, Parallel, Residual};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
 use crate::quant::{ActGranularity, ActType};
 use crate::Error;
@@ -18,6 +18,7 @@ pub const IN_W: usize = 1;
 pub const IN_SCALES: usize = 2;
 pub const IN_BIAS: usize = 3;
 pub const IN_SMOOTH: usize = 4;
+pub const IN_RESIDUAL: usize = 5;
 
 /// The activation fused after the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,8 +184,10 @@ impl DynqKernel {
         let label = format!("DynQMatMul node '{name}'");
         let err = |m: String| OpError::invalid(format!("{label}: {m}"));
         let count = unsafe { api::kernel_info_input_count(api, info) }.map_err(&err)?;
-        if !(3..=5).contains(&count) {
-            return Err(err(format!("expects 3 to 5 inputs (A, W, scales[, bias[, smooth]]), got {count}")));
+        if !(3..=6).contains(&count) {
+            return Err(err(format!(
+                "expects 3 to 6 inputs (A, W, scales[, bias[, smooth[, residual]]]), got {count}"
+            )));
         }
         let attrs = parse_attrs(|n| unsafe { api::attr_string(api, info, n) }).map_err(&err)?;
         let w = unsafe { api::constant_input(api, info, IN_W) }.map_err(&err)?;
@@ -288,6 +291,21 @@ impl DynqKernel {
         let smooth = unsafe { float_vector(api, ctx, label, IN_SMOOTH, k, ("smoothing factors", "K")) }?;
         let mut out_dims = a_shape.dims.clone();
         *out_dims.last_mut().expect("rank >= 1") = n as i64;
+        // Optional residual: Y's shape and A's type, added after the activation.
+        let residual = match unsafe { api::context_input(api, ctx, IN_RESIDUAL) }.map_err(fail)? {
+            None => None,
+            Some(v) => {
+                let sh = unsafe { api::value_shape(api, v) }.map_err(fail)?;
+                if sh.elem != a_shape.elem || sh.dims != out_dims {
+                    return Err(err(format!(
+                        "residual must have the output's shape {out_dims:?} and A's type {}, got {}",
+                        api::elem_name(a_shape.elem),
+                        sh.describe()
+                    )));
+                }
+                Some(unsafe { api::value_data(api, v) }.map_err(fail)?.cast_const())
+            }
+        };
         let mut y_val: *mut OrtValue = std::ptr::null_mut();
         api::check(api, unsafe {
             (api.0.KernelContext_GetOutput)(ctx, 0, out_dims.as_ptr(), out_dims.len(), &mut y_val)
@@ -318,34 +336,41 @@ impl DynqKernel {
         };
         let pool = OrtPool { api, ctx };
         /// # Safety
-        /// `a` and `y` point to `m * k` and `m * n` values of type `T`, `y` not aliased.
+        /// `a` and `y` point to `m * k` and `m * n` values of type `T`, `residual` (if any) to
+        /// `m * n` values of type `T`; `y` is aliased by neither.
         unsafe fn run<T: Element>(
             w: &PackedWeights,
             (a, y): (*const u8, *mut u8),
             (m, n, k): (usize, usize, usize),
-            (smooth, bias): (Option<&[f32]>, Option<&[f32]>),
+            (smooth, bias, residual): (Option<&[f32]>, Option<&[f32]>, Option<*const u8>),
             opts: &GemmOptions,
             pool: &OrtPool,
         ) -> crate::Result<()> {
             let align = std::mem::align_of::<T>();
-            if !(a as usize).is_multiple_of(align) || !(y as usize).is_multiple_of(align) {
+            let aligned = |p: *const u8| (p as usize).is_multiple_of(align);
+            if !aligned(a) || !aligned(y) || residual.is_some_and(|r| !aligned(r)) {
                 return Err(Error::InvalidArgument(format!("a tensor buffer is not aligned to {align} bytes")));
             }
             // SAFETY: per the contract; alignment checked above.
-            let (a, y) = unsafe {
-                (std::slice::from_raw_parts(a.cast::<T>(), m * k), std::slice::from_raw_parts_mut(y.cast::<T>(), m * n))
+            let (a, y, residual) = unsafe {
+                (
+                    std::slice::from_raw_parts(a.cast::<T>(), m * k),
+                    std::slice::from_raw_parts_mut(y.cast::<T>(), m * n),
+                    residual.map(|r| Residual { data: std::slice::from_raw_parts(r.cast::<T>(), m * n), ld: n }),
+                )
             };
-            gemm_smoothed_on(w, a, m, k, smooth, bias, y, n, opts, pool)
+            gemm_fused_on(w, a, m, k, &Fused { smooth, bias, residual }, y, n, opts, pool)
         }
         let ptrs = (a_ptr.cast_const(), y_ptr);
-        // SAFETY: A holds m * k values of its element type (its shape), Y was just allocated
-        // with m * n values of the same type (checked above) and nobody else sees it until this
-        // call returns.
+        // SAFETY: A holds m * k values of its element type (its shape), the residual m * n of
+        // that type (checked above), Y was just allocated with m * n values of the same type
+        // (checked above) and nobody else sees it until this call returns (ONNX Runtime gives a
+        // custom op's output a buffer of its own).
         let r = unsafe {
             if a_shape.elem == ELEM_FLOAT16 {
-                run::<half::f16>(w, ptrs, (m, n, k), (smooth, bias), &opts, &pool)
+                run::<half::f16>(w, ptrs, (m, n, k), (smooth, bias, residual), &opts, &pool)
             } else {
-                run::<f32>(w, ptrs, (m, n, k), (smooth, bias), &opts, &pool)
+                run::<f32>(w, ptrs, (m, n, k), (smooth, bias, residual), &opts, &pool)
             }
         };
         r.map_err(OpError::from).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })

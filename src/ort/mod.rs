@@ -62,7 +62,7 @@ pub mod cache;
 pub mod kernel;
 
 use api::Api;
-use kernel::{DynqKernel, OpError, IN_A, IN_BIAS, IN_SCALES, IN_SMOOTH, IN_W};
+use kernel::{DynqKernel, OpError, IN_A, IN_BIAS, IN_RESIDUAL, IN_SCALES, IN_SMOOTH, IN_W};
 use ort_sys::{
     ONNXTensorElementDataType, OrtApi, OrtApiBase, OrtCustomOp, OrtCustomOpDomain,
     OrtCustomOpInputOutputCharacteristic, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtMemType, OrtSessionOptions,
@@ -119,7 +119,7 @@ unsafe extern "system" fn get_input_type(_op: *const OrtCustomOp, _index: usize)
 }
 
 unsafe extern "system" fn get_input_count(_op: *const OrtCustomOp) -> usize {
-    5
+    6
 }
 
 // The output has A's element type: the op is registered twice under the same name, with a
@@ -143,7 +143,7 @@ unsafe extern "system" fn get_input_characteristic(
     _op: *const OrtCustomOp,
     index: usize,
 ) -> OrtCustomOpInputOutputCharacteristic {
-    if index == IN_BIAS || index == IN_SMOOTH {
+    if index == IN_BIAS || index == IN_SMOOTH || index == IN_RESIDUAL {
         OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
     } else {
         OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
@@ -247,8 +247,8 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     let mut count = 0usize;
     // SAFETY: `ctx` is live (all calls below).
     unsafe { api::check(api, (api.0.ShapeInferContext_GetInputCount)(ctx, &mut count))? };
-    if !(3..=5).contains(&count) {
-        return Err(format!("expects 3 to 5 inputs (A, W, scales[, bias[, smooth]]), got {count}"));
+    if !(3..=6).contains(&count) {
+        return Err(format!("expects 3 to 6 inputs (A, W, scales[, bias[, smooth[, residual]]]), got {count}"));
     }
     let a = unsafe { infer_input(api, ctx, IN_A)? };
     let w = unsafe { infer_input(api, ctx, IN_W)? };
@@ -277,6 +277,16 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             if b.shape.elem != 0 && b.shape.elem != api::ELEM_FLOAT {
                 return Err(format!("{what} must be float, got {}", api::elem_name(b.shape.elem)));
             }
+        }
+    }
+    if IN_RESIDUAL < count {
+        let r = unsafe { infer_input(api, ctx, IN_RESIDUAL)? };
+        if r.shape.elem != 0 && r.shape.elem != a.shape.elem {
+            return Err(format!(
+                "residual must have A's type ({}), got {}",
+                api::elem_name(a.shape.elem),
+                api::elem_name(r.shape.elem)
+            ));
         }
     }
     // Rank 0 means a scalar or an unknown shape here: then only the output type is known.

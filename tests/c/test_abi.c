@@ -1565,6 +1565,69 @@ static void test_gemm_smoothed(void)
     free(y2);
 }
 
+/* dynq_gemm_residual: exactly dynq_gemm_smoothed followed by one float addition per element
+   (in C, with FLT_EVAL_METHOD 0), at a residual stride above n; NULL residual =
+   dynq_gemm_smoothed; a residual overlapping y, a stride below n and a NULL y refused. */
+static void test_gemm_residual(void)
+{
+    const size_t m = 29, n = 45, k = 66, ldr = 51;
+    int8_t *q = ALLOC(int8_t, n * k);
+    float *sw = ALLOC(float, n), *bias = ALLOC(float, n), *sm = ALLOC(float, k);
+    float *a = ALLOC(float, m * k), *r = ALLOC(float, m * ldr);
+    float *y1 = ALLOC(float, m * n), *y2 = ALLOC(float, m * n);
+    dynq_gemm_config c = gemm_cfg(0, 0, 2 /* GELU */, 2);
+    dynq_packed_weights *p;
+    size_t i, j;
+    int same = 1;
+    random_q(q, n * k);
+    for (j = 0; j < n; j++) {
+        sw[j] = 0.003f * (float)(j % 11 + 1);
+        bias[j] = rnd_f();
+    }
+    for (j = 0; j < k; j++) {
+        sm[j] = 0.5f + 0.125f * (float)(j % 9);
+    }
+    for (i = 0; i < m * ldr; i++) {
+        r[i] = 4.0f * rnd_f();
+    }
+    random_a(a, m, k, k, 0);
+    p = pack_q(q, n, k, sw, n);
+    EXPECT_OK("dynq_gemm_smoothed", dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, y1, DYNQ_DTYPE_F32, n, &c));
+    EXPECT_OK("dynq_gemm_residual",
+              dynq_gemm_residual(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, r, ldr, y2, DYNQ_DTYPE_F32, n, &c));
+    for (i = 0; i < m; i++) {
+        for (j = 0; j < n; j++) {
+            float want = y1[i * n + j] + r[i * ldr + j];
+            same &= memcmp(&want, &y2[i * n + j], sizeof want) == 0;
+        }
+    }
+    check(same, "dynq_gemm_residual equals dynq_gemm_smoothed plus the residual, bit for bit");
+    EXPECT_OK("dynq_gemm_residual(residual=NULL)",
+              dynq_gemm_residual(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, NULL, 0, y2, DYNQ_DTYPE_F32, n, &c));
+    check(memcmp(y1, y2, m * n * sizeof(float)) == 0, "dynq_gemm_residual with no residual equals dynq_gemm_smoothed");
+    EXPECT_OK("dynq_gemm_residual(m=0)",
+              dynq_gemm_residual(p, NULL, DYNQ_DTYPE_F32, 0, k, NULL, NULL, NULL, n, NULL, DYNQ_DTYPE_F32, n, &c));
+    fill_sentinel(y2, m * n);
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "row stride 44 is smaller", "dynq_gemm_residual(ldr < n)",
+           dynq_gemm_residual(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, r, n - 1, y2, DYNQ_DTYPE_F32, n, &c));
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "y overlaps residual", "dynq_gemm_residual(residual = y)",
+           dynq_gemm_residual(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, y2, n, y2, DYNQ_DTYPE_F32, n, &c));
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "y overlaps residual", "dynq_gemm_residual(residual overlaps y)",
+           dynq_gemm_residual(p, a, DYNQ_DTYPE_F32, 2, k, sm, bias, y2 + n, n, y2, DYNQ_DTYPE_F32, n, &c));
+    check(all_sentinel(y2, m * n), "y untouched after a refused residual");
+    EXPECT(DYNQ_STATUS_NULL_POINTER, "y", "dynq_gemm_residual(y=NULL)",
+           dynq_gemm_residual(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, r, ldr, NULL, DYNQ_DTYPE_F32, n, &c));
+    dynq_packed_weights_free(p);
+    free(q);
+    free(sw);
+    free(bias);
+    free(sm);
+    free(a);
+    free(r);
+    free(y1);
+    free(y2);
+}
+
 /* Every pointer argument NULL. */
 static void test_null_pointers(void)
 {
@@ -2258,6 +2321,7 @@ int main(int argc, char **argv)
     test_gemm_reference();
     test_gemm_threads();
     test_gemm_smoothed();
+    test_gemm_residual();
     test_null_pointers();
     test_invalid_arguments();
     test_size_overflow();

@@ -176,6 +176,8 @@ def _load():
         lib.dynq_gemm_ex.argtypes = [P, P, u32, sz, sz, P, P, u32, sz, ctypes.POINTER(_GemmConfig)]
         lib.dynq_gemm_smoothed.restype = u32
         lib.dynq_gemm_smoothed.argtypes = [P, P, u32, sz, sz, P, P, P, u32, sz, ctypes.POINTER(_GemmConfig)]
+        lib.dynq_gemm_residual.restype = u32
+        lib.dynq_gemm_residual.argtypes = [P, P, u32, sz, sz, P, P, P, sz, P, u32, sz, ctypes.POINTER(_GemmConfig)]
         if hasattr(lib, "dynq_ort_weight_cache_stats"):
             lib.dynq_ort_weight_cache_stats.restype = None
             lib.dynq_ort_weight_cache_stats.argtypes = [ctypes.POINTER(sz), ctypes.POINTER(sz)] + [
@@ -368,13 +370,18 @@ def gemm(
     epilogue: str = "none",
     num_threads: int = 0,
     smooth: Optional[np.ndarray] = None,
+    residual: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """``Y = dequant(quant(A) x W) + bias`` then the epilogue (``"none"``, ``"relu"`` or ``"gelu"``).
     ``a`` has shape ``[..., K]``; the result has shape ``[..., N]`` and the type of ``a`` when it
     is float16 (widened exactly, computed as float32, rounded to nearest-even), else float32.
 
     ``smooth`` (K positive finite values): per-input-channel smoothing factors; ``a * smooth``
-    is what gets quantized (``dynq_gemm_smoothed``; see :mod:`dynq.onnx.smooth`)."""
+    is what gets quantized (``dynq_gemm_smoothed``; see :mod:`dynq.onnx.smooth`).
+
+    ``residual`` (the result's shape): added after the epilogue, ``act(A W + bias) + residual``
+    with one f32 addition per element (``dynq_gemm_residual``): the skip connection of a
+    transformer block, fused. It is converted to the result's type first."""
     if packed._h is None:
         raise ValueError("packed weights were closed")
     half = isinstance(a, np.ndarray) and a.dtype == np.float16
@@ -394,10 +401,21 @@ def gemm(
     cfg.epilogue = _enum(_EPILOGUE, epilogue, "epilogue")
     cfg.num_threads = int(num_threads)
     a_ptr, b_ptr, y_ptr = (a.ctypes.data if m else None), (b.ctypes.data if b is not None else None), (y.ctypes.data if m else None)
+    sm = None
     if smooth is not None:
         sm = np.ascontiguousarray(smooth, dtype=np.float32).ravel()
         if sm.size != packed.k:
             raise ValueError(f"smooth must have {packed.k} values, got {sm.size}")
+    if residual is not None:
+        r = np.ascontiguousarray(residual, dtype=y.dtype)
+        if r.shape != y.shape:
+            raise ValueError(f"residual must have the result's shape {y.shape}, got {r.shape}")
+        dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
+        _check(lib.dynq_gemm_residual(
+            packed._h, a_ptr, dt, m, packed.k, sm.ctypes.data if sm is not None else None, b_ptr,
+            r.ctypes.data if m else None, packed.n, y_ptr, dt, packed.n, ctypes.byref(cfg)))
+        return y
+    if sm is not None:
         dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
         _check(lib.dynq_gemm_smoothed(packed._h, a_ptr, dt, m, packed.k, sm.ctypes.data, b_ptr, y_ptr, dt, packed.n, ctypes.byref(cfg)))
         return y

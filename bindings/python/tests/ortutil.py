@@ -21,14 +21,21 @@ def model(nodes, inputs, outputs, inits=(), value_infos=()):
 ORT_EMPTY_MIDDLE_INPUT = (1, 31)
 
 
-def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, elem=TensorProto.FLOAT, smooth=None, **attrs):
-    """A model computing Y = DynQMatMul(A, W, scales[, bias[, smooth]]); W is an initializer
-    (const=True) or a graph input (const=False); A and Y have element type `elem`."""
+def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, elem=TensorProto.FLOAT, smooth=None, residual=False, **attrs):
+    """A model computing Y = DynQMatMul(A, W, scales[, bias[, smooth[, R]]]); W is an initializer
+    (const=True) or a graph input (const=False); A and Y have element type `elem`. With
+    residual=True, R is a graph input of Y's shape (bias and smooth then default to zeros and
+    ones rather than empty inputs, see ORT_EMPTY_MIDDLE_INPUT)."""
     k, n = w_q.shape
     a_shape = [k if d is None else d for d in a_shape]
+    if residual:
+        bias = np.zeros(n, np.float32) if bias is None else bias
+        smooth = np.ones(k, np.float32) if smooth is None else smooth
     ins = ["A", "W", "S"] + (["B"] if bias is not None else [])
     if smooth is not None:
         ins += ([""] if bias is None else []) + ["M"]  # see ORT_EMPTY_MIDDLE_INPUT
+    if residual:
+        ins.append("R")
     node = helper.make_node("DynQMatMul", ins, ["Y"], domain="dynq", name="dq", **attrs)
     inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "S")]
     if bias is not None:
@@ -36,6 +43,8 @@ def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=Tru
     if smooth is not None:
         inits.append(numpy_helper.from_array(np.asarray(smooth, np.float32), "M"))
     inputs = [helper.make_tensor_value_info("A", elem, a_shape)]
+    if residual:
+        inputs.append(helper.make_tensor_value_info("R", elem, a_shape[:-1] + [n]))
     if const:
         inits.append(numpy_helper.from_array(w_q, "W"))
     else:

@@ -189,6 +189,52 @@ def test_smoothing_factors_equal_premultiplied_activations(gran, with_bias):
         np.testing.assert_array_equal(y16, lib.astype(np.float16))
 
 
+
+@pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
+def test_residual_input_adds_after_the_activation(gran):
+    """The optional 6th input `residual` (Y's shape, A's type): Y = act(A W + bias) + residual,
+    bit for bit the node without it plus one f32 addition (numpy's), on 1 and 2 threads, with
+    3-d A; the library call gives the same bits; float16 A and residual too."""
+    k, n = 96, 40
+    q, s = weights(k, n, 5)
+    b = RNG.standard_normal(n).astype(np.float32)
+    smooth = (10.0 ** RNG.uniform(-1, 1, size=k)).astype(np.float32)
+    a = (RNG.standard_normal((3, 70, k)) * 3).astype(np.float32)
+    r = (RNG.standard_normal((3, 70, n)) * 5).astype(np.float32)
+    base = session(dynq_model(q, s, b, act_granularity=gran, activation="gelu", smooth=smooth)).run(None, {"A": a})[0]
+    m = dynq_model(q, s, b, act_granularity=gran, activation="gelu", smooth=smooth, residual=True)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(session(m, threads).run(None, {"A": a, "R": r})[0], base + r)
+    p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
+    np.testing.assert_array_equal(base + r, dynq.gemm(p, a, bias=b, act_granularity=gran, epilogue="gelu", smooth=smooth, residual=r))
+    # No bias, no smoothing: the placeholders (zeros, ones) change nothing.
+    plain = session(dynq_model(q, s, act_granularity=gran)).run(None, {"A": a})[0]
+    np.testing.assert_array_equal(session(dynq_model(q, s, act_granularity=gran, residual=True)).run(None, {"A": a, "R": r})[0], plain + r)
+    if ORT_VERSION >= ORT_F16_OP:
+        a16, r16 = a.astype(np.float16), r.astype(np.float16)
+        m16 = dynq_model(q, s, b, act_granularity=gran, residual=True, elem=TensorProto.FLOAT16)
+        y16 = session(m16).run(None, {"A": a16, "R": r16})[0]
+        lib = dynq.gemm(p, a16.astype(np.float32), bias=b, act_granularity=gran)
+        np.testing.assert_array_equal(y16, (lib + r16.astype(np.float32)).astype(np.float16))
+
+
+def test_bad_residual_gives_clear_errors():
+    q, s = weights(8, 4)
+    a = np.ones((2, 8), np.float32)
+    sess = session(dynq_model(q, s, a_shape=["m", None], residual=True))
+    # R is declared [m, 4]; a residual of another row count is refused by the op itself.
+    m = dynq_model(q, s, a_shape=["m", None], residual=True)
+    m.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "r"
+    with pytest.raises(Exception) as e:
+        session(m).run(None, {"A": a, "R": np.ones((3, 4), np.float32)})
+    assert "residual must have the output's shape [2, 4]" in str(e.value) and "DynQMatMul node 'dq'" in str(e.value), str(e.value)
+    node = helper.make_node("DynQMatMul", ["A", "W", "S", "B", "M", "R"], ["Y"], domain="dynq", name="bad")
+    inits = [numpy_helper.from_array(q, "W"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(np.zeros(4, np.float32), "B")]
+    inits += [numpy_helper.from_array(np.ones(8, np.float32), "M"), numpy_helper.from_array(np.ones((2, 4)), "R")]
+    msg = bad([node], [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", 8])], inits, {"A": a})
+    assert "A's type float, got double [2, 4]" in msg, msg
+    np.testing.assert_array_equal(sess.run(None, {"A": a, "R": np.ones((2, 4), np.float32)})[0].shape, (2, 4))
+
 def test_bad_smoothing_factors_give_clear_errors():
     q, s = weights(8, 4)
     a = np.ones((2, 8), np.float32)

@@ -34,6 +34,7 @@ def _quantize(args) -> int:
         min_size=args.min_size,
         fuse_bias=not args.no_fuse_bias,
         fuse_activation=not args.no_fuse_activation,
+        fuse_residual=not args.no_fuse_residual,
         convert_quantized=not args.no_convert_quantized,
         quantize_embeddings=not args.no_embeddings,
         smooth=args.smooth,
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     q.add_argument("--exclude-op-types", metavar="T1,T2", help="op types to leave alone (e.g. Gemm, Gather, MatMulInteger)")
     q.add_argument("--min-size", type=int, default=0, help="skip weights with fewer than this many elements (K*N)")
     q.add_argument("--no-fuse-bias", action="store_true", help="do not fold a following bias Add")
+    q.add_argument("--no-fuse-residual", action="store_true", help="do not fold a following Add of a same-shape tensor (the skip connection)")
     q.add_argument("--no-fuse-activation", action="store_true", help="do not fuse a following Relu/GELU")
     q.add_argument("--no-convert-quantized", action="store_true", help="leave MatMulInteger/DynamicQuantizeMatMul as they are")
     q.add_argument("--no-embeddings", action="store_true", help="keep embedding tables (Gather) in fp32")

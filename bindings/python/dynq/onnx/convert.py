@@ -55,6 +55,7 @@ class QuantizeOptions:
     min_size: int = 0  # skip weights with fewer than this many elements (K * N)
     fuse_bias: bool = True
     fuse_activation: bool = True
+    fuse_residual: bool = True  # fold a following Add of a same-shape tensor (the skip connection)
     convert_quantized: bool = True  # MatMulInteger / DynamicQuantizeMatMul / MatMulIntegerToFloat
     quantize_embeddings: bool = True  # Gather on a constant float [V, D] table
     smooth: str = "auto"  # "auto": activation smoothing where it measurably helps (see smooth.py); "off"
@@ -102,6 +103,7 @@ class LayerRecord:
     smooth_alpha: Optional[float] = None  # activation smoothing applied (its alpha), or None
     smooth_gain_db: Optional[float] = None  # the layer's SQNR gain measured on calibration data
     fused_nodes: List[str] = field(default_factory=list)
+    residual: Optional[str] = None  # the tensor added after the activation (a folded skip-connection Add)
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Report:
             + f"; weights {self.fp32_weight_bytes / 1e6:.1f} MB fp32 -> {self.int8_weight_bytes / 1e6:.1f} MB int8"
         ]
         fused = sum(1 for r in self.converted if r.bias)
+        nres = sum(1 for r in self.converted if r.residual)
         acts = {}
         for r in self.converted:
             if r.activation != "none":
@@ -127,6 +130,7 @@ class Report:
         lines.append(
             f"  bias folded: {fused}; activations fused: "
             + (", ".join(f"{k} {v}" for k, v in sorted(acts.items())) or "none")
+            + f"; residual Adds folded: {nres}"
         )
         sm = [r for r in self.converted if r.smooth_alpha is not None]
         if sm:
@@ -230,10 +234,18 @@ class _Graph:
                 self.subgraph_uses.update(sn.input)
         self._counted: set = set()
         self.ranks: Dict[str, int] = {}
+        # (element type, dims) where every dim is known: a value, or a symbol (dim_param).
+        self.shapes: Dict[str, Tuple[int, Tuple]] = {}
         for vi in list(g.value_info) + list(g.input) + list(g.output):
             t = vi.type.tensor_type
             if t.HasField("shape"):
                 self.ranks[vi.name] = len(t.shape.dim)
+                dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+                if all(d is not None and d != 0 for d in dims):
+                    self.shapes[vi.name] = (t.elem_type, dims)
+        for t in g.initializer:
+            if t.name not in self.graph_inputs:
+                self.shapes[t.name] = (t.data_type, tuple(t.dims))
 
     def const(self, name: str) -> Optional[np.ndarray]:
         """The value of a constant (initializer that is not a graph input, or Constant node)."""
@@ -331,6 +343,22 @@ def _match_bias(G: _Graph, out: str, n: int, x_name: str) -> Optional[Tuple[onnx
         if any(d != 1 for d in b.shape[:-1]) or xr is None or xr < b.ndim:
             return None
     return add, b.reshape(n).astype(np.float32)
+
+
+def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]:
+    """A following `Add(out, r)` where `r` has exactly the shape and type of `out` (both known
+    from shape inference: the same values or the same symbols), so no broadcasting is involved:
+    the skip connection of a transformer block."""
+    add = G.sole_consumer(out)
+    if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    other = _other_input(add, out)
+    if other is None or other in G.subgraph_uses:
+        return None
+    so, sr = G.shapes.get(out), G.shapes.get(other)
+    if so is None or so != sr or so[0] not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        return None
+    return add, other
 
 
 def _close(v: Optional[float], target: float, tol: float = 1e-3) -> bool:
@@ -501,8 +529,15 @@ def quantize_model(
     # matrices) share its int8 initializers instead of storing them once per layer.
     emitted_w: Dict[Tuple, Tuple[str, str]] = {}
 
-    def emit(anchor: onnx.NodeProto, rec: LayerRecord, x: str, q: np.ndarray, scales: np.ndarray, bias, dead: List[onnx.NodeProto], smooth=None):
+    def emit(anchor: onnx.NodeProto, rec: LayerRecord, x: str, q: np.ndarray, scales: np.ndarray, bias, dead: List[onnx.NodeProto], smooth=None, residual=None):
         base = rec.name or rec.output
+        if residual is not None:
+            # The node takes the place of the residual Add, where the residual tensor is sure to
+            # exist (it may be computed after the MatMul); the MatMul's place is then empty.
+            dead = [d for d in dead if d is not residual[0]] + [anchor]
+            node_anchor = residual[0]
+        else:
+            node_anchor = anchor
         scales = np.ascontiguousarray(scales, dtype=np.float32)
         q = np.ascontiguousarray(q)
         key = (q.shape, q.dtype.str, hashlib.blake2b(q.data, digest_size=32).digest(), scales.shape, scales.tobytes())
@@ -512,12 +547,15 @@ def quantize_model(
         inputs = [x, *emitted_w[key]]
         if bias is not None:
             inputs.append(add_init(base + "_bias", bias.astype(np.float32)))
-        if smooth is not None:
+        if smooth is not None or residual is not None:
             if bias is None:
                 # A zero bias rather than an empty optional input: ONNX Runtime up to 1.21 at least
                 # crashes creating a session whose custom-op node leaves a middle input empty.
                 inputs.append(add_init(base + "_bias", np.zeros(q.shape[1], np.float32)))
-            inputs.append(add_init(base + "_smooth", smooth.astype(np.float32)))
+            # Likewise factors of 1 (the op skips them: x * 1 == x) rather than no factors.
+            inputs.append(add_init(base + "_smooth", (smooth if smooth is not None else np.ones(q.shape[0])).astype(np.float32)))
+        if residual is not None:
+            inputs.append(residual[1])
         attrs = {}
         if opts.act_granularity != "per_row":
             attrs["act_granularity"] = opts.act_granularity
@@ -534,16 +572,18 @@ def quantize_model(
             node_names.add(name)
         node = helper.make_node(OP, inputs, [rec.output], name=name, domain=DOMAIN, **attrs)
         node.doc_string = f"dynq: from {rec.source} " + ", ".join(rec.fused_nodes)
-        replacement[id(anchor)] = [node]
+        replacement[id(node_anchor)] = [node]
         for d in dead:
             removed.add(id(d))
         report.converted.append(rec)
         report.int8_weight_bytes += (0 if shared else q.size + 4 * scales.size) + (4 * smooth.size if smooth is not None else 0)
 
+
     def fuse_tail(out: str, n: int, x: str, bias: Optional[np.ndarray] = None):
-        """Bias Add and activation after `out`: (bias, activation, final output, nodes fused).
-        A `bias` the node already has (Gemm's C, DynamicQuantizeMatMul's B) is kept and no Add
-        is folded on top of it; only the activation is then looked for."""
+        """Bias Add, activation and residual Add after `out`: (bias, activation, final output,
+        nodes fused, (residual Add, residual tensor) or None). A `bias` the node already has
+        (Gemm's C, DynamicQuantizeMatMul's B) is kept and no Add is folded on top of it; only
+        the activation and the residual are then looked for."""
         fused: List[onnx.NodeProto] = []
         if bias is None and opts.fuse_bias:
             mb = _match_bias(G, out, n, x)
@@ -557,7 +597,15 @@ def quantize_model(
             if ma is not None:
                 act, nodes, out = ma
                 fused.extend(nodes)
-        return bias, act, out, fused
+        residual = None
+        if opts.fuse_residual:
+            mr = _match_residual(G, out)
+            # An Add of two layers' outputs is folded into the first of them only.
+            if mr is not None and id(mr[0]) not in removed and id(mr[0]) not in replacement:
+                residual = mr  # (the Add, the residual tensor)
+                fused.append(mr[0])
+                out = mr[0].output[0]
+        return bias, act, out, fused, residual
 
     candidates = [n for n in g.node if n.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gather")]
     prog = _Progress(len(candidates), progress)
@@ -672,7 +720,7 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     out = node.output[0]
     if G.first_use(wname):
         report.fp32_weight_bytes += w_bytes
-    bias, act, final, fused = fuse_tail(out, n, x, bias_from_gemm)
+    bias, act, final, fused, residual = fuse_tail(out, n, x, bias_from_gemm)
     choice = None
     acts = calib.activations(x) if calib is not None else None
     if acts is not None and acts.shape[1] == k:
@@ -696,8 +744,9 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
         fused_nodes=[f.name or f.op_type for f in fused],
         smooth_alpha=choice.alpha if choice else None,
         smooth_gain_db=choice.gain_db if choice else None,
+        residual=residual[1] if residual else None,
     )
-    emit(node, rec, x, q, scales, bias, fused, choice.smooth if choice else None)
+    emit(node, rec, x, q, scales, bias, fused, choice.smooth if choice else None, residual)
 
 
 def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tail, removed):
@@ -736,7 +785,7 @@ def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tai
         raise _Skip("below --min-size")
     q8, scales, nreq = _int_weights_to_int8(q, zp, wscale)
     out = mul.output[0]
-    bias, act, final, fused = fuse_tail(out, n, x)
+    bias, act, final, fused, residual = fuse_tail(out, n, x)
     rec = LayerRecord(
         name=node.name,
         source="MatMulInteger",
@@ -749,6 +798,7 @@ def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tai
         weight_granularity="per_channel" if scales.size > 1 else "per_tensor",
         requantized_channels=nreq,
         fused_nodes=[f.name or f.op_type for f in [cast, mul] + fused],
+        residual=residual[1] if residual else None,
     )
     if G.first_use(wname):
         report.fp32_weight_bytes += q.size * 4
@@ -756,7 +806,7 @@ def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tai
     dead = [cast, mul] + fused
     if G.sole_consumer(smul.output[0]) is mul:
         dead.append(smul)
-    emit(node, rec, x, q8, scales, bias, dead)
+    emit(node, rec, x, q8, scales, bias, dead, residual=residual)
 
 
 def _convert_ms_quantized(node, G: _Graph, opts, report: Report, emit, fuse_tail):
@@ -795,7 +845,7 @@ def _convert_ms_quantized(node, G: _Graph, opts, report: Report, emit, fuse_tail
             raise _Skip("bias is not a constant of N values")
         bias = b.reshape(n).astype(np.float32)
     out = node.output[0]
-    bias, act, out, fused = fuse_tail(out, n, x, bias)
+    bias, act, out, fused, residual = fuse_tail(out, n, x, bias)
     rec = LayerRecord(
         name=node.name,
         source=node.op_type,
@@ -808,10 +858,11 @@ def _convert_ms_quantized(node, G: _Graph, opts, report: Report, emit, fuse_tail
         weight_granularity="per_channel" if scales.size > 1 else "per_tensor",
         requantized_channels=nreq,
         fused_nodes=[f.name or f.op_type for f in fused],
+        residual=residual[1] if residual else None,
     )
     if G.first_use(wname):
         report.fp32_weight_bytes += q.size * 4
-    emit(node, rec, x, q8, scales, bias, fused)
+    emit(node, rec, x, q8, scales, bias, fused, residual=residual)
 
 
 def _convert_gather(node, G: _Graph, opts, report: Report, replacement, add_init, used_names, node_names):

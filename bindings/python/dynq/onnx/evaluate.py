@@ -161,8 +161,12 @@ def _dynq_layers(model: onnx.ModelProto):
             yield n, attrs, inits
 
 
+def _residual_name(node) -> Optional[str]:
+    return node.input[5] if len(node.input) > 5 and node.input[5] else None
+
+
 def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
-    """The layer alone on fp32 input `x`, through the dynq C ABI."""
+    """The layer alone on fp32 input `x`, without its residual if it has one, through the dynq C ABI."""
     from .. import PackedWeights, gemm
 
     q = numpy_helper.to_array(inits[node.input[1]])
@@ -297,6 +301,7 @@ def evaluate(
     layers = list(_dynq_layers(conv))
     names_out = [n.output[0] for n, _, _ in layers]
     names_in = [n.input[0] for n, _, _ in layers]
+    names_in += [r for r in (_residual_name(n) for n, _, _ in layers) if r and r not in names_in]
     ev = Evaluation(samples=len(feeds_list))
     fp32_sess = session(_with_outputs(fp32, names_out + names_in) if per_layer else fp32, threads, custom_ops=False)
     q_sess = session(_with_outputs(conv, names_out) if per_layer else conv, threads)
@@ -318,8 +323,15 @@ def evaluate(
                     continue
                 acc[key].append(metrics(ref, b[node.output[0]]))
                 x = a.get(node.input[0])
-                if x is not None:
+                rn = _residual_name(node)
+                r = a.get(rn) if rn else None
+                if x is not None and r is None and rn is None:
                     iso[key].append(metrics(ref, _isolated(node, attrs, inits, x)))
+                elif x is not None and r is not None:
+                    # A folded skip connection: the layer's own error is judged against the
+                    # layer's own output (without the residual both sides share), so that mixed
+                    # precision ranks it like the unfolded layer.
+                    iso[key].append(metrics(ref - r, _isolated(node, attrs, inits, x)))
         for node, attrs, _ in layers:
             key = node.name or node.output[0]
             ms, iv = acc[key], iso[key]
