@@ -198,6 +198,34 @@ public:
         return y;
     }
 
+    /* Plus a residual (dynq_gemm_residual): y = act(product + bias) + residual, one float
+       addition per element after the epilogue (a transformer's skip connection, fused).
+       residual is empty (then this is gemm_smoothed) or m * n floats; smooth and bias as in
+       gemm_smoothed. */
+    std::vector<float> gemm_residual(const std::vector<float> &a, const std::vector<float> &residual,
+                                     const std::vector<float> &smooth = std::vector<float>(),
+                                     const std::vector<float> &bias = std::vector<float>(),
+                                     const dynq_gemm_config *config = NULL) const
+    {
+        dynq_packed_weights_info i = info();
+        if (residual.empty() || a.size() % i.k != 0 || (!smooth.empty() && smooth.size() != i.k) ||
+            (!bias.empty() && bias.size() != i.n)) {
+            return gemm_smoothed(a, smooth, bias, config); /* no residual, or it throws the same messages */
+        }
+        std::size_t m = a.size() / i.k;
+        if (residual.size() != m * i.n) {
+            throw error(DYNQ_STATUS_INVALID_ARGUMENT, "dynq::packed_weights::gemm_residual: residual has " +
+                                                          std::to_string(residual.size()) + " floats, expected m * n = " +
+                                                          std::to_string(m * i.n));
+        }
+        std::vector<float> y(m * i.n);
+        check(dynq_gemm_residual(p_, m ? a.data() : NULL, DYNQ_DTYPE_F32, m, i.k, smooth.empty() ? NULL : smooth.data(),
+                                 bias.empty() ? NULL : bias.data(), m ? residual.data() : NULL, i.n, m ? y.data() : NULL,
+                                 DYNQ_DTYPE_F32, i.n, config),
+              "dynq_gemm_residual");
+        return y;
+    }
+
     const dynq_packed_weights *get() const noexcept { return p_; }
     /* Gives up ownership; the caller frees the handle with dynq_packed_weights_free. */
     dynq_packed_weights *release() noexcept

@@ -13,7 +13,7 @@
 //! widening loads of weights, six 32-bit broadcasts of activation pairs, 12 `vpmaddwd` and
 //! 12 `vpaddd` into 12 accumulators (15 of the 16 ymm registers).
 
-use super::{pack_panels, unpack_panels, DequantRow, Kernel, RowOps, TileOut};
+use super::{pack_panels, unpack_panels, DequantRow, F32Tile, Kernel, RowOps, TileOut};
 use crate::gemm::{Epilogue, ERF_P, ERF_Q};
 use crate::isa::Isa;
 use crate::quant::activations::{quantize_value, QParams};
@@ -101,6 +101,11 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
             }
         }
         deliver_16(&acc, out);
+        if let TileOut::F32(t) = out {
+            if t.residual.is_some() {
+                add_residual(R, t);
+            }
+        }
     }
 }
 
@@ -138,9 +143,6 @@ pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &T
                             v = _mm256_add_ps(v, b[h]);
                         }
                         v = activate(v, t.act);
-                        if let Some((r, ldr)) = t.residual {
-                            v = _mm256_add_ps(v, _mm256_loadu_ps(r.add(i * ldr + 8 * h)));
-                        }
                         _mm256_storeu_ps(y.add(8 * h), v);
                     }
                 }
@@ -153,6 +155,33 @@ pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &T
                     _mm256_storeu_si256(buf.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
                     t.write_row(&OPS_U8, i, &buf);
                 }
+            }
+        }
+    }
+}
+
+/// Adds the residual to the `rows` rows of an f32 tile just written: one f32 addition per
+/// element, 8 lanes at a time, then one by one. Not inlined: see [`F32Tile::add_residual`].
+///
+/// # Safety
+/// The CPU has AVX; `t` satisfies the `F32Tile` contract for `rows` rows.
+#[inline(never)]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
+    let Some((r, ldr)) = t.residual else { return };
+    let cols = t.cols();
+    // SAFETY: rows x cols of y are this tile's, of the residual readable.
+    unsafe {
+        for i in 0..rows {
+            let (y, r) = (t.y.add(i * t.ldy), r.add(i * ldr));
+            let mut j = 0;
+            while j + 8 <= cols {
+                _mm256_storeu_ps(y.add(j), _mm256_add_ps(_mm256_loadu_ps(y.add(j)), _mm256_loadu_ps(r.add(j))));
+                j += 8;
+            }
+            while j < cols {
+                *y.add(j) += *r.add(j);
+                j += 1;
             }
         }
     }

@@ -13,7 +13,7 @@
 //!
 //! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
 
-use super::{pack_panels, unpack_panels, Kernel, RowOps, TileOut};
+use super::{pack_panels, unpack_panels, F32Tile, Kernel, RowOps, TileOut};
 use crate::gemm::{Epilogue, ERF_P, ERF_Q};
 use crate::isa::Isa;
 use crate::quant::ActType;
@@ -184,6 +184,37 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize>(
             g += 1;
         }
         deliver(&acc, out);
+        if let TileOut::F32(t) = out {
+            if t.residual.is_some() {
+                add_residual(R, t);
+            }
+        }
+    }
+}
+
+/// Adds the residual to the `rows` rows of an f32 tile just written: one f32 addition per
+/// element, masked for partial panels. Not inlined: see [`F32Tile::add_residual`].
+///
+/// # Safety
+/// The CPU has AVX-512 F; `t` satisfies the `F32Tile` contract for `rows` rows.
+#[inline(never)]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
+    let Some((r, ldr)) = t.residual else { return };
+    let cols = t.cols();
+    // SAFETY: rows x cols of y are this tile's, of the residual readable; masked lanes are
+    // neither read nor written.
+    unsafe {
+        for i in 0..rows {
+            let (y, r) = (t.y.add(i * t.ldy), r.add(i * ldr));
+            let mut j = 0;
+            while j < cols {
+                let m = lane_mask(cols - j);
+                let v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y.add(j)), _mm512_maskz_loadu_ps(m, r.add(j)));
+                _mm512_mask_storeu_ps(y.add(j), m, v);
+                j += 16;
+            }
+        }
     }
 }
 
@@ -231,9 +262,6 @@ unsafe fn deliver<const R: usize, const W: usize>(acc: &[[__m512i; W]; R], out: 
                             v = _mm512_add_ps(v, b[h]);
                         }
                         v = activate(v, t.act);
-                        if let Some((r, ldr)) = t.residual {
-                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[h], r.add(i * ldr + 16 * h)));
-                        }
                         _mm512_mask_storeu_ps(y.add(16 * h), mask[h], v);
                     }
                 }

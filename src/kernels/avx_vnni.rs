@@ -96,6 +96,11 @@ macro_rules! vnni_ymm_kernel {
                     }
                 }
                 super::avx2::deliver_16(&acc, out);
+                if let TileOut::F32(t) = out {
+                    if t.residual.is_some() {
+                        super::avx2::add_residual(R, t);
+                    }
+                }
             }
         }
     };

@@ -103,13 +103,23 @@ impl F32Tile<'_> {
     /// As [`Self::y_row`]; `ops` belong to an ISA the CPU supports.
     pub unsafe fn write_row(&self, ops: &RowOps, i: usize, acc: &[i32]) {
         // SAFETY: per the contract.
-        let y = unsafe { self.y_row(i) };
-        // SAFETY: per the contract.
-        unsafe { (ops.dequantize_row)(&self.row(i), &acc[..self.cols()], y) };
+        unsafe { (ops.dequantize_row)(&self.row(i), &acc[..self.cols()], self.y_row(i)) }
+    }
+
+    /// Adds the residual (if any) to the first `rows` rows already written: one f32 addition
+    /// per element (the portable form; each ISA's kernel has its own, with the same result).
+    /// Kept out of the kernels' epilogue functions on purpose: growing those stops LLVM from
+    /// inlining them into the K loop, whose accumulators then live in memory (3x slower).
+    ///
+    /// # Safety
+    /// As [`Self::y_row`], for `rows <= ` the tile's rows.
+    pub unsafe fn add_residual(&self, rows: usize) {
         if let Some((r, ldr)) = self.residual {
-            // SAFETY: row i of the residual is `cols` readable floats (the struct's contract).
-            let r = unsafe { std::slice::from_raw_parts(r.add(i * ldr), y.len()) };
-            y.iter_mut().zip(r).for_each(|(y, r)| *y += *r);
+            for i in 0..rows {
+                // SAFETY: per the contract: row i of y is ours, row i of the residual readable.
+                let (y, r) = unsafe { (self.y_row(i), std::slice::from_raw_parts(r.add(i * ldr), self.cols())) };
+                y.iter_mut().zip(r).for_each(|(y, r)| *y += *r);
+            }
         }
     }
 }

@@ -86,6 +86,8 @@ unsafe fn deliver<const NR: usize>(tile: &[[i32; NR]], rows: usize, out: &TileOu
                 // SAFETY: TileOut contract; the scalar row operations run everywhere.
                 unsafe { t.write_row(&scalar::OPS, i, row) };
             }
+            // SAFETY: TileOut contract (`rows` rows written above).
+            unsafe { t.add_residual(rows) };
         }
     }
 }

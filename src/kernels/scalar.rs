@@ -84,6 +84,8 @@ unsafe fn gemm_u8s8_i32_4x8c4__scalar(
                 // SAFETY: TileOut contract; the scalar ops run everywhere.
                 unsafe { t.write_row(&OPS, i, row) };
             }
+            // SAFETY: TileOut contract (mr rows written above).
+            unsafe { t.add_residual(mr) };
         }
     }
 }

@@ -338,6 +338,28 @@ void test_defaults_and_raw_call()
         threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("[3] is 0") != std::string::npos;
     }
     check(threw, "gemm_smoothed with a zero factor throws the library's message");
+    smooth[3] = 1.5f;
+
+    // A residual: the same bits as gemm_smoothed followed by one float addition per element.
+    std::vector<float> res(m * n);
+    for (size_t e = 0; e < m * n; e++) {
+        res[e] = 0.5f * static_cast<float>(static_cast<int>(e % 23) - 11);
+    }
+    std::vector<float> base = w.gemm_smoothed(a, smooth, bias);
+    for (size_t e = 0; e < m * n; e++) {
+        base[e] += res[e];
+    }
+    check(same_bits(w.gemm_residual(a, res, smooth, bias), base, why),
+          "gemm_residual equals gemm_smoothed plus the residual: " + why);
+    check(same_bits(w.gemm_residual(a, std::vector<float>(), smooth, bias), w.gemm_smoothed(a, smooth, bias), why),
+          "gemm_residual without a residual equals gemm_smoothed: " + why);
+    threw = false;
+    try {
+        w.gemm_residual(a, std::vector<float>(m * n - 1, 1.0f));
+    } catch (const dynq::error &e) {
+        threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("residual") != std::string::npos;
+    }
+    check(threw, "gemm_residual with m * n - 1 values throws INVALID_ARGUMENT");
 }
 
 void test_serialize()
