@@ -104,7 +104,7 @@ func (s Slice) checkTag(op, name string) error {
 // infinity in a or bias fails with StatusNonFinite naming the element, leaving y untouched.
 // opts may be nil. Safe to call from many goroutines at once.
 func (p *PackedWeights) GemmEx(y, a Slice, bias []float32, opts *GemmOptions) error {
-	return p.gemmTyped("GemmEx", y, a, nil, bias, opts, false)
+	return p.gemmTyped("GemmEx", cGemmEx, y, a, nil, bias, Slice{}, opts)
 }
 
 // GemmSmoothed is GemmEx with per-input-channel smoothing factors (SmoothQuant): row i of a is
@@ -120,13 +120,42 @@ func (p *PackedWeights) GemmEx(y, a Slice, bias []float32, opts *GemmOptions) er
 // [j] is NaN; ..."), a product that overflows float32 with StatusNonFinite; y is then left
 // untouched. smooth must not share memory with y. Everything else as GemmEx.
 func (p *PackedWeights) GemmSmoothed(y, a Slice, smooth, bias []float32, opts *GemmOptions) error {
-	return p.gemmTyped("GemmSmoothed", y, a, smooth, bias, opts, true)
+	return p.gemmTyped("GemmSmoothed", cGemmSmoothed, y, a, smooth, bias, Slice{}, opts)
 }
 
-// gemmTyped holds the checks and the C call of GemmEx (dynq_gemm_ex) and GemmSmoothed
-// (dynq_gemm_smoothed, with smooth nil or K() values).
-func (p *PackedWeights) gemmTyped(op string, y, a Slice, smooth, bias []float32, opts *GemmOptions,
-	smoothed bool) error {
+// GemmResidual is GemmSmoothed with a residual added to the result (the skip connection
+// x + Linear(h) of a transformer block, fused into the product; dynq_gemm_residual):
+// y[i][j] = act(product + bias[j]) + residual[i][j], the epilogue first, then one float32
+// addition of the residual element widened exactly, then the rounding to y's type. The result
+// is bit for bit GemmSmoothed with float32 outputs followed by that addition, rounded to y's
+// type as Float16bits and BFloat16bits do.
+//
+// residual has y's element type and y's length: m rows of N() elements (m*N() in all), read
+// at stride N(). An empty residual (the zero Slice, or any Slice of length 0) is none, which
+// makes this GemmSmoothed. Another length, another element type than y's, or 16-bit elements
+// tagged DTypeF32 fail with StatusInvalidArgument before any C call. residual must not share
+// memory with y: to accumulate into y, copy it first; the library refuses an overlap with
+// StatusInvalidArgument ("y overlaps residual; ..."), leaving y untouched. NaN or infinity in
+// residual is added as it is (NaN or infinity in that element only). Everything else as
+// GemmSmoothed.
+func (p *PackedWeights) GemmResidual(y, a, residual Slice, smooth, bias []float32, opts *GemmOptions) error {
+	return p.gemmTyped("GemmResidual", cGemmResidual, y, a, smooth, bias, residual, opts)
+}
+
+// cFunction selects the C function of gemmTyped.
+type cFunction int
+
+const (
+	cGemmEx       cFunction = iota // dynq_gemm_ex: no smooth, no residual
+	cGemmSmoothed                  // dynq_gemm_smoothed: smooth nil or K() values
+	cGemmResidual                  // dynq_gemm_residual: smooth as above, residual empty or m*N()
+)
+
+// gemmTyped holds the checks and the C call of GemmEx (dynq_gemm_ex), GemmSmoothed
+// (dynq_gemm_smoothed, with smooth nil or K() values) and GemmResidual (dynq_gemm_residual,
+// with residual empty or m*N() elements of y's type).
+func (p *PackedWeights) gemmTyped(op string, fn cFunction, y, a Slice, smooth, bias []float32, residual Slice,
+	opts *GemmOptions) error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.h == nil {
@@ -137,9 +166,14 @@ func (p *PackedWeights) gemmTyped(op string, y, a Slice, smooth, bias []float32,
 	if err != nil {
 		return err
 	}
-	// cgemm calls the C function of op; smooth is nil or K() values.
-	cgemm := func(ap unsafe.Pointer, m int, sp, bp *C.float, yp unsafe.Pointer) C.dynq_status {
-		if smoothed {
+	// cgemm calls the C function of op; smooth is nil or K() values, residual nil or m*N()
+	// elements of y's type at stride N().
+	cgemm := func(ap unsafe.Pointer, m int, sp, bp *C.float, rp, yp unsafe.Pointer) C.dynq_status {
+		switch fn {
+		case cGemmResidual:
+			return C.dynq_gemm_residual(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), sp, bp, rp,
+				C.size_t(n), yp, C.uint32_t(y.dtype), C.size_t(n), &cfg)
+		case cGemmSmoothed:
 			return C.dynq_gemm_smoothed(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), sp, bp, yp,
 				C.uint32_t(y.dtype), C.size_t(n), &cfg)
 		}
@@ -150,7 +184,7 @@ func (p *PackedWeights) gemmTyped(op string, y, a Slice, smooth, bias []float32,
 		// The library names the bad value. It gets no buffers and m = 0, so nothing can be
 		// read or written whatever size it gives the type; should a newer library know the
 		// type, this binding still does not.
-		err := call(op, func() C.dynq_status { return cgemm(nil, 0, nil, nil, nil) })
+		err := call(op, func() C.dynq_status { return cgemm(nil, 0, nil, nil, nil, nil) })
 		if err != nil {
 			return err
 		}
@@ -169,9 +203,21 @@ func (p *PackedWeights) gemmTyped(op string, y, a Slice, smooth, bias []float32,
 	if len(smooth) != 0 && len(smooth) != k {
 		return invalid(op, "len(smooth) = %d, expected 0 or k = %d (one factor per input channel)", len(smooth), k)
 	}
-	var ap, yp unsafe.Pointer
+	if residual.Len() != 0 {
+		if err := residual.checkTag(op, "residual"); err != nil {
+			return err
+		}
+		if residual.dtype != y.dtype {
+			return invalid(op, "residual is %v, expected y's element type %v", residual.dtype, y.dtype)
+		}
+		if residual.Len() != y.Len() {
+			return invalid(op, "len(residual) = %d, expected 0 (none) or len(y) = m*n = %d*%d = %d", residual.Len(),
+				m, n, m*n)
+		}
+	}
+	var ap, yp, rp unsafe.Pointer
 	if m > 0 {
-		ap, yp = a.ptr(), y.ptr()
+		ap, yp, rp = a.ptr(), y.ptr(), residual.ptr()
 	}
 	var sp, bp *C.float
 	if len(smooth) > 0 {
@@ -180,9 +226,10 @@ func (p *PackedWeights) gemmTyped(op string, y, a Slice, smooth, bias []float32,
 	if len(bias) > 0 {
 		bp = (*C.float)(unsafe.Pointer(&bias[0]))
 	}
-	err = call(op, func() C.dynq_status { return cgemm(ap, m, sp, bp, yp) })
+	err = call(op, func() C.dynq_status { return cgemm(ap, m, sp, bp, rp, yp) })
 	runtime.KeepAlive(a)
 	runtime.KeepAlive(y)
+	runtime.KeepAlive(residual)
 	runtime.KeepAlive(smooth)
 	runtime.KeepAlive(bias)
 	return err

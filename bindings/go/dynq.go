@@ -4,7 +4,7 @@
 // dequantized to float32 with a fused bias and activation. Results are bit-identical on
 // every CPU and thread count. GemmEx takes and returns float16 and bfloat16 too, as uint16
 // bit patterns (Float16bits, BFloat16bits); GemmSmoothed adds per-input-channel smoothing
-// factors (SmoothQuant).
+// factors (SmoothQuant), and GemmResidual a residual added to the result (a skip connection).
 //
 // The package is a thin layer over the C ABI of libdynq (dynq.h), linked through pkg-config:
 // module dynq by default, dynq-static with the build tag dynq_static.

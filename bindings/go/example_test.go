@@ -69,3 +69,25 @@ func ExamplePackedWeights_GemmSmoothed() {
 	// [2.00 12.00]
 	// dynq: GemmSmoothed: invalid argument: smoothing factor [1] is 0; smoothing factors must be positive and finite
 }
+
+func ExamplePackedWeights_GemmResidual() {
+	// The skip connection of a transformer block, x + Linear(h), fused into the product: the
+	// residual x is added to each output in float32, after the bias and the epilogue.
+	w, err := dynq.Pack([]float32{1, 0, -1, 0.5, 0.5, 0.5}, 2, 3, dynq.LayoutNK, nil)
+	if err != nil {
+		panic(err)
+	}
+	defer w.Close()
+	h := []float32{3, 2, 1}
+	x := []float32{10, -1}
+	y := make([]float32, 2)
+	if err := w.GemmResidual(dynq.F32(y), dynq.F32(h), dynq.F32(x), nil, nil, nil); err != nil {
+		panic(err)
+	}
+	fmt.Printf("%.2f\n", y)
+	// The output must be a separate buffer: to accumulate into x, copy it first.
+	fmt.Println(w.GemmResidual(dynq.F32(x), dynq.F32(h), dynq.F32(x), nil, nil, nil))
+	// Output:
+	// [12.00 2.00]
+	// dynq: GemmResidual: invalid argument: y overlaps residual; the output must be a separate buffer (to accumulate into y, copy it first)
+}

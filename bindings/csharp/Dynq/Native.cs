@@ -109,6 +109,11 @@ namespace Dynq
         internal static extern Status dynq_gemm_smoothed(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
             UIntPtr lda, float* smooth, float* bias, void* y, uint yType, UIntPtr ldy, NativeGemmConfig* config);
 
+        [DllImport(Lib)]
+        internal static extern Status dynq_gemm_residual(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
+            UIntPtr lda, float* smooth, float* bias, void* residual, UIntPtr ldr, void* y, uint yType, UIntPtr ldy,
+            NativeGemmConfig* config);
+
         internal static string String(IntPtr p)
         {
             return p == IntPtr.Zero ? null : Marshal.PtrToStringAnsi(p);

@@ -221,7 +221,8 @@ namespace Dynq
             fixed (ushort* ap = &MemoryMarshal.GetReference(a))
             fixed (ushort* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, ReadOnlySpan<float>.Empty, false, bias, options);
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, ReadOnlySpan<float>.Empty, null, 0,
+                    NativeFunction.GemmEx, bias, options);
             }
         }
 
@@ -240,8 +241,8 @@ namespace Dynq
             fixed (ushort* ap = &MemoryMarshal.GetReference(a))
             fixed (float* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, ReadOnlySpan<float>.Empty, false, bias,
-                    options);
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false,
+                    ReadOnlySpan<float>.Empty, null, 0, NativeFunction.GemmEx, bias, options);
             }
         }
 
@@ -259,8 +260,8 @@ namespace Dynq
             fixed (float* ap = &MemoryMarshal.GetReference(a))
             fixed (ushort* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, ReadOnlySpan<float>.Empty, false, bias,
-                    options);
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true,
+                    ReadOnlySpan<float>.Empty, null, 0, NativeFunction.GemmEx, bias, options);
             }
         }
 
@@ -330,8 +331,8 @@ namespace Dynq
             fixed (float* ap = &MemoryMarshal.GetReference(a))
             fixed (float* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, ElementType.F32, false, smooth, true, bias,
-                    options);
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, ElementType.F32, false, smooth, null, 0,
+                    NativeFunction.GemmSmoothed, bias, options);
             }
         }
 
@@ -352,7 +353,8 @@ namespace Dynq
             fixed (ushort* ap = &MemoryMarshal.GetReference(a))
             fixed (ushort* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, smooth, true, bias, options);
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, smooth, null, 0, NativeFunction.GemmSmoothed, bias,
+                    options);
             }
         }
 
@@ -370,7 +372,8 @@ namespace Dynq
             fixed (ushort* ap = &MemoryMarshal.GetReference(a))
             fixed (float* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, smooth, true, bias, options);
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, smooth, null, 0,
+                    NativeFunction.GemmSmoothed, bias, options);
             }
         }
 
@@ -388,7 +391,8 @@ namespace Dynq
             fixed (float* ap = &MemoryMarshal.GetReference(a))
             fixed (ushort* yp = &MemoryMarshal.GetReference(y))
             {
-                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, smooth, true, bias, options);
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, smooth, null, 0,
+                    NativeFunction.GemmSmoothed, bias, options);
             }
         }
 
@@ -438,31 +442,187 @@ namespace Dynq
             GemmSmoothed(new ReadOnlySpan<float>(a), AsSpan(smooth), new Span<ushort>(y), yType, AsSpan(bias), options);
         }
 
+        /// <summary>
+        /// GemmSmoothed with a residual added to the result (dynq_gemm_residual): y[i][j] =
+        /// act(product + bias[j]) + residual[i][j], the epilogue first, then one float addition
+        /// of the residual element (widened exactly), then the rounding to y's type. This is the
+        /// skip connection of a transformer block (x + Linear(h)) fused into the product; y
+        /// equals GemmSmoothed with float outputs followed by that addition, bit for bit.
+        /// <paramref name="residual"/> has y's element type and is empty (then this is
+        /// GemmSmoothed) or exactly y's length, m rows of N values; it must not share memory with
+        /// <paramref name="y"/> (to accumulate into y, copy it first). NaN or infinity in the
+        /// residual gives NaN or infinity in that element only. Otherwise as GemmSmoothed.
+        /// </summary>
+        /// <exception cref="ArgumentException">A length does not fit the shape: residual has
+        /// neither 0 values nor y's length (ParamName "residual"), or smooth, a, y or bias.</exception>
+        /// <exception cref="DynqException">InvalidArgument for y overlapping residual ("y overlaps
+        /// residual; the output must be a separate buffer ..."), and as GemmSmoothed. y is then
+        /// left untouched.</exception>
+        public void GemmResidual(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, ReadOnlySpan<float> residual,
+            Span<float> y, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            fixed (float* rp = &MemoryMarshal.GetReference(residual))
+            fixed (float* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, ElementType.F32, false, smooth, rp,
+                    residual.Length, NativeFunction.GemmResidual, bias, options);
+            }
+        }
+
+        /// <summary>GemmResidual on float data, without bias.</summary>
+        public void GemmResidual(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, ReadOnlySpan<float> residual,
+            Span<float> y, GemmOptions options = null)
+        {
+            GemmResidual(a, smooth, residual, y, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmResidual on float16 or bfloat16 activations (<paramref name="aType"/>)
+        /// giving float16 or bfloat16 outputs (<paramref name="yType"/>, also the type of the
+        /// residual), as ushort bit patterns. F32 for 16-bit data throws ArgumentException.</summary>
+        public void GemmResidual(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth,
+            ReadOnlySpan<ushort> residual, Span<ushort> y, ElementType yType, ReadOnlySpan<float> bias,
+            GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            fixed (ushort* rp = &MemoryMarshal.GetReference(residual))
+            fixed (ushort* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, smooth, rp, residual.Length,
+                    NativeFunction.GemmResidual, bias, options);
+            }
+        }
+
+        /// <summary>GemmResidual on 16-bit activations and outputs, without bias.</summary>
+        public void GemmResidual(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth,
+            ReadOnlySpan<ushort> residual, Span<ushort> y, ElementType yType, GemmOptions options = null)
+        {
+            GemmResidual(a, aType, smooth, residual, y, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmResidual on 16-bit activations (<paramref name="aType"/>) giving float
+        /// outputs, with a float residual.</summary>
+        public void GemmResidual(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth,
+            ReadOnlySpan<float> residual, Span<float> y, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            fixed (float* rp = &MemoryMarshal.GetReference(residual))
+            fixed (float* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, ElementType.F32, false, smooth, rp, residual.Length,
+                    NativeFunction.GemmResidual, bias, options);
+            }
+        }
+
+        /// <summary>GemmResidual on 16-bit activations giving float outputs, without bias.</summary>
+        public void GemmResidual(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth,
+            ReadOnlySpan<float> residual, Span<float> y, GemmOptions options = null)
+        {
+            GemmResidual(a, aType, smooth, residual, y, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmResidual on float activations giving 16-bit outputs (<paramref name="yType"/>,
+        /// also the type of the residual).</summary>
+        public void GemmResidual(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, ReadOnlySpan<ushort> residual,
+            Span<ushort> y, ElementType yType, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            fixed (ushort* rp = &MemoryMarshal.GetReference(residual))
+            fixed (ushort* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, yType, true, smooth, rp, residual.Length,
+                    NativeFunction.GemmResidual, bias, options);
+            }
+        }
+
+        /// <summary>GemmResidual on float activations giving 16-bit outputs, without bias.</summary>
+        public void GemmResidual(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, ReadOnlySpan<ushort> residual,
+            Span<ushort> y, ElementType yType, GemmOptions options = null)
+        {
+            GemmResidual(a, smooth, residual, y, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>Array overload of GemmResidual on float data: writes y (m * N values);
+        /// smooth, residual (then this is GemmSmoothed) and bias may be null.</summary>
+        public void GemmResidual(float[] a, float[] smooth, float[] residual, float[] y, float[] bias = null,
+            GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmResidual(new ReadOnlySpan<float>(a), AsSpan(smooth), AsSpan(residual), new Span<float>(y), AsSpan(bias),
+                options);
+        }
+
+        /// <summary>Array overload of GemmResidual on 16-bit activations and outputs; smooth,
+        /// residual and bias may be null.</summary>
+        public void GemmResidual(ushort[] a, ElementType aType, float[] smooth, ushort[] residual, ushort[] y,
+            ElementType yType, float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmResidual(new ReadOnlySpan<ushort>(a), aType, AsSpan(smooth), AsSpan(residual), new Span<ushort>(y), yType,
+                AsSpan(bias), options);
+        }
+
+        /// <summary>Array overload of GemmResidual on 16-bit activations giving float outputs;
+        /// smooth, residual and bias may be null.</summary>
+        public void GemmResidual(ushort[] a, ElementType aType, float[] smooth, float[] residual, float[] y,
+            float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmResidual(new ReadOnlySpan<ushort>(a), aType, AsSpan(smooth), AsSpan(residual), new Span<float>(y),
+                AsSpan(bias), options);
+        }
+
+        /// <summary>Array overload of GemmResidual on float activations giving 16-bit outputs;
+        /// smooth, residual and bias may be null.</summary>
+        public void GemmResidual(float[] a, float[] smooth, ushort[] residual, ushort[] y, ElementType yType,
+            float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            if (y == null) throw new ArgumentNullException("y");
+            GemmResidual(new ReadOnlySpan<float>(a), AsSpan(smooth), AsSpan(residual), new Span<ushort>(y), yType,
+                AsSpan(bias), options);
+        }
+
         private static ReadOnlySpan<float> AsSpan(float[] v)
         {
             return v == null ? ReadOnlySpan<float>.Empty : new ReadOnlySpan<float>(v);
         }
 
-        /// <summary>The checks and the call of dynq_gemm_ex, or of dynq_gemm_smoothed when
-        /// <paramref name="smoothed"/> (smooth empty or K values). a and y point to aLength and
-        /// yLength elements of 2 bytes (a16, y16) or 4 (floats), pinned by the caller.</summary>
+        private static ReadOnlySpan<ushort> AsSpan(ushort[] v)
+        {
+            return v == null ? ReadOnlySpan<ushort>.Empty : new ReadOnlySpan<ushort>(v);
+        }
+
+        /// <summary>The C function that the private GemmEx calls.</summary>
+        private enum NativeFunction
+        {
+            GemmEx,
+            GemmSmoothed,
+            GemmResidual,
+        }
+
+        /// <summary>The checks and the call of dynq_gemm_ex, dynq_gemm_smoothed (smooth empty or
+        /// K values) or dynq_gemm_residual (also residual: residualLength 0 or yLength elements
+        /// of y's type), as <paramref name="function"/> says. a, y and residual point to aLength,
+        /// yLength and residualLength elements of 2 bytes (a16, y16) or 4 (floats), pinned by the
+        /// caller.</summary>
         private void GemmEx(void* a, int aLength, ElementType aType, bool a16, void* y, int yLength,
-            ElementType yType, bool y16, ReadOnlySpan<float> smooth, bool smoothed, ReadOnlySpan<float> bias,
-            GemmOptions options)
+            ElementType yType, bool y16, ReadOnlySpan<float> smooth, void* residual, int residualLength,
+            NativeFunction function, ReadOnlySpan<float> bias, GemmOptions options)
         {
             int n = N, k = K;
-            string function = smoothed ? "dynq_gemm_smoothed" : "dynq_gemm_ex";
+            string name = function == NativeFunction.GemmResidual ? "dynq_gemm_residual"
+                : function == NativeFunction.GemmSmoothed ? "dynq_gemm_smoothed" : "dynq_gemm_ex";
             NativeGemmConfig cfg = (options ?? new GemmOptions()).ToNative();
             if (!IsKnown(aType) || !IsKnown(yType))
             {
                 // The library names the bad value. It gets no buffers and m = 0, so nothing can
                 // be read or written whatever size it gives the type; should a newer library know
                 // the type, this binding still does not.
-                Native.Check(smoothed
-                    ? Native.dynq_gemm_smoothed(_handle, null, (uint)aType, UIntPtr.Zero, (UIntPtr)k, null, null, null,
-                        (uint)yType, (UIntPtr)n, &cfg)
-                    : Native.dynq_gemm_ex(_handle, null, (uint)aType, UIntPtr.Zero, (UIntPtr)k, null, null,
-                        (uint)yType, (UIntPtr)n, &cfg), function);
+                Native.Check(CallGemm(function, null, aType, 0, k, null, null, null, null, yType, n, &cfg), name);
                 throw new ArgumentException(string.Format("element types {0} and {1}: this binding knows F32, F16 and BF16 only",
                     aType, yType), IsKnown(aType) ? "yType" : "aType");
             }
@@ -480,15 +640,36 @@ namespace Dynq
                 throw new ArgumentException(string.Format(
                     "smooth has {0} values, expected 0 or K = {1} (one factor per input channel)", smooth.Length, k), "smooth");
             }
+            if (residualLength != 0 && residualLength != yLength)
+            {
+                throw new ArgumentException(string.Format(
+                    "residual has {0} values, expected 0 (none) or y's length m * N = {1} * {2} = {3}", residualLength, m,
+                    n, yLength), "residual");
+            }
             fixed (float* sp = &MemoryMarshal.GetReference(smooth))
             fixed (float* bp = &MemoryMarshal.GetReference(bias))
             {
-                Native.Check(smoothed
-                    ? Native.dynq_gemm_smoothed(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
-                        smooth.Length == 0 ? null : sp, bias.Length == 0 ? null : bp, m == 0 ? null : y, (uint)yType,
-                        (UIntPtr)n, &cfg)
-                    : Native.dynq_gemm_ex(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
-                        bias.Length == 0 ? null : bp, m == 0 ? null : y, (uint)yType, (UIntPtr)n, &cfg), function);
+                Native.Check(CallGemm(function, m == 0 ? null : a, aType, m, k, smooth.Length == 0 ? null : sp,
+                    bias.Length == 0 ? null : bp, m == 0 || residualLength == 0 ? null : residual, m == 0 ? null : y,
+                    yType, n, &cfg), name);
+            }
+        }
+
+        /// <summary>One call of the C function; the residual (NULL: none) has stride N, like y.</summary>
+        private Status CallGemm(NativeFunction function, void* a, ElementType aType, int m, int k, float* smooth,
+            float* bias, void* residual, void* y, ElementType yType, int n, NativeGemmConfig* cfg)
+        {
+            switch (function)
+            {
+                case NativeFunction.GemmResidual:
+                    return Native.dynq_gemm_residual(_handle, a, (uint)aType, (UIntPtr)m, (UIntPtr)k, smooth, bias,
+                        residual, (UIntPtr)n, y, (uint)yType, (UIntPtr)n, cfg);
+                case NativeFunction.GemmSmoothed:
+                    return Native.dynq_gemm_smoothed(_handle, a, (uint)aType, (UIntPtr)m, (UIntPtr)k, smooth, bias, y,
+                        (uint)yType, (UIntPtr)n, cfg);
+                default:
+                    return Native.dynq_gemm_ex(_handle, a, (uint)aType, (UIntPtr)m, (UIntPtr)k, bias, y, (uint)yType,
+                        (UIntPtr)n, cfg);
             }
         }
 
