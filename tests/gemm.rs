@@ -688,3 +688,87 @@ fn residual_equals_product_then_addition() {
     let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument, "{e}");
 }
+
+/// Several outputs: each segment of columns is, bit for bit, those columns of the single-output
+/// call, whatever the widths (not multiples of the kernel's panel width, straddling panels, a
+/// single column), the output type, the strides and the worker count; stride padding is left
+/// alone; bad widths and a residual are refused with every output untouched.
+#[test]
+fn split_outputs_equal_column_slices_of_one_output() {
+    use dynq::{Element, SplitOut};
+    let mut rng = Rng(81);
+    fn check<Y: Element>(pw: &PackedWeights, a: &[f32], m: usize, bias: &[f32], widths: &[usize], o: &GemmOptions) {
+        let n = pw.n();
+        let mut whole = vec![Y::from_f32(0.0); m * n];
+        dynq::gemm_typed(pw, a, m, pw.k(), Some(bias), &mut whole, n, o).unwrap();
+        for workers in [1, 2] {
+            let mut bufs: Vec<(Vec<Y>, usize)> =
+                widths.iter().map(|&c| (vec![Y::from_f32(-9.0); m * (c + 2)], c + 2)).collect();
+            let mut outs: Vec<SplitOut<'_, Y>> =
+                bufs.iter_mut().zip(widths).map(|((y, ld), &cols)| SplitOut { y, ldy: *ld, cols }).collect();
+            dynq::gemm_split_on(pw, a, m, pw.k(), None, Some(bias), &mut outs, o, &Scrambled::new(workers)).unwrap();
+            let mut j0 = 0;
+            for ((y, ld), &cols) in bufs.iter().zip(widths) {
+                for i in 0..m {
+                    for j in 0..*ld {
+                        let got = y[i * ld + j].to_f32();
+                        if j < cols {
+                            let want = whole[i * n + j0 + j].to_f32();
+                            assert!(
+                                got.to_bits() == want.to_bits(),
+                                "widths {widths:?} [{i}][{}]: {got} != {want}",
+                                j0 + j
+                            );
+                        } else {
+                            assert_eq!(got, -9.0, "widths {widths:?}: padding written");
+                        }
+                    }
+                }
+                j0 += cols;
+            }
+        }
+    }
+    for isa in isas_under_test() {
+        let (m, k) = (37, 70);
+        let n = 150;
+        let a = random(&mut rng, m * k, 2.0);
+        let pw = PackedWeights::from_f32(
+            &random(&mut rng, n * k, 0.3),
+            n,
+            k,
+            WeightLayout::NK,
+            PackOptions { isa: Some(isa), ..Default::default() },
+        )
+        .unwrap();
+        let bias = random(&mut rng, n, 1.0);
+        for widths in [vec![150], vec![50, 50, 50], vec![5, 40, 105], vec![1, 149], vec![48, 48, 48, 6], vec![149, 1]] {
+            for (g, t) in all_modes() {
+                let o = GemmOptions { epilogue: Epilogue::Gelu, ..opts(g, t, 1) };
+                check::<f32>(&pw, &a, m, &bias, &widths, &o);
+                check::<half::f16>(&pw, &a, m, &bias, &widths, &o);
+            }
+        }
+    }
+    // Refused, outputs untouched.
+    let (m, n, k) = (3, 20, 8);
+    let pw = PackedWeights::from_f32(&vec![0.5f32; n * k], n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let a = vec![1.0f32; m * k];
+    let o = opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1);
+    for (widths, msg) in
+        [(vec![10, 9], "add up to n = 20"), (vec![20, 0], "must be positive"), (vec![10, 11], "add up")]
+    {
+        let mut bufs: Vec<Vec<f32>> = widths.iter().map(|&c| vec![7f32; m * c.max(1)]).collect();
+        let mut outs: Vec<SplitOut<'_, f32>> =
+            bufs.iter_mut().zip(&widths).map(|(y, &cols)| SplitOut { y, ldy: cols.max(1), cols }).collect();
+        let e = dynq::gemm_split_on(&pw, &a, m, k, None, None, &mut outs, &o, &Scrambled::new(1)).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+        assert!(e.message().contains(msg), "{e}");
+        assert!(bufs.iter().flatten().all(|&v| v == 7.0), "output written after an error");
+    }
+    let mut y0 = vec![7f32; m * 10];
+    let mut y1 = vec![7f32; m * 10 - 1];
+    let mut outs = [SplitOut { y: &mut y0, ldy: 10, cols: 10 }, SplitOut { y: &mut y1, ldy: 10, cols: 10 }];
+    let e = dynq::gemm_split_on(&pw, &a, m, k, None, None, &mut outs, &o, &Scrambled::new(1)).unwrap_err();
+    assert!(e.message().contains("output 1"), "{e}");
+    assert!(y0.iter().chain(&y1).all(|&v| v == 7.0), "output written after an error");
+}

@@ -733,10 +733,87 @@ pub fn gemm_fused_on<A: Element, Y: Element>(
     opts: &GemmOptions,
     par: &dyn Parallel,
 ) -> Result<()> {
+    let n = w.n();
+    gemm_impl(w, a, m, lda, fused, &mut [SplitOut { y, ldy, cols: n }], opts, par)
+}
+
+/// One output of [`gemm_split_on`]: `cols` consecutive columns of the product, written as
+/// `m` rows at stride `ldy` (elements) into `y`.
+#[derive(Debug)]
+pub struct SplitOut<'a, Y> {
+    pub y: &'a mut [Y],
+    pub ldy: usize,
+    pub cols: usize,
+}
+
+/// [`gemm_fused_on`] (without a residual) whose output columns go to several matrices: the
+/// first `outs[0].cols` columns to `outs[0]`, the next `outs[1].cols` to `outs[1]`, and so on
+/// (the widths add up to `w.n()`). This is how one call computes several layers that read the
+/// same input, with their weights concatenated along N (a transformer's Q, K and V): A is
+/// quantized once and read once, and each layer's output is a matrix of its own, with no copy.
+/// Every element is the bits [`gemm_fused_on`] gives for that column.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_split_on<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    smooth: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    outs: &mut [SplitOut<'_, Y>],
+    opts: &GemmOptions,
+    par: &dyn Parallel,
+) -> Result<()> {
+    gemm_impl(w, a, m, lda, &Fused { smooth, bias, residual: None }, outs, opts, par)
+}
+
+/// Where one output segment's tiles go.
+struct Segment<'o, Y> {
+    /// First column of the product in this segment, and its width.
+    start: usize,
+    cols: usize,
+    ldy: usize,
+    out: SharedOut<Y>,
+    /// The same buffer as f32 when Y is f32 (the kernel then writes into it directly).
+    direct: Option<SharedOut<f32>>,
+    _life: std::marker::PhantomData<&'o mut [Y]>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    fused: &Fused<'_, Y>,
+    outs: &mut [SplitOut<'_, Y>],
+    opts: &GemmOptions,
+    par: &dyn Parallel,
+) -> Result<()> {
     let Fused { smooth, bias, residual } = *fused;
     let (n, k) = (w.n(), w.k());
     check_matrix(a.len(), m, k, lda, "activations A")?;
-    check_matrix(y.len(), m, n, ldy, "output Y")?;
+    if outs.is_empty() {
+        return Err(Error::InvalidArgument("no output".into()));
+    }
+    let total = outs.iter().try_fold(0usize, |t, o| t.checked_add(o.cols));
+    if outs.len() > 1 {
+        if total != Some(n) || outs.iter().any(|o| o.cols == 0) {
+            let widths: Vec<usize> = outs.iter().map(|o| o.cols).collect();
+            return Err(Error::InvalidArgument(format!(
+                "output widths {widths:?} must be positive and add up to n = {n}"
+            )));
+        }
+        if residual.is_some() {
+            return Err(Error::InvalidArgument("a residual needs a single output".into()));
+        }
+        for (g, o) in outs.iter().enumerate() {
+            check_matrix(o.y.len(), m, o.cols, o.ldy, &format!("output {g}"))?;
+        }
+    } else {
+        debug_assert_eq!(outs[0].cols, n);
+        check_matrix(outs[0].y.len(), m, n, outs[0].ldy, "output Y")?;
+    }
     if let Some(r) = &residual {
         check_matrix(r.data.len(), m, n, r.ld, "residual")?;
     }
@@ -786,20 +863,42 @@ pub fn gemm_fused_on<A: Element, Y: Element>(
     let act = opts.epilogue;
     // The zero points as the kernel's raw accumulators need them (see `Kernel::a_shift`).
     let za: Vec<i32> = qa.zero_points.iter().map(|z| z - kern.a_shift).collect();
-    let direct = Y::as_f32_mut(y).map(SharedOut::new);
+    // The output segments, in column order (one for a single output).
+    let mut start = 0;
+    let segs: Vec<Segment<'_, Y>> = outs
+        .iter_mut()
+        .map(|o| {
+            let direct = Y::as_f32_mut(o.y).map(SharedOut::new);
+            let seg = Segment {
+                start,
+                cols: o.cols,
+                ldy: o.ldy,
+                out: SharedOut::new(o.y),
+                direct,
+                _life: std::marker::PhantomData,
+            };
+            start += o.cols;
+            seg
+        })
+        .collect();
     let res_f32: Option<(&[f32], usize)> = residual.as_ref().and_then(|r| Y::as_f32(r.data).map(|d| (d, r.ld)));
-    let converted = SharedOut::new(y);
     let r = for_each_tile(w, &qa.data, qa.row_bytes, m, &exec, |t, scratch| {
         let (i0, j0, cols) = (t.i0, t.j0, t.cols);
-        // The rows (i0..i0+rows) x columns (j0..j0+cols) of y belong to this tile only.
-        let span = (t.rows - 1) * ldy + cols;
-        let (y0, ld) = match &direct {
-            // In bounds (checked by `ptr_at`); the kernel writes only this tile's elements.
-            Some(out) => (out.ptr_at(i0 * ldy + j0, span), ldy),
-            // f16/bf16 output: the tile goes through the f32 scratch buffer (MR * NR words;
-            // f32 and i32 have the same size and alignment) and is rounded below.
-            None => (scratch.as_mut_ptr() as *mut f32, cols),
+        // The segment of the tile's first column. The kernel writes straight into it when the
+        // segment holds all the tile's columns and is f32; otherwise into the f32 scratch
+        // buffer (MR * NR words; f32 and i32 have the same size and alignment), whose columns
+        // are then rounded to Y and sent to their segments below.
+        let g = segs.partition_point(|sg| sg.start + sg.cols <= j0);
+        let seg = &segs[g];
+        let straight = match &seg.direct {
+            // The rows (i0..i0+rows) x columns of this tile belong to it only; in bounds
+            // (checked by `ptr_at`); the kernel writes only the tile's elements.
+            Some(out) if j0 + cols <= seg.start + seg.cols => {
+                Some((out.ptr_at(i0 * seg.ldy + (j0 - seg.start), (t.rows - 1) * seg.ldy + cols), seg.ldy))
+            }
+            _ => None,
         };
+        let (y0, ld) = straight.unwrap_or((scratch.as_mut_ptr() as *mut f32, cols));
         let ft = F32Tile {
             za: &za[i0..i0 + t.rows],
             sa: &qa.scales[i0..i0 + t.rows],
@@ -809,8 +908,8 @@ pub fn gemm_fused_on<A: Element, Y: Element>(
             act,
             y: y0,
             ldy: ld,
-            // An f32 residual is added by the kernel, in registers (rows i0.. from column j0:
-            // in bounds, checked by check_matrix).
+            // An f32 residual (single output only) is added by the kernel (rows i0.. from
+            // column j0: in bounds, checked by check_matrix).
             residual: res_f32.map(|(r, ldr)| (r[i0 * ldr + j0..].as_ptr(), ldr)),
         };
         if let Some((r, ldr)) = ft.residual {
@@ -838,16 +937,23 @@ pub fn gemm_fused_on<A: Element, Y: Element>(
                 row.iter_mut().zip(src).for_each(|(y, r)| *y += r.to_f32());
             }
         }
-        if direct.is_none() {
+        if straight.is_none() {
             // SAFETY: the kernel wrote rows * cols f32 at the start of the scratch buffer.
             let tile = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const f32, t.rows * cols) };
-            let dst = converted.ptr_at(i0 * ldy + j0, span);
-            for r in 0..t.rows {
-                for c in 0..cols {
-                    // SAFETY: (i0 + r, j0 + c) is in bounds (checked by ptr_at: r * ldy + c <
-                    // span) and belongs to this tile only.
-                    unsafe { dst.add(r * ldy + c).write(Y::from_f32(tile[r * cols + c])) };
+            let (mut c, mut g) = (0, g);
+            while c < cols {
+                let sg = &segs[g];
+                let (jj, take) = (j0 + c - sg.start, (sg.start + sg.cols - (j0 + c)).min(cols - c));
+                let dst = sg.out.ptr_at(i0 * sg.ldy + jj, (t.rows - 1) * sg.ldy + take);
+                for r in 0..t.rows {
+                    for cc in 0..take {
+                        // SAFETY: (i0 + r, jj + cc) of segment g is in bounds (checked by
+                        // ptr_at: r * ldy + cc < span) and belongs to this tile only.
+                        unsafe { dst.add(r * sg.ldy + cc).write(Y::from_f32(tile[r * cols + c + cc])) };
+                    }
                 }
+                c += take;
+                g += 1;
             }
         }
     });

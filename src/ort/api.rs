@@ -175,6 +175,47 @@ pub unsafe fn attr_string(api: Api, info: *const OrtKernelInfo, name: &str) -> R
     Ok(Some(String::from_utf8_lossy(&buf[..end]).into_owned()))
 }
 
+/// An integer-list attribute of the node: `Ok(None)` when absent.
+///
+/// # Safety
+/// `info` is a live kernel info.
+pub unsafe fn attr_ints(api: Api, info: *const OrtKernelInfo, name: &str) -> Result<Option<Vec<i64>>, String> {
+    let cname = CString::new(name).expect("attribute names have no NUL");
+    let mut size: usize = 0;
+    // SAFETY: a NULL buffer asks for the count.
+    let st = unsafe { (api.0.KernelInfoGetAttributeArray_int64)(info, cname.as_ptr(), ptr::null_mut(), &mut size) };
+    if check(api, st).is_err() {
+        // Absent, or of another type: a single integer is a mistake worth naming.
+        let mut i: i64 = 0;
+        // SAFETY: as above.
+        let st = unsafe { (api.0.KernelInfoGetAttribute_int64)(info, cname.as_ptr(), &mut i) };
+        if check(api, st).is_ok() {
+            return Err(format!("attribute '{name}' must be a list of integers, got the integer {i}"));
+        }
+        return Ok(None);
+    }
+    let mut v = vec![0i64; size];
+    if size > 0 {
+        // SAFETY: `v` has `size` slots.
+        unsafe {
+            check(api, (api.0.KernelInfoGetAttributeArray_int64)(info, cname.as_ptr(), v.as_mut_ptr(), &mut size))?
+        };
+        v.truncate(size);
+    }
+    Ok(Some(v))
+}
+
+/// Number of outputs of the node.
+///
+/// # Safety
+/// `info` is a live kernel info.
+pub unsafe fn kernel_info_output_count(api: Api, info: *const OrtKernelInfo) -> Result<usize, String> {
+    let mut n: usize = 0;
+    // SAFETY: per the contract.
+    unsafe { check(api, (api.0.KernelInfo_GetOutputCount)(info, &mut n))? };
+    Ok(n)
+}
+
 /// The node's name (may be empty).
 ///
 /// # Safety

@@ -4,7 +4,7 @@
 use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_FLOAT16, ELEM_INT8, ELEM_UINT8};
 use super::cache;
 use crate::dtype::Element;
-use crate::gemm::{gemm_fused_on, Epilogue, Fused, GemmOptions, Parallel, Residual};
+use crate::gemm::{gemm_fused_on, gemm_split_on, Epilogue, Fused, GemmOptions, Parallel, Residual, SplitOut};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
 use crate::quant::{ActGranularity, ActType};
 use crate::Error;
@@ -107,6 +107,9 @@ pub struct DynqKernel {
     attrs: Attrs,
     /// Packed once at creation when W and its scales are constant initializers; else packed per call.
     weights: Option<Arc<PackedWeights>>,
+    /// The `split` attribute: the widths of the node's outputs (columns of the product, in
+    /// order), or None for one output.
+    split: Option<Vec<usize>>,
 }
 
 fn expect_weight_elem(s: &TensorShape) -> Result<(), String> {
@@ -173,6 +176,14 @@ unsafe fn pack_from_values(
     }
 }
 
+/// The widths of `split` must add up to the weight's N.
+fn check_split(widths: &[usize], n: usize) -> Result<(), String> {
+    if widths.iter().try_fold(0usize, |t, &c| t.checked_add(c)) != Some(n) {
+        return Err(format!("attribute 'split' {widths:?} must add up to the weight's N = {n}"));
+    }
+    Ok(())
+}
+
 impl DynqKernel {
     /// Builds the kernel: parses attributes, checks the node's inputs and packs constant weights.
     ///
@@ -190,6 +201,19 @@ impl DynqKernel {
             )));
         }
         let attrs = parse_attrs(|n| unsafe { api::attr_string(api, info, n) }).map_err(&err)?;
+        let outputs = unsafe { api::kernel_info_output_count(api, info) }.map_err(&err)?;
+        let split = match unsafe { api::attr_ints(api, info, "split") }.map_err(&err)? {
+            None if outputs == 1 => None,
+            None => return Err(err(format!("has {outputs} outputs but no 'split' attribute giving their widths"))),
+            Some(v) => {
+                if v.len() != outputs || v.iter().any(|&c| c <= 0) {
+                    return Err(err(format!(
+                        "attribute 'split' must hold one positive width per output ({outputs}), got {v:?}"
+                    )));
+                }
+                Some(v.iter().map(|&c| c as usize).collect::<Vec<usize>>())
+            }
+        };
         let w = unsafe { api::constant_input(api, info, IN_W) }.map_err(&err)?;
         let s = unsafe { api::constant_input(api, info, IN_SCALES) }.map_err(&err)?;
         let weights = match (w, s) {
@@ -213,7 +237,10 @@ impl DynqKernel {
                 None
             }
         };
-        Ok(DynqKernel { api, label, attrs, weights })
+        if let (Some(p), Some(widths)) = (&weights, &split) {
+            check_split(widths, p.n()).map_err(&err)?;
+        }
+        Ok(DynqKernel { api, label, attrs, weights, split })
     }
 
     /// Runs the node.
@@ -306,24 +333,41 @@ impl DynqKernel {
                 Some(unsafe { api::value_data(api, v) }.map_err(fail)?.cast_const())
             }
         };
-        let mut y_val: *mut OrtValue = std::ptr::null_mut();
-        api::check(api, unsafe {
-            (api.0.KernelContext_GetOutput)(ctx, 0, out_dims.as_ptr(), out_dims.len(), &mut y_val)
-        })
-        .map_err(fail)?;
+        // The outputs: one [..., N], or one [..., width] per `split` entry.
+        let widths: Vec<usize> = match &self.split {
+            None => vec![n],
+            Some(w) => {
+                check_split(w, n).map_err(&err)?;
+                if residual.is_some() {
+                    return Err(err("a residual cannot be combined with several outputs ('split')".into()));
+                }
+                w.clone()
+            }
+        };
+        let mut ys: Vec<*mut u8> = Vec::with_capacity(widths.len());
+        for (g, &cols) in widths.iter().enumerate() {
+            let mut dims = out_dims.clone();
+            *dims.last_mut().expect("rank >= 1") = cols as i64;
+            let mut y_val: *mut OrtValue = std::ptr::null_mut();
+            api::check(api, unsafe { (api.0.KernelContext_GetOutput)(ctx, g, dims.as_ptr(), dims.len(), &mut y_val) })
+                .map_err(fail)?;
+            if m == 0 {
+                continue;
+            }
+            let y_elem = unsafe { api::value_shape(api, y_val) }.map_err(fail)?.elem;
+            if y_elem != a_shape.elem {
+                return Err(fail(format!(
+                    "output {g} was allocated as {} for input A of type {} (shape inference did not run?)",
+                    api::elem_name(y_elem),
+                    api::elem_name(a_shape.elem)
+                )));
+            }
+            ys.push(unsafe { api::value_data(api, y_val) }.map_err(fail)?);
+        }
         if m == 0 {
             return Ok(());
         }
-        let y_elem = unsafe { api::value_shape(api, y_val) }.map_err(fail)?.elem;
-        if y_elem != a_shape.elem {
-            return Err(fail(format!(
-                "output Y was allocated as {} for input A of type {} (shape inference did not run?)",
-                api::elem_name(y_elem),
-                api::elem_name(a_shape.elem)
-            )));
-        }
         let a_ptr = unsafe { api::value_data(api, a_val) }.map_err(fail)?;
-        let y_ptr = unsafe { api::value_data(api, y_val) }.map_err(fail)?;
         let opts = GemmOptions {
             act_granularity: self.attrs.act_granularity,
             act_type: self.attrs.act_type,
@@ -336,41 +380,58 @@ impl DynqKernel {
         };
         let pool = OrtPool { api, ctx };
         /// # Safety
-        /// `a` and `y` point to `m * k` and `m * n` values of type `T`, `residual` (if any) to
-        /// `m * n` values of type `T`; `y` is aliased by neither.
+        /// `a` points to `m * k` values of type `T`, `ys[g]` to `m * widths[g]` (the outputs,
+        /// distinct buffers, aliased by nothing), `residual` (if any, with one output) to
+        /// `m * n` values of type `T`.
         unsafe fn run<T: Element>(
             w: &PackedWeights,
-            (a, y): (*const u8, *mut u8),
-            (m, n, k): (usize, usize, usize),
+            a: *const u8,
+            (ys, widths): (&[*mut u8], &[usize]),
+            (m, k): (usize, usize),
             (smooth, bias, residual): (Option<&[f32]>, Option<&[f32]>, Option<*const u8>),
             opts: &GemmOptions,
             pool: &OrtPool,
         ) -> crate::Result<()> {
             let align = std::mem::align_of::<T>();
             let aligned = |p: *const u8| (p as usize).is_multiple_of(align);
-            if !aligned(a) || !aligned(y) || residual.is_some_and(|r| !aligned(r)) {
+            if !aligned(a) || ys.iter().any(|&y| !aligned(y)) || residual.is_some_and(|r| !aligned(r)) {
                 return Err(Error::InvalidArgument(format!("a tensor buffer is not aligned to {align} bytes")));
             }
+            let n = w.n();
             // SAFETY: per the contract; alignment checked above.
-            let (a, y, residual) = unsafe {
+            let (a, residual) = unsafe {
                 (
                     std::slice::from_raw_parts(a.cast::<T>(), m * k),
-                    std::slice::from_raw_parts_mut(y.cast::<T>(), m * n),
                     residual.map(|r| Residual { data: std::slice::from_raw_parts(r.cast::<T>(), m * n), ld: n }),
                 )
             };
-            gemm_fused_on(w, a, m, k, &Fused { smooth, bias, residual }, y, n, opts, pool)
+            if let [y] = ys {
+                // SAFETY: per the contract.
+                let y = unsafe { std::slice::from_raw_parts_mut(y.cast::<T>(), m * n) };
+                return gemm_fused_on(w, a, m, k, &Fused { smooth, bias, residual }, y, n, opts, pool);
+            }
+            let mut outs: Vec<SplitOut<'_, T>> = ys
+                .iter()
+                .zip(widths)
+                // SAFETY: per the contract: distinct buffers of m * cols values each.
+                .map(|(&y, &cols)| SplitOut {
+                    y: unsafe { std::slice::from_raw_parts_mut(y.cast::<T>(), m * cols) },
+                    ldy: cols,
+                    cols,
+                })
+                .collect();
+            gemm_split_on(w, a, m, k, smooth, bias, &mut outs, opts, pool)
         }
-        let ptrs = (a_ptr.cast_const(), y_ptr);
         // SAFETY: A holds m * k values of its element type (its shape), the residual m * n of
-        // that type (checked above), Y was just allocated with m * n values of the same type
-        // (checked above) and nobody else sees it until this call returns (ONNX Runtime gives a
-        // custom op's output a buffer of its own).
+        // that type (checked above), each output was just allocated with m * width values of
+        // the same type (checked above) and nobody else sees them until this call returns
+        // (ONNX Runtime gives a custom op's outputs buffers of their own).
         let r = unsafe {
+            let args = (a_ptr.cast_const(), (&ys[..], &widths[..]), (m, k), (smooth, bias, residual));
             if a_shape.elem == ELEM_FLOAT16 {
-                run::<half::f16>(w, ptrs, (m, n, k), (smooth, bias, residual), &opts, &pool)
+                run::<half::f16>(w, args.0, args.1, args.2, args.3, &opts, &pool)
             } else {
-                run::<f32>(w, ptrs, (m, n, k), (smooth, bias, residual), &opts, &pool)
+                run::<f32>(w, args.0, args.1, args.2, args.3, &opts, &pool)
             }
         };
         r.map_err(OpError::from).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })

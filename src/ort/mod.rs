@@ -150,11 +150,13 @@ unsafe extern "system" fn get_input_characteristic(
     }
 }
 
+// One output, or several with the `split` attribute: a variadic output of one element type
+// (homogeneous), A's.
 unsafe extern "system" fn get_output_characteristic(
     _op: *const OrtCustomOp,
     _index: usize,
 ) -> OrtCustomOpInputOutputCharacteristic {
-    OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+    OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_VARIADIC
 }
 
 unsafe extern "system" fn get_input_memory_type(_op: *const OrtCustomOp, _index: usize) -> OrtMemType {
@@ -167,6 +169,10 @@ unsafe extern "system" fn variadic_min_arity(_op: *const OrtCustomOp) -> c_int {
 
 unsafe extern "system" fn variadic_homogeneity(_op: *const OrtCustomOp) -> c_int {
     0
+}
+
+unsafe extern "system" fn variadic_output_homogeneity(_op: *const OrtCustomOp) -> c_int {
+    1
 }
 
 unsafe extern "system" fn start_version(_op: *const OrtCustomOp) -> c_int {
@@ -289,9 +295,14 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             ));
         }
     }
+    let split = unsafe { infer_split(api, ctx)? };
+    let outputs = split.as_ref().map_or(1, |v| v.len());
     // Rank 0 means a scalar or an unknown shape here: then only the output type is known.
     if w.shape.dims.is_empty() || a.shape.dims.is_empty() {
-        return unsafe { set_output(api, ctx, a.shape.elem, None) };
+        for g in 0..outputs {
+            unsafe { set_output(api, ctx, g, a.shape.elem, None)? };
+        }
+        return Ok(());
     }
     if w.shape.dims.len() != 2 {
         return Err(format!("weight W must have rank 2 ([K, N]), got shape {:?}", w.shape.dims));
@@ -321,7 +332,54 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             *s = empty;
         }
     }
-    unsafe { set_output(api, ctx, a.shape.elem, Some((&dims, &mut symbols))) }
+    match split {
+        None => unsafe { set_output(api, ctx, 0, a.shape.elem, Some((&dims, &mut symbols))) },
+        Some(widths) => {
+            if w.shape.dims[1] >= 0 && widths.iter().sum::<i64>() != w.shape.dims[1] {
+                return Err(format!(
+                    "attribute 'split' {widths:?} must add up to the weight's N = {}",
+                    w.shape.dims[1]
+                ));
+            }
+            let last = dims.len() - 1;
+            symbols[last] = empty;
+            for (g, &c) in widths.iter().enumerate() {
+                dims[last] = c;
+                unsafe { set_output(api, ctx, g, a.shape.elem, Some((&dims, &mut symbols)))? };
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The `split` attribute (output widths) if the node has one.
+///
+/// # Safety
+/// `ctx` is a live shape-inference context.
+unsafe fn infer_split(api: Api, ctx: *mut OrtShapeInferContext) -> Result<Option<Vec<i64>>, String> {
+    let mut attr: *const ort_sys::OrtOpAttr = ptr::null();
+    // SAFETY: `ctx` is live; an absent attribute gives NULL (or an error status on some versions).
+    let st = unsafe { (api.0.ShapeInferContext_GetAttribute)(ctx, c"split".as_ptr(), &mut attr) };
+    if api::check(api, st).is_err() || attr.is_null() {
+        return Ok(None);
+    }
+    let mut len: usize = 0;
+    // SAFETY: `attr` is live; a zero-length read asks for the size in bytes.
+    let _ = api::check(api, unsafe {
+        (api.0.ReadOpAttr)(attr, ort_sys::OrtOpAttrType::ORT_OP_ATTR_INTS, ptr::null_mut(), 0, &mut len)
+    });
+    let mut v = vec![0i64; len / 8];
+    if !v.is_empty() {
+        // SAFETY: `v` has `len` bytes.
+        api::check(api, unsafe {
+            (api.0.ReadOpAttr)(attr, ort_sys::OrtOpAttrType::ORT_OP_ATTR_INTS, v.as_mut_ptr().cast(), len, &mut len)
+        })
+        .map_err(|e| format!("attribute 'split' must be a list of integers ({e})"))?;
+    }
+    if v.is_empty() || v.iter().any(|&c| c <= 0) {
+        return Err(format!("attribute 'split' must hold positive widths, got {v:?}"));
+    }
+    Ok(Some(v))
 }
 
 /// Sets the output's element type (A's: float or float16) and, when known, its shape.
@@ -331,6 +389,7 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
 unsafe fn set_output(
     api: Api,
     ctx: *mut OrtShapeInferContext,
+    index: usize,
     elem: i32,
     shape: Option<(&[i64], &mut [*const c_char])>,
 ) -> Result<(), String> {
@@ -348,7 +407,7 @@ unsafe fn set_output(
             api::check(api, (api.0.SetDimensions)(out, dims.as_ptr(), dims.len()))?;
             api::check(api, (api.0.SetSymbolicDimensions)(out, symbols.as_mut_ptr(), symbols.len()))?;
         }
-        api::check(api, (api.0.ShapeInferContext_SetOutputTypeShape)(ctx, 0, out))
+        api::check(api, (api.0.ShapeInferContext_SetOutputTypeShape)(ctx, index, out))
     })();
     unsafe { (api.0.ReleaseTensorTypeAndShapeInfo)(out) };
     r
@@ -416,7 +475,7 @@ const fn op(output_type: OutputTypeFn) -> OrtCustomOp {
         GetVariadicInputMinArity: Some(variadic_min_arity),
         GetVariadicInputHomogeneity: Some(variadic_homogeneity),
         GetVariadicOutputMinArity: Some(variadic_min_arity),
-        GetVariadicOutputHomogeneity: Some(variadic_homogeneity),
+        GetVariadicOutputHomogeneity: Some(variadic_output_homogeneity),
         CreateKernelV2: Some(create_kernel_v2),
         KernelComputeV2: Some(kernel_compute_v2),
         InferOutputShapeFn: Some(infer_output_shape),

@@ -235,6 +235,61 @@ def test_bad_residual_gives_clear_errors():
     assert "A's type float, got double [2, 4]" in msg, msg
     np.testing.assert_array_equal(sess.run(None, {"A": a, "R": np.ones((2, 4), np.float32)})[0].shape, (2, 4))
 
+
+def split_model(q, s, b, widths, elem=TensorProto.FLOAT, smooth=None, **attrs):
+    k, n = q.shape
+    ins = ["A", "W", "S", "B"] + (["M"] if smooth is not None else [])
+    outs = [f"Y{g}" for g in range(len(widths))]
+    node = helper.make_node("DynQMatMul", ins, outs, domain="dynq", name="dq", split=list(widths), **attrs)
+    inits = [numpy_helper.from_array(q, "W"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(b, "B")]
+    if smooth is not None:
+        inits.append(numpy_helper.from_array(smooth, "M"))
+    return model([node], [helper.make_tensor_value_info("A", elem, ["b", "s", k])], [helper.make_tensor_value_info(o, elem, None) for o in outs], inits)
+
+
+@pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
+def test_split_outputs_are_column_slices(gran):
+    """`split` (output widths): one node, several outputs, each bit for bit its columns of the
+    single-output node (widths not multiples of the kernel's panel), on 1 and 2 threads, with
+    smoothing and GELU, float16 too; shape inference gives each output its width."""
+    k, n = 96, 62
+    q, s = weights(k, n, 9)
+    b = RNG.standard_normal(n).astype(np.float32)
+    smooth = (10.0 ** RNG.uniform(-1, 1, size=k)).astype(np.float32)
+    a = (RNG.standard_normal((2, 35, k)) * 3).astype(np.float32)
+    whole = session(dynq_model(q, s, b, act_granularity=gran, activation="gelu", smooth=smooth)).run(None, {"A": a})[0]
+    widths = [5, 40, 17]
+    m = split_model(q, s, b, widths, smooth=smooth, act_granularity=gran, activation="gelu")
+    for threads in (1, 2):
+        sess = session(m, threads)
+        got = sess.run(None, {"A": a})
+        assert [o.shape for o in sess.get_outputs()] == [["b", "s", 5], ["b", "s", 40], ["b", "s", 17]]
+        np.testing.assert_array_equal(np.concatenate(got, axis=-1), whole)
+    if ORT_VERSION >= ORT_F16_OP:
+        a16 = a.astype(np.float16)
+        w16 = session(dynq_model(q, s, b, act_granularity=gran, elem=TensorProto.FLOAT16)).run(None, {"A": a16})[0]
+        got16 = session(split_model(q, s, b, [31, 31], elem=TensorProto.FLOAT16, act_granularity=gran)).run(None, {"A": a16})
+        assert got16[0].dtype == np.float16
+        np.testing.assert_array_equal(np.concatenate(got16, axis=-1), w16)
+
+
+def test_bad_split_gives_clear_errors():
+    q, s = weights(8, 6)
+    b = np.zeros(6, np.float32)
+    a = np.ones((1, 2, 8), np.float32)
+    for widths, expect in [([2, 3], "must add up to the weight's N = 6"), ([6, 0], "positive")]:
+        with pytest.raises(Exception) as e:
+            session(split_model(q, s, b, widths)).run(None, {"A": a})
+        assert expect in str(e.value), str(e.value)
+    # Two outputs and no split attribute.
+    node = helper.make_node("DynQMatMul", ["A", "W", "S"], ["Y0", "Y1"], domain="dynq", name="bad")
+    inits = [numpy_helper.from_array(q, "W"), numpy_helper.from_array(s, "S")]
+    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("Y0", "Y1")]
+    m = model([node], [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", 8])], outs, inits)
+    with pytest.raises(Exception) as e:
+        session(m).run(None, {"A": a[0]})
+    assert "no 'split' attribute" in str(e.value), str(e.value)
+
 def test_bad_smoothing_factors_give_clear_errors():
     q, s = weights(8, 4)
     a = np.ones((2, 8), np.float32)
