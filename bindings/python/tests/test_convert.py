@@ -722,3 +722,81 @@ def test_residual_add_is_folded_only_when_shapes_match():
     np.testing.assert_array_equal(plain(q2).run(None, f)[0], plain(q20).run(None, f)[0])
     opts = QuantizeOptions(smooth="off", fuse_residual=False)
     assert QuantizeOptions.from_json(opts.to_json()).fuse_residual is False
+
+
+def shared_input_model(d=32):
+    """q, k, v: three MatMuls (+bias) reading x; g: a fourth reading x, with a Relu (another
+    activation); r: a fifth whose output gets a residual Add; then everything summed into one
+    output (those Adds of same-shape tensors are folded as residuals too)."""
+    inits = [numpy_helper.from_array(f32(d, n), f"w_{nm}") for nm, n in (("q", d), ("k", d), ("v", 24), ("g", d), ("r", d))]
+    inits += [numpy_helper.from_array(f32(n), f"b_{nm}") for nm, n in (("q", d), ("k", d), ("v", 24), ("g", d), ("r", d))]
+    inits += [numpy_helper.from_array(f32(24, d), "w_o")]
+    nodes = []
+    for nm in ("q", "k", "v", "g", "r"):
+        nodes += [helper.make_node("MatMul", ["x", f"w_{nm}"], [f"{nm}_mm"], name=nm), helper.make_node("Add", [f"{nm}_mm", f"b_{nm}"], [nm + "_out"], name=nm + "_bias")]
+    nodes += [
+        helper.make_node("Relu", ["g_out"], ["g_act"], name="g_relu"),
+        helper.make_node("Add", ["r_out", "x"], ["r_res"], name="r_residual"),
+        helper.make_node("MatMul", ["v_out", "w_o"], ["vo"], name="o"),
+        helper.make_node("Mul", ["q_out", "k_out"], ["qk"], name="qk"),
+        helper.make_node("Add", ["qk", "vo"], ["s1"], name="s1"),
+        helper.make_node("Add", ["s1", "g_act"], ["s2"], name="s2"),
+        helper.make_node("Add", ["s2", "r_res"], ["y"], name="s3"),
+    ]
+    return model(nodes, [_vi("x", ["b", "s", d])], [_vi("y", ["b", "s", d])], inits)
+
+
+def test_layers_reading_one_input_become_one_node(tmp_path):
+    """MatMuls reading the same input (Q, K, V) become one node with one output per layer
+    (`split`), placed before every reader; each output is bit for bit the separate layer's
+    (per-channel weight scales are per column; smoothing off); a layer with another activation
+    or a residual to fold stays on its own; evaluate reports every layer under its own name, and
+    excluding one by name takes it out of the group."""
+    import onnxruntime as ort
+
+    m = shared_input_model()
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    q0, rep0 = quantize_model(m, QuantizeOptions(smooth="off", group_shared_input=False))
+    onnx.checker.check_model(q)
+    groups = [n for n in q.graph.node if n.op_type == "DynQMatMul" and len(n.output) > 1]
+    assert len(groups) == 1, [n.name for n in q.graph.node]
+    grp = groups[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in grp.attribute}
+    assert list(grp.output) == ["q_out", "k_out", "v_out"] and attrs["split"] == [32, 32, 24]
+    assert [v.decode() for v in attrs["layer_names"]] == ["q", "k", "v"]
+    assert {r.name: r.group for r in rep.converted} == {"q": "q", "k": "q", "v": "q", "g": None, "r": None, "o": None}
+    assert all(r.group is None for r in rep0.converted)
+    assert "3 layers in 1 nodes" in rep.summary()
+
+    def plain(mm, outs):
+        mm = onnx.ModelProto()
+        mm.CopyFrom(q if outs == "q" else q0)
+        for o in ("q_out", "k_out", "v_out", "r_res"):
+            mm.graph.output.append(_vi(o, None))
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.register_custom_ops_library(dynq.library_path())
+        return ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    f = {"x": f32(2, 7, 32, scale=1.0)}
+    for a, b in zip(plain(q, "q").run(None, f), plain(q0, "q0").run(None, f)):
+        np.testing.assert_array_equal(a, b)
+    assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999
+    # With smoothing, one set of factors for the group (the input is quantized once), unless
+    # that costs a layer more held-out SQNR than group_max_loss_db against its own factors.
+    qs, reps = quantize_model(m, QuantizeOptions(group_max_loss_db=1e9))
+    assert {r.name for r in reps.converted if r.group} == {"q", "k", "v"}
+    assert cosine(session(m, custom=False).run(None, f)[0], session(qs).run(None, f)[0]) > 0.999
+    _, rep_strict = quantize_model(m, QuantizeOptions(group_max_loss_db=-1e9))
+    assert all(r.group is None for r in rep_strict.converted)
+    # evaluate: a layer per output, under the original names; mixed precision can exclude one.
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save_model(m, str(src))
+    save_model(q, str(out))
+    ev = evaluate(str(src), str(out), [f], per_layer=True)
+    by = {l["name"]: l for l in ev.layers}
+    assert set(by) == {"q", "k", "v", "g", "r", "o"}, set(by)
+    assert by["v"]["n"] == 24 and by["v"]["output"] == "v_out" and by["q"]["isolated_cosine"] > 0.999
+    qx, repx = quantize_model(m, QuantizeOptions(smooth="off", exclude_nodes=("k",)))
+    grp = [n for n in qx.graph.node if n.op_type == "DynQMatMul" and len(n.output) > 1]
+    assert len(grp) == 1 and list(grp[0].output) == ["q_out", "v_out"]

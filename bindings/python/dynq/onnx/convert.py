@@ -56,6 +56,8 @@ class QuantizeOptions:
     fuse_bias: bool = True
     fuse_activation: bool = True
     fuse_residual: bool = True  # fold a following Add of a same-shape tensor (the skip connection)
+    group_shared_input: bool = True  # one node (with 'split' outputs) for MatMuls that read one input
+    group_max_loss_db: float = 0.2  # ... unless the group's shared smoothing costs a layer more SQNR than this
     convert_quantized: bool = True  # MatMulInteger / DynamicQuantizeMatMul / MatMulIntegerToFloat
     quantize_embeddings: bool = True  # Gather on a constant float [V, D] table
     smooth: str = "auto"  # "auto": activation smoothing where it measurably helps (see smooth.py); "off"
@@ -104,6 +106,7 @@ class LayerRecord:
     smooth_gain_db: Optional[float] = None  # the layer's SQNR gain measured on calibration data
     fused_nodes: List[str] = field(default_factory=list)
     residual: Optional[str] = None  # the tensor added after the activation (a folded skip-connection Add)
+    group: Optional[str] = None  # the dynq node computing this layer with others that read the same input
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Report:
         ]
         fused = sum(1 for r in self.converted if r.bias)
         nres = sum(1 for r in self.converted if r.residual)
+        groups = {r.group for r in self.converted if r.group}
         acts = {}
         for r in self.converted:
             if r.activation != "none":
@@ -132,6 +136,9 @@ class Report:
             + (", ".join(f"{k} {v}" for k, v in sorted(acts.items())) or "none")
             + f"; residual Adds folded: {nres}"
         )
+        if groups:
+            ng = sum(1 for r in self.converted if r.group)
+            lines.append(f"  layers sharing an input, computed together: {ng} layers in {len(groups)} nodes (input quantized once)")
         sm = [r for r in self.converted if r.smooth_alpha is not None]
         if sm:
             gains = sorted(r.smooth_gain_db for r in sm)
@@ -607,6 +614,57 @@ def quantize_model(
                 out = mr[0].output[0]
         return bias, act, out, fused, residual
 
+    def emit_group(members: List[onnx.NodeProto], recs: List[LayerRecord], x: str, q: np.ndarray, scales: np.ndarray, bias: np.ndarray, dead: List[onnx.NodeProto], smooth=None):
+        """One node for layers that read the same input: their weights side by side along N,
+        one output per layer (`split`). It takes the place of the first of them in node order,
+        before every consumer of any of their outputs."""
+        anchor = members[0]
+        base = (recs[0].name or recs[0].output) + "_group"
+        inputs = [x, add_init(base + "_W_int8", np.ascontiguousarray(q)), add_init(base + "_W_scale", np.ascontiguousarray(scales, np.float32))]
+        inputs.append(add_init(base + "_bias", bias.astype(np.float32)))
+        if smooth is not None:
+            inputs.append(add_init(base + "_smooth", smooth.astype(np.float32)))
+        attrs = {"split": [r.n for r in recs], "layer_names": [r.name or r.output for r in recs]}
+        if opts.act_granularity != "per_row":
+            attrs["act_granularity"] = opts.act_granularity
+        if opts.act_type != "asymmetric_u8":
+            attrs["act_type"] = opts.act_type
+        if recs[0].activation != "none":
+            attrs["activation"] = recs[0].activation
+        name = anchor.name or anchor.output[0]
+        while name in node_names and name != anchor.name:
+            name += "_dynq"
+        node_names.add(name)
+        node = helper.make_node(OP, inputs, [r.output for r in recs], name=name, domain=DOMAIN, **attrs)
+        node.doc_string = "dynq: from " + ", ".join(f"{r.source} {r.name or r.output}" for r in recs)
+        replacement[id(anchor)] = [node]
+        for d in dead:
+            removed.add(id(d))
+        for r in recs:
+            r.group = name
+        report.converted.extend(recs)
+        report.int8_weight_bytes += q.size + 4 * scales.size + (4 * smooth.size if smooth is not None else 0)
+
+    # Layers reading one input, candidates for one node: float MatMuls with a constant 2-D weight
+    # of the same K, selected for conversion, per-channel weights (their scales are per column,
+    # so the concatenated weight quantizes exactly as the separate ones).
+    groups: Dict[int, List[onnx.NodeProto]] = {}
+    if opts.group_shared_input and opts.weight_granularity == "per_channel" and "MatMul" in opts.op_types:
+        by_input: Dict[Tuple[str, int], List[onnx.NodeProto]] = {}
+        for nd in g.node:
+            if nd.op_type != "MatMul" or nd.domain not in ("", "ai.onnx") or len(nd.input) != 2 or selected(nd):
+                continue
+            w = G.const(nd.input[1])
+            if w is None or w.dtype not in (np.float32, np.float16) or w.ndim != 2 or w.size < max(opts.min_size, 1):
+                continue
+            if w.shape[0] > 65536 or not np.all(np.isfinite(w)):
+                continue
+            by_input.setdefault((nd.input[0], w.shape[0]), []).append(nd)
+        for members in by_input.values():
+            if len(members) > 1:
+                groups[id(members[0])] = members
+    grouped = set()  # ids of MatMuls converted as part of a group
+
     candidates = [n for n in g.node if n.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "Gather")]
     prog = _Progress(len(candidates), progress)
     done = 0
@@ -615,8 +673,13 @@ def quantize_model(
             continue
         done += 1
         prog.update(done, node.name)
-        if id(node) in removed:
+        if id(node) in removed or id(node) in grouped:
             continue
+        if id(node) in groups:
+            done_ids = _convert_group(groups[id(node)], G, opts, report, emit_group, fuse_tail, calib)
+            grouped.update(done_ids)
+            if id(node) in grouped:
+                continue
         dom_std = node.domain in ("", "ai.onnx")
         why = selected(node)
         try:
@@ -675,6 +738,78 @@ def quantize_model(
 
 class _Skip(Exception):
     pass
+
+
+def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, emit_group, fuse_tail, calib=None) -> set:
+    """Converts MatMuls that read one input as one node (see `emit_group`); returns the ids of
+    the nodes it converted. Layers with a residual to fold, or whose activation differs from
+    the first's, are left for the one-by-one conversion; so is everything when fewer than two
+    remain."""
+    x = members[0].input[0]
+    tails = []
+    for nd in members:
+        w = G.const(nd.input[1]).astype(np.float32)
+        bias, act, final, fused, residual = fuse_tail(nd.output[0], w.shape[1], x)
+        if residual is None:
+            tails.append((nd, w, bias, act, final, fused))
+    tails = [t for t in tails if t[3] == tails[0][3]] if tails else []
+    # One node for all: every output must be free to move to the first member's place, which
+    # holds as each output's readers follow its own (later) MatMul.
+    if len(tails) < 2:
+        return set()
+    k = tails[0][1].shape[0]
+    choice = None
+    acts = calib.activations(x) if calib is not None else None
+    if acts is not None and acts.shape[1] == k:
+        from .smooth import choose, held_out_sqnr
+
+        mode = (opts.weight_granularity, opts.act_granularity, opts.act_type)
+        # One factor per input channel for the whole group (the input is quantized once), fitted
+        # against all its weights together. A layer that this costs more than
+        # group_max_loss_db of held-out SQNR, against the smoothing it would get alone, leaves
+        # the group (and is converted alone); the factors are then fitted again without it.
+        own = {}
+        for t in tails:
+            c = choose(acts, t[1], *mode, opts.smooth_min_gain_db)
+            own[id(t[0])] = held_out_sqnr(acts, t[1], c.smooth if c else None, *mode)
+        while len(tails) >= 2:
+            choice = choose(acts, np.concatenate([t[1] for t in tails], axis=1), *mode, opts.smooth_min_gain_db)
+            sm = choice.smooth if choice else None
+            loss = {id(t[0]): own[id(t[0])] - held_out_sqnr(acts, t[1], sm, *mode) for t in tails}
+            worst = max(tails, key=lambda t: loss[id(t[0])])
+            if not loss[id(worst[0])] > opts.group_max_loss_db:
+                break
+            tails = [t for t in tails if t is not worst]
+        if len(tails) < 2:
+            return set()
+    w = np.concatenate([t[1] for t in tails], axis=1)
+    if choice is not None:
+        w = (w / choice.smooth[:, None]).astype(np.float32)
+    bias = np.concatenate([t[2] if t[2] is not None else np.zeros(t[1].shape[1], np.float32) for t in tails])
+    for nd, wi, *_ in tails:
+        if G.first_use(nd.input[1]):
+            report.fp32_weight_bytes += G.const(nd.input[1]).nbytes
+    q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
+    recs = [
+        LayerRecord(
+            name=nd.name,
+            source="MatMul",
+            output=final,
+            input=x,
+            k=int(k),
+            n=int(wi.shape[1]),
+            bias=b is not None,
+            activation=act,
+            weight_granularity=opts.weight_granularity,
+            fused_nodes=[f.name or f.op_type for f in fused],
+            smooth_alpha=choice.alpha if choice else None,
+            smooth_gain_db=choice.gain_db if choice else None,
+        )
+        for nd, wi, b, act, final, fused in tails
+    ]
+    dead = [t[0] for t in tails[1:]] + [f for t in tails for f in t[5]]
+    emit_group([t[0] for t in tails], recs, x, q, scales, bias, dead, choice.smooth if choice else None)
+    return {id(t[0]) for t in tails}
 
 
 def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit, fuse_tail, calib=None):

@@ -153,12 +153,25 @@ def _run(sess, feeds, names):
 
 
 def _dynq_layers(model: onnx.ModelProto):
+    """(node, attrs, inits, output index, first column, width, layer name) for every output of
+    every dynq node: a node with `split` outputs computes several layers (their names in
+    `layer_names`), each its own columns of the node's product."""
     inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
         if n.domain == DOMAIN and n.op_type == OP:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-            yield n, attrs, inits
+            names = [v.decode() if isinstance(v, bytes) else v for v in attrs.get("layer_names", [])]
+            widths = list(attrs.get("split", []))
+            if not widths:
+                w = inits.get(n.input[1])
+                widths = [int(w.dims[1]) if w is not None and len(w.dims) == 2 else 0]
+            c0 = 0
+            for g, out in enumerate(n.output):
+                width = widths[g] if g < len(widths) else 0
+                name = names[g] if g < len(names) else (n.name if len(n.output) == 1 else "") or out
+                yield n, attrs, inits, g, c0, width, name
+                c0 += width
 
 
 def _residual_name(node) -> Optional[str]:
@@ -299,9 +312,9 @@ def evaluate(
     if feeds_list is None:
         feeds_list = make_inputs(fp32, samples=4)
     layers = list(_dynq_layers(conv))
-    names_out = [n.output[0] for n, _, _ in layers]
-    names_in = [n.input[0] for n, _, _ in layers]
-    names_in += [r for r in (_residual_name(n) for n, _, _ in layers) if r and r not in names_in]
+    names_out = [n.output[g] for n, _, _, g, *_ in layers]
+    names_in = list(dict.fromkeys(n.input[0] for n, *_ in layers))
+    names_in += [r for r in (_residual_name(n) for n, *_ in layers) if r and r not in names_in]
     ev = Evaluation(samples=len(feeds_list))
     fp32_sess = session(_with_outputs(fp32, names_out + names_in) if per_layer else fp32, threads, custom_ops=False)
     q_sess = session(_with_outputs(conv, names_out) if per_layer else conv, threads)
@@ -309,42 +322,45 @@ def evaluate(
     base_q = session(conv, threads) if per_layer else q_sess
     ev.final = _final_metrics(base_fp32, base_q, feeds_list)
     if per_layer and layers:
-        acc: Dict[str, List[Dict]] = {n.name or n.output[0]: [] for n, _, _ in layers}
+        acc: Dict[str, List[Dict]] = {key: [] for *_, key in layers}
         iso: Dict[str, List[Dict]] = {k: [] for k in acc}
         fp_names = [o.name for o in fp32_sess.get_outputs()]
         q_names = [o.name for o in q_sess.get_outputs()]
         for feeds in feeds_list:
             a = _run(fp32_sess, feeds, fp_names)
             b = _run(q_sess, feeds, q_names)
-            for node, attrs, inits in layers:
-                key = node.name or node.output[0]
-                ref = a.get(node.output[0])
+            products: Dict[int, np.ndarray] = {}  # the isolated product of each node, once
+            for node, attrs, inits, g, c0, width, key in layers:
+                out = node.output[g]
+                ref = a.get(out)
                 if ref is None:
                     continue
-                acc[key].append(metrics(ref, b[node.output[0]]))
+                acc[key].append(metrics(ref, b[out]))
                 x = a.get(node.input[0])
                 rn = _residual_name(node)
                 r = a.get(rn) if rn else None
-                if x is not None and r is None and rn is None:
-                    iso[key].append(metrics(ref, _isolated(node, attrs, inits, x)))
-                elif x is not None and r is not None:
-                    # A folded skip connection: the layer's own error is judged against the
-                    # layer's own output (without the residual both sides share), so that mixed
-                    # precision ranks it like the unfolded layer.
-                    iso[key].append(metrics(ref - r, _isolated(node, attrs, inits, x)))
-        for node, attrs, _ in layers:
-            key = node.name or node.output[0]
+                if x is None or (rn is not None and r is None):
+                    continue
+                if id(node) not in products:
+                    products[id(node)] = _isolated(node, attrs, inits, x)
+                iso_out = products[id(node)]
+                if len(node.output) > 1:
+                    iso_out = iso_out[..., c0 : c0 + width]
+                # A folded skip connection: the layer's own error is judged against the layer's
+                # own output (without the residual both sides share), so that mixed precision
+                # ranks it like the unfolded layer.
+                iso[key].append(metrics(ref - r, iso_out) if r is not None else metrics(ref, iso_out))
+        for node, attrs, _, g, c0, width, key in layers:
             ms, iv = acc[key], iso[key]
             if not ms:
                 continue
             k = next((t.dims[0] for t in conv.graph.initializer if t.name == node.input[1]), 0)
-            nn = next((t.dims[1] for t in conv.graph.initializer if t.name == node.input[1]), 0)
             ev.layers.append(
                 {
                     "name": key,
-                    "output": node.output[0],
+                    "output": node.output[g],
                     "k": int(k),
-                    "n": int(nn),
+                    "n": int(width),
                     "activation": attrs.get("activation", "none"),
                     "cosine": float(np.mean([m["cosine"] for m in ms])),
                     "sqnr_db": float(np.mean([m["sqnr_db"] for m in ms])),

@@ -216,3 +216,20 @@ def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularit
         return None
     final = smooth_for(a, best.alpha)
     return Choice(final[0], best.alpha, best.gain_db) if final is not None else None
+
+
+def held_out_sqnr(a: np.ndarray, w: np.ndarray, smooth: Optional[np.ndarray], weight_granularity: str, act_granularity: str, act_type: str) -> float:
+    """SQNR (dB) of ``a @ w`` on the odd (held-out) rows of ``a`` as dynq computes it: the op's
+    factors ``smooth`` (or none) applied to the activations and divided out of the weight."""
+    held = a[1::2].astype(np.float32)
+    if held.shape[0] == 0:
+        return float("nan")
+    w32 = w.astype(np.float32)
+    n = w32.shape[1]
+    cols = np.arange(n) if n <= MAX_COLS else np.sort(np.random.default_rng(1).choice(n, MAX_COLS, replace=False))
+    ref = held.astype(np.float64) @ w32[:, cols].astype(np.float64)
+    if smooth is not None:
+        held = held * smooth.astype(np.float32)
+        w32 = (w32 / smooth.astype(np.float32)[:, None]).astype(np.float32)
+    wq = _quant_w(w32, weight_granularity)[:, cols] if weight_granularity == "per_tensor" else _quant_w(w32[:, cols], weight_granularity)
+    return _sqnr(ref, _quant_a(held, act_granularity, act_type) @ wq)
