@@ -110,6 +110,58 @@ fn scalar_gemm_matches_definition_around_tile_edges() {
     }
 }
 
+/// The residual and the split outputs, under Miri: the residual rows read beside the tiles,
+/// segments written straight and through the scratch tile (a tile across a boundary), from two
+/// workers, f32 and bf16 outputs.
+#[test]
+fn residual_and_split_outputs() {
+    use dynq::{Fused, Residual, SplitOut};
+    let (m, n, k) = (5, 19, 6);
+    let a = values(m * k, 7);
+    let w = values(n * k, 8);
+    let bias = values(n, 9);
+    let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, SCALAR).unwrap();
+    let opts = GemmOptions { num_threads: 2, ..GemmOptions::default() };
+    let mut base = vec![0f32; m * n];
+    gemm(&pw, &a, m, k, Some(&bias), &mut base, n, &opts).unwrap();
+    // Residual at a stride above n.
+    let ldr = n + 2;
+    let res = values((m - 1) * ldr + n, 10);
+    let mut y = vec![0f32; m * n];
+    let f = Fused { smooth: None, bias: Some(&bias), residual: Some(Residual { data: &res, ld: ldr }) };
+    dynq::gemm::gemm_fused(&pw, &a, m, k, &f, &mut y, n, &opts).unwrap();
+    for i in 0..m {
+        for j in 0..n {
+            assert_eq!(y[i * n + j].to_bits(), (base[i * n + j] + res[i * ldr + j]).to_bits());
+        }
+    }
+    let res16: Vec<half::bf16> = res.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let mut yb = vec![half::bf16::ZERO; m * n];
+    let f = Fused { smooth: None, bias: Some(&bias), residual: Some(Residual { data: &res16, ld: ldr }) };
+    dynq::gemm::gemm_fused(&pw, &a, m, k, &f, &mut yb, n, &opts).unwrap();
+    for i in 0..m {
+        for j in 0..n {
+            let want = half::bf16::from_f32(base[i * n + j] + res16[i * ldr + j].to_f32());
+            assert_eq!(yb[i * n + j].to_bits(), want.to_bits());
+        }
+    }
+    // Split 3 + 10 + 6: with NR = 8 the first two tiles of a row straddle the boundaries.
+    let widths = [3usize, 10, 6];
+    let mut bufs: Vec<Vec<f32>> = widths.iter().map(|&c| vec![0f32; m * c]).collect();
+    let mut outs: Vec<SplitOut<'_, f32>> =
+        bufs.iter_mut().zip(widths).map(|(y, cols)| SplitOut { y, ldy: cols, cols }).collect();
+    dynq::gemm_split(&pw, &a, m, k, None, Some(&bias), &mut outs, &opts).unwrap();
+    let mut j0 = 0;
+    for (buf, cols) in bufs.iter().zip(widths) {
+        for i in 0..m {
+            for j in 0..cols {
+                assert_eq!(buf[i * cols + j].to_bits(), base[i * n + j0 + j].to_bits());
+            }
+        }
+        j0 += cols;
+    }
+}
+
 #[test]
 fn scalar_integer_gemm_matches_reference() {
     for &(m, n, k) in &[(1, 1, 1), (5, 9, 7), (4, 16, 8)] {

@@ -767,6 +767,22 @@ pub fn gemm_split_on<A: Element, Y: Element>(
     gemm_impl(w, a, m, lda, &Fused { smooth, bias, residual: None }, outs, opts, par)
 }
 
+/// [`gemm_split_on`] on dynq's pool (`opts.num_threads` workers).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_split<A: Element, Y: Element>(
+    w: &PackedWeights,
+    a: &[A],
+    m: usize,
+    lda: usize,
+    smooth: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    outs: &mut [SplitOut<'_, Y>],
+    opts: &GemmOptions,
+) -> Result<()> {
+    let pool = Pool(resolve_threads(opts.num_threads)?);
+    gemm_split_on(w, a, m, lda, smooth, bias, outs, opts, &pool)
+}
+
 /// Where one output segment's tiles go.
 struct Segment<'o, Y> {
     /// First column of the product in this segment, and its width.
