@@ -233,9 +233,14 @@ def bench_model(model: str, label: str, args, work: Path) -> dict:
     # Latency: the variants take turns (rounds of a few runs each), so that load from other
     # processes during the measurement hits every variant alike; the median of all runs is reported.
     lat = {name: {} for name, _, _ in variants}
+    # Also per round, the faster of each variant's two runs: ratios between variants taken round
+    # by round pair runs made within a second of each other, so a slow phase of the shared host
+    # hits both sides of a ratio (the medians above can straddle such a phase).
+    paired = {}
     for t in threads:
         sessions = [(name, session(path, t, custom)) for name, path, custom in variants]
         samples = {name: [] for name, _ in sessions}
+        rounds_best = {name: [] for name, _ in sessions}
         for name, s in sessions:
             s.run(None, feeds)  # warm-up
         t_end = time.perf_counter() + args.min_time * len(sessions)
@@ -246,11 +251,15 @@ def bench_model(model: str, label: str, args, work: Path) -> dict:
                     t0 = time.perf_counter()
                     s.run(None, feeds)
                     samples[name].append(time.perf_counter() - t0)
+                rounds_best[name].append(min(samples[name][-2:]))
             rounds += 1
             if rounds >= 100:
                 break
         for name in samples:
             lat[name][t] = statistics.median(samples[name]) * 1e3
+        names = [name for name, _ in sessions]
+        ort_r, dyn_r = rounds_best[names[1]], rounds_best[names[3]]
+        paired[t] = sorted(o / d for o, d in zip(ort_r, dyn_r))
         del sessions
     rows = []
     for name, path, custom in variants:
@@ -297,9 +306,16 @@ def bench_model(model: str, label: str, args, work: Path) -> dict:
     q_ort = rows[1]
     q_dyn = rows[3]
     print()
+    summary = {}
     for t in threads:
-        print(f"dynq vs ORT quantize_dynamic (per-tensor) @{t}T: {q_ort['latency_ms'][str(t)] / q_dyn['latency_ms'][str(t)]:.2f}x faster")
-    return {"model": model, "label": label, "batch": args.batch, "seq_len": args.seq_len, "inputs": feed_kind, "rows": rows}
+        r = paired[t]
+        q1, med, q3 = r[len(r) // 4], statistics.median(r), r[(3 * len(r)) // 4]
+        summary[str(t)] = {"median_of_medians": q_ort["latency_ms"][str(t)] / q_dyn["latency_ms"][str(t)], "paired_median": med, "paired_q1": q1, "paired_q3": q3, "rounds": len(r)}
+        print(
+            f"dynq vs ORT quantize_dynamic (per-tensor) @{t}T: {q_ort['latency_ms'][str(t)] / q_dyn['latency_ms'][str(t)]:.2f}x faster"
+            f" (paired by round: median {med:.2f}x, middle half {q1:.2f}-{q3:.2f}x, {len(r)} rounds)"
+        )
+    return {"model": model, "label": label, "batch": args.batch, "seq_len": args.seq_len, "inputs": feed_kind, "rows": rows, "dynq_vs_ort": summary}
 
 
 def main():
