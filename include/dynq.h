@@ -253,6 +253,15 @@ typedef struct {
   const char *kernel_name;
 } dynq_packed_weights_info;
 
+// One output of `dynq_gemm_split`: `cols` consecutive columns of the product, written as `m`
+// rows at stride `ldy` (elements, `>= cols`) to `y`, whose element type is the call's
+// `y_type`.
+typedef struct {
+  void *y;
+  size_t ldy;
+  size_t cols;
+} dynq_output;
+
 
 
 #ifdef __cplusplus
@@ -483,6 +492,33 @@ dynq_status dynq_gemm_residual(const dynq_packed_weights *packed,
                                uint32_t y_type,
                                size_t ldy,
                                const dynq_gemm_config *config);
+
+// `dynq_gemm_smoothed` with the product's columns sent to several outputs: `outputs[0]` gets
+// the first `outputs[0].cols` columns, `outputs[1]` the next `outputs[1].cols`, and so on;
+// the widths must add up to the weights' `n`. Each element is the bits `dynq_gemm_smoothed`
+// gives for that column. This is how layers that read one input (a transformer's Q, K and V,
+// packed as one matrix with their weights side by side) run as one call: A is quantized and
+// read once, and each layer's output is a matrix of its own, with no copy.
+//
+// Errors (`y` buffers untouched): `num_outputs` 0 or `outputs` NULL; a width 0, widths not
+// adding up to `n`, `ldy < cols`; a NULL or misaligned `y` (when `m > 0`); outputs that
+// overlap each other, `a`, `bias` or `smooth`; and the errors of `dynq_gemm_smoothed`.
+//
+// # Safety
+// As `dynq_gemm_smoothed`; `outputs` is NULL or points to `num_outputs` readable
+// `dynq_output`, each `y` to `(m - 1) * ldy + cols` writable values of type `y_type` (when
+// `m > 0`).
+dynq_status dynq_gemm_split(const dynq_packed_weights *packed,
+                            const void *a,
+                            uint32_t a_type,
+                            size_t m,
+                            size_t lda,
+                            const float *smooth,
+                            const float *bias,
+                            const dynq_output *outputs,
+                            size_t num_outputs,
+                            uint32_t y_type,
+                            const dynq_gemm_config *config);
 
 #ifdef __cplusplus
 }  // extern "C"

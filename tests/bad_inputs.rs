@@ -491,6 +491,24 @@ fn bad_inputs_table() {
         let st = dynq_gemm_residual(p, a32, 0, m, k, null(), null(), yp as *const c_void, n, yv, 0, n, &gc);
         g(&mut t, "residual = y (in place)", Status::InvalidArgument, st, &y);
 
+        let f = "dynq_gemm_split";
+        let g = |t: &mut Table, input: &str, want, st, y: &[f32]| {
+            t.case(f, input, want, st);
+            assert!(y.iter().all(|v| v.to_bits() == sentinel), "{f}: {input}: y written");
+        };
+        let half_n = n / 2;
+        let mk = |y: *mut f32, ldy: usize, cols: usize| dynq_output { y: y as *mut c_void, ldy, cols };
+        let outs = [mk(yp, n, half_n), mk(yp.add(m * n / 2), n, n - half_n + 1)];
+        let st = dynq_gemm_split(p, a32, 0, m, k, null(), null(), outs.as_ptr(), 2, 0, &gc);
+        g(&mut t, "widths adding up to n + 1", Status::InvalidArgument, st, &y);
+        let outs = [mk(yp, n, half_n), mk(yp.add(1), n, n - half_n)];
+        let st = dynq_gemm_split(p, a32, 0, m, k, null(), null(), outs.as_ptr(), 2, 0, &gc);
+        g(&mut t, "outputs[1].y overlapping outputs[0].y", Status::InvalidArgument, st, &y);
+        let st = dynq_gemm_split(p, a32, 0, m, k, null(), null(), outs.as_ptr(), 0, 0, &gc);
+        g(&mut t, "num_outputs = 0", Status::InvalidArgument, st, &y);
+        let st = dynq_gemm_split(p, a32, 0, m, k, null(), null(), null(), 2, 0, &gc);
+        g(&mut t, "outputs = NULL", Status::NullPointer, st, &y);
+
         // ---- the rest ----
         t.case("dynq_pack_config_init", "config = NULL", Status::NullPointer, dynq_pack_config_init(null_mut()));
         t.case("dynq_gemm_config_init", "config = NULL", Status::NullPointer, dynq_gemm_config_init(null_mut()));

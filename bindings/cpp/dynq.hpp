@@ -226,6 +226,33 @@ public:
         return y;
     }
 
+    /* The product's columns in several outputs (dynq_gemm_split): output g holds widths[g]
+       columns (dense rows), the widths adding up to n; smooth and bias as in gemm_smoothed. */
+    std::vector<std::vector<float> > gemm_split(const std::vector<float> &a, const std::vector<std::size_t> &widths,
+                                                const std::vector<float> &smooth = std::vector<float>(),
+                                                const std::vector<float> &bias = std::vector<float>(),
+                                                const dynq_gemm_config *config = NULL) const
+    {
+        dynq_packed_weights_info i = info();
+        if (a.size() % i.k != 0 || (!smooth.empty() && smooth.size() != i.k) || (!bias.empty() && bias.size() != i.n)) {
+            gemm_smoothed(a, smooth, bias, config); /* throws the same messages */
+        }
+        std::size_t m = a.size() / i.k;
+        std::vector<std::vector<float> > ys(widths.size());
+        std::vector<dynq_output> outs(widths.size());
+        for (std::size_t g = 0; g < widths.size(); g++) {
+            ys[g].resize(m * widths[g]);
+            outs[g].y = (m && widths[g]) ? ys[g].data() : NULL;
+            outs[g].ldy = widths[g];
+            outs[g].cols = widths[g];
+        }
+        check(dynq_gemm_split(p_, m ? a.data() : NULL, DYNQ_DTYPE_F32, m, i.k, smooth.empty() ? NULL : smooth.data(),
+                              bias.empty() ? NULL : bias.data(), outs.empty() ? NULL : outs.data(), outs.size(),
+                              DYNQ_DTYPE_F32, config),
+              "dynq_gemm_split");
+        return ys;
+    }
+
     const dynq_packed_weights *get() const noexcept { return p_; }
     /* Gives up ownership; the caller frees the handle with dynq_packed_weights_free. */
     dynq_packed_weights *release() noexcept

@@ -137,6 +137,17 @@ pub struct dynq_gemm_config {
     pub num_threads: u32,
 }
 
+/// One output of `dynq_gemm_split`: `cols` consecutive columns of the product, written as `m`
+/// rows at stride `ldy` (elements, `>= cols`) to `y`, whose element type is the call's
+/// `y_type`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct dynq_output {
+    pub y: *mut std::ffi::c_void,
+    pub ldy: usize,
+    pub cols: usize,
+}
+
 /// What `dynq_packed_weights_get_info` reports. Set `struct_size` before the call.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -814,6 +825,182 @@ pub unsafe extern "C" fn dynq_gemm_residual(
     ffi_boundary!({
         unsafe { gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, (residual, ldr), y, y_type, ldy, config) }
     })
+}
+
+/// `dynq_gemm_smoothed` with the product's columns sent to several outputs: `outputs[0]` gets
+/// the first `outputs[0].cols` columns, `outputs[1]` the next `outputs[1].cols`, and so on;
+/// the widths must add up to the weights' `n`. Each element is the bits `dynq_gemm_smoothed`
+/// gives for that column. This is how layers that read one input (a transformer's Q, K and V,
+/// packed as one matrix with their weights side by side) run as one call: A is quantized and
+/// read once, and each layer's output is a matrix of its own, with no copy.
+///
+/// Errors (`y` buffers untouched): `num_outputs` 0 or `outputs` NULL; a width 0, widths not
+/// adding up to `n`, `ldy < cols`; a NULL or misaligned `y` (when `m > 0`); outputs that
+/// overlap each other, `a`, `bias` or `smooth`; and the errors of `dynq_gemm_smoothed`.
+///
+/// # Safety
+/// As `dynq_gemm_smoothed`; `outputs` is NULL or points to `num_outputs` readable
+/// `dynq_output`, each `y` to `(m - 1) * ldy + cols` writable values of type `y_type` (when
+/// `m > 0`).
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm_split(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    outputs: *const dynq_output,
+    num_outputs: usize,
+    y_type: u32,
+    config: *const dynq_gemm_config,
+) -> Status {
+    // SAFETY: forwarded contract.
+    ffi_boundary!({
+        unsafe { gemm_split_raw(packed, a, a_type, m, lda, smooth, bias, outputs, num_outputs, y_type, config) }
+    })
+}
+
+/// `dynq_gemm_split` after the boundary.
+///
+/// # Safety
+/// The contract of `dynq_gemm_split`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_split_raw(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    outputs: *const dynq_output,
+    num_outputs: usize,
+    y_type: u32,
+    config: *const dynq_gemm_config,
+) -> Result<()> {
+    use crate::dtype::DType;
+    use half::{bf16, f16};
+    check_ptr(outputs, "outputs")?;
+    if num_outputs == 0 {
+        return Err(Error::InvalidArgument("num_outputs is 0; at least one output is needed".into()));
+    }
+    if num_outputs > isize::MAX as usize / std::mem::size_of::<dynq_output>() {
+        return Err(Error::SizeOverflow(format!("num_outputs = {num_outputs} overflows the address space")));
+    }
+    // SAFETY: `outputs` points to `num_outputs` readable records per the contract.
+    let outs = unsafe { std::slice::from_raw_parts(outputs, num_outputs) }.to_vec();
+    let dt = |raw: u32, name: &str| {
+        DType::from_raw(raw).ok_or_else(|| Error::InvalidArgument(format!("{name}={raw} is not a dynq_dtype value")))
+    };
+    let (at, yt) = (dt(a_type, "a_type")?, dt(y_type, "y_type")?);
+    macro_rules! go {
+        ($a:ty, $y:ty) => {
+            // SAFETY: forwarded contract with the element types the caller named.
+            unsafe { split_generic::<$a, $y>(packed, a as *const $a, m, lda, smooth, bias, &outs, config) }
+        };
+    }
+    match (at, yt) {
+        (DType::F32, DType::F32) => go!(f32, f32),
+        (DType::F32, DType::F16) => go!(f32, f16),
+        (DType::F32, DType::BF16) => go!(f32, bf16),
+        (DType::F16, DType::F32) => go!(f16, f32),
+        (DType::F16, DType::F16) => go!(f16, f16),
+        (DType::F16, DType::BF16) => go!(f16, bf16),
+        (DType::BF16, DType::F32) => go!(bf16, f32),
+        (DType::BF16, DType::F16) => go!(bf16, f16),
+        (DType::BF16, DType::BF16) => go!(bf16, bf16),
+    }
+}
+
+/// The checks and the call of `dynq_gemm_split` for element types `A` and `Y`.
+///
+/// # Safety
+/// The contract of `dynq_gemm_split` for these element types.
+#[allow(clippy::too_many_arguments)]
+unsafe fn split_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
+    packed: *const dynq_packed_weights,
+    a: *const A,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    outs: &[dynq_output],
+    config: *const dynq_gemm_config,
+) -> Result<()> {
+    // SAFETY: per the contract.
+    let pw = unsafe { handle(packed) }?;
+    // SAFETY: config is NULL or readable per the contract.
+    let opts = gemm_options(&unsafe { read_config(config, default_gemm_config(), "config") }?)?;
+    let (n, k) = (pw.n(), pw.k());
+    let (asz, ysz) = (std::mem::size_of::<A>(), std::mem::size_of::<Y>());
+    let a_len = span(m, k, lda, asz, "a")?;
+    let mut total = 0usize;
+    let mut lens = Vec::with_capacity(outs.len());
+    for (g, o) in outs.iter().enumerate() {
+        if o.cols == 0 {
+            return Err(Error::InvalidArgument(format!("outputs[{g}].cols is 0")));
+        }
+        total = total.saturating_add(o.cols);
+        lens.push(span(m, o.cols, o.ldy, ysz, &format!("outputs[{g}]"))?);
+    }
+    if total != n {
+        let widths: Vec<usize> = outs.iter().map(|o| o.cols).collect();
+        return Err(Error::InvalidArgument(format!("output widths {widths:?} must add up to n = {n}")));
+    }
+    if !smooth.is_null() {
+        check_ptr(smooth, "smooth")?;
+    }
+    if !bias.is_null() {
+        check_ptr(bias, "bias")?;
+    }
+    if m > 0 {
+        check_ptr(a, "a")?;
+        for (g, (o, &len)) in outs.iter().zip(&lens).enumerate() {
+            let name = format!("outputs[{g}].y");
+            check_ptr(o.y as *const Y, &name)?;
+            let r = (o.y as usize, len * ysz);
+            for (what, other) in [
+                ("a", (a as usize, a_len * asz)),
+                ("bias", (bias as usize, n * 4)),
+                ("smooth", (smooth as usize, k * 4)),
+            ] {
+                if other.0 != 0 && overlaps(r, other) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{name} overlaps {what}; outputs must be separate buffers"
+                    )));
+                }
+            }
+            for (h, (o2, &len2)) in outs.iter().zip(&lens).enumerate().take(g) {
+                if overlaps(r, (o2.y as usize, len2 * ysz)) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{name} overlaps outputs[{h}].y; outputs must be separate buffers"
+                    )));
+                }
+            }
+        }
+    }
+    // SAFETY: the caller provides buffers of these sizes (computed without overflow); the outputs
+    // overlap neither each other nor the inputs (checked above).
+    let (a, bias, smooth) = unsafe {
+        (
+            if m > 0 { std::slice::from_raw_parts(a, a_len) } else { &[][..] },
+            (!bias.is_null()).then(|| std::slice::from_raw_parts(bias, n)),
+            (!smooth.is_null()).then(|| std::slice::from_raw_parts(smooth, k)),
+        )
+    };
+    let mut split: Vec<crate::gemm::SplitOut<'_, Y>> = outs
+        .iter()
+        .zip(&lens)
+        .map(|(o, &len)| crate::gemm::SplitOut {
+            // SAFETY: as above (an empty slice when m = 0, where y may be NULL).
+            y: if m > 0 { unsafe { std::slice::from_raw_parts_mut(o.y as *mut Y, len) } } else { &mut [][..] },
+            ldy: o.ldy,
+            cols: o.cols,
+        })
+        .collect();
+    crate::gemm::gemm_split(pw, a, m, lda, smooth, bias, &mut split, &opts)
 }
 
 /// `dynq_gemm_residual` after the boundary: element types resolved, then `gemm_generic`.

@@ -1628,6 +1628,98 @@ static void test_gemm_residual(void)
     free(y2);
 }
 
+/* dynq_gemm_split: each output holds exactly its columns of dynq_gemm_smoothed (widths off the
+   kernels' panel widths, strides above the widths, f32 and f16 outputs); bad widths, strides,
+   overlapping or NULL outputs refused with every output untouched. */
+static void test_gemm_split(void)
+{
+    const size_t m = 23, n = 61, k = 40;
+    const size_t w0 = 5, w1 = 39, w2 = 17;
+    int8_t *q = ALLOC(int8_t, n * k);
+    float *sw = ALLOC(float, n), *bias = ALLOC(float, n), *sm = ALLOC(float, k);
+    float *a = ALLOC(float, m * k), *whole = ALLOC(float, m * n);
+    float *y0 = ALLOC(float, m * (w0 + 1)), *y1 = ALLOC(float, m * (w1 + 2)), *y2 = ALLOC(float, m * w2);
+    uint16_t *h = ALLOC(uint16_t, m * n), *h0 = ALLOC(uint16_t, m * 30), *h1 = ALLOC(uint16_t, m * 31);
+    dynq_gemm_config c = gemm_cfg(0, 0, 2 /* GELU */, 2);
+    dynq_packed_weights *p;
+    dynq_output outs[3];
+    size_t i, j;
+    int same = 1;
+    random_q(q, n * k);
+    for (j = 0; j < n; j++) {
+        sw[j] = 0.003f * (float)(j % 7 + 1);
+        bias[j] = rnd_f();
+    }
+    for (j = 0; j < k; j++) {
+        sm[j] = 0.75f + 0.125f * (float)(j % 5);
+    }
+    random_a(a, m, k, k, 0);
+    p = pack_q(q, n, k, sw, n);
+    EXPECT_OK("dynq_gemm_smoothed", dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, whole, DYNQ_DTYPE_F32, n, &c));
+    outs[0].y = y0; outs[0].ldy = w0 + 1; outs[0].cols = w0;
+    outs[1].y = y1; outs[1].ldy = w1 + 2; outs[1].cols = w1;
+    outs[2].y = y2; outs[2].ldy = w2; outs[2].cols = w2;
+    EXPECT_OK("dynq_gemm_split", dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, 3, DYNQ_DTYPE_F32, &c));
+    for (i = 0; i < m; i++) {
+        for (j = 0; j < n; j++) {
+            const float *src = j < w0 ? &y0[i * (w0 + 1) + j] : j < w0 + w1 ? &y1[i * (w1 + 2) + j - w0] : &y2[i * w2 + j - w0 - w1];
+            same &= memcmp(src, &whole[i * n + j], sizeof(float)) == 0;
+        }
+    }
+    check(same, "dynq_gemm_split outputs are the columns of dynq_gemm_smoothed, bit for bit");
+    /* f16 output in two halves. */
+    EXPECT_OK("dynq_gemm_smoothed(f16)", dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, h, DYNQ_DTYPE_F16, n, &c));
+    outs[0].y = h0; outs[0].ldy = 30; outs[0].cols = 30;
+    outs[1].y = h1; outs[1].ldy = 31; outs[1].cols = 31;
+    EXPECT_OK("dynq_gemm_split(f16)", dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, 2, DYNQ_DTYPE_F16, &c));
+    same = 1;
+    for (i = 0; i < m; i++) {
+        for (j = 0; j < n; j++) {
+            same &= (j < 30 ? h0[i * 30 + j] : h1[i * 31 + j - 30]) == h[i * n + j];
+        }
+    }
+    check(same, "dynq_gemm_split f16 outputs are the columns of dynq_gemm_smoothed");
+    /* Refused, outputs untouched. */
+    fill_sentinel(y0, m * (w0 + 1));
+    fill_sentinel(y1, m * (w1 + 2));
+    outs[0].y = y0; outs[0].ldy = w0 + 1; outs[0].cols = w0;
+    outs[1].y = y1; outs[1].ldy = w1 + w2 - 1; outs[1].cols = w1 + w2 - 1; /* refused before any write */
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "must add up to n = 61", "dynq_gemm_split(widths 5 + 55)",
+           dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, 2, DYNQ_DTYPE_F32, &c));
+    outs[1].cols = 0;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "outputs[1].cols is 0", "dynq_gemm_split(width 0)",
+           dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, 2, DYNQ_DTYPE_F32, &c));
+    outs[1].cols = n - w0;
+    outs[1].ldy = n - w0 - 1;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "outputs[1]: row stride", "dynq_gemm_split(ldy < cols)",
+           dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, 2, DYNQ_DTYPE_F32, &c));
+    outs[1].ldy = n - w0;
+    outs[1].y = y0 + 2;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "outputs[1].y overlaps outputs[0].y", "dynq_gemm_split(overlapping outputs)",
+           dynq_gemm_split(p, a, DYNQ_DTYPE_F32, 1, k, sm, bias, outs, 2, DYNQ_DTYPE_F32, &c));
+    outs[1].y = NULL;
+    EXPECT(DYNQ_STATUS_NULL_POINTER, "outputs[1].y", "dynq_gemm_split(NULL y)",
+           dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, 2, DYNQ_DTYPE_F32, &c));
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "num_outputs is 0", "dynq_gemm_split(no outputs)",
+           dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, 0, DYNQ_DTYPE_F32, &c));
+    EXPECT(DYNQ_STATUS_NULL_POINTER, "outputs", "dynq_gemm_split(outputs=NULL)",
+           dynq_gemm_split(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, NULL, 2, DYNQ_DTYPE_F32, &c));
+    check(all_sentinel(y0, m * (w0 + 1)) && all_sentinel(y1, m * (w1 + 2)), "outputs untouched after refused calls");
+    dynq_packed_weights_free(p);
+    free(q);
+    free(sw);
+    free(bias);
+    free(sm);
+    free(a);
+    free(whole);
+    free(y0);
+    free(y1);
+    free(y2);
+    free(h);
+    free(h0);
+    free(h1);
+}
+
 /* Every pointer argument NULL. */
 static void test_null_pointers(void)
 {
@@ -2322,6 +2414,7 @@ int main(int argc, char **argv)
     test_gemm_threads();
     test_gemm_smoothed();
     test_gemm_residual();
+    test_gemm_split();
     test_null_pointers();
     test_invalid_arguments();
     test_size_overflow();

@@ -360,6 +360,29 @@ void test_defaults_and_raw_call()
         threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("residual") != std::string::npos;
     }
     check(threw, "gemm_residual with m * n - 1 values throws INVALID_ARGUMENT");
+
+    // Split outputs: each holds its columns of gemm_smoothed.
+    std::vector<float> full = w.gemm_smoothed(a, smooth, bias);
+    std::vector<size_t> widths;
+    widths.push_back(1);
+    widths.push_back(n - 1);
+    std::vector<std::vector<float> > parts = w.gemm_split(a, widths, smooth, bias);
+    std::vector<float> joined(m * n);
+    for (size_t i = 0; i < m; i++) {
+        joined[i * n] = parts[0][i];
+        for (size_t j = 1; j < n; j++) {
+            joined[i * n + j] = parts[1][i * (n - 1) + j - 1];
+        }
+    }
+    check(parts.size() == 2 && same_bits(joined, full, why), "gemm_split outputs are the columns of gemm_smoothed: " + why);
+    threw = false;
+    widths[1] = n;
+    try {
+        w.gemm_split(a, widths);
+    } catch (const dynq::error &e) {
+        threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("add up") != std::string::npos;
+    }
+    check(threw, "gemm_split with widths adding up to n + 1 throws INVALID_ARGUMENT");
 }
 
 void test_serialize()
