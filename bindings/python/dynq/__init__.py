@@ -34,6 +34,7 @@ __all__ = [
     "DynqError",
     "PackedWeights",
     "gemm",
+    "gemm_split",
     "library_path",
     "version",
     "active_isa",
@@ -83,6 +84,10 @@ class _GemmConfig(ctypes.Structure):
         ("epilogue", ctypes.c_uint32),
         ("num_threads", ctypes.c_uint32),
     ]
+
+
+class _Output(ctypes.Structure):
+    _fields_ = [("y", ctypes.c_void_p), ("ldy", ctypes.c_size_t), ("cols", ctypes.c_size_t)]
 
 
 class _Info(ctypes.Structure):
@@ -178,6 +183,8 @@ def _load():
         lib.dynq_gemm_smoothed.argtypes = [P, P, u32, sz, sz, P, P, P, u32, sz, ctypes.POINTER(_GemmConfig)]
         lib.dynq_gemm_residual.restype = u32
         lib.dynq_gemm_residual.argtypes = [P, P, u32, sz, sz, P, P, P, sz, P, u32, sz, ctypes.POINTER(_GemmConfig)]
+        lib.dynq_gemm_split.restype = u32
+        lib.dynq_gemm_split.argtypes = [P, P, u32, sz, sz, P, P, ctypes.POINTER(_Output), sz, u32, ctypes.POINTER(_GemmConfig)]
         if hasattr(lib, "dynq_ort_weight_cache_stats"):
             lib.dynq_ort_weight_cache_stats.restype = None
             lib.dynq_ort_weight_cache_stats.argtypes = [ctypes.POINTER(sz), ctypes.POINTER(sz)] + [
@@ -425,3 +432,50 @@ def gemm(
     else:
         _check(lib.dynq_gemm(packed._h, a_ptr, m, packed.k, b_ptr, y_ptr, packed.n, ctypes.byref(cfg)))
     return y
+
+
+def gemm_split(
+    packed: PackedWeights,
+    a: np.ndarray,
+    widths: Sequence[int],
+    bias: Optional[np.ndarray] = None,
+    act_granularity: str = "per_row",
+    act_type: str = "asymmetric_u8",
+    epilogue: str = "none",
+    num_threads: int = 0,
+    smooth: Optional[np.ndarray] = None,
+) -> list:
+    """:func:`gemm` with the result's columns returned as several arrays (``dynq_gemm_split``):
+    the first ``widths[0]`` columns, then the next ``widths[1]``, ... (``sum(widths) == n``),
+    each bit for bit those columns of :func:`gemm`. Layers that read one input (Q, K, V packed
+    side by side as one weight) then run as one call, with A quantized once."""
+    if packed._h is None:
+        raise ValueError("packed weights were closed")
+    half = isinstance(a, np.ndarray) and a.dtype == np.float16
+    a = np.ascontiguousarray(a, dtype=np.float16 if half else np.float32)
+    if a.ndim < 1 or a.shape[-1] != packed.k:
+        raise ValueError(f"a must have shape [..., {packed.k}], got {a.shape}")
+    widths = [int(w) for w in widths]
+    m = int(np.prod(a.shape[:-1], dtype=np.int64)) if a.ndim > 1 else 1
+    ys = [np.empty(a.shape[:-1] + (w,), dtype=a.dtype) for w in widths]
+    outs = (_Output * max(len(ys), 1))()
+    for g, (y, w) in enumerate(zip(ys, widths)):
+        outs[g].y = y.ctypes.data if m and y.size else None
+        outs[g].ldy = w
+        outs[g].cols = w
+    b = np.ascontiguousarray(bias, dtype=np.float32).ravel() if bias is not None else None
+    sm = np.ascontiguousarray(smooth, dtype=np.float32).ravel() if smooth is not None else None
+    if sm is not None and sm.size != packed.k:
+        raise ValueError(f"smooth must have {packed.k} values, got {sm.size}")
+    cfg = _GemmConfig()
+    lib = _load()
+    _check(lib.dynq_gemm_config_init(ctypes.byref(cfg)))
+    cfg.act_granularity = _enum(_ACT_GRANULARITY, act_granularity, "act_granularity")
+    cfg.act_type = _enum(_ACT_TYPE, act_type, "act_type")
+    cfg.epilogue = _enum(_EPILOGUE, epilogue, "epilogue")
+    cfg.num_threads = int(num_threads)
+    dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
+    _check(lib.dynq_gemm_split(
+        packed._h, a.ctypes.data if m else None, dt, m, packed.k, sm.ctypes.data if sm is not None else None,
+        b.ctypes.data if b is not None else None, outs, len(ys), dt, ctypes.byref(cfg)))
+    return ys

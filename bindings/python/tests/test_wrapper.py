@@ -111,3 +111,28 @@ def test_smoothing_factors():
     bad[7] = np.nan
     with pytest.raises(dynq.DynqError, match=r"smoothing factor \[7\] is NaN"):
         dynq.gemm(p, a, smooth=bad)
+
+
+def test_residual_and_split():
+    """gemm(residual=): the product plus the residual (one f32 addition); gemm_split: each array
+    holds its columns of gemm, bit for bit (float32 and float16); bad widths raise."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 50)).astype(np.float32)
+    p = dynq.PackedWeights.from_float(w, layout="kn")
+    a = rng.standard_normal((3, 7, 64)).astype(np.float32)
+    b = rng.standard_normal(50).astype(np.float32)
+    r = rng.standard_normal((3, 7, 50)).astype(np.float32)
+    whole = dynq.gemm(p, a, bias=b, epilogue="gelu")
+    np.testing.assert_array_equal(dynq.gemm(p, a, bias=b, epilogue="gelu", residual=r), whole + r)
+    with pytest.raises(ValueError):
+        dynq.gemm(p, a, residual=r[:, :, :49])
+    parts = dynq.gemm_split(p, a, [7, 30, 13], bias=b, epilogue="gelu")
+    assert [x.shape for x in parts] == [(3, 7, 7), (3, 7, 30), (3, 7, 13)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=-1), whole)
+    a16 = a.astype(np.float16)
+    parts16 = dynq.gemm_split(p, a16, [25, 25])
+    assert parts16[0].dtype == np.float16
+    np.testing.assert_array_equal(np.concatenate(parts16, axis=-1), dynq.gemm(p, a16))
+    with pytest.raises(dynq.DynqError) as e:
+        dynq.gemm_split(p, a, [25, 26])
+    assert "add up to n = 50" in str(e.value)
