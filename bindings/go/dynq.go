@@ -4,14 +4,16 @@
 // dequantized to float32 with a fused bias and activation. Results are bit-identical on
 // every CPU and thread count. GemmEx takes and returns float16 and bfloat16 too, as uint16
 // bit patterns (Float16bits, BFloat16bits); GemmSmoothed adds per-input-channel smoothing
-// factors (SmoothQuant), and GemmResidual a residual added to the result (a skip connection).
+// factors (SmoothQuant), GemmResidual a residual added to the result (a skip connection), and
+// GemmSplit sends the result's columns to several outputs (Q, K and V in one call).
 //
 // The package is a thin layer over the C ABI of libdynq (dynq.h), linked through pkg-config:
 // module dynq by default, dynq-static with the build tag dynq_static.
 //
 // Memory: C never keeps a Go pointer. Slices are only read or written during the call that
-// receives them; the packed weights live in C memory, owned by a PackedWeights and released
-// by Close (or, as a safety net, by a finalizer).
+// receives them (GemmSplit pins its outputs for that call, with runtime.Pinner); the packed
+// weights live in C memory, owned by a PackedWeights and released by Close (or, as a safety
+// net, by a finalizer).
 //
 // Errors are *Error values carrying the library's status and detailed message;
 // errors.Is(err, dynq.StatusCorruptData) tests the status.

@@ -1,8 +1,9 @@
 // Tests of the C# binding: packing, GEMM against the reference bit for bit in every
 // configuration, array and span overloads, GEMM on float16 and bfloat16 against the float GEMM
-// and the 16-bit conversions, GEMM with smoothing factors (Smoothed.cs) and with a residual
-// (Residual.cs), serialization, every error path (as DynqException with the library's status
-// and message, or ArgumentException for lengths checked in C#), disposal and concurrent use.
+// and the 16-bit conversions, GEMM with smoothing factors (Smoothed.cs), with a residual
+// (Residual.cs) and with its columns split into several outputs (Split.cs), serialization,
+// every error path (as DynqException with the library's status and message, or
+// ArgumentException for lengths checked in C#), disposal and concurrent use.
 // A console program: prints "N passed, N failed", exit code 1 on any failure.
 // DYNQ_HEADER=<path of dynq.h>, when set, is checked against the enums here.
 using System;
@@ -925,6 +926,9 @@ namespace Dynq.Tests
             TestGemmResidualMatchesGemmSmoothed();
             Run("gemm residual without residual", TestGemmResidualWithoutResidual);
             Run("gemm residual errors", TestGemmResidualErrors);
+            TestGemmSplitMatchesGemmSmoothed();
+            Run("gemm split one output and narrow outputs", TestGemmSplitOneOutputAndNarrowOutputs);
+            Run("gemm split errors", TestGemmSplitErrors);
             Console.WriteLine("C# binding of dynq " + DynqLibrary.Version + ", kernel " + DynqLibrary.ActiveIsa + ", runtime "
                 + Environment.Version);
             Console.WriteLine("csharp: " + _passed + " passed, " + _failed + " failed");

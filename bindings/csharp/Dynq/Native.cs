@@ -43,6 +43,16 @@ namespace Dynq
         public IntPtr KernelName;
     }
 
+    /// <summary>One output of dynq_gemm_split (<c>dynq_output</c>): <c>cols</c> columns of the
+    /// product, m rows at stride <c>ldy</c> elements from <c>y</c>.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct NativeOutput
+    {
+        public IntPtr Y;
+        public UIntPtr Ldy;
+        public UIntPtr Cols;
+    }
+
     /// <summary>Owns a <c>dynq_packed_weights*</c>; released with dynq_packed_weights_free.</summary>
     internal sealed class PackedWeightsHandle : SafeHandle
     {
@@ -112,6 +122,11 @@ namespace Dynq
         [DllImport(Lib)]
         internal static extern Status dynq_gemm_residual(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
             UIntPtr lda, float* smooth, float* bias, void* residual, UIntPtr ldr, void* y, uint yType, UIntPtr ldy,
+            NativeGemmConfig* config);
+
+        [DllImport(Lib)]
+        internal static extern Status dynq_gemm_split(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
+            UIntPtr lda, float* smooth, float* bias, NativeOutput* outputs, UIntPtr numOutputs, uint yType,
             NativeGemmConfig* config);
 
         internal static string String(IntPtr p)

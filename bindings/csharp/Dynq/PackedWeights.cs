@@ -1,5 +1,6 @@
 // Packed weights: the public face of the binding.
 using System;
+using System.Buffers;
 using System.Runtime.InteropServices;
 
 namespace Dynq
@@ -584,6 +585,239 @@ namespace Dynq
             if (y == null) throw new ArgumentNullException("y");
             GemmResidual(new ReadOnlySpan<float>(a), AsSpan(smooth), AsSpan(residual), new Span<ushort>(y), yType,
                 AsSpan(bias), options);
+        }
+
+        /// <summary>
+        /// GemmSmoothed with the columns of the result sent to several outputs (dynq_gemm_split):
+        /// <paramref name="ys"/>[0] receives the first <paramref name="widths"/>[0] columns of the
+        /// product, ys[1] the next widths[1], and so on; the widths must add up to N. Each element
+        /// is bit for bit that column of GemmSmoothed. This is how layers that read one input (a
+        /// transformer's Q, K and V, packed as one matrix with their weights side by side) run as
+        /// one call: a is quantized and read once, and each layer gets a matrix of its own, with no
+        /// copy. ys[g] holds m rows of widths[g] values, dense (exactly m * widths[g] values; a
+        /// Memory may be part of a larger array), m = a.Length / K; all outputs have one element
+        /// type. Otherwise as GemmSmoothed.
+        /// </summary>
+        /// <exception cref="ArgumentNullException">widths or ys is null (or, in the array
+        /// overloads, an output).</exception>
+        /// <exception cref="ArgumentException">ys and widths differ in length (ParamName
+        /// "widths"), a width is negative (ArgumentOutOfRangeException, "widths"), an output has
+        /// not m * widths[g] values (ParamName "ys"), or smooth, a or bias do not fit.</exception>
+        /// <exception cref="DynqException">InvalidArgument for no outputs, a width of 0, widths
+        /// that do not add up to N ("output widths [2, 3] must add up to n = 6"), outputs that
+        /// share memory with each other, a, smooth or bias ("outputs[1].y overlaps outputs[0].y;
+        /// ..."), and as GemmSmoothed. Every output is then left untouched.</exception>
+        public void GemmSplit(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, Memory<float>[] ys,
+            ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            {
+                GemmSplit(ap, a.Length, ElementType.F32, false, smooth, widths, ys, ElementType.F32, false, bias, options);
+            }
+        }
+
+        /// <summary>GemmSplit on float data, without bias.</summary>
+        public void GemmSplit(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, Memory<float>[] ys,
+            GemmOptions options = null)
+        {
+            GemmSplit(a, smooth, widths, ys, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmSplit on float16 or bfloat16 activations (<paramref name="aType"/>) giving
+        /// float16 or bfloat16 outputs (<paramref name="yType"/>, all of them), as ushort bit
+        /// patterns. F32 for 16-bit data throws ArgumentException.</summary>
+        public void GemmSplit(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, int[] widths,
+            Memory<ushort>[] ys, ElementType yType, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            {
+                GemmSplit(ap, a.Length, aType, true, smooth, widths, ys, yType, true, bias, options);
+            }
+        }
+
+        /// <summary>GemmSplit on 16-bit activations and outputs, without bias.</summary>
+        public void GemmSplit(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, int[] widths,
+            Memory<ushort>[] ys, ElementType yType, GemmOptions options = null)
+        {
+            GemmSplit(a, aType, smooth, widths, ys, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmSplit on 16-bit activations (<paramref name="aType"/>) giving float outputs.</summary>
+        public void GemmSplit(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, int[] widths,
+            Memory<float>[] ys, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            {
+                GemmSplit(ap, a.Length, aType, true, smooth, widths, ys, ElementType.F32, false, bias, options);
+            }
+        }
+
+        /// <summary>GemmSplit on 16-bit activations giving float outputs, without bias.</summary>
+        public void GemmSplit(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, int[] widths,
+            Memory<float>[] ys, GemmOptions options = null)
+        {
+            GemmSplit(a, aType, smooth, widths, ys, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>GemmSplit on float activations giving 16-bit outputs (<paramref name="yType"/>,
+        /// all of them).</summary>
+        public void GemmSplit(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, Memory<ushort>[] ys,
+            ElementType yType, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            {
+                GemmSplit(ap, a.Length, ElementType.F32, false, smooth, widths, ys, yType, true, bias, options);
+            }
+        }
+
+        /// <summary>GemmSplit on float activations giving 16-bit outputs, without bias.</summary>
+        public void GemmSplit(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, Memory<ushort>[] ys,
+            ElementType yType, GemmOptions options = null)
+        {
+            GemmSplit(a, smooth, widths, ys, yType, ReadOnlySpan<float>.Empty, options);
+        }
+
+        /// <summary>Array overload of GemmSplit on float data: writes each ys[g] (m * widths[g]
+        /// values); smooth (then the columns are those of Gemm) and bias may be null.</summary>
+        public void GemmSplit(float[] a, float[] smooth, int[] widths, float[][] ys, float[] bias = null,
+            GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            GemmSplit(new ReadOnlySpan<float>(a), AsSpan(smooth), widths, AsMemory(ys), AsSpan(bias), options);
+        }
+
+        /// <summary>Array overload of GemmSplit on 16-bit activations and outputs; smooth and bias
+        /// may be null.</summary>
+        public void GemmSplit(ushort[] a, ElementType aType, float[] smooth, int[] widths, ushort[][] ys,
+            ElementType yType, float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            GemmSplit(new ReadOnlySpan<ushort>(a), aType, AsSpan(smooth), widths, AsMemory(ys), yType, AsSpan(bias),
+                options);
+        }
+
+        /// <summary>Array overload of GemmSplit on 16-bit activations giving float outputs; smooth
+        /// and bias may be null.</summary>
+        public void GemmSplit(ushort[] a, ElementType aType, float[] smooth, int[] widths, float[][] ys,
+            float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            GemmSplit(new ReadOnlySpan<ushort>(a), aType, AsSpan(smooth), widths, AsMemory(ys), AsSpan(bias), options);
+        }
+
+        /// <summary>Array overload of GemmSplit on float activations giving 16-bit outputs; smooth
+        /// and bias may be null.</summary>
+        public void GemmSplit(float[] a, float[] smooth, int[] widths, ushort[][] ys, ElementType yType,
+            float[] bias = null, GemmOptions options = null)
+        {
+            if (a == null) throw new ArgumentNullException("a");
+            GemmSplit(new ReadOnlySpan<float>(a), AsSpan(smooth), widths, AsMemory(ys), yType, AsSpan(bias), options);
+        }
+
+        /// <summary>The outputs of an array overload of GemmSplit, as Memory.</summary>
+        private static Memory<T>[] AsMemory<T>(T[][] ys)
+        {
+            if (ys == null) throw new ArgumentNullException("ys");
+            Memory<T>[] memory = new Memory<T>[ys.Length];
+            for (int g = 0; g < ys.Length; g++)
+            {
+                if (ys[g] == null) throw new ArgumentNullException("ys", string.Format("ys[{0}] is null", g));
+                memory[g] = new Memory<T>(ys[g]);
+            }
+            return memory;
+        }
+
+        /// <summary>The checks and the call of dynq_gemm_split. a points to aLength elements of 2
+        /// bytes (a16) or 4 (floats), pinned by the caller; the outputs are pinned here for the
+        /// call, each with ldy = cols = its width (dense rows).</summary>
+        private void GemmSplit<T>(void* a, int aLength, ElementType aType, bool a16, ReadOnlySpan<float> smooth,
+            int[] widths, Memory<T>[] ys, ElementType yType, bool y16, ReadOnlySpan<float> bias, GemmOptions options)
+        {
+            const string name = "dynq_gemm_split";
+            if (widths == null) throw new ArgumentNullException("widths");
+            if (ys == null) throw new ArgumentNullException("ys");
+            int n = N, k = K;
+            NativeGemmConfig cfg = (options ?? new GemmOptions()).ToNative();
+            if (ys.Length != widths.Length)
+            {
+                throw new ArgumentException(string.Format("ys has {0} outputs and widths {1} values: one width per output",
+                    ys.Length, widths.Length), "widths");
+            }
+            // One record more than outputs, so that the table has an address even without outputs
+            // (the library then reports num_outputs 0).
+            NativeOutput[] outputs = new NativeOutput[ys.Length + 1];
+            for (int g = 0; g < widths.Length; g++)
+            {
+                if (widths[g] < 0)
+                {
+                    throw new ArgumentOutOfRangeException("widths", string.Format("widths[{0}] = {1} is negative", g, widths[g]));
+                }
+                outputs[g].Ldy = (UIntPtr)widths[g];
+                outputs[g].Cols = (UIntPtr)widths[g];
+            }
+            if (!IsKnown(aType) || !IsKnown(yType))
+            {
+                // The library names the bad value, with m = 0 and no buffers, as in GemmEx.
+                fixed (NativeOutput* op = outputs)
+                {
+                    Native.Check(Native.dynq_gemm_split(_handle, null, (uint)aType, UIntPtr.Zero, (UIntPtr)k, null, null,
+                        op, (UIntPtr)ys.Length, (uint)yType, &cfg), name);
+                }
+                throw new ArgumentException(string.Format("element types {0} and {1}: this binding knows F32, F16 and BF16 only",
+                    aType, yType), IsKnown(aType) ? "yType" : "aType");
+            }
+            if (a16 && aType == ElementType.F32)
+            {
+                throw new ArgumentException("aType is F32 for 16-bit data; float activations take the float overloads", "aType");
+            }
+            if (y16 && yType == ElementType.F32)
+            {
+                throw new ArgumentException("yType is F32 for 16-bit data; float outputs take the float overloads", "yType");
+            }
+            if (aLength % k != 0)
+            {
+                throw new ArgumentException(string.Format("a has {0} values, not a multiple of K = {1}", aLength, k), "a");
+            }
+            int m = aLength / k;
+            if (bias.Length != 0 && bias.Length != n)
+            {
+                throw new ArgumentException(string.Format("bias has {0} values, expected 0 or N = {1}", bias.Length, n), "bias");
+            }
+            if (smooth.Length != 0 && smooth.Length != k)
+            {
+                throw new ArgumentException(string.Format(
+                    "smooth has {0} values, expected 0 or K = {1} (one factor per input channel)", smooth.Length, k), "smooth");
+            }
+            for (int g = 0; g < ys.Length; g++)
+            {
+                if ((long)ys[g].Length != (long)m * widths[g])
+                {
+                    throw new ArgumentException(string.Format("ys[{0}] has {1} values, expected m * widths[{0}] = {2} * {3} = {4}",
+                        g, ys[g].Length, m, widths[g], (long)m * widths[g]), "ys");
+                }
+            }
+            MemoryHandle[] pins = new MemoryHandle[ys.Length];
+            try
+            {
+                for (int g = 0; m > 0 && g < ys.Length; g++)
+                {
+                    if (ys[g].Length == 0) continue; // a width of 0, which the library refuses
+                    pins[g] = ys[g].Pin();
+                    outputs[g].Y = (IntPtr)pins[g].Pointer;
+                }
+                fixed (NativeOutput* op = outputs)
+                fixed (float* sp = &MemoryMarshal.GetReference(smooth))
+                fixed (float* bp = &MemoryMarshal.GetReference(bias))
+                {
+                    Native.Check(Native.dynq_gemm_split(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
+                        smooth.Length == 0 ? null : sp, bias.Length == 0 ? null : bp, op, (UIntPtr)ys.Length,
+                        (uint)yType, &cfg), name);
+                }
+            }
+            finally
+            {
+                for (int g = 0; g < pins.Length; g++) pins[g].Dispose();
+            }
         }
 
         private static ReadOnlySpan<float> AsSpan(float[] v)
