@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     q.add_argument("--min-size", type=int, default=0, help="skip weights with fewer than this many elements (K*N)")
     q.add_argument("--no-fuse-bias", action="store_true", help="do not fold a following bias Add")
     q.add_argument("--no-fuse-residual", action="store_true", help="do not fold a following Add of a same-shape tensor (the skip connection)")
-    q.add_argument("--group", action="store_true", help="one node with several outputs for layers that read the same input (Q, K, V); the model then needs ONNX Runtime 1.19 or later")
+    q.add_argument("--group", action="store_true", help="one node with several outputs for layers that read the same input (Q, K, V); the model then needs ONNX Runtime 1.18 or later")
     q.add_argument("--group-max-loss-db", type=float, default=0.2, metavar="DB", help="leave a layer out of its group if the shared smoothing costs it more held-out SQNR than this (default 0.2)")
     q.add_argument("--no-fuse-activation", action="store_true", help="do not fuse a following Relu/GELU")
     q.add_argument("--no-convert-quantized", action="store_true", help="leave MatMulInteger/DynamicQuantizeMatMul as they are")

@@ -56,7 +56,7 @@ class QuantizeOptions:
     fuse_bias: bool = True
     fuse_activation: bool = True
     fuse_residual: bool = True  # fold a following Add of a same-shape tensor (the skip connection)
-    group_shared_input: bool = False  # one node ('split' outputs) for MatMuls reading one input; ONNX Runtime >= 1.19
+    group_shared_input: bool = False  # one node ('split' outputs) for MatMuls reading one input; ONNX Runtime >= 1.18
     group_max_loss_db: float = 0.2  # ... unless the group's shared smoothing costs a layer more SQNR than this
     convert_quantized: bool = True  # MatMulInteger / DynamicQuantizeMatMul / MatMulIntegerToFloat
     quantize_embeddings: bool = True  # Gather on a constant float [V, D] table
