@@ -396,7 +396,10 @@ fn elem_size(dtype: u32) -> usize {
     }
 }
 
-fn op_gemm(u: &mut Unstructured, s: &mut State, ex: bool) -> Result<()> {
+/// `mode`: 0 `dynq_gemm`, 1 `dynq_gemm_ex`, 2 `dynq_gemm_residual` (with a residual that is
+/// NULL, separate, misaligned, at a bad stride or overlapping y).
+fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
+    let ex = mode >= 1;
     ensure_handle(u, s)?;
     let h = pick_handle(u, s)?;
     let (n, k, hp) = match h {
@@ -419,10 +422,25 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, ex: bool) -> Result<()> {
     let (a_span, y_span) = (span(m, k, lda, asz), span(m, n, ldy, ysz));
     let possible = a_span.is_some() && y_span.is_some();
     let (a_len, y_len) = if possible { (a_span.unwrap(), y_span.unwrap()) } else { (8, 8) };
-    if a_len * asz + y_len * ysz > CAP_BYTES {
+    // The residual (mode 2): its kind, stride and extent.
+    let rkind = if mode == 2 { ptr_kind(u)? } else { PtrKind::Null };
+    let use_res = rkind != PtrKind::Null;
+    let ldr = if !use_res {
+        n
+    } else {
+        match u.int_in_range(0u8..=7)? {
+            7 => size(u)?,
+            6 => n.saturating_sub(1),
+            _ => n + u.int_in_range(0..=3)?,
+        }
+    };
+    let r_span = if use_res { span(m, n, ldr, ysz) } else { Some(0) };
+    let r_len = r_span.unwrap_or(8).min(CAP_BYTES);
+    let r_in_y = use_res && rare(u, 6)?;
+    if (a_len * asz).saturating_add(y_len * ysz).saturating_add(r_len * ysz) > CAP_BYTES {
         return Ok(());
     }
-    let mut ar = Arena::new(a_len * asz + y_len * ysz + n * 4 + 1024);
+    let mut ar = Arena::new(a_len * asz + y_len * ysz + r_len * ysz + n * 4 + 1024);
     let (cfg, cfg_ok) = gemm_config(u, &mut ar)?;
 
     // Placement: separate buffers, or y overlapping a, or the bias inside y.
@@ -459,6 +477,18 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, ex: bool) -> Result<()> {
     }
     let boff = if bkind == PtrKind::Misaligned && boff % 4 == 0 { boff + 1 } else { boff };
     if boff + n * 4 > ar.words.len() * 8 {
+        return Ok(());
+    }
+    // The residual: its own buffer, or starting inside y.
+    let roff = if r_in_y && y_len > 0 {
+        let o = yoff + u.choose_index(y_len)? * ysz;
+        ar.used = ar.used.max(o + r_len * ysz);
+        o
+    } else {
+        ar.take(r_len * ysz, skew(rkind))
+    };
+    let roff = if rkind == PtrKind::Misaligned && roff % 2 == 0 { roff + 1 } else { roff };
+    if roff + r_len * ysz > ar.words.len() * 8 {
         return Ok(());
     }
 
@@ -501,6 +531,8 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, ex: bool) -> Result<()> {
     let base = ar.base();
     // SAFETY: offsets within the arena.
     let (ap, yp, bp) = unsafe { (base.add(aoff), base.add(yoff), base.add(boff)) };
+    // SAFETY: an offset within the arena.
+    let rp = if use_res { (unsafe { base.add(roff) }) as *const c_void } else { null() };
     let ap = if akind == PtrKind::Null { null() } else { ap as *const c_void };
     let yp = if ykind == PtrKind::Null { null_mut() } else { yp as *mut c_void };
     let bp = if use_bias { bp as *const f32 } else { null() };
@@ -525,21 +557,29 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, ex: bool) -> Result<()> {
                 && (!use_bias || (b_aligned && bias_ok && !overlap(yr, (boff, n * 4))))));
     // A misaligned `a` of an invalid dtype is not checked for alignment before the dtype.
     let valid = if at > 2 { false } else { valid };
+    // The residual: its stride and extent are checked even for m = 0; its pointer for m > 0.
+    let r_ok = !use_res
+        || (ldr >= n
+            && r_span.is_some()
+            && (m == 0 || (roff % ysz == 0 && !overlap(yr, (roff, r_span.unwrap_or(0) * ysz)))));
+    let valid = valid && r_ok;
 
     let snap = ar.snapshot();
     let before = message();
     // SAFETY: every non-NULL pointer points into the arena with at least the claimed extent
     // (or the claimed extent exceeds isize::MAX bytes, which the ABI must refuse).
     let st = unsafe {
-        if ex {
+        if mode == 2 {
+            dynq_gemm_residual(hp, ap, at, m, lda, null(), bp, rp, ldr, yp, yt, ldy, cfg)
+        } else if ex {
             dynq_gemm_ex(hp, ap, at, m, lda, bp, yp, yt, ldy, cfg)
         } else {
             dynq_gemm(hp, ap as *const f32, m, lda, bp, yp as *mut f32, ldy, cfg)
         }
     };
     let what = format!(
-        "gemm(ex={ex}, m={m}, n={n}, k={k}, lda={lda}, ldy={ldy}, a_type={at}, y_type={yt}, layout={layout}, \
-         a={akind:?}, y={ykind:?}, bias={use_bias}/{bkind:?}, handle={})",
+        "gemm(mode={mode}, m={m}, n={n}, k={k}, lda={lda}, ldy={ldy}, a_type={at}, y_type={yt}, layout={layout}, \
+         a={akind:?}, y={ykind:?}, bias={use_bias}/{bkind:?}, residual={rkind:?}/ldr={ldr}/in_y={r_in_y}, handle={})",
         !hp.is_null()
     );
     judge(&what, st, Some(valid), &before);
@@ -873,8 +913,9 @@ fn run(u: &mut Unstructured, s: &mut State) -> Result<()> {
         match u.int_in_range(0u8..=15)? {
             0 | 1 => op_pack(u, s, false)?,
             2 | 3 => op_pack(u, s, true)?,
-            4..=6 => op_gemm(u, s, false)?,
-            7 | 8 => op_gemm(u, s, true)?,
+            4..=6 => op_gemm(u, s, 0)?,
+            7 => op_gemm(u, s, 1)?,
+            8 => op_gemm(u, s, 2)?,
             9 => op_info(u, s)?,
             10 => op_serialize(u, s)?,
             11 | 12 => op_deserialize(u, s)?,
