@@ -598,6 +598,200 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
     Ok(())
 }
 
+/// `dynq_gemm_split`: 0-4 outputs whose widths partition n (sometimes spoiled: n + 1, a zero
+/// width), strides at, above or below the widths or overflowing, NULL or misaligned outputs,
+/// an output starting inside the previous one, and a NULL or misaligned table of outputs.
+fn op_gemm_split(u: &mut Unstructured, s: &mut State) -> Result<()> {
+    ensure_handle(u, s)?;
+    let h = pick_handle(u, s)?;
+    let (n, k, hp) = match h {
+        Some(i) => (s.handles[i].n, s.handles[i].k, s.handles[i].p as *const dynq_packed_weights),
+        None => (4, 4, null()),
+    };
+    let m = if u.ratio(3u8, 4)? { u.int_in_range(1..=12)? } else { size(u)? };
+    let lda = match u.int_in_range(0u8..=7)? {
+        7 => size(u)?,
+        6 => k.saturating_sub(1),
+        _ => k + u.int_in_range(0..=2)?,
+    };
+    let (at, yt) = (enum_u32(u, 3)?, enum_u32(u, 3)?);
+    let (asz, ysz) = (elem_size(at), elem_size(yt));
+    let parts = u.int_in_range(0usize..=4)?;
+    let mut widths = Vec::with_capacity(parts);
+    let mut left = n;
+    for g in 0..parts {
+        let w = if g + 1 == parts { left } else { u.int_in_range(0..=left)? };
+        widths.push(w);
+        left -= w;
+    }
+    if parts > 0 {
+        match u.int_in_range(0u8..=15)? {
+            15 => widths[0] += 1,
+            14 => {
+                let g = u.choose_index(parts)?;
+                widths[g] = 0;
+            }
+            _ => {}
+        }
+    }
+    let mut ldys = Vec::with_capacity(parts);
+    for &w in &widths {
+        ldys.push(match u.int_in_range(0u8..=11)? {
+            11 => size(u)?,
+            10 => w.saturating_sub(1),
+            _ => w + u.int_in_range(0..=2)?,
+        });
+    }
+    let a_span = span(m, k, lda, asz);
+    let y_spans: Vec<Option<usize>> = widths.iter().zip(&ldys).map(|(&w, &ld)| span(m, w, ld, ysz)).collect();
+    let possible = a_span.is_some() && y_spans.iter().all(|v| v.is_some());
+    let a_len = if possible { a_span.unwrap() } else { 8 };
+    let y_lens: Vec<usize> = y_spans.iter().map(|v| if possible { v.unwrap() } else { 8 }).collect();
+    let total = y_lens.iter().fold(a_len.saturating_mul(asz), |t, &l| t.saturating_add(l.saturating_mul(ysz)));
+    if total > CAP_BYTES {
+        return Ok(());
+    }
+    let table_bytes = (parts + 1) * std::mem::size_of::<dynq_output>();
+    let mut ar = Arena::new(total + n * 4 + table_bytes + 1024);
+    let (cfg, cfg_ok) = gemm_config(u, &mut ar)?;
+    let skew = |k: PtrKind| if k == PtrKind::Misaligned { 1 } else { 0 };
+    let akind = ptr_kind(u)?;
+    let aoff = ar.take(a_len * asz, skew(akind));
+    let mut kinds = Vec::with_capacity(parts);
+    let mut yoffs: Vec<usize> = Vec::with_capacity(parts);
+    for g in 0..parts {
+        let kind = ptr_kind(u)?;
+        let off = if g > 0 && y_lens[g - 1] > 0 && rare(u, 8)? {
+            // Starts inside the previous output.
+            let o = yoffs[g - 1] + u.choose_index(y_lens[g - 1])? * ysz;
+            ar.used = ar.used.max(o + y_lens[g] * ysz);
+            o
+        } else {
+            ar.take(y_lens[g] * ysz, skew(kind))
+        };
+        let off = if kind == PtrKind::Misaligned && off % 2 == 0 { off + 1 } else { off };
+        kinds.push(kind);
+        yoffs.push(off);
+    }
+    let use_bias = u.arbitrary::<bool>()?;
+    let bkind = ptr_kind(u)?;
+    let boff = ar.take(n * 4, skew(bkind));
+    let boff = if bkind == PtrKind::Misaligned && boff % 4 == 0 { boff + 1 } else { boff };
+    let tkind = ptr_kind(u)?;
+    let toff = ar.take(table_bytes, if tkind == PtrKind::Misaligned { 4 } else { 0 });
+    if ar.used > ar.words.len() * 8
+        || boff + n * 4 > ar.words.len() * 8
+        || yoffs.iter().zip(&y_lens).any(|(&o, &l)| o + l * ysz > ar.words.len() * 8)
+    {
+        return Ok(());
+    }
+
+    let mut a_ok = true;
+    if possible && a_len > 0 {
+        let mut v = vec![0f32; a_len];
+        finite_f32(u, &mut v, false)?;
+        if rare(u, 12)? {
+            let i = u.choose_index(a_len)?;
+            v[i] = f32::NAN;
+            a_ok = i % lda.max(1) >= k;
+        }
+        let bytes = ar.bytes();
+        for (i, x) in v.iter().enumerate() {
+            let o = aoff + i * asz;
+            match at {
+                1 => bytes[o..o + 2].copy_from_slice(&half::f16::from_f32(*x).to_bits().to_le_bytes()),
+                2 => bytes[o..o + 2].copy_from_slice(&half::bf16::from_f32(*x).to_bits().to_le_bytes()),
+                _ => bytes[o..o + 4].copy_from_slice(&x.to_le_bytes()),
+            }
+        }
+    }
+    let mut bias_ok = true;
+    if use_bias {
+        let mut v = vec![0f32; n];
+        bias_ok = finite_f32(u, &mut v, true)?;
+        let bytes = ar.bytes();
+        for (i, x) in v.iter().enumerate() {
+            bytes[boff + 4 * i..boff + 4 * i + 4].copy_from_slice(&x.to_le_bytes());
+        }
+    }
+    for (&o, &l) in yoffs.iter().zip(&y_lens) {
+        ar.bytes()[o..o + l * ysz].fill(0xA5);
+    }
+    let base = ar.base();
+    for g in 0..parts {
+        let yp = if kinds[g] == PtrKind::Null {
+            null_mut()
+        } else {
+            // SAFETY: an offset within the arena.
+            unsafe { base.add(yoffs[g]) as *mut c_void }
+        };
+        let rec = dynq_output { y: yp, ldy: ldys[g], cols: widths[g] };
+        // SAFETY: the table's slot g is inside the arena; unaligned write.
+        unsafe { (base.add(toff + g * std::mem::size_of::<dynq_output>()) as *mut dynq_output).write_unaligned(rec) };
+    }
+    // SAFETY: offsets within the arena.
+    let (ap, bp, tp) = unsafe { (base.add(aoff), base.add(boff), base.add(toff)) };
+    let ap = if akind == PtrKind::Null { null() } else { ap as *const c_void };
+    let bp = if use_bias { bp as *const f32 } else { null() };
+    let tp = if tkind == PtrKind::Null { null() } else { tp as *const dynq_output };
+
+    let overlap = |a: (usize, usize), b: (usize, usize)| a.1 > 0 && b.1 > 0 && a.0 < b.0 + b.1 && b.0 < a.0 + a.1;
+    let yr: Vec<(usize, usize)> = yoffs.iter().zip(&y_lens).map(|(&o, &l)| (o, l * ysz)).collect();
+    let b_aligned = boff % 4 == 0;
+    let table_ok = tkind == PtrKind::Aligned;
+    let widths_ok = parts > 0 && widths.iter().all(|&w| w > 0) && widths.iter().sum::<usize>() == n;
+    let strides_ok = widths.iter().zip(&ldys).all(|(&w, &ld)| ld >= w) && y_spans.iter().all(|v| v.is_some());
+    let a_shape_ok = lda >= k && a_span.is_some();
+    let bias_valid = !use_bias || (b_aligned && bias_ok);
+    let outs_ok = (0..parts).all(|g| {
+        kinds[g] != PtrKind::Null
+            && yoffs[g] % ysz == 0
+            && !overlap(yr[g], (aoff, a_len * asz))
+            && (!use_bias || !overlap(yr[g], (boff, n * 4)))
+            && (0..g).all(|h| !overlap(yr[g], yr[h]))
+    });
+    let a_aligned = aoff % asz == 0 && akind != PtrKind::Null;
+    let valid = !hp.is_null()
+        && cfg_ok
+        && at < 3
+        && yt < 3
+        && table_ok
+        && widths_ok
+        && strides_ok
+        && a_shape_ok
+        && bias_valid
+        && (m == 0 || (possible && a_aligned && a_ok && outs_ok));
+
+    let snap = ar.snapshot();
+    let before = message();
+    // SAFETY: every non-NULL pointer points into the arena with at least the claimed extent (or
+    // an extent over isize::MAX bytes, which the ABI must refuse).
+    let st = unsafe { dynq_gemm_split(hp, ap, at, m, lda, null(), bp, tp, parts, yt, cfg) };
+    let what = format!(
+        "gemm_split(m={m}, n={n}, k={k}, lda={lda}, a_type={at}, y_type={yt}, widths={widths:?}, ldys={ldys:?}, \
+         outputs={kinds:?}, table={tkind:?}, a={akind:?}, bias={use_bias}/{bkind:?}, handle={})",
+        !hp.is_null()
+    );
+    judge(&what, st, Some(valid), &before);
+    let after = ar.snapshot();
+    if st != Status::Ok {
+        assert!(snap == after, "{what}: failed call wrote memory");
+    } else {
+        for (i, (x, y)) in snap.iter().zip(&after).enumerate() {
+            if x != y {
+                let inside = (0..parts).any(|g| {
+                    i >= yoffs[g] && i < yoffs[g] + y_lens[g] * ysz && {
+                        let rel = (i - yoffs[g]) / ysz;
+                        rel / ldys[g].max(1) < m && rel % ldys[g].max(1) < widths[g]
+                    }
+                });
+                assert!(inside, "{what}: wrote byte {i} outside the outputs' m x width elements");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn op_info(u: &mut Unstructured, s: &mut State) -> Result<()> {
     ensure_handle(u, s)?;
     let h = pick_handle(u, s)?;
@@ -915,7 +1109,8 @@ fn run(u: &mut Unstructured, s: &mut State) -> Result<()> {
             2 | 3 => op_pack(u, s, true)?,
             4..=6 => op_gemm(u, s, 0)?,
             7 => op_gemm(u, s, 1)?,
-            8 => op_gemm(u, s, 2)?,
+            8 if u.arbitrary::<bool>()? => op_gemm(u, s, 2)?,
+            8 => op_gemm_split(u, s)?,
             9 => op_info(u, s)?,
             10 => op_serialize(u, s)?,
             11 | 12 => op_deserialize(u, s)?,
