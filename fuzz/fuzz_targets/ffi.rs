@@ -237,6 +237,40 @@ fn finite_f32(u: &mut Unstructured, v: &mut [f32], allow_bad: bool) -> Result<bo
     Ok(true)
 }
 
+/// Writes `len` activations of element type `at` at `off`: finite values, maybe one NaN.
+/// Returns false when that NaN is in a row's first `k` values (read by the GEMM; one in the
+/// stride gap is never read).
+fn fill_activations(
+    u: &mut Unstructured,
+    ar: &mut Arena,
+    off: usize,
+    len: usize,
+    at: u32,
+    lda: usize,
+    k: usize,
+) -> Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
+    let mut v = vec![0f32; len];
+    finite_f32(u, &mut v, false)?;
+    let mut ok = true;
+    if let Some(i) = rare(u, 12)?.then(|| u.choose_index(len)).transpose()? {
+        v[i] = f32::NAN;
+        ok = i % lda.max(1) >= k;
+    }
+    let (bytes, asz) = (ar.bytes(), elem_size(at));
+    for (i, x) in v.iter().enumerate() {
+        let o = off + i * asz;
+        match at {
+            1 => bytes[o..o + 2].copy_from_slice(&half::f16::from_f32(*x).to_bits().to_le_bytes()),
+            2 => bytes[o..o + 2].copy_from_slice(&half::bf16::from_f32(*x).to_bits().to_le_bytes()),
+            _ => bytes[o..o + 4].copy_from_slice(&x.to_le_bytes()),
+        }
+    }
+    Ok(ok)
+}
+
 /// An out-pointer slot for a handle: NULL, or a slot preset to non-NULL garbage.
 fn out_slot(u: &mut Unstructured, slot: &mut *mut dynq_packed_weights) -> Result<*mut *mut dynq_packed_weights> {
     *slot = 0x10 as *mut dynq_packed_weights;
@@ -492,26 +526,7 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
         return Ok(());
     }
 
-    // Activations: finite values of the element type, maybe one non-finite inside a row.
-    let mut a_ok = true;
-    if possible && a_len > 0 {
-        let mut v = vec![0f32; a_len];
-        finite_f32(u, &mut v, false)?;
-        let bad = rare(u, 12)?.then(|| u.choose_index(a_len)).transpose()?;
-        if let Some(i) = bad {
-            v[i] = f32::NAN;
-            a_ok = i % lda.max(1) >= k; // a NaN in the stride gap is never read
-        }
-        let bytes = ar.bytes();
-        for (i, x) in v.iter().enumerate() {
-            let o = aoff + i * asz;
-            match at {
-                1 => bytes[o..o + 2].copy_from_slice(&half::f16::from_f32(*x).to_bits().to_le_bytes()),
-                2 => bytes[o..o + 2].copy_from_slice(&half::bf16::from_f32(*x).to_bits().to_le_bytes()),
-                _ => bytes[o..o + 4].copy_from_slice(&x.to_le_bytes()),
-            }
-        }
-    }
+    let a_ok = if possible { fill_activations(u, &mut ar, aoff, a_len, at, lda, k)? } else { true };
     let mut bias_ok = true;
     if use_bias && layout != 15 {
         let mut v = vec![0f32; n];
@@ -686,25 +701,7 @@ fn op_gemm_split(u: &mut Unstructured, s: &mut State) -> Result<()> {
         return Ok(());
     }
 
-    let mut a_ok = true;
-    if possible && a_len > 0 {
-        let mut v = vec![0f32; a_len];
-        finite_f32(u, &mut v, false)?;
-        if rare(u, 12)? {
-            let i = u.choose_index(a_len)?;
-            v[i] = f32::NAN;
-            a_ok = i % lda.max(1) >= k;
-        }
-        let bytes = ar.bytes();
-        for (i, x) in v.iter().enumerate() {
-            let o = aoff + i * asz;
-            match at {
-                1 => bytes[o..o + 2].copy_from_slice(&half::f16::from_f32(*x).to_bits().to_le_bytes()),
-                2 => bytes[o..o + 2].copy_from_slice(&half::bf16::from_f32(*x).to_bits().to_le_bytes()),
-                _ => bytes[o..o + 4].copy_from_slice(&x.to_le_bytes()),
-            }
-        }
-    }
+    let a_ok = if possible { fill_activations(u, &mut ar, aoff, a_len, at, lda, k)? } else { true };
     let mut bias_ok = true;
     if use_bias {
         let mut v = vec![0f32; n];

@@ -862,6 +862,67 @@ pub unsafe extern "C" fn dynq_gemm_split(
     })
 }
 
+/// A `dynq_dtype` argument.
+fn dtype_arg(raw: u32, name: &str) -> Result<crate::dtype::DType> {
+    crate::dtype::DType::from_raw(raw)
+        .ok_or_else(|| Error::InvalidArgument(format!("{name}={raw} is not a dynq_dtype value")))
+}
+
+/// Evaluates `$body` with the type names `$A` and `$Y` bound to the element types of the
+/// `DType`s `$at` and `$yt` (all nine pairs).
+macro_rules! with_dtypes {
+    ($at:expr, $yt:expr, |$A:ident, $Y:ident| $body:expr) => {{
+        use crate::dtype::DType;
+        match ($at, $yt) {
+            (DType::F32, DType::F32) => {
+                type $A = f32;
+                type $Y = f32;
+                $body
+            }
+            (DType::F32, DType::F16) => {
+                type $A = f32;
+                type $Y = half::f16;
+                $body
+            }
+            (DType::F32, DType::BF16) => {
+                type $A = f32;
+                type $Y = half::bf16;
+                $body
+            }
+            (DType::F16, DType::F32) => {
+                type $A = half::f16;
+                type $Y = f32;
+                $body
+            }
+            (DType::F16, DType::F16) => {
+                type $A = half::f16;
+                type $Y = half::f16;
+                $body
+            }
+            (DType::F16, DType::BF16) => {
+                type $A = half::f16;
+                type $Y = half::bf16;
+                $body
+            }
+            (DType::BF16, DType::F32) => {
+                type $A = half::bf16;
+                type $Y = f32;
+                $body
+            }
+            (DType::BF16, DType::F16) => {
+                type $A = half::bf16;
+                type $Y = half::f16;
+                $body
+            }
+            (DType::BF16, DType::BF16) => {
+                type $A = half::bf16;
+                type $Y = half::bf16;
+                $body
+            }
+        }
+    }};
+}
+
 /// `dynq_gemm_split` after the boundary.
 ///
 /// # Safety
@@ -880,8 +941,6 @@ unsafe fn gemm_split_raw(
     y_type: u32,
     config: *const dynq_gemm_config,
 ) -> Result<()> {
-    use crate::dtype::DType;
-    use half::{bf16, f16};
     check_ptr(outputs, "outputs")?;
     if num_outputs == 0 {
         return Err(Error::InvalidArgument("num_outputs is 0; at least one output is needed".into()));
@@ -891,27 +950,11 @@ unsafe fn gemm_split_raw(
     }
     // SAFETY: `outputs` points to `num_outputs` readable records per the contract.
     let outs = unsafe { std::slice::from_raw_parts(outputs, num_outputs) }.to_vec();
-    let dt = |raw: u32, name: &str| {
-        DType::from_raw(raw).ok_or_else(|| Error::InvalidArgument(format!("{name}={raw} is not a dynq_dtype value")))
-    };
-    let (at, yt) = (dt(a_type, "a_type")?, dt(y_type, "y_type")?);
-    macro_rules! go {
-        ($a:ty, $y:ty) => {
-            // SAFETY: forwarded contract with the element types the caller named.
-            unsafe { split_generic::<$a, $y>(packed, a as *const $a, m, lda, smooth, bias, &outs, config) }
-        };
-    }
-    match (at, yt) {
-        (DType::F32, DType::F32) => go!(f32, f32),
-        (DType::F32, DType::F16) => go!(f32, f16),
-        (DType::F32, DType::BF16) => go!(f32, bf16),
-        (DType::F16, DType::F32) => go!(f16, f32),
-        (DType::F16, DType::F16) => go!(f16, f16),
-        (DType::F16, DType::BF16) => go!(f16, bf16),
-        (DType::BF16, DType::F32) => go!(bf16, f32),
-        (DType::BF16, DType::F16) => go!(bf16, f16),
-        (DType::BF16, DType::BF16) => go!(bf16, bf16),
-    }
+    let (at, yt) = (dtype_arg(a_type, "a_type")?, dtype_arg(y_type, "y_type")?);
+    with_dtypes!(at, yt, |A, Y| {
+        // SAFETY: forwarded contract with the element types the caller named.
+        unsafe { split_generic::<A, Y>(packed, a as *const A, m, lda, smooth, bias, &outs, config) }
+    })
 }
 
 /// The checks and the call of `dynq_gemm_split` for element types `A` and `Y`.
@@ -1022,42 +1065,24 @@ unsafe fn gemm_typed_raw(
     ldy: usize,
     config: *const dynq_gemm_config,
 ) -> Result<()> {
-    use crate::dtype::DType;
-    use half::{bf16, f16};
-    let dt = |raw: u32, name: &str| {
-        DType::from_raw(raw).ok_or_else(|| Error::InvalidArgument(format!("{name}={raw} is not a dynq_dtype value")))
-    };
-    let (at, yt) = (dt(a_type, "a_type")?, dt(y_type, "y_type")?);
-    macro_rules! go {
-        ($a:ty, $y:ty) => {
-            // SAFETY: forwarded contract with the element types the caller named.
-            unsafe {
-                gemm_generic::<$a, $y>(
-                    packed,
-                    a as *const $a,
-                    m,
-                    lda,
-                    smooth,
-                    bias,
-                    (residual.0 as *const $y, residual.1),
-                    y as *mut $y,
-                    ldy,
-                    config,
-                )
-            }
-        };
-    }
-    match (at, yt) {
-        (DType::F32, DType::F32) => go!(f32, f32),
-        (DType::F32, DType::F16) => go!(f32, f16),
-        (DType::F32, DType::BF16) => go!(f32, bf16),
-        (DType::F16, DType::F32) => go!(f16, f32),
-        (DType::F16, DType::F16) => go!(f16, f16),
-        (DType::F16, DType::BF16) => go!(f16, bf16),
-        (DType::BF16, DType::F32) => go!(bf16, f32),
-        (DType::BF16, DType::F16) => go!(bf16, f16),
-        (DType::BF16, DType::BF16) => go!(bf16, bf16),
-    }
+    let (at, yt) = (dtype_arg(a_type, "a_type")?, dtype_arg(y_type, "y_type")?);
+    with_dtypes!(at, yt, |A, Y| {
+        // SAFETY: forwarded contract with the element types the caller named.
+        unsafe {
+            gemm_generic::<A, Y>(
+                packed,
+                a as *const A,
+                m,
+                lda,
+                smooth,
+                bias,
+                (residual.0 as *const Y, residual.1),
+                y as *mut Y,
+                ldy,
+                config,
+            )
+        }
+    })
 }
 
 /// The checks and the call shared by `dynq_gemm`, `dynq_gemm_ex`, `dynq_gemm_smoothed` and

@@ -368,6 +368,16 @@ class PackedWeights:
         return f"PackedWeights(n={self.n}, k={self.k}, {self.granularity}, kernel={self.kernel})"
 
 
+def _gemm_config(act_granularity: str, act_type: str, epilogue: str, num_threads: int) -> _GemmConfig:
+    cfg = _GemmConfig()
+    _check(_load().dynq_gemm_config_init(ctypes.byref(cfg)))
+    cfg.act_granularity = _enum(_ACT_GRANULARITY, act_granularity, "act_granularity")
+    cfg.act_type = _enum(_ACT_TYPE, act_type, "act_type")
+    cfg.epilogue = _enum(_EPILOGUE, epilogue, "epilogue")
+    cfg.num_threads = int(num_threads)
+    return cfg
+
+
 def gemm(
     packed: PackedWeights,
     a: np.ndarray,
@@ -400,13 +410,8 @@ def gemm(
     b = None
     if bias is not None:
         b = np.ascontiguousarray(bias, dtype=np.float32).ravel()
-    cfg = _GemmConfig()
     lib = _load()
-    _check(lib.dynq_gemm_config_init(ctypes.byref(cfg)))
-    cfg.act_granularity = _enum(_ACT_GRANULARITY, act_granularity, "act_granularity")
-    cfg.act_type = _enum(_ACT_TYPE, act_type, "act_type")
-    cfg.epilogue = _enum(_EPILOGUE, epilogue, "epilogue")
-    cfg.num_threads = int(num_threads)
+    cfg = _gemm_config(act_granularity, act_type, epilogue, num_threads)
     a_ptr, b_ptr, y_ptr = (a.ctypes.data if m else None), (b.ctypes.data if b is not None else None), (y.ctypes.data if m else None)
     sm = None
     if smooth is not None:
@@ -467,13 +472,8 @@ def gemm_split(
     sm = np.ascontiguousarray(smooth, dtype=np.float32).ravel() if smooth is not None else None
     if sm is not None and sm.size != packed.k:
         raise ValueError(f"smooth must have {packed.k} values, got {sm.size}")
-    cfg = _GemmConfig()
     lib = _load()
-    _check(lib.dynq_gemm_config_init(ctypes.byref(cfg)))
-    cfg.act_granularity = _enum(_ACT_GRANULARITY, act_granularity, "act_granularity")
-    cfg.act_type = _enum(_ACT_TYPE, act_type, "act_type")
-    cfg.epilogue = _enum(_EPILOGUE, epilogue, "epilogue")
-    cfg.num_threads = int(num_threads)
+    cfg = _gemm_config(act_granularity, act_type, epilogue, num_threads)
     dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
     _check(lib.dynq_gemm_split(
         packed._h, a.ctypes.data if m else None, dt, m, packed.k, sm.ctypes.data if sm is not None else None,

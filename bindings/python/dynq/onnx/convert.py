@@ -747,8 +747,11 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
     remain."""
     x = members[0].input[0]
     tails = []
+    src_bytes = {}  # each weight's size in the source model (float16 ones are widened here)
     for nd in members:
-        w = G.const(nd.input[1]).astype(np.float32)
+        w0 = G.const(nd.input[1])
+        src_bytes[id(nd)] = w0.nbytes
+        w = w0.astype(np.float32)
         bias, act, final, fused, residual = fuse_tail(nd.output[0], w.shape[1], x)
         if residual is None:
             tails.append((nd, w, bias, act, final, fused))
@@ -788,7 +791,7 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
     bias = np.concatenate([t[2] if t[2] is not None else np.zeros(t[1].shape[1], np.float32) for t in tails])
     for nd, wi, *_ in tails:
         if G.first_use(nd.input[1]):
-            report.fp32_weight_bytes += G.const(nd.input[1]).nbytes
+            report.fp32_weight_bytes += src_bytes[id(nd)]
     q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
     recs = [
         LayerRecord(
