@@ -46,7 +46,15 @@ def test_child_after_fork_gets_its_own_pool_and_the_same_bits():
             # The child inherits no threads: only the forking thread exists here.
             before = _dynq_worker_threads()
             got = [dynq.gemm(packed, a, num_threads=2) for _ in range(3)]
+            # A new thread names itself once it first runs; on a loaded machine the calls above
+            # can finish before that, so give the names up to 5 s to appear.
+            import time
+
+            deadline = time.monotonic() + 5.0
             after = _dynq_worker_threads()
+            while not after and time.monotonic() < deadline:
+                time.sleep(0.01)
+                after = _dynq_worker_threads()
             same = all(np.array_equal(g, want) for g in got)
             msg = f"before={len(before)} after={len(after)} same={same}"
             os.write(wfd, msg.encode())
