@@ -83,8 +83,14 @@ impl fmt::Display for Isa {
 fn cpu_supports(isa: Isa) -> bool {
     match isa {
         Isa::Scalar => true,
-        Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
-        Isa::AvxVnni => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("avxvnni"),
+        // FMA3 as well: the epilogue's GELU is defined with fused multiply-adds (every CPU with
+        // AVX2 so far has FMA3; a virtual machine that hides it gets the scalar kernels).
+        Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+        Isa::AvxVnni => {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("avxvnni")
+        }
         Isa::Avx512Vnni => {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")

@@ -142,15 +142,19 @@ pub(crate) const ERF_P: [f32; 6] =
     [1.128_378_7, 0.209_969_8, 0.055_328_526, 0.004_603_963, 0.000_303_493, 1.895_347e-6];
 pub(crate) const ERF_Q: [f32; 6] = [1.0, 0.519_408_46, 0.122_190_71, 0.016_645_646, 0.001_365_527_4, 3.746_484e-5];
 
-/// erf as dynq defines it, with only `+ * / min max` in a fixed order so that every SIMD
-/// implementation reproduces it bit for bit:
+/// erf as dynq defines it, with only fused multiply-adds, `* / min max`, in a fixed order, so
+/// that every SIMD implementation reproduces it bit for bit:
 ///
 /// ```text
 /// z = min(max(z, -4), 4);  s = z * z
-/// P = ((((P5*s + P4)*s + P3)*s + P2)*s + P1)*s + P0     (each step: multiply, then add)
-/// Q = ((((Q5*s + Q4)*s + Q3)*s + Q2)*s + Q1)*s + Q0
+/// P = fma(fma(fma(fma(fma(P5, s, P4), s, P3), s, P2), s, P1), s, P0)   (fma(a, b, c) = a*b + c,
+/// Q = the same with Q5..Q0                                              rounded once)
 /// erf = min(max((z * P) / Q, -1), 1)
 /// ```
+///
+/// Every kernel's CPU has a fused multiply-add (AVX2 and AVX-VNNI kernels require FMA3, AArch64
+/// has it in its base instruction set); `f32::mul_add` computes the same correctly rounded
+/// value in software where the scalar path runs on a CPU without one.
 #[inline(always)]
 pub fn erf(z: f32) -> f32 {
     let z = z.clamp(-4.0, 4.0);
@@ -158,17 +162,18 @@ pub fn erf(z: f32) -> f32 {
     let mut p = ERF_P[5];
     let mut q = ERF_Q[5];
     for i in (0..5).rev() {
-        p = p * s + ERF_P[i];
-        q = q * s + ERF_Q[i];
+        p = p.mul_add(s, ERF_P[i]);
+        q = q.mul_add(s, ERF_Q[i]);
     }
     ((z * p) / q).clamp(-1.0, 1.0)
 }
 
-/// GELU as dynq defines it: `(x * 0.5) * (1 + erf(x * FRAC_1_SQRT_2))`, in that order, with
-/// [`erf`]. Within 2e-7 * |x| of the exact erf GELU.
+/// GELU as dynq defines it: `h = x * 0.5`, then `fma(h, erf(x * FRAC_1_SQRT_2), h)` (that is
+/// `h + h * erf`, rounded once), with [`erf`]. Within 2e-7 * |x| of the exact erf GELU.
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    (x * 0.5) * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    let h = x * 0.5;
+    h.mul_add(erf(x * std::f32::consts::FRAC_1_SQRT_2), h)
 }
 
 /// Definition of `RowOps::dequantize_row`: the epilogue of one output row segment.

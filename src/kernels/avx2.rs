@@ -73,7 +73,7 @@ unsafe fn gemm_u8s8_i32_6x16c2__avx2(
 
 /// # Safety
 /// As [`gemm_u8s8_i32_6x16c2__avx2`] with `mr == R`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     // SAFETY (whole body): loads stay inside the R rows of kp u16 values and the kp * NR
@@ -113,9 +113,9 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
 /// the AVX2 and AVX-VNNI kernels.
 ///
 /// # Safety
-/// The CPU has AVX2; `out` satisfies the `TileOut` contract for `R` rows and NR = 16.
+/// The CPU has AVX2 and FMA; `out` satisfies the `TileOut` contract for `R` rows and NR = 16.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &TileOut<'_>) {
     // SAFETY (whole body): the TileOut contract.
     unsafe {
@@ -164,9 +164,9 @@ pub(crate) unsafe fn deliver_16<const R: usize>(acc: &[[__m256i; 2]; R], out: &T
 /// element, 8 lanes at a time, then one by one. Not inlined: see [`F32Tile::add_residual`].
 ///
 /// # Safety
-/// The CPU has AVX; `t` satisfies the `F32Tile` contract for `rows` rows.
+/// The CPU has AVX and FMA; `t` satisfies the `F32Tile` contract for `rows` rows.
 #[inline(never)]
-#[target_feature(enable = "avx")]
+#[target_feature(enable = "avx,fma")]
 pub(crate) unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
     let Some((r, ldr)) = t.residual else { return };
     let cols = t.cols();
@@ -191,9 +191,9 @@ pub(crate) unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
 /// `crate::gemm::{relu, gelu}`.
 ///
 /// # Safety
-/// The CPU has AVX.
+/// The CPU has AVX and FMA.
 #[inline]
-#[target_feature(enable = "avx")]
+#[target_feature(enable = "avx,fma")]
 pub(crate) unsafe fn activate(v: __m256, act: Epilogue) -> __m256 {
     match act {
         Epilogue::None => v,
@@ -206,19 +206,20 @@ pub(crate) unsafe fn activate(v: __m256, act: Epilogue) -> __m256 {
             let s = _mm256_mul_ps(z, z);
             let (mut p, mut q) = (set(ERF_P[5]), set(ERF_Q[5]));
             for i in (0..5).rev() {
-                p = _mm256_add_ps(_mm256_mul_ps(p, s), set(ERF_P[i]));
-                q = _mm256_add_ps(_mm256_mul_ps(q, s), set(ERF_Q[i]));
+                p = _mm256_fmadd_ps(p, s, set(ERF_P[i]));
+                q = _mm256_fmadd_ps(q, s, set(ERF_Q[i]));
             }
             let e = _mm256_div_ps(_mm256_mul_ps(z, p), q);
             let e = _mm256_min_ps(_mm256_max_ps(e, set(-1.0)), set(1.0));
-            _mm256_mul_ps(_mm256_mul_ps(v, set(0.5)), _mm256_add_ps(set(1.0), e))
+            let h = _mm256_mul_ps(v, set(0.5));
+            _mm256_fmadd_ps(h, e, h)
         }
     }
 }
 
 /// # Safety
-/// The CPU has AVX2.
-#[target_feature(enable = "avx2")]
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
     // Four independent accumulators of each kind: one would be a chain of dependent
     // operations (4 cycles each per 8 values). min and max are exact and order-independent, so
@@ -259,9 +260,9 @@ pub(crate) unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
 /// Quantizes 8 values to i32 lanes holding the `u8` results (see `quantize_value`).
 ///
 /// # Safety
-/// The CPU has AVX2; `x` points to 8 readable floats.
+/// The CPU has AVX2 and FMA; `x` points to 8 readable floats.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn quantize8(x: *const f32, scale: __m256, add: __m256i, lo: __m256i, hi: __m256i, bias: __m256i) -> __m256i {
     // SAFETY: per the contract.
     let v = unsafe { _mm256_loadu_ps(x) };
@@ -286,9 +287,9 @@ fn scheme(zero_point: i32, ty: ActType) -> (i32, i32, i32, i32) {
 /// little-endian `u16` (`BYTES == 2`); `out.len() == x.len() * BYTES`.
 ///
 /// # Safety
-/// The CPU has AVX2.
+/// The CPU has AVX2 and FMA.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_row_as<const BYTES: usize>(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     assert_eq!(x.len() * BYTES, out.len());
     let (add, lo, hi, bias) = scheme(zero_point, ty);
@@ -326,24 +327,24 @@ unsafe fn quantize_row_as<const BYTES: usize>(x: &[f32], scale: f32, zero_point:
 }
 
 /// # Safety
-/// The CPU has AVX2.
-#[target_feature(enable = "avx2")]
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn quantize_row_u8(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     // SAFETY: forwarded.
     unsafe { quantize_row_as::<1>(x, scale, zero_point, ty, out) }
 }
 
 /// # Safety
-/// The CPU has AVX2.
-#[target_feature(enable = "avx2")]
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn quantize_row_u16(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     // SAFETY: forwarded.
     unsafe { quantize_row_as::<2>(x, scale, zero_point, ty, out) }
 }
 
 /// # Safety
-/// The CPU has AVX2; all slices of `row` have `out.len()` elements and `acc` at least that.
-#[target_feature(enable = "avx2")]
+/// The CPU has AVX2 and FMA; all slices of `row` have `out.len()` elements and `acc` at least that.
+#[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
     let n = out.len();
     assert!(acc.len() >= n && row.col_sums.len() == n && row.scales.len() == n);
@@ -390,8 +391,8 @@ mod tests {
     /// values that fall exactly on rounding ties and rows whose length is not a multiple of 8.
     #[test]
     fn row_ops_match_the_definitions() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            eprintln!("SKIPPED: AVX2 row operations: this CPU has no AVX2");
+        if !Isa::Avx2.is_supported() {
+            eprintln!("SKIPPED: AVX2 row operations: this CPU has no AVX2 and FMA");
             return;
         }
         let mut seed = 7u32;
@@ -442,8 +443,8 @@ mod tests {
     /// an infinity at the start, middle or end refused, and extreme finite values kept.
     #[test]
     fn row_stats_flag_every_non_finite_value() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            eprintln!("SKIPPED: AVX2 row statistics: this CPU has no AVX2");
+        if !Isa::Avx2.is_supported() {
+            eprintln!("SKIPPED: AVX2 row statistics: this CPU has no AVX2 and FMA");
             return;
         }
         for len in 0..150usize {
@@ -469,7 +470,7 @@ mod tests {
     }
 
     /// # Safety
-    /// The CPU has AVX2.
+    /// The CPU has AVX2 and FMA.
     unsafe fn row_stats_avx2_for_test(x: &[f32]) -> Option<(f32, f32)> {
         // SAFETY: forwarded.
         unsafe { super::row_stats(x) }

@@ -289,12 +289,13 @@ unsafe fn activate(v: __m512, act: Epilogue) -> __m512 {
             let s = _mm512_mul_ps(z, z);
             let (mut p, mut q) = (set(ERF_P[5]), set(ERF_Q[5]));
             for i in (0..5).rev() {
-                p = _mm512_add_ps(_mm512_mul_ps(p, s), set(ERF_P[i]));
-                q = _mm512_add_ps(_mm512_mul_ps(q, s), set(ERF_Q[i]));
+                p = _mm512_fmadd_ps(p, s, set(ERF_P[i]));
+                q = _mm512_fmadd_ps(q, s, set(ERF_Q[i]));
             }
             let e = _mm512_div_ps(_mm512_mul_ps(z, p), q);
             let e = _mm512_min_ps(_mm512_max_ps(e, set(-1.0)), set(1.0));
-            _mm512_mul_ps(_mm512_mul_ps(v, set(0.5)), _mm512_add_ps(set(1.0), e))
+            let h = _mm512_mul_ps(v, set(0.5));
+            _mm512_fmadd_ps(h, e, h)
         }
     }
 }

@@ -106,5 +106,5 @@ macro_rules! vnni_ymm_kernel {
     };
 }
 
-vnni_ymm_kernel!(gemm_u8s8_i32_6x16c4__avxvnni, rows_vex, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
-vnni_ymm_kernel!(gemm_u8s8_i32_6x16c4__evex, rows_evex, "avx2,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32);
+vnni_ymm_kernel!(gemm_u8s8_i32_6x16c4__avxvnni, rows_vex, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32);
+vnni_ymm_kernel!(gemm_u8s8_i32_6x16c4__evex, rows_evex, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32);

@@ -436,15 +436,16 @@ static void ref_quantize_weights(const float *w, size_t n, size_t k, int per_ten
     }
 }
 
-/* GELU as the README defines it: (x * 0.5) * (1 + erf(x * (1/sqrt 2))), with erf evaluated as
- * z = clamp(z, -4, 4); s = z*z; P, Q by Horner from the highest coefficient (multiply, then
- * add); erf = clamp((z * P) / Q, -1, 1). Written from the documentation, not from dynq's code. */
+/* GELU as the README defines it: h = x * 0.5, fma(h, erf(x * (1/sqrt 2)), h), with erf evaluated
+ * as z = clamp(z, -4, 4); s = z*z; P, Q by Horner from the highest coefficient (one fused
+ * multiply-add per step); erf = clamp((z * P) / Q, -1, 1). Written from the documentation, not
+ * from dynq's code. */
 static float ref_gelu(float x)
 {
     static const float P[6] = {1.1283787f, 0.2099698f, 0.055328526f, 0.004603963f, 0.000303493f, 1.895347e-6f};
     static const float Q[6] = {1.0f, 0.51940846f, 0.122190706f, 0.016645646f, 0.0013655274f, 3.746484e-5f};
     float z = x * 0.70710677f;
-    float s, p, q, e;
+    float s, p, q, e, h;
     int i;
     z = z > -4.0f ? z : -4.0f;
     z = z < 4.0f ? z : 4.0f;
@@ -452,13 +453,14 @@ static float ref_gelu(float x)
     p = P[5];
     q = Q[5];
     for (i = 4; i >= 0; i--) {
-        p = p * s + P[i];
-        q = q * s + Q[i];
+        p = fmaf(p, s, P[i]);
+        q = fmaf(q, s, Q[i]);
     }
     e = (z * p) / q;
     e = e > -1.0f ? e : -1.0f;
     e = e < 1.0f ? e : 1.0f;
-    return (x * 0.5f) * (1.0f + e);
+    h = x * 0.5f;
+    return fmaf(h, e, h);
 }
 
 /* y = dequant(quant(A) x W^T) + bias, then the epilogue, in the documented order:
