@@ -705,7 +705,7 @@ fn split_outputs_equal_column_slices_of_one_output() {
             let mut bufs: Vec<(Vec<Y>, usize)> =
                 widths.iter().map(|&c| (vec![Y::from_f32(-9.0); m * (c + 2)], c + 2)).collect();
             let mut outs: Vec<SplitOut<'_, Y>> =
-                bufs.iter_mut().zip(widths).map(|((y, ld), &cols)| SplitOut { y, ldy: *ld, cols }).collect();
+                bufs.iter_mut().zip(widths).map(|((y, ld), &cols)| SplitOut::rows(y, *ld, cols)).collect();
             dynq::gemm_split_on(pw, a, m, pw.k(), None, Some(bias), &mut outs, o, &Scrambled::new(workers)).unwrap();
             let mut j0 = 0;
             for ((y, ld), &cols) in bufs.iter().zip(widths) {
@@ -759,7 +759,7 @@ fn split_outputs_equal_column_slices_of_one_output() {
     {
         let mut bufs: Vec<Vec<f32>> = widths.iter().map(|&c| vec![7f32; m * c.max(1)]).collect();
         let mut outs: Vec<SplitOut<'_, f32>> =
-            bufs.iter_mut().zip(&widths).map(|(y, &cols)| SplitOut { y, ldy: cols.max(1), cols }).collect();
+            bufs.iter_mut().zip(&widths).map(|(y, &cols)| SplitOut::rows(y, cols.max(1), cols)).collect();
         let e = dynq::gemm_split_on(&pw, &a, m, k, None, None, &mut outs, &o, &Scrambled::new(1)).unwrap_err();
         assert_eq!(e.status(), Status::InvalidArgument, "{e}");
         assert!(e.message().contains(msg), "{e}");
@@ -767,8 +767,132 @@ fn split_outputs_equal_column_slices_of_one_output() {
     }
     let mut y0 = vec![7f32; m * 10];
     let mut y1 = vec![7f32; m * 10 - 1];
-    let mut outs = [SplitOut { y: &mut y0, ldy: 10, cols: 10 }, SplitOut { y: &mut y1, ldy: 10, cols: 10 }];
+    let mut outs = [SplitOut::rows(&mut y0, 10, 10), SplitOut::rows(&mut y1, 10, 10)];
     let e = dynq::gemm_split_on(&pw, &a, m, k, None, None, &mut outs, &o, &Scrambled::new(1)).unwrap_err();
     assert!(e.message().contains("output 1"), "{e}");
     assert!(y0.iter().chain(&y1).all(|&v| v == 7.0), "output written after an error");
+}
+
+/// The attention-head layouts: every element of the product lands, bit for bit, where the
+/// reshape to [batch, seq, heads, d] and the transpose to [batch, heads, seq, d] (or [batch,
+/// heads, d, seq]) would put it; for sequences that do not fill whole row tiles, heads narrower
+/// or wider than a panel or not a multiple of a vector, f32 and f16, 1 and 2 workers, a single
+/// output and several (Q, K and V side by side with their own layouts, or next to a plain one);
+/// bad layouts are refused with the output untouched.
+#[test]
+fn head_layouts_equal_the_transposed_product() {
+    use dynq::{Element, Heads, SplitOut};
+    let mut rng = Rng(83);
+    // Where row i, column j (of a segment of `cols` columns) goes.
+    fn place(h: &Heads, cols: usize, i: usize, j: usize) -> usize {
+        let dh = cols / h.heads;
+        let (b, s, hh, e) = (i / h.seq, i % h.seq, j / dh, j % dh);
+        if h.transposed {
+            ((b * h.heads + hh) * dh + e) * h.seq + s
+        } else {
+            ((b * h.heads + hh) * h.seq + s) * dh + e
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn check<Y: Element>(
+        pw: &PackedWeights,
+        a: &[f32],
+        m: usize,
+        bias: &[f32],
+        widths: &[usize],
+        layouts: &[Option<Heads>],
+        o: &GemmOptions,
+    ) {
+        let n = pw.n();
+        let mut whole = vec![Y::from_f32(0.0); m * n];
+        dynq::gemm_typed(pw, a, m, pw.k(), Some(bias), &mut whole, n, o).unwrap();
+        for workers in [1, 2] {
+            let mut bufs: Vec<Vec<Y>> = widths.iter().map(|&c| vec![Y::from_f32(-9.0); m * c]).collect();
+            let mut outs: Vec<SplitOut<'_, Y>> = bufs
+                .iter_mut()
+                .zip(widths.iter().zip(layouts))
+                .map(|(y, (&cols, h))| SplitOut { y, ldy: cols, cols, heads: *h })
+                .collect();
+            dynq::gemm_split_on(pw, a, m, pw.k(), None, Some(bias), &mut outs, o, &Scrambled::new(workers)).unwrap();
+            let mut j0 = 0;
+            for ((y, &cols), h) in bufs.iter().zip(widths).zip(layouts) {
+                let mut seen = vec![false; m * cols];
+                for i in 0..m {
+                    for j in 0..cols {
+                        let p = h.as_ref().map_or(i * cols + j, |h| place(h, cols, i, j));
+                        assert!(!seen[p], "{h:?}: two elements at {p}");
+                        seen[p] = true;
+                        let (got, want) = (y[p].to_f32(), whole[i * n + j0 + j].to_f32());
+                        assert!(
+                            got.to_bits() == want.to_bits(),
+                            "{h:?} widths {widths:?} [{i}][{}]: {got} != {want}",
+                            j0 + j
+                        );
+                    }
+                }
+                j0 += cols;
+            }
+        }
+    }
+    for isa in isas_under_test() {
+        let k = 70;
+        for (m, seq) in [(26, 13), (24, 8), (5, 5), (36, 4), (7, 1)] {
+            let a = random(&mut rng, m * k, 2.0);
+            for (widths, heads) in [
+                (vec![96], vec![3]),
+                (vec![60], vec![5]),
+                (vec![128], vec![2]),
+                (vec![36, 36, 36], vec![3, 3, 3]),
+                (vec![64, 64, 64], vec![2, 4, 1]),
+            ] {
+                let n: usize = widths.iter().sum();
+                let pw = PackedWeights::from_f32(
+                    &random(&mut rng, n * k, 0.3),
+                    n,
+                    k,
+                    WeightLayout::NK,
+                    PackOptions { isa: Some(isa), ..Default::default() },
+                )
+                .unwrap();
+                let bias = random(&mut rng, n, 1.0);
+                for pattern in 0..3usize {
+                    // All [b, h, s, d]; all [b, h, d, s]; mixed with a plain output.
+                    let layouts: Vec<Option<Heads>> = heads
+                        .iter()
+                        .enumerate()
+                        .map(|(g, &hd)| match pattern {
+                            0 => Some(Heads { heads: hd, seq, transposed: false }),
+                            1 => Some(Heads { heads: hd, seq, transposed: true }),
+                            _ if g == 1 => None,
+                            _ => Some(Heads { heads: hd, seq, transposed: g % 2 == 0 }),
+                        })
+                        .collect();
+                    for (g, t) in all_modes() {
+                        let o = GemmOptions { epilogue: Epilogue::Gelu, ..opts(g, t, 1) };
+                        check::<f32>(&pw, &a, m, &bias, &widths, &layouts, &o);
+                        check::<half::f16>(&pw, &a, m, &bias, &widths, &layouts, &o);
+                    }
+                }
+            }
+        }
+    }
+    // Refused, output untouched.
+    let (m, n, k) = (6, 12, 8);
+    let pw = PackedWeights::from_f32(&vec![0.5f32; n * k], n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let a = vec![1.0f32; m * k];
+    let o = opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1);
+    for (heads, seq, len, msg) in [
+        (0, 3, m * n, "must be positive"),
+        (2, 0, m * n, "must be positive"),
+        (5, 3, m * n, "do not split into 5 heads"),
+        (2, 4, m * n, "not whole sequences of 4"),
+        (2, 3, m * n - 1, "needs 72"),
+    ] {
+        let mut y = vec![7f32; len];
+        let mut outs = [SplitOut { y: &mut y, ldy: n, cols: n, heads: Some(Heads { heads, seq, transposed: false }) }];
+        let e = dynq::gemm_split_on(&pw, &a, m, k, None, None, &mut outs, &o, &Scrambled::new(1)).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+        assert!(e.message().contains(msg), "{msg}: {e}");
+        assert!(y.iter().all(|&v| v == 7.0), "output written after an error");
+    }
 }

@@ -149,7 +149,7 @@ fn residual_and_split_outputs() {
     let widths = [3usize, 10, 6];
     let mut bufs: Vec<Vec<f32>> = widths.iter().map(|&c| vec![0f32; m * c]).collect();
     let mut outs: Vec<SplitOut<'_, f32>> =
-        bufs.iter_mut().zip(widths).map(|(y, cols)| SplitOut { y, ldy: cols, cols }).collect();
+        bufs.iter_mut().zip(widths).map(|(y, cols)| SplitOut::rows(y, cols, cols)).collect();
     dynq::gemm_split(&pw, &a, m, k, None, Some(&bias), &mut outs, &opts).unwrap();
     let mut j0 = 0;
     for (buf, cols) in bufs.iter().zip(widths) {
@@ -159,6 +159,27 @@ fn residual_and_split_outputs() {
             }
         }
         j0 += cols;
+    }
+    // Head layouts (m = 6: two sequences of 3; n = 18: 3 heads of 6, or 2 of 9), plain and
+    // transposed, from two workers: every element at its place, none written twice.
+    let (m, n) = (6, 18);
+    let a = values(m * k, 11);
+    let pw = PackedWeights::from_f32(&values(n * k, 12), n, k, WeightLayout::NK, SCALAR).unwrap();
+    let mut base = vec![0f32; m * n];
+    gemm(&pw, &a, m, k, None, &mut base, n, &opts).unwrap();
+    for (heads, transposed) in [(3, false), (2, true)] {
+        let mut y = vec![f32::NAN; m * n];
+        let mut outs =
+            [SplitOut { y: &mut y, ldy: n, cols: n, heads: Some(dynq::Heads { heads, seq: 3, transposed }) }];
+        dynq::gemm_split(&pw, &a, m, k, None, None, &mut outs, &opts).unwrap();
+        let d = n / heads;
+        for i in 0..m {
+            for j in 0..n {
+                let (b, s, h, e) = (i / 3, i % 3, j / d, j % d);
+                let p = if transposed { ((b * heads + h) * d + e) * 3 + s } else { ((b * heads + h) * 3 + s) * d + e };
+                assert_eq!(y[p].to_bits(), base[i * n + j].to_bits());
+            }
+        }
     }
 }
 

@@ -1041,6 +1041,7 @@ unsafe fn split_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
             y: if m > 0 { unsafe { std::slice::from_raw_parts_mut(o.y as *mut Y, len) } } else { &mut [][..] },
             ldy: o.ldy,
             cols: o.cols,
+            heads: None,
         })
         .collect();
     crate::gemm::gemm_split(pw, a, m, lda, smooth, bias, &mut split, &opts)

@@ -739,16 +739,65 @@ pub fn gemm_fused_on<A: Element, Y: Element>(
     par: &dyn Parallel,
 ) -> Result<()> {
     let n = w.n();
-    gemm_impl(w, a, m, lda, fused, &mut [SplitOut { y, ldy, cols: n }], opts, par)
+    gemm_impl(w, a, m, lda, fused, &mut [SplitOut::rows(y, ldy, n)], opts, par)
 }
 
 /// One output of [`gemm_split_on`]: `cols` consecutive columns of the product, written as
-/// `m` rows at stride `ldy` (elements) into `y`.
+/// `m` rows at stride `ldy` (elements) into `y`, or in the attention-head layout `heads` gives.
 #[derive(Debug)]
 pub struct SplitOut<'a, Y> {
     pub y: &'a mut [Y],
     pub ldy: usize,
     pub cols: usize,
+    /// `Some`: the output is written split into attention heads (see [`Heads`]) and `ldy` is
+    /// not used.
+    pub heads: Option<Heads>,
+}
+
+impl<'a, Y> SplitOut<'a, Y> {
+    /// `cols` columns as `m` rows at stride `ldy`.
+    pub fn rows(y: &'a mut [Y], ldy: usize, cols: usize) -> Self {
+        SplitOut { y, ldy, cols, heads: None }
+    }
+}
+
+/// The layout of a transformer's query, key or value projection as its attention reads it,
+/// written straight by the GEMM instead of by a `Reshape` and a `Transpose` after it. The `m`
+/// rows are `m / seq` sequences (batch entries) of `seq` tokens; the `cols` columns are `heads`
+/// heads of `d = cols / heads` values. Element (row `b * seq + s`, column `h * d + e`) goes to
+///
+/// - `y[((b * heads + h) * seq + s) * d + e]`: `[batch, heads, seq, d]` (`transposed == false`,
+///   `Transpose(perm = [0, 2, 1, 3])` of the `[batch, seq, heads, d]` reshape), or
+/// - `y[((b * heads + h) * d + e) * seq + s]`: `[batch, heads, d, seq]` (`transposed == true`,
+///   `perm = [0, 2, 3, 1]`, the transposed keys of `Q K^T`).
+///
+/// The values are the bits of the plain layout; only their places differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub heads: usize,
+    pub seq: usize,
+    pub transposed: bool,
+}
+
+impl Heads {
+    /// Checks the layout for `m` rows of `cols` columns written into `len` elements.
+    fn check(&self, m: usize, cols: usize, len: usize, name: &str) -> Result<()> {
+        let Heads { heads, seq, .. } = *self;
+        if heads == 0 || seq == 0 {
+            return Err(Error::InvalidArgument(format!("{name}: heads ({heads}) and seq ({seq}) must be positive")));
+        }
+        if !cols.is_multiple_of(heads) {
+            return Err(Error::InvalidArgument(format!("{name}: {cols} columns do not split into {heads} heads")));
+        }
+        if !m.is_multiple_of(seq) {
+            return Err(Error::InvalidArgument(format!("{name}: {m} rows are not whole sequences of {seq}")));
+        }
+        let need = checked_mul(m, cols, name)?;
+        if len < need {
+            return Err(Error::InvalidArgument(format!("{name}: buffer has {len} elements, needs {need}")));
+        }
+        Ok(())
+    }
 }
 
 /// [`gemm_fused_on`] (without a residual) whose output columns go to several matrices: the
@@ -794,6 +843,7 @@ struct Segment<'o, Y> {
     start: usize,
     cols: usize,
     ldy: usize,
+    heads: Option<Heads>,
     out: SharedOut<Y>,
     /// The same buffer as f32 when Y is f32 (the kernel then writes into it directly).
     direct: Option<SharedOut<f32>>,
@@ -829,11 +879,20 @@ fn gemm_impl<A: Element, Y: Element>(
             return Err(Error::InvalidArgument("a residual needs a single output".into()));
         }
         for (g, o) in outs.iter().enumerate() {
-            check_matrix(o.y.len(), m, o.cols, o.ldy, &format!("output {g}"))?;
+            match &o.heads {
+                Some(h) => h.check(m, o.cols, o.y.len(), &format!("output {g}"))?,
+                None => check_matrix(o.y.len(), m, o.cols, o.ldy, &format!("output {g}"))?,
+            }
         }
     } else {
         debug_assert_eq!(outs[0].cols, n);
-        check_matrix(outs[0].y.len(), m, n, outs[0].ldy, "output Y")?;
+        match &outs[0].heads {
+            Some(_) if residual.is_some() => {
+                return Err(Error::InvalidArgument("a residual needs the plain output layout (no heads)".into()));
+            }
+            Some(h) => h.check(m, n, outs[0].y.len(), "output Y")?,
+            None => check_matrix(outs[0].y.len(), m, n, outs[0].ldy, "output Y")?,
+        }
     }
     if let Some(r) = &residual {
         check_matrix(r.data.len(), m, n, r.ld, "residual")?;
@@ -889,11 +948,14 @@ fn gemm_impl<A: Element, Y: Element>(
     let segs: Vec<Segment<'_, Y>> = outs
         .iter_mut()
         .map(|o| {
-            let direct = Y::as_f32_mut(o.y).map(SharedOut::new);
+            // The head layout always goes through the scratch tile (a tile's columns are not
+            // one run in it).
+            let direct = if o.heads.is_none() { Y::as_f32_mut(o.y).map(SharedOut::new) } else { None };
             let seg = Segment {
                 start,
                 cols: o.cols,
                 ldy: o.ldy,
+                heads: o.heads,
                 out: SharedOut::new(o.y),
                 direct,
                 _life: std::marker::PhantomData,
@@ -965,6 +1027,14 @@ fn gemm_impl<A: Element, Y: Element>(
             while c < cols {
                 let sg = &segs[g];
                 let (jj, take) = (j0 + c - sg.start, (sg.start + sg.cols - (j0 + c)).min(cols - c));
+                if let Some(hd) = &sg.heads {
+                    // SAFETY: columns jj..jj + take of rows i0.. of this segment belong to
+                    // this tile only (each lands at its own place in the head layout).
+                    unsafe { write_heads(sg, hd, i0, jj, take, &tile[c..], cols, t.rows) };
+                    c += take;
+                    g += 1;
+                    continue;
+                }
                 let dst = sg.out.ptr_at(i0 * sg.ldy + jj, (t.rows - 1) * sg.ldy + take);
                 for r in 0..t.rows {
                     for cc in 0..take {
@@ -980,6 +1050,90 @@ fn gemm_impl<A: Element, Y: Element>(
     });
     give_scratch(qa.data);
     r
+}
+
+/// Writes `rows` rows (from `i0`) of the segment's columns `jj..jj + take` in the head
+/// layout `hd`, from the f32 tile `src` (row `r` at `src[r * ld..]`).
+///
+/// # Safety
+/// Those elements of the segment belong to the caller's tile only (no other task writes them).
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_heads<Y: Element>(
+    sg: &Segment<'_, Y>,
+    hd: &Heads,
+    i0: usize,
+    jj: usize,
+    take: usize,
+    src: &[f32],
+    ld: usize,
+    rows: usize,
+) {
+    let Heads { heads, seq, transposed } = *hd;
+    let dh = sg.cols / heads;
+    let is_f32 = std::any::TypeId::of::<Y>() == std::any::TypeId::of::<f32>();
+    // Rows r0..r1 of the tile lie in one sequence b (from position s0).
+    let mut r0 = 0;
+    while r0 < rows {
+        let (b, s0) = ((i0 + r0) / seq, (i0 + r0) % seq);
+        let r1 = rows.min(r0 + (seq - s0));
+        let mut x = 0;
+        while x < take {
+            // A run of columns inside one head.
+            let (h, e0) = ((jj + x) / dh, (jj + x) % dh);
+            let run = (dh - e0).min(take - x);
+            let block = (b * heads + h) * seq * dh;
+            if transposed {
+                // Column e of head h is `seq` contiguous values (one per token): this tile's
+                // rows are a run of it.
+                let dst = sg.out.ptr_at(block + e0 * seq + s0, (run - 1) * seq + (r1 - r0));
+                let vals = &src[r0 * ld..(r1 - 1) * ld + x + run];
+                if is_f32 && r1 - r0 == 8 {
+                    for q in 0..run {
+                        // Eight rows of column x + q (the tile's rows: r * ld + x + q < vals.len()).
+                        let col: [f32; 8] = std::array::from_fn(|r| vals[r * ld + x + q]);
+                        // SAFETY: Y is f32; 8 values in bounds (ptr_at), this tile's.
+                        unsafe { dst.add(q * seq).cast::<[f32; 8]>().write_unaligned(col) };
+                    }
+                } else {
+                    for q in 0..run {
+                        for r in 0..r1 - r0 {
+                            // SAFETY: in bounds (ptr_at); the element is this tile's (caller).
+                            unsafe { dst.add(q * seq + r).write(Y::from_f32(vals[r * ld + x + q])) };
+                        }
+                    }
+                }
+            } else {
+                for r in r0..r1 {
+                    let dst = sg.out.ptr_at(block + (s0 + r - r0) * dh + e0, run);
+                    let vals = &src[r * ld + x..r * ld + x + run];
+                    if is_f32 {
+                        // Sixteen values at a time as one array (a few vector moves, where a
+                        // memcpy call of a run this short costs more than the copy).
+                        let dst = dst.cast::<f32>();
+                        let mut q = 0;
+                        while q + 16 <= run {
+                            let v: [f32; 16] = vals[q..q + 16].try_into().unwrap_or([0.0; 16]);
+                            // SAFETY: Y is f32; values q..q + 16 < run are in bounds (ptr_at)
+                            // and this tile's.
+                            unsafe { dst.add(q).cast::<[f32; 16]>().write_unaligned(v) };
+                            q += 16;
+                        }
+                        for (q, v) in vals.iter().enumerate().skip(q) {
+                            // SAFETY: as above.
+                            unsafe { dst.add(q).write(*v) };
+                        }
+                    } else {
+                        for (q, v) in vals.iter().enumerate() {
+                            // SAFETY: as above.
+                            unsafe { dst.add(q).write(Y::from_f32(*v)) };
+                        }
+                    }
+                }
+            }
+            x += run;
+        }
+        r0 = r1;
+    }
 }
 
 /// Asks for the cache line holding `p` (a hint: no effect on any result, and it never faults).

@@ -184,7 +184,8 @@ pub unsafe fn attr_ints(api: Api, info: *const OrtKernelInfo, name: &str) -> Res
     let mut size: usize = 0;
     // SAFETY: a NULL buffer asks for the count.
     let st = unsafe { (api.0.KernelInfoGetAttributeArray_int64)(info, cname.as_ptr(), ptr::null_mut(), &mut size) };
-    if check(api, st).is_err() {
+    // Some versions report a single integer as an empty list rather than as an error.
+    if check(api, st).is_err() || size == 0 {
         // Absent, or of another type: a single integer is a mistake worth naming.
         let mut i: i64 = 0;
         // SAFETY: as above.

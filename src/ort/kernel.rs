@@ -4,7 +4,7 @@
 use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_FLOAT16, ELEM_INT8, ELEM_UINT8};
 use super::cache;
 use crate::dtype::Element;
-use crate::gemm::{gemm_fused_on, gemm_split_on, Epilogue, Fused, GemmOptions, Parallel, Residual, SplitOut};
+use crate::gemm::{gemm_fused_on, gemm_split_on, Epilogue, Fused, GemmOptions, Heads, Parallel, Residual, SplitOut};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
 use crate::quant::{ActGranularity, ActType};
 use crate::Error;
@@ -69,6 +69,35 @@ pub fn parse_attrs(get: impl Fn(&str) -> Result<Option<String>, String>) -> Resu
     })
 }
 
+/// The `heads` and `heads_transposed` attributes: one `(heads, transposed)` per output, where
+/// `heads == 0` is the plain layout `[..., width]` and `heads > 0` writes the output as
+/// `[batch, heads, seq, width / heads]` (or `[batch, heads, width / heads, seq]` when
+/// transposed) for A `[batch, seq, K]`: the Reshape and Transpose that usually follow a query,
+/// key or value projection.
+pub fn parse_heads(
+    heads: Option<Vec<i64>>,
+    transposed: Option<Vec<i64>>,
+    outputs: usize,
+) -> Result<Vec<(usize, bool)>, String> {
+    let Some(h) = heads else {
+        if transposed.is_some() {
+            return Err("attribute 'heads_transposed' needs the attribute 'heads'".into());
+        }
+        return Ok(vec![(0, false); outputs]);
+    };
+    if h.len() != outputs || h.iter().any(|&v| v < 0) {
+        return Err(format!("attribute 'heads' must hold one count >= 0 per output ({outputs}), got {h:?}"));
+    }
+    let t = transposed.unwrap_or_else(|| vec![0; outputs]);
+    if t.len() != outputs || t.iter().any(|&v| v != 0 && v != 1) {
+        return Err(format!("attribute 'heads_transposed' must hold one 0 or 1 per output ({outputs}), got {t:?}"));
+    }
+    if let Some(g) = (0..outputs).find(|&g| t[g] == 1 && h[g] == 0) {
+        return Err(format!("attribute 'heads_transposed' is 1 for output {g}, which has no heads"));
+    }
+    Ok(h.iter().zip(&t).map(|(&h, &t)| (h as usize, t == 1)).collect())
+}
+
 /// An error of the op, with the ONNX Runtime error code to report it with.
 pub struct OpError {
     pub code: ort_sys::OrtErrorCode,
@@ -110,6 +139,9 @@ pub struct DynqKernel {
     /// The `split` attribute: the widths of the node's outputs (columns of the product, in
     /// order), or None for one output.
     split: Option<Vec<usize>>,
+    /// Per output: `(heads, transposed)`, `heads == 0` for the plain layout (see
+    /// [`parse_heads`]).
+    heads: Vec<(usize, bool)>,
 }
 
 fn expect_weight_elem(s: &TensorShape) -> Result<(), String> {
@@ -184,6 +216,19 @@ fn check_split(widths: &[usize], n: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Per output `(heads, transposed)`, and the sequence length (A's dimension 1).
+type HeadsArg<'a> = (&'a [(usize, bool)], usize);
+
+/// Each output with heads must split evenly into them.
+fn check_heads(widths: &[usize], heads: &[(usize, bool)]) -> Result<(), String> {
+    for (g, (&c, &(h, _))) in widths.iter().zip(heads).enumerate() {
+        if h > 0 && !c.is_multiple_of(h) {
+            return Err(format!("output {g} has {c} columns, which do not split into {h} heads (attribute 'heads')"));
+        }
+    }
+    Ok(())
+}
+
 impl DynqKernel {
     /// Builds the kernel: parses attributes, checks the node's inputs and packs constant weights.
     ///
@@ -214,6 +259,12 @@ impl DynqKernel {
                 Some(v.iter().map(|&c| c as usize).collect::<Vec<usize>>())
             }
         };
+        let heads = parse_heads(
+            unsafe { api::attr_ints(api, info, "heads") }.map_err(&err)?,
+            unsafe { api::attr_ints(api, info, "heads_transposed") }.map_err(&err)?,
+            outputs,
+        )
+        .map_err(&err)?;
         let w = unsafe { api::constant_input(api, info, IN_W) }.map_err(&err)?;
         let s = unsafe { api::constant_input(api, info, IN_SCALES) }.map_err(&err)?;
         let weights = match (w, s) {
@@ -240,7 +291,11 @@ impl DynqKernel {
         if let (Some(p), Some(widths)) = (&weights, &split) {
             check_split(widths, p.n()).map_err(&err)?;
         }
-        Ok(DynqKernel { api, label, attrs, weights, split })
+        if let Some(p) = &weights {
+            let widths = split.clone().unwrap_or_else(|| vec![p.n()]);
+            check_heads(&widths, &heads).map_err(&err)?;
+        }
+        Ok(DynqKernel { api, label, attrs, weights, split, heads })
     }
 
     /// Runs the node.
@@ -344,10 +399,31 @@ impl DynqKernel {
                 w.clone()
             }
         };
+        let with_heads = self.heads.iter().any(|&(h, _)| h > 0);
+        if with_heads {
+            check_heads(&widths, &self.heads).map_err(&err)?;
+            if a_shape.dims.len() != 3 {
+                return Err(err(format!(
+                    "attribute 'heads' needs A of rank 3 ([batch, seq, K]), got {}",
+                    a_shape.describe()
+                )));
+            }
+            if residual.is_some() {
+                return Err(err("a residual cannot be combined with the attribute 'heads'".into()));
+            }
+        }
         let mut ys: Vec<*mut u8> = Vec::with_capacity(widths.len());
         for (g, &cols) in widths.iter().enumerate() {
             let mut dims = out_dims.clone();
             *dims.last_mut().expect("rank >= 1") = cols as i64;
+            if let (h @ 1.., transposed) = self.heads[g] {
+                // [batch, heads, seq, d] or [batch, heads, d, seq].
+                let d = (cols / h) as i64;
+                dims = vec![a_shape.dims[0], h as i64, a_shape.dims[1], d];
+                if transposed {
+                    dims.swap(2, 3);
+                }
+            }
             let mut y_val: *mut OrtValue = std::ptr::null_mut();
             api::check(api, unsafe { (api.0.KernelContext_GetOutput)(ctx, g, dims.as_ptr(), dims.len(), &mut y_val) })
                 .map_err(fail)?;
@@ -386,7 +462,7 @@ impl DynqKernel {
         unsafe fn run<T: Element>(
             w: &PackedWeights,
             a: *const u8,
-            (ys, widths): (&[*mut u8], &[usize]),
+            (ys, widths, heads): (&[*mut u8], &[usize], Option<HeadsArg<'_>>),
             (m, k): (usize, usize),
             (smooth, bias, residual): (Option<&[f32]>, Option<&[f32]>, Option<*const u8>),
             opts: &GemmOptions,
@@ -405,7 +481,7 @@ impl DynqKernel {
                     residual.map(|r| Residual { data: std::slice::from_raw_parts(r.cast::<T>(), m * n), ld: n }),
                 )
             };
-            if let [y] = ys {
+            if let ([y], None) = (ys, heads) {
                 // SAFETY: per the contract.
                 let y = unsafe { std::slice::from_raw_parts_mut(y.cast::<T>(), m * n) };
                 return gemm_fused_on(w, a, m, k, &Fused { smooth, bias, residual }, y, n, opts, pool);
@@ -413,11 +489,16 @@ impl DynqKernel {
             let mut outs: Vec<SplitOut<'_, T>> = ys
                 .iter()
                 .zip(widths)
+                .enumerate()
                 // SAFETY: per the contract: distinct buffers of m * cols values each.
-                .map(|(&y, &cols)| SplitOut {
+                .map(|(g, (&y, &cols))| SplitOut {
                     y: unsafe { std::slice::from_raw_parts_mut(y.cast::<T>(), m * cols) },
                     ldy: cols,
                     cols,
+                    heads: heads.and_then(|(h, seq)| {
+                        let (heads, transposed) = h[g];
+                        (heads > 0).then_some(Heads { heads, seq, transposed })
+                    }),
                 })
                 .collect();
             gemm_split_on(w, a, m, k, smooth, bias, &mut outs, opts, pool)
@@ -427,7 +508,9 @@ impl DynqKernel {
         // the same type (checked above) and nobody else sees them until this call returns
         // (ONNX Runtime gives a custom op's outputs buffers of their own).
         let r = unsafe {
-            let args = (a_ptr.cast_const(), (&ys[..], &widths[..]), (m, k), (smooth, bias, residual));
+            // With heads, A is [batch, seq, K] (checked above).
+            let heads = with_heads.then(|| (&self.heads[..], a_shape.dims[1] as usize));
+            let args = (a_ptr.cast_const(), (&ys[..], &widths[..], heads), (m, k), (smooth, bias, residual));
             if a_shape.elem == ELEM_FLOAT16 {
                 run::<half::f16>(w, args.0, args.1, args.2, args.3, &opts, &pool)
             } else {

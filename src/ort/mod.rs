@@ -24,6 +24,14 @@
 //! - `activation`: `"none"` (default), `"relu"` or `"gelu"` (erf form), fused into the GEMM's
 //!   epilogue after the bias (dynq's `Epilogue`).
 //!
+//! Integer-list attributes (optional):
+//! - `split`: the widths of several outputs (columns of the product, in order; they add up to N).
+//! - `heads` (one count per output, 0 = plain) and `heads_transposed` (one 0 or 1 per output):
+//!   for A `[batch, seq, K]`, the output is written split into attention heads,
+//!   `[batch, heads, seq, width / heads]` or, transposed, `[batch, heads, width / heads, seq]`
+//!   (the `Transpose` with `perm = [0, 2, 1, 3]` or `[0, 2, 3, 1]` of its
+//!   `[batch, seq, heads, width / heads]` reshape), with the same bits as the plain output.
+//!
 //! `smooth` (optional, positive finite): row `i` of A is quantized as `A[i, k] * smooth[k]`. A
 //! converter that multiplied row `k` of the float weight by `1 / smooth[k]` before quantizing it
 //! computes the same product with activation channels of very different ranges brought closer
@@ -332,8 +340,12 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             *s = empty;
         }
     }
-    match split {
-        None => unsafe { set_output(api, ctx, 0, a.shape.elem, Some((&dims, &mut symbols))) },
+    let heads = unsafe { infer_heads(api, ctx, outputs)? };
+    if heads.iter().any(|&(h, _)| h > 0) && dims.len() != 3 {
+        return Err(format!("attribute 'heads' needs A of rank 3 ([batch, seq, K]), got shape {:?}", a.shape.dims));
+    }
+    let widths = match split {
+        None => vec![w.shape.dims[1]],
         Some(widths) => {
             if w.shape.dims[1] >= 0 && widths.iter().sum::<i64>() != w.shape.dims[1] {
                 return Err(format!(
@@ -343,13 +355,46 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             }
             let last = dims.len() - 1;
             symbols[last] = empty;
-            for (g, &c) in widths.iter().enumerate() {
-                dims[last] = c;
-                unsafe { set_output(api, ctx, g, a.shape.elem, Some((&dims, &mut symbols)))? };
-            }
-            Ok(())
+            widths
         }
+    };
+    for (g, (&c, &(h, transposed))) in widths.iter().zip(&heads).enumerate() {
+        if h == 0 {
+            *dims.last_mut().expect("rank >= 1") = c;
+            unsafe { set_output(api, ctx, g, a.shape.elem, Some((&dims, &mut symbols)))? };
+            continue;
+        }
+        let h = h as i64;
+        if c >= 0 && c % h != 0 {
+            return Err(format!("output {g} has {c} columns, which do not split into {h} heads (attribute 'heads')"));
+        }
+        // [batch, heads, seq, d] or [batch, heads, d, seq].
+        let d = if c >= 0 { c / h } else { -1 };
+        let (mut hd, mut hs) = ([dims[0], h, dims[1], d], [symbols[0], empty, symbols[1], empty]);
+        if transposed {
+            hd.swap(2, 3);
+            hs.swap(2, 3);
+        }
+        if d < 0 {
+            // An unknown width gives an unknown head size: a fresh symbol, as above.
+            let id = UNKNOWN.fetch_add(1, Ordering::Relaxed);
+            owned.push(std::ffi::CString::new(format!("dynq_unk_{id}")).expect("no NUL"));
+            hs[if transposed { 2 } else { 3 }] = owned.last().expect("just pushed").as_ptr();
+        }
+        unsafe { set_output(api, ctx, g, a.shape.elem, Some((&hd, &mut hs)))? };
     }
+    Ok(())
+}
+
+/// The `heads` and `heads_transposed` attributes, one `(heads, transposed)` per output
+/// (`(0, false)`: the plain layout), checked as the kernel checks them.
+///
+/// # Safety
+/// `ctx` is a live shape-inference context.
+unsafe fn infer_heads(api: Api, ctx: *mut OrtShapeInferContext, outputs: usize) -> Result<Vec<(usize, bool)>, String> {
+    let heads = unsafe { infer_ints(api, ctx, c"heads")? };
+    let transposed = unsafe { infer_ints(api, ctx, c"heads_transposed")? };
+    kernel::parse_heads(heads, transposed, outputs)
 }
 
 /// The `split` attribute (output widths) if the node has one.
@@ -357,12 +402,29 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
 /// # Safety
 /// `ctx` is a live shape-inference context.
 unsafe fn infer_split(api: Api, ctx: *mut OrtShapeInferContext) -> Result<Option<Vec<i64>>, String> {
+    let Some(v) = (unsafe { infer_ints(api, ctx, c"split")? }) else { return Ok(None) };
+    if v.is_empty() || v.iter().any(|&c| c <= 0) {
+        return Err(format!("attribute 'split' must hold positive widths, got {v:?}"));
+    }
+    Ok(Some(v))
+}
+
+/// A list-of-integers attribute, if the node has it.
+///
+/// # Safety
+/// `ctx` is a live shape-inference context.
+unsafe fn infer_ints(
+    api: Api,
+    ctx: *mut OrtShapeInferContext,
+    name: &std::ffi::CStr,
+) -> Result<Option<Vec<i64>>, String> {
     let mut attr: *const ort_sys::OrtOpAttr = ptr::null();
     // SAFETY: `ctx` is live; an absent attribute gives NULL (or an error status on some versions).
-    let st = unsafe { (api.0.ShapeInferContext_GetAttribute)(ctx, c"split".as_ptr(), &mut attr) };
+    let st = unsafe { (api.0.ShapeInferContext_GetAttribute)(ctx, name.as_ptr(), &mut attr) };
     if api::check(api, st).is_err() || attr.is_null() {
         return Ok(None);
     }
+    let what = name.to_string_lossy();
     let mut len: usize = 0;
     // SAFETY: `attr` is live; a zero-length read asks for the size in bytes.
     let _ = api::check(api, unsafe {
@@ -374,10 +436,18 @@ unsafe fn infer_split(api: Api, ctx: *mut OrtShapeInferContext) -> Result<Option
         api::check(api, unsafe {
             (api.0.ReadOpAttr)(attr, ort_sys::OrtOpAttrType::ORT_OP_ATTR_INTS, v.as_mut_ptr().cast(), len, &mut len)
         })
-        .map_err(|e| format!("attribute 'split' must be a list of integers ({e})"))?;
-    }
-    if v.is_empty() || v.iter().any(|&c| c <= 0) {
-        return Err(format!("attribute 'split' must hold positive widths, got {v:?}"));
+        .map_err(|e| format!("attribute '{what}' must be a list of integers ({e})"))?;
+    } else {
+        // Nothing read as a list: a single integer is a mistake worth naming (as the kernel does).
+        let mut i: i64 = 0;
+        let mut got = 0usize;
+        // SAFETY: `i` has 8 bytes.
+        let st = unsafe {
+            (api.0.ReadOpAttr)(attr, ort_sys::OrtOpAttrType::ORT_OP_ATTR_INT, (&mut i as *mut i64).cast(), 8, &mut got)
+        };
+        if api::check(api, st).is_ok() && got == 8 {
+            return Err(format!("attribute '{what}' must be a list of integers, got the integer {i}"));
+        }
     }
     Ok(Some(v))
 }

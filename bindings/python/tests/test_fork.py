@@ -28,6 +28,20 @@ def _dynq_worker_threads():
     return names
 
 
+def _wait_for_worker_threads(seconds=5.0):
+    """The pool's thread names: a new thread names itself once it first runs, and on a loaded
+    machine the call that started the pool can finish before that, so give the names up to
+    `seconds` to appear."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    names = _dynq_worker_threads()
+    while not names and time.monotonic() < deadline:
+        time.sleep(0.01)
+        names = _dynq_worker_threads()
+    return names
+
+
 def test_child_after_fork_gets_its_own_pool_and_the_same_bits():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((384, 256)).astype(np.float32)
@@ -35,7 +49,7 @@ def test_child_after_fork_gets_its_own_pool_and_the_same_bits():
     packed = dynq.PackedWeights.from_float(w, layout="kn")
     # Large enough for dynq to use two workers; this starts the parent's pool.
     want = dynq.gemm(packed, a, num_threads=2)
-    assert _dynq_worker_threads(), "the parent's pool should be running"
+    assert _wait_for_worker_threads(), "the parent's pool should be running"
 
     r, wfd = os.pipe()
     pid = os.fork()
@@ -46,15 +60,7 @@ def test_child_after_fork_gets_its_own_pool_and_the_same_bits():
             # The child inherits no threads: only the forking thread exists here.
             before = _dynq_worker_threads()
             got = [dynq.gemm(packed, a, num_threads=2) for _ in range(3)]
-            # A new thread names itself once it first runs; on a loaded machine the calls above
-            # can finish before that, so give the names up to 5 s to appear.
-            import time
-
-            deadline = time.monotonic() + 5.0
-            after = _dynq_worker_threads()
-            while not after and time.monotonic() < deadline:
-                time.sleep(0.01)
-                after = _dynq_worker_threads()
+            after = _wait_for_worker_threads()
             same = all(np.array_equal(g, want) for g in got)
             msg = f"before={len(before)} after={len(after)} same={same}"
             os.write(wfd, msg.encode())

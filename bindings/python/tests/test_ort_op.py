@@ -290,6 +290,76 @@ def test_bad_split_gives_clear_errors():
         session(m).run(None, {"A": a[0]})
     assert "no 'split' attribute" in str(e.value), str(e.value)
 
+def heads_ref(y, heads, transposed=False):
+    """What Reshape([0, 0, heads, -1]) then Transpose(perm=[0, 2, 1, 3] or [0, 2, 3, 1]) make of y."""
+    b, s, n = y.shape
+    r = y.reshape(b, s, heads, n // heads)
+    return r.transpose(0, 2, 3, 1) if transposed else r.transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
+def test_heads_layout_is_the_transposed_product(gran):
+    """`heads` (and `heads_transposed`): the output in the attention layout [batch, heads, seq, d]
+    (or [batch, heads, d, seq]) is, bit for bit, the plain output reshaped and transposed, for a
+    sequence that does not fill whole row tiles and a head size that is not a multiple of a
+    vector, on 1 and 2 threads, float16 too, and per output of a `split` node (Q, K and V);
+    shape inference gives the transposed shapes with A's symbols."""
+    k, n, heads = 64, 60, 5
+    q, s = weights(k, n, 21)
+    b = RNG.standard_normal(n).astype(np.float32)
+    a = (RNG.standard_normal((3, 13, k)) * 2).astype(np.float32)
+    plain = session(dynq_model(q, s, b, act_granularity=gran, activation="gelu")).run(None, {"A": a})[0]
+    for transposed in (0, 1):
+        m = dynq_model(q, s, b, act_granularity=gran, activation="gelu", heads=[heads], heads_transposed=[transposed])
+        for threads in (1, 2):
+            sess = session(m, threads)
+            got = sess.run(None, {"A": a})[0]
+            want = heads_ref(plain, heads, transposed)
+            assert got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+            d = n // heads
+            assert sess.get_outputs()[0].shape == (["batch", heads, d, "seq"] if transposed else ["batch", heads, "seq", d])
+    # Q, K and V as one node: K transposed, V in the plain layout.
+    widths, hs, ts = [20, 20, 20], [2, 4, 0], [0, 1, 0]
+    m = split_model(q, s, b, widths, act_granularity=gran, heads=hs, heads_transposed=ts)
+    got = session(m, 2).run(None, {"A": a})
+    parts = np.split(session(dynq_model(q, s, b, act_granularity=gran)).run(None, {"A": a})[0], 3, axis=-1)
+    np.testing.assert_array_equal(got[0], heads_ref(parts[0], 2))
+    np.testing.assert_array_equal(got[1], heads_ref(parts[1], 4, True))
+    np.testing.assert_array_equal(got[2], parts[2])
+    if ORT_VERSION >= ORT_F16_OP:
+        a16 = a.astype(np.float16)
+        p16 = session(dynq_model(q, s, b, act_granularity=gran, elem=TensorProto.FLOAT16)).run(None, {"A": a16})[0]
+        g16 = session(dynq_model(q, s, b, act_granularity=gran, elem=TensorProto.FLOAT16, heads=[heads])).run(None, {"A": a16})[0]
+        assert g16.dtype == np.float16
+        np.testing.assert_array_equal(g16, heads_ref(p16, heads))
+
+
+def test_bad_heads_give_clear_errors():
+    q, s = weights(8, 6)
+    b = np.zeros(6, np.float32)
+    a = np.ones((1, 2, 8), np.float32)
+    for attrs, expect in [
+        (dict(heads=[4]), "do not split into 4 heads"),
+        (dict(heads=[2, 3]), "one count >= 0 per output (1)"),
+        (dict(heads=[-1]), "one count >= 0 per output"),
+        (dict(heads=[2], heads_transposed=[2]), "one 0 or 1 per output"),
+        (dict(heads=[0], heads_transposed=[1]), "which has no heads"),
+        (dict(heads_transposed=[1]), "needs the attribute 'heads'"),
+        (dict(heads=3), "must be a list of integers"),
+    ]:
+        with pytest.raises(Exception) as e:
+            session(dynq_model(q, s, b, **attrs)).run(None, {"A": a})
+        assert expect in str(e.value), (attrs, str(e.value))
+    # A of rank 2, and a residual: refused with the node named.
+    with pytest.raises(Exception) as e:
+        session(dynq_model(q, s, b, a_shape=["m", None], heads=[2])).run(None, {"A": a[0]})
+    assert "needs A of rank 3" in str(e.value), str(e.value)
+    with pytest.raises(Exception) as e:
+        session(dynq_model(q, s, b, residual=True, heads=[2])).run(None, {"A": a, "R": np.zeros((1, 2, 6), np.float32)})
+    assert "residual cannot be combined" in str(e.value) or "rank" in str(e.value), str(e.value)
+
+
 def test_bad_smoothing_factors_give_clear_errors():
     q, s = weights(8, 4)
     a = np.ones((2, 8), np.float32)

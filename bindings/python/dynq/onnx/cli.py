@@ -35,6 +35,8 @@ def _quantize(args) -> int:
         fuse_bias=not args.no_fuse_bias,
         fuse_activation=not args.no_fuse_activation,
         fuse_residual=not args.no_fuse_residual,
+        fuse_heads=not args.no_fuse_heads,
+        fuse_heads_transposed=args.fuse_heads_transposed,
         group_shared_input=args.group,
         group_max_loss_db=args.group_max_loss_db,
         convert_quantized=not args.no_convert_quantized,
@@ -153,6 +155,8 @@ def main(argv=None) -> int:
     q.add_argument("--min-size", type=int, default=0, help="skip weights with fewer than this many elements (K*N)")
     q.add_argument("--no-fuse-bias", action="store_true", help="do not fold a following bias Add")
     q.add_argument("--no-fuse-residual", action="store_true", help="do not fold a following Add of a same-shape tensor (the skip connection)")
+    q.add_argument("--no-fuse-heads", action="store_true", help="do not fold a following Reshape to attention heads and Transpose(perm=[0,2,1,3]) into the layer's output")
+    q.add_argument("--fuse-heads-transposed", action="store_true", help="fold Transpose(perm=[0,2,3,1]) (transposed keys) too; off by default: measured no faster than ONNX Runtime's Transpose")
     q.add_argument("--group", action="store_true", help="one node with several outputs for layers that read the same input (Q, K, V); the model then needs ONNX Runtime 1.18 or later")
     q.add_argument("--group-max-loss-db", type=float, default=0.2, metavar="DB", help="leave a layer out of its group if the shared smoothing costs it more held-out SQNR than this (default 0.2)")
     q.add_argument("--no-fuse-activation", action="store_true", help="do not fuse a following Relu/GELU")

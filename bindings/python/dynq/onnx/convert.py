@@ -56,6 +56,8 @@ class QuantizeOptions:
     fuse_bias: bool = True
     fuse_activation: bool = True
     fuse_residual: bool = True  # fold a following Add of a same-shape tensor (the skip connection)
+    fuse_heads: bool = True  # fold a following Reshape to attention heads and Transpose(perm=[0, 2, 1, 3])
+    fuse_heads_transposed: bool = False  # ... and Transpose(perm=[0, 2, 3, 1]) (transposed keys); see README
     group_shared_input: bool = False  # one node ('split' outputs) for MatMuls reading one input; ONNX Runtime >= 1.18
     group_max_loss_db: float = 0.2  # ... unless the group's shared smoothing costs a layer more SQNR than this
     convert_quantized: bool = True  # MatMulInteger / DynamicQuantizeMatMul / MatMulIntegerToFloat
@@ -106,6 +108,8 @@ class LayerRecord:
     smooth_gain_db: Optional[float] = None  # the layer's SQNR gain measured on calibration data
     fused_nodes: List[str] = field(default_factory=list)
     residual: Optional[str] = None  # the tensor added after the activation (a folded skip-connection Add)
+    heads: int = 0  # > 0: the output is written split into this many attention heads (folded Reshape + Transpose)
+    heads_transposed: bool = False  # ... as [batch, heads, d, seq] rather than [batch, heads, seq, d]
     group: Optional[str] = None  # the dynq node computing this layer with others that read the same input
 
 
@@ -368,6 +372,46 @@ def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]
     return add, other
 
 
+def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[Tuple[List[onnx.NodeProto], str, int, bool]]:
+    """A following `Reshape` of `out` ([batch, seq, n], known from shape inference) to
+    [batch, seq, heads, n / heads], then `Transpose(perm=[0, 2, 1, 3])` (or `[0, 2, 3, 1]` when
+    `transposed_ok`), each the only reader of its input: how a transformer splits its query, key
+    and value projections into attention heads. Returns (the two nodes, the Transpose's output,
+    heads, transposed)."""
+    so = G.shapes.get(out)
+    if so is None or len(so[1]) != 3 or so[1][2] != n:
+        return None
+    rs = G.sole_consumer(out)
+    if rs is None or rs.op_type != "Reshape" or rs.domain not in ("", "ai.onnx") or len(rs.input) < 2 or _attr(rs, "allowzero", 0):
+        return None
+    tr = G.sole_consumer(rs.output[0])
+    if tr is None or tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
+        return None
+    perm = [int(v) for v in (_attr(tr, "perm", None) or [])]
+    if perm != [0, 2, 1, 3] and not (transposed_ok and perm == [0, 2, 3, 1]):
+        return None
+    b, t = so[1][0], so[1][1]
+    heads = None
+    sr = G.shapes.get(rs.output[0])
+    if sr is not None and len(sr[1]) == 4 and sr[1][:2] == (b, t) and all(isinstance(v, int) and v > 0 for v in sr[1][2:]):
+        if sr[1][2] * sr[1][3] == n:
+            heads = sr[1][2]
+    else:
+        # The target shape as a constant: [batch or 0, seq or 0, heads, d], at most one -1
+        # standing for a dimension the others fix.
+        shape = G.const(rs.input[1])
+        if shape is not None and shape.ndim == 1 and shape.size == 4 and shape.dtype == np.int64:
+            s0, s1, h, d = (int(v) for v in shape)
+            keep = lambda v, dim: v == 0 or (isinstance(dim, int) and v == dim)  # noqa: E731
+            if h > 0 and n % h == 0 and d in (n // h, -1) and keep(s0, b) and keep(s1, t):
+                heads = h
+            elif h > 0 and d == n // h and n % h == 0 and [s0, s1].count(-1) == 1 and (keep(s0, b) or keep(s1, t)):
+                heads = h
+    if heads is None:
+        return None
+    return [rs, tr], tr.output[0], heads, perm == [0, 2, 3, 1]
+
+
 def _close(v: Optional[float], target: float, tol: float = 1e-3) -> bool:
     return v is not None and abs(v - target) <= tol * abs(target)
 
@@ -570,6 +614,11 @@ def quantize_model(
             attrs["act_type"] = opts.act_type
         if rec.activation != "none":
             attrs["activation"] = rec.activation
+        if rec.output in head_layouts:
+            rec.heads, rec.heads_transposed = head_layouts[rec.output]
+            attrs["heads"] = [rec.heads]
+            if rec.heads_transposed:
+                attrs["heads_transposed"] = [1]
         name = rec.name
         if not name:
             # Named after the replaced node's output (see `selected`), unless a node has that name.
@@ -586,7 +635,10 @@ def quantize_model(
         report.int8_weight_bytes += (0 if shared else q.size + 4 * scales.size) + (4 * smooth.size if smooth is not None else 0)
 
 
-    def fuse_tail(out: str, n: int, x: str, bias: Optional[np.ndarray] = None):
+    # Outputs written in the attention-head layout (a folded Reshape + Transpose): name -> (heads, transposed).
+    head_layouts: Dict[str, Tuple[int, bool]] = {}
+
+    def fuse_tail(out: str, n: int, x: str, bias: Optional[np.ndarray] = None, heads_ok: bool = True):
         """Bias Add, activation and residual Add after `out`: (bias, activation, final output,
         nodes fused, (residual Add, residual tensor) or None). A `bias` the node already has
         (Gemm's C, DynamicQuantizeMatMul's B) is kept and no Add is folded on top of it; only
@@ -612,6 +664,12 @@ def quantize_model(
                 residual = mr  # (the Add, the residual tensor)
                 fused.append(mr[0])
                 out = mr[0].output[0]
+        if residual is None and opts.fuse_heads and heads_ok:
+            mh = _match_heads(G, out, n, opts.fuse_heads_transposed)
+            if mh is not None:
+                nodes, out, h, transposed = mh
+                fused.extend(nodes)
+                head_layouts[out] = (h, transposed)
         return bias, act, out, fused, residual
 
     def emit_group(members: List[onnx.NodeProto], recs: List[LayerRecord], x: str, q: np.ndarray, scales: np.ndarray, bias: np.ndarray, dead: List[onnx.NodeProto], smooth=None):
@@ -752,7 +810,7 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
         w0 = G.const(nd.input[1])
         src_bytes[id(nd)] = w0.nbytes
         w = w0.astype(np.float32)
-        bias, act, final, fused, residual = fuse_tail(nd.output[0], w.shape[1], x)
+        bias, act, final, fused, residual = fuse_tail(nd.output[0], w.shape[1], x, heads_ok=False)
         if residual is None:
             tails.append((nd, w, bias, act, final, fused))
     tails = [t for t in tails if t[3] == tails[0][3]] if tails else []

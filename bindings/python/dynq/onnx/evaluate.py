@@ -200,6 +200,18 @@ def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
     return y
 
 
+def _in_head_layout(y: np.ndarray, attrs, g: int) -> np.ndarray:
+    """Output `g` of a node with the `heads` attribute: `y` ([batch, seq, width]) as the node
+    writes it, [batch, heads, seq, d] (or [batch, heads, d, seq] when transposed)."""
+    hs = list(attrs.get("heads", []))
+    if g >= len(hs) or hs[g] <= 0:
+        return y
+    tr = list(attrs.get("heads_transposed", []))
+    b, s, n = y.shape
+    r = y.reshape(b, s, hs[g], n // hs[g])
+    return r.transpose(0, 2, 3, 1) if g < len(tr) and tr[g] == 1 else r.transpose(0, 2, 1, 3)
+
+
 @dataclass
 class Evaluation:
     samples: int
@@ -346,6 +358,7 @@ def evaluate(
                 iso_out = products[id(node)]
                 if len(node.output) > 1:
                     iso_out = iso_out[..., c0 : c0 + width]
+                iso_out = _in_head_layout(iso_out, attrs, g)
                 # A folded skip connection: the layer's own error is judged against the layer's
                 # own output (without the residual both sides share), so that mixed precision
                 # ranks it like the unfolded layer.
