@@ -806,6 +806,42 @@ def test_layers_reading_one_input_become_one_node(tmp_path):
     assert len(grp) == 1 and list(grp[0].output) == ["q_out", "v_out"]
 
 
+def torch_style_attention(d=48, heads=4):
+    """attention_model with the Reshape targets computed as PyTorch exports them: Shape of the
+    projection's output -> Gather(0), Gather(1) -> Unsqueeze -> Concat with [heads, d / heads]."""
+    m = attention_model(d, heads)
+    g = m.graph
+    g.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), nm) for nm, v in (("i0", 0), ("i1", 1), ("ax0", [0]), ("hd", [heads, d // heads]))])
+    for node in list(g.node):
+        if node.op_type == "Reshape" and node.name in ("q_reshape", "k_reshape", "v_reshape"):
+            nm = node.name[0]
+            src = node.input[0]
+            g.node.extend(
+                [
+                    helper.make_node("Shape", [src], [f"{nm}_shape"], name=f"{nm}_shape"),
+                    helper.make_node("Gather", [f"{nm}_shape", "i0"], [f"{nm}_b"], name=f"{nm}_g0", axis=0),
+                    helper.make_node("Gather", [f"{nm}_shape", "i1"], [f"{nm}_s"], name=f"{nm}_g1", axis=0),
+                    helper.make_node("Unsqueeze", [f"{nm}_b", "ax0"], [f"{nm}_b1"], name=f"{nm}_u0"),
+                    helper.make_node("Unsqueeze", [f"{nm}_s", "ax0"], [f"{nm}_s1"], name=f"{nm}_u1"),
+                    helper.make_node("Concat", [f"{nm}_b1", f"{nm}_s1", "hd"], [f"{nm}_target"], name=f"{nm}_cat", axis=0),
+                ]
+            )
+            node.input[1] = f"{nm}_target"
+    # Topological order: the new nodes go right after the bias Add they read.
+    order = []
+    extra = {n.name: n for n in g.node if n.name.endswith(("_shape", "_g0", "_g1", "_u0", "_u1", "_cat"))}
+    for n in g.node:
+        if n.name in extra:
+            continue
+        order.append(n)
+        if n.name.endswith("_bias"):
+            nm = n.name[0]
+            order += [extra[f"{nm}_{t}"] for t in ("shape", "g0", "g1", "u0", "u1", "cat")]
+    g.ClearField("node")
+    g.node.extend(order)
+    return m
+
+
 def attention_model(d=48, heads=4, shape_q=(0, 0, 4, 12), shape_k=(0, -1, 4, 12), extra_reader=False):
     """Self-attention as exporters write it: q, k, v projections (+bias), each reshaped to
     [batch, seq, heads, d / heads] and transposed (q, v: perm [0, 2, 1, 3]; k: [0, 2, 3, 1]),
@@ -884,4 +920,46 @@ def test_attention_head_split_is_folded_into_the_layer():
     assert set(by) == {"q", "k", "v"}
     for l in by.values():
         assert l["isolated_cosine"] > 0.999 and l["cosine"] > 0.999, l
+    # Grouped (one node, three outputs): each output keeps its own layout.
+    from ortutil import ORT_VERSION
+
+    if ORT_VERSION >= (1, 18):
+        for o in (QuantizeOptions(smooth="off", group_shared_input=True), QuantizeOptions(smooth="off", group_shared_input=True, fuse_heads_transposed=True)):
+            qg, repg = quantize_model(m, o)
+            nodes = [n for n in qg.graph.node if n.domain == "dynq"]
+            assert len(nodes) == 1 and list(nodes[0].output) == ["q_t", "k_t" if o.fuse_heads_transposed else "k_out", "v_t"], nodes
+            heads = {r.name: (r.heads, r.heads_transposed) for r in repg.converted}
+            assert heads == {"q": (4, False), "k": (4, True) if o.fuse_heads_transposed else (0, False), "v": (4, False)}, heads
+            np.testing.assert_array_equal(session(qg, 2).run(None, f)[0], want)
+            evg = evaluate(m, qg, feeds_list=[f])
+            assert all(l["isolated_cosine"] > 0.999 for l in evg.layers) and len(evg.layers) == 3
     assert QuantizeOptions.from_json(QuantizeOptions(fuse_heads=False).to_json()).fuse_heads is False
+
+
+def test_attention_heads_with_shapes_computed_in_the_graph():
+    """PyTorch exports compute each Reshape target from the projection's own Shape: shape
+    inference with data propagation proves the target, and the Shape nodes read the layer's
+    input instead (same batch and sequence sizes; only dimensions 0 and 1 are gathered), so the
+    head split is folded all the same, bit for bit."""
+    m = torch_style_attention()
+    onnx.checker.check_model(m)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    q0, _ = quantize_model(m, QuantizeOptions(smooth="off", fuse_heads=False))
+    assert {r.name: r.heads for r in rep.converted} == {"q": 4, "k": 0, "v": 4}
+    # q's and v's target computations read x now, and with their Reshapes gone they are dead
+    # and removed; k's stays as it was.
+    shapes = {n.name: n.input[0] for n in q.graph.node if n.op_type == "Shape"}
+    assert shapes == {"k_shape": "k_out"}, shapes
+    f = {"x": f32(2, 11, 48, scale=1.0)}
+    want = session(q0).run(None, f)[0]
+    np.testing.assert_array_equal(session(q).run(None, f)[0], want)
+    assert cosine(session(m, custom=False).run(None, f)[0], want) > 0.999
+    # A Shape whose last dimension (N, which the input does not share) is also used keeps its
+    # tensor: that projection is left unfolded.
+    m2 = torch_style_attention()
+    m2.graph.initializer.append(numpy_helper.from_array(np.array(2, np.int64), "i2"))
+    m2.graph.node.append(helper.make_node("Gather", ["q_shape", "i2"], ["q_n"], name="q_g2", axis=0))
+    m2.graph.output.append(helper.make_tensor_value_info("q_n", TensorProto.INT64, []))
+    q2, rep2 = quantize_model(m2, QuantizeOptions(smooth="off"))
+    assert {r.name: r.heads for r in rep2.converted} == {"q": 0, "k": 0, "v": 4}
+    assert session(q2).run(None, f)[1] == 48

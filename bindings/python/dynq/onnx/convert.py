@@ -379,10 +379,16 @@ def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[T
     and value projections into attention heads. Returns (the two nodes, the Transpose's output,
     heads, transposed)."""
     so = G.shapes.get(out)
-    if so is None or len(so[1]) != 3 or so[1][2] != n:
+    if so is None or len(so[1]) != 3 or so[1][2] != n or not G.internal(out):
         return None
-    rs = G.sole_consumer(out)
-    if rs is None or rs.op_type != "Reshape" or rs.domain not in ("", "ai.onnx") or len(rs.input) < 2 or _attr(rs, "allowzero", 0):
+    # Besides the Reshape, `Shape` nodes may read `out` for its batch and sequence sizes (PyTorch
+    # exports compute the Reshape target that way); they can read the layer's input instead.
+    readers = [c for c in G.consumers.get(out, []) if not (c.op_type == "Shape" and c.domain in ("", "ai.onnx"))]
+    shapes = [c for c in G.consumers.get(out, []) if c not in readers]
+    if len(readers) != 1 or not all(_reads_leading_dims(G, sh, 3) for sh in shapes):
+        return None
+    rs = readers[0]
+    if rs.op_type != "Reshape" or rs.domain not in ("", "ai.onnx") or len(rs.input) < 2 or _attr(rs, "allowzero", 0):
         return None
     tr = G.sole_consumer(rs.output[0])
     if tr is None or tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
@@ -409,7 +415,31 @@ def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[T
                 heads = h
     if heads is None:
         return None
-    return [rs, tr], tr.output[0], heads, perm == [0, 2, 3, 1]
+    return [rs, tr], tr.output[0], heads, perm == [0, 2, 3, 1], shapes
+
+
+def _reads_leading_dims(G: _Graph, sh: onnx.NodeProto, rank: int) -> bool:
+    """Whether a `Shape` node of a rank-`rank` tensor is only used for dimensions before the
+    last (by its start/end attributes, or by `Gather`s of constant indices), which a MatMul's
+    output shares with its input."""
+    start, end = _attr(sh, "start", None), _attr(sh, "end", None)
+    if start is not None or end is not None:
+        lo = int(start or 0)
+        hi = rank if end is None else int(end)
+        lo, hi = (lo + rank if lo < 0 else lo), (hi + rank if hi < 0 else hi)
+        return 0 <= lo and hi <= rank - 1
+    o = sh.output[0]
+    if not G.internal(o):
+        return False
+    for c in G.consumers.get(o, []):
+        if c.op_type != "Gather" or c.domain not in ("", "ai.onnx") or int(_attr(c, "axis", 0)) != 0 or c.input[0] != o:
+            return False
+        idx = G.const(c.input[1]) if len(c.input) > 1 else None
+        if idx is None or idx.dtype.kind not in "iu":
+            return False
+        if not all(-rank <= int(i) < rank - 1 and int(i) != -1 for i in np.ravel(idx)):
+            return False
+    return True
 
 
 def _close(v: Optional[float], target: float, tol: float = 1e-3) -> bool:
@@ -527,13 +557,18 @@ def quantize_model(
         m2 = onnx.ModelProto()
         m2.CopyFrom(model)
         model = m2
-    # Ranks of intermediate tensors help decide whether a bias Add can be folded.
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-        model.graph.ClearField("value_info")
-        model.graph.value_info.extend(inferred.graph.value_info)
-    except Exception:
-        pass
+    # Shapes of intermediate tensors decide which following nodes can be folded (bias, residual,
+    # attention heads). data_prop also propagates shapes computed in the graph (Shape -> Gather
+    # -> Concat, as PyTorch exports Reshape targets), so the tensors they shape get known shapes;
+    # without it if that fails.
+    for data_prop in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+            model.graph.ClearField("value_info")
+            model.graph.value_info.extend(inferred.graph.value_info)
+            break
+        except Exception:
+            continue
     G = _Graph(model)
     g = model.graph
     report = Report()
@@ -667,9 +702,12 @@ def quantize_model(
         if residual is None and opts.fuse_heads and heads_ok:
             mh = _match_heads(G, out, n, opts.fuse_heads_transposed)
             if mh is not None:
-                nodes, out, h, transposed = mh
+                nodes, out, h, transposed, shape_nodes = mh
                 fused.extend(nodes)
                 head_layouts[out] = (h, transposed)
+                # They read the layer's input instead, whose leading dimensions are the same.
+                for sh in shape_nodes:
+                    sh.input[0] = x
         return bias, act, out, fused, residual
 
     def emit_group(members: List[onnx.NodeProto], recs: List[LayerRecord], x: str, q: np.ndarray, scales: np.ndarray, bias: np.ndarray, dead: List[onnx.NodeProto], smooth=None):
@@ -689,6 +727,13 @@ def quantize_model(
             attrs["act_type"] = opts.act_type
         if recs[0].activation != "none":
             attrs["activation"] = recs[0].activation
+        layouts = [head_layouts.get(r.output, (0, False)) for r in recs]
+        if any(h for h, _ in layouts):
+            attrs["heads"] = [h for h, _ in layouts]
+            if any(t for _, t in layouts):
+                attrs["heads_transposed"] = [int(t) for _, t in layouts]
+            for r, (h, t) in zip(recs, layouts):
+                r.heads, r.heads_transposed = h, t
         name = anchor.name or anchor.output[0]
         while name in node_names and name != anchor.name:
             name += "_dynq"
@@ -810,7 +855,7 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
         w0 = G.const(nd.input[1])
         src_bytes[id(nd)] = w0.nbytes
         w = w0.astype(np.float32)
-        bias, act, final, fused, residual = fuse_tail(nd.output[0], w.shape[1], x, heads_ok=False)
+        bias, act, final, fused, residual = fuse_tail(nd.output[0], w.shape[1], x)
         if residual is None:
             tails.append((nd, w, bias, act, final, fused))
     tails = [t for t in tails if t[3] == tails[0][3]] if tails else []
