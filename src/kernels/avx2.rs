@@ -43,9 +43,9 @@ pub const KERNEL: Kernel = Kernel {
 };
 
 /// AVX2 row operations writing `u8` activations.
-pub static OPS_U8: RowOps = RowOps { row_stats, quantize_row: quantize_row_u8, dequantize_row };
+pub static OPS_U8: RowOps = RowOps { row_stats, quantize_row: quantize_row_u8, dequantize_row, scaled: None };
 /// AVX2 row operations writing `u16` activations (for `vpmaddwd` kernels).
-pub static OPS_U16: RowOps = RowOps { row_stats, quantize_row: quantize_row_u16, dequantize_row };
+pub static OPS_U16: RowOps = RowOps { row_stats, quantize_row: quantize_row_u16, dequantize_row, scaled: None };
 
 /// # Safety
 /// The contract of [`super::MicroKernel`] with `a_bytes = 2`; the CPU has AVX2.

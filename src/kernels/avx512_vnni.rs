@@ -13,7 +13,7 @@
 //!
 //! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
 
-use super::{pack_panels, unpack_panels, F32Tile, Kernel, RowOps, TileOut};
+use super::{pack_panels, unpack_panels, F32Tile, Kernel, RowOps, ScaledRowOps, TileOut};
 use crate::gemm::{Epilogue, ERF_P, ERF_Q};
 use crate::isa::Isa;
 use crate::quant::ActType;
@@ -48,7 +48,12 @@ pub const KERNEL: Kernel = Kernel {
 
 /// AVX-512 row operations. The epilogue itself runs in registers inside the micro-kernel
 /// (`deliver`, masked for partial panels), so the row form is only the portable definition.
-pub static OPS: RowOps = RowOps { row_stats, quantize_row, dequantize_row: super::scalar::dequantize_row };
+pub static OPS: RowOps = RowOps {
+    row_stats,
+    quantize_row,
+    dequantize_row: super::scalar::dequantize_row,
+    scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_scaled }),
+};
 
 /// # Safety
 /// The contract of [`super::MicroKernel`]; the CPU has AVX-512 F/BW/VL and VNNI.
@@ -317,6 +322,28 @@ const RANGE_PREFETCH: usize = 2048;
 /// The CPU has AVX-512 F.
 #[target_feature(enable = "avx512f")]
 unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
+    // SAFETY: forwarded; `s` is not read.
+    unsafe { row_stats_as::<false>(x, &[]) }
+}
+
+/// [`row_stats`] of `x[i] * s[i]` (see `RowOps::scaled`).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn row_stats_scaled(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
+    assert_eq!(x.len(), s.len());
+    // SAFETY: forwarded; equal lengths.
+    unsafe { row_stats_as::<true>(x, s) }
+}
+
+/// `SCALED`: the values are `x[i] * s[i]` (`s.len() == x.len()`), else `x[i]` (`s` unused).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_stats_as<const SCALED: bool>(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
     // Four independent (min, max) pairs: one pair would be a chain of dependent `vminps`
     // (4 cycles each per 16 values), slower than the loads. min and max are exact and
     // order-independent, so the result is the definition's.
@@ -337,7 +364,11 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
         }
         for u in 0..4 {
             // SAFETY: j + 64 <= x.len().
-            let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) };
+            let mut v = unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) };
+            if SCALED {
+                // SAFETY: s has x's length.
+                v = _mm512_mul_ps(v, unsafe { _mm512_loadu_ps(s.as_ptr().add(j + 16 * u)) });
+            }
             lo[u] = _mm512_min_ps(lo[u], v);
             hi[u] = _mm512_max_ps(hi[u], v);
             flag[u] = _mm512_fmadd_ps(v, zero, flag[u]);
@@ -348,7 +379,11 @@ unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
         let m = lane_mask(x.len() - j);
         // SAFETY: masked lanes are not read (no fault) and read as 0, which is neutral here
         // since the range is widened to include 0 anyway, and finite.
-        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
+        let mut v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
+        if SCALED {
+            // SAFETY: as above (s has x's length); masked lanes give 0 * 0.
+            v = _mm512_mul_ps(v, unsafe { _mm512_maskz_loadu_ps(m, s.as_ptr().add(j)) });
+        }
         lo[0] = _mm512_min_ps(lo[0], v);
         hi[0] = _mm512_max_ps(hi[0], v);
         flag[0] = _mm512_fmadd_ps(v, zero, flag[0]);
@@ -380,10 +415,26 @@ const RECIP_SCALE_MAX: f32 = 1.152_921_5e18; // 2^60
 unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
         // SAFETY: forwarded; the scale is inside the bounds.
-        unsafe { quantize_row_as::<true>(x, scale, zero_point, ty, out) }
+        unsafe { quantize_row_as::<true, false>(x, &[], scale, zero_point, ty, out) }
     } else {
         // SAFETY: forwarded.
-        unsafe { quantize_row_as::<false>(x, scale, zero_point, ty, out) }
+        unsafe { quantize_row_as::<false, false>(x, &[], scale, zero_point, ty, out) }
+    }
+}
+
+/// [`quantize_row`] of `x[i] * s[i]` (see `RowOps::scaled`).
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_row_scaled(x: &[f32], s: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    assert_eq!(x.len(), s.len());
+    if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
+        // SAFETY: forwarded; the scale is inside the bounds; equal lengths.
+        unsafe { quantize_row_as::<true, true>(x, s, scale, zero_point, ty, out) }
+    } else {
+        // SAFETY: forwarded; equal lengths.
+        unsafe { quantize_row_as::<false, true>(x, s, scale, zero_point, ty, out) }
     }
 }
 
@@ -394,8 +445,26 @@ unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out:
 /// The CPU has AVX-512 F, BW and VL.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool>(
+    x: &[f32],
+    s: &[f32],
+    scale: f32,
+    zero_point: i32,
+    ty: ActType,
+    out: &mut [u8],
+) {
     assert_eq!(x.len(), out.len());
+    assert!(!SCALED || s.len() == x.len());
+    // The value at j: x[j] (times s[j] when SCALED), 16 lanes, masked loads for tails.
+    let load = |j: usize, m: __mmask16| {
+        // SAFETY: lanes of m are inside x (and s, of the same length when SCALED).
+        let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
+        if SCALED {
+            _mm512_mul_ps(v, unsafe { _mm512_maskz_loadu_ps(m, s.as_ptr().add(j)) })
+        } else {
+            v
+        }
+    };
     let sv = _mm512_set1_ps(scale);
     let yv = _mm512_set1_ps(1.0 / scale);
     let (lo, hi, add) = match ty {
@@ -434,9 +503,9 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
         // SAFETY: j + 64 <= x.len() == out.len().
         unsafe {
             let q: [__m512i; 4] = if asym {
-                std::array::from_fn(|u| rounded(_mm512_loadu_ps(x.as_ptr().add(j + 16 * u))))
+                std::array::from_fn(|u| rounded(load(j + 16 * u, 0xffff)))
             } else {
-                std::array::from_fn(|u| quantized(_mm512_loadu_ps(x.as_ptr().add(j + 16 * u))))
+                std::array::from_fn(|u| quantized(load(j + 16 * u, 0xffff)))
             };
             let w = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
             _mm512_storeu_si512(out.as_mut_ptr().add(j) as *mut __m512i, _mm512_permutexvar_epi32(order, w));
@@ -447,7 +516,7 @@ unsafe fn quantize_row_as<const RECIP: bool>(x: &[f32], scale: f32, zero_point: 
         let m = lane_mask(x.len() - j);
         // SAFETY: masked loads and stores touch only the lanes inside both slices.
         unsafe {
-            let q = quantized(_mm512_maskz_loadu_ps(m, x.as_ptr().add(j)));
+            let q = quantized(load(j, m));
             _mm_mask_storeu_epi8(out.as_mut_ptr().add(j) as *mut i8, m, _mm512_cvtepi32_epi8(q));
         }
         j += 16;
@@ -520,6 +589,54 @@ mod tests {
             }
         }
         assert!(checked > 1_000_000, "{checked}");
+    }
+
+    /// The scaled row operations give what the plain ones give on the products `x[i] * s[i]`
+    /// (computed apart in f32): ranges, non-finite products (including finite values whose
+    /// product overflows) and quantized bytes, for lengths around the vector widths.
+    #[test]
+    fn scaled_row_ops_equal_the_plain_ones_on_the_products() {
+        if !have_avx512() {
+            return;
+        }
+        let mut seed = 0x9E37_79B9u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 8) as f32 / (1u32 << 24) as f32
+        };
+        for len in (0..140usize).chain([383, 384, 385, 1536]) {
+            let x: Vec<f32> = (0..len).map(|_| (rnd() - 0.3) * 20.0).collect();
+            let f: Vec<f32> = (0..len).map(|_| 10f32.powf(rnd() * 2.0 - 1.0)).collect();
+            let prod: Vec<f32> = x.iter().zip(&f).map(|(a, b)| a * b).collect();
+            // SAFETY: AVX-512 checked above; equal lengths.
+            let (got, want) = unsafe { (row_stats_scaled(&x, &f), row_stats(&prod)) };
+            assert_eq!(got, want, "len {len}");
+            if let Some((lo, hi)) = want {
+                let p = crate::quant::activations::asymmetric_params(lo, hi);
+                if p.scale > 0.0 {
+                    for ty in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+                        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                        // SAFETY: as above.
+                        unsafe {
+                            quantize_row_scaled(&x, &f, p.scale, p.zero_point, ty, &mut a);
+                            quantize_row(&prod, p.scale, p.zero_point, ty, &mut b);
+                        }
+                        assert_eq!(a, b, "len {len} {ty:?}");
+                    }
+                }
+            }
+            if len > 0 {
+                for (bad, fac) in [(f32::NAN, 1.0), (f32::INFINITY, 1.0), (3e38, 4.0)] {
+                    let (mut y, mut g) = (x.clone(), f.clone());
+                    y[len / 2] = bad;
+                    g[len / 2] = fac;
+                    // SAFETY: as above.
+                    assert_eq!(unsafe { row_stats_scaled(&y, &g) }, None, "len {len} {bad} * {fac}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -142,7 +142,27 @@ pub struct RowOps {
     pub quantize_row: unsafe fn(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]),
     /// The f32 epilogue of one output row. Definition: [`crate::gemm::dequantize_row`].
     pub dequantize_row: unsafe fn(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]),
+    /// `row_stats` and `quantize_row` of the row `x[i] * s[i]` (smoothed activations: one f32
+    /// multiplication per element, then exactly what the two functions do), without writing the
+    /// products out first; `None`: the driver multiplies into a buffer and calls the plain ones
+    /// (the same values).
+    pub scaled: Option<&'static ScaledRowOps>,
 }
+
+/// See [`RowOps::scaled`]. `s.len() == x.len()`.
+///
+/// # Safety (both)
+/// The CPU supports the ISA of the kernel-table entry that holds them.
+#[derive(Debug)]
+pub struct ScaledRowOps {
+    pub row_stats: ScaledRowStats,
+    pub quantize_row: ScaledQuantizeRow,
+}
+
+/// `row_stats(x * s)`.
+pub type ScaledRowStats = unsafe fn(x: &[f32], s: &[f32]) -> Option<(f32, f32)>;
+/// `quantize_row(x * s, scale, zero_point, ty, out)`.
+pub type ScaledQuantizeRow = unsafe fn(x: &[f32], s: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]);
 
 /// The per-row and per-column inputs of the epilogue for one output row segment: all column
 /// slices have the length of the segment.

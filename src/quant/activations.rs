@@ -288,7 +288,14 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     let mut data = crate::error::try_resize_reused::<u8>(reuse, len, "quantized activation buffer")?;
     data[m * row_bytes..].fill(0);
     let mut params = vec![QParams { scale: 0.0, zero_point: 0 }; m];
-    // Quantizes a row into `out` (its `row_bytes` bytes: `k * a_bytes` values, then zeros).
+    // Smoothed f32 rows go to the ISA's scaled row operations when it has them (the products
+    // are never written out); otherwise they are multiplied into a buffer first.
+    let scaled = match (smooth, ops.scaled, T::as_f32(a)) {
+        (Some(s), Some(so), Some(_)) => Some((s, so)),
+        _ => None,
+    };
+    // Quantizes a row into `out` (its `row_bytes` bytes: `k * a_bytes` values, then zeros):
+    // `row` is already smoothed, or is A's own row when `scaled`.
     let quantize = |row: &[f32], p: QParams, out: &mut [u8]| {
         let (out, pad) = out.split_at_mut(k * a_bytes);
         pad.fill(0);
@@ -298,6 +305,9 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 v.fill(0);
                 v[0] = p.zero_point as u8;
             }
+        } else if let Some((sm, so)) = scaled {
+            // SAFETY: as below; `sm` has k = row.len() values.
+            unsafe { (so.quantize_row)(row, sm, p.scale, p.zero_point, ty, out) };
         } else {
             // SAFETY: `ops` comes from a kernel-table entry whose ISA was resolved for this
             // CPU (packed weights exist only for such entries) or is the scalar table.
@@ -328,8 +338,9 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
             // overlap. A block is kept small enough to stay in L1 for the second read. Rows
             // that are not f32 already, or are smoothed, are converted once into `conv`.
             let block = (16 * 1024 / (k * 4).max(1)).clamp(1, 8);
-            // A itself when its rows can be read as they are.
-            let direct = if smooth.is_none() { T::as_f32(a) } else { None };
+            // A itself when its rows can be read as they are (unsmoothed, or smoothed by the
+            // scaled row operations).
+            let direct = if smooth.is_none() || scaled.is_some() { T::as_f32(a) } else { None };
             let mut conv: Vec<f32> = Vec::new();
             let mut r0 = 0;
             while r0 < st.len() {
@@ -351,11 +362,20 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 for r in r0..r1 {
                     let row = row_of(r);
                     // SAFETY: as in `quantize`.
-                    match unsafe { (ops.row_stats)(row) } {
+                    let stats = match scaled {
+                        // SAFETY: as in `quantize`; `sm` has k values.
+                        Some((sm, so)) => unsafe { (so.row_stats)(row, sm) },
+                        None => unsafe { (ops.row_stats)(row) },
+                    };
+                    match stats {
                         Some(s) => st[r] = s,
                         None => {
                             let i = c * rows_per + r;
-                            let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
+                            let col = match scaled {
+                                Some((sm, _)) => row.iter().zip(sm).position(|(x, f)| !(x * f).is_finite()),
+                                None => row.iter().position(|x| !x.is_finite()),
+                            }
+                            .unwrap_or(0);
                             let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
                             if b.is_none_or(|(bi, _, _)| i < bi) {
                                 *b = Some((i, col, a[i * lda + col].to_f32()));
@@ -400,8 +420,11 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 if i >= m {
                     break;
                 }
-                let row = smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf);
-                quantize(row, p, &mut chunk[r * row_bytes..(r + 1) * row_bytes]);
+                let out = &mut chunk[r * row_bytes..(r + 1) * row_bytes];
+                match (scaled, T::as_f32(a)) {
+                    (Some(_), Some(af)) => quantize(&af[i * lda..i * lda + k], p, out),
+                    _ => quantize(smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf), p, out),
+                }
             }
         })?;
     }
