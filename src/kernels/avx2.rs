@@ -13,7 +13,7 @@
 //! widening loads of weights, six 32-bit broadcasts of activation pairs, 12 `vpmaddwd` and
 //! 12 `vpaddd` into 12 accumulators (15 of the 16 ymm registers).
 
-use super::{pack_panels, unpack_panels, DequantRow, F32Tile, Kernel, RowOps, TileOut};
+use super::{pack_panels, unpack_panels, DequantRow, F32Tile, Kernel, RowOps, ScaledRowOps, TileOut};
 use crate::gemm::{Epilogue, ERF_P, ERF_Q};
 use crate::isa::Isa;
 use crate::quant::activations::{quantize_value, QParams};
@@ -43,9 +43,19 @@ pub const KERNEL: Kernel = Kernel {
 };
 
 /// AVX2 row operations writing `u8` activations.
-pub static OPS_U8: RowOps = RowOps { row_stats, quantize_row: quantize_row_u8, dequantize_row, scaled: None };
+pub static OPS_U8: RowOps = RowOps {
+    row_stats,
+    quantize_row: quantize_row_u8,
+    dequantize_row,
+    scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u8_scaled }),
+};
 /// AVX2 row operations writing `u16` activations (for `vpmaddwd` kernels).
-pub static OPS_U16: RowOps = RowOps { row_stats, quantize_row: quantize_row_u16, dequantize_row, scaled: None };
+pub static OPS_U16: RowOps = RowOps {
+    row_stats,
+    quantize_row: quantize_row_u16,
+    dequantize_row,
+    scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u16_scaled }),
+};
 
 /// # Safety
 /// The contract of [`super::MicroKernel`] with `a_bytes = 2`; the CPU has AVX2.
@@ -221,6 +231,28 @@ pub(crate) unsafe fn activate(v: __m256, act: Epilogue) -> __m256 {
 /// The CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
+    // SAFETY: forwarded; `s` is not read.
+    unsafe { row_stats_as::<false>(x, &[]) }
+}
+
+/// [`row_stats`] of `x[i] * s[i]` (see `RowOps::scaled`).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_stats_scaled(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
+    assert_eq!(x.len(), s.len());
+    // SAFETY: forwarded; equal lengths.
+    unsafe { row_stats_as::<true>(x, s) }
+}
+
+/// `SCALED`: the values are `x[i] * s[i]` (`s.len() == x.len()`), else `x[i]`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_stats_as<const SCALED: bool>(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
     // Four independent accumulators of each kind: one would be a chain of dependent
     // operations (4 cycles each per 8 values). min and max are exact and order-independent, so
     // the result is the definition's.
@@ -229,12 +261,23 @@ pub(crate) unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
     // x - x is +0 for finite x and NaN for NaN and +-inf; OR-ed together, the bits stay zero
     // exactly while every value is finite.
     let mut bad = [zero; 4];
-    let chunks = x.chunks_exact(32);
-    let tail = chunks.remainder();
-    for ch in chunks {
+    let full = x.len() / 32 * 32;
+    let mut tail_buf = [0f32; 32];
+    let tail = if SCALED {
+        for (t, (a, b)) in tail_buf.iter_mut().zip(x[full..].iter().zip(&s[full..])) {
+            *t = a * b;
+        }
+        &tail_buf[..x.len() - full]
+    } else {
+        &x[full..]
+    };
+    for j in (0..full).step_by(32) {
         for u in 0..4 {
-            // SAFETY: a chunk holds 32 floats.
-            let v = unsafe { _mm256_loadu_ps(ch.as_ptr().add(8 * u)) };
+            // SAFETY: j + 32 <= x.len() (= s.len() when SCALED).
+            let mut v = unsafe { _mm256_loadu_ps(x.as_ptr().add(j + 8 * u)) };
+            if SCALED {
+                v = _mm256_mul_ps(v, unsafe { _mm256_loadu_ps(s.as_ptr().add(j + 8 * u)) });
+            }
             lo[u] = _mm256_min_ps(lo[u], v);
             hi[u] = _mm256_max_ps(hi[u], v);
             bad[u] = _mm256_or_ps(bad[u], _mm256_sub_ps(v, v));
@@ -260,12 +303,10 @@ pub(crate) unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
 /// Quantizes 8 values to i32 lanes holding the `u8` results (see `quantize_value`).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `x` points to 8 readable floats.
+/// The CPU has AVX2 and FMA.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize8(x: *const f32, scale: __m256, add: __m256i, lo: __m256i, hi: __m256i, bias: __m256i) -> __m256i {
-    // SAFETY: per the contract.
-    let v = unsafe { _mm256_loadu_ps(x) };
+unsafe fn quantize8(v: __m256, scale: __m256, add: __m256i, lo: __m256i, hi: __m256i, bias: __m256i) -> __m256i {
     // round_half_even(x / scale): explicit rounding, whatever MXCSR says; the rounded value
     // is integral, so the conversion is exact.
     let r = _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(
@@ -290,8 +331,16 @@ fn scheme(zero_point: i32, ty: ActType) -> (i32, i32, i32, i32) {
 /// The CPU has AVX2 and FMA.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_as<const BYTES: usize>(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+unsafe fn quantize_row_as<const BYTES: usize, const SCALED: bool>(
+    x: &[f32],
+    s: &[f32],
+    scale: f32,
+    zero_point: i32,
+    ty: ActType,
+    out: &mut [u8],
+) {
     assert_eq!(x.len() * BYTES, out.len());
+    assert!(!SCALED || s.len() == x.len());
     let (add, lo, hi, bias) = scheme(zero_point, ty);
     let (sv, addv, lov, hiv, biasv) = (
         _mm256_set1_ps(scale),
@@ -304,7 +353,11 @@ unsafe fn quantize_row_as<const BYTES: usize>(x: &[f32], scale: f32, zero_point:
     for j in (0..full).step_by(8) {
         // SAFETY: j + 8 <= x.len() and BYTES * (j + 8) <= out.len().
         unsafe {
-            let q = quantize8(x.as_ptr().add(j), sv, addv, lov, hiv, biasv);
+            let mut v = _mm256_loadu_ps(x.as_ptr().add(j));
+            if SCALED {
+                v = _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(j)));
+            }
+            let q = quantize8(v, sv, addv, lov, hiv, biasv);
             let w = _mm256_packus_epi32(q, q); // u16: [q0..q3 q0..q3 | q4..q7 q4..q7]
             if BYTES == 1 {
                 let bytes = _mm256_packus_epi16(w, w); // u8, same lane structure
@@ -319,7 +372,8 @@ unsafe fn quantize_row_as<const BYTES: usize>(x: &[f32], scale: f32, zero_point:
     }
     let p = QParams { scale, zero_point };
     for j in full..x.len() {
-        out[BYTES * j] = quantize_value(x[j], p, ty);
+        let v = if SCALED { x[j] * s[j] } else { x[j] };
+        out[BYTES * j] = quantize_value(v, p, ty);
         if BYTES == 2 {
             out[2 * j + 1] = 0;
         }
@@ -331,7 +385,29 @@ unsafe fn quantize_row_as<const BYTES: usize>(x: &[f32], scale: f32, zero_point:
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn quantize_row_u8(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     // SAFETY: forwarded.
-    unsafe { quantize_row_as::<1>(x, scale, zero_point, ty, out) }
+    unsafe { quantize_row_as::<1, false>(x, &[], scale, zero_point, ty, out) }
+}
+
+/// [`quantize_row_u8`] of `x[i] * s[i]`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_u8_scaled(x: &[f32], s: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    assert_eq!(x.len(), s.len());
+    // SAFETY: forwarded; equal lengths.
+    unsafe { quantize_row_as::<1, true>(x, s, scale, zero_point, ty, out) }
+}
+
+/// [`quantize_row_u16`] of `x[i] * s[i]`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_u16_scaled(x: &[f32], s: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
+    assert_eq!(x.len(), s.len());
+    // SAFETY: forwarded; equal lengths.
+    unsafe { quantize_row_as::<2, true>(x, s, scale, zero_point, ty, out) }
 }
 
 /// # Safety
@@ -339,7 +415,7 @@ pub(crate) unsafe fn quantize_row_u8(x: &[f32], scale: f32, zero_point: i32, ty:
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn quantize_row_u16(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     // SAFETY: forwarded.
-    unsafe { quantize_row_as::<2>(x, scale, zero_point, ty, out) }
+    unsafe { quantize_row_as::<2, false>(x, &[], scale, zero_point, ty, out) }
 }
 
 /// # Safety
@@ -464,6 +540,61 @@ mod tests {
                     // SAFETY: AVX2 checked above.
                     let got = unsafe { row_stats_avx2_for_test(&y) };
                     assert_eq!(got, row_stats_definition(&y), "len {len} pos {pos} {extreme}");
+                }
+            }
+        }
+    }
+
+    /// The scaled row operations give what the plain ones give on the products `x[i] * s[i]`:
+    /// ranges, non-finite products (a finite value whose product overflows too), and the `u8`
+    /// and `u16` bytes, for lengths around the vector widths.
+    #[test]
+    fn scaled_row_ops_equal_the_plain_ones_on_the_products() {
+        if !Isa::Avx2.is_supported() {
+            eprintln!("SKIPPED: AVX2 scaled row operations: this CPU has no AVX2 and FMA");
+            return;
+        }
+        let mut seed = 0x2545_F491u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed >> 8) as f32 / (1u32 << 24) as f32
+        };
+        for len in (0..80usize).chain([383, 384, 385]) {
+            let x: Vec<f32> = (0..len).map(|_| (rnd() - 0.3) * 20.0).collect();
+            let f: Vec<f32> = (0..len).map(|_| 10f32.powf(rnd() * 2.0 - 1.0)).collect();
+            let prod: Vec<f32> = x.iter().zip(&f).map(|(a, b)| a * b).collect();
+            // SAFETY: AVX2 and FMA checked above; equal lengths.
+            let (got, want) = unsafe { (row_stats_scaled(&x, &f), row_stats(&prod)) };
+            assert_eq!(got, want, "len {len}");
+            if let Some((lo, hi)) = want {
+                let p = asymmetric_params(lo, hi);
+                if p.scale > 0.0 {
+                    for ty in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+                        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                        let (mut c, mut d) = (vec![0u8; 2 * len], vec![0u8; 2 * len]);
+                        // SAFETY: as above.
+                        unsafe {
+                            quantize_row_u8_scaled(&x, &f, p.scale, p.zero_point, ty, &mut a);
+                            quantize_row_u8(&prod, p.scale, p.zero_point, ty, &mut b);
+                            quantize_row_u16_scaled(&x, &f, p.scale, p.zero_point, ty, &mut c);
+                            quantize_row_u16(&prod, p.scale, p.zero_point, ty, &mut d);
+                        }
+                        assert_eq!(a, b, "len {len} {ty:?}");
+                        assert_eq!(c, d, "len {len} {ty:?}");
+                    }
+                }
+            }
+            for pos in [0, len / 2, len.saturating_sub(1)] {
+                if pos < len {
+                    for (bad, fac) in [(f32::NAN, 1.0), (f32::INFINITY, 1.0), (3e38, 4.0)] {
+                        let (mut y, mut g) = (x.clone(), f.clone());
+                        y[pos] = bad;
+                        g[pos] = fac;
+                        // SAFETY: as above.
+                        assert_eq!(unsafe { row_stats_scaled(&y, &g) }, None, "len {len} {bad} * {fac} at {pos}");
+                    }
                 }
             }
         }
