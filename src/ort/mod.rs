@@ -50,7 +50,10 @@
 //! activation quantization (by rows) and then the output tiles (in blocks of rows and columns, so
 //! that decoding shapes with M = 1 use every thread too), with the same work split as dynq's own
 //! pool; dynq never starts threads of its own inside a session, and results are bit-identical
-//! for any thread count, in both activation modes. `DYNQ_ORT_VERBOSE=1` prints how each weight
+//! for any thread count, in both activation modes. The C API does not tell a kernel how many
+//! threads its pool has: a node whose `ParallelFor` calls keep running every task on the calling
+//! thread (a single-threaded session) stops calling it after a few runs, which saves tens of
+//! microseconds per node and run (see `kernel::PoolProbe`). `DYNQ_ORT_VERBOSE=1` prints how each weight
 //! was packed or shared.
 //!
 //! Bad models (wrong types or ranks, a K mismatch, bad attributes, NaN or infinite activations)

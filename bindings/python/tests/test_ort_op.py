@@ -1,6 +1,7 @@
 """The ONNX Runtime custom op dynq.DynQMatMul, run by the real onnxruntime package."""
 
 import gc
+import os
 import threading
 
 import numpy as np
@@ -510,3 +511,37 @@ def test_library_registered_twice_in_one_session_options():
     a = RNG.standard_normal((2, 3, 32)).astype(np.float32)
     want = session(m).run(None, {"A": a})[0]
     np.testing.assert_array_equal(sess.run(None, {"A": a})[0], want)
+
+
+def test_single_threaded_session_runs_inline_with_the_same_results():
+    """A 1-thread session's pool runs every task on the calling thread: after a few calls the
+    node stops going through ParallelFor (DYNQ_ORT_VERBOSE says so, once per node), and every
+    run gives the bits of the first; a 2-thread session never concludes that here."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        sys.path[:0] = [sys.argv[1], sys.argv[2]]
+        from ortutil import dynq_model, session
+        from test_ort_op import weights
+        q, s = weights(256, 384, 5)
+        a = np.random.default_rng(1).standard_normal((2, 64, 256)).astype(np.float32)
+        for threads in (1, 2):
+            sess = session(dynq_model(q, s, np.zeros(384, np.float32), heads=[4]), threads)
+            first = sess.run(None, {"A": a})[0]
+            for _ in range(30):
+                assert np.array_equal(sess.run(None, {"A": a})[0], first)
+            print(f"threads {threads} done", file=sys.stderr, flush=True)
+        """
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, DYNQ_ORT_VERBOSE="1")
+    r = subprocess.run([sys.executable, "-c", code, here, os.path.dirname(here)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    one, two = r.stderr.split("threads 1 done")
+    assert one.count("running single-threaded") == 1, one
+    assert "running single-threaded" not in two, two
