@@ -948,9 +948,9 @@ fn gemm_impl<A: Element, Y: Element>(
     let segs: Vec<Segment<'_, Y>> = outs
         .iter_mut()
         .map(|o| {
-            // The head layout always goes through the scratch tile (a tile's columns are not
-            // one run in it).
-            let direct = if o.heads.is_none() { Y::as_f32_mut(o.y).map(SharedOut::new) } else { None };
+            // f32 outputs take the kernel's stores directly where a tile's place allows it (see
+            // `straight` below).
+            let direct = Y::as_f32_mut(o.y).map(SharedOut::new);
             let seg = Segment {
                 start,
                 cols: o.cols,
@@ -973,11 +973,23 @@ fn gemm_impl<A: Element, Y: Element>(
         // are then rounded to Y and sent to their segments below.
         let g = segs.partition_point(|sg| sg.start + sg.cols <= j0);
         let seg = &segs[g];
-        let straight = match &seg.direct {
+        let straight = match (&seg.direct, &seg.heads) {
             // The rows (i0..i0+rows) x columns of this tile belong to it only; in bounds
             // (checked by `ptr_at`); the kernel writes only the tile's elements.
-            Some(out) if j0 + cols <= seg.start + seg.cols => {
+            (Some(out), None) if j0 + cols <= seg.start + seg.cols => {
                 Some((out.ptr_at(i0 * seg.ldy + (j0 - seg.start), (t.rows - 1) * seg.ldy + cols), seg.ldy))
+            }
+            // In the [batch, heads, seq, d] layout, a tile inside one head and one sequence is a
+            // block of rows at stride d: written straight too (heads of 64 and more hold whole
+            // tiles; narrower ones go through the scratch tile).
+            (Some(out), Some(h)) if !h.transposed && j0 + cols <= seg.start + seg.cols => {
+                let dh = seg.cols / h.heads;
+                let (hh, e0) = ((j0 - seg.start) / dh, (j0 - seg.start) % dh);
+                let (b, s0) = (i0 / h.seq, i0 % h.seq);
+                (e0 + cols <= dh && s0 + t.rows <= h.seq).then(|| {
+                    let at = ((b * h.heads + hh) * h.seq + s0) * dh + e0;
+                    (out.ptr_at(at, (t.rows - 1) * dh + cols), dh)
+                })
             }
             _ => None,
         };
