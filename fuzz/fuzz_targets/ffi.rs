@@ -402,6 +402,26 @@ fn pick_handle(u: &mut Unstructured, s: &mut State) -> Result<Option<usize>> {
     Ok(Some(u.choose_index(s.handles.len())?))
 }
 
+/// The packed weights of a GEMM call: `(n, k, handle)`, the handle usually a live one, rarely
+/// NULL (then n = k = 4 for sizing the other arguments).
+fn gemm_weights(u: &mut Unstructured, s: &mut State) -> Result<(usize, usize, *const dynq_packed_weights)> {
+    ensure_handle(u, s)?;
+    Ok(match pick_handle(u, s)? {
+        Some(i) => (s.handles[i].n, s.handles[i].k, s.handles[i].p as *const dynq_packed_weights),
+        None => (4, 4, null()),
+    })
+}
+
+/// A row stride for rows of `width` values: usually `width` plus up to `max_pad`, sometimes one
+/// below `width` or any size (overflowing ones included).
+fn stride(u: &mut Unstructured, width: usize, max_pad: usize) -> Result<usize> {
+    Ok(match u.int_in_range(0u8..=7)? {
+        7 => size(u)?,
+        6 => width.saturating_sub(1),
+        _ => width + u.int_in_range(0..=max_pad)?,
+    })
+}
+
 /// Makes sure there is a handle to work with (a valid small pack, which must succeed).
 fn ensure_handle(u: &mut Unstructured, s: &mut State) -> Result<()> {
     if !s.handles.is_empty() {
@@ -434,23 +454,10 @@ fn elem_size(dtype: u32) -> usize {
 /// NULL, separate, misaligned, at a bad stride or overlapping y).
 fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
     let ex = mode >= 1;
-    ensure_handle(u, s)?;
-    let h = pick_handle(u, s)?;
-    let (n, k, hp) = match h {
-        Some(i) => (s.handles[i].n, s.handles[i].k, s.handles[i].p as *const dynq_packed_weights),
-        None => (4, 4, null()),
-    };
+    let (n, k, hp) = gemm_weights(u, s)?;
     let m = if u.ratio(3u8, 4)? { u.int_in_range(1..=20)? } else { size(u)? };
-    let lda = match u.int_in_range(0u8..=7)? {
-        7 => size(u)?,
-        6 => k.saturating_sub(1),
-        _ => k + u.int_in_range(0..=3)?,
-    };
-    let ldy = match u.int_in_range(0u8..=7)? {
-        7 => size(u)?,
-        6 => n.saturating_sub(1),
-        _ => n + u.int_in_range(0..=3)?,
-    };
+    let lda = stride(u, k, 3)?;
+    let ldy = stride(u, n, 3)?;
     let (at, yt) = if ex { (enum_u32(u, 3)?, enum_u32(u, 3)?) } else { (0, 0) };
     let (asz, ysz) = (elem_size(at), elem_size(yt));
     let (a_span, y_span) = (span(m, k, lda, asz), span(m, n, ldy, ysz));
@@ -462,11 +469,7 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
     let ldr = if !use_res {
         n
     } else {
-        match u.int_in_range(0u8..=7)? {
-            7 => size(u)?,
-            6 => n.saturating_sub(1),
-            _ => n + u.int_in_range(0..=3)?,
-        }
+        stride(u, n, 3)?
     };
     let r_span = if use_res { span(m, n, ldr, ysz) } else { Some(0) };
     let r_len = r_span.unwrap_or(8).min(CAP_BYTES);
@@ -617,18 +620,9 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
 /// width), strides at, above or below the widths or overflowing, NULL or misaligned outputs,
 /// an output starting inside the previous one, and a NULL or misaligned table of outputs.
 fn op_gemm_split(u: &mut Unstructured, s: &mut State) -> Result<()> {
-    ensure_handle(u, s)?;
-    let h = pick_handle(u, s)?;
-    let (n, k, hp) = match h {
-        Some(i) => (s.handles[i].n, s.handles[i].k, s.handles[i].p as *const dynq_packed_weights),
-        None => (4, 4, null()),
-    };
+    let (n, k, hp) = gemm_weights(u, s)?;
     let m = if u.ratio(3u8, 4)? { u.int_in_range(1..=12)? } else { size(u)? };
-    let lda = match u.int_in_range(0u8..=7)? {
-        7 => size(u)?,
-        6 => k.saturating_sub(1),
-        _ => k + u.int_in_range(0..=2)?,
-    };
+    let lda = stride(u, k, 2)?;
     let (at, yt) = (enum_u32(u, 3)?, enum_u32(u, 3)?);
     let (asz, ysz) = (elem_size(at), elem_size(yt));
     let parts = u.int_in_range(0usize..=4)?;

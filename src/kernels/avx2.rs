@@ -545,61 +545,6 @@ mod tests {
         }
     }
 
-    /// The scaled row operations give what the plain ones give on the products `x[i] * s[i]`:
-    /// ranges, non-finite products (a finite value whose product overflows too), and the `u8`
-    /// and `u16` bytes, for lengths around the vector widths.
-    #[test]
-    fn scaled_row_ops_equal_the_plain_ones_on_the_products() {
-        if !Isa::Avx2.is_supported() {
-            eprintln!("SKIPPED: AVX2 scaled row operations: this CPU has no AVX2 and FMA");
-            return;
-        }
-        let mut seed = 0x2545_F491u32;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed >> 8) as f32 / (1u32 << 24) as f32
-        };
-        for len in (0..80usize).chain([383, 384, 385]) {
-            let x: Vec<f32> = (0..len).map(|_| (rnd() - 0.3) * 20.0).collect();
-            let f: Vec<f32> = (0..len).map(|_| 10f32.powf(rnd() * 2.0 - 1.0)).collect();
-            let prod: Vec<f32> = x.iter().zip(&f).map(|(a, b)| a * b).collect();
-            // SAFETY: AVX2 and FMA checked above; equal lengths.
-            let (got, want) = unsafe { (row_stats_scaled(&x, &f), row_stats(&prod)) };
-            assert_eq!(got, want, "len {len}");
-            if let Some((lo, hi)) = want {
-                let p = asymmetric_params(lo, hi);
-                if p.scale > 0.0 {
-                    for ty in [ActType::AsymmetricU8, ActType::SymmetricI8] {
-                        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
-                        let (mut c, mut d) = (vec![0u8; 2 * len], vec![0u8; 2 * len]);
-                        // SAFETY: as above.
-                        unsafe {
-                            quantize_row_u8_scaled(&x, &f, p.scale, p.zero_point, ty, &mut a);
-                            quantize_row_u8(&prod, p.scale, p.zero_point, ty, &mut b);
-                            quantize_row_u16_scaled(&x, &f, p.scale, p.zero_point, ty, &mut c);
-                            quantize_row_u16(&prod, p.scale, p.zero_point, ty, &mut d);
-                        }
-                        assert_eq!(a, b, "len {len} {ty:?}");
-                        assert_eq!(c, d, "len {len} {ty:?}");
-                    }
-                }
-            }
-            for pos in [0, len / 2, len.saturating_sub(1)] {
-                if pos < len {
-                    for (bad, fac) in [(f32::NAN, 1.0), (f32::INFINITY, 1.0), (3e38, 4.0)] {
-                        let (mut y, mut g) = (x.clone(), f.clone());
-                        y[pos] = bad;
-                        g[pos] = fac;
-                        // SAFETY: as above.
-                        assert_eq!(unsafe { row_stats_scaled(&y, &g) }, None, "len {len} {bad} * {fac} at {pos}");
-                    }
-                }
-            }
-        }
-    }
-
     /// # Safety
     /// The CPU has AVX2 and FMA.
     unsafe fn row_stats_avx2_for_test(x: &[f32]) -> Option<(f32, f32)> {

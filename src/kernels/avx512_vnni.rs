@@ -591,54 +591,6 @@ mod tests {
         assert!(checked > 1_000_000, "{checked}");
     }
 
-    /// The scaled row operations give what the plain ones give on the products `x[i] * s[i]`
-    /// (computed apart in f32): ranges, non-finite products (including finite values whose
-    /// product overflows) and quantized bytes, for lengths around the vector widths.
-    #[test]
-    fn scaled_row_ops_equal_the_plain_ones_on_the_products() {
-        if !have_avx512() {
-            return;
-        }
-        let mut seed = 0x9E37_79B9u32;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            (seed >> 8) as f32 / (1u32 << 24) as f32
-        };
-        for len in (0..140usize).chain([383, 384, 385, 1536]) {
-            let x: Vec<f32> = (0..len).map(|_| (rnd() - 0.3) * 20.0).collect();
-            let f: Vec<f32> = (0..len).map(|_| 10f32.powf(rnd() * 2.0 - 1.0)).collect();
-            let prod: Vec<f32> = x.iter().zip(&f).map(|(a, b)| a * b).collect();
-            // SAFETY: AVX-512 checked above; equal lengths.
-            let (got, want) = unsafe { (row_stats_scaled(&x, &f), row_stats(&prod)) };
-            assert_eq!(got, want, "len {len}");
-            if let Some((lo, hi)) = want {
-                let p = crate::quant::activations::asymmetric_params(lo, hi);
-                if p.scale > 0.0 {
-                    for ty in [ActType::AsymmetricU8, ActType::SymmetricI8] {
-                        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
-                        // SAFETY: as above.
-                        unsafe {
-                            quantize_row_scaled(&x, &f, p.scale, p.zero_point, ty, &mut a);
-                            quantize_row(&prod, p.scale, p.zero_point, ty, &mut b);
-                        }
-                        assert_eq!(a, b, "len {len} {ty:?}");
-                    }
-                }
-            }
-            if len > 0 {
-                for (bad, fac) in [(f32::NAN, 1.0), (f32::INFINITY, 1.0), (3e38, 4.0)] {
-                    let (mut y, mut g) = (x.clone(), f.clone());
-                    y[len / 2] = bad;
-                    g[len / 2] = fac;
-                    // SAFETY: as above.
-                    assert_eq!(unsafe { row_stats_scaled(&y, &g) }, None, "len {len} {bad} * {fac}");
-                }
-            }
-        }
-    }
-
     #[test]
     fn row_stats_match_the_definition() {
         if !have_avx512() {

@@ -301,4 +301,62 @@ mod tests {
             }
         }
     }
+
+    /// Every kernel's scaled row operations (`RowOps::scaled`, where the CPU has the ISA) give
+    /// what its plain ones give on the products `x[i] * s[i]` computed apart in f32: ranges,
+    /// non-finite products (a finite value whose product overflows too) wherever they are, and
+    /// the bytes in the kernel's activation format, for lengths around the vector widths.
+    #[test]
+    fn scaled_row_ops_equal_the_plain_ones_on_the_products() {
+        use crate::quant::activations::asymmetric_params;
+        let mut tested = 0;
+        for kern in KERNELS {
+            let Some(scaled) = kern.ops.scaled else { continue };
+            if !kern.isa.is_supported() {
+                eprintln!("SKIPPED: scaled row operations of {}: this CPU lacks {}", kern.name, kern.isa);
+                continue;
+            }
+            let mut seed = 0x2545_F491u32;
+            let mut rnd = || {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                (seed >> 8) as f32 / (1u32 << 24) as f32
+            };
+            for len in (0..140usize).chain([383, 384, 385, 1536]) {
+                let x: Vec<f32> = (0..len).map(|_| (rnd() - 0.3) * 20.0).collect();
+                let f: Vec<f32> = (0..len).map(|_| 10f32.powf(rnd() * 2.0 - 1.0)).collect();
+                let prod: Vec<f32> = x.iter().zip(&f).map(|(a, b)| a * b).collect();
+                // SAFETY (all calls): the CPU has the kernel's ISA (checked above); equal lengths.
+                let (got, want) = unsafe { ((scaled.row_stats)(&x, &f), (kern.ops.row_stats)(&prod)) };
+                assert_eq!(got, want, "{} len {len}", kern.name);
+                if let Some((lo, hi)) = want {
+                    let p = asymmetric_params(lo, hi);
+                    if p.scale > 0.0 {
+                        for ty in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+                            let (mut a, mut b) = (vec![0u8; len * kern.a_bytes], vec![0u8; len * kern.a_bytes]);
+                            unsafe {
+                                (scaled.quantize_row)(&x, &f, p.scale, p.zero_point, ty, &mut a);
+                                (kern.ops.quantize_row)(&prod, p.scale, p.zero_point, ty, &mut b);
+                            }
+                            assert_eq!(a, b, "{} len {len} {ty:?}", kern.name);
+                        }
+                    }
+                }
+                for pos in [0, len / 2, len.saturating_sub(1)] {
+                    if pos < len {
+                        for (bad, fac) in [(f32::NAN, 1.0), (f32::INFINITY, 1.0), (3e38, 4.0)] {
+                            let (mut y, mut g) = (x.clone(), f.clone());
+                            y[pos] = bad;
+                            g[pos] = fac;
+                            let got = unsafe { (scaled.row_stats)(&y, &g) };
+                            assert_eq!(got, None, "{} len {len} {bad} * {fac} at {pos}", kern.name);
+                        }
+                    }
+                }
+            }
+            tested += 1;
+        }
+        eprintln!("scaled row operations checked for {tested} kernels");
+    }
 }

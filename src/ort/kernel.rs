@@ -151,7 +151,7 @@ pub struct DynqKernel {
 /// tasks of this node's `ParallelFor` calls ran (the C API does not tell a kernel its pool size).
 /// A single-threaded session runs every task on the calling thread; `ParallelFor` then still costs
 /// tens of microseconds per node and run (measured: all-MiniLM-L6-v2, 1 x 128 tokens, 1 thread:
-/// 13.7-14.1 ms per run with it, 12.3-12.6 without), so once PROBE_CALLS calls in a row ran
+/// 13.7-14.1 ms per run with it, 12.3-12.7 without), so once PROBE_CALLS calls in a row ran
 /// entirely on the caller, the node runs inline, with one call in PROBE_AGAIN still going through
 /// the pool so that a pool whose threads were merely busy is found again. Results do not depend
 /// on this (they are bit-identical for every thread count).

@@ -290,8 +290,9 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     let mut params = vec![QParams { scale: 0.0, zero_point: 0 }; m];
     // Smoothed f32 rows go to the ISA's scaled row operations when it has them (the products
     // are never written out); otherwise they are multiplied into a buffer first.
+    // `(factors, operations, A as f32)`.
     let scaled = match (smooth, ops.scaled, T::as_f32(a)) {
-        (Some(s), Some(so), Some(_)) => Some((s, so)),
+        (Some(s), Some(so), Some(af)) => Some((s, so, af)),
         _ => None,
     };
     // Quantizes a row into `out` (its `row_bytes` bytes: `k * a_bytes` values, then zeros):
@@ -305,7 +306,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 v.fill(0);
                 v[0] = p.zero_point as u8;
             }
-        } else if let Some((sm, so)) = scaled {
+        } else if let Some((sm, so, _)) = scaled {
             // SAFETY: as below; `sm` has k = row.len() values.
             unsafe { (so.quantize_row)(row, sm, p.scale, p.zero_point, ty, out) };
         } else {
@@ -336,11 +337,16 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
             // a chain of latencies that one row at a time would leave exposed (it costs as much
             // as quantizing a row of a few hundred values); a block's rows are independent and
             // overlap. A block is kept small enough to stay in L1 for the second read. Rows
-            // that are not f32 already, or are smoothed, are converted once into `conv`.
+            // that are not f32 already, or are smoothed without scaled row operations, are
+            // converted once into `conv`.
             let block = (16 * 1024 / (k * 4).max(1)).clamp(1, 8);
             // A itself when its rows can be read as they are (unsmoothed, or smoothed by the
             // scaled row operations).
-            let direct = if smooth.is_none() || scaled.is_some() { T::as_f32(a) } else { None };
+            let direct = match scaled {
+                Some((.., af)) => Some(af),
+                None if smooth.is_none() => T::as_f32(a),
+                None => None,
+            };
             let mut conv: Vec<f32> = Vec::new();
             let mut r0 = 0;
             while r0 < st.len() {
@@ -361,10 +367,10 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 };
                 for r in r0..r1 {
                     let row = row_of(r);
-                    // SAFETY: as in `quantize`.
                     let stats = match scaled {
                         // SAFETY: as in `quantize`; `sm` has k values.
-                        Some((sm, so)) => unsafe { (so.row_stats)(row, sm) },
+                        Some((sm, so, _)) => unsafe { (so.row_stats)(row, sm) },
+                        // SAFETY: as in `quantize`.
                         None => unsafe { (ops.row_stats)(row) },
                     };
                     match stats {
@@ -372,7 +378,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                         None => {
                             let i = c * rows_per + r;
                             let col = match scaled {
-                                Some((sm, _)) => row.iter().zip(sm).position(|(x, f)| !(x * f).is_finite()),
+                                Some((sm, ..)) => row.iter().zip(sm).position(|(x, f)| !(x * f).is_finite()),
                                 None => row.iter().position(|x| !x.is_finite()),
                             }
                             .unwrap_or(0);
@@ -421,9 +427,9 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                     break;
                 }
                 let out = &mut chunk[r * row_bytes..(r + 1) * row_bytes];
-                match (scaled, T::as_f32(a)) {
-                    (Some(_), Some(af)) => quantize(&af[i * lda..i * lda + k], p, out),
-                    _ => quantize(smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf), p, out),
+                match scaled {
+                    Some((.., af)) => quantize(&af[i * lda..i * lda + k], p, out),
+                    None => quantize(smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf), p, out),
                 }
             }
         })?;

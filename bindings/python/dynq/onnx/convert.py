@@ -372,12 +372,12 @@ def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]
     return add, other
 
 
-def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[Tuple[List[onnx.NodeProto], str, int, bool]]:
+def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[Tuple[List[onnx.NodeProto], str, int, bool, List[onnx.NodeProto]]]:
     """A following `Reshape` of `out` ([batch, seq, n], known from shape inference) to
     [batch, seq, heads, n / heads], then `Transpose(perm=[0, 2, 1, 3])` (or `[0, 2, 3, 1]` when
     `transposed_ok`), each the only reader of its input: how a transformer splits its query, key
     and value projections into attention heads. Returns (the two nodes, the Transpose's output,
-    heads, transposed)."""
+    heads, transposed, the `Shape` nodes that also read `out`)."""
     so = G.shapes.get(out)
     if so is None or len(so[1]) != 3 or so[1][2] != n or not G.internal(out):
         return None
@@ -408,10 +408,9 @@ def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[T
         shape = G.const(rs.input[1])
         if shape is not None and shape.ndim == 1 and shape.size == 4 and shape.dtype == np.int64:
             s0, s1, h, d = (int(v) for v in shape)
-            keep = lambda v, dim: v == 0 or (isinstance(dim, int) and v == dim)  # noqa: E731
-            if h > 0 and n % h == 0 and d in (n // h, -1) and keep(s0, b) and keep(s1, t):
-                heads = h
-            elif h > 0 and d == n // h and n % h == 0 and [s0, s1].count(-1) == 1 and (keep(s0, b) or keep(s1, t)):
+            # 0 copies the dimension, a value must equal it, -1 is inferred (once at most).
+            fits = lambda v, dim: v in (0, -1) or (isinstance(dim, int) and v == dim)  # noqa: E731
+            if h > 0 and n % h == 0 and d in (n // h, -1) and fits(s0, b) and fits(s1, t) and [s0, s1, d].count(-1) <= 1:
                 heads = h
     if heads is None:
         return None
