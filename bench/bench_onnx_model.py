@@ -230,8 +230,9 @@ def bench_model(model: str, label: str, args, work: Path) -> dict:
     # The token output: the first float output of rank 3 (last hidden state).
     main_out = next((n for n in out_names if ref[n].dtype == np.float32 and ref[n].ndim == 3), out_names[0])
     fp32_size = os.path.getsize(model)
-    # Latency: the variants take turns (rounds of a few runs each), so that load from other
-    # processes during the measurement hits every variant alike; the median of all runs is reported.
+    # Latency: the variants take turns (rounds of an untimed and two timed runs each), so that
+    # load from other processes during the measurement hits every variant alike; the median of all
+    # timed runs is reported.
     lat = {name: {} for name, _, _ in variants}
     # Also per round, the faster of each variant's two runs: ratios between variants taken round
     # by round pair runs made within a second of each other, so a slow phase of the shared host
@@ -247,6 +248,11 @@ def bench_model(model: str, label: str, args, work: Path) -> dict:
         rounds = 0
         while rounds < 3 or time.perf_counter() < t_end:
             for name, s in sessions:
+                # ONNX Runtime's workers spin for 30-60 ms after a run, holding the cores that
+                # this variant's workers need (on 2 cores, a 2-thread run right after another
+                # session's measured up to 2x slower): let them stop, then one untimed run.
+                time.sleep(0.1)
+                s.run(None, feeds)
                 for _ in range(2):
                     t0 = time.perf_counter()
                     s.run(None, feeds)

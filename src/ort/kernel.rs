@@ -151,39 +151,67 @@ pub struct DynqKernel {
 /// tasks of this node's `ParallelFor` calls ran (the C API does not tell a kernel its pool size).
 /// A single-threaded session runs every task on the calling thread; `ParallelFor` then still costs
 /// tens of microseconds per node and run (measured: all-MiniLM-L6-v2, 1 x 128 tokens, 1 thread:
-/// 13.7-14.1 ms per run with it, 12.3-12.7 without), so once PROBE_CALLS calls in a row ran
-/// entirely on the caller, the node runs inline, with one call in PROBE_AGAIN still going through
-/// the pool so that a pool whose threads were merely busy is found again. Results do not depend
-/// on this (they are bit-identical for every thread count).
+/// 13.7-14.1 ms per run with it, 12.3-12.7 without), so once PROBE_CALLS calls ran entirely on the
+/// caller (and none elsewhere), the node runs inline.
+///
+/// A pool with threads can look single-threaded for a while: its worker may not get a core in
+/// time while another session's workers spin or another process runs. So an inline node still
+/// goes through the pool now and then, first after `1 << PROBE_FIRST_SHIFT` calls and then at
+/// gaps that double up to `1 << PROBE_MAX_SHIFT` calls: a busy pool is found again within a few
+/// calls, while a truly single-threaded session soon pays for one probe in 64 calls only.
+/// (ONNX Runtime's workers spin for 30-60 ms after a run, measured here: a 2-thread session run
+/// right after another one's ran at 1-thread speed, every task of a node on the caller.)
+/// Results do not depend on this: they are bit-identical for every thread count.
 #[derive(Debug, Default)]
 struct PoolProbe {
     /// A task ran on another thread: the pool has workers (kept from then on).
     multi: AtomicBool,
     /// `ParallelFor` calls whose tasks all ran on the calling thread.
     inline_calls: AtomicU32,
-    /// Calls run inline since the pool was taken for single-threaded.
+    /// Calls run inline since the last probe.
     skipped: AtomicU32,
+    /// Probes made so far while inline (each doubles the next gap, up to the cap).
+    probes: AtomicU32,
 }
 
 const PROBE_CALLS: u32 = 8;
-const PROBE_AGAIN: u32 = 256;
+const PROBE_FIRST_SHIFT: u32 = 3;
+const PROBE_MAX_SHIFT: u32 = 6;
 
 impl PoolProbe {
-    /// Whether this call should run without the pool.
+    /// Whether this call should run without the pool (false: split the work and observe).
     fn inline(&self) -> bool {
-        !self.multi.load(Ordering::Relaxed)
-            && self.inline_calls.load(Ordering::Relaxed) >= PROBE_CALLS
-            && self.skipped.fetch_add(1, Ordering::Relaxed) % PROBE_AGAIN != PROBE_AGAIN - 1
+        if self.multi.load(Ordering::Relaxed) || self.inline_calls.load(Ordering::Relaxed) < PROBE_CALLS {
+            return false;
+        }
+        let shift = (PROBE_FIRST_SHIFT + self.probes.load(Ordering::Relaxed)).min(PROBE_MAX_SHIFT);
+        if self.skipped.fetch_add(1, Ordering::Relaxed) < 1 << shift {
+            return true;
+        }
+        // Probe this call. Concurrent runs of one session may race here; the worst outcome is
+        // one probe more or less.
+        self.skipped.store(0, Ordering::Relaxed);
+        let _ = self.probes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
+            (PROBE_FIRST_SHIFT + p < PROBE_MAX_SHIFT).then_some(p + 1)
+        });
+        false
     }
 
     fn record(&self, foreign: bool, label: &str) {
         if foreign {
-            self.multi.store(true, Ordering::Relaxed);
+            if !self.multi.swap(true, Ordering::Relaxed)
+                && self.inline_calls.load(Ordering::Relaxed) >= PROBE_CALLS
+                && std::env::var_os("DYNQ_ORT_VERBOSE").is_some()
+            {
+                eprintln!("dynq: {label}: a probe found the session's pool with workers; running in parallel again");
+            }
         } else if self.inline_calls.fetch_add(1, Ordering::Relaxed) + 1 == PROBE_CALLS
+            && !self.multi.load(Ordering::Relaxed)
             && std::env::var_os("DYNQ_ORT_VERBOSE").is_some()
         {
             eprintln!(
-                "dynq: {label}: the session's pool ran every task on the calling thread; running single-threaded"
+                "dynq: {label}: the session's pool ran every task on the calling thread; running single-threaded \
+                 (probing it again now and then)"
             );
         }
     }
@@ -647,6 +675,49 @@ impl Parallel for OrtPool<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The calls of a node that the probe sends through the pool, out of `calls`, while every
+    /// task runs on the caller.
+    fn probed(p: &PoolProbe, calls: usize) -> Vec<usize> {
+        (0..calls)
+            .filter(|_| {
+                let pooled = !p.inline();
+                if pooled {
+                    p.record(false, "t");
+                }
+                pooled
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pool_probe_backs_off_and_finds_workers_again() {
+        let p = PoolProbe::default();
+        let seen = probed(&p, 400);
+        // 8 calls to learn, then probes after gaps of 8, 16, 32 and then 64 inline calls.
+        let mut want: Vec<usize> = (0..8).collect();
+        let mut at = 8;
+        for gap in [8, 16, 32, 64, 64, 64, 64, 64] {
+            at += gap;
+            want.push(at);
+            at += 1;
+        }
+        want.retain(|&c| c < 400);
+        assert_eq!(seen, want);
+        // A probe that sees a worker ends inline running for good.
+        while p.inline() {}
+        p.record(true, "t");
+        assert!((0..1000).all(|_| !p.inline()));
+
+        // A pool that shows a worker before the probe decides never goes inline.
+        let p = PoolProbe::default();
+        p.record(false, "t");
+        p.record(true, "t");
+        for _ in 0..20 {
+            p.record(false, "t");
+        }
+        assert!(!p.inline());
+    }
 
     #[test]
     fn attrs_defaults_and_errors() {
