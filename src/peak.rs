@@ -90,6 +90,7 @@ pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> 
                 // In bounds: row i of the tile is y[i * n + p * nr..][..nr].
                 y: y[p * nr..].as_mut_ptr(),
                 ldy: n,
+                blocks16: None,
                 residual: None,
             };
             // SAFETY: the CPU runs the kernel's ISA (resolved above); `a` holds MR rows of kp

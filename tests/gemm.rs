@@ -844,6 +844,10 @@ fn head_layouts_equal_the_transposed_product() {
                 (vec![128], vec![2]),
                 (vec![36, 36, 36], vec![3, 3, 3]),
                 (vec![64, 64, 64], vec![2, 4, 1]),
+                // Heads of 16 and 32 beside a segment that starts off the 16-column grid, and
+                // a last panel with fewer columns.
+                (vec![40, 64, 96], vec![5, 2, 6]),
+                (vec![96, 32], vec![3, 2]),
             ] {
                 let n: usize = widths.iter().sum();
                 let pw = PackedWeights::from_f32(

@@ -160,6 +160,7 @@ fn micro_kernels_with_buffers_starting_after_a_guard_page() {
                         act: Epilogue::Gelu,
                         y: y.as_mut_slice().as_mut_ptr(),
                         ldy,
+                        blocks16: None,
                         residual: Some((res.as_slice().as_ptr(), ldy)),
                     };
                     // SAFETY: as above; y holds rows x cols at stride ldy.

@@ -115,6 +115,7 @@ fn micro_kernels_exact_on_guard_pages() {
                                 act,
                                 y: y.as_mut_ptr(),
                                 ldy,
+                                blocks16: None,
                                 residual: use_res.then(|| (res.as_slice().as_ptr(), ldr)),
                             };
                             // SAFETY: as above; y holds mr_eff rows of cols at stride ldy.
@@ -141,6 +142,45 @@ fn micro_kernels_exact_on_guard_pages() {
                                     } else {
                                         assert_eq!(got, 0x7fc0_dead, "{} wrote stride padding", kern.name);
                                     }
+                                }
+                            }
+                            if use_res || cols > 16 * dynq::kernels::MAX_BLOCKS16 {
+                                continue;
+                            }
+                            // The same tile with each run of 16 columns at its own place (the
+                            // head layout): the same bits there, each run ending at a guard page.
+                            let ldb = 16 + rng.below(3);
+                            let runs = cols.div_ceil(16);
+                            let mut blocks: Vec<GuardBuf<f32>> = (0..runs)
+                                .map(|b| {
+                                    GuardBuf::new(
+                                        (mr_eff - 1) * ldb + (cols - 16 * b).min(16),
+                                        f32::from_bits(0x7fc0_dead),
+                                    )
+                                })
+                                .collect();
+                            let mut ptrs = [std::ptr::null_mut(); dynq::kernels::MAX_BLOCKS16];
+                            for (p, blk) in ptrs.iter_mut().zip(blocks.iter_mut()) {
+                                *p = blk.as_mut_ptr();
+                            }
+                            let ft = F32Tile { y: ptrs[0], ldy: ldb, blocks16: Some(ptrs), residual: None, ..ft };
+                            // SAFETY: each run's buffer holds mr_eff rows of its columns at stride ldb.
+                            unsafe { (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), &TileOut::F32(&ft)) };
+                            for (bk, blk) in blocks.iter().enumerate() {
+                                let len = (cols - 16 * bk).min(16);
+                                for (p, v) in blk.as_slice().iter().enumerate() {
+                                    let (i, j) = (p / ldb, p % ldb);
+                                    let want = if j < len {
+                                        y.as_slice()[i * ldy + 16 * bk + j].to_bits()
+                                    } else {
+                                        0x7fc0_dead
+                                    };
+                                    assert_eq!(
+                                        v.to_bits(),
+                                        want,
+                                        "{} blocks16 run {bk} row {i} col {j} cols={cols}",
+                                        kern.name
+                                    );
                                 }
                             }
                         }

@@ -33,7 +33,7 @@
 
 use crate::dtype::Element;
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
-use crate::kernels::{DequantRow, F32Tile, TileOut};
+use crate::kernels::{DequantRow, F32Tile, TileOut, MAX_BLOCKS16};
 use crate::pack::PackedWeights;
 use crate::quant::activations::{quantize_activations_threaded, ActGranularity, ActType};
 use once_cell::sync::Lazy;
@@ -977,23 +977,41 @@ fn gemm_impl<A: Element, Y: Element>(
             // The rows (i0..i0+rows) x columns of this tile belong to it only; in bounds
             // (checked by `ptr_at`); the kernel writes only the tile's elements.
             (Some(out), None) if j0 + cols <= seg.start + seg.cols => {
-                Some((out.ptr_at(i0 * seg.ldy + (j0 - seg.start), (t.rows - 1) * seg.ldy + cols), seg.ldy))
+                Some((out.ptr_at(i0 * seg.ldy + (j0 - seg.start), (t.rows - 1) * seg.ldy + cols), seg.ldy, None))
             }
-            // In the [batch, heads, seq, d] layout, a tile inside one head and one sequence is a
-            // block of rows at stride d: written straight too (heads of 64 and more hold whole
-            // tiles; narrower ones go through the scratch tile).
+            // In the [batch, heads, seq, d] layout, a tile inside one sequence is a block of
+            // rows at stride d in each head it touches: written straight too when it lies inside
+            // one head, or when d and the tile's first column are multiples of 16 (each run of
+            // 16 columns then lies inside one head: `blocks16`); otherwise through the scratch
+            // tile.
             (Some(out), Some(h)) if !h.transposed && j0 + cols <= seg.start + seg.cols => {
                 let dh = seg.cols / h.heads;
-                let (hh, e0) = ((j0 - seg.start) / dh, (j0 - seg.start) % dh);
                 let (b, s0) = (i0 / h.seq, i0 % h.seq);
-                (e0 + cols <= dh && s0 + t.rows <= h.seq).then(|| {
-                    let at = ((b * h.heads + hh) * h.seq + s0) * dh + e0;
-                    (out.ptr_at(at, (t.rows - 1) * dh + cols), dh)
-                })
+                // Where column c of the segment goes in row i0, and how many follow it in its head.
+                let place = |c: usize| {
+                    let at = ((b * h.heads + c / dh) * h.seq + s0) * dh + c % dh;
+                    (at, dh - c % dh)
+                };
+                let c0 = j0 - seg.start;
+                let (at, room) = place(c0);
+                if s0 + t.rows > h.seq {
+                    None
+                } else if cols <= room {
+                    Some((out.ptr_at(at, (t.rows - 1) * dh + cols), dh, None))
+                } else if dh.is_multiple_of(16) && c0.is_multiple_of(16) && cols <= 16 * MAX_BLOCKS16 {
+                    let mut blocks = [std::ptr::null_mut(); MAX_BLOCKS16];
+                    for (bk, p) in blocks.iter_mut().enumerate().take(cols.div_ceil(16)) {
+                        let (at, _) = place(c0 + 16 * bk);
+                        *p = out.ptr_at(at, (t.rows - 1) * dh + (cols - 16 * bk).min(16));
+                    }
+                    Some((blocks[0], dh, Some(blocks)))
+                } else {
+                    None
+                }
             }
             _ => None,
         };
-        let (y0, ld) = straight.unwrap_or((scratch.as_mut_ptr() as *mut f32, cols));
+        let (y0, ld, blocks16) = straight.unwrap_or((scratch.as_mut_ptr() as *mut f32, cols, None));
         let ft = F32Tile {
             za: &za[i0..i0 + t.rows],
             sa: &qa.scales[i0..i0 + t.rows],
@@ -1003,6 +1021,7 @@ fn gemm_impl<A: Element, Y: Element>(
             act,
             y: y0,
             ldy: ld,
+            blocks16,
             // An f32 residual (single output only) is added by the kernel (rows i0.. from
             // column j0: in bounds, checked by check_matrix).
             residual: res_f32.map(|(r, ldr)| (r[i0 * ldr + j0..].as_ptr(), ldr)),

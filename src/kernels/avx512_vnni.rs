@@ -253,9 +253,13 @@ unsafe fn deliver<const R: usize, const W: usize>(acc: &[[__m512i; W]; R], out: 
                 let bias = t.bias.map(|b| -> [__m512; W] {
                     std::array::from_fn(|h| _mm512_maskz_loadu_ps(mask[h], b.as_ptr().add(16 * h)))
                 });
+                // Where each zmm column group of row 0 goes (runs of 16 in the head layout).
+                let base: [*mut f32; W] = std::array::from_fn(|h| match &t.blocks16 {
+                    Some(p) if 16 * h < cols => p[h],
+                    _ => t.y.wrapping_add(16 * h),
+                });
                 for (i, acc) in acc.iter().enumerate() {
                     let (zav, sav) = (_mm512_set1_epi32(t.za[i]), _mm512_set1_ps(t.sa[i]));
-                    let y = t.y.add(i * t.ldy);
                     for h in 0..W {
                         if mask[h] == 0 {
                             continue;
@@ -267,7 +271,7 @@ unsafe fn deliver<const R: usize, const W: usize>(acc: &[[__m512i; W]; R], out: 
                             v = _mm512_add_ps(v, b[h]);
                         }
                         v = activate(v, t.act);
-                        _mm512_mask_storeu_ps(y.add(16 * h), mask[h], v);
+                        _mm512_mask_storeu_ps(base[h].add(i * t.ldy), mask[h], v);
                     }
                 }
             }

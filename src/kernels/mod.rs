@@ -52,7 +52,8 @@ pub enum TileOut<'a> {
 /// [`crate::gemm::dequantize_row`], then `+ residual[i][j]` (one f32 addition) when a residual is
 /// given.
 /// `za` and `sa` have `mr` values; `col_sums`, `scales` and `bias` have `cols <= NR` values;
-/// row `i` of the output is `cols` writable floats at `y + i * ldy`, touched by no one else;
+/// row `i` of the output is `cols` writable floats at `y + i * ldy`, touched by no one else
+/// (with `blocks16`: each run of 16 of them at its own place, see there);
 /// row `i` of the residual, `cols` readable floats at `r + i * ldr`.
 #[derive(Debug)]
 pub struct F32Tile<'a> {
@@ -64,9 +65,17 @@ pub struct F32Tile<'a> {
     pub act: Epilogue,
     pub y: *mut f32,
     pub ldy: usize,
+    /// Columns in runs of 16, each run at its own place: column `j` of row `i` goes to
+    /// `blocks16[j / 16] + i * ldy + j % 16` (`y` is `blocks16[0]`). The attention-head output
+    /// layout with heads of a multiple of 16 values, for tiles wider than 16 columns that
+    /// straddle heads. Never given with a residual.
+    pub blocks16: Option<[*mut f32; MAX_BLOCKS16]>,
     /// `(r, ldr)`: the residual's rows, added after the activation.
     pub residual: Option<(*const f32, usize)>,
 }
+
+/// Runs of 16 columns in a tile with [`F32Tile::blocks16`] (the widest panel, AVX-512's, is 48).
+pub const MAX_BLOCKS16: usize = 3;
 
 impl F32Tile<'_> {
     /// Number of valid columns.
@@ -86,24 +95,50 @@ impl F32Tile<'_> {
         }
     }
 
-    /// Output row `i`.
+    /// Output row `i` (a tile without [`Self::blocks16`]).
     ///
     /// # Safety
     /// The contract of the struct: row `i` is writable and not aliased.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn y_row(&self, i: usize) -> &mut [f32] {
+        debug_assert!(self.blocks16.is_none());
         // SAFETY: per the contract.
         unsafe { std::slice::from_raw_parts_mut(self.y.add(i * self.ldy), self.cols()) }
+    }
+
+    /// Where column `16 * b` of row `i` goes.
+    ///
+    /// # Safety
+    /// The contract of the struct; `16 * b < cols`.
+    pub unsafe fn block_ptr(&self, i: usize, b: usize) -> *mut f32 {
+        // SAFETY: per the contract, in bounds.
+        unsafe {
+            match &self.blocks16 {
+                Some(p) => p[b].add(i * self.ldy),
+                None => self.y.add(i * self.ldy + 16 * b),
+            }
+        }
     }
 
     /// Writes row `i` from its `NR` accumulators (`acc.len() >= cols`) with the given row
     /// operations (the portable path, used for tails).
     ///
     /// # Safety
-    /// As [`Self::y_row`]; `ops` belong to an ISA the CPU supports.
+    /// As [`Self::y_row`] (or with `blocks16`, the places it names); `ops` belong to an ISA the
+    /// CPU supports.
     pub unsafe fn write_row(&self, ops: &RowOps, i: usize, acc: &[i32]) {
-        // SAFETY: per the contract.
-        unsafe { (ops.dequantize_row)(&self.row(i), &acc[..self.cols()], self.y_row(i)) }
+        let cols = self.cols();
+        if self.blocks16.is_none() {
+            // SAFETY: per the contract.
+            return unsafe { (ops.dequantize_row)(&self.row(i), &acc[..cols], self.y_row(i)) };
+        }
+        let mut row = [0f32; 16 * MAX_BLOCKS16];
+        // SAFETY: the CPU runs `ops`; `row` has room for cols <= 16 * MAX_BLOCKS16 values.
+        unsafe { (ops.dequantize_row)(&self.row(i), &acc[..cols], &mut row[..cols]) };
+        for (b, run) in row[..cols].chunks(16).enumerate() {
+            // SAFETY: the run's place, per the contract of blocks16.
+            unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), self.block_ptr(i, b), run.len()) };
+        }
     }
 
     /// Adds the residual (if any) to the first `rows` rows already written: one f32 addition
