@@ -219,16 +219,54 @@ def test_residual_input_adds_after_the_activation(gran):
         np.testing.assert_array_equal(y16, (lib + r16.astype(np.float32)).astype(np.float16))
 
 
+@pytest.mark.parametrize("elem", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_residual_broadcasts_like_add(elem):
+    """A residual of another shape broadcasts with the product as ONNX's Add does (the converter
+    folds skip connections whose shapes it cannot prove equal): Y = T(act(A W + bias) + R) with
+    numpy's broadcasting, including residuals that make the output larger than the product, on 1
+    and 2 threads; the same bits as the fused path where the shapes are equal."""
+    if elem == TensorProto.FLOAT16 and ORT_VERSION < ORT_F16_OP:
+        pytest.skip(f"float16 A needs onnxruntime >= {ORT_F16_OP}")
+    np_t = np.float16 if elem == TensorProto.FLOAT16 else np.float32
+    k, n = 64, 40
+    q, s = weights(k, n, 7)
+    b = RNG.standard_normal(n).astype(np.float32)
+    p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
+    for a_dims, r_dims in [
+        ((3, 50, k), (1, 50, n)),
+        ((3, 50, k), (3, 1, n)),
+        ((3, 50, k), (n,)),
+        ((3, 50, k), (3, 50, 1)),
+        ((3, 50, k), (2, 3, 50, n)),
+        ((1, 50, k), (3, 50, n)),
+        ((3, 50, k), (3, 50, n)),
+    ]:
+        m = dynq_model(q, s, b, a_shape=["a0", "a1", None], residual=True, activation="gelu", elem=elem)
+        m.graph.input[1].type.tensor_type.shape.ClearField("dim")
+        for d in range(len(r_dims)):
+            m.graph.input[1].type.tensor_type.shape.dim.add().dim_param = f"r{d}"
+        a = (RNG.standard_normal(a_dims) * 3).astype(np_t)
+        r = (RNG.standard_normal(r_dims) * 5).astype(np_t)
+        prod = dynq.gemm(p, a.astype(np.float32), bias=b, epilogue="gelu")
+        want = (prod + r.astype(np.float32)).astype(np_t)
+        for threads in (1, 2):
+            y = session(m, threads).run(None, {"A": a, "R": r})[0]
+            assert y.shape == want.shape and y.dtype == np_t, (a_dims, r_dims, y.shape)
+            np.testing.assert_array_equal(y, want, err_msg=f"{a_dims} + {r_dims}")
+
+
 def test_bad_residual_gives_clear_errors():
     q, s = weights(8, 4)
     a = np.ones((2, 8), np.float32)
     sess = session(dynq_model(q, s, a_shape=["m", None], residual=True))
-    # R is declared [m, 4]; a residual of another row count is refused by the op itself.
+    # R is declared [r, 4]; a residual that does not broadcast with [2, 4] is refused by the op
+    # itself.
     m = dynq_model(q, s, a_shape=["m", None], residual=True)
     m.graph.input[1].type.tensor_type.shape.dim[0].dim_param = "r"
     with pytest.raises(Exception) as e:
         session(m).run(None, {"A": a, "R": np.ones((3, 4), np.float32)})
-    assert "residual must have the output's shape [2, 4]" in str(e.value) and "DynQMatMul node 'dq'" in str(e.value), str(e.value)
+    msg = str(e.value)
+    assert "residual of shape [3, 4] does not broadcast with the product's shape [2, 4]" in msg and "DynQMatMul node 'dq'" in msg, msg
     node = helper.make_node("DynQMatMul", ["A", "W", "S", "B", "M", "R"], ["Y"], domain="dynq", name="bad")
     inits = [numpy_helper.from_array(q, "W"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(np.zeros(4, np.float32), "B")]
     inits += [numpy_helper.from_array(np.ones(8, np.float32), "M"), numpy_helper.from_array(np.ones((2, 4)), "R")]
@@ -516,7 +554,9 @@ def test_library_registered_twice_in_one_session_options():
 def test_single_threaded_session_runs_inline_with_the_same_results():
     """A 1-thread session's pool runs every task on the calling thread: after a few calls the
     node stops going through ParallelFor (DYNQ_ORT_VERBOSE says so, once per node), and every
-    run gives the bits of the first; a 2-thread session never concludes that here."""
+    run gives the bits of the first. A 2-thread session concludes that at most once, when its
+    worker is kept off the cores by other load (seen in CI while another build ran), and then
+    probes again (the schedule is unit-tested in Rust); its results are the same bits."""
     import subprocess
     import sys
     import textwrap
@@ -544,4 +584,4 @@ def test_single_threaded_session_runs_inline_with_the_same_results():
     assert r.returncode == 0, r.stderr
     one, two = r.stderr.split("threads 1 done")
     assert one.count("running single-threaded") == 1, one
-    assert "running single-threaded" not in two, two
+    assert two.count("running single-threaded") <= 1, two
