@@ -303,6 +303,111 @@ fn check_heads(widths: &[usize], heads: &[(usize, bool)]) -> Result<(), String> 
 }
 
 impl DynqKernel {
+    fn gemm_options(&self) -> GemmOptions {
+        GemmOptions {
+            act_granularity: self.attrs.act_granularity,
+            act_type: self.attrs.act_type,
+            epilogue: match self.attrs.activation {
+                Activation::None => Epilogue::None,
+                Activation::Relu => Epilogue::Relu,
+                Activation::Gelu => Epilogue::Gelu,
+            },
+            num_threads: 1, // not used: the work runs on ONNX Runtime's pool
+        }
+    }
+
+    /// The product plus a residual of another shape, broadcast as ONNX's `Add` does: the
+    /// product (with its bias and activation) goes to an f32 buffer, then each element of the
+    /// broadcast shape is `T(p + r)`, the f32 addition and rounding of the fused residual. One
+    /// more pass over the output than the fused path; the converter folds an `Add` whose shapes
+    /// shape inference cannot prove equal (PyTorch exports name the batch size of a block's
+    /// output and of its skip connection differently), and at run time they mostly are equal.
+    ///
+    /// # Safety
+    /// `ctx` is live; `a_val` is input A (`a_shape`, m * k values); `r` points to the
+    /// residual's values (`r_dims`, A's type).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn broadcast_residual(
+        &self,
+        ctx: *mut OrtKernelContext,
+        w: &PackedWeights,
+        a_val: *const OrtValue,
+        a_shape: &TensorShape,
+        (p_dims, m, k): (&[i64], usize, usize),
+        (smooth, bias): (Option<&[f32]>, Option<&[f32]>),
+        r: Option<*const u8>,
+        r_dims: &[i64],
+        y_dims: &[i64],
+    ) -> crate::Result<()> {
+        let api = self.api;
+        let numel = |d: &[i64]| d.iter().try_fold(1usize, |t, &v| t.checked_mul(usize::try_from(v).ok()?));
+        let total = numel(y_dims)
+            .ok_or_else(|| Error::InvalidArgument(format!("the broadcast output shape {y_dims:?} is too large")))?;
+        let r_len = numel(r_dims).ok_or_else(|| Error::InvalidArgument(format!("bad residual shape {r_dims:?}")))?;
+        let r = r.ok_or_else(|| Error::Internal("residual data missing".into()))?;
+        let mut y_val: *mut OrtValue = std::ptr::null_mut();
+        // SAFETY (all calls): `ctx` is live.
+        api::check(api, unsafe { (api.0.KernelContext_GetOutput)(ctx, 0, y_dims.as_ptr(), y_dims.len(), &mut y_val) })
+            .map_err(Error::Internal)?;
+        if total == 0 {
+            return Ok(());
+        }
+        let y_shape = unsafe { api::value_shape(api, y_val) }.map_err(Error::Internal)?;
+        if y_shape.elem != a_shape.elem {
+            return Err(Error::Internal(format!(
+                "the output was allocated as {} for input A of type {} (shape inference did not run?)",
+                api::elem_name(y_shape.elem),
+                api::elem_name(a_shape.elem)
+            )));
+        }
+        let y_ptr = unsafe { api::value_data(api, y_val) }.map_err(Error::Internal)?;
+        let a_ptr = unsafe { api::value_data(api, a_val.cast_mut()) }.map_err(Error::Internal)?;
+        let opts = self.gemm_options();
+        let pool = OrtPool { api, ctx, probe: &self.probe, label: &self.label };
+        let n = w.n();
+        let mut p = vec![0f32; m * n];
+        /// # Safety
+        /// As the caller's, with `a`, `r` and `y` holding m * k, r_len and total values of T.
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn go<T: Element>(
+            w: &PackedWeights,
+            (a, r, y): (*const u8, *const u8, *mut u8),
+            (m, k, r_len, total): (usize, usize, usize, usize),
+            fused: &Fused<'_, f32>,
+            p: &mut [f32],
+            (p_dims, r_dims, y_dims): (&[i64], &[i64], &[i64]),
+            opts: &GemmOptions,
+            pool: &OrtPool<'_>,
+        ) -> crate::Result<()> {
+            let align = std::mem::align_of::<T>();
+            if [a, r, y.cast_const()].iter().any(|p| !(*p as usize).is_multiple_of(align)) {
+                return Err(Error::InvalidArgument(format!("a tensor buffer is not aligned to {align} bytes")));
+            }
+            // SAFETY: per the contract; aligned (checked above); the output is ours alone.
+            let (a, r, y) = unsafe {
+                (
+                    std::slice::from_raw_parts(a.cast::<T>(), m * k),
+                    std::slice::from_raw_parts(r.cast::<T>(), r_len),
+                    std::slice::from_raw_parts_mut(y.cast::<T>(), total),
+                )
+            };
+            gemm_fused_on(w, a, m, k, fused, p, w.n(), opts, pool)?;
+            broadcast_add(p, p_dims, r, r_dims, y, y_dims);
+            Ok(())
+        }
+        let fused = Fused { smooth, bias, residual: None };
+        let bufs = (a_ptr.cast_const(), r, y_ptr);
+        let sizes = (m, k, r_len, total);
+        let dims = (p_dims, r_dims, y_dims);
+        // SAFETY: per the contract; the output was just allocated with `total` values of A's type.
+        unsafe {
+            if a_shape.elem == ELEM_FLOAT16 {
+                go::<half::f16>(w, bufs, sizes, &fused, &mut p, dims, &opts, &pool)
+            } else {
+                go::<f32>(w, bufs, sizes, &fused, &mut p, dims, &opts, &pool)
+            }
+        }
+    }
     /// Builds the kernel: parses attributes, checks the node's inputs and packs constant weights.
     ///
     /// # Safety
@@ -446,17 +551,29 @@ impl DynqKernel {
         let smooth = unsafe { float_vector(api, ctx, label, IN_SMOOTH, k, ("smoothing factors", "K")) }?;
         let mut out_dims = a_shape.dims.clone();
         *out_dims.last_mut().expect("rank >= 1") = n as i64;
-        // Optional residual: Y's shape and A's type, added after the activation.
+        // Optional residual: A's type, added after the activation. Of the product's shape (the
+        // fused path), or of any shape that broadcasts with it as ONNX's Add does: the output
+        // then has the broadcast shape (see `broadcast_residual`).
+        let mut broadcast: Option<(Vec<i64>, Vec<i64>)> = None; // (residual dims, output dims)
         let residual = match unsafe { api::context_input(api, ctx, IN_RESIDUAL) }.map_err(fail)? {
             None => None,
             Some(v) => {
                 let sh = unsafe { api::value_shape(api, v) }.map_err(fail)?;
-                if sh.elem != a_shape.elem || sh.dims != out_dims {
+                if sh.elem != a_shape.elem {
                     return Err(err(format!(
-                        "residual must have the output's shape {out_dims:?} and A's type {}, got {}",
+                        "residual must have A's type {}, got {}",
                         api::elem_name(a_shape.elem),
                         sh.describe()
                     )));
+                }
+                if sh.dims != out_dims {
+                    let b = broadcast_dims(&out_dims, &sh.dims).ok_or_else(|| {
+                        err(format!(
+                            "residual of shape {:?} does not broadcast with the product's shape {out_dims:?}",
+                            sh.dims
+                        ))
+                    })?;
+                    broadcast = Some((sh.dims.clone(), b));
                 }
                 Some(unsafe { api::value_data(api, v) }.map_err(fail)?.cast_const())
             }
@@ -484,6 +601,25 @@ impl DynqKernel {
             if residual.is_some() {
                 return Err(err("a residual cannot be combined with the attribute 'heads'".into()));
             }
+        }
+        if let Some((r_dims, y_dims)) = &broadcast {
+            // SAFETY: `ctx` is live, `residual` is the data of an input of shape `r_dims` and
+            // A's type, `a_val` A's value of shape `a_shape`.
+            return unsafe {
+                self.broadcast_residual(
+                    ctx,
+                    w,
+                    a_val,
+                    &a_shape,
+                    (&out_dims, m, k),
+                    (smooth, bias),
+                    residual,
+                    r_dims,
+                    y_dims,
+                )
+            }
+            .map_err(OpError::from)
+            .map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) });
         }
         let mut ys: Vec<*mut u8> = Vec::with_capacity(widths.len());
         for (g, &cols) in widths.iter().enumerate() {
@@ -517,16 +653,7 @@ impl DynqKernel {
             return Ok(());
         }
         let a_ptr = unsafe { api::value_data(api, a_val) }.map_err(fail)?;
-        let opts = GemmOptions {
-            act_granularity: self.attrs.act_granularity,
-            act_type: self.attrs.act_type,
-            epilogue: match self.attrs.activation {
-                Activation::None => Epilogue::None,
-                Activation::Relu => Epilogue::Relu,
-                Activation::Gelu => Epilogue::Gelu,
-            },
-            num_threads: 1, // not used: the work runs on `pool`
-        };
+        let opts = self.gemm_options();
         let pool = OrtPool { api, ctx, probe: &self.probe, label };
         /// # Safety
         /// `a` points to `m * k` values of type `T`, `ys[g]` to `m * widths[g]` (the outputs,
@@ -591,6 +718,59 @@ impl DynqKernel {
             }
         };
         r.map_err(OpError::from).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })
+    }
+}
+
+/// The shape of `Add(a, b)` under ONNX's (numpy's) broadcasting, or None if they do not broadcast.
+fn broadcast_dims(a: &[i64], b: &[i64]) -> Option<Vec<i64>> {
+    let rank = a.len().max(b.len());
+    let at = |d: &[i64], i: usize| if i + d.len() >= rank { d[i + d.len() - rank] } else { 1 };
+    (0..rank)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y => Some(x),
+            (1, y) => Some(y),
+            (x, 1) => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `y = T(p + r)` over `y_dims`, with `p` (`p_dims`) and `r` (`r_dims`) broadcast to it
+/// (`y_dims = broadcast_dims(p_dims, r_dims)`, at least one element).
+fn broadcast_add<T: Element>(p: &[f32], p_dims: &[i64], r: &[T], r_dims: &[i64], y: &mut [T], y_dims: &[i64]) {
+    let rank = y_dims.len();
+    // Strides over y's dimensions (0 along a broadcast one).
+    let strides = |dims: &[i64]| {
+        let mut st = vec![0usize; rank];
+        let off = rank - dims.len();
+        let mut acc = 1usize;
+        for i in (0..dims.len()).rev() {
+            st[off + i] = if dims[i] == 1 { 0 } else { acc };
+            acc *= dims[i] as usize;
+        }
+        st
+    };
+    let (sp, sr) = (strides(p_dims), strides(r_dims));
+    let last = rank - 1;
+    let inner = y_dims[last] as usize;
+    let mut idx = vec![0usize; rank];
+    let (mut op, mut or) = (0usize, 0usize);
+    for row in y.chunks_exact_mut(inner) {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = T::from_f32(p[op + j * sp[last]] + r[or + j * sr[last]].to_f32());
+        }
+        // The next row: an odometer over the outer dimensions.
+        for d in (0..last).rev() {
+            idx[d] += 1;
+            op += sp[d];
+            or += sr[d];
+            if idx[d] < y_dims[d] as usize {
+                break;
+            }
+            op -= sp[d] * idx[d];
+            or -= sr[d] * idx[d];
+            idx[d] = 0;
+        }
     }
 }
 
@@ -717,6 +897,48 @@ mod tests {
             p.record(false, "t");
         }
         assert!(!p.inline());
+    }
+
+    #[test]
+    fn broadcast_add_equals_numpy_rules() {
+        assert_eq!(broadcast_dims(&[2, 3, 4], &[2, 3, 4]), Some(vec![2, 3, 4]));
+        assert_eq!(broadcast_dims(&[2, 3, 4], &[1, 3, 4]), Some(vec![2, 3, 4]));
+        assert_eq!(broadcast_dims(&[1, 3, 4], &[5, 1, 4]), Some(vec![5, 3, 4]));
+        assert_eq!(broadcast_dims(&[3, 4], &[2, 1, 1]), Some(vec![2, 3, 4]));
+        assert_eq!(broadcast_dims(&[1, 3, 4], &[0, 3, 1]), Some(vec![0, 3, 4]));
+        assert_eq!(broadcast_dims(&[2, 3, 4], &[3, 3, 4]), None);
+        assert_eq!(broadcast_dims(&[2, 3, 4], &[5]), None);
+        // Every pair of shapes from these dims (p always ends in 4, as a product's N does).
+        let shapes: Vec<Vec<i64>> =
+            vec![vec![4], vec![1], vec![2, 4], vec![3, 1], vec![2, 3, 4], vec![1, 3, 4], vec![2, 1, 1], vec![1, 1, 4]];
+        for p_dims in shapes.iter().filter(|d| d.last() == Some(&4)) {
+            for r_dims in &shapes {
+                let Some(y_dims) = broadcast_dims(p_dims, r_dims) else { continue };
+                let len = |d: &[i64]| d.iter().product::<i64>() as usize;
+                let p: Vec<f32> = (0..len(p_dims)).map(|i| i as f32 * 0.5).collect();
+                let r: Vec<f32> = (0..len(r_dims)).map(|i| 100.0 + i as f32).collect();
+                let mut y = vec![f32::NAN; len(&y_dims)];
+                broadcast_add(&p, p_dims, &r, r_dims, &mut y, &y_dims);
+                // The definition: right-aligned indices, a size-1 dimension always at 0.
+                let rank = y_dims.len();
+                let flat = |d: &[i64], idx: &[usize]| {
+                    let off = rank - d.len();
+                    d.iter()
+                        .enumerate()
+                        .fold(0usize, |f, (i, &n)| f * n as usize + if n == 1 { 0 } else { idx[off + i] })
+                };
+                for (e, &v) in y.iter().enumerate() {
+                    let mut idx = vec![0usize; rank];
+                    let mut rest = e;
+                    for i in (0..rank).rev() {
+                        idx[i] = rest % y_dims[i] as usize;
+                        rest /= y_dims[i] as usize;
+                    }
+                    let want = p[flat(p_dims, &idx)] + r[flat(r_dims, &idx)];
+                    assert_eq!(v, want, "{p_dims:?} + {r_dims:?} -> {y_dims:?} at {idx:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -256,6 +256,47 @@ unsafe fn infer_input(api: Api, ctx: *mut OrtShapeInferContext, index: usize) ->
     Ok(InferInput { shape, symbols })
 }
 
+/// The shape of `Add(p, r)` from two inferred shapes (a dimension is its value, or -1 with or
+/// without a symbol): per dimension, right-aligned, the same value or symbol, the other one
+/// where one is 1, and unknown (-1, no symbol) where it cannot be told; an error where known
+/// sizes cannot broadcast.
+fn broadcast_shape(
+    (pd, ps): (&[i64], &[*const c_char]),
+    (rd, rs): (&[i64], &[*const c_char]),
+) -> Result<(Vec<i64>, Vec<*const c_char>), String> {
+    let rank = pd.len().max(rd.len());
+    let at = |d: &[i64], s: &[*const c_char], i: usize| {
+        (i + d.len() >= rank).then(|| (d[i + d.len() - rank], s[i + d.len() - rank]))
+    };
+    let named = |s: *const c_char| {
+        // SAFETY: non-null symbols are NUL-terminated strings owned by the input infos.
+        (!s.is_null() && unsafe { *s } != 0).then(|| unsafe { std::ffi::CStr::from_ptr(s) })
+    };
+    let mut out = (Vec::with_capacity(rank), Vec::with_capacity(rank));
+    for i in 0..rank {
+        let (d, s) = match (at(pd, ps, i), at(rd, rs, i)) {
+            (Some(p), None) | (None, Some(p)) => p,
+            (Some(p), Some(r)) => {
+                if p.0 >= 0 && p.0 == r.0 || r.0 == 1 {
+                    p
+                } else if p.0 == 1 {
+                    r
+                } else if p.0 >= 0 && r.0 >= 0 {
+                    return Err(format!("residual of shape {rd:?} does not broadcast with the product's shape {pd:?}"));
+                } else if p.0 < 0 && r.0 < 0 && named(p.1).is_some() && named(p.1) == named(r.1) {
+                    p
+                } else {
+                    (-1, ptr::null())
+                }
+            }
+            (None, None) => unreachable!("i < rank"),
+        };
+        out.0.push(d);
+        out.1.push(s);
+    }
+    Ok(out)
+}
+
 /// Checks the input types and computes the output shape `[..., N]`.
 ///
 /// # Safety
@@ -296,7 +337,7 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
             }
         }
     }
-    if IN_RESIDUAL < count {
+    let residual = if IN_RESIDUAL < count {
         let r = unsafe { infer_input(api, ctx, IN_RESIDUAL)? };
         if r.shape.elem != 0 && r.shape.elem != a.shape.elem {
             return Err(format!(
@@ -305,7 +346,11 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
                 api::elem_name(r.shape.elem)
             ));
         }
-    }
+        // Rank 0: absent, a scalar or unknown; the product's shape is kept.
+        (r.shape.elem != 0 && !r.shape.dims.is_empty()).then_some(r)
+    } else {
+        None
+    };
     let split = unsafe { infer_split(api, ctx)? };
     let outputs = split.as_ref().map_or(1, |v| v.len());
     // Rank 0 means a scalar or an unknown shape here: then only the output type is known.
@@ -326,6 +371,13 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     let mut symbols = a.symbols.clone();
     *dims.last_mut().expect("rank >= 1") = w.shape.dims[1];
     *symbols.last_mut().expect("rank >= 1") = w.symbols[1];
+    if let (Some(r), None) = (&residual, &split) {
+        // The residual broadcasts with the product as ONNX's Add does (see the kernel); not with
+        // heads, which the kernel refuses.
+        if !unsafe { infer_heads(api, ctx, outputs)? }.iter().any(|&(h, _)| h > 0) {
+            (dims, symbols) = broadcast_shape((&dims, &symbols), (&r.shape.dims, &r.symbols))?;
+        }
+    }
     // ONNX Runtime records a dimension without a symbol as its value, so an unknown (-1) dimension
     // without a name would become a literal -1 (and break Reshape targets computed from Shape).
     // Unknown dimensions without a symbol get a fresh unique symbol instead.
@@ -348,7 +400,7 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
         return Err(format!("attribute 'heads' needs A of rank 3 ([batch, seq, K]), got shape {:?}", a.shape.dims));
     }
     let widths = match split {
-        None => vec![w.shape.dims[1]],
+        None => vec![*dims.last().expect("rank >= 1")],
         Some(widths) => {
             if w.shape.dims[1] >= 0 && widths.iter().sum::<i64>() != w.shape.dims[1] {
                 return Err(format!(
@@ -656,5 +708,39 @@ pub unsafe extern "C" fn dynq_ort_weight_cache_stats(
         if !misses.is_null() {
             *misses = s.misses;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_shape_of_inferred_dims() {
+        let (b, b2, s) = (c"batch", c"batch_2", c"seq");
+        let none: *const c_char = ptr::null();
+        let sym = |p: &std::ffi::CStr| p.as_ptr();
+        let name = |p: *const c_char| {
+            // SAFETY: the symbols above, or null.
+            (!p.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(p) }.to_str().unwrap().to_string())
+        };
+        let run = |p: (&[i64], &[*const c_char]), r: (&[i64], &[*const c_char])| {
+            broadcast_shape(p, r).map(|(d, s)| (d, s.into_iter().map(name).collect::<Vec<_>>()))
+        };
+        let some = |v: &str| Some(v.to_string());
+        // The same symbols: kept.
+        let (d, n) = run((&[-1, -1, 384], &[sym(b), sym(s), none]), (&[-1, -1, 384], &[sym(b), sym(s), none])).unwrap();
+        assert_eq!((d, n), (vec![-1, -1, 384], vec![some("batch"), some("seq"), None]));
+        // Different symbols: unknown, no symbol (the caller names it); 1 gives way to the other.
+        let (d, n) = run((&[-1, -1, 384], &[sym(b), sym(s), none]), (&[-1, 1, 384], &[sym(b2), none, none])).unwrap();
+        assert_eq!((d, n), (vec![-1, -1, 384], vec![None, some("seq"), None]));
+        let (d, n) = run((&[1, 7, 384], &[none, none, none]), (&[-1, 7, 1], &[sym(b2), none, none])).unwrap();
+        assert_eq!((d, n), (vec![-1, 7, 384], vec![some("batch_2"), None, None]));
+        // Other ranks: right-aligned.
+        let (d, _) = run((&[5, 384], &[none, none]), (&[2, 1, 384], &[none, none, none])).unwrap();
+        assert_eq!(d, vec![2, 5, 384]);
+        // Known sizes that do not broadcast.
+        let e = run((&[2, 384], &[none, none]), (&[3, 384], &[none, none])).unwrap_err();
+        assert!(e.contains("does not broadcast"), "{e}");
     }
 }

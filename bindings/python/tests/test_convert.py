@@ -724,6 +724,43 @@ def test_residual_add_is_folded_only_when_shapes_match():
     assert QuantizeOptions.from_json(opts.to_json()).fuse_residual is False
 
 
+def test_residual_of_another_symbolic_shape_is_folded_and_broadcast_at_run_time():
+    """A skip connection whose shape shape inference names differently from the layer's output
+    (a PyTorch export names an attention block's batch size twice) is folded too: at run time
+    the op takes the fused path when the shapes are equal and broadcasts as Add does otherwise;
+    either way the bits of the unfolded model (one f32 addition)."""
+    d = 32
+    inits = [numpy_helper.from_array(f32(d, d), "w1"), numpy_helper.from_array(f32(d), "b1")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
+        helper.make_node("Add", ["h1b", "r"], ["out"], name="res"),
+    ]
+    m = model(nodes, [_vi("x", ["b", "s", d]), _vi("r", ["rb", "s", d])], [_vi("out", None)], inits)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    q0, _ = quantize_model(m, QuantizeOptions(smooth="off", fuse_residual=False))
+    assert {r.name: r.residual for r in rep.converted} == {"fc1": "r"}
+    assert "res" not in [n.name for n in q.graph.node]
+    import onnxruntime as ort
+
+    def plain(mm):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.register_custom_ops_library(dynq.library_path())
+        return ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    for x_b, r_b in [(3, 3), (3, 1), (1, 3)]:
+        f = {"x": f32(x_b, 5, d, scale=1.0), "r": f32(r_b, 5, d, scale=1.0)}
+        got, want = plain(q).run(None, f)[0], plain(q0).run(None, f)[0]
+        assert got.shape == want.shape == (3, 5, d), (x_b, r_b, got.shape)
+        np.testing.assert_array_equal(got, want)
+    # Known sizes that cannot broadcast, or another rank: left alone.
+    m2 = model(nodes, [_vi("x", [2, 5, d]), _vi("r", [3, 5, d])], [_vi("out", None)], inits)
+    assert quantize_model(m2, QuantizeOptions(smooth="off"))[1].converted[0].residual is None
+    m3 = model(nodes, [_vi("x", ["b", "s", d]), _vi("r", ["s", d])], [_vi("out", None)], inits)
+    assert quantize_model(m3, QuantizeOptions(smooth="off"))[1].converted[0].residual is None
+
+
 def shared_input_model(d=32):
     """q, k, v: three MatMuls (+bias) reading x; g: a fourth reading x, with a Relu (another
     activation); r: a fifth whose output gets a residual Add; then everything summed into one

@@ -55,7 +55,7 @@ class QuantizeOptions:
     min_size: int = 0  # skip weights with fewer than this many elements (K * N)
     fuse_bias: bool = True
     fuse_activation: bool = True
-    fuse_residual: bool = True  # fold a following Add of a same-shape tensor (the skip connection)
+    fuse_residual: bool = True  # fold a following Add of a same-rank tensor (the skip connection)
     fuse_heads: bool = True  # fold a following Reshape to attention heads and Transpose(perm=[0, 2, 1, 3])
     fuse_heads_transposed: bool = False  # ... and Transpose(perm=[0, 2, 3, 1]) (transposed keys); see README
     group_shared_input: bool = False  # one node ('split' outputs) for MatMuls reading one input; ONNX Runtime >= 1.18
@@ -357,9 +357,11 @@ def _match_bias(G: _Graph, out: str, n: int, x_name: str) -> Optional[Tuple[onnx
 
 
 def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]:
-    """A following `Add(out, r)` where `r` has exactly the shape and type of `out` (both known
-    from shape inference: the same values or the same symbols), so no broadcasting is involved:
-    the skip connection of a transformer block."""
+    """A following `Add(out, r)` where `r` has the type and rank of `out`: the skip connection of
+    a transformer block. Their dimensions are the same values or symbols, or may differ only
+    where shape inference cannot tell (different symbols: a PyTorch export names the batch size
+    of a block's output and of its input differently) or where one is 1; the op adds a residual
+    of another shape with ONNX's broadcasting (the fused path runs when the shapes are equal)."""
     add = G.sole_consumer(out)
     if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
         return None
@@ -367,8 +369,13 @@ def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]
     if other is None or other in G.subgraph_uses:
         return None
     so, sr = G.shapes.get(out), G.shapes.get(other)
-    if so is None or so != sr or so[0] not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+    if so is None or sr is None or so[0] != sr[0] or so[0] not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
         return None
+    if len(so[1]) != len(sr[1]):
+        return None
+    for a, b in zip(so[1], sr[1]):
+        if isinstance(a, int) and isinstance(b, int) and a != b and 1 not in (a, b):
+            return None
     return add, other
 
 
