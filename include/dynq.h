@@ -262,6 +262,25 @@ typedef struct {
   size_t cols;
 } dynq_output;
 
+// The attention-head layout of one output of `dynq_gemm_split_heads`. With `heads == 0` the
+// output has the plain layout of `dynq_output` (rows at stride `ldy`). Otherwise the output's
+// `m` rows are `m / seq` sequences of `seq` tokens, its `cols` columns `heads` heads of
+// `d = cols / heads` values, and row `b * seq + s`, column `h * d + e` goes to
+// `y[((b * heads + h) * seq + s) * d + e]` (`[batch, heads, seq, d]`, `transposed == 0`: the
+// reshape and `perm = [0, 2, 1, 3]` transpose of attention's Q and V) or to
+// `y[((b * heads + h) * d + e) * seq + s]` (`[batch, heads, d, seq]`, `transposed == 1`:
+// transposed keys); the values are the bits of the plain layout.
+typedef struct {
+  // Number of heads, or 0 for the plain layout.
+  size_t heads;
+  // Tokens per sequence (when `heads > 0`).
+  size_t seq;
+  // 0: `[batch, heads, seq, d]`; 1: `[batch, heads, d, seq]`.
+  uint32_t transposed;
+  // Zero.
+  uint32_t reserved;
+} dynq_heads;
+
 
 
 #ifdef __cplusplus
@@ -519,6 +538,30 @@ dynq_status dynq_gemm_split(const dynq_packed_weights *packed,
                             size_t num_outputs,
                             uint32_t y_type,
                             const dynq_gemm_config *config);
+
+// `dynq_gemm_split` with each output in the plain layout or an attention-head layout
+// (`dynq_heads`): a transformer's Q, K and V projections written straight into the
+// `[batch, heads, seq, d]` (or, for keys, `[batch, heads, d, seq]`) tensors that attention
+// reads, without a separate transpose. `heads` NULL is `dynq_gemm_split`.
+//
+// Errors (`y` buffers untouched): those of `dynq_gemm_split`; for an output with
+// `heads[g].heads > 0`: `ldy != cols`, `seq` 0 or not dividing `m`, `heads` not dividing
+// `cols`, `transposed` not 0 or 1, `reserved` not 0.
+//
+// # Safety
+// As `dynq_gemm_split`; `heads` is NULL or points to `num_outputs` readable `dynq_heads`.
+dynq_status dynq_gemm_split_heads(const dynq_packed_weights *packed,
+                                  const void *a,
+                                  uint32_t a_type,
+                                  size_t m,
+                                  size_t lda,
+                                  const float *smooth,
+                                  const float *bias,
+                                  const dynq_output *outputs,
+                                  const dynq_heads *heads,
+                                  size_t num_outputs,
+                                  uint32_t y_type,
+                                  const dynq_gemm_config *config);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -509,6 +509,32 @@ fn bad_inputs_table() {
         let st = dynq_gemm_split(p, a32, 0, m, k, null(), null(), null(), 2, 0, &gc);
         g(&mut t, "outputs = NULL", Status::NullPointer, st, &y);
 
+        let f = "dynq_gemm_split_heads";
+        let g = |t: &mut Table, input: &str, want, st, y: &[f32]| {
+            t.case(f, input, want, st);
+            assert!(y.iter().all(|v| v.to_bits() == sentinel), "{f}: {input}: y written");
+        };
+        let outs = [mk(yp, n, n)];
+        let hd =
+            |heads: usize, seq: usize, transposed: u32, reserved: u32| dynq_heads { heads, seq, transposed, reserved };
+        let split_heads = |h: &dynq_heads, outs: &[dynq_output]| {
+            dynq_gemm_split_heads(p, a32, 0, m, k, null(), null(), outs.as_ptr(), h, 1, 0, &gc)
+        };
+        let st = split_heads(&hd(n + 1, 1, 0, 0), &outs);
+        g(&mut t, "heads not dividing the output's columns", Status::InvalidArgument, st, &y);
+        let st = split_heads(&hd(1, m + 1, 0, 0), &outs);
+        g(&mut t, "seq not dividing m", Status::InvalidArgument, st, &y);
+        let st = split_heads(&hd(1, 0, 0, 0), &outs);
+        g(&mut t, "seq = 0", Status::InvalidArgument, st, &y);
+        let st = split_heads(&hd(1, 1, 2, 0), &outs);
+        g(&mut t, "transposed = 2", Status::InvalidArgument, st, &y);
+        let st = split_heads(&hd(1, 1, 0, 7), &outs);
+        g(&mut t, "reserved != 0", Status::InvalidArgument, st, &y);
+        let st = split_heads(&hd(1, 1, 0, 0), &[mk(yp, n + 1, n)]);
+        g(&mut t, "ldy != cols in a head layout", Status::InvalidArgument, st, &y);
+        let st = split_heads(&hd(1, 1, 0, 0), &[mk(null_mut(), n, n)]);
+        g(&mut t, "y = NULL in a head layout", Status::NullPointer, st, &y);
+
         // ---- the rest ----
         t.case("dynq_pack_config_init", "config = NULL", Status::NullPointer, dynq_pack_config_init(null_mut()));
         t.case("dynq_gemm_config_init", "config = NULL", Status::NullPointer, dynq_gemm_config_init(null_mut()));

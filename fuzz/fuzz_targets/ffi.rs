@@ -616,9 +616,10 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
     Ok(())
 }
 
-/// `dynq_gemm_split`: 0-4 outputs whose widths partition n (sometimes spoiled: n + 1, a zero
-/// width), strides at, above or below the widths or overflowing, NULL or misaligned outputs,
-/// an output starting inside the previous one, and a NULL or misaligned table of outputs.
+/// `dynq_gemm_split` (and a third of the time `dynq_gemm_split_heads`): 0-4 outputs whose
+/// widths partition n (sometimes spoiled: n + 1, a zero width), strides at, above or below the
+/// widths or overflowing, NULL or misaligned outputs, an output starting inside the previous
+/// one, a NULL or misaligned table of outputs, and head layouts valid or not.
 fn op_gemm_split(u: &mut Unstructured, s: &mut State) -> Result<()> {
     let (n, k, hp) = gemm_weights(u, s)?;
     let m = if u.ratio(3u8, 4)? { u.int_in_range(1..=12)? } else { size(u)? };
@@ -753,14 +754,52 @@ fn op_gemm_split(u: &mut Unstructured, s: &mut State) -> Result<()> {
         && bias_valid
         && (m == 0 || (possible && a_aligned && a_ok && outs_ok));
 
+    // A third of the calls go through dynq_gemm_split_heads with a table of layouts: plain for
+    // about half the outputs, else heads (0-6) of sequences (0, m + 1 or a divisor candidate),
+    // transposed 0/1 (rarely 2) and reserved 0 (rarely 1).
+    let with_heads = parts > 0 && u.ratio(1u8, 3)?;
+    let mut heads_tab: Vec<dynq_heads> = Vec::new();
+    let mut heads_ok = true;
+    if with_heads {
+        for g in 0..parts {
+            let heads = if u.arbitrary::<bool>()? { 0 } else { u.int_in_range(0usize..=6)? };
+            let seq = match u.int_in_range(0u8..=7)? {
+                0 => 0,
+                1 => m.saturating_add(1),
+                _ => u.int_in_range(1..=m.clamp(1, 64))?,
+            };
+            let transposed = if rare(u, 16)? { 2 } else { u.int_in_range(0u32..=1)? };
+            let reserved = u32::from(rare(u, 16)?);
+            if heads > 0 {
+                heads_ok &= transposed <= 1
+                    && reserved == 0
+                    && ldys[g] == widths[g]
+                    && seq > 0
+                    && m % seq == 0
+                    && widths[g] % heads == 0;
+            }
+            heads_tab.push(dynq_heads { heads, seq, transposed, reserved });
+        }
+    }
+    let valid = valid && heads_ok;
+
     let snap = ar.snapshot();
     let before = message();
     // SAFETY: every non-NULL pointer points into the arena with at least the claimed extent (or
-    // an extent over isize::MAX bytes, which the ABI must refuse).
-    let st = unsafe { dynq_gemm_split(hp, ap, at, m, lda, null(), bp, tp, parts, yt, cfg) };
+    // an extent over isize::MAX bytes, which the ABI must refuse); the heads table has `parts`
+    // records.
+    let st = unsafe {
+        if with_heads {
+            dynq_gemm_split_heads(hp, ap, at, m, lda, null(), bp, tp, heads_tab.as_ptr(), parts, yt, cfg)
+        } else {
+            dynq_gemm_split(hp, ap, at, m, lda, null(), bp, tp, parts, yt, cfg)
+        }
+    };
+    let layouts: Vec<(usize, usize, u32, u32)> =
+        heads_tab.iter().map(|h| (h.heads, h.seq, h.transposed, h.reserved)).collect();
     let what = format!(
         "gemm_split(m={m}, n={n}, k={k}, lda={lda}, a_type={at}, y_type={yt}, widths={widths:?}, ldys={ldys:?}, \
-         outputs={kinds:?}, table={tkind:?}, a={akind:?}, bias={use_bias}/{bkind:?}, handle={})",
+         outputs={kinds:?}, table={tkind:?}, a={akind:?}, bias={use_bias}/{bkind:?}, handle={}, heads={layouts:?})",
         !hp.is_null()
     );
     judge(&what, st, Some(valid), &before);

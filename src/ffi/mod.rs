@@ -148,6 +148,27 @@ pub struct dynq_output {
     pub cols: usize,
 }
 
+/// The attention-head layout of one output of `dynq_gemm_split_heads`. With `heads == 0` the
+/// output has the plain layout of `dynq_output` (rows at stride `ldy`). Otherwise the output's
+/// `m` rows are `m / seq` sequences of `seq` tokens, its `cols` columns `heads` heads of
+/// `d = cols / heads` values, and row `b * seq + s`, column `h * d + e` goes to
+/// `y[((b * heads + h) * seq + s) * d + e]` (`[batch, heads, seq, d]`, `transposed == 0`: the
+/// reshape and `perm = [0, 2, 1, 3]` transpose of attention's Q and V) or to
+/// `y[((b * heads + h) * d + e) * seq + s]` (`[batch, heads, d, seq]`, `transposed == 1`:
+/// transposed keys); the values are the bits of the plain layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct dynq_heads {
+    /// Number of heads, or 0 for the plain layout.
+    pub heads: usize,
+    /// Tokens per sequence (when `heads > 0`).
+    pub seq: usize,
+    /// 0: `[batch, heads, seq, d]`; 1: `[batch, heads, d, seq]`.
+    pub transposed: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
 /// What `dynq_packed_weights_get_info` reports. Set `struct_size` before the call.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -858,7 +879,55 @@ pub unsafe extern "C" fn dynq_gemm_split(
 ) -> Status {
     // SAFETY: forwarded contract.
     ffi_boundary!({
-        unsafe { gemm_split_raw(packed, a, a_type, m, lda, smooth, bias, outputs, num_outputs, y_type, config) }
+        unsafe {
+            gemm_split_raw(
+                packed,
+                a,
+                a_type,
+                m,
+                lda,
+                smooth,
+                bias,
+                (outputs, std::ptr::null()),
+                num_outputs,
+                y_type,
+                config,
+            )
+        }
+    })
+}
+
+/// `dynq_gemm_split` with each output in the plain layout or an attention-head layout
+/// (`dynq_heads`): a transformer's Q, K and V projections written straight into the
+/// `[batch, heads, seq, d]` (or, for keys, `[batch, heads, d, seq]`) tensors that attention
+/// reads, without a separate transpose. `heads` NULL is `dynq_gemm_split`.
+///
+/// Errors (`y` buffers untouched): those of `dynq_gemm_split`; for an output with
+/// `heads[g].heads > 0`: `ldy != cols`, `seq` 0 or not dividing `m`, `heads` not dividing
+/// `cols`, `transposed` not 0 or 1, `reserved` not 0.
+///
+/// # Safety
+/// As `dynq_gemm_split`; `heads` is NULL or points to `num_outputs` readable `dynq_heads`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm_split_heads(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    outputs: *const dynq_output,
+    heads: *const dynq_heads,
+    num_outputs: usize,
+    y_type: u32,
+    config: *const dynq_gemm_config,
+) -> Status {
+    // SAFETY: forwarded contract.
+    ffi_boundary!({
+        unsafe {
+            gemm_split_raw(packed, a, a_type, m, lda, smooth, bias, (outputs, heads), num_outputs, y_type, config)
+        }
     })
 }
 
@@ -923,10 +992,11 @@ macro_rules! with_dtypes {
     }};
 }
 
-/// `dynq_gemm_split` after the boundary.
+/// `dynq_gemm_split` and `dynq_gemm_split_heads` after the boundary (`heads` NULL: plain
+/// layouts).
 ///
 /// # Safety
-/// The contract of `dynq_gemm_split`.
+/// The contract of `dynq_gemm_split_heads`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_split_raw(
     packed: *const dynq_packed_weights,
@@ -936,7 +1006,7 @@ unsafe fn gemm_split_raw(
     lda: usize,
     smooth: *const f32,
     bias: *const f32,
-    outputs: *const dynq_output,
+    (outputs, heads): (*const dynq_output, *const dynq_heads),
     num_outputs: usize,
     y_type: u32,
     config: *const dynq_gemm_config,
@@ -950,10 +1020,35 @@ unsafe fn gemm_split_raw(
     }
     // SAFETY: `outputs` points to `num_outputs` readable records per the contract.
     let outs = unsafe { std::slice::from_raw_parts(outputs, num_outputs) }.to_vec();
+    let mut layouts: Vec<Option<crate::gemm::Heads>> = vec![None; num_outputs];
+    if !heads.is_null() {
+        check_ptr(heads, "heads")?;
+        // SAFETY: `heads` points to `num_outputs` readable records per the contract (the count
+        // was checked against the address space above; dynq_heads is no larger than dynq_output).
+        let hs = unsafe { std::slice::from_raw_parts(heads, num_outputs) };
+        for (g, (h, o)) in hs.iter().zip(&outs).enumerate() {
+            if h.heads == 0 {
+                continue;
+            }
+            if h.transposed > 1 || h.reserved != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "heads[{g}]: transposed must be 0 or 1 (got {}) and reserved 0 (got {})",
+                    h.transposed, h.reserved
+                )));
+            }
+            if o.ldy != o.cols {
+                return Err(Error::InvalidArgument(format!(
+                    "outputs[{g}]: ldy ({}) must equal cols ({}) in a head layout",
+                    o.ldy, o.cols
+                )));
+            }
+            layouts[g] = Some(crate::gemm::Heads { heads: h.heads, seq: h.seq, transposed: h.transposed == 1 });
+        }
+    }
     let (at, yt) = (dtype_arg(a_type, "a_type")?, dtype_arg(y_type, "y_type")?);
     with_dtypes!(at, yt, |A, Y| {
         // SAFETY: forwarded contract with the element types the caller named.
-        unsafe { split_generic::<A, Y>(packed, a as *const A, m, lda, smooth, bias, &outs, config) }
+        unsafe { split_generic::<A, Y>(packed, a as *const A, m, lda, smooth, bias, (&outs, &layouts), config) }
     })
 }
 
@@ -969,7 +1064,7 @@ unsafe fn split_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     lda: usize,
     smooth: *const f32,
     bias: *const f32,
-    outs: &[dynq_output],
+    (outs, layouts): (&[dynq_output], &[Option<crate::gemm::Heads>]),
     config: *const dynq_gemm_config,
 ) -> Result<()> {
     // SAFETY: per the contract.
@@ -1036,12 +1131,13 @@ unsafe fn split_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     let mut split: Vec<crate::gemm::SplitOut<'_, Y>> = outs
         .iter()
         .zip(&lens)
-        .map(|(o, &len)| crate::gemm::SplitOut {
+        .zip(layouts)
+        .map(|((o, &len), &heads)| crate::gemm::SplitOut {
             // SAFETY: as above (an empty slice when m = 0, where y may be NULL).
             y: if m > 0 { unsafe { std::slice::from_raw_parts_mut(o.y as *mut Y, len) } } else { &mut [][..] },
             ldy: o.ldy,
             cols: o.cols,
-            heads: None,
+            heads,
         })
         .collect();
     crate::gemm::gemm_split(pw, a, m, lda, smooth, bias, &mut split, &opts)

@@ -1722,6 +1722,106 @@ static void test_gemm_split(void)
     free(h1);
 }
 
+/* dynq_gemm_split_heads: Q, K and V side by side (12 heads of 16, 3 of 12 and a plain output),
+   written as [batch, heads, seq, d], [batch, heads, d, seq] and rows: every element is the bit
+   pattern of dynq_gemm_smoothed at its place; NULL heads is dynq_gemm_split; bad layouts refused
+   with every output untouched. */
+static void test_gemm_split_heads(void)
+{
+    const size_t batch = 3, seq = 7, m = batch * seq, k = 40;
+    const size_t w0 = 192, w1 = 36, w2 = 29, n = w0 + w1 + w2;
+    const size_t hd0 = 12, hd1 = 3;
+    int8_t *q = ALLOC(int8_t, n * k);
+    float *sw = ALLOC(float, n), *bias = ALLOC(float, n), *sm = ALLOC(float, k);
+    float *a = ALLOC(float, m * k), *whole = ALLOC(float, m * n);
+    float *y0 = ALLOC(float, m * w0), *y1 = ALLOC(float, m * w1), *y2 = ALLOC(float, m * w2);
+    dynq_gemm_config c = gemm_cfg(0, 0, 2 /* GELU */, 2);
+    dynq_packed_weights *p;
+    dynq_output outs[3];
+    dynq_heads hs[3];
+    size_t i, j;
+    int same = 1;
+    random_q(q, n * k);
+    for (j = 0; j < n; j++) {
+        sw[j] = 0.002f * (float)(j % 9 + 1);
+        bias[j] = rnd_f();
+    }
+    for (j = 0; j < k; j++) {
+        sm[j] = 0.5f + 0.25f * (float)(j % 3);
+    }
+    random_a(a, m, k, k, 0);
+    p = pack_q(q, n, k, sw, n);
+    EXPECT_OK("dynq_gemm_smoothed", dynq_gemm_smoothed(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, whole, DYNQ_DTYPE_F32, n, &c));
+    outs[0].y = y0; outs[0].ldy = w0; outs[0].cols = w0;
+    outs[1].y = y1; outs[1].ldy = w1; outs[1].cols = w1;
+    outs[2].y = y2; outs[2].ldy = w2; outs[2].cols = w2;
+    memset(hs, 0, sizeof hs);
+    hs[0].heads = hd0; hs[0].seq = seq; hs[0].transposed = 0;
+    hs[1].heads = hd1; hs[1].seq = seq; hs[1].transposed = 1;
+    EXPECT_OK("dynq_gemm_split_heads", dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, hs, 3, DYNQ_DTYPE_F32, &c));
+    for (i = 0; i < m; i++) {
+        const size_t b = i / seq, t = i % seq;
+        for (j = 0; j < n; j++) {
+            const float *src;
+            if (j < w0) {
+                const size_t d = w0 / hd0, h = j / d, e = j % d;
+                src = &y0[((b * hd0 + h) * seq + t) * d + e];
+            } else if (j < w0 + w1) {
+                const size_t d = w1 / hd1, h = (j - w0) / d, e = (j - w0) % d;
+                src = &y1[((b * hd1 + h) * d + e) * seq + t];
+            } else {
+                src = &y2[i * w2 + j - w0 - w1];
+            }
+            same &= memcmp(src, &whole[i * n + j], sizeof(float)) == 0;
+        }
+    }
+    check(same, "dynq_gemm_split_heads outputs hold dynq_gemm_smoothed's bits at their head-layout places");
+    /* NULL heads: the plain layouts of dynq_gemm_split. */
+    EXPECT_OK("dynq_gemm_split_heads(heads=NULL)", dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, NULL, 3, DYNQ_DTYPE_F32, &c));
+    same = 1;
+    for (i = 0; i < m; i++) {
+        same &= memcmp(&y0[i * w0], &whole[i * n], w0 * sizeof(float)) == 0;
+    }
+    check(same, "dynq_gemm_split_heads with heads=NULL writes rows");
+    /* Refused, outputs untouched. */
+    fill_sentinel(y0, m * w0);
+    fill_sentinel(y1, m * w1);
+    hs[0].seq = 5;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "not whole sequences of 5", "dynq_gemm_split_heads(seq not dividing m)",
+           dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, hs, 3, DYNQ_DTYPE_F32, &c));
+    hs[0].seq = 0;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "must be positive", "dynq_gemm_split_heads(seq 0)",
+           dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, hs, 3, DYNQ_DTYPE_F32, &c));
+    hs[0].seq = seq;
+    hs[0].heads = 5;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "do not split into 5 heads", "dynq_gemm_split_heads(heads not dividing cols)",
+           dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, hs, 3, DYNQ_DTYPE_F32, &c));
+    hs[0].heads = hd0;
+    hs[1].transposed = 2;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "transposed must be 0 or 1", "dynq_gemm_split_heads(transposed 2)",
+           dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, hs, 3, DYNQ_DTYPE_F32, &c));
+    hs[1].transposed = 1;
+    hs[1].reserved = 1;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "reserved 0", "dynq_gemm_split_heads(reserved 1)",
+           dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, hs, 3, DYNQ_DTYPE_F32, &c));
+    hs[1].reserved = 0;
+    outs[0].ldy = w0 + 1;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "must equal cols", "dynq_gemm_split_heads(ldy != cols)",
+           dynq_gemm_split_heads(p, a, DYNQ_DTYPE_F32, m, k, sm, bias, outs, hs, 3, DYNQ_DTYPE_F32, &c));
+    outs[0].ldy = w0;
+    check(all_sentinel(y0, m * w0) && all_sentinel(y1, m * w1), "head-layout outputs untouched after refused calls");
+    dynq_packed_weights_free(p);
+    free(q);
+    free(sw);
+    free(bias);
+    free(sm);
+    free(a);
+    free(whole);
+    free(y0);
+    free(y1);
+    free(y2);
+}
+
 /* Every pointer argument NULL. */
 static void test_null_pointers(void)
 {
@@ -2417,6 +2517,7 @@ int main(int argc, char **argv)
     test_gemm_smoothed();
     test_gemm_residual();
     test_gemm_split();
+    test_gemm_split_heads();
     test_null_pointers();
     test_invalid_arguments();
     test_size_overflow();
