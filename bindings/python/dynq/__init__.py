@@ -90,6 +90,10 @@ class _Output(ctypes.Structure):
     _fields_ = [("y", ctypes.c_void_p), ("ldy", ctypes.c_size_t), ("cols", ctypes.c_size_t)]
 
 
+class _Heads(ctypes.Structure):
+    _fields_ = [("heads", ctypes.c_size_t), ("seq", ctypes.c_size_t), ("transposed", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
 class _Info(ctypes.Structure):
     _fields_ = [
         ("struct_size", ctypes.c_uint32),
@@ -185,6 +189,11 @@ def _load():
         lib.dynq_gemm_residual.argtypes = [P, P, u32, sz, sz, P, P, P, sz, P, u32, sz, ctypes.POINTER(_GemmConfig)]
         lib.dynq_gemm_split.restype = u32
         lib.dynq_gemm_split.argtypes = [P, P, u32, sz, sz, P, P, ctypes.POINTER(_Output), sz, u32, ctypes.POINTER(_GemmConfig)]
+        if hasattr(lib, "dynq_gemm_split_heads"):  # absent from libraries built before it was added
+            lib.dynq_gemm_split_heads.restype = u32
+            lib.dynq_gemm_split_heads.argtypes = [
+                P, P, u32, sz, sz, P, P, ctypes.POINTER(_Output), ctypes.POINTER(_Heads), sz, u32, ctypes.POINTER(_GemmConfig)
+            ]
         if hasattr(lib, "dynq_ort_weight_cache_stats"):
             lib.dynq_ort_weight_cache_stats.restype = None
             lib.dynq_ort_weight_cache_stats.argtypes = [ctypes.POINTER(sz), ctypes.POINTER(sz)] + [
@@ -449,11 +458,17 @@ def gemm_split(
     epilogue: str = "none",
     num_threads: int = 0,
     smooth: Optional[np.ndarray] = None,
+    heads: Optional[Sequence[Optional[Tuple[int, bool]]]] = None,
 ) -> list:
     """:func:`gemm` with the result's columns returned as several arrays (``dynq_gemm_split``):
     the first ``widths[0]`` columns, then the next ``widths[1]``, ... (``sum(widths) == n``),
     each bit for bit those columns of :func:`gemm`. Layers that read one input (Q, K, V packed
-    side by side as one weight) then run as one call, with A quantized once."""
+    side by side as one weight) then run as one call, with A quantized once.
+
+    ``heads`` (``dynq_gemm_split_heads``): per output, None for ``[..., width]`` or
+    ``(h, transposed)`` for attention heads; ``a`` is then ``[batch, seq, K]`` and that output
+    is ``[batch, h, seq, width // h]`` (``transposed``: ``[batch, h, width // h, seq]``), the same
+    values as reshaping and transposing the plain output."""
     if packed._h is None:
         raise ValueError("packed weights were closed")
     half = isinstance(a, np.ndarray) and a.dtype == np.float16
@@ -462,7 +477,25 @@ def gemm_split(
         raise ValueError(f"a must have shape [..., {packed.k}], got {a.shape}")
     widths = [int(w) for w in widths]
     m = int(np.prod(a.shape[:-1], dtype=np.int64)) if a.ndim > 1 else 1
-    ys = [np.empty(a.shape[:-1] + (w,), dtype=a.dtype) for w in widths]
+    layouts = list(heads) if heads is not None else [None] * len(widths)
+    if len(layouts) != len(widths):
+        raise ValueError(f"heads has {len(layouts)} entries for {len(widths)} outputs")
+    if any(lay is not None for lay in layouts) and a.ndim != 3:
+        raise ValueError(f"head layouts need a of shape [batch, seq, {packed.k}], got {a.shape}")
+    ys = []
+    for w, lay in zip(widths, layouts):
+        if lay is None:
+            ys.append(np.empty(a.shape[:-1] + (w,), dtype=a.dtype))
+            continue
+        h, transposed = int(lay[0]), bool(lay[1])
+        if h <= 0 or w % h:
+            raise ValueError(f"{w} columns do not split into {h} heads")
+        batch, seq = a.shape[0], a.shape[1]
+        ys.append(np.empty((batch, h, w // h, seq) if transposed else (batch, h, seq, w // h), dtype=a.dtype))
+    hs = (_Heads * max(len(ys), 1))()
+    for g, lay in enumerate(layouts):
+        if lay is not None:
+            hs[g].heads, hs[g].seq, hs[g].transposed = int(lay[0]), a.shape[1], int(bool(lay[1]))
     outs = (_Output * max(len(ys), 1))()
     for g, (y, w) in enumerate(zip(ys, widths)):
         outs[g].y = y.ctypes.data if m and y.size else None
@@ -475,7 +508,12 @@ def gemm_split(
     lib = _load()
     cfg = _gemm_config(act_granularity, act_type, epilogue, num_threads)
     dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
-    _check(lib.dynq_gemm_split(
-        packed._h, a.ctypes.data if m else None, dt, m, packed.k, sm.ctypes.data if sm is not None else None,
-        b.ctypes.data if b is not None else None, outs, len(ys), dt, ctypes.byref(cfg)))
+    args = (packed._h, a.ctypes.data if m else None, dt, m, packed.k, sm.ctypes.data if sm is not None else None,
+            b.ctypes.data if b is not None else None, outs)
+    if all(lay is None for lay in layouts):
+        _check(lib.dynq_gemm_split(*args, len(ys), dt, ctypes.byref(cfg)))
+    elif not hasattr(lib, "dynq_gemm_split_heads"):
+        raise DynqError(5, f"this libdynq ({_lib_path}) has no dynq_gemm_split_heads; head layouts need a newer build")
+    else:
+        _check(lib.dynq_gemm_split_heads(*args, hs, len(ys), dt, ctypes.byref(cfg)))
     return ys
