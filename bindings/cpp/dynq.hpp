@@ -253,6 +253,38 @@ public:
         return ys;
     }
 
+    /* gemm_split with output g in the attention-head layout heads[g] (dynq_gemm_split_heads;
+       heads[g].heads == 0: dense rows; heads empty: all dense): [batch, heads, seq, d], or
+       [batch, heads, d, seq] when transposed, with m = batch * seq rows. */
+    std::vector<std::vector<float> > gemm_split_heads(const std::vector<float> &a, const std::vector<std::size_t> &widths,
+                                                      const std::vector<dynq_heads> &heads,
+                                                      const std::vector<float> &smooth = std::vector<float>(),
+                                                      const std::vector<float> &bias = std::vector<float>(),
+                                                      const dynq_gemm_config *config = NULL) const
+    {
+        dynq_packed_weights_info i = info();
+        if (a.size() % i.k != 0 || (!smooth.empty() && smooth.size() != i.k) || (!bias.empty() && bias.size() != i.n)) {
+            gemm_smoothed(a, smooth, bias, config); /* throws the same messages */
+        }
+        if (!heads.empty() && heads.size() != widths.size()) {
+            throw error(DYNQ_STATUS_INVALID_ARGUMENT, "dynq::packed_weights::gemm_split_heads: heads must be empty or have one entry per output");
+        }
+        std::size_t m = a.size() / i.k;
+        std::vector<std::vector<float> > ys(widths.size());
+        std::vector<dynq_output> outs(widths.size());
+        for (std::size_t g = 0; g < widths.size(); g++) {
+            ys[g].resize(m * widths[g]);
+            outs[g].y = (m && widths[g]) ? ys[g].data() : NULL;
+            outs[g].ldy = widths[g];
+            outs[g].cols = widths[g];
+        }
+        check(dynq_gemm_split_heads(p_, m ? a.data() : NULL, DYNQ_DTYPE_F32, m, i.k, smooth.empty() ? NULL : smooth.data(),
+                                    bias.empty() ? NULL : bias.data(), outs.empty() ? NULL : outs.data(),
+                                    heads.empty() ? NULL : heads.data(), outs.size(), DYNQ_DTYPE_F32, config),
+              "dynq_gemm_split_heads");
+        return ys;
+    }
+
     const dynq_packed_weights *get() const noexcept { return p_; }
     /* Gives up ownership; the caller frees the handle with dynq_packed_weights_free. */
     dynq_packed_weights *release() noexcept

@@ -383,6 +383,51 @@ void test_defaults_and_raw_call()
         threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("add up") != std::string::npos;
     }
     check(threw, "gemm_split with widths adding up to n + 1 throws INVALID_ARGUMENT");
+
+    // Head layouts: m = 4 rows as 2 sequences of 2; n = 48 columns as 3 heads of 16, or
+    // transposed as 2 heads of 24 beside a dense output.
+    std::vector<dynq_heads> hs(1);
+    hs[0].heads = 3;
+    hs[0].seq = 2;
+    hs[0].transposed = 0;
+    hs[0].reserved = 0;
+    widths.assign(1, n);
+    std::vector<std::vector<float> > hp = w.gemm_split_heads(a, widths, hs, smooth, bias);
+    bool same = hp.size() == 1 && hp[0].size() == m * n;
+    for (size_t i = 0; same && i < m; i++) {
+        for (size_t j = 0; j < n; j++) {
+            size_t b = i / 2, s = i % 2, h = j / 16, e = j % 16;
+            same = same && std::memcmp(&hp[0][((b * 3 + h) * 2 + s) * 16 + e], &full[i * n + j], sizeof(float)) == 0;
+        }
+    }
+    check(same, "gemm_split_heads writes [batch, heads, seq, d] with gemm_smoothed's bits");
+    hs.resize(2);
+    hs[0].heads = 2;
+    hs[0].transposed = 1;
+    hs[1].heads = 0;
+    hs[1].seq = 0;
+    hs[1].transposed = 0;
+    hs[1].reserved = 0;
+    widths.assign(1, 24);
+    widths.push_back(24);
+    hp = w.gemm_split_heads(a, widths, hs, smooth, bias);
+    same = hp.size() == 2;
+    for (size_t i = 0; same && i < m; i++) {
+        for (size_t j = 0; j < 24; j++) {
+            size_t b = i / 2, s = i % 2, h = j / 12, e = j % 12;
+            same = same && std::memcmp(&hp[0][((b * 2 + h) * 12 + e) * 2 + s], &full[i * n + j], sizeof(float)) == 0;
+            same = same && std::memcmp(&hp[1][i * 24 + j], &full[i * n + 24 + j], sizeof(float)) == 0;
+        }
+    }
+    check(same, "gemm_split_heads writes [batch, heads, d, seq] beside a dense output");
+    threw = false;
+    hs[0].seq = 3;
+    try {
+        w.gemm_split_heads(a, widths, hs);
+    } catch (const dynq::error &e) {
+        threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("sequences of 3") != std::string::npos;
+    }
+    check(threw, "gemm_split_heads with seq not dividing m throws INVALID_ARGUMENT");
 }
 
 void test_serialize()
