@@ -1,8 +1,8 @@
 //go:build go1.21
 
-// GemmSplit needs Go 1.21 (runtime.Pinner): the table of outputs handed to C holds a pointer to
-// each output, which the cgo rules allow only for pinned memory. With an older Go the rest of
-// the binding builds and works; GemmSplit is absent.
+// GemmSplit and GemmSplitHeads need Go 1.21 (runtime.Pinner): the table of outputs handed to C
+// holds a pointer to each output, which the cgo rules allow only for pinned memory. With an
+// older Go the rest of the binding builds and works; GemmSplit and GemmSplitHeads are absent.
 
 package dynq
 
@@ -39,7 +39,43 @@ import (
 // C never keeps the pointers: the outputs are pinned (runtime.Pinner) for the duration of the
 // call only, since the table of outputs handed to C holds a pointer to each.
 func (p *PackedWeights) GemmSplit(ys []Slice, widths []int, a Slice, smooth, bias []float32, opts *GemmOptions) error {
-	const op = "GemmSplit"
+	return p.gemmSplit("GemmSplit", ys, widths, nil, a, smooth, bias, opts)
+}
+
+// Heads is the attention-head layout of one output of GemmSplitHeads. The zero value is the
+// dense layout of GemmSplit. Otherwise the output's m rows are m/Seq sequences of Seq tokens
+// and its width columns are Heads heads of d = width/Heads values: row b*Seq+s, column h*d+e
+// goes to y[((b*Heads+h)*Seq+s)*d+e] ([batch, heads, seq, d], the reshape and transpose of
+// attention's queries and values) or, with Transposed, to y[((b*Heads+h)*d+e)*Seq+s]
+// ([batch, heads, d, seq], transposed keys). The values are the dense layout's bits.
+type Heads struct {
+	Heads, Seq int
+	Transposed bool
+}
+
+// GemmSplitHeads is GemmSplit with output g in the layout heads[g] (dynq_gemm_split_heads):
+// a transformer's Q, K and V written straight into the tensors attention reads. heads has one
+// entry per output (or is nil: GemmSplit). Besides GemmSplit's errors, the library refuses with
+// StatusInvalidArgument a Seq of 0 or not dividing m ("... rows are not whole sequences of 5")
+// and a head count not dividing the width ("... columns do not split into 5 heads"); the
+// binding refuses negative Heads or Seq and a heads slice of another length.
+func (p *PackedWeights) GemmSplitHeads(ys []Slice, widths []int, heads []Heads, a Slice, smooth, bias []float32,
+	opts *GemmOptions) error {
+	const op = "GemmSplitHeads"
+	if heads != nil && len(heads) != len(ys) {
+		return invalid(op, "len(heads) = %d, len(ys) = %d: one layout per output", len(heads), len(ys))
+	}
+	for g, h := range heads {
+		if h.Heads < 0 || h.Seq < 0 {
+			return invalid(op, "heads[%d] = %+v: Heads and Seq must not be negative", g, h)
+		}
+	}
+	return p.gemmSplit(op, ys, widths, heads, a, smooth, bias, opts)
+}
+
+// gemmSplit is GemmSplit (heads nil) and GemmSplitHeads.
+func (p *PackedWeights) gemmSplit(op string, ys []Slice, widths []int, heads []Heads, a Slice, smooth, bias []float32,
+	opts *GemmOptions) error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.h == nil {
@@ -73,7 +109,23 @@ func (p *PackedWeights) GemmSplit(ys []Slice, widths []int, a Slice, smooth, bia
 		outs[g].ldy = C.size_t(w)
 		outs[g].cols = C.size_t(w)
 	}
+	// The layouts, in Go memory without Go pointers (C may read them for the call).
+	var hs []C.dynq_heads
+	if heads != nil {
+		hs = make([]C.dynq_heads, len(ys)+1)
+		for g, h := range heads {
+			hs[g].heads = C.size_t(h.Heads)
+			hs[g].seq = C.size_t(h.Seq)
+			if h.Transposed {
+				hs[g].transposed = 1
+			}
+		}
+	}
 	cgemm := func(ap unsafe.Pointer, m int, sp, bp *C.float) C.dynq_status {
+		if hs != nil {
+			return C.dynq_gemm_split_heads(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), sp, bp, &outs[0],
+				&hs[0], C.size_t(len(ys)), C.uint32_t(yt), &cfg)
+		}
 		return C.dynq_gemm_split(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), sp, bp, &outs[0],
 			C.size_t(len(ys)), C.uint32_t(yt), &cfg)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand"
+	"strings"
 	"testing"
 )
 
@@ -301,4 +302,90 @@ func TestGemmSplitErrors(t *testing.T) {
 	if err := p.GemmSplit([]Slice{f32(2), f32(4)}, []int{2, 4}, F32(make([]float32, 4)), nil, nil, nil); !errors.Is(err, ErrClosed) {
 		t.Fatalf("GemmSplit after Close: %v", err)
 	}
+}
+
+// GemmSplitHeads writes each element of GemmSmoothed at its place in the head layouts (heads of
+// 16 and 12, transposed or not, beside a dense output), for f32 and f16 outputs, and refuses
+// bad layouts with every output untouched.
+func TestGemmSplitHeadsPlacesGemmSmoothed(t *testing.T) {
+	const batch, seq, k = 2, 5, 40
+	m := batch * seq
+	widths := []int{64, 36, 20}
+	heads := []Heads{{Heads: 4, Seq: seq}, {Heads: 3, Seq: seq, Transposed: true}, {}}
+	n := 0
+	for _, w := range widths {
+		n += w
+	}
+	rng := rand.New(rand.NewSource(11))
+	w := make([]float32, n*k)
+	for i := range w {
+		w[i] = float32(rng.NormFloat64())
+	}
+	p := mustPack(t, w, n, k, LayoutKN, nil)
+	a := make([]float32, m*k)
+	for i := range a {
+		a[i] = float32(rng.NormFloat64())
+	}
+	for _, yt := range []DType{DTypeF32, DTypeF16} {
+		whole := zeros(yt, m*n)
+		if err := p.GemmSmoothed(whole, F32(a), nil, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		ys, _ := splitOutputs(yt, m, widths, 0)
+		if err := p.GemmSplitHeads(ys, widths, heads, F32(a), nil, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		from := 0
+		for g, wd := range widths {
+			h := heads[g]
+			for i := 0; i < m; i++ {
+				for j := 0; j < wd; j++ {
+					at := i*wd + j
+					if h.Heads > 0 {
+						d := wd / h.Heads
+						b, s, hh, e := i/seq, i%seq, j/d, j%d
+						at = ((b*h.Heads+hh)*seq+s)*d + e
+						if h.Transposed {
+							at = ((b*h.Heads+hh)*d+e)*seq + s
+						}
+					}
+					if got, want := elemBits(ys[g], at), elemBits(whole, i*n+from+j); got != want {
+						t.Fatalf("%v output %d (%+v) row %d col %d: %#x, want %#x", yt, g, h, i, j, got, want)
+					}
+				}
+			}
+			from += wd
+		}
+	}
+	for _, c := range []struct {
+		heads []Heads
+		want  string
+	}{
+		{[]Heads{{Heads: 5, Seq: seq}, {}, {}}, "do not split into 5 heads"},
+		{[]Heads{{Heads: 4, Seq: 3}, {}, {}}, "not whole sequences of 3"},
+		{[]Heads{{Heads: 4}, {}, {}}, "must be positive"},
+		{[]Heads{{Heads: -1, Seq: seq}, {}, {}}, "must not be negative"},
+		{[]Heads{{}, {}}, "one layout per output"},
+	} {
+		ys, buf := splitOutputs(DTypeF32, m, widths, 1)
+		before := clone(buf)
+		err := p.GemmSplitHeads(ys, widths, c.heads, F32(a), nil, nil, nil)
+		var de *Error
+		if !errors.As(err, &de) || de.Status != StatusInvalidArgument || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("heads %+v: got %v, want StatusInvalidArgument with %q", c.heads, err, c.want)
+		}
+		for i := 0; i < buf.Len(); i++ {
+			if elemBits(buf, i) != elemBits(before, i) {
+				t.Fatalf("heads %+v: output element %d written after an error", c.heads, i)
+			}
+		}
+	}
+}
+
+// elemBits is the bit pattern of element i of s (f32 bits, or the 16-bit value).
+func elemBits(s Slice, i int) uint32 {
+	if s.bits16 {
+		return uint32(s.u16[i])
+	}
+	return math.Float32bits(s.f32[i])
 }
