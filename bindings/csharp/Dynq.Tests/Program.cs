@@ -929,6 +929,7 @@ namespace Dynq.Tests
             TestGemmSplitMatchesGemmSmoothed();
             Run("gemm split one output and narrow outputs", TestGemmSplitOneOutputAndNarrowOutputs);
             Run("gemm split errors", TestGemmSplitErrors);
+            Run("gemm split heads", TestGemmSplitHeads);
             Console.WriteLine("C# binding of dynq " + DynqLibrary.Version + ", kernel " + DynqLibrary.ActiveIsa + ", runtime "
                 + Environment.Version);
             Console.WriteLine("csharp: " + _passed + " passed, " + _failed + " failed");

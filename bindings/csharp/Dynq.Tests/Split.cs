@@ -202,6 +202,66 @@ namespace Dynq.Tests
             }
         }
 
+        // GemmSplitHeads: every value of GemmSmoothed at its place in [batch, heads, seq, d] (heads of
+        // 16), [batch, heads, d, seq] (heads of 12) and a dense output; bad layouts refused with the
+        // outputs untouched.
+        private static void TestGemmSplitHeads()
+        {
+            Random r = new Random(13);
+            const int batch = 2, seq = 5, m = batch * seq, k = 24;
+            int[] widths = { 64, 36, 20 };
+            int n = 120;
+            using (PackedWeights p = PackedWeights.Pack(RandomArray(r, n * k, 0.5f, 0f), n, k))
+            {
+                float[] a = RandomArray(r, m * k, 1f, 0f);
+                float[] bias = RandomArray(r, n, 1f, 0f);
+                float[] whole = new float[m * n];
+                p.GemmSmoothed(a, null, whole, bias);
+                HeadLayout[] heads = { new HeadLayout(4, seq), new HeadLayout(3, seq, true), new HeadLayout() };
+                Memory<float>[] ys = Array.ConvertAll(widths, w => new Memory<float>(new float[m * w]));
+                p.GemmSplitHeads(a, ReadOnlySpan<float>.Empty, widths, heads, ys, bias);
+                bool same = true;
+                int from = 0;
+                for (int g = 0; g < widths.Length; g++)
+                {
+                    float[] y = ys[g].ToArray();
+                    int w = widths[g];
+                    for (int i = 0; i < m; i++)
+                    {
+                        for (int j = 0; j < w; j++)
+                        {
+                            int at = i * w + j;
+                            if (heads[g].Heads > 0)
+                            {
+                                int h = heads[g].Heads, d = w / h, b = i / seq, s = i % seq, hh = j / d, e = j % d;
+                                at = heads[g].Transposed ? ((b * h + hh) * d + e) * seq + s : ((b * h + hh) * seq + s) * d + e;
+                            }
+                            same &= BitConverter.SingleToInt32Bits(y[at]) == BitConverter.SingleToInt32Bits(whole[i * n + from + j]);
+                        }
+                    }
+                    from += w;
+                }
+                Check(same, "GemmSplitHeads puts every value of GemmSmoothed at its head-layout place");
+                float[] untouched = Filled(m * 64, 7.5f);
+                Memory<float>[] ys2 = { new Memory<float>((float[])untouched.Clone()), new Memory<float>(new float[m * 36]),
+                    new Memory<float>(new float[m * 20]) };
+                ExpectDynq("GemmSplitHeads seq not dividing m", Status.InvalidArgument, "not whole sequences of 3",
+                    () => p.GemmSplitHeads(a, ReadOnlySpan<float>.Empty, widths,
+                        new[] { new HeadLayout(4, 3), new HeadLayout(), new HeadLayout() }, ys2, bias));
+                ExpectDynq("GemmSplitHeads 5 heads of 64 columns", Status.InvalidArgument, "do not split into 5 heads",
+                    () => p.GemmSplitHeads(a, ReadOnlySpan<float>.Empty, widths,
+                        new[] { new HeadLayout(5, seq), new HeadLayout(), new HeadLayout() }, ys2, bias));
+                Check(ys2[0].Span.SequenceEqual(untouched), "GemmSplitHeads leaves the outputs untouched on errors");
+                ArgumentException ae = Expect<ArgumentException>("GemmSplitHeads 2 layouts for 3 outputs",
+                    () => p.GemmSplitHeads(a, ReadOnlySpan<float>.Empty, widths, new HeadLayout[2], ys, bias));
+                Check(ae != null && ae.ParamName == "heads", "GemmSplitHeads 2 layouts for 3 outputs: " + Describe(ae));
+                ae = Expect<ArgumentOutOfRangeException>("GemmSplitHeads negative Seq",
+                    () => p.GemmSplitHeads(a, ReadOnlySpan<float>.Empty, widths,
+                        new[] { new HeadLayout(4, -1), new HeadLayout(), new HeadLayout() }, ys, bias));
+                Check(ae != null && ae.ParamName == "heads", "GemmSplitHeads negative Seq: " + Describe(ae));
+            }
+        }
+
         private static void TestGemmSplitErrors()
         {
             Random r = new Random(7);

@@ -53,6 +53,16 @@ namespace Dynq
         public UIntPtr Cols;
     }
 
+    /// <summary>The head layout of one output of dynq_gemm_split_heads (<c>dynq_heads</c>).</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    internal struct NativeHeads
+    {
+        public UIntPtr Heads;
+        public UIntPtr Seq;
+        public uint Transposed;
+        public uint Reserved;
+    }
+
     /// <summary>Owns a <c>dynq_packed_weights*</c>; released with dynq_packed_weights_free.</summary>
     internal sealed class PackedWeightsHandle : SafeHandle
     {
@@ -128,6 +138,11 @@ namespace Dynq
         internal static extern Status dynq_gemm_split(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
             UIntPtr lda, float* smooth, float* bias, NativeOutput* outputs, UIntPtr numOutputs, uint yType,
             NativeGemmConfig* config);
+
+        [DllImport(Lib)]
+        internal static extern Status dynq_gemm_split_heads(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
+            UIntPtr lda, float* smooth, float* bias, NativeOutput* outputs, NativeHeads* heads, UIntPtr numOutputs,
+            uint yType, NativeGemmConfig* config);
 
         internal static string String(IntPtr p)
         {

@@ -616,6 +616,30 @@ namespace Dynq
             }
         }
 
+        /// <summary>
+        /// GemmSplit with output g in the attention-head layout <paramref name="heads"/>[g]
+        /// (dynq_gemm_split_heads; a default HeadLayout is the dense layout): the m = batch * Seq
+        /// rows and the width = Heads * d columns of the output are written as [batch, Heads, Seq,
+        /// d], or [batch, Heads, d, Seq] when Transposed, each value bit for bit the dense one; a
+        /// transformer's Q, K and V go straight into the tensors attention reads. Each output
+        /// still holds m * widths[g] values.
+        /// </summary>
+        /// <exception cref="ArgumentException">heads and ys differ in length (ParamName "heads"),
+        /// a negative Heads or Seq (ArgumentOutOfRangeException), and as GemmSplit.</exception>
+        /// <exception cref="DynqException">InvalidArgument for a Seq of 0 or not dividing m ("...
+        /// rows are not whole sequences of 5"), Heads not dividing the width ("... columns do not
+        /// split into 5 heads"), and as GemmSplit; every output is then left untouched.</exception>
+        public void GemmSplitHeads(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, HeadLayout[] heads,
+            Memory<float>[] ys, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            if (heads == null) throw new ArgumentNullException("heads");
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            {
+                GemmSplit(ap, a.Length, ElementType.F32, false, smooth, widths, ys, ElementType.F32, false, bias, options,
+                    heads);
+            }
+        }
+
         /// <summary>GemmSplit on float data, without bias.</summary>
         public void GemmSplit(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, Memory<float>[] ys,
             GemmOptions options = null)
@@ -731,9 +755,10 @@ namespace Dynq
         /// bytes (a16) or 4 (floats), pinned by the caller; the outputs are pinned here for the
         /// call, each with ldy = cols = its width (dense rows).</summary>
         private void GemmSplit<T>(void* a, int aLength, ElementType aType, bool a16, ReadOnlySpan<float> smooth,
-            int[] widths, Memory<T>[] ys, ElementType yType, bool y16, ReadOnlySpan<float> bias, GemmOptions options)
+            int[] widths, Memory<T>[] ys, ElementType yType, bool y16, ReadOnlySpan<float> bias, GemmOptions options,
+            HeadLayout[] heads = null)
         {
-            const string name = "dynq_gemm_split";
+            string name = heads == null ? "dynq_gemm_split" : "dynq_gemm_split_heads";
             if (widths == null) throw new ArgumentNullException("widths");
             if (ys == null) throw new ArgumentNullException("ys");
             int n = N, k = K;
@@ -746,6 +771,26 @@ namespace Dynq
             // One record more than outputs, so that the table has an address even without outputs
             // (the library then reports num_outputs 0).
             NativeOutput[] outputs = new NativeOutput[ys.Length + 1];
+            NativeHeads[] layouts = new NativeHeads[ys.Length + 1];
+            if (heads != null)
+            {
+                if (heads.Length != ys.Length)
+                {
+                    throw new ArgumentException(string.Format("heads has {0} layouts for {1} outputs: one per output",
+                        heads.Length, ys.Length), "heads");
+                }
+                for (int g = 0; g < heads.Length; g++)
+                {
+                    if (heads[g].Heads < 0 || heads[g].Seq < 0)
+                    {
+                        throw new ArgumentOutOfRangeException("heads", string.Format(
+                            "heads[{0}]: Heads ({1}) and Seq ({2}) must not be negative", g, heads[g].Heads, heads[g].Seq));
+                    }
+                    layouts[g].Heads = (UIntPtr)heads[g].Heads;
+                    layouts[g].Seq = (UIntPtr)heads[g].Seq;
+                    layouts[g].Transposed = heads[g].Transposed ? 1u : 0u;
+                }
+            }
             for (int g = 0; g < widths.Length; g++)
             {
                 if (widths[g] < 0)
@@ -806,12 +851,18 @@ namespace Dynq
                     outputs[g].Y = (IntPtr)pins[g].Pointer;
                 }
                 fixed (NativeOutput* op = outputs)
+                fixed (NativeHeads* hp = layouts)
                 fixed (float* sp = &MemoryMarshal.GetReference(smooth))
                 fixed (float* bp = &MemoryMarshal.GetReference(bias))
                 {
-                    Native.Check(Native.dynq_gemm_split(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
-                        smooth.Length == 0 ? null : sp, bias.Length == 0 ? null : bp, op, (UIntPtr)ys.Length,
-                        (uint)yType, &cfg), name);
+                    Status st = heads == null
+                        ? Native.dynq_gemm_split(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
+                            smooth.Length == 0 ? null : sp, bias.Length == 0 ? null : bp, op, (UIntPtr)ys.Length,
+                            (uint)yType, &cfg)
+                        : Native.dynq_gemm_split_heads(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
+                            smooth.Length == 0 ? null : sp, bias.Length == 0 ? null : bp, op, hp, (UIntPtr)ys.Length,
+                            (uint)yType, &cfg);
+                    Native.Check(st, name);
                 }
             }
             finally

@@ -89,6 +89,28 @@ namespace Dynq
         BF16 = 2,
     }
 
+    /// <summary>The attention-head layout of one output of PackedWeights.GemmSplitHeads. The
+    /// default value (Heads 0) is the dense layout; otherwise the output's rows are sequences of
+    /// Seq tokens and its columns Heads heads, written as [batch, Heads, Seq, d], or [batch, Heads,
+    /// d, Seq] when Transposed.</summary>
+    public struct HeadLayout
+    {
+        /// <summary>Number of heads, or 0 for the dense layout.</summary>
+        public int Heads;
+        /// <summary>Tokens per sequence (m must be a multiple of it).</summary>
+        public int Seq;
+        /// <summary>[batch, Heads, d, Seq] (transposed keys) instead of [batch, Heads, Seq, d].</summary>
+        public bool Transposed;
+
+        /// <summary>A layout of <paramref name="heads"/> heads over sequences of <paramref name="seq"/>.</summary>
+        public HeadLayout(int heads, int seq, bool transposed = false)
+        {
+            Heads = heads;
+            Seq = seq;
+            Transposed = transposed;
+        }
+    }
+
     /// <summary>Kernel families. Auto selects the best the CPU has (or the DYNQ_ISA environment variable).</summary>
     public enum Isa : uint
     {
