@@ -233,24 +233,7 @@ public:
                                                 const std::vector<float> &bias = std::vector<float>(),
                                                 const dynq_gemm_config *config = NULL) const
     {
-        dynq_packed_weights_info i = info();
-        if (a.size() % i.k != 0 || (!smooth.empty() && smooth.size() != i.k) || (!bias.empty() && bias.size() != i.n)) {
-            gemm_smoothed(a, smooth, bias, config); /* throws the same messages */
-        }
-        std::size_t m = a.size() / i.k;
-        std::vector<std::vector<float> > ys(widths.size());
-        std::vector<dynq_output> outs(widths.size());
-        for (std::size_t g = 0; g < widths.size(); g++) {
-            ys[g].resize(m * widths[g]);
-            outs[g].y = (m && widths[g]) ? ys[g].data() : NULL;
-            outs[g].ldy = widths[g];
-            outs[g].cols = widths[g];
-        }
-        check(dynq_gemm_split(p_, m ? a.data() : NULL, DYNQ_DTYPE_F32, m, i.k, smooth.empty() ? NULL : smooth.data(),
-                              bias.empty() ? NULL : bias.data(), outs.empty() ? NULL : outs.data(), outs.size(),
-                              DYNQ_DTYPE_F32, config),
-              "dynq_gemm_split");
-        return ys;
+        return split(a, widths, NULL, smooth, bias, config);
     }
 
     /* gemm_split with output g in the attention-head layout heads[g] (dynq_gemm_split_heads;
@@ -262,27 +245,10 @@ public:
                                                       const std::vector<float> &bias = std::vector<float>(),
                                                       const dynq_gemm_config *config = NULL) const
     {
-        dynq_packed_weights_info i = info();
-        if (a.size() % i.k != 0 || (!smooth.empty() && smooth.size() != i.k) || (!bias.empty() && bias.size() != i.n)) {
-            gemm_smoothed(a, smooth, bias, config); /* throws the same messages */
-        }
         if (!heads.empty() && heads.size() != widths.size()) {
             throw error(DYNQ_STATUS_INVALID_ARGUMENT, "dynq::packed_weights::gemm_split_heads: heads must be empty or have one entry per output");
         }
-        std::size_t m = a.size() / i.k;
-        std::vector<std::vector<float> > ys(widths.size());
-        std::vector<dynq_output> outs(widths.size());
-        for (std::size_t g = 0; g < widths.size(); g++) {
-            ys[g].resize(m * widths[g]);
-            outs[g].y = (m && widths[g]) ? ys[g].data() : NULL;
-            outs[g].ldy = widths[g];
-            outs[g].cols = widths[g];
-        }
-        check(dynq_gemm_split_heads(p_, m ? a.data() : NULL, DYNQ_DTYPE_F32, m, i.k, smooth.empty() ? NULL : smooth.data(),
-                                    bias.empty() ? NULL : bias.data(), outs.empty() ? NULL : outs.data(),
-                                    heads.empty() ? NULL : heads.data(), outs.size(), DYNQ_DTYPE_F32, config),
-              "dynq_gemm_split_heads");
-        return ys;
+        return split(a, widths, &heads, smooth, bias, config);
     }
 
     const dynq_packed_weights *get() const noexcept { return p_; }
@@ -296,6 +262,38 @@ public:
     explicit operator bool() const noexcept { return p_ != NULL; }
 
 private:
+    /* gemm_split (heads NULL: dynq_gemm_split) and gemm_split_heads (dynq_gemm_split_heads). */
+    std::vector<std::vector<float> > split(const std::vector<float> &a, const std::vector<std::size_t> &widths,
+                                           const std::vector<dynq_heads> *heads, const std::vector<float> &smooth,
+                                           const std::vector<float> &bias, const dynq_gemm_config *config) const
+    {
+        dynq_packed_weights_info i = info();
+        if (a.size() % i.k != 0 || (!smooth.empty() && smooth.size() != i.k) || (!bias.empty() && bias.size() != i.n)) {
+            gemm_smoothed(a, smooth, bias, config); /* throws the same messages */
+        }
+        std::size_t m = a.size() / i.k;
+        std::vector<std::vector<float> > ys(widths.size());
+        std::vector<dynq_output> outs(widths.size());
+        for (std::size_t g = 0; g < widths.size(); g++) {
+            ys[g].resize(m * widths[g]);
+            outs[g].y = (m && widths[g]) ? ys[g].data() : NULL;
+            outs[g].ldy = widths[g];
+            outs[g].cols = widths[g];
+        }
+        const float *ap = m ? a.data() : NULL, *sp = smooth.empty() ? NULL : smooth.data();
+        const float *bp = bias.empty() ? NULL : bias.data();
+        dynq_output *op = outs.empty() ? NULL : outs.data();
+        if (heads == NULL) {
+            check(dynq_gemm_split(p_, ap, DYNQ_DTYPE_F32, m, i.k, sp, bp, op, outs.size(), DYNQ_DTYPE_F32, config),
+                  "dynq_gemm_split");
+        } else {
+            check(dynq_gemm_split_heads(p_, ap, DYNQ_DTYPE_F32, m, i.k, sp, bp, op, heads->empty() ? NULL : heads->data(),
+                                        outs.size(), DYNQ_DTYPE_F32, config),
+                  "dynq_gemm_split_heads");
+        }
+        return ys;
+    }
+
     dynq_packed_weights *p_;
 };
 

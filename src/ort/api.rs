@@ -85,10 +85,16 @@ pub struct TensorShape {
     pub dims: Vec<i64>,
 }
 
+/// Number of elements of a shape (dims are concrete at run time), or None on overflow or a
+/// negative dim.
+pub fn numel(dims: &[i64]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
+}
+
 impl TensorShape {
-    /// Number of elements (dims are concrete at run time), or None on overflow or a negative dim.
+    /// Number of elements (see [`numel`]).
     pub fn numel(&self) -> Option<usize> {
-        self.dims.iter().try_fold(1usize, |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
+        numel(&self.dims)
     }
     pub fn describe(&self) -> String {
         format!("{} {:?}", elem_name(self.elem), self.dims)

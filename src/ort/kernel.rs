@@ -340,27 +340,16 @@ impl DynqKernel {
         y_dims: &[i64],
     ) -> crate::Result<()> {
         let api = self.api;
-        let numel = |d: &[i64]| d.iter().try_fold(1usize, |t, &v| t.checked_mul(usize::try_from(v).ok()?));
-        let total = numel(y_dims)
+        let total = api::numel(y_dims)
             .ok_or_else(|| Error::InvalidArgument(format!("the broadcast output shape {y_dims:?} is too large")))?;
-        let r_len = numel(r_dims).ok_or_else(|| Error::InvalidArgument(format!("bad residual shape {r_dims:?}")))?;
+        let r_len =
+            api::numel(r_dims).ok_or_else(|| Error::InvalidArgument(format!("bad residual shape {r_dims:?}")))?;
         let r = r.ok_or_else(|| Error::Internal("residual data missing".into()))?;
-        let mut y_val: *mut OrtValue = std::ptr::null_mut();
         // SAFETY (all calls): `ctx` is live.
-        api::check(api, unsafe { (api.0.KernelContext_GetOutput)(ctx, 0, y_dims.as_ptr(), y_dims.len(), &mut y_val) })
-            .map_err(Error::Internal)?;
-        if total == 0 {
+        let Some(y_ptr) = unsafe { output(api, ctx, 0, y_dims, a_shape.elem, total == 0) }.map_err(Error::Internal)?
+        else {
             return Ok(());
-        }
-        let y_shape = unsafe { api::value_shape(api, y_val) }.map_err(Error::Internal)?;
-        if y_shape.elem != a_shape.elem {
-            return Err(Error::Internal(format!(
-                "the output was allocated as {} for input A of type {} (shape inference did not run?)",
-                api::elem_name(y_shape.elem),
-                api::elem_name(a_shape.elem)
-            )));
-        }
-        let y_ptr = unsafe { api::value_data(api, y_val) }.map_err(Error::Internal)?;
+        };
         let a_ptr = unsafe { api::value_data(api, a_val.cast_mut()) }.map_err(Error::Internal)?;
         let opts = self.gemm_options();
         let pool = OrtPool { api, ctx, probe: &self.probe, label: &self.label };
@@ -633,21 +622,9 @@ impl DynqKernel {
                     dims.swap(2, 3);
                 }
             }
-            let mut y_val: *mut OrtValue = std::ptr::null_mut();
-            api::check(api, unsafe { (api.0.KernelContext_GetOutput)(ctx, g, dims.as_ptr(), dims.len(), &mut y_val) })
-                .map_err(fail)?;
-            if m == 0 {
-                continue;
+            if let Some(y) = unsafe { output(api, ctx, g, &dims, a_shape.elem, m == 0) }.map_err(fail)? {
+                ys.push(y);
             }
-            let y_elem = unsafe { api::value_shape(api, y_val) }.map_err(fail)?.elem;
-            if y_elem != a_shape.elem {
-                return Err(fail(format!(
-                    "output {g} was allocated as {} for input A of type {} (shape inference did not run?)",
-                    api::elem_name(y_elem),
-                    api::elem_name(a_shape.elem)
-                )));
-            }
-            ys.push(unsafe { api::value_data(api, y_val) }.map_err(fail)?);
         }
         if m == 0 {
             return Ok(());
@@ -719,6 +696,36 @@ impl DynqKernel {
         };
         r.map_err(OpError::from).map_err(|e| OpError { code: e.code, msg: format!("{label}: {}", e.msg) })
     }
+}
+
+/// Allocates output `index` with `dims` and returns its data, checked to have A's element type
+/// `elem`; None (allocated, not inspected) when it is `empty`.
+///
+/// # Safety
+/// `ctx` is the live context of the running node.
+unsafe fn output(
+    api: Api,
+    ctx: *mut OrtKernelContext,
+    index: usize,
+    dims: &[i64],
+    elem: i32,
+    empty: bool,
+) -> Result<Option<*mut u8>, String> {
+    let mut y_val: *mut OrtValue = std::ptr::null_mut();
+    // SAFETY (all calls): `ctx` is live; `y_val` is the value just allocated.
+    api::check(api, unsafe { (api.0.KernelContext_GetOutput)(ctx, index, dims.as_ptr(), dims.len(), &mut y_val) })?;
+    if empty {
+        return Ok(None);
+    }
+    let y_elem = unsafe { api::value_shape(api, y_val) }?.elem;
+    if y_elem != elem {
+        return Err(format!(
+            "output {index} was allocated as {} for input A of type {} (shape inference did not run?)",
+            api::elem_name(y_elem),
+            api::elem_name(elem)
+        ));
+    }
+    Ok(Some(unsafe { api::value_data(api, y_val) }?))
 }
 
 /// The shape of `Add(a, b)` under ONNX's (numpy's) broadcasting, or None if they do not broadcast.

@@ -371,12 +371,15 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     let mut symbols = a.symbols.clone();
     *dims.last_mut().expect("rank >= 1") = w.shape.dims[1];
     *symbols.last_mut().expect("rank >= 1") = w.symbols[1];
-    if let (Some(r), None) = (&residual, &split) {
+    let heads = unsafe { infer_heads(api, ctx, outputs)? };
+    let with_heads = heads.iter().any(|&(h, _)| h > 0);
+    if with_heads && dims.len() != 3 {
+        return Err(format!("attribute 'heads' needs A of rank 3 ([batch, seq, K]), got shape {:?}", a.shape.dims));
+    }
+    if let (Some(r), None, false) = (&residual, &split, with_heads) {
         // The residual broadcasts with the product as ONNX's Add does (see the kernel); not with
         // heads, which the kernel refuses.
-        if !unsafe { infer_heads(api, ctx, outputs)? }.iter().any(|&(h, _)| h > 0) {
-            (dims, symbols) = broadcast_shape((&dims, &symbols), (&r.shape.dims, &r.symbols))?;
-        }
+        (dims, symbols) = broadcast_shape((&dims, &symbols), (&r.shape.dims, &r.symbols))?;
     }
     // ONNX Runtime records a dimension without a symbol as its value, so an unknown (-1) dimension
     // without a name would become a literal -1 (and break Reshape targets computed from Shape).
@@ -394,10 +397,6 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
         } else if s.is_null() || *d >= 0 {
             *s = empty;
         }
-    }
-    let heads = unsafe { infer_heads(api, ctx, outputs)? };
-    if heads.iter().any(|&(h, _)| h > 0) && dims.len() != 3 {
-        return Err(format!("attribute 'heads' needs A of rank 3 ([batch, seq, K]), got shape {:?}", a.shape.dims));
     }
     let widths = match split {
         None => vec![*dims.last().expect("rank >= 1")],
