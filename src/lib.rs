@@ -31,7 +31,7 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result, Status};
 pub use gemm::{
     gemm, gemm_fused, gemm_fused_on, gemm_i32, gemm_smoothed_on, gemm_split, gemm_split_on, gemm_typed, gemm_typed_on,
-    Epilogue, Fused, GemmOptions, Heads, Parallel, Residual, SplitOut,
+    layer_norm_reference, Epilogue, Fused, GemmOptions, Heads, LayerNorm, Parallel, Residual, SplitOut,
 };
 pub use isa::Isa;
 pub use pack::{PackOptions, PackedWeights, WeightLayout};

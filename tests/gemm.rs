@@ -616,7 +616,12 @@ fn residual_equals_product_then_addition() {
         for workers in [1, 2] {
             let ldy = n + 3;
             let mut y = vec![Y::from_f32(-9.0); m * ldy];
-            let f = Fused { smooth: None, bias: Some(bias), residual: Some(Residual { data: &res, ld: ldr }) };
+            let f = Fused {
+                smooth: None,
+                bias: Some(bias),
+                residual: Some(Residual { data: &res, ld: ldr }),
+                layer_norm: None,
+            };
             dynq::gemm_fused_on(pw, a, m, pw.k(), &f, &mut y, ldy, o, &Scrambled::new(workers)).unwrap();
             for i in 0..m {
                 for j in 0..ldy {
@@ -666,7 +671,7 @@ fn residual_equals_product_then_addition() {
     res[n + 3] = f32::NAN;
     res[2 * n + 7] = f32::INFINITY;
     let mut y = vec![0f32; m * n];
-    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n }) };
+    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n }), layer_norm: None };
     dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap();
     let base = run(&pw, &a, m, None, &o);
     for e in 0..m * n {
@@ -678,15 +683,141 @@ fn residual_equals_product_then_addition() {
     }
     // Too short for m rows at stride ld: refused, y untouched.
     let mut y = vec![7f32; m * n];
-    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res[..m * n - 1], ld: n }) };
+    let f = Fused {
+        smooth: None,
+        bias: None,
+        residual: Some(Residual { data: &res[..m * n - 1], ld: n }),
+        layer_norm: None,
+    };
     let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument, "{e}");
     assert!(e.message().contains("residual"), "{e}");
     assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
     // A stride below n is refused too.
-    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n - 1 }) };
+    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n - 1 }), layer_norm: None };
     let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+}
+
+/// A layer norm: `y = LayerNorm(act(product + bias) + residual)` is, bit for bit, the call
+/// without it followed by `layer_norm_reference` on each stored row (widened to f32, rounded
+/// back to the output type); on every ISA, mode, worker count and output type, with the rows
+/// normalized inside the tile loop (blocks spanning all panels) or in a pass after it (wide N,
+/// or N split over workers); stride padding is left alone; bad parameters are refused with y
+/// untouched.
+#[test]
+fn layer_norm_equals_product_then_reference_normalization() {
+    use dynq::{layer_norm_reference, Element, Fused, LayerNorm, Residual};
+    let mut rng = Rng(83);
+    #[allow(clippy::too_many_arguments)]
+    fn check<Y: Element>(
+        pw: &PackedWeights,
+        a: &[f32],
+        m: usize,
+        bias: &[f32],
+        res32: &[f32],
+        ln: &LayerNorm<'_>,
+        o: &GemmOptions,
+        what: &str,
+    ) {
+        let n = pw.n();
+        let res: Vec<Y> = res32.iter().map(|&v| Y::from_f32(v)).collect();
+        let mut base = vec![Y::from_f32(0.0); m * n];
+        let f = Fused { bias: Some(bias), residual: Some(Residual { data: &res, ld: n }), ..Default::default() };
+        dynq::gemm_fused_on(pw, a, m, pw.k(), &f, &mut base, n, o, &Scrambled::new(1)).unwrap();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            let mut row: Vec<f32> = base[i * n..(i + 1) * n].iter().map(|v| v.to_f32()).collect();
+            layer_norm_reference(&mut row, ln);
+            for j in 0..n {
+                want[i * n + j] = Y::from_f32(row[j]).to_f32();
+            }
+        }
+        for workers in [1, 2, 3] {
+            let ldy = n + 3;
+            let mut y = vec![Y::from_f32(-9.0); m * ldy];
+            let f = Fused {
+                bias: Some(bias),
+                residual: Some(Residual { data: &res, ld: n }),
+                layer_norm: Some(*ln),
+                ..Default::default()
+            };
+            dynq::gemm_fused_on(pw, a, m, pw.k(), &f, &mut y, ldy, o, &Scrambled::new(workers)).unwrap();
+            for i in 0..m {
+                for j in 0..ldy {
+                    let got = y[i * ldy + j].to_f32();
+                    if j < n {
+                        let w = want[i * n + j];
+                        assert!(got.to_bits() == w.to_bits(), "{what} workers {workers} [{i}][{j}]: {got} != {w}");
+                    } else {
+                        assert_eq!(got, -9.0, "{what}: padding written");
+                    }
+                }
+            }
+        }
+    }
+    for isa in isas_under_test() {
+        for &(m, n, k) in &[(1, 16, 64), (13, 37, 100), (64, 200, 300), (40, 500, 64)] {
+            let a = random(&mut rng, m * k, 2.0);
+            let pw = PackedWeights::from_f32(
+                &random(&mut rng, n * k, 0.3),
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
+            let bias = random(&mut rng, n, 1.0);
+            let res = random(&mut rng, m * n, 4.0);
+            let gamma = random(&mut rng, n, 2.0);
+            let beta = random(&mut rng, n, 1.0);
+            for (g, t) in all_modes() {
+                for (ep, b) in [(Epilogue::None, Some(&beta[..])), (Epilogue::Gelu, None)] {
+                    let ln = LayerNorm { gamma: &gamma, beta: b, epsilon: 1e-5 };
+                    let o = GemmOptions { epilogue: ep, ..opts(g, t, 1) };
+                    let what = format!("{isa} {m}x{n}x{k} {g:?} {t:?} {ep:?} beta {}", b.is_some());
+                    check::<f32>(&pw, &a, m, &bias, &res, &ln, &o, &format!("f32 {what}"));
+                    check::<half::f16>(&pw, &a, m, &bias, &res, &ln, &o, &format!("f16 {what}"));
+                    check::<half::bf16>(&pw, &a, m, &bias, &res, &ln, &o, &format!("bf16 {what}"));
+                }
+            }
+        }
+    }
+    // The rows come out normalized: mean ~ 0 and variance ~ 1 with gamma 1 and no beta.
+    let (m, n, k) = (5, 96, 32);
+    let pw =
+        PackedWeights::from_f32(&random(&mut rng, n * k, 0.5), n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let a = random(&mut rng, m * k, 3.0);
+    let ones = vec![1.0f32; n];
+    let o = opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1);
+    let mut y = vec![0f32; m * n];
+    let f =
+        Fused::<f32> { layer_norm: Some(LayerNorm { gamma: &ones, beta: None, epsilon: 0.0 }), ..Default::default() };
+    dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap();
+    for row in y.chunks(n) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4, "mean {mean} var {var}");
+    }
+    // Bad parameters: refused, y untouched.
+    let short = vec![1.0f32; n - 1];
+    let mut nan = ones.clone();
+    nan[7] = f32::NAN;
+    for (ln, status) in [
+        (LayerNorm { gamma: &short, beta: None, epsilon: 1e-5 }, Status::InvalidArgument),
+        (LayerNorm { gamma: &ones, beta: Some(&short), epsilon: 1e-5 }, Status::InvalidArgument),
+        (LayerNorm { gamma: &nan, beta: None, epsilon: 1e-5 }, Status::NonFinite),
+        (LayerNorm { gamma: &ones, beta: Some(&nan), epsilon: 1e-5 }, Status::NonFinite),
+        (LayerNorm { gamma: &ones, beta: None, epsilon: -1.0 }, Status::InvalidArgument),
+        (LayerNorm { gamma: &ones, beta: None, epsilon: f32::NAN }, Status::InvalidArgument),
+    ] {
+        let mut y = vec![7f32; m * n];
+        let f = Fused::<f32> { layer_norm: Some(ln), ..Default::default() };
+        let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
+        assert_eq!(e.status(), status, "{e}");
+        assert!(e.message().contains("layer norm"), "{e}");
+        assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
+    }
 }
 
 /// Several outputs: each segment of columns is, bit for bit, those columns of the single-output

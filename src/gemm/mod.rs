@@ -39,6 +39,10 @@ use crate::quant::activations::{quantize_activations_threaded, ActGranularity, A
 use once_cell::sync::Lazy;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
+mod norm;
+pub(crate) use norm::layer_norm_rows;
+pub use norm::{layer_norm_reference, LayerNorm};
+
 /// Largest thread count accepted by a GEMM call.
 pub const MAX_THREADS: usize = 1024;
 
@@ -506,10 +510,25 @@ struct Tile<'a> {
     panel: &'a [i8],
 }
 
+/// Rows whose tiles are all written: `(first row, end row)`.
+type RowsDone<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
 /// Visits every (row tile, column panel) of the output exactly once, possibly from several
 /// threads, with a scratch buffer of `MR * NR` `i32` per task. The callback runs the
 /// micro-kernel.
-fn for_each_tile<F>(w: &PackedWeights, qa: &[u8], row_bytes: usize, m: usize, exec: &Exec<'_>, f: F) -> Result<()>
+///
+/// `rows_done`, when given, is called once for every row, with runs of rows whose tiles have
+/// all been visited: at the end of each block when blocks span every panel (the rows are then
+/// still in cache), otherwise in a pass over the rows after all tiles.
+fn for_each_tile<F>(
+    w: &PackedWeights,
+    qa: &[u8],
+    row_bytes: usize,
+    m: usize,
+    exec: &Exec<'_>,
+    rows_done: Option<RowsDone<'_>>,
+    f: F,
+) -> Result<()>
 where
     F: Fn(&Tile<'_>, &mut [i32]) + Sync,
 {
@@ -562,11 +581,17 @@ where
             f(&tile, scratch);
         };
         let (panels, tiles) = (nb * nc..((nb + 1) * nc).min(n_panels), mb * mc..((mb + 1) * mc).min(m_tiles));
+        // With blocks spanning every panel, a row is complete when its tile has met them all.
+        let done = rows_done.filter(|_| n_blocks == 1);
         if tiles_outer {
             for t in tiles {
                 let rows = tile_rows(t);
                 for p in panels.clone() {
                     visit(p, rows, &mut scratch);
+                }
+                if let Some(done) = done {
+                    // The tile's rows are still in L1.
+                    done(rows.0, rows.0 + rows.1);
                 }
             }
         } else {
@@ -576,10 +601,18 @@ where
                     visit(p, r, &mut scratch);
                 }
             }
+            if let (Some(done), Some(first), Some(last)) = (done, rows.first(), rows.last()) {
+                done(first.0, last.0 + last.1);
+            }
         }
     };
     // Dynamic balancing: the workers pull blocks as they finish others.
-    exec.run(m_blocks * n_blocks, run_block)
+    exec.run(m_blocks * n_blocks, run_block)?;
+    if let Some(done) = rows_done.filter(|_| n_blocks > 1) {
+        let chunks = (4 * exec.threads()).min(m).max(1);
+        exec.run(chunks, |c| done(c * m / chunks, (c + 1) * m / chunks))?;
+    }
+    Ok(())
 }
 
 /// `Y = dequant(quant(A) * W) + bias`, then the epilogue. `a` holds `m` rows of `w.k()` values
@@ -674,7 +707,7 @@ pub fn gemm_smoothed_on<A: Element, Y: Element>(
     opts: &GemmOptions,
     par: &dyn Parallel,
 ) -> Result<()> {
-    gemm_fused_on(w, a, m, lda, &Fused { smooth, bias, residual: None }, y, ldy, opts, par)
+    gemm_fused_on(w, a, m, lda, &Fused { smooth, bias, ..Fused::default() }, y, ldy, opts, par)
 }
 
 /// A matrix added to the output after the epilogue: `m` rows of `w.n()` values at stride `ld`.
@@ -694,11 +727,14 @@ pub struct Fused<'a, Y> {
     /// A matrix added after the activation: the residual (skip) connection of a transformer
     /// block, `y = act(A * W + bias) + residual`.
     pub residual: Option<Residual<'a, Y>>,
+    /// Layer normalization of each output row, last: `y = LayerNorm(act(A * W + bias) +
+    /// residual)` (single plain output only; see [`LayerNorm`]).
+    pub layer_norm: Option<LayerNorm<'a>>,
 }
 
 impl<Y> Default for Fused<'_, Y> {
     fn default() -> Self {
-        Fused { smooth: None, bias: None, residual: None }
+        Fused { smooth: None, bias: None, residual: None, layer_norm: None }
     }
 }
 
@@ -818,7 +854,7 @@ pub fn gemm_split_on<A: Element, Y: Element>(
     opts: &GemmOptions,
     par: &dyn Parallel,
 ) -> Result<()> {
-    gemm_impl(w, a, m, lda, &Fused { smooth, bias, residual: None }, outs, opts, par)
+    gemm_impl(w, a, m, lda, &Fused { smooth, bias, ..Fused::default() }, outs, opts, par)
 }
 
 /// [`gemm_split_on`] on dynq's pool (`opts.num_threads` workers).
@@ -861,7 +897,7 @@ fn gemm_impl<A: Element, Y: Element>(
     opts: &GemmOptions,
     par: &dyn Parallel,
 ) -> Result<()> {
-    let Fused { smooth, bias, residual } = *fused;
+    let Fused { smooth, bias, residual, layer_norm } = *fused;
     let (n, k) = (w.n(), w.k());
     check_matrix(a.len(), m, k, lda, "activations A")?;
     if outs.is_empty() {
@@ -878,6 +914,9 @@ fn gemm_impl<A: Element, Y: Element>(
         if residual.is_some() {
             return Err(Error::InvalidArgument("a residual needs a single output".into()));
         }
+        if layer_norm.is_some() {
+            return Err(Error::InvalidArgument("a layer norm needs a single output".into()));
+        }
         for (g, o) in outs.iter().enumerate() {
             match &o.heads {
                 Some(h) => h.check(m, o.cols, o.y.len(), &format!("output {g}"))?,
@@ -890,12 +929,18 @@ fn gemm_impl<A: Element, Y: Element>(
             Some(_) if residual.is_some() => {
                 return Err(Error::InvalidArgument("a residual needs the plain output layout (no heads)".into()));
             }
+            Some(_) if layer_norm.is_some() => {
+                return Err(Error::InvalidArgument("a layer norm needs the plain output layout (no heads)".into()));
+            }
             Some(h) => h.check(m, n, outs[0].y.len(), "output Y")?,
             None => check_matrix(outs[0].y.len(), m, n, outs[0].ldy, "output Y")?,
         }
     }
     if let Some(r) = &residual {
         check_matrix(r.data.len(), m, n, r.ld, "residual")?;
+    }
+    if let Some(ln) = &layer_norm {
+        ln.check(n)?;
     }
     if let Some(s) = smooth {
         if s.len() != k {
@@ -965,120 +1010,143 @@ fn gemm_impl<A: Element, Y: Element>(
         })
         .collect();
     let res_f32: Option<(&[f32], usize)> = residual.as_ref().and_then(|r| Y::as_f32(r.data).map(|d| (d, r.ld)));
-    let r = for_each_tile(w, &qa.data, qa.row_bytes, m, &exec, |t, scratch| {
-        let (i0, j0, cols) = (t.i0, t.j0, t.cols);
-        // The segment of the tile's first column. The kernel writes straight into it when the
-        // segment holds all the tile's columns and is f32; otherwise into the f32 scratch
-        // buffer (MR * NR words; f32 and i32 have the same size and alignment), whose columns
-        // are then rounded to Y and sent to their segments below.
-        let g = segs.partition_point(|sg| sg.start + sg.cols <= j0);
-        let seg = &segs[g];
-        let straight = match (&seg.direct, &seg.heads) {
-            // The rows (i0..i0+rows) x columns of this tile belong to it only; in bounds
-            // (checked by `ptr_at`); the kernel writes only the tile's elements.
-            (Some(out), None) if j0 + cols <= seg.start + seg.cols => {
-                Some((out.ptr_at(i0 * seg.ldy + (j0 - seg.start), (t.rows - 1) * seg.ldy + cols), seg.ldy, None))
+    // A layer norm (single plain output) normalizes rows in place once all their tiles are
+    // written, while they are in cache.
+    let isa = kern.isa;
+    let ln_rows = layer_norm.map(|ln| {
+        let seg = &segs[0];
+        move |r0: usize, r1: usize| {
+            if r1 <= r0 {
+                return;
             }
-            // In the [batch, heads, seq, d] layout, a tile inside one sequence is a block of
-            // rows at stride d in each head it touches: written straight too when it lies inside
-            // one head, or when d and the tile's first column are multiples of 16 (each run of
-            // 16 columns then lies inside one head: `blocks16`); otherwise through the scratch
-            // tile.
-            (Some(out), Some(h)) if !h.transposed && j0 + cols <= seg.start + seg.cols => {
-                let dh = seg.cols / h.heads;
-                let (b, s0) = (i0 / h.seq, i0 % h.seq);
-                // Where column c of the segment goes in row i0, and how many follow it in its head.
-                let place = |c: usize| {
-                    let at = ((b * h.heads + c / dh) * h.seq + s0) * dh + c % dh;
-                    (at, dh - c % dh)
-                };
-                let c0 = j0 - seg.start;
-                let (at, room) = place(c0);
-                if s0 + t.rows > h.seq {
-                    None
-                } else if cols <= room {
-                    Some((out.ptr_at(at, (t.rows - 1) * dh + cols), dh, None))
-                } else if dh.is_multiple_of(16) && c0.is_multiple_of(16) && cols <= 16 * MAX_BLOCKS16 {
-                    let mut blocks = [std::ptr::null_mut(); MAX_BLOCKS16];
-                    for (bk, p) in blocks.iter_mut().enumerate().take(cols.div_ceil(16)) {
-                        let (at, _) = place(c0 + 16 * bk);
-                        *p = out.ptr_at(at, (t.rows - 1) * dh + (cols - 16 * bk).min(16));
-                    }
-                    Some((blocks[0], dh, Some(blocks)))
-                } else {
-                    None
-                }
-            }
-            _ => None,
-        };
-        let (y0, ld, blocks16) = straight.unwrap_or((scratch.as_mut_ptr() as *mut f32, cols, None));
-        let ft = F32Tile {
-            za: &za[i0..i0 + t.rows],
-            sa: &qa.scales[i0..i0 + t.rows],
-            col_sums: &col_sums[j0..j0 + cols],
-            scales: &scales[j0..j0 + cols],
-            bias: bias.map(|b| &b[j0..j0 + cols]),
-            act,
-            y: y0,
-            ldy: ld,
-            blocks16,
-            // An f32 residual (single output only) is added by the kernel (rows i0.. from
-            // column j0: in bounds, checked by check_matrix).
-            residual: res_f32.map(|(r, ldr)| (r[i0 * ldr + j0..].as_ptr(), ldr)),
-        };
-        if let Some((r, ldr)) = ft.residual {
-            // The tile's residual lines are requested now and arrive while the kernel computes
-            // (its epilogue would otherwise wait for memory on each of them).
-            for i in 0..t.rows {
-                let row = r.wrapping_add(i * ldr);
-                prefetch(row);
-                prefetch(row.wrapping_add(cols - 1));
-            }
-        }
-        // SAFETY: `t.a` holds `rows <= MR` rows of kp values at stride row_bytes, the panel
-        // holds kp * NR bytes, kp is a multiple of KR (padded_k), `ft` describes rows x cols
-        // writable, unaliased f32 (in y or in the scratch buffer, rows * cols <= MR * NR) and
-        // readable residual rows, and the CPU supports the kernel's ISA (checked when `w` was
-        // packed).
-        unsafe { (kern.ukernel)(t.rows, kp, t.a.as_ptr(), qa.row_bytes, t.panel.as_ptr(), &TileOut::F32(&ft)) };
-        if let (Some(res), None) = (&residual, res_f32) {
-            // f16/bf16 residual (and output): added to the f32 tile in the scratch buffer.
-            for r in 0..t.rows {
-                let src = &res.data[(i0 + r) * res.ld + j0..][..cols];
-                // SAFETY: row r of the scratch tile: `cols` f32 the kernel just wrote, which
-                // only this task sees.
-                let row = unsafe { std::slice::from_raw_parts_mut(y0.add(r * ld), cols) };
-                row.iter_mut().zip(src).for_each(|(y, r)| *y += r.to_f32());
-            }
-        }
-        if straight.is_none() {
-            // SAFETY: the kernel wrote rows * cols f32 at the start of the scratch buffer.
-            let tile = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const f32, t.rows * cols) };
-            let (mut c, mut g) = (0, g);
-            while c < cols {
-                let sg = &segs[g];
-                let (jj, take) = (j0 + c - sg.start, (sg.start + sg.cols - (j0 + c)).min(cols - c));
-                if let Some(hd) = &sg.heads {
-                    // SAFETY: columns jj..jj + take of rows i0.. of this segment belong to
-                    // this tile only (each lands at its own place in the head layout).
-                    unsafe { write_heads(sg, hd, i0, jj, take, &tile[c..], cols, t.rows) };
-                    c += take;
-                    g += 1;
-                    continue;
-                }
-                let dst = sg.out.ptr_at(i0 * sg.ldy + jj, (t.rows - 1) * sg.ldy + take);
-                for r in 0..t.rows {
-                    for cc in 0..take {
-                        // SAFETY: (i0 + r, jj + cc) of segment g is in bounds (checked by
-                        // ptr_at: r * ldy + cc < span) and belongs to this tile only.
-                        unsafe { dst.add(r * sg.ldy + cc).write(Y::from_f32(tile[r * cols + c + cc])) };
-                    }
-                }
-                c += take;
-                g += 1;
-            }
+            let y = seg.out.ptr_at(r0 * seg.ldy, (r1 - r0 - 1) * seg.ldy + n);
+            // SAFETY: rows r0..r1 (n values at stride ldy, in bounds: ptr_at) are complete and
+            // no other task touches them any more (see `for_each_tile`).
+            unsafe { norm::layer_norm_rows(isa, y, r1 - r0, n, seg.ldy, &ln, &mut Vec::new()) };
         }
     });
+    let r = for_each_tile(
+        w,
+        &qa.data,
+        qa.row_bytes,
+        m,
+        &exec,
+        ln_rows.as_ref().map(|f| f as RowsDone<'_>),
+        |t, scratch| {
+            let (i0, j0, cols) = (t.i0, t.j0, t.cols);
+            // The segment of the tile's first column. The kernel writes straight into it when the
+            // segment holds all the tile's columns and is f32; otherwise into the f32 scratch
+            // buffer (MR * NR words; f32 and i32 have the same size and alignment), whose columns
+            // are then rounded to Y and sent to their segments below.
+            let g = segs.partition_point(|sg| sg.start + sg.cols <= j0);
+            let seg = &segs[g];
+            let straight = match (&seg.direct, &seg.heads) {
+                // The rows (i0..i0+rows) x columns of this tile belong to it only; in bounds
+                // (checked by `ptr_at`); the kernel writes only the tile's elements.
+                (Some(out), None) if j0 + cols <= seg.start + seg.cols => {
+                    Some((out.ptr_at(i0 * seg.ldy + (j0 - seg.start), (t.rows - 1) * seg.ldy + cols), seg.ldy, None))
+                }
+                // In the [batch, heads, seq, d] layout, a tile inside one sequence is a block of
+                // rows at stride d in each head it touches: written straight too when it lies inside
+                // one head, or when d and the tile's first column are multiples of 16 (each run of
+                // 16 columns then lies inside one head: `blocks16`); otherwise through the scratch
+                // tile.
+                (Some(out), Some(h)) if !h.transposed && j0 + cols <= seg.start + seg.cols => {
+                    let dh = seg.cols / h.heads;
+                    let (b, s0) = (i0 / h.seq, i0 % h.seq);
+                    // Where column c of the segment goes in row i0, and how many follow it in its head.
+                    let place = |c: usize| {
+                        let at = ((b * h.heads + c / dh) * h.seq + s0) * dh + c % dh;
+                        (at, dh - c % dh)
+                    };
+                    let c0 = j0 - seg.start;
+                    let (at, room) = place(c0);
+                    if s0 + t.rows > h.seq {
+                        None
+                    } else if cols <= room {
+                        Some((out.ptr_at(at, (t.rows - 1) * dh + cols), dh, None))
+                    } else if dh.is_multiple_of(16) && c0.is_multiple_of(16) && cols <= 16 * MAX_BLOCKS16 {
+                        let mut blocks = [std::ptr::null_mut(); MAX_BLOCKS16];
+                        for (bk, p) in blocks.iter_mut().enumerate().take(cols.div_ceil(16)) {
+                            let (at, _) = place(c0 + 16 * bk);
+                            *p = out.ptr_at(at, (t.rows - 1) * dh + (cols - 16 * bk).min(16));
+                        }
+                        Some((blocks[0], dh, Some(blocks)))
+                    } else {
+                        None
+                    }
+                }
+                _ => None,
+            };
+            let (y0, ld, blocks16) = straight.unwrap_or((scratch.as_mut_ptr() as *mut f32, cols, None));
+            let ft = F32Tile {
+                za: &za[i0..i0 + t.rows],
+                sa: &qa.scales[i0..i0 + t.rows],
+                col_sums: &col_sums[j0..j0 + cols],
+                scales: &scales[j0..j0 + cols],
+                bias: bias.map(|b| &b[j0..j0 + cols]),
+                act,
+                y: y0,
+                ldy: ld,
+                blocks16,
+                // An f32 residual (single output only) is added by the kernel (rows i0.. from
+                // column j0: in bounds, checked by check_matrix).
+                residual: res_f32.map(|(r, ldr)| (r[i0 * ldr + j0..].as_ptr(), ldr)),
+            };
+            if let Some((r, ldr)) = ft.residual {
+                // The tile's residual lines are requested now and arrive while the kernel computes
+                // (its epilogue would otherwise wait for memory on each of them).
+                for i in 0..t.rows {
+                    let row = r.wrapping_add(i * ldr);
+                    prefetch(row);
+                    prefetch(row.wrapping_add(cols - 1));
+                }
+            }
+            // SAFETY: `t.a` holds `rows <= MR` rows of kp values at stride row_bytes, the panel
+            // holds kp * NR bytes, kp is a multiple of KR (padded_k), `ft` describes rows x cols
+            // writable, unaliased f32 (in y or in the scratch buffer, rows * cols <= MR * NR) and
+            // readable residual rows, and the CPU supports the kernel's ISA (checked when `w` was
+            // packed).
+            unsafe { (kern.ukernel)(t.rows, kp, t.a.as_ptr(), qa.row_bytes, t.panel.as_ptr(), &TileOut::F32(&ft)) };
+            if let (Some(res), None) = (&residual, res_f32) {
+                // f16/bf16 residual (and output): added to the f32 tile in the scratch buffer.
+                for r in 0..t.rows {
+                    let src = &res.data[(i0 + r) * res.ld + j0..][..cols];
+                    // SAFETY: row r of the scratch tile: `cols` f32 the kernel just wrote, which
+                    // only this task sees.
+                    let row = unsafe { std::slice::from_raw_parts_mut(y0.add(r * ld), cols) };
+                    row.iter_mut().zip(src).for_each(|(y, r)| *y += r.to_f32());
+                }
+            }
+            if straight.is_none() {
+                // SAFETY: the kernel wrote rows * cols f32 at the start of the scratch buffer.
+                let tile = unsafe { std::slice::from_raw_parts(scratch.as_ptr() as *const f32, t.rows * cols) };
+                let (mut c, mut g) = (0, g);
+                while c < cols {
+                    let sg = &segs[g];
+                    let (jj, take) = (j0 + c - sg.start, (sg.start + sg.cols - (j0 + c)).min(cols - c));
+                    if let Some(hd) = &sg.heads {
+                        // SAFETY: columns jj..jj + take of rows i0.. of this segment belong to
+                        // this tile only (each lands at its own place in the head layout).
+                        unsafe { write_heads(sg, hd, i0, jj, take, &tile[c..], cols, t.rows) };
+                        c += take;
+                        g += 1;
+                        continue;
+                    }
+                    let dst = sg.out.ptr_at(i0 * sg.ldy + jj, (t.rows - 1) * sg.ldy + take);
+                    for r in 0..t.rows {
+                        for cc in 0..take {
+                            // SAFETY: (i0 + r, jj + cc) of segment g is in bounds (checked by
+                            // ptr_at: r * ldy + cc < span) and belongs to this tile only.
+                            unsafe { dst.add(r * sg.ldy + cc).write(Y::from_f32(tile[r * cols + c + cc])) };
+                        }
+                    }
+                    c += take;
+                    g += 1;
+                }
+            }
+        },
+    );
     give_scratch(qa.data);
     r
 }
@@ -1225,7 +1293,7 @@ pub fn gemm_i32(
     }
     let col_sums = w.col_sums();
     let shared = SharedOut::new(out);
-    for_each_tile(w, &buf, row_bytes, m, &exec, |t, scratch| {
+    for_each_tile(w, &buf, row_bytes, m, &exec, None, |t, scratch| {
         // SAFETY: as in `gemm`; `scratch` has room for MR * NR values.
         unsafe {
             (kern.ukernel)(t.rows, kp, t.a.as_ptr(), row_bytes, t.panel.as_ptr(), &TileOut::I32(scratch.as_mut_ptr()))

@@ -181,6 +181,33 @@ pub unsafe fn attr_string(api: Api, info: *const OrtKernelInfo, name: &str) -> R
     Ok(Some(String::from_utf8_lossy(&buf[..end]).into_owned()))
 }
 
+/// A float attribute of the node: `Ok(None)` when absent, `Err` when present with another type.
+///
+/// # Safety
+/// `info` is a live kernel info.
+pub unsafe fn attr_float(api: Api, info: *const OrtKernelInfo, name: &str) -> Result<Option<f32>, String> {
+    let cname = CString::new(name).expect("attribute names have no NUL");
+    let mut f: f32 = 0.0;
+    // SAFETY: `f` receives the value.
+    let st = unsafe { (api.0.KernelInfoGetAttribute_float)(info, cname.as_ptr(), &mut f) };
+    if check(api, st).is_ok() {
+        return Ok(Some(f));
+    }
+    let mut i: i64 = 0;
+    // SAFETY: as above.
+    let st = unsafe { (api.0.KernelInfoGetAttribute_int64)(info, cname.as_ptr(), &mut i) };
+    if check(api, st).is_ok() {
+        return Err(format!("attribute '{name}' must be a float, got the integer {i}"));
+    }
+    let mut size: usize = 0;
+    // SAFETY: a NULL buffer asks for the size.
+    let st = unsafe { (api.0.KernelInfoGetAttribute_string)(info, cname.as_ptr(), ptr::null_mut(), &mut size) };
+    if check(api, st).is_ok() {
+        return Err(format!("attribute '{name}' must be a float, got a string"));
+    }
+    Ok(None)
+}
+
 /// An integer-list attribute of the node: `Ok(None)` when absent.
 ///
 /// # Safety

@@ -4,7 +4,10 @@
 use super::api::{self, Api, TensorShape, ELEM_FLOAT, ELEM_FLOAT16, ELEM_INT8, ELEM_UINT8};
 use super::cache;
 use crate::dtype::Element;
-use crate::gemm::{gemm_fused_on, gemm_split_on, Epilogue, Fused, GemmOptions, Heads, Parallel, Residual, SplitOut};
+use crate::gemm::{
+    gemm_fused_on, gemm_split_on, layer_norm_rows, Epilogue, Fused, GemmOptions, Heads, LayerNorm, Parallel, Residual,
+    SplitOut,
+};
 use crate::pack::{PackOptions, PackedWeights, WeightLayout};
 use crate::quant::{ActGranularity, ActType};
 use crate::Error;
@@ -13,6 +16,9 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The optional inputs of one call: smoothing factors, bias, residual data, layer norm.
+type FusedArgs<'a> = (Option<&'a [f32]>, Option<&'a [f32]>, Option<*const u8>, Option<LayerNorm<'a>>);
+
 /// Input indices.
 pub const IN_A: usize = 0;
 pub const IN_W: usize = 1;
@@ -20,6 +26,12 @@ pub const IN_SCALES: usize = 2;
 pub const IN_BIAS: usize = 3;
 pub const IN_SMOOTH: usize = 4;
 pub const IN_RESIDUAL: usize = 5;
+pub const IN_LN_SCALE: usize = 6;
+pub const IN_LN_BIAS: usize = 7;
+/// Inputs at most.
+pub const MAX_INPUTS: usize = 8;
+/// The `ln_epsilon` attribute's default (ONNX `LayerNormalization`'s).
+pub const LN_EPSILON_DEFAULT: f32 = 1e-5;
 
 /// The activation fused after the bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +155,8 @@ pub struct DynqKernel {
     /// Per output: `(heads, transposed)`, `heads == 0` for the plain layout (see
     /// [`parse_heads`]).
     heads: Vec<(usize, bool)>,
+    /// The `ln_epsilon` attribute (used when the node has a layer norm scale).
+    ln_epsilon: f32,
     /// What the node has seen of its session's intra-op pool.
     probe: PoolProbe,
 }
@@ -334,12 +348,18 @@ impl DynqKernel {
         a_val: *const OrtValue,
         a_shape: &TensorShape,
         (p_dims, m, k): (&[i64], usize, usize),
-        (smooth, bias): (Option<&[f32]>, Option<&[f32]>),
+        (smooth, bias, layer_norm): (Option<&[f32]>, Option<&[f32]>, Option<LayerNorm<'_>>),
         r: Option<*const u8>,
         r_dims: &[i64],
         y_dims: &[i64],
     ) -> crate::Result<()> {
         let api = self.api;
+        if layer_norm.is_some() && y_dims.last() != p_dims.last() {
+            return Err(Error::InvalidArgument(format!(
+                "a layer norm normalizes rows of N = {} values, but the residual broadcasts the output to {y_dims:?}",
+                w.n()
+            )));
+        }
         let total = api::numel(y_dims)
             .ok_or_else(|| Error::InvalidArgument(format!("the broadcast output shape {y_dims:?} is too large")))?;
         let r_len =
@@ -363,6 +383,7 @@ impl DynqKernel {
             (a, r, y): (*const u8, *const u8, *mut u8),
             (m, k, r_len, total): (usize, usize, usize, usize),
             fused: &Fused<'_, f32>,
+            layer_norm: Option<LayerNorm<'_>>,
             p: &mut [f32],
             (p_dims, r_dims, y_dims): (&[i64], &[i64], &[i64]),
             opts: &GemmOptions,
@@ -382,18 +403,26 @@ impl DynqKernel {
             };
             gemm_fused_on(w, a, m, k, fused, p, w.n(), opts, pool)?;
             broadcast_add(p, p_dims, r, r_dims, y, y_dims);
+            if let Some(ln) = layer_norm {
+                // Rows of N values (checked by the caller), normalized as the fused path does.
+                let n = w.n();
+                let isa = w.kernel().isa;
+                let rows = y.len().checked_div(n).unwrap_or(0);
+                // SAFETY: `y` holds rows * n values of T, ours alone.
+                unsafe { layer_norm_rows(isa, y.as_mut_ptr(), rows, n, n, &ln, &mut Vec::new()) };
+            }
             Ok(())
         }
-        let fused = Fused { smooth, bias, residual: None };
+        let fused = Fused { smooth, bias, ..Fused::default() };
         let bufs = (a_ptr.cast_const(), r, y_ptr);
         let sizes = (m, k, r_len, total);
         let dims = (p_dims, r_dims, y_dims);
         // SAFETY: per the contract; the output was just allocated with `total` values of A's type.
         unsafe {
             if a_shape.elem == ELEM_FLOAT16 {
-                go::<half::f16>(w, bufs, sizes, &fused, &mut p, dims, &opts, &pool)
+                go::<half::f16>(w, bufs, sizes, &fused, layer_norm, &mut p, dims, &opts, &pool)
             } else {
-                go::<f32>(w, bufs, sizes, &fused, &mut p, dims, &opts, &pool)
+                go::<f32>(w, bufs, sizes, &fused, layer_norm, &mut p, dims, &opts, &pool)
             }
         }
     }
@@ -407,10 +436,8 @@ impl DynqKernel {
         let label = format!("DynQMatMul node '{name}'");
         let err = |m: String| OpError::invalid(format!("{label}: {m}"));
         let count = unsafe { api::kernel_info_input_count(api, info) }.map_err(&err)?;
-        if !(3..=6).contains(&count) {
-            return Err(err(format!(
-                "expects 3 to 6 inputs (A, W, scales[, bias[, smooth[, residual]]]), got {count}"
-            )));
+        if !(3..=MAX_INPUTS).contains(&count) {
+            return Err(err(format!("expects {}, got {count}", super::INPUTS_EXPECTED)));
         }
         let attrs = parse_attrs(|n| unsafe { api::attr_string(api, info, n) }).map_err(&err)?;
         let outputs = unsafe { api::kernel_info_output_count(api, info) }.map_err(&err)?;
@@ -462,7 +489,12 @@ impl DynqKernel {
             let widths = split.clone().unwrap_or_else(|| vec![p.n()]);
             check_heads(&widths, &heads).map_err(&err)?;
         }
-        Ok(DynqKernel { api, label, attrs, weights, split, heads, probe: PoolProbe::default() })
+        let ln_epsilon =
+            unsafe { api::attr_float(api, info, "ln_epsilon") }.map_err(&err)?.unwrap_or(LN_EPSILON_DEFAULT);
+        if !(ln_epsilon.is_finite() && ln_epsilon >= 0.0) {
+            return Err(err(format!("attribute 'ln_epsilon' is {ln_epsilon}; it must be finite and >= 0")));
+        }
+        Ok(DynqKernel { api, label, attrs, weights, split, heads, ln_epsilon, probe: PoolProbe::default() })
     }
 
     /// Runs the node.
@@ -538,6 +570,16 @@ impl DynqKernel {
         }
         let bias = unsafe { float_vector(api, ctx, label, IN_BIAS, n, ("bias", "N")) }?;
         let smooth = unsafe { float_vector(api, ctx, label, IN_SMOOTH, k, ("smoothing factors", "K")) }?;
+        let ln_scale = unsafe { float_vector(api, ctx, label, IN_LN_SCALE, n, ("layer norm scale", "N")) }?;
+        let ln_bias = unsafe { float_vector(api, ctx, label, IN_LN_BIAS, n, ("layer norm bias", "N")) }?;
+        let layer_norm = match (ln_scale, ln_bias) {
+            (Some(gamma), beta) => Some(LayerNorm { gamma, beta, epsilon: self.ln_epsilon }),
+            (None, Some(_)) => return Err(err("a layer norm bias needs a layer norm scale (input 6)".into())),
+            (None, None) => None,
+        };
+        if layer_norm.is_some() && (self.split.is_some() || self.heads.iter().any(|&(h, _)| h > 0)) {
+            return Err(err("a layer norm cannot be combined with 'split' or 'heads'".into()));
+        }
         let mut out_dims = a_shape.dims.clone();
         *out_dims.last_mut().expect("rank >= 1") = n as i64;
         // Optional residual: A's type, added after the activation. Of the product's shape (the
@@ -601,7 +643,7 @@ impl DynqKernel {
                     a_val,
                     &a_shape,
                     (&out_dims, m, k),
-                    (smooth, bias),
+                    (smooth, bias, layer_norm),
                     residual,
                     r_dims,
                     y_dims,
@@ -641,7 +683,7 @@ impl DynqKernel {
             a: *const u8,
             (ys, widths, heads): (&[*mut u8], &[usize], Option<HeadsArg<'_>>),
             (m, k): (usize, usize),
-            (smooth, bias, residual): (Option<&[f32]>, Option<&[f32]>, Option<*const u8>),
+            (smooth, bias, residual, layer_norm): FusedArgs<'_>,
             opts: &GemmOptions,
             pool: &OrtPool,
         ) -> crate::Result<()> {
@@ -661,7 +703,7 @@ impl DynqKernel {
             if let ([y], None) = (ys, heads) {
                 // SAFETY: per the contract.
                 let y = unsafe { std::slice::from_raw_parts_mut(y.cast::<T>(), m * n) };
-                return gemm_fused_on(w, a, m, k, &Fused { smooth, bias, residual }, y, n, opts, pool);
+                return gemm_fused_on(w, a, m, k, &Fused { smooth, bias, residual, layer_norm }, y, n, opts, pool);
             }
             let mut outs: Vec<SplitOut<'_, T>> = ys
                 .iter()
@@ -687,7 +729,8 @@ impl DynqKernel {
         let r = unsafe {
             // With heads, A is [batch, seq, K] (checked above).
             let heads = with_heads.then(|| (&self.heads[..], a_shape.dims[1] as usize));
-            let args = (a_ptr.cast_const(), (&ys[..], &widths[..], heads), (m, k), (smooth, bias, residual));
+            let args =
+                (a_ptr.cast_const(), (&ys[..], &widths[..], heads), (m, k), (smooth, bias, residual, layer_norm));
             if a_shape.elem == ELEM_FLOAT16 {
                 run::<half::f16>(w, args.0, args.1, args.2, args.3, &opts, &pool)
             } else {

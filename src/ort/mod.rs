@@ -13,6 +13,9 @@
 //! | scales | float | `[N]` (per output channel) or `[1]` / scalar (per tensor) | weight scales |
 //! | bias | float | `[N]` | optional |
 //! | smooth | float | `[K]` | optional: per-input-channel smoothing factors (below) |
+//! | residual | A's type | Y's shape, or one that broadcasts with it | optional: added after the activation |
+//! | ln_scale | float | `[N]` | optional: layer norm of each output row, last (below) |
+//! | ln_bias | float | `[N]` | optional, with `ln_scale` |
 //!
 //! Output `Y`: `[..., N]` of A's element type (shape inference provides both). float16 inputs
 //! are widened exactly and outputs rounded to nearest-even from dynq's f32 epilogue.
@@ -23,6 +26,16 @@
 //! - `act_type`: `"asymmetric_u8"` (default; uint8 with zero point) or `"symmetric_i8"`.
 //! - `activation`: `"none"` (default), `"relu"` or `"gelu"` (erf form), fused into the GEMM's
 //!   epilogue after the bias (dynq's `Epilogue`).
+//!
+//! Float attribute (optional): `ln_epsilon` (default 1e-5), the layer norm's epsilon.
+//!
+//! With `ln_scale`, `Y = LayerNorm(act(A W + bias) + residual)` over the last axis: ONNX
+//! `LayerNormalization` (axis -1, computed in f32) of the sum, with the operations and order
+//! `crate::gemm::LayerNorm` defines (bit-identical on every ISA and thread count; within float
+//! rounding of ONNX Runtime's kernel). Rows are normalized while they are still in cache, which
+//! spares the separate node's pass over the output (the converter folds a `LayerNormalization`
+//! that follows a folded residual `Add`: post-LN blocks such as BERT's). Not with `split` or
+//! `heads`; a residual that broadcasts the output's last axis beyond N is refused.
 //!
 //! Integer-list attributes (optional):
 //! - `split`: the widths of several outputs (columns of the product, in order; they add up to N).
@@ -73,7 +86,13 @@ pub mod cache;
 pub mod kernel;
 
 use api::Api;
-use kernel::{DynqKernel, OpError, IN_A, IN_BIAS, IN_RESIDUAL, IN_SCALES, IN_SMOOTH, IN_W};
+use kernel::{
+    DynqKernel, OpError, IN_A, IN_BIAS, IN_LN_BIAS, IN_LN_SCALE, IN_RESIDUAL, IN_SCALES, IN_SMOOTH, IN_W, MAX_INPUTS,
+};
+
+/// What the input list may be, for messages.
+pub(crate) const INPUTS_EXPECTED: &str =
+    "3 to 8 inputs (A, W, scales[, bias[, smooth[, residual[, ln_scale[, ln_bias]]]]])";
 use ort_sys::{
     ONNXTensorElementDataType, OrtApi, OrtApiBase, OrtCustomOp, OrtCustomOpDomain,
     OrtCustomOpInputOutputCharacteristic, OrtErrorCode, OrtKernelContext, OrtKernelInfo, OrtMemType, OrtSessionOptions,
@@ -130,7 +149,7 @@ unsafe extern "system" fn get_input_type(_op: *const OrtCustomOp, _index: usize)
 }
 
 unsafe extern "system" fn get_input_count(_op: *const OrtCustomOp) -> usize {
-    6
+    MAX_INPUTS
 }
 
 // The output has A's element type: the op is registered twice under the same name, with a
@@ -154,7 +173,7 @@ unsafe extern "system" fn get_input_characteristic(
     _op: *const OrtCustomOp,
     index: usize,
 ) -> OrtCustomOpInputOutputCharacteristic {
-    if index == IN_BIAS || index == IN_SMOOTH || index == IN_RESIDUAL {
+    if index == IN_BIAS || index == IN_SMOOTH || index == IN_RESIDUAL || index == IN_LN_SCALE || index == IN_LN_BIAS {
         OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
     } else {
         OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
@@ -305,8 +324,8 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     let mut count = 0usize;
     // SAFETY: `ctx` is live (all calls below).
     unsafe { api::check(api, (api.0.ShapeInferContext_GetInputCount)(ctx, &mut count))? };
-    if !(3..=6).contains(&count) {
-        return Err(format!("expects 3 to 6 inputs (A, W, scales[, bias[, smooth[, residual]]]), got {count}"));
+    if !(3..=MAX_INPUTS).contains(&count) {
+        return Err(format!("expects {INPUTS_EXPECTED}, got {count}"));
     }
     let a = unsafe { infer_input(api, ctx, IN_A)? };
     let w = unsafe { infer_input(api, ctx, IN_W)? };
@@ -328,7 +347,12 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     if s.shape.elem != api::ELEM_FLOAT {
         return Err(format!("weight scales must be float, got {}", api::elem_name(s.shape.elem)));
     }
-    for (index, what) in [(IN_BIAS, "bias"), (IN_SMOOTH, "smoothing factors")] {
+    for (index, what) in [
+        (IN_BIAS, "bias"),
+        (IN_SMOOTH, "smoothing factors"),
+        (IN_LN_SCALE, "layer norm scale"),
+        (IN_LN_BIAS, "layer norm bias"),
+    ] {
         if index < count {
             let b = unsafe { infer_input(api, ctx, index)? };
             // An absent optional input reports an undefined type.

@@ -21,11 +21,12 @@ def model(nodes, inputs, outputs, inits=(), value_infos=()):
 ORT_EMPTY_MIDDLE_INPUT = (1, 31)
 
 
-def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, elem=TensorProto.FLOAT, smooth=None, residual=False, **attrs):
-    """A model computing Y = DynQMatMul(A, W, scales[, bias[, smooth[, R]]]); W is an initializer
-    (const=True) or a graph input (const=False); A and Y have element type `elem`. With
-    residual=True, R is a graph input of Y's shape (bias and smooth then default to zeros and
-    ones rather than empty inputs, see ORT_EMPTY_MIDDLE_INPUT)."""
+def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=True, elem=TensorProto.FLOAT, smooth=None, residual=False, ln=None, **attrs):
+    """A model computing Y = DynQMatMul(A, W, scales[, bias[, smooth[, R[, G[, Be]]]]]); W is an
+    initializer (const=True) or a graph input (const=False); A and Y have element type `elem`.
+    With residual=True, R is a graph input of Y's shape (bias and smooth then default to zeros
+    and ones rather than empty inputs, see ORT_EMPTY_MIDDLE_INPUT). `ln` = (gamma, beta or None):
+    the layer norm scale and bias as initializers G and Be (needs residual=True)."""
     k, n = w_q.shape
     a_shape = [k if d is None else d for d in a_shape]
     if residual:
@@ -36,12 +37,19 @@ def dynq_model(w_q, scales, bias=None, a_shape=("batch", "seq", None), const=Tru
         ins += ([""] if bias is None else []) + ["M"]  # see ORT_EMPTY_MIDDLE_INPUT
     if residual:
         ins.append("R")
+    if ln is not None:
+        assert residual
+        ins += ["G"] + (["Be"] if ln[1] is not None else [])
     node = helper.make_node("DynQMatMul", ins, ["Y"], domain="dynq", name="dq", **attrs)
     inits = [numpy_helper.from_array(np.asarray(scales, np.float32), "S")]
     if bias is not None:
         inits.append(numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
     if smooth is not None:
         inits.append(numpy_helper.from_array(np.asarray(smooth, np.float32), "M"))
+    if ln is not None:
+        inits.append(numpy_helper.from_array(np.asarray(ln[0], np.float32), "G"))
+        if ln[1] is not None:
+            inits.append(numpy_helper.from_array(np.asarray(ln[1], np.float32), "Be"))
     inputs = [helper.make_tensor_value_info("A", elem, a_shape)]
     if residual:
         inputs.append(helper.make_tensor_value_info("R", elem, a_shape[:-1] + [n]))
@@ -81,3 +89,35 @@ def skip_without_f16_op():
 
     if ORT_VERSION < ORT_F16_OP:
         pytest.skip(f"DynQMatMul with float16 A needs ONNX Runtime >= {ORT_F16_OP[0]}.{ORT_F16_OP[1]}")
+
+
+def layer_norm_ref(x, gamma, beta=None, eps=1e-5):
+    """dynq's layer norm, bit for bit, in numpy float32 (its definition: 64 lane sums in order,
+    a halving tree, two passes; every step one f32 operation) over the last axis of `x`."""
+    x = np.asarray(x, np.float32)
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    pad = (-n) % 64
+
+    def tree(s):
+        while s.shape[-1] > 1:
+            h = s.shape[-1] // 2
+            s = s[:, :h] + s[:, h:]
+        return s[:, 0]
+
+    def lane_sums(v):
+        v = np.concatenate([v, np.zeros((v.shape[0], pad), np.float32)], axis=1)
+        s = np.zeros((v.shape[0], 64), np.float32)
+        for c in range(v.shape[1] // 64):
+            s = s + v[:, 64 * c : 64 * (c + 1)]
+        return tree(s)
+
+    nn = np.float32(n)
+    mean = lane_sums(rows) / nn
+    d = rows - mean[:, None]
+    var = lane_sums(d * d) / nn
+    inv = np.float32(1) / np.sqrt(var + np.float32(eps))
+    y = (d * inv[:, None]) * np.asarray(gamma, np.float32)
+    if beta is not None:
+        y = y + np.asarray(beta, np.float32)
+    return y.astype(np.float32).reshape(x.shape)

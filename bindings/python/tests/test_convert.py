@@ -686,7 +686,8 @@ def test_residual_add_is_folded_only_when_shapes_match():
     Add's place, so a residual computed after the MatMul is still defined before use. A
     broadcasting Add and operands of unknown shape are left alone."""
     m = residual_block()
-    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    # The LayerNormalization after res1 stays a node of its own here (folding it is tested below).
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off", fuse_layer_norm=False))
     q0, rep0 = quantize_model(m, QuantizeOptions(smooth="off", fuse_residual=False))
     onnx.checker.check_model(q)
     got = {r.name: r.residual for r in rep.converted}
@@ -715,13 +716,80 @@ def test_residual_add_is_folded_only_when_shapes_match():
     # one shape, so res1 stays. fc2's output and z both derive from y1, whose unknown dimensions
     # shape inference names once (unk__N): those are proven equal and folded.
     m2 = residual_block(x_dims=(None, None))
-    q2, rep2 = quantize_model(m2, QuantizeOptions(smooth="off"))
+    q2, rep2 = quantize_model(m2, QuantizeOptions(smooth="off", fuse_layer_norm=False))
     got2 = {r.name: r.residual for r in rep2.converted}
     assert got2 == {"fc1": None, "fc2": "z", "fc3": None}, got2
     q20, _ = quantize_model(m2, QuantizeOptions(smooth="off", fuse_residual=False))
     np.testing.assert_array_equal(plain(q2).run(None, f)[0], plain(q20).run(None, f)[0])
     opts = QuantizeOptions(smooth="off", fuse_residual=False)
     assert QuantizeOptions.from_json(opts.to_json()).fuse_residual is False
+
+
+def test_layer_norm_after_the_residual_is_folded():
+    """A LayerNormalization over the last axis that alone reads a folded residual Add becomes the
+    op's layer norm (inputs 7 and 8, attribute ln_epsilon): the node then outputs the normalized
+    tensor, which agrees with the unfolded model's to float rounding; the end result keeps its
+    accuracy. Left alone: a normalization over another axis, one computed in another precision
+    (stash_type 0), one whose mean output is used, one whose sum has another reader (pre-LN
+    blocks), one whose scale is not a constant, and every one with fuse_layer_norm=False."""
+    import onnxruntime as ort
+
+    def with_output(mm, name):
+        mm = onnx.ModelProto.FromString(mm.SerializeToString())
+        mm.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", "s", 32]))
+        return mm
+
+    m = with_output(residual_block(), "y1")
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    q0, _ = quantize_model(m, QuantizeOptions(smooth="off", fuse_layer_norm=False))
+    onnx.checker.check_model(q)
+    assert {r.name: r.layer_norm for r in rep.converted} == {"fc1": True, "fc2": False, "fc3": False}
+    assert "layer norms folded: 1" in rep.summary()
+    assert "ln" not in [n.name for n in q.graph.node]
+    fc1 = next(n for n in q.graph.node if n.name == "fc1")
+    assert len(fc1.input) == 8 and fc1.output[0] == "y1", fc1
+    assert [a.name for a in fc1.attribute if a.name == "ln_epsilon"] == ["ln_epsilon"]
+    f = {"x": f32(3, 5, 32, scale=1.0)}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.register_custom_ops_library(dynq.library_path())
+    run = lambda mm: ort.InferenceSession(mm.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(["y1", "out"], f)
+    (y1, out), (y10, _) = run(q), run(q0)
+    np.testing.assert_allclose(y1, y10, rtol=1e-5, atol=1e-5)
+    assert cosine(session(m, custom=False).run(["out"], f)[0], out) > 0.999
+
+    def variant(**change):
+        mm = residual_block()
+        ln = next(n for n in mm.graph.node if n.name == "ln")
+        if "attrs" in change:
+            for k, v in change["attrs"].items():
+                for a in [a for a in ln.attribute if a.name == k]:
+                    ln.attribute.remove(a)
+                ln.attribute.append(helper.make_attribute(k, v))
+        if change.get("mean_used"):
+            ln.output.append("ln_mean")
+            mm.graph.output.append(helper.make_tensor_value_info("ln_mean", TensorProto.FLOAT, None))
+        if change.get("second_reader"):
+            mm.graph.node.append(helper.make_node("Identity", ["r1"], ["r1_copy"], name="reader"))
+            mm.graph.output.append(helper.make_tensor_value_info("r1_copy", TensorProto.FLOAT, None))
+        if change.get("scale_input"):
+            mm.graph.initializer.remove(next(t for t in mm.graph.initializer if t.name == "ln_s"))
+            mm.graph.input.append(helper.make_tensor_value_info("ln_s", TensorProto.FLOAT, [32]))
+        return mm
+
+    for what, mm in [
+        ("axis 1", variant(attrs={"axis": 1})),
+        ("stash_type 0", variant(attrs={"stash_type": 0})),
+        ("mean used", variant(mean_used=True)),
+        ("sum read elsewhere", variant(second_reader=True)),
+        ("scale not constant", variant(scale_input=True)),
+    ]:
+        qq, rr = quantize_model(mm, QuantizeOptions(smooth="off"))
+        assert not any(r.layer_norm for r in rr.converted), what
+        assert "ln" in [n.name for n in qq.graph.node], what
+    _, r0 = quantize_model(m, QuantizeOptions(smooth="off", fuse_layer_norm=False))
+    assert not any(r.layer_norm for r in r0.converted)
+    assert QuantizeOptions.from_json(QuantizeOptions(fuse_layer_norm=False).to_json()).fuse_layer_norm is False
 
 
 def test_residual_of_another_symbolic_shape_is_folded_and_broadcast_at_run_time():

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dynq
-from ortutil import ORT_EMPTY_MIDDLE_INPUT, ORT_F16_OP, ORT_VERSION, dynq_model, gelu, model, session, skip_without_f16_op
+from ortutil import ORT_EMPTY_MIDDLE_INPUT, ORT_F16_OP, ORT_VERSION, dynq_model, gelu, layer_norm_ref, model, session, skip_without_f16_op
 
 RNG = np.random.default_rng(7)
 
@@ -273,6 +273,95 @@ def test_bad_residual_gives_clear_errors():
     msg = bad([node], [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", 8])], inits, {"A": a})
     assert "A's type float, got double [2, 4]" in msg, msg
     np.testing.assert_array_equal(sess.run(None, {"A": a, "R": np.ones((2, 4), np.float32)})[0].shape, (2, 4))
+
+
+@pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
+@pytest.mark.parametrize("n", [40, 384, 700])
+def test_layer_norm_inputs_normalize_each_row(gran, n):
+    """Inputs 7 and 8 (layer norm scale and bias, attribute ln_epsilon): Y =
+    LayerNorm(act(A W + bias) + R), bit for bit dynq's definition (layer_norm_ref) applied to the
+    node's output without them, on 1 and 2 threads; within float rounding of ONNX Runtime's own
+    LayerNormalization; float16 too (the stored float16 sum, normalized, rounded)."""
+    k = 64
+    q, s = weights(k, n, 9)
+    b = RNG.standard_normal(n).astype(np.float32)
+    g = RNG.uniform(0.5, 2, n).astype(np.float32)
+    be = RNG.standard_normal(n).astype(np.float32)
+    a = (RNG.standard_normal((3, 50, k)) * 3).astype(np.float32)
+    r = (RNG.standard_normal((3, 50, n)) * 5).astype(np.float32)
+    base = session(dynq_model(q, s, b, act_granularity=gran, activation="gelu", residual=True)).run(None, {"A": a, "R": r})[0]
+    for beta, eps in [(be, None), (None, 1e-3)]:
+        attrs = {} if eps is None else {"ln_epsilon": eps}
+        m = dynq_model(q, s, b, act_granularity=gran, activation="gelu", residual=True, ln=(g, beta), **attrs)
+        want = layer_norm_ref(base, g, beta, 1e-5 if eps is None else eps)
+        for threads in (1, 2):
+            np.testing.assert_array_equal(session(m, threads).run(None, {"A": a, "R": r})[0], want)
+    # ONNX Runtime's LayerNormalization on the same sums agrees to float rounding.
+    ln = helper.make_node("LayerNormalization", ["X", "G", "Be"], ["Y"], axis=-1, epsilon=1e-5)
+    ort_ln = model([ln], [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, 50, n])], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                   [numpy_helper.from_array(g, "G"), numpy_helper.from_array(be, "Be")])
+    np.testing.assert_allclose(session(ort_ln, custom=False).run(None, {"X": base})[0], layer_norm_ref(base, g, be), rtol=1e-5, atol=1e-5)
+    if ORT_VERSION >= ORT_F16_OP:
+        a16, r16 = a.astype(np.float16), r.astype(np.float16)
+        base16 = session(dynq_model(q, s, b, act_granularity=gran, residual=True, elem=TensorProto.FLOAT16)).run(None, {"A": a16, "R": r16})[0]
+        m16 = dynq_model(q, s, b, act_granularity=gran, residual=True, elem=TensorProto.FLOAT16, ln=(g, be))
+        y16 = session(m16, 2).run(None, {"A": a16, "R": r16})[0]
+        assert y16.dtype == np.float16
+        np.testing.assert_array_equal(y16, layer_norm_ref(base16.astype(np.float32), g, be).astype(np.float16))
+
+
+def test_layer_norm_with_a_broadcast_residual():
+    """A residual of another shape (broadcast as ONNX's Add does) is added first, then each row
+    of N values of the broadcast output is normalized; a residual that widens the last axis
+    beyond N is refused (the layer norm's parameters have N values)."""
+    k, n = 32, 48
+    q, s = weights(k, n, 11)
+    g = RNG.uniform(0.5, 2, n).astype(np.float32)
+    m = dynq_model(q, s, a_shape=["a0", "a1", None], residual=True, ln=(g, None))
+    m.graph.input[1].type.tensor_type.shape.ClearField("dim")
+    for d in range(3):
+        m.graph.input[1].type.tensor_type.shape.dim.add().dim_param = f"r{d}"
+    p = dynq.PackedWeights.from_quantized(q, s, layout="kn")
+    a = (RNG.standard_normal((1, 20, k)) * 3).astype(np.float32)
+    r = (RNG.standard_normal((3, 20, n)) * 5).astype(np.float32)
+    want = layer_norm_ref(dynq.gemm(p, a) + r, g)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(session(m, threads).run(None, {"A": a, "R": r})[0], want)
+    q1, s1 = weights(k, 1, 12)
+    m1 = dynq_model(q1, s1, a_shape=["a0", "a1", None], residual=True, ln=(np.ones(1, np.float32), None))
+    m1.graph.input[1].type.tensor_type.shape.ClearField("dim")
+    for d in range(3):
+        m1.graph.input[1].type.tensor_type.shape.dim.add().dim_param = f"r{d}"
+    with pytest.raises(Exception) as e:
+        session(m1).run(None, {"A": a, "R": np.ones((1, 20, 5), np.float32)})
+    assert "layer norm normalizes rows of N = 1 values" in str(e.value), str(e.value)
+
+
+def test_bad_layer_norm_gives_clear_errors():
+    k, n = 8, 4
+    q, s = weights(k, n)
+    a = np.ones((2, k), np.float32)
+    feeds = {"A": a, "R": np.ones((2, n), np.float32)}
+    base = dict(a_shape=["m", None], residual=True)
+    cases = [
+        (dynq_model(q, s, ln=(np.ones(3, np.float32), None), **base), "layer norm scale must be a float tensor [N] = [4]"),
+        (dynq_model(q, s, ln=(np.ones(4, np.float32), np.ones(5, np.float32)), **base), "layer norm bias must be a float tensor [N] = [4]"),
+        (dynq_model(q, s, ln=(np.array([1, np.nan, 1, 1], np.float32), None), **base), "layer norm gamma[1] is NaN"),
+        (dynq_model(q, s, ln=(np.ones(4, np.float32), None), ln_epsilon=-1.0, **base), "attribute 'ln_epsilon' is -1"),
+        (dynq_model(q, s, ln=(np.ones(4, np.float32), None), ln_epsilon="x", **base), "attribute 'ln_epsilon' must be a float"),
+    ]
+    for m, want in cases:
+        with pytest.raises(Exception) as e:
+            session(m).run(None, feeds)
+        assert want in str(e.value) and "DynQMatMul node 'dq'" in str(e.value), (want, str(e.value))
+    # A bias without a scale: input 7 empty, input 8 given.
+    m = dynq_model(q, s, **base)
+    m.graph.node[0].input.extend(["", "Be"])
+    m.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), "Be"))
+    if ORT_VERSION >= ORT_EMPTY_MIDDLE_INPUT:
+        with pytest.raises(Exception) as e:
+            session(m).run(None, feeds)
+        assert "a layer norm bias needs a layer norm scale" in str(e.value), str(e.value)
 
 
 def split_model(q, s, b, widths, elem=TensorProto.FLOAT, smooth=None, **attrs):

@@ -35,6 +35,7 @@ def _quantize(args) -> int:
         fuse_bias=not args.no_fuse_bias,
         fuse_activation=not args.no_fuse_activation,
         fuse_residual=not args.no_fuse_residual,
+        fuse_layer_norm=not args.no_fuse_layer_norm,
         fuse_heads=not args.no_fuse_heads,
         fuse_heads_transposed=args.fuse_heads_transposed,
         group_shared_input=args.group,
@@ -154,6 +155,7 @@ def main(argv=None) -> int:
     q.add_argument("--exclude-op-types", metavar="T1,T2", help="op types to leave alone (e.g. Gemm, Gather, MatMulInteger)")
     q.add_argument("--min-size", type=int, default=0, help="skip weights with fewer than this many elements (K*N)")
     q.add_argument("--no-fuse-bias", action="store_true", help="do not fold a following bias Add")
+    q.add_argument("--no-fuse-layer-norm", action="store_true", help="do not fold a LayerNormalization that follows a folded residual Add")
     q.add_argument("--no-fuse-residual", action="store_true", help="do not fold a following Add of a tensor of the same rank (the skip connection; the op broadcasts it at run time if the shapes differ)")
     q.add_argument("--no-fuse-heads", action="store_true", help="do not fold a following Reshape to attention heads and Transpose(perm=[0,2,1,3]) into the layer's output")
     q.add_argument("--fuse-heads-transposed", action="store_true", help="fold Transpose(perm=[0,2,3,1]) (transposed keys) too; off by default: measured no faster than ONNX Runtime's Transpose")

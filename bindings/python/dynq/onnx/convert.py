@@ -56,6 +56,7 @@ class QuantizeOptions:
     fuse_bias: bool = True
     fuse_activation: bool = True
     fuse_residual: bool = True  # fold a following Add of a same-rank tensor (the skip connection)
+    fuse_layer_norm: bool = True  # ... and a LayerNormalization after that Add (post-LN transformer blocks)
     fuse_heads: bool = True  # fold a following Reshape to attention heads and Transpose(perm=[0, 2, 1, 3])
     fuse_heads_transposed: bool = False  # ... and Transpose(perm=[0, 2, 3, 1]) (transposed keys); see README
     group_shared_input: bool = False  # one node ('split' outputs) for MatMuls reading one input; ONNX Runtime >= 1.18
@@ -108,6 +109,7 @@ class LayerRecord:
     smooth_gain_db: Optional[float] = None  # the layer's SQNR gain measured on calibration data
     fused_nodes: List[str] = field(default_factory=list)
     residual: Optional[str] = None  # the tensor added after the activation (a folded skip-connection Add)
+    layer_norm: bool = False  # a LayerNormalization after the residual Add is folded too
     heads: int = 0  # > 0: the output is written split into this many attention heads (folded Reshape + Transpose)
     heads_transposed: bool = False  # ... as [batch, heads, d, seq] rather than [batch, heads, seq, d]
     group: Optional[str] = None  # the dynq node computing this layer with others that read the same input
@@ -139,6 +141,7 @@ class Report:
             f"  bias folded: {fused}; activations fused: "
             + (", ".join(f"{k} {v}" for k, v in sorted(acts.items())) or "none")
             + f"; residual Adds folded: {nres}"
+            + f"; layer norms folded: {sum(1 for r in self.converted if r.layer_norm)}"
         )
         if groups:
             ng = sum(1 for r in self.converted if r.group)
@@ -377,6 +380,44 @@ def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]
         if isinstance(a, int) and isinstance(b, int) and a != b and 1 not in (a, b):
             return None
     return add, other
+
+
+def _match_layer_norm(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray, Optional[np.ndarray], float]]:
+    """A following `LayerNormalization` of `out` over its last axis alone (N values), computed in
+    f32 (`stash_type` 1), with constant scale and bias of N values and only its first output
+    used: (node, scale, bias or None, epsilon), the scale and bias as f32 (an f16 model's widen
+    exactly)."""
+    ln = G.sole_consumer(out)
+    if ln is None or ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx") or ln.input[0] != out:
+        return None
+    if any(o and (G.consumers.get(o) or o in G.graph_outputs or o in G.subgraph_uses) for o in list(ln.output)[1:]):
+        return None
+    if int(_attr(ln, "stash_type", 1)) != 1:
+        return None
+    axis = int(_attr(ln, "axis", -1))
+    shape = G.shapes.get(out)
+    if axis != -1 and not (shape is not None and axis == len(shape[1]) - 1):
+        return None
+    if len(ln.input) < 2 or not ln.input[1]:
+        return None
+    gamma = G.const(ln.input[1])
+    beta = G.const(ln.input[2]) if len(ln.input) > 2 and ln.input[2] else None
+    if len(ln.input) > 2 and ln.input[2] and beta is None:
+        return None
+    params = []
+    for v in (gamma, beta):
+        if v is None:
+            params.append(None)
+            continue
+        if v.dtype not in (np.float32, np.float16) or v.size != n or not np.all(np.isfinite(v)):
+            return None
+        params.append(np.ascontiguousarray(v.reshape(n), dtype=np.float32))
+    if params[0] is None:
+        return None
+    eps = float(_attr(ln, "epsilon", 1e-5))
+    if not (np.isfinite(eps) and eps >= 0):
+        return None
+    return ln, params[0], params[1], eps
 
 
 def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[Tuple[List[onnx.NodeProto], str, int, bool, List[onnx.NodeProto]]]:
@@ -646,9 +687,19 @@ def quantize_model(
                 inputs.append(add_init(base + "_bias", np.zeros(q.shape[1], np.float32)))
             # Likewise factors of 1 (the op skips them: x * 1 == x) rather than no factors.
             inputs.append(add_init(base + "_smooth", (smooth if smooth is not None else np.ones(q.shape[0])).astype(np.float32)))
+        attrs = {}
         if residual is not None:
             inputs.append(residual[1])
-        attrs = {}
+            ln = residual[2] if len(residual) > 2 else None
+            if ln is not None:
+                # Only behind a residual: an empty residual input before them would crash ONNX
+                # Runtime 1.17-1.21 (see above).
+                _, gamma, beta, eps = ln
+                inputs.append(add_init(base + "_ln_scale", gamma))
+                if beta is not None:
+                    inputs.append(add_init(base + "_ln_bias", beta))
+                attrs["ln_epsilon"] = eps
+                rec.layer_norm = True
         if opts.act_granularity != "per_row":
             attrs["act_granularity"] = opts.act_granularity
         if opts.act_type != "asymmetric_u8":
@@ -702,9 +753,13 @@ def quantize_model(
             mr = _match_residual(G, out)
             # An Add of two layers' outputs is folded into the first of them only.
             if mr is not None and id(mr[0]) not in removed and id(mr[0]) not in replacement:
-                residual = mr  # (the Add, the residual tensor)
+                ml = _match_layer_norm(G, mr[0].output[0], n) if opts.fuse_layer_norm else None
+                residual = (*mr, ml)  # (the Add, the residual tensor, the layer norm or None)
                 fused.append(mr[0])
                 out = mr[0].output[0]
+                if ml is not None:
+                    fused.append(ml[0])
+                    out = ml[0].output[0]
         if residual is None and opts.fuse_heads and heads_ok:
             mh = _match_heads(G, out, n, opts.fuse_heads_transposed)
             if mh is not None:

@@ -178,6 +178,19 @@ def _residual_name(node) -> Optional[str]:
     return node.input[5] if len(node.input) > 5 and node.input[5] else None
 
 
+def _pre_norm_names(fp32, layers) -> Dict[int, str]:
+    """For nodes with a folded layer norm (input 7): the fp32 model's tensor that its
+    LayerNormalization normalized (the sum of the layer and its residual), by id(node)."""
+    producer = {o: n for n in fp32.graph.node for o in n.output}
+    out = {}
+    for node, *_ in layers:
+        if len(node.input) > 6 and node.input[6]:
+            ln = producer.get(node.output[0])
+            if ln is not None and ln.op_type == "LayerNormalization" and ln.input:
+                out[id(node)] = ln.input[0]
+    return out
+
+
 def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
     """The layer alone on fp32 input `x`, without its residual if it has one, through the dynq C ABI."""
     from .. import PackedWeights, gemm
@@ -327,6 +340,8 @@ def evaluate(
     names_out = [n.output[g] for n, _, _, g, *_ in layers]
     names_in = list(dict.fromkeys(n.input[0] for n, *_ in layers))
     names_in += [r for r in (_residual_name(n) for n, *_ in layers) if r and r not in names_in]
+    pre_norm = _pre_norm_names(fp32, layers)
+    names_in += [t for t in dict.fromkeys(pre_norm.values()) if t not in names_in]
     ev = Evaluation(samples=len(feeds_list))
     fp32_sess = session(_with_outputs(fp32, names_out + names_in) if per_layer else fp32, threads, custom_ops=False)
     q_sess = session(_with_outputs(conv, names_out) if per_layer else conv, threads)
@@ -361,8 +376,15 @@ def evaluate(
                 iso_out = _in_head_layout(iso_out, attrs, g)
                 # A folded skip connection: the layer's own error is judged against the layer's
                 # own output (without the residual both sides share), so that mixed precision
-                # ranks it like the unfolded layer.
-                iso[key].append(metrics(ref - r, iso_out) if r is not None else metrics(ref, iso_out))
+                # ranks it like the unfolded layer; with a folded layer norm, against the sum
+                # that the fp32 model normalized, less the residual.
+                if id(node) in pre_norm:
+                    pre = a.get(pre_norm[id(node)])
+                    if pre is None or r is None:
+                        continue
+                    iso[key].append(metrics(pre - r, iso_out))
+                else:
+                    iso[key].append(metrics(ref - r, iso_out) if r is not None else metrics(ref, iso_out))
         for node, attrs, _, g, c0, width, key in layers:
             ms, iv = acc[key], iso[key]
             if not ms:
