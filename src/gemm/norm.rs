@@ -107,175 +107,209 @@ fn sums_portable(x: &[f32], mean: Option<f32>) -> f32 {
     tree(s)
 }
 
-/// The definition (see the module), in place, with the lane sums `sums` computes (any of the
-/// implementations: they give the same bits).
+/// Rows normalized together: their reductions interleave, so that one row's chain of
+/// dependent additions, divisions and square root overlaps the others'.
+const BATCH: usize = 4;
+
+/// The definition (see the module), in place, for `R` rows of one length, with the lane sums
+/// `sums` computes for the `R` rows (`means` None: of the values; else of the squared
+/// deviations from each row's mean). Every implementation gives the same bits.
 #[inline(always)]
-fn row_with(x: &mut [f32], ln: &LayerNorm<'_>, sums: impl Fn(&[f32], Option<f32>) -> f32) {
-    let n = x.len();
+fn rows_with<const R: usize>(
+    xs: &mut [&mut [f32]; R],
+    ln: &LayerNorm<'_>,
+    sums: impl Fn(&[&[f32]; R], Option<&[f32; R]>) -> [f32; R],
+) {
+    let n = xs[0].len();
     if n == 0 {
         return;
     }
-    let mean = sums(x, None) / n as f32;
-    let var = sums(x, Some(mean)) / n as f32;
-    let inv = 1.0 / (var + ln.epsilon).sqrt();
+    let nf = n as f32;
+    let s = sums(&std::array::from_fn(|r| &*xs[r]), None);
+    let mean: [f32; R] = std::array::from_fn(|r| s[r] / nf);
+    let q = sums(&std::array::from_fn(|r| &*xs[r]), Some(&mean));
     let g = &ln.gamma[..n];
-    match ln.beta {
-        Some(b) => {
-            let b = &b[..n];
-            for j in 0..n {
-                x[j] = ((x[j] - mean) * inv) * g[j] + b[j];
+    for (r, x) in xs.iter_mut().enumerate() {
+        let (mean, inv) = (mean[r], 1.0 / (q[r] / nf + ln.epsilon).sqrt());
+        match ln.beta {
+            Some(b) => {
+                let b = &b[..n];
+                for j in 0..n {
+                    x[j] = ((x[j] - mean) * inv) * g[j] + b[j];
+                }
             }
-        }
-        None => {
-            for j in 0..n {
-                x[j] = ((x[j] - mean) * inv) * g[j];
+            None => {
+                for j in 0..n {
+                    x[j] = ((x[j] - mean) * inv) * g[j];
+                }
             }
         }
     }
 }
 
 #[inline(always)]
-fn row_impl(x: &mut [f32], ln: &LayerNorm<'_>) {
-    row_with(x, ln, sums_portable)
+fn rows_portable<const R: usize>(xs: &mut [&mut [f32]; R], ln: &LayerNorm<'_>) {
+    rows_with(xs, ln, |xs, means| std::array::from_fn(|r| sums_portable(xs[r], means.map(|m| m[r]))))
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The lane sums with explicit vectors: compiled from the portable code, the 64 lane sums
     //! go through memory into a scalar tree (a stall per lane on store forwarding).
-    use super::{row_with, LayerNorm, LANES};
+    use super::{rows_with, LayerNorm, LANES};
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU has AVX-512 F.
+    /// The CPU has AVX-512 F; the rows have one length.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn sums_avx512(x: &[f32], mean: Option<f32>) -> f32 {
+    unsafe fn sums_avx512<const R: usize>(xs: &[&[f32]; R], means: Option<&[f32; R]>) -> [f32; R] {
         let z = _mm512_setzero_ps();
-        let mut acc = [z; 4]; // lanes 0-15, 16-31, 32-47, 48-63
-        let mv = _mm512_set1_ps(mean.unwrap_or(0.0));
-        let term = |v: __m512| match mean {
+        // Per row, lanes 0-15, 16-31, 32-47, 48-63.
+        let mut acc = [[z; 4]; R];
+        let mv: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(means.map_or(0.0, |m| m[r])));
+        let term = |v: __m512, r: usize| match means {
             None => v,
             Some(_) => {
-                let d = _mm512_sub_ps(v, mv);
+                let d = _mm512_sub_ps(v, mv[r]);
                 _mm512_mul_ps(d, d)
             }
         };
-        let n = x.len();
+        let n = xs[0].len();
         let mut j = 0;
         while j + LANES <= n {
-            for (u, a) in acc.iter_mut().enumerate() {
-                // SAFETY: j + 16 * u + 16 <= n.
-                *a = _mm512_add_ps(*a, term(unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) }));
+            for u in 0..4 {
+                for r in 0..R {
+                    // SAFETY: j + 16 * u + 16 <= n, the length of every row.
+                    let v = unsafe { _mm512_loadu_ps(xs[r].as_ptr().add(j + 16 * u)) };
+                    acc[r][u] = _mm512_add_ps(acc[r][u], term(v, r));
+                }
             }
             j += LANES;
         }
         // The tail: lane l of the 64 gets x[j + l] for l < n - j, nothing otherwise.
-        for (u, a) in acc.iter_mut().enumerate() {
+        for u in 0..4 {
             let start = j + 16 * u;
             if start >= n {
                 break;
             }
             let m: __mmask16 = if n - start >= 16 { 0xffff } else { (1u16 << (n - start)) - 1 };
-            // SAFETY: only lanes inside x are read (masked load).
-            let v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(start)) };
-            *a = _mm512_mask_add_ps(*a, m, *a, term(v));
+            for r in 0..R {
+                // SAFETY: only lanes inside the row are read (masked load).
+                let v = unsafe { _mm512_maskz_loadu_ps(m, xs[r].as_ptr().add(start)) };
+                acc[r][u] = _mm512_mask_add_ps(acc[r][u], m, acc[r][u], term(v, r));
+            }
         }
         // tree: lanes l + 32 onto l, then l + 16, 8, 4, 2, 1.
-        let h = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-        let h8 = _mm256_add_ps(
-            _mm512_castps512_ps256(h),
-            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(h))),
-        );
-        let h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
-        let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-        _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)))
+        std::array::from_fn(|r| {
+            let a = &acc[r];
+            let h = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            let h8 = _mm256_add_ps(
+                _mm512_castps512_ps256(h),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(h))),
+            );
+            let h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
+            let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+            _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)))
+        })
     }
 
     /// # Safety
-    /// The CPU has AVX2.
+    /// The CPU has AVX2; the rows have one length.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn sums_avx2(x: &[f32], mean: Option<f32>) -> f32 {
-        let z = _mm256_setzero_ps();
-        let mut acc = [z; 8]; // lanes 8u..8u+8
-        let mv = _mm256_set1_ps(mean.unwrap_or(0.0));
-        let term = |v: __m256| match mean {
-            None => v,
-            Some(_) => {
-                let d = _mm256_sub_ps(v, mv);
-                _mm256_mul_ps(d, d)
+    unsafe fn sums_avx2<const R: usize>(xs: &[&[f32]; R], means: Option<&[f32; R]>) -> [f32; R] {
+        std::array::from_fn(|r| {
+            let x = xs[r];
+            let mean = means.map(|m| m[r]);
+            let z = _mm256_setzero_ps();
+            let mut acc = [z; 8]; // lanes 8u..8u+8
+            let mv = _mm256_set1_ps(mean.unwrap_or(0.0));
+            let term = |v: __m256| match mean {
+                None => v,
+                Some(_) => {
+                    let d = _mm256_sub_ps(v, mv);
+                    _mm256_mul_ps(d, d)
+                }
+            };
+            let n = x.len();
+            let mut j = 0;
+            while j + LANES <= n {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: j + 8 * u + 8 <= n.
+                    *a = _mm256_add_ps(*a, term(unsafe { _mm256_loadu_ps(x.as_ptr().add(j + 8 * u)) }));
+                }
+                j += LANES;
             }
-        };
-        let n = x.len();
-        let mut j = 0;
-        while j + LANES <= n {
             for (u, a) in acc.iter_mut().enumerate() {
-                // SAFETY: j + 8 * u + 8 <= n.
-                *a = _mm256_add_ps(*a, term(unsafe { _mm256_loadu_ps(x.as_ptr().add(j + 8 * u)) }));
+                let start = j + 8 * u;
+                if start >= n {
+                    break;
+                }
+                let k = (n - start).min(8);
+                let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32), idx);
+                // SAFETY: only lanes inside x are read (masked load).
+                let v = unsafe { _mm256_maskload_ps(x.as_ptr().add(start), m) };
+                *a = _mm256_add_ps(*a, _mm256_and_ps(term(v), _mm256_castsi256_ps(m)));
             }
-            j += LANES;
-        }
-        for (u, a) in acc.iter_mut().enumerate() {
-            let start = j + 8 * u;
-            if start >= n {
-                break;
-            }
-            let k = (n - start).min(8);
-            let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(k as i32), idx);
-            // SAFETY: only lanes inside x are read (masked load).
-            let v = unsafe { _mm256_maskload_ps(x.as_ptr().add(start), m) };
-            *a = _mm256_add_ps(*a, _mm256_and_ps(term(v), _mm256_castsi256_ps(m)));
-        }
-        let h = [
-            _mm256_add_ps(acc[0], acc[4]),
-            _mm256_add_ps(acc[1], acc[5]),
-            _mm256_add_ps(acc[2], acc[6]),
-            _mm256_add_ps(acc[3], acc[7]),
-        ];
-        let h = _mm256_add_ps(_mm256_add_ps(h[0], h[2]), _mm256_add_ps(h[1], h[3]));
-        let h4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-        _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)))
+            let h = [
+                _mm256_add_ps(acc[0], acc[4]),
+                _mm256_add_ps(acc[1], acc[5]),
+                _mm256_add_ps(acc[2], acc[6]),
+                _mm256_add_ps(acc[3], acc[7]),
+            ];
+            let h = _mm256_add_ps(_mm256_add_ps(h[0], h[2]), _mm256_add_ps(h[1], h[3]));
+            let h4 = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+            _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)))
+        })
     }
 
     /// # Safety
-    /// The CPU has AVX-512 F.
+    /// The CPU has AVX-512 F; the rows have one length.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn row_avx512(x: &mut [f32], ln: &LayerNorm<'_>) {
-        // SAFETY: the caller's CPU has AVX-512 F.
-        row_with(x, ln, |x, m| unsafe { sums_avx512(x, m) })
+    pub unsafe fn rows_avx512<const R: usize>(xs: &mut [&mut [f32]; R], ln: &LayerNorm<'_>) {
+        // SAFETY: the caller's CPU has AVX-512 F; one length.
+        rows_with(xs, ln, |xs, m| unsafe { sums_avx512(xs, m) })
     }
 
     /// # Safety
-    /// The CPU has AVX2.
+    /// The CPU has AVX2; the rows have one length.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn row_avx2(x: &mut [f32], ln: &LayerNorm<'_>) {
-        // SAFETY: the caller's CPU has AVX2.
-        row_with(x, ln, |x, m| unsafe { sums_avx2(x, m) })
+    pub unsafe fn rows_avx2<const R: usize>(xs: &mut [&mut [f32]; R], ln: &LayerNorm<'_>) {
+        // SAFETY: the caller's CPU has AVX2; one length.
+        rows_with(xs, ln, |xs, m| unsafe { sums_avx2(xs, m) })
     }
 }
 
-/// Normalizes one f32 row in place with the widest vectors `isa` allows (the same bits
-/// whichever is used). `ln` was checked for `x.len()` values.
-pub(crate) fn layer_norm_row(isa: Isa, x: &mut [f32], ln: &LayerNorm<'_>) {
+/// Normalizes `R` f32 rows of one length in place with the widest vectors `isa` allows (the
+/// same bits whichever is used). `ln` was checked for that length.
+fn layer_norm_batch<const R: usize>(isa: Isa, xs: &mut [&mut [f32]; R], ln: &LayerNorm<'_>) {
+    assert!(xs.iter().all(|x| x.len() == xs[0].len()));
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
-            // SAFETY: a kernel ISA is used only on a CPU that supports it (AVX-512 VNNI implies F).
-            Isa::Avx512Vnni if isa.is_supported() => return unsafe { x86::row_avx512(x, ln) },
+            // SAFETY: a kernel ISA is used only on a CPU that supports it (AVX-512 VNNI implies F);
+            // one length (asserted).
+            Isa::Avx512Vnni if isa.is_supported() => return unsafe { x86::rows_avx512(xs, ln) },
             // SAFETY: as above (both imply AVX2).
-            Isa::Avx2 | Isa::AvxVnni if isa.is_supported() => return unsafe { x86::row_avx2(x, ln) },
+            Isa::Avx2 | Isa::AvxVnni if isa.is_supported() => return unsafe { x86::rows_avx2(xs, ln) },
             _ => {}
         }
     }
     let _ = isa;
-    row_impl(x, ln)
+    rows_portable(xs, ln)
 }
 
-/// Normalizes `rows` rows of `n` values of `Y` at stride `ld`, starting at `y` (f16/bf16 rows
-/// are widened to f32, normalized and rounded back to nearest-even).
+/// Normalizes one f32 row in place (see [`layer_norm_batch`]).
+pub(crate) fn layer_norm_row(isa: Isa, x: &mut [f32], ln: &LayerNorm<'_>) {
+    layer_norm_batch::<1>(isa, &mut [x], ln)
+}
+
+/// Normalizes `rows` rows of `n` values of `Y` at stride `ld`, starting at `y`, in batches of
+/// [`BATCH`] (f16/bf16 rows are widened to f32 in `buf`, normalized and rounded back to
+/// nearest-even).
 ///
 /// # Safety
 /// Those `rows * n` elements are valid, writable and accessed by no one else meanwhile.
@@ -288,12 +322,22 @@ pub(crate) unsafe fn layer_norm_rows<Y: Element>(
     ln: &LayerNorm<'_>,
     buf: &mut Vec<f32>,
 ) {
-    for i in 0..rows {
-        // SAFETY: row i of the caller's rows.
-        let row = unsafe { std::slice::from_raw_parts_mut(y.add(i * ld), n) };
-        match Y::as_f32_mut(row) {
-            Some(r) => layer_norm_row(isa, r, ln),
-            None => {
+    let is_f32 = std::any::TypeId::of::<Y>() == std::any::TypeId::of::<f32>();
+    let mut i = 0;
+    while i < rows {
+        let take = (rows - i).min(BATCH);
+        // SAFETY: rows i..i + take of the caller's rows, distinct (ld >= n).
+        let row = |r: usize| unsafe { std::slice::from_raw_parts_mut(y.add((i + r) * ld), n) };
+        if is_f32 && take == BATCH {
+            let mut xs: [&mut [f32]; BATCH] = std::array::from_fn(|r| Y::as_f32_mut(row(r)).expect("Y is f32"));
+            layer_norm_batch(isa, &mut xs, ln);
+        } else if is_f32 {
+            for r in 0..take {
+                layer_norm_row(isa, Y::as_f32_mut(row(r)).expect("Y is f32"), ln);
+            }
+        } else {
+            for r in 0..take {
+                let row = row(r);
                 buf.clear();
                 buf.extend(row.iter().map(|v| v.to_f32()));
                 layer_norm_row(isa, buf, ln);
@@ -302,12 +346,13 @@ pub(crate) unsafe fn layer_norm_rows<Y: Element>(
                 }
             }
         }
+        i += take;
     }
 }
 
 /// The definition on one row, for tests and callers (the portable code path).
 pub fn layer_norm_reference(x: &mut [f32], ln: &LayerNorm<'_>) {
-    row_impl(x, ln)
+    rows_portable::<1>(&mut [x], ln)
 }
 
 #[cfg(test)]
@@ -339,6 +384,23 @@ mod tests {
                     layer_norm_row(isa, &mut got, &ln);
                     let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "n = {n}, {isa:?}: differs from the definition");
+                    // A batch of rows: each row as alone (this one among others).
+                    let others: Vec<Vec<f32>> = (0..BATCH as u32).map(|r| data(n, 100 + r)).collect();
+                    let mut rows: Vec<Vec<f32>> = others.clone();
+                    rows[2] = x.clone();
+                    let mut xs: [&mut [f32]; BATCH] = {
+                        let mut it = rows.iter_mut();
+                        std::array::from_fn(|_| it.next().unwrap().as_mut_slice())
+                    };
+                    layer_norm_batch(isa, &mut xs, &ln);
+                    for (r, row) in rows.iter().enumerate() {
+                        let mut one = if r == 2 { x.clone() } else { others[r].clone() };
+                        layer_norm_reference(&mut one, &ln);
+                        assert!(
+                            row.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "n = {n}, {isa:?}: batch row {r}"
+                        );
+                    }
                 }
                 // Against f64 arithmetic.
                 let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
