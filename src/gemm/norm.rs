@@ -163,6 +163,7 @@ mod x86 {
     /// The CPU has AVX-512 F; the rows have one length.
     #[inline]
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // acc[r][u] is indexed by row and lane group alike
     unsafe fn sums_avx512<const R: usize>(xs: &[&[f32]; R], means: Option<&[f32; R]>) -> [f32; R] {
         let z = _mm512_setzero_ps();
         // Per row, lanes 0-15, 16-31, 32-47, 48-63.
