@@ -512,6 +512,41 @@ dynq_status dynq_gemm_residual(const dynq_packed_weights *packed,
                                size_t ldy,
                                const dynq_gemm_config *config);
 
+// `dynq_gemm_residual` followed by a layer norm of each output row, fused:
+// `y[i] = LayerNorm(act(product + bias) + residual)[i] * ln_scale + ln_bias`, the normalization
+// over the row's `n` values (mean, then the biased variance of the deviations, `1 /
+// sqrt(var + ln_epsilon)`), as ONNX `LayerNormalization` over the last axis. This is the
+// post-LN transformer block (BERT: `LayerNorm(x + Linear(h))`) in one call; rows are normalized
+// while they are still in cache. The arithmetic has one fixed order (64 lane sums, a halving
+// tree, one f32 operation per step; see the README), so results are bit-identical on every
+// ISA and thread count, and within float rounding of other implementations. f16/bf16 outputs:
+// the rounded sums are normalized, then rounded again.
+//
+// `ln_scale` (required) and `ln_bias` (NULL: none) hold `n` finite floats; `ln_epsilon` is
+// finite and `>= 0` (1e-5 is ONNX's default); `residual` may be NULL. Neither may overlap `y`.
+// Errors as `dynq_gemm_residual`, plus those (`DYNQ_STATUS_INVALID_ARGUMENT`, or
+// `DYNQ_STATUS_NON_FINITE` for a NaN or infinite scale or bias value); `y` untouched on error.
+//
+// # Safety
+// As `dynq_gemm_residual`; `ln_scale` points to `n` readable floats, `ln_bias` is NULL or
+// points to `n` readable floats.
+dynq_status dynq_gemm_layer_norm(const dynq_packed_weights *packed,
+                                 const void *a,
+                                 uint32_t a_type,
+                                 size_t m,
+                                 size_t lda,
+                                 const float *smooth,
+                                 const float *bias,
+                                 const void *residual,
+                                 size_t ldr,
+                                 const float *ln_scale,
+                                 const float *ln_bias,
+                                 float ln_epsilon,
+                                 void *y,
+                                 uint32_t y_type,
+                                 size_t ldy,
+                                 const dynq_gemm_config *config);
+
 // `dynq_gemm_smoothed` with the product's columns sent to several outputs: `outputs[0]` gets
 // the first `outputs[0].cols` columns, `outputs[1]` the next `outputs[1].cols`, and so on;
 // the widths must add up to the weights' `n`. Each element is the bits `dynq_gemm_smoothed`

@@ -491,6 +491,33 @@ fn bad_inputs_table() {
         let st = dynq_gemm_residual(p, a32, 0, m, k, null(), null(), yp as *const c_void, n, yv, 0, n, &gc);
         g(&mut t, "residual = y (in place)", Status::InvalidArgument, st, &y);
 
+        let f = "dynq_gemm_layer_norm";
+        let g = |t: &mut Table, input: &str, want, st, y: &[f32]| {
+            t.case(f, input, want, st);
+            assert!(y.iter().all(|v| v.to_bits() == sentinel), "{f}: {input}: y written");
+        };
+        let ones = vec![1.0f32; n];
+        let ln = |scale: *const f32, bias: *const f32, eps: f32, m: usize, y: *mut c_void| {
+            dynq_gemm_layer_norm(p, a32, 0, m, k, null(), null(), rv, n, scale, bias, eps, y, 0, n, &gc)
+        };
+        g(&mut t, "ln_scale = NULL", Status::InvalidArgument, ln(null(), null(), 1e-5, m, yv), &y);
+        g(&mut t, "ln_epsilon = -1", Status::InvalidArgument, ln(ones.as_ptr(), null(), -1.0, m, yv), &y);
+        g(&mut t, "ln_epsilon = NaN", Status::InvalidArgument, ln(ones.as_ptr(), null(), f32::NAN, m, yv), &y);
+        let mut bad = ones.clone();
+        bad[1] = f32::INFINITY;
+        g(&mut t, "ln_scale[1] = inf", Status::NonFinite, ln(bad.as_ptr(), null(), 1e-5, m, yv), &y);
+        g(&mut t, "ln_bias[1] = inf", Status::NonFinite, ln(ones.as_ptr(), bad.as_ptr(), 1e-5, m, yv), &y);
+        g(
+            &mut t,
+            "ln_scale[1] = inf with m = 0 (an empty batch still checks the parameters)",
+            Status::NonFinite,
+            ln(bad.as_ptr(), null(), 1e-5, 0, null_mut()),
+            &y,
+        );
+        let mis = (ones.as_ptr() as *const u8).add(1) as *const f32;
+        g(&mut t, "ln_scale misaligned (address + 1 byte)", Status::InvalidArgument, ln(mis, null(), 1e-5, m, yv), &y);
+        g(&mut t, "ln_bias inside y", Status::InvalidArgument, ln(ones.as_ptr(), yp as *const f32, 1e-5, m, yv), &y);
+
         let f = "dynq_gemm_split";
         let g = |t: &mut Table, input: &str, want, st, y: &[f32]| {
             t.case(f, input, want, st);

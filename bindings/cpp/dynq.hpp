@@ -226,6 +226,43 @@ public:
         return y;
     }
 
+    /* Plus a layer norm of each output row (dynq_gemm_layer_norm): y = LayerNorm(act(product +
+       bias) + residual) * ln_scale + ln_bias over each row's n values, with dynq's fixed
+       arithmetic (the same bits on every CPU). residual is empty or m * n floats, ln_scale n
+       floats, ln_bias empty or n floats; smooth and bias as in gemm_smoothed. */
+    std::vector<float> gemm_layer_norm(const std::vector<float> &a, const std::vector<float> &residual,
+                                       const std::vector<float> &ln_scale,
+                                       const std::vector<float> &ln_bias = std::vector<float>(),
+                                       float ln_epsilon = 1e-5f,
+                                       const std::vector<float> &smooth = std::vector<float>(),
+                                       const std::vector<float> &bias = std::vector<float>(),
+                                       const dynq_gemm_config *config = NULL) const
+    {
+        dynq_packed_weights_info i = info();
+        const char *fn = "dynq::packed_weights::gemm_layer_norm: ";
+        if (a.size() % i.k != 0) {
+            throw error(DYNQ_STATUS_INVALID_ARGUMENT, std::string(fn) + "a has " + std::to_string(a.size()) +
+                                                          " floats, not a multiple of k = " + std::to_string(i.k));
+        }
+        std::size_t m = a.size() / i.k;
+        if (!residual.empty() && residual.size() != m * i.n) {
+            throw error(DYNQ_STATUS_INVALID_ARGUMENT, std::string(fn) + "residual has " + std::to_string(residual.size()) +
+                                                          " floats, expected m * n = " + std::to_string(m * i.n));
+        }
+        if (ln_scale.size() != i.n || (!ln_bias.empty() && ln_bias.size() != i.n) ||
+            (!smooth.empty() && smooth.size() != i.k) || (!bias.empty() && bias.size() != i.n)) {
+            throw error(DYNQ_STATUS_INVALID_ARGUMENT, std::string(fn) + "ln_scale (and ln_bias, bias if given) must have n = " +
+                                                          std::to_string(i.n) + " floats, smooth k = " + std::to_string(i.k));
+        }
+        std::vector<float> y(m * i.n);
+        check(dynq_gemm_layer_norm(p_, m ? a.data() : NULL, DYNQ_DTYPE_F32, m, i.k, smooth.empty() ? NULL : smooth.data(),
+                                   bias.empty() ? NULL : bias.data(), (m && !residual.empty()) ? residual.data() : NULL, i.n,
+                                   ln_scale.data(), ln_bias.empty() ? NULL : ln_bias.data(), ln_epsilon,
+                                   m ? y.data() : NULL, DYNQ_DTYPE_F32, i.n, config),
+              "dynq_gemm_layer_norm");
+        return y;
+    }
+
     /* The product's columns in several outputs (dynq_gemm_split): output g holds widths[g]
        columns (dense rows), the widths adding up to n; smooth and bias as in gemm_smoothed. */
     std::vector<std::vector<float> > gemm_split(const std::vector<float> &a, const std::vector<std::size_t> &widths,

@@ -451,7 +451,8 @@ fn elem_size(dtype: u32) -> usize {
 }
 
 /// `mode`: 0 `dynq_gemm`, 1 `dynq_gemm_ex`, 2 `dynq_gemm_residual` (with a residual that is
-/// NULL, separate, misaligned, at a bad stride or overlapping y).
+/// NULL, separate, misaligned, at a bad stride or overlapping y; a third of the time through
+/// `dynq_gemm_layer_norm`, now and then with a bad epsilon).
 fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
     let ex = mode >= 1;
     let (n, k, hp) = gemm_weights(u, s)?;
@@ -581,13 +582,20 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
             && r_span.is_some()
             && (m == 0 || (roff % ysz == 0 && !overlap(yr, (roff, r_span.unwrap_or(0) * ysz)))));
     let valid = valid && r_ok;
+    // The layer norm (mode 2, a third of the time): a scale of ones, a bad epsilon now and then.
+    let use_ln = mode == 2 && u.ratio(1u8, 3)?;
+    let eps = if use_ln && rare(u, 6)? { -1.0f32 } else { 1e-5 };
+    let ln_scale = vec![1.0f32; if use_ln { n } else { 0 }];
+    let valid = valid && eps >= 0.0;
 
     let snap = ar.snapshot();
     let before = message();
     // SAFETY: every non-NULL pointer points into the arena with at least the claimed extent
     // (or the claimed extent exceeds isize::MAX bytes, which the ABI must refuse).
     let st = unsafe {
-        if mode == 2 {
+        if use_ln {
+            dynq_gemm_layer_norm(hp, ap, at, m, lda, null(), bp, rp, ldr, ln_scale.as_ptr(), null(), eps, yp, yt, ldy, cfg)
+        } else if mode == 2 {
             dynq_gemm_residual(hp, ap, at, m, lda, null(), bp, rp, ldr, yp, yt, ldy, cfg)
         } else if ex {
             dynq_gemm_ex(hp, ap, at, m, lda, bp, yp, yt, ldy, cfg)
@@ -597,7 +605,7 @@ fn op_gemm(u: &mut Unstructured, s: &mut State, mode: u8) -> Result<()> {
     };
     let what = format!(
         "gemm(mode={mode}, m={m}, n={n}, k={k}, lda={lda}, ldy={ldy}, a_type={at}, y_type={yt}, layout={layout}, \
-         a={akind:?}, y={ykind:?}, bias={use_bias}/{bkind:?}, residual={rkind:?}/ldr={ldr}/in_y={r_in_y}, handle={})",
+         a={akind:?}, y={ykind:?}, bias={use_bias}/{bkind:?}, residual={rkind:?}/ldr={ldr}/in_y={r_in_y}, layer_norm={use_ln}/eps={eps}, handle={})",
         !hp.is_null()
     );
     judge(&what, st, Some(valid), &before);

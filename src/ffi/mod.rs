@@ -728,7 +728,19 @@ pub unsafe extern "C" fn dynq_gemm(
     // SAFETY: forwarded contract, with f32 elements.
     ffi_boundary!({
         unsafe {
-            gemm_generic::<f32, f32>(packed, a, m, lda, std::ptr::null(), bias, (std::ptr::null(), 0), y, ldy, config)
+            gemm_generic::<f32, f32>(
+                packed,
+                a,
+                m,
+                lda,
+                std::ptr::null(),
+                bias,
+                (std::ptr::null(), 0),
+                NO_LN,
+                y,
+                ldy,
+                config,
+            )
         }
     })
 }
@@ -766,6 +778,7 @@ pub unsafe extern "C" fn dynq_gemm_ex(
                 std::ptr::null(),
                 bias,
                 (std::ptr::null(), 0),
+                NO_LN,
                 y,
                 y_type,
                 ldy,
@@ -806,7 +819,21 @@ pub unsafe extern "C" fn dynq_gemm_smoothed(
     // SAFETY: forwarded contract.
     ffi_boundary!({
         unsafe {
-            gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, (std::ptr::null(), 0), y, y_type, ldy, config)
+            gemm_typed_raw(
+                packed,
+                a,
+                a_type,
+                m,
+                lda,
+                smooth,
+                bias,
+                (std::ptr::null(), 0),
+                NO_LN,
+                y,
+                y_type,
+                ldy,
+                config,
+            )
         }
     })
 }
@@ -844,7 +871,56 @@ pub unsafe extern "C" fn dynq_gemm_residual(
 ) -> Status {
     // SAFETY: forwarded contract.
     ffi_boundary!({
-        unsafe { gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, (residual, ldr), y, y_type, ldy, config) }
+        unsafe {
+            gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, (residual, ldr), NO_LN, y, y_type, ldy, config)
+        }
+    })
+}
+
+/// `dynq_gemm_residual` followed by a layer norm of each output row, fused:
+/// `y[i] = LayerNorm(act(product + bias) + residual)[i] * ln_scale + ln_bias`, the normalization
+/// over the row's `n` values (mean, then the biased variance of the deviations, `1 /
+/// sqrt(var + ln_epsilon)`), as ONNX `LayerNormalization` over the last axis. This is the
+/// post-LN transformer block (BERT: `LayerNorm(x + Linear(h))`) in one call; rows are normalized
+/// while they are still in cache. The arithmetic has one fixed order (64 lane sums, a halving
+/// tree, one f32 operation per step; see the README), so results are bit-identical on every
+/// ISA and thread count, and within float rounding of other implementations. f16/bf16 outputs:
+/// the rounded sums are normalized, then rounded again.
+///
+/// `ln_scale` (required) and `ln_bias` (NULL: none) hold `n` finite floats; `ln_epsilon` is
+/// finite and `>= 0` (1e-5 is ONNX's default); `residual` may be NULL. Neither may overlap `y`.
+/// Errors as `dynq_gemm_residual`, plus those (`DYNQ_STATUS_INVALID_ARGUMENT`, or
+/// `DYNQ_STATUS_NON_FINITE` for a NaN or infinite scale or bias value); `y` untouched on error.
+///
+/// # Safety
+/// As `dynq_gemm_residual`; `ln_scale` points to `n` readable floats, `ln_bias` is NULL or
+/// points to `n` readable floats.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_gemm_layer_norm(
+    packed: *const dynq_packed_weights,
+    a: *const std::ffi::c_void,
+    a_type: u32,
+    m: usize,
+    lda: usize,
+    smooth: *const f32,
+    bias: *const f32,
+    residual: *const std::ffi::c_void,
+    ldr: usize,
+    ln_scale: *const f32,
+    ln_bias: *const f32,
+    ln_epsilon: f32,
+    y: *mut std::ffi::c_void,
+    y_type: u32,
+    ldy: usize,
+    config: *const dynq_gemm_config,
+) -> Status {
+    // SAFETY: forwarded contract.
+    ffi_boundary!({
+        if ln_scale.is_null() {
+            return Err(Error::InvalidArgument("ln_scale is NULL; a layer norm needs its n scale values".into()));
+        }
+        let ln = (ln_scale, ln_bias, ln_epsilon);
+        unsafe { gemm_typed_raw(packed, a, a_type, m, lda, smooth, bias, (residual, ldr), ln, y, y_type, ldy, config) }
     })
 }
 
@@ -1157,6 +1233,7 @@ unsafe fn gemm_typed_raw(
     smooth: *const f32,
     bias: *const f32,
     residual: (*const std::ffi::c_void, usize),
+    ln: LnArgs,
     y: *mut std::ffi::c_void,
     y_type: u32,
     ldy: usize,
@@ -1174,6 +1251,7 @@ unsafe fn gemm_typed_raw(
                 smooth,
                 bias,
                 (residual.0 as *const Y, residual.1),
+                ln,
                 y as *mut Y,
                 ldy,
                 config,
@@ -1182,8 +1260,12 @@ unsafe fn gemm_typed_raw(
     })
 }
 
-/// The checks and the call shared by `dynq_gemm`, `dynq_gemm_ex`, `dynq_gemm_smoothed` and
-/// `dynq_gemm_residual`.
+/// A layer norm's scale, bias and epsilon (scale NULL: none).
+type LnArgs = (*const f32, *const f32, f32);
+const NO_LN: LnArgs = (std::ptr::null(), std::ptr::null(), 0.0);
+
+/// The checks and the call shared by `dynq_gemm`, `dynq_gemm_ex`, `dynq_gemm_smoothed`,
+/// `dynq_gemm_residual` and `dynq_gemm_layer_norm`.
 ///
 /// # Safety
 /// The contract of `dynq_gemm_residual` for element types `A` and `Y`.
@@ -1196,6 +1278,7 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     smooth: *const f32,
     bias: *const f32,
     (residual, ldr): (*const Y, usize),
+    (ln_scale, ln_bias, ln_epsilon): LnArgs,
     y: *mut Y,
     ldy: usize,
     config: *const dynq_gemm_config,
@@ -1216,6 +1299,20 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
         }
         // SAFETY: non-null smooth points to k readable floats per the contract.
         let smooth = (!smooth.is_null()).then(|| unsafe { std::slice::from_raw_parts(smooth, k) });
+        // And the layer norm's parameters.
+        if !ln_scale.is_null() {
+            check_ptr(ln_scale, "ln_scale")?;
+            if !ln_bias.is_null() {
+                check_ptr(ln_bias, "ln_bias")?;
+            }
+            // SAFETY: n readable floats at each non-null pointer per the contract.
+            let ln = crate::gemm::LayerNorm {
+                gamma: unsafe { std::slice::from_raw_parts(ln_scale, n) },
+                beta: (!ln_bias.is_null()).then(|| unsafe { std::slice::from_raw_parts(ln_bias, n) }),
+                epsilon: ln_epsilon,
+            };
+            ln.check(n)?;
+        }
         return crate::gemm::gemm_smoothed::<A, Y>(pw, &[], 0, lda, smooth, None, &mut [], ldy, &opts);
     }
     check_ptr(a, "a")?;
@@ -1245,6 +1342,20 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
             ));
         }
     }
+    for (p, what) in [(ln_scale, "ln_scale"), (ln_bias, "ln_bias")] {
+        if !p.is_null() {
+            check_ptr(p, what)?;
+            if overlaps(y_range, (p as usize, n * 4)) {
+                return Err(Error::InvalidArgument(format!("y overlaps {what}; the output must be a separate buffer")));
+            }
+        }
+    }
+    // SAFETY: the caller provides n readable floats at non-null ln_scale and ln_bias.
+    let layer_norm = (!ln_scale.is_null()).then(|| crate::gemm::LayerNorm {
+        gamma: unsafe { std::slice::from_raw_parts(ln_scale, n) },
+        beta: (!ln_bias.is_null()).then(|| unsafe { std::slice::from_raw_parts(ln_bias, n) }),
+        epsilon: ln_epsilon,
+    });
     // SAFETY: the caller provides buffers of these sizes (computed without overflow), and y
     // does not overlap the inputs (checked above).
     let (a, y, bias, smooth, residual) = unsafe {
@@ -1257,16 +1368,7 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
                 .then(|| crate::gemm::Residual { data: std::slice::from_raw_parts(residual, r_len), ld: ldr }),
         )
     };
-    crate::gemm::gemm_fused(
-        pw,
-        a,
-        m,
-        lda,
-        &crate::gemm::Fused { smooth, bias, residual, layer_norm: None },
-        y,
-        ldy,
-        &opts,
-    )
+    crate::gemm::gemm_fused(pw, a, m, lda, &crate::gemm::Fused { smooth, bias, residual, layer_norm }, y, ldy, &opts)
 }
 
 #[cfg(test)]

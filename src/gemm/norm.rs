@@ -39,7 +39,7 @@ pub struct LayerNorm<'a> {
 
 impl LayerNorm<'_> {
     /// Checks the parameters for rows of `n` values.
-    pub(crate) fn check(&self, n: usize) -> Result<()> {
+    pub fn check(&self, n: usize) -> Result<()> {
         for (what, v) in [("gamma", Some(self.gamma)), ("beta", self.beta)] {
             let Some(v) = v else { continue };
             if v.len() != n {

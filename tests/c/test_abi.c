@@ -1630,6 +1630,119 @@ static void test_gemm_residual(void)
     free(y2);
 }
 
+/* dynq's layer norm, its documented definition in C (FLT_EVAL_METHOD 0, no contraction): 64 lane
+   sums in order, a halving tree, the mean, the same for the squared deviations, then
+   ((x - mean) * inv) * scale + bias with inv = 1 / sqrt(var + eps). */
+static float ln_lane_tree(float *s)
+{
+    size_t w, l;
+    for (w = 32; w > 0; w /= 2) {
+        for (l = 0; l < w; l++) {
+            s[l] = s[l] + s[l + w];
+        }
+    }
+    return s[0];
+}
+
+static void ln_reference(float *x, size_t n, const float *scale, const float *bias, float eps)
+{
+    float s[64], mean, var, inv;
+    size_t j;
+    memset(s, 0, sizeof s);
+    for (j = 0; j < n; j++) {
+        s[j % 64] = s[j % 64] + x[j];
+    }
+    mean = ln_lane_tree(s) / (float)n;
+    memset(s, 0, sizeof s);
+    for (j = 0; j < n; j++) {
+        float d = x[j] - mean;
+        s[j % 64] = s[j % 64] + d * d;
+    }
+    var = ln_lane_tree(s) / (float)n;
+    inv = 1.0f / sqrtf(var + eps);
+    for (j = 0; j < n; j++) {
+        float t = (x[j] - mean) * inv;
+        t = t * scale[j];
+        x[j] = bias ? t + bias[j] : t;
+    }
+}
+
+/* dynq_gemm_layer_norm: exactly dynq_gemm_residual followed by the layer norm's definition on
+   each row (a C re-implementation), with and without a bias and a residual, at an output stride
+   above n (the padding untouched); bad parameters refused with y untouched. */
+static void test_gemm_layer_norm(void)
+{
+    const size_t m = 37, n = 200, k = 48, ldr = 203, ldy = 205;
+    int8_t *q = ALLOC(int8_t, n * k);
+    float *sw = ALLOC(float, n), *bias = ALLOC(float, n), *g = ALLOC(float, n), *b = ALLOC(float, n);
+    float *a = ALLOC(float, m * k), *r = ALLOC(float, m * ldr);
+    float *y1 = ALLOC(float, m * ldy), *y2 = ALLOC(float, m * ldy);
+    dynq_gemm_config c = gemm_cfg(0, 0, 2 /* GELU */, 2);
+    dynq_packed_weights *p;
+    size_t i, j, v;
+    random_q(q, n * k);
+    for (j = 0; j < n; j++) {
+        sw[j] = 0.003f * (float)(j % 11 + 1);
+        bias[j] = rnd_f();
+        g[j] = 1.0f + 0.5f * rnd_f();
+        b[j] = rnd_f();
+    }
+    for (i = 0; i < m * ldr; i++) {
+        r[i] = 4.0f * rnd_f();
+    }
+    random_a(a, m, k, k, 0);
+    p = pack_q(q, n, k, sw, n);
+    for (v = 0; v < 2; v++) {
+        const float *res = v == 0 ? r : NULL;
+        const float *lb = v == 0 ? b : NULL;
+        int same = 1, pad = 1;
+        EXPECT_OK("dynq_gemm_residual",
+                  dynq_gemm_residual(p, a, DYNQ_DTYPE_F32, m, k, NULL, bias, res, ldr, y1, DYNQ_DTYPE_F32, ldy, &c));
+        for (i = 0; i < m; i++) {
+            ln_reference(y1 + i * ldy, n, g, lb, 1e-5f);
+        }
+        fill_sentinel(y2, m * ldy);
+        EXPECT_OK("dynq_gemm_layer_norm", dynq_gemm_layer_norm(p, a, DYNQ_DTYPE_F32, m, k, NULL, bias, res, ldr, g, lb, 1e-5f,
+                                                              y2, DYNQ_DTYPE_F32, ldy, &c));
+        for (i = 0; i < m; i++) {
+            same &= memcmp(y1 + i * ldy, y2 + i * ldy, n * sizeof(float)) == 0;
+            pad &= all_sentinel(y2 + i * ldy + n, ldy - n);
+        }
+        check(same, v == 0 ? "dynq_gemm_layer_norm equals dynq_gemm_residual then the layer norm's definition, bit for bit"
+                           : "dynq_gemm_layer_norm without residual and bias equals its definition, bit for bit");
+        check(pad, "dynq_gemm_layer_norm leaves the stride padding alone");
+    }
+    fill_sentinel(y2, m * ldy);
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "ln_scale is NULL", "dynq_gemm_layer_norm(ln_scale=NULL)",
+           dynq_gemm_layer_norm(p, a, DYNQ_DTYPE_F32, m, k, NULL, bias, r, ldr, NULL, b, 1e-5f, y2, DYNQ_DTYPE_F32, ldy, &c));
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "epsilon", "dynq_gemm_layer_norm(ln_epsilon=-1)",
+           dynq_gemm_layer_norm(p, a, DYNQ_DTYPE_F32, m, k, NULL, bias, r, ldr, g, b, -1.0f, y2, DYNQ_DTYPE_F32, ldy, &c));
+    g[3] = (float)INFINITY;
+    EXPECT(DYNQ_STATUS_NON_FINITE, "gamma[3]", "dynq_gemm_layer_norm(ln_scale with infinity)",
+           dynq_gemm_layer_norm(p, a, DYNQ_DTYPE_F32, m, k, NULL, bias, r, ldr, g, b, 1e-5f, y2, DYNQ_DTYPE_F32, ldy, &c));
+    g[3] = 1.0f;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "y overlaps ln_scale", "dynq_gemm_layer_norm(ln_scale inside y)",
+           dynq_gemm_layer_norm(p, a, DYNQ_DTYPE_F32, m, k, NULL, bias, r, ldr, y2 + ldy, b, 1e-5f, y2, DYNQ_DTYPE_F32, ldy, &c));
+    check(all_sentinel(y2, m * ldy), "y untouched after a refused layer norm");
+    /* An empty batch still has its parameters checked. */
+    g[0] = (float)NAN;
+    EXPECT(DYNQ_STATUS_NON_FINITE, "gamma[0]", "dynq_gemm_layer_norm(m=0, NaN in ln_scale)",
+           dynq_gemm_layer_norm(p, NULL, DYNQ_DTYPE_F32, 0, k, NULL, NULL, NULL, n, g, NULL, 1e-5f, NULL, DYNQ_DTYPE_F32, n, &c));
+    g[0] = 1.0f;
+    EXPECT_OK("dynq_gemm_layer_norm(m=0)",
+              dynq_gemm_layer_norm(p, NULL, DYNQ_DTYPE_F32, 0, k, NULL, NULL, NULL, n, g, NULL, 1e-5f, NULL, DYNQ_DTYPE_F32, n, &c));
+    dynq_packed_weights_free(p);
+    free(q);
+    free(sw);
+    free(bias);
+    free(g);
+    free(b);
+    free(a);
+    free(r);
+    free(y1);
+    free(y2);
+}
+
 /* dynq_gemm_split: each output holds exactly its columns of dynq_gemm_smoothed (widths off the
    kernels' panel widths, strides above the widths, f32 and f16 outputs); bad widths, strides,
    overlapping or NULL outputs refused with every output untouched. */
@@ -2516,6 +2629,7 @@ int main(int argc, char **argv)
     test_gemm_threads();
     test_gemm_smoothed();
     test_gemm_residual();
+    test_gemm_layer_norm();
     test_gemm_split();
     test_gemm_split_heads();
     test_null_pointers();

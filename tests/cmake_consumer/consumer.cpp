@@ -361,6 +361,38 @@ void test_defaults_and_raw_call()
     }
     check(threw, "gemm_residual with m * n - 1 values throws INVALID_ARGUMENT");
 
+    // A layer norm after the residual: each row of gemm_residual normalized (checked against
+    // double arithmetic; the bits are checked by the C and Rust tests), and a bad size throws.
+    {
+        std::vector<float> lns(n), lnb(n);
+        for (size_t j = 0; j < n; j++) {
+            lns[j] = 1.0f + 0.25f * static_cast<float>(j % 5);
+            lnb[j] = 0.125f * static_cast<float>(static_cast<int>(j % 7) - 3);
+        }
+        std::vector<float> sum = w.gemm_residual(a, res, smooth, bias);
+        std::vector<float> got = w.gemm_layer_norm(a, res, lns, lnb, 1e-5f, smooth, bias);
+        bool close = got.size() == m * n;
+        for (size_t i = 0; close && i < m; i++) {
+            double mean = 0, var = 0;
+            for (size_t j = 0; j < n; j++) mean += sum[i * n + j];
+            mean /= static_cast<double>(n);
+            for (size_t j = 0; j < n; j++) var += (sum[i * n + j] - mean) * (sum[i * n + j] - mean);
+            var /= static_cast<double>(n);
+            for (size_t j = 0; j < n; j++) {
+                double want = (sum[i * n + j] - mean) / std::sqrt(var + 1e-5) * lns[j] + lnb[j];
+                close = close && std::fabs(got[i * n + j] - want) <= 1e-4 * (1.0 + std::fabs(want));
+            }
+        }
+        check(close, "gemm_layer_norm normalizes each row of gemm_residual");
+        threw = false;
+        try {
+            w.gemm_layer_norm(a, res, std::vector<float>(n - 1, 1.0f));
+        } catch (const dynq::error &e) {
+            threw = e.status() == DYNQ_STATUS_INVALID_ARGUMENT && std::string(e.what()).find("ln_scale") != std::string::npos;
+        }
+        check(threw, "gemm_layer_norm with n - 1 scale values throws INVALID_ARGUMENT");
+    }
+
     // Split outputs: each holds its columns of gemm_smoothed.
     std::vector<float> full = w.gemm_smoothed(a, smooth, bias);
     std::vector<size_t> widths;

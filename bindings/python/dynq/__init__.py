@@ -194,6 +194,11 @@ def _load():
             lib.dynq_gemm_split_heads.argtypes = [
                 P, P, u32, sz, sz, P, P, ctypes.POINTER(_Output), ctypes.POINTER(_Heads), sz, u32, ctypes.POINTER(_GemmConfig)
             ]
+        if hasattr(lib, "dynq_gemm_layer_norm"):  # likewise
+            lib.dynq_gemm_layer_norm.restype = u32
+            lib.dynq_gemm_layer_norm.argtypes = [
+                P, P, u32, sz, sz, P, P, P, sz, P, P, ctypes.c_float, P, u32, sz, ctypes.POINTER(_GemmConfig)
+            ]
         if hasattr(lib, "dynq_ort_weight_cache_stats"):
             lib.dynq_ort_weight_cache_stats.restype = None
             lib.dynq_ort_weight_cache_stats.argtypes = [ctypes.POINTER(sz), ctypes.POINTER(sz)] + [
@@ -397,6 +402,7 @@ def gemm(
     num_threads: int = 0,
     smooth: Optional[np.ndarray] = None,
     residual: Optional[np.ndarray] = None,
+    layer_norm: Optional[Tuple[np.ndarray, Optional[np.ndarray], float]] = None,
 ) -> np.ndarray:
     """``Y = dequant(quant(A) x W) + bias`` then the epilogue (``"none"``, ``"relu"`` or ``"gelu"``).
     ``a`` has shape ``[..., K]``; the result has shape ``[..., N]`` and the type of ``a`` when it
@@ -407,7 +413,11 @@ def gemm(
 
     ``residual`` (the result's shape): added after the epilogue, ``act(A W + bias) + residual``
     with one f32 addition per element (``dynq_gemm_residual``): the skip connection of a
-    transformer block, fused. It is converted to the result's type first."""
+    transformer block, fused. It is converted to the result's type first.
+
+    ``layer_norm`` (``(scale, bias or None, epsilon)``, N values each): each output row is then
+    normalized, ``LayerNorm(act(A W + bias) + residual) * scale + bias`` over its N values
+    (``dynq_gemm_layer_norm``; dynq's fixed arithmetic, the same bits on every CPU)."""
     if packed._h is None:
         raise ValueError("packed weights were closed")
     half = isinstance(a, np.ndarray) and a.dtype == np.float16
@@ -427,6 +437,25 @@ def gemm(
         sm = np.ascontiguousarray(smooth, dtype=np.float32).ravel()
         if sm.size != packed.k:
             raise ValueError(f"smooth must have {packed.k} values, got {sm.size}")
+    if layer_norm is not None:
+        if not hasattr(lib, "dynq_gemm_layer_norm"):
+            raise DynqError(2, f"layer_norm needs a libdynq with dynq_gemm_layer_norm ({library_path()} has none)")
+        scale, lbias, eps = layer_norm
+        g = np.ascontiguousarray(scale, dtype=np.float32).ravel()
+        lb = None if lbias is None else np.ascontiguousarray(lbias, dtype=np.float32).ravel()
+        if g.size != packed.n or (lb is not None and lb.size != packed.n):
+            raise ValueError(f"layer_norm scale and bias must have {packed.n} values")
+        r = None
+        if residual is not None:
+            r = np.ascontiguousarray(residual, dtype=y.dtype)
+            if r.shape != y.shape:
+                raise ValueError(f"residual must have the result's shape {y.shape}, got {r.shape}")
+        dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
+        _check(lib.dynq_gemm_layer_norm(
+            packed._h, a_ptr, dt, m, packed.k, sm.ctypes.data if sm is not None else None, b_ptr,
+            r.ctypes.data if (r is not None and m) else None, packed.n, g.ctypes.data,
+            lb.ctypes.data if lb is not None else None, float(eps), y_ptr, dt, packed.n, ctypes.byref(cfg)))
+        return y
     if residual is not None:
         r = np.ascontiguousarray(residual, dtype=y.dtype)
         if r.shape != y.shape:

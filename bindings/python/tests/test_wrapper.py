@@ -168,3 +168,34 @@ def test_split_heads():
         dynq.gemm_split(p, a, widths, heads=[(5, False), None, None, None])
     with pytest.raises(ValueError):
         dynq.gemm_split(p, a.reshape(33, 48), widths, heads=layouts)
+
+
+def test_layer_norm():
+    """gemm(layer_norm=(scale, bias, eps)): dynq_gemm_layer_norm, bit for bit dynq's layer norm
+    definition (ortutil.layer_norm_ref, a numpy re-implementation) applied to the residual call's
+    result; float16 rows are normalized from their rounded values; bad parameters raise."""
+    from ortutil import layer_norm_ref
+
+    rng = np.random.default_rng(5)
+    k, n = 48, 130
+    p = dynq.PackedWeights.from_float(rng.standard_normal((k, n)).astype(np.float32))
+    a = rng.standard_normal((2, 33, k)).astype(np.float32)
+    r = rng.standard_normal((2, 33, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    g = rng.uniform(0.5, 2, n).astype(np.float32)
+    be = rng.standard_normal(n).astype(np.float32)
+    base = dynq.gemm(p, a, bias=b, epilogue="gelu", residual=r)
+    got = dynq.gemm(p, a, bias=b, epilogue="gelu", residual=r, layer_norm=(g, be, 1e-5))
+    np.testing.assert_array_equal(got, layer_norm_ref(base, g, be, 1e-5))
+    got = dynq.gemm(p, a, layer_norm=(g, None, 1e-3))
+    np.testing.assert_array_equal(got, layer_norm_ref(dynq.gemm(p, a), g, None, 1e-3))
+    a16, r16 = a.astype(np.float16), r.astype(np.float16)
+    got16 = dynq.gemm(p, a16, residual=r16, layer_norm=(g, be, 1e-5))
+    base16 = dynq.gemm(p, a16, residual=r16)
+    assert got16.dtype == np.float16
+    np.testing.assert_array_equal(got16, layer_norm_ref(base16.astype(np.float32), g, be).astype(np.float16))
+    with pytest.raises(ValueError):
+        dynq.gemm(p, a, layer_norm=(g[:-1], None, 1e-5))
+    with pytest.raises(dynq.DynqError) as e:
+        dynq.gemm(p, a, layer_norm=(g, be, -1.0))
+    assert "epsilon" in str(e.value)
