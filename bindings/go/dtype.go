@@ -142,13 +142,38 @@ func (p *PackedWeights) GemmResidual(y, a, residual Slice, smooth, bias []float3
 	return p.gemmTyped("GemmResidual", cGemmResidual, y, a, smooth, bias, residual, opts)
 }
 
+// LayerNorm is the layer normalization GemmLayerNorm applies to each output row: Scale and
+// Bias (nil: none) hold N() finite values, Epsilon is finite and >= 0 (1e-5 is ONNX's default).
+type LayerNorm struct {
+	Scale   []float32
+	Bias    []float32
+	Epsilon float32
+}
+
+// GemmLayerNorm is GemmResidual followed by a layer norm of each output row
+// (dynq_gemm_layer_norm): y[i] = LayerNorm(act(product + bias) + residual)[i] * ln.Scale +
+// ln.Bias over the row's N() values, the post-LN transformer block (BERT's
+// LayerNorm(x + Linear(h))) in one call. The arithmetic has one fixed order (64 lane sums, a
+// halving tree, a two-pass variance, one float32 operation per step), so the result is the
+// same bits on every CPU and thread count; 16-bit outputs normalize the rounded sums and are
+// rounded again. residual may be empty (none). ln.Scale of another length than N(), or
+// ln.Bias neither nil nor N() values, fail with StatusInvalidArgument before any C call; NaN
+// or infinity in them with StatusNonFinite, a bad epsilon with StatusInvalidArgument (the
+// library's messages), y untouched. They must not share memory with y. Everything else as
+// GemmResidual.
+func (p *PackedWeights) GemmLayerNorm(y, a, residual Slice, ln LayerNorm, smooth, bias []float32,
+	opts *GemmOptions) error {
+	return p.gemmTypedLN("GemmLayerNorm", cGemmLayerNorm, y, a, smooth, bias, residual, &ln, opts)
+}
+
 // cFunction selects the C function of gemmTyped.
 type cFunction int
 
 const (
-	cGemmEx       cFunction = iota // dynq_gemm_ex: no smooth, no residual
-	cGemmSmoothed                  // dynq_gemm_smoothed: smooth nil or K() values
-	cGemmResidual                  // dynq_gemm_residual: smooth as above, residual empty or m*N()
+	cGemmEx        cFunction = iota // dynq_gemm_ex: no smooth, no residual
+	cGemmSmoothed                   // dynq_gemm_smoothed: smooth nil or K() values
+	cGemmResidual                   // dynq_gemm_residual: smooth as above, residual empty or m*N()
+	cGemmLayerNorm                  // dynq_gemm_layer_norm: as dynq_gemm_residual, plus the layer norm
 )
 
 // gemmTyped holds the checks and the C call of GemmEx (dynq_gemm_ex), GemmSmoothed
@@ -156,6 +181,13 @@ const (
 // with residual empty or m*N() elements of y's type).
 func (p *PackedWeights) gemmTyped(op string, fn cFunction, y, a Slice, smooth, bias []float32, residual Slice,
 	opts *GemmOptions) error {
+	return p.gemmTypedLN(op, fn, y, a, smooth, bias, residual, nil, opts)
+}
+
+// gemmTypedLN is gemmTyped with the layer norm of GemmLayerNorm (ln non-nil with
+// cGemmLayerNorm).
+func (p *PackedWeights) gemmTypedLN(op string, fn cFunction, y, a Slice, smooth, bias []float32, residual Slice,
+	ln *LayerNorm, opts *GemmOptions) error {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.h == nil {
@@ -170,6 +202,16 @@ func (p *PackedWeights) gemmTyped(op string, fn cFunction, y, a Slice, smooth, b
 	// elements of y's type at stride N().
 	cgemm := func(ap unsafe.Pointer, m int, sp, bp *C.float, rp, yp unsafe.Pointer) C.dynq_status {
 		switch fn {
+		case cGemmLayerNorm:
+			var gp, lbp *C.float
+			if len(ln.Scale) > 0 {
+				gp = (*C.float)(unsafe.Pointer(&ln.Scale[0]))
+			}
+			if len(ln.Bias) > 0 {
+				lbp = (*C.float)(unsafe.Pointer(&ln.Bias[0]))
+			}
+			return C.dynq_gemm_layer_norm(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), sp, bp, rp,
+				C.size_t(n), gp, lbp, C.float(ln.Epsilon), yp, C.uint32_t(y.dtype), C.size_t(n), &cfg)
 		case cGemmResidual:
 			return C.dynq_gemm_residual(p.h, ap, C.uint32_t(a.dtype), C.size_t(m), C.size_t(k), sp, bp, rp,
 				C.size_t(n), yp, C.uint32_t(y.dtype), C.size_t(n), &cfg)
@@ -203,6 +245,14 @@ func (p *PackedWeights) gemmTyped(op string, fn cFunction, y, a Slice, smooth, b
 	if len(smooth) != 0 && len(smooth) != k {
 		return invalid(op, "len(smooth) = %d, expected 0 or k = %d (one factor per input channel)", len(smooth), k)
 	}
+	if ln != nil {
+		if len(ln.Scale) != n {
+			return invalid(op, "len(ln.Scale) = %d, expected n = %d", len(ln.Scale), n)
+		}
+		if ln.Bias != nil && len(ln.Bias) != n {
+			return invalid(op, "len(ln.Bias) = %d, expected nil or n = %d", len(ln.Bias), n)
+		}
+	}
 	if residual.Len() != 0 {
 		if err := residual.checkTag(op, "residual"); err != nil {
 			return err
@@ -230,6 +280,7 @@ func (p *PackedWeights) gemmTyped(op string, fn cFunction, y, a Slice, smooth, b
 	runtime.KeepAlive(a)
 	runtime.KeepAlive(y)
 	runtime.KeepAlive(residual)
+	runtime.KeepAlive(ln)
 	runtime.KeepAlive(smooth)
 	runtime.KeepAlive(bias)
 	return err
