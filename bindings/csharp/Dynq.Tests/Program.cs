@@ -926,6 +926,7 @@ namespace Dynq.Tests
             TestGemmResidualMatchesGemmSmoothed();
             Run("gemm residual without residual", TestGemmResidualWithoutResidual);
             Run("gemm residual errors", TestGemmResidualErrors);
+            Run("gemm layer norm", TestGemmLayerNorm);
             TestGemmSplitMatchesGemmSmoothed();
             Run("gemm split one output and narrow outputs", TestGemmSplitOneOutputAndNarrowOutputs);
             Run("gemm split errors", TestGemmSplitErrors);

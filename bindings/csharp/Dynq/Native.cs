@@ -135,6 +135,11 @@ namespace Dynq
             NativeGemmConfig* config);
 
         [DllImport(Lib)]
+        internal static extern Status dynq_gemm_layer_norm(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
+            UIntPtr lda, float* smooth, float* bias, void* residual, UIntPtr ldr, float* lnScale, float* lnBias,
+            float lnEpsilon, void* y, uint yType, UIntPtr ldy, NativeGemmConfig* config);
+
+        [DllImport(Lib)]
         internal static extern Status dynq_gemm_split(PackedWeightsHandle packed, void* a, uint aType, UIntPtr m,
             UIntPtr lda, float* smooth, float* bias, NativeOutput* outputs, UIntPtr numOutputs, uint yType,
             NativeGemmConfig* config);

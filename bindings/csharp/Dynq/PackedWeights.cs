@@ -471,6 +471,49 @@ namespace Dynq
             }
         }
 
+        /// <summary>
+        /// GemmResidual followed by a layer norm of each output row (dynq_gemm_layer_norm):
+        /// y[i] = LayerNorm(act(product + bias) + residual)[i] * lnScale + lnBias over the row's N
+        /// values, the post-LN transformer block (BERT's LayerNorm(x + Linear(h))) in one call,
+        /// with dynq's fixed arithmetic (64 lane sums, a halving tree, a two-pass variance): the
+        /// same bits on every CPU and thread count. <paramref name="residual"/> is empty (none)
+        /// or y's length; <paramref name="lnScale"/> has N values, <paramref name="lnBias"/> 0
+        /// (none) or N; <paramref name="lnEpsilon"/> is finite and &gt;= 0 (1e-5 is ONNX's
+        /// default). Otherwise as GemmResidual.
+        /// </summary>
+        /// <exception cref="ArgumentException">lnScale or lnBias of another length (and as
+        /// GemmResidual).</exception>
+        /// <exception cref="DynqException">NonFinite for NaN or infinity in lnScale or lnBias,
+        /// InvalidArgument for a bad epsilon (and as GemmResidual); y is then untouched.</exception>
+        public void GemmLayerNorm(ReadOnlySpan<float> a, ReadOnlySpan<float> residual, ReadOnlySpan<float> lnScale,
+            ReadOnlySpan<float> lnBias, float lnEpsilon, Span<float> y, ReadOnlySpan<float> smooth,
+            ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            fixed (float* rp = &MemoryMarshal.GetReference(residual))
+            fixed (float* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, ElementType.F32, false, yp, y.Length, ElementType.F32, false, smooth, rp,
+                    residual.Length, NativeFunction.GemmLayerNorm, bias, lnScale, lnBias, lnEpsilon, options);
+            }
+        }
+
+        /// <summary>GemmLayerNorm on float16 or bfloat16 activations (<paramref name="aType"/>)
+        /// giving float16 or bfloat16 outputs (<paramref name="yType"/>, also the residual's type),
+        /// as ushort bit patterns: the rounded sums are normalized, then rounded again.</summary>
+        public void GemmLayerNorm(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<ushort> residual,
+            ReadOnlySpan<float> lnScale, ReadOnlySpan<float> lnBias, float lnEpsilon, Span<ushort> y, ElementType yType,
+            ReadOnlySpan<float> smooth, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            fixed (ushort* rp = &MemoryMarshal.GetReference(residual))
+            fixed (ushort* yp = &MemoryMarshal.GetReference(y))
+            {
+                GemmEx(ap, a.Length, aType, true, yp, y.Length, yType, true, smooth, rp, residual.Length,
+                    NativeFunction.GemmLayerNorm, bias, lnScale, lnBias, lnEpsilon, options);
+            }
+        }
+
         /// <summary>GemmResidual on float data, without bias.</summary>
         public void GemmResidual(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, ReadOnlySpan<float> residual,
             Span<float> y, GemmOptions options = null)
@@ -887,6 +930,7 @@ namespace Dynq
             GemmEx,
             GemmSmoothed,
             GemmResidual,
+            GemmLayerNorm,
         }
 
         /// <summary>The checks and the call of dynq_gemm_ex, dynq_gemm_smoothed (smooth empty or
@@ -898,9 +942,35 @@ namespace Dynq
             ElementType yType, bool y16, ReadOnlySpan<float> smooth, void* residual, int residualLength,
             NativeFunction function, ReadOnlySpan<float> bias, GemmOptions options)
         {
+            GemmEx(a, aLength, aType, a16, y, yLength, yType, y16, smooth, residual, residualLength, function, bias,
+                ReadOnlySpan<float>.Empty, ReadOnlySpan<float>.Empty, 0f, options);
+        }
+
+        /// <summary>GemmEx with the layer norm of dynq_gemm_layer_norm (function GemmLayerNorm:
+        /// lnScale N values, lnBias empty or N).</summary>
+        private void GemmEx(void* a, int aLength, ElementType aType, bool a16, void* y, int yLength,
+            ElementType yType, bool y16, ReadOnlySpan<float> smooth, void* residual, int residualLength,
+            NativeFunction function, ReadOnlySpan<float> bias, ReadOnlySpan<float> lnScale, ReadOnlySpan<float> lnBias,
+            float lnEpsilon, GemmOptions options)
+        {
             int n = N, k = K;
-            string name = function == NativeFunction.GemmResidual ? "dynq_gemm_residual"
+            string name = function == NativeFunction.GemmLayerNorm ? "dynq_gemm_layer_norm"
+                : function == NativeFunction.GemmResidual ? "dynq_gemm_residual"
                 : function == NativeFunction.GemmSmoothed ? "dynq_gemm_smoothed" : "dynq_gemm_ex";
+            float lnEps = lnEpsilon;
+            if (function == NativeFunction.GemmLayerNorm)
+            {
+                if (lnScale.Length != n)
+                {
+                    throw new ArgumentException(string.Format("lnScale has {0} values, expected N = {1}", lnScale.Length, n),
+                        "lnScale");
+                }
+                if (lnBias.Length != 0 && lnBias.Length != n)
+                {
+                    throw new ArgumentException(string.Format("lnBias has {0} values, expected 0 (none) or N = {1}",
+                        lnBias.Length, n), "lnBias");
+                }
+            }
             NativeGemmConfig cfg = (options ?? new GemmOptions()).ToNative();
             if (!IsKnown(aType) || !IsKnown(yType))
             {
@@ -933,7 +1003,17 @@ namespace Dynq
             }
             fixed (float* sp = &MemoryMarshal.GetReference(smooth))
             fixed (float* bp = &MemoryMarshal.GetReference(bias))
+            fixed (float* gp = &MemoryMarshal.GetReference(lnScale))
+            fixed (float* lbp = &MemoryMarshal.GetReference(lnBias))
             {
+                if (function == NativeFunction.GemmLayerNorm)
+                {
+                    Native.Check(Native.dynq_gemm_layer_norm(_handle, m == 0 ? null : a, (uint)aType, (UIntPtr)m, (UIntPtr)k,
+                        smooth.Length == 0 ? null : sp, bias.Length == 0 ? null : bp,
+                        m == 0 || residualLength == 0 ? null : residual, (UIntPtr)n, gp, lnBias.Length == 0 ? null : lbp,
+                        lnEps, m == 0 ? null : y, (uint)yType, (UIntPtr)n, &cfg), name);
+                    return;
+                }
                 Native.Check(CallGemm(function, m == 0 ? null : a, aType, m, k, smooth.Length == 0 ? null : sp,
                     bias.Length == 0 ? null : bp, m == 0 || residualLength == 0 ? null : residual, m == 0 ? null : y,
                     yType, n, &cfg), name);
