@@ -242,6 +242,48 @@ namespace Dynq.Tests
                     from += w;
                 }
                 Check(same, "GemmSplitHeads puts every value of GemmSmoothed at its head-layout place");
+                // 16-bit data: float16 in and out, and float in with bfloat16 out; every value is the
+                // plain GemmSplit's (same types) at its head-layout place.
+                foreach (bool f16In in new[] { true, false })
+                {
+                    ElementType yt = f16In ? ElementType.F16 : ElementType.BF16;
+                    ushort[] a16 = Float16Bits.FromSingle(a);
+                    Memory<ushort>[] plain = Array.ConvertAll(widths, w => new Memory<ushort>(new ushort[m * w]));
+                    Memory<ushort>[] laid = Array.ConvertAll(widths, w => new Memory<ushort>(new ushort[m * w]));
+                    if (f16In)
+                    {
+                        p.GemmSplit(new ReadOnlySpan<ushort>(a16), ElementType.F16, ReadOnlySpan<float>.Empty, widths, plain, yt,
+                            new ReadOnlySpan<float>(bias));
+                        p.GemmSplitHeads(new ReadOnlySpan<ushort>(a16), ElementType.F16, ReadOnlySpan<float>.Empty, widths, heads,
+                            laid, yt, new ReadOnlySpan<float>(bias));
+                    }
+                    else
+                    {
+                        p.GemmSplit(new ReadOnlySpan<float>(a), ReadOnlySpan<float>.Empty, widths, plain, yt, new ReadOnlySpan<float>(bias));
+                        p.GemmSplitHeads(new ReadOnlySpan<float>(a), ReadOnlySpan<float>.Empty, widths, heads, laid, yt,
+                            new ReadOnlySpan<float>(bias));
+                    }
+                    bool same16 = true;
+                    for (int g = 0; g < widths.Length; g++)
+                    {
+                        ushort[] pl = plain[g].ToArray(), la = laid[g].ToArray();
+                        int w = widths[g];
+                        for (int i = 0; i < m; i++)
+                        {
+                            for (int j = 0; j < w; j++)
+                            {
+                                int at = i * w + j;
+                                if (heads[g].Heads > 0)
+                                {
+                                    int h = heads[g].Heads, d = w / h, b = i / seq, s = i % seq, hh = j / d, e = j % d;
+                                    at = heads[g].Transposed ? ((b * h + hh) * d + e) * seq + s : ((b * h + hh) * seq + s) * d + e;
+                                }
+                                same16 &= la[at] == pl[i * w + j];
+                            }
+                        }
+                    }
+                    Check(same16, "GemmSplitHeads (" + (f16In ? "float16" : "float") + " in, " + yt + " out) places GemmSplit's values");
+                }
                 float[] untouched = Filled(m * 64, 7.5f);
                 Memory<float>[] ys2 = { new Memory<float>((float[])untouched.Clone()), new Memory<float>(new float[m * 36]),
                     new Memory<float>(new float[m * 20]) };

@@ -683,6 +683,31 @@ namespace Dynq
             }
         }
 
+        /// <summary>GemmSplitHeads on float16 or bfloat16 activations (<paramref name="aType"/>)
+        /// giving float16 or bfloat16 outputs (<paramref name="yType"/>, all of them) as ushort bit
+        /// patterns: each value is GemmSplit's, at its head-layout place.</summary>
+        public void GemmSplitHeads(ReadOnlySpan<ushort> a, ElementType aType, ReadOnlySpan<float> smooth, int[] widths,
+            HeadLayout[] heads, Memory<ushort>[] ys, ElementType yType, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            if (heads == null) throw new ArgumentNullException("heads");
+            fixed (ushort* ap = &MemoryMarshal.GetReference(a))
+            {
+                GemmSplit(ap, a.Length, aType, true, smooth, widths, ys, yType, true, bias, options, heads);
+            }
+        }
+
+        /// <summary>GemmSplitHeads on float activations giving float16 or bfloat16 outputs
+        /// (<paramref name="yType"/>, all of them).</summary>
+        public void GemmSplitHeads(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, HeadLayout[] heads,
+            Memory<ushort>[] ys, ElementType yType, ReadOnlySpan<float> bias, GemmOptions options = null)
+        {
+            if (heads == null) throw new ArgumentNullException("heads");
+            fixed (float* ap = &MemoryMarshal.GetReference(a))
+            {
+                GemmSplit(ap, a.Length, ElementType.F32, false, smooth, widths, ys, yType, true, bias, options, heads);
+            }
+        }
+
         /// <summary>GemmSplit on float data, without bias.</summary>
         public void GemmSplit(ReadOnlySpan<float> a, ReadOnlySpan<float> smooth, int[] widths, Memory<float>[] ys,
             GemmOptions options = null)
