@@ -404,6 +404,41 @@ def test_convert_float16_model():
     assert rep.fp32_weight_bytes == 2 * (w1.size + w2.size + w3t.size)
 
 
+def test_float16_layer_norm_is_folded():
+    """In a float16 model the residual Add and the LayerNormalization after a layer fold too: its
+    float16 scale and bias become float32 initializers (widened exactly), the node gives
+    float16, close to the float32 reference."""
+    skip_without_f16_op()
+    d = 64
+    r = np.random.default_rng(3)
+    w = (0.1 * r.standard_normal((d, d))).astype(np.float16)
+    b = (0.1 * r.standard_normal(d)).astype(np.float16)
+    g = (1 + 0.2 * r.standard_normal(d)).astype(np.float16)
+    be = (0.1 * r.standard_normal(d)).astype(np.float16)
+    inits = [numpy_helper.from_array(v, nm) for v, nm in [(w, "w"), (b, "b"), (g, "g"), (be, "be")]]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Add", ["h", "b"], ["hb"], name="fc_bias"),
+        helper.make_node("Add", ["hb", "x"], ["s"], name="res"),
+        helper.make_node("LayerNormalization", ["s", "g", "be"], ["y"], name="ln", axis=-1),
+    ]
+    m = model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", "s", d])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["b", "s", d])], inits)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [n.op_type for n in q.graph.node] == ["DynQMatMul"] and rep.converted[0].layer_norm
+    node = q.graph.node[0]
+    by_name = {t.name: t for t in q.graph.initializer}
+    assert [by_name[i].data_type for i in node.input[6:8]] == [TensorProto.FLOAT] * 2
+    np.testing.assert_array_equal(numpy_helper.to_array(by_name[node.input[6]]), g.astype(np.float32))
+    x = r.standard_normal((3, 20, d)).astype(np.float16)
+    y = session(q, threads=2).run(None, {"x": x})[0]
+    assert y.dtype == np.float16
+    s32 = x.astype(np.float32) @ w.astype(np.float32) + b.astype(np.float32) + x.astype(np.float32)
+    mu, var = s32.mean(-1, keepdims=True), s32.var(-1, keepdims=True)
+    ref = (s32 - mu) / np.sqrt(var + 1e-5) * g.astype(np.float32) + be.astype(np.float32)
+    assert cosine(ref, y.astype(np.float32)) > 0.999
+
+
 def ln_outlier_model(k=64, n=96, seed=5):
     """LayerNormalization whose scale has a few channels ~30x larger than the rest (the outlier
     channels of transformer LayerNorm outputs), then MatMul + bias, then a second MatMul."""
