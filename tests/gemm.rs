@@ -621,6 +621,7 @@ fn residual_equals_product_then_addition() {
                 bias: Some(bias),
                 residual: Some(Residual { data: &res, ld: ldr }),
                 layer_norm: None,
+                a_heads: None,
             };
             dynq::gemm_fused_on(pw, a, m, pw.k(), &f, &mut y, ldy, o, &Scrambled::new(workers)).unwrap();
             for i in 0..m {
@@ -671,7 +672,13 @@ fn residual_equals_product_then_addition() {
     res[n + 3] = f32::NAN;
     res[2 * n + 7] = f32::INFINITY;
     let mut y = vec![0f32; m * n];
-    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n }), layer_norm: None };
+    let f = Fused {
+        smooth: None,
+        bias: None,
+        residual: Some(Residual { data: &res, ld: n }),
+        layer_norm: None,
+        a_heads: None,
+    };
     dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap();
     let base = run(&pw, &a, m, None, &o);
     for e in 0..m * n {
@@ -688,13 +695,20 @@ fn residual_equals_product_then_addition() {
         bias: None,
         residual: Some(Residual { data: &res[..m * n - 1], ld: n }),
         layer_norm: None,
+        a_heads: None,
     };
     let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument, "{e}");
     assert!(e.message().contains("residual"), "{e}");
     assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
     // A stride below n is refused too.
-    let f = Fused { smooth: None, bias: None, residual: Some(Residual { data: &res, ld: n - 1 }), layer_norm: None };
+    let f = Fused {
+        smooth: None,
+        bias: None,
+        residual: Some(Residual { data: &res, ld: n - 1 }),
+        layer_norm: None,
+        a_heads: None,
+    };
     let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument, "{e}");
 }
@@ -816,6 +830,109 @@ fn layer_norm_equals_product_then_reference_normalization() {
         let e = dynq::gemm_fused_on(&pw, &a, m, k, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
         assert_eq!(e.status(), status, "{e}");
         assert!(e.message().contains("layer norm"), "{e}");
+        assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
+    }
+}
+
+/// A in the attention-head layout (`Fused::a_heads`): bit for bit the call on the transposed
+/// copy `[batch, seq, heads * d]`, on every ISA, mode, worker count and A type, with smoothing
+/// factors, a residual and a layer norm too; bad layouts refused with y untouched.
+#[test]
+fn a_in_head_layout_equals_the_transposed_copy() {
+    use dynq::{Element, Fused, Heads, LayerNorm, Residual};
+    let mut rng = Rng(84);
+    #[allow(clippy::too_many_arguments)]
+    fn check<A: Element>(
+        pw: &PackedWeights,
+        ctx32: &[f32],
+        (b, h, s): (usize, usize, usize),
+        smooth: Option<&[f32]>,
+        res: &[f32],
+        gamma: &[f32],
+        o: &GemmOptions,
+        what: &str,
+    ) {
+        let (k, n) = (pw.k(), pw.n());
+        let d = k / h;
+        let m = b * s;
+        let ctx: Vec<A> = ctx32.iter().map(|&v| A::from_f32(v)).collect();
+        // The transposed copy: row b * s + t = ctx[b][0][t][..] ++ ctx[b][1][t][..] ++ ...
+        let mut plain = Vec::with_capacity(m * k);
+        for bb in 0..b {
+            for t in 0..s {
+                for hh in 0..h {
+                    let at = ((bb * h + hh) * s + t) * d;
+                    plain.extend_from_slice(&ctx[at..at + d]);
+                }
+            }
+        }
+        let ln = LayerNorm { gamma, beta: None, epsilon: 1e-5 };
+        for (with_res, with_ln) in [(false, false), (true, false), (true, true)] {
+            let f = |heads| Fused::<f32> {
+                smooth,
+                residual: with_res.then_some(Residual { data: res, ld: n }),
+                layer_norm: with_ln.then_some(ln),
+                a_heads: heads,
+                ..Default::default()
+            };
+            let mut want = vec![0f32; m * n];
+            dynq::gemm_fused_on(pw, &plain, m, k, &f(None), &mut want, n, o, &Scrambled::new(1)).unwrap();
+            for workers in [1, 2, 3] {
+                let mut y = vec![-9f32; m * n];
+                let heads = Some(Heads { heads: h, seq: s, transposed: false });
+                dynq::gemm_fused_on(pw, &ctx, m, 0, &f(heads), &mut y, n, o, &Scrambled::new(workers)).unwrap();
+                let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{what} residual {with_res} ln {with_ln} workers {workers}: differs from the transposed copy"
+                );
+            }
+        }
+    }
+    for isa in isas_under_test() {
+        for &(b, h, s, d, n) in &[(1, 1, 1, 8, 16), (2, 12, 9, 32, 40), (3, 4, 13, 24, 100)] {
+            let k = h * d;
+            let pw = PackedWeights::from_f32(
+                &random(&mut rng, n * k, 0.3),
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            )
+            .unwrap();
+            let ctx = random(&mut rng, b * h * s * d, 2.0);
+            let smooth: Vec<f32> = (0..k).map(|j| 0.5 + (j % 7) as f32 * 0.25).collect();
+            let res = random(&mut rng, b * s * n, 3.0);
+            let gamma = random(&mut rng, n, 1.0);
+            for (g, t) in all_modes() {
+                let o = opts(g, t, 1);
+                for sm in [None, Some(&smooth[..])] {
+                    let what = format!("{isa} {b}x{h}x{s}x{d} n {n} {g:?} {t:?} smooth {}", sm.is_some());
+                    check::<f32>(&pw, &ctx, (b, h, s), sm, &res, &gamma, &o, &format!("f32 {what}"));
+                    check::<half::f16>(&pw, &ctx, (b, h, s), sm, &res, &gamma, &o, &format!("f16 {what}"));
+                }
+            }
+        }
+    }
+    // Bad layouts: refused, y untouched.
+    let (h, s, d, n) = (4, 5, 8, 16);
+    let k = h * d;
+    let pw =
+        PackedWeights::from_f32(&random(&mut rng, n * k, 0.3), n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+    let ctx = random(&mut rng, 2 * s * k, 1.0);
+    let o = opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1);
+    for (heads, m, len, needle) in [
+        (Heads { heads: h, seq: s, transposed: true }, 2 * s, ctx.len(), "transposed = false"),
+        (Heads { heads: 3, seq: s, transposed: false }, 2 * s, ctx.len(), "do not split into 3 heads"),
+        (Heads { heads: h, seq: 3, transposed: false }, 2 * s, ctx.len(), "not whole sequences of 3"),
+        (Heads { heads: h, seq: s, transposed: false }, 2 * s, ctx.len() - 1, "needs"),
+        (Heads { heads: 0, seq: s, transposed: false }, 2 * s, ctx.len(), "must be positive"),
+    ] {
+        let mut y = vec![7f32; m * n];
+        let f = Fused::<f32> { a_heads: Some(heads), ..Default::default() };
+        let e = dynq::gemm_fused_on(&pw, &ctx[..len], m, 0, &f, &mut y, n, &o, &Scrambled::new(1)).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+        assert!(e.message().contains(needle) && e.message().contains("activations A"), "{e}");
         assert!(y.iter().all(|&v| v == 7.0), "y written after an error");
     }
 }

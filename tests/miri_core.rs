@@ -128,8 +128,13 @@ fn residual_and_split_outputs() {
     let ldr = n + 2;
     let res = values((m - 1) * ldr + n, 10);
     let mut y = vec![0f32; m * n];
-    let f =
-        Fused { smooth: None, bias: Some(&bias), residual: Some(Residual { data: &res, ld: ldr }), layer_norm: None };
+    let f = Fused {
+        smooth: None,
+        bias: Some(&bias),
+        residual: Some(Residual { data: &res, ld: ldr }),
+        layer_norm: None,
+        a_heads: None,
+    };
     dynq::gemm::gemm_fused(&pw, &a, m, k, &f, &mut y, n, &opts).unwrap();
     for i in 0..m {
         for j in 0..n {
@@ -138,8 +143,13 @@ fn residual_and_split_outputs() {
     }
     let res16: Vec<half::bf16> = res.iter().map(|&v| half::bf16::from_f32(v)).collect();
     let mut yb = vec![half::bf16::ZERO; m * n];
-    let f =
-        Fused { smooth: None, bias: Some(&bias), residual: Some(Residual { data: &res16, ld: ldr }), layer_norm: None };
+    let f = Fused {
+        smooth: None,
+        bias: Some(&bias),
+        residual: Some(Residual { data: &res16, ld: ldr }),
+        layer_norm: None,
+        a_heads: None,
+    };
     dynq::gemm::gemm_fused(&pw, &a, m, k, &f, &mut yb, n, &opts).unwrap();
     for i in 0..m {
         for j in 0..n {

@@ -1368,7 +1368,16 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
                 .then(|| crate::gemm::Residual { data: std::slice::from_raw_parts(residual, r_len), ld: ldr }),
         )
     };
-    crate::gemm::gemm_fused(pw, a, m, lda, &crate::gemm::Fused { smooth, bias, residual, layer_norm }, y, ldy, &opts)
+    crate::gemm::gemm_fused(
+        pw,
+        a,
+        m,
+        lda,
+        &crate::gemm::Fused { smooth, bias, residual, layer_norm, a_heads: None },
+        y,
+        ldy,
+        &opts,
+    )
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use crate::dtype::Element;
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
 use crate::kernels::{DequantRow, F32Tile, TileOut, MAX_BLOCKS16};
 use crate::pack::PackedWeights;
-use crate::quant::activations::{quantize_activations_threaded, ActGranularity, ActType};
+use crate::quant::activations::{quantize_activations_rows, ActGranularity, ActType, Rows};
 use once_cell::sync::Lazy;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
@@ -730,11 +730,18 @@ pub struct Fused<'a, Y> {
     /// Layer normalization of each output row, last: `y = LayerNorm(act(A * W + bias) +
     /// residual)` (single plain output only; see [`LayerNorm`]).
     pub layer_norm: Option<LayerNorm<'a>>,
+    /// A in the attention-head layout `[batch, heads, seq, k / heads]` (`transposed` false)
+    /// instead of rows at a stride (`lda` is then not used): row `i = b * seq + s` of the
+    /// product's A is the `heads` runs `a[b][h][s][..]` side by side. This is the `Transpose(perm
+    /// = [0, 2, 1, 3])` and reshape that attention applies to its context before the output
+    /// projection, fused into the quantization's read; the result is the bits of the call on
+    /// the transposed copy.
+    pub a_heads: Option<Heads>,
 }
 
 impl<Y> Default for Fused<'_, Y> {
     fn default() -> Self {
-        Fused { smooth: None, bias: None, residual: None, layer_norm: None }
+        Fused { smooth: None, bias: None, residual: None, layer_norm: None, a_heads: None }
     }
 }
 
@@ -897,9 +904,23 @@ fn gemm_impl<A: Element, Y: Element>(
     opts: &GemmOptions,
     par: &dyn Parallel,
 ) -> Result<()> {
-    let Fused { smooth, bias, residual, layer_norm } = *fused;
+    let Fused { smooth, bias, residual, layer_norm, a_heads } = *fused;
     let (n, k) = (w.n(), w.k());
-    check_matrix(a.len(), m, k, lda, "activations A")?;
+    let rows = match a_heads {
+        None => {
+            check_matrix(a.len(), m, k, lda, "activations A")?;
+            Rows::Strided(lda)
+        }
+        Some(h) => {
+            if h.transposed {
+                return Err(Error::InvalidArgument(
+                    "activations A: the head layout of A must be [batch, heads, seq, d] (transposed = false)".into(),
+                ));
+            }
+            h.check(m, k, a.len(), "activations A")?;
+            Rows::Heads { heads: h.heads, seq: h.seq }
+        }
+    };
     if outs.is_empty() {
         return Err(Error::InvalidArgument("no output".into()));
     }
@@ -969,13 +990,13 @@ fn gemm_impl<A: Element, Y: Element>(
     }
     let kern = w.kernel();
     let kp = kern.padded_k(k);
-    let qa = quantize_activations_threaded(
+    let qa = quantize_activations_rows(
         kern.ops,
         kern.a_bytes,
         a,
         m,
         k,
-        lda,
+        rows,
         smooth,
         opts.act_granularity,
         opts.act_type,

@@ -17,7 +17,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The optional inputs of one call: smoothing factors, bias, residual data, layer norm.
-type FusedArgs<'a> = (Option<&'a [f32]>, Option<&'a [f32]>, Option<*const u8>, Option<LayerNorm<'a>>);
+type FusedArgs<'a> = (Option<&'a [f32]>, Option<&'a [f32]>, Option<*const u8>, Option<LayerNorm<'a>>, Option<Heads>);
+
+/// The optional inputs of a call with a broadcast residual: smoothing factors, bias, layer
+/// norm, A's head layout.
+type BroadcastArgs<'a> = (Option<&'a [f32]>, Option<&'a [f32]>, Option<LayerNorm<'a>>, Option<Heads>);
 
 /// Input indices.
 pub const IN_A: usize = 0;
@@ -47,6 +51,8 @@ pub struct Attrs {
     pub act_granularity: ActGranularity,
     pub act_type: ActType,
     pub activation: Activation,
+    /// `a_layout = "heads"`: A is `[batch, heads, seq, d]`, read as `[batch, seq, heads * d]`.
+    pub a_heads: bool,
 }
 
 /// Parses the attributes; absent ones take their defaults (per_row, asymmetric_u8, none).
@@ -79,6 +85,7 @@ pub fn parse_attrs(get: impl Fn(&str) -> Result<Option<String>, String>) -> Resu
             Activation::None,
             &[("none", Activation::None), ("relu", Activation::Relu), ("gelu", Activation::Gelu)],
         )?,
+        a_heads: pick("a_layout", get("a_layout")?, false, &[("rows", false), ("heads", true)])?,
     })
 }
 
@@ -348,7 +355,7 @@ impl DynqKernel {
         a_val: *const OrtValue,
         a_shape: &TensorShape,
         (p_dims, m, k): (&[i64], usize, usize),
-        (smooth, bias, layer_norm): (Option<&[f32]>, Option<&[f32]>, Option<LayerNorm<'_>>),
+        (smooth, bias, layer_norm, a_heads): BroadcastArgs<'_>,
         r: Option<*const u8>,
         r_dims: &[i64],
         y_dims: &[i64],
@@ -413,7 +420,7 @@ impl DynqKernel {
             }
             Ok(())
         }
-        let fused = Fused { smooth, bias, ..Fused::default() };
+        let fused = Fused { smooth, bias, a_heads, ..Fused::default() };
         let bufs = (a_ptr.cast_const(), r, y_ptr);
         let sizes = (m, k, r_len, total);
         let dims = (p_dims, r_dims, y_dims);
@@ -532,7 +539,24 @@ impl DynqKernel {
             }
         };
         let (n, k) = (w.n(), w.k());
-        let a_k = *a_shape.dims.last().expect("rank >= 1");
+        // With a_layout = "heads", A is [batch, heads, seq, d] and the product reads it as
+        // [batch, seq, heads * d].
+        let a_heads = if self.attrs.a_heads {
+            if a_shape.dims.len() != 4 {
+                return Err(err(format!(
+                    "attribute a_layout = \"heads\" needs A of rank 4 ([batch, heads, seq, d]), got {}",
+                    a_shape.describe()
+                )));
+            }
+            let d = &a_shape.dims;
+            Some((d[0], d[1], d[2], d[3]))
+        } else {
+            None
+        };
+        let a_k = match a_heads {
+            Some((_, h, _, d)) => h.saturating_mul(d),
+            None => *a_shape.dims.last().expect("rank >= 1"),
+        };
         if a_k != k as i64 {
             return Err(err(format!(
                 "input A has K = {a_k} (shape {:?}) but the weight has K = {k} (W is [{k}, {n}])",
@@ -541,6 +565,14 @@ impl DynqKernel {
         }
         let a_len = a_shape.numel().ok_or_else(|| err(format!("input A has a bad shape {:?}", a_shape.dims)))?;
         let m = a_len / k;
+        // The product's layout of A, as the library takes it.
+        let a_layout = match a_heads {
+            Some((_, h, s, _)) if m > 0 => Some(Heads { heads: h as usize, seq: s as usize, transposed: false }),
+            _ => None,
+        };
+        if a_heads.is_some() && (self.split.is_some() || self.heads.iter().any(|&(h, _)| h > 0)) {
+            return Err(err("a_layout = \"heads\" cannot be combined with 'split' or 'heads'".into()));
+        }
         /// Optional input `index`: absent, or a float tensor `[len]` (`what` and `dim` name it
         /// in the error, which `label` prefixes as `err` and `fail` do).
         ///
@@ -580,7 +612,10 @@ impl DynqKernel {
         if layer_norm.is_some() && (self.split.is_some() || self.heads.iter().any(|&(h, _)| h > 0)) {
             return Err(err("a layer norm cannot be combined with 'split' or 'heads'".into()));
         }
-        let mut out_dims = a_shape.dims.clone();
+        let mut out_dims = match a_heads {
+            Some((b, _, s, _)) => vec![b, s, k as i64],
+            None => a_shape.dims.clone(),
+        };
         *out_dims.last_mut().expect("rank >= 1") = n as i64;
         // Optional residual: A's type, added after the activation. Of the product's shape (the
         // fused path), or of any shape that broadcasts with it as ONNX's Add does: the output
@@ -643,7 +678,7 @@ impl DynqKernel {
                     a_val,
                     &a_shape,
                     (&out_dims, m, k),
-                    (smooth, bias, layer_norm),
+                    (smooth, bias, layer_norm, a_layout),
                     residual,
                     r_dims,
                     y_dims,
@@ -683,7 +718,7 @@ impl DynqKernel {
             a: *const u8,
             (ys, widths, heads): (&[*mut u8], &[usize], Option<HeadsArg<'_>>),
             (m, k): (usize, usize),
-            (smooth, bias, residual, layer_norm): FusedArgs<'_>,
+            (smooth, bias, residual, layer_norm, a_heads): FusedArgs<'_>,
             opts: &GemmOptions,
             pool: &OrtPool,
         ) -> crate::Result<()> {
@@ -703,7 +738,8 @@ impl DynqKernel {
             if let ([y], None) = (ys, heads) {
                 // SAFETY: per the contract.
                 let y = unsafe { std::slice::from_raw_parts_mut(y.cast::<T>(), m * n) };
-                return gemm_fused_on(w, a, m, k, &Fused { smooth, bias, residual, layer_norm }, y, n, opts, pool);
+                let fused = Fused { smooth, bias, residual, layer_norm, a_heads };
+                return gemm_fused_on(w, a, m, k, &fused, y, n, opts, pool);
             }
             let mut outs: Vec<SplitOut<'_, T>> = ys
                 .iter()
@@ -729,8 +765,8 @@ impl DynqKernel {
         let r = unsafe {
             // With heads, A is [batch, seq, K] (checked above).
             let heads = with_heads.then(|| (&self.heads[..], a_shape.dims[1] as usize));
-            let args =
-                (a_ptr.cast_const(), (&ys[..], &widths[..], heads), (m, k), (smooth, bias, residual, layer_norm));
+            let fused = (smooth, bias, residual, layer_norm, a_layout);
+            let args = (a_ptr.cast_const(), (&ys[..], &widths[..], heads), (m, k), fused);
             if a_shape.elem == ELEM_FLOAT16 {
                 run::<half::f16>(w, args.0, args.1, args.2, args.3, &opts, &pool)
             } else {

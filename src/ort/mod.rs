@@ -27,6 +27,11 @@
 //! - `activation`: `"none"` (default), `"relu"` or `"gelu"` (erf form), fused into the GEMM's
 //!   epilogue after the bias (dynq's `Epilogue`).
 //!
+//! - `a_layout`: `"rows"` (default) or `"heads"`: A is `[batch, heads, seq, d]` (the attention
+//!   context) and the product reads it as its `Transpose(perm = [0, 2, 1, 3])` reshaped to
+//!   `[batch, seq, heads * d]` (K = heads * d); Y is `[batch, seq, N]`. The same bits as the
+//!   node on the transposed copy, without the copy. Not with `split` or `heads`.
+//!
 //! Float attribute (optional): `ln_epsilon` (default 1e-5), the layer norm's epsilon.
 //!
 //! With `ln_scale`, `Y = LayerNorm(act(A W + bias) + residual)` over the last axis: ONNX
@@ -387,12 +392,27 @@ unsafe fn infer(api: Api, ctx: *mut OrtShapeInferContext) -> Result<(), String> 
     if w.shape.dims.len() != 2 {
         return Err(format!("weight W must have rank 2 ([K, N]), got shape {:?}", w.shape.dims));
     }
-    let (ka, kw) = (*a.shape.dims.last().expect("rank >= 1"), w.shape.dims[0]);
+    // a_layout = "heads": A is [batch, heads, seq, d], read as [batch, seq, heads * d].
+    let a_heads = unsafe { infer_string(api, ctx, c"a_layout")? }.is_some_and(|v| v == "heads");
+    if a_heads && a.shape.dims.len() != 4 {
+        return Err(format!(
+            "attribute a_layout = \"heads\" needs A of rank 4 ([batch, heads, seq, d]), got shape {:?}",
+            a.shape.dims
+        ));
+    }
+    let ka = match a_heads {
+        true if a.shape.dims[1] >= 0 && a.shape.dims[3] >= 0 => a.shape.dims[1] * a.shape.dims[3],
+        true => -1,
+        false => *a.shape.dims.last().expect("rank >= 1"),
+    };
+    let kw = w.shape.dims[0];
     if ka >= 0 && kw >= 0 && ka != kw {
         return Err(format!("input A has K = {ka} (shape {:?}) but W is [{kw}, {}]", a.shape.dims, w.shape.dims[1]));
     }
-    let mut dims = a.shape.dims.clone();
-    let mut symbols = a.symbols.clone();
+    let (mut dims, mut symbols) = match a_heads {
+        true => (vec![a.shape.dims[0], a.shape.dims[2], ka], vec![a.symbols[0], a.symbols[2], ptr::null()]),
+        false => (a.shape.dims.clone(), a.symbols.clone()),
+    };
     *dims.last_mut().expect("rank >= 1") = w.shape.dims[1];
     *symbols.last_mut().expect("rank >= 1") = w.symbols[1];
     let heads = unsafe { infer_heads(api, ctx, outputs)? };
@@ -528,6 +548,38 @@ unsafe fn infer_ints(
         }
     }
     Ok(Some(v))
+}
+
+/// A string attribute, if the node has it.
+///
+/// # Safety
+/// `ctx` is a live shape-inference context.
+unsafe fn infer_string(
+    api: Api,
+    ctx: *mut OrtShapeInferContext,
+    name: &std::ffi::CStr,
+) -> Result<Option<String>, String> {
+    let mut attr: *const ort_sys::OrtOpAttr = ptr::null();
+    // SAFETY: `ctx` is live; an absent attribute gives NULL (or an error status on some versions).
+    let st = unsafe { (api.0.ShapeInferContext_GetAttribute)(ctx, name.as_ptr(), &mut attr) };
+    if api::check(api, st).is_err() || attr.is_null() {
+        return Ok(None);
+    }
+    let mut len: usize = 0;
+    // SAFETY: `attr` is live; a zero-length read asks for the size in bytes.
+    let _ = api::check(api, unsafe {
+        (api.0.ReadOpAttr)(attr, ort_sys::OrtOpAttrType::ORT_OP_ATTR_STRING, ptr::null_mut(), 0, &mut len)
+    });
+    let mut v = vec![0u8; len];
+    if len > 0 {
+        // SAFETY: `v` has `len` bytes.
+        api::check(api, unsafe {
+            (api.0.ReadOpAttr)(attr, ort_sys::OrtOpAttrType::ORT_OP_ATTR_STRING, v.as_mut_ptr().cast(), len, &mut len)
+        })
+        .map_err(|e| format!("attribute '{}' must be a string ({e})", name.to_string_lossy()))?;
+    }
+    let end = v.iter().position(|&b| b == 0).unwrap_or(v.len());
+    Ok(Some(String::from_utf8_lossy(&v[..end]).into_owned()))
 }
 
 /// Sets the output's element type (A's: float or float16) and, when known, its shape.

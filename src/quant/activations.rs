@@ -231,9 +231,19 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
 
 /// Appends row `src` to `buf` as f32, multiplied element by element by `smooth` when given.
 fn extend_f32<T: crate::dtype::Element>(buf: &mut Vec<f32>, src: &[T], smooth: Option<&[f32]>) {
-    match smooth {
-        None => buf.extend(src.iter().map(|v| v.to_f32())),
-        Some(s) => buf.extend(src.iter().zip(s).map(|(v, f)| v.to_f32() * f)),
+    match (smooth, T::as_f32(src)) {
+        // A copy (the gathered rows of the head layout take this path).
+        (None, Some(f)) => buf.extend_from_slice(f),
+        (None, None) => buf.extend(src.iter().map(|v| v.to_f32())),
+        (Some(s), Some(f)) => {
+            // Sized up front, then one multiplication per element (vectorized).
+            let start = buf.len();
+            buf.resize(start + f.len(), 0.0);
+            for ((o, v), m) in buf[start..].iter_mut().zip(f).zip(s) {
+                *o = v * m;
+            }
+        }
+        (Some(s), None) => buf.extend(src.iter().zip(s).map(|(v, f)| v.to_f32() * f)),
     }
 }
 
@@ -250,6 +260,56 @@ fn smoothed_row<'a, T: crate::dtype::Element>(
     buf.clear();
     extend_f32(buf, src, smooth);
     buf
+}
+
+/// Where row `i` of A (its `k` values) lies in the buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rows {
+    /// At `a[i * lda..]`.
+    Strided(usize),
+    /// In the attention-head layout `[batch, heads, seq, k / heads]`: row `i = b * seq + s` is
+    /// the `heads` runs `a[((b * heads + h) * seq + s) * d..][..d]`, `d = k / heads` (the
+    /// `Transpose(perm = [0, 2, 1, 3])` and reshape to `[batch * seq, k]` that attention applies
+    /// to its context before the output projection, fused into the read).
+    Heads { heads: usize, seq: usize },
+}
+
+impl Rows {
+    /// The index in A of element `col` of row `i`.
+    #[inline]
+    pub(crate) fn at(self, i: usize, col: usize, k: usize) -> usize {
+        match self {
+            Rows::Strided(lda) => i * lda + col,
+            Rows::Heads { heads, seq } => {
+                let d = k / heads;
+                let (b, s) = (i / seq, i % seq);
+                ((b * heads + col / d) * seq + s) * d + col % d
+            }
+        }
+    }
+
+    /// The elements A must hold for `m` rows of `k` values.
+    pub(crate) fn extent(self, m: usize, k: usize) -> usize {
+        match self {
+            _ if m == 0 => 0,
+            Rows::Strided(lda) => (m - 1) * lda + k,
+            Rows::Heads { .. } => m * k,
+        }
+    }
+
+    /// Appends row `i` to `buf` as f32, multiplied by `smooth` when given.
+    fn extend<T: crate::dtype::Element>(self, buf: &mut Vec<f32>, a: &[T], i: usize, k: usize, smooth: Option<&[f32]>) {
+        match self {
+            Rows::Strided(lda) => extend_f32(buf, &a[i * lda..i * lda + k], smooth),
+            Rows::Heads { heads, .. } => {
+                let d = k / heads;
+                for h in 0..heads {
+                    let start = self.at(i, h * d, k);
+                    extend_f32(buf, &a[start..start + d], smooth.map(|s| &s[h * d..(h + 1) * d]));
+                }
+            }
+        }
+    }
 }
 
 /// Elements of A below which quantizing on more than one worker does not pay.
@@ -275,10 +335,54 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     reuse: Vec<u8>,
     exec: &Exec<'_>,
 ) -> Result<QuantizedActivations> {
+    quantize_activations_rows(
+        ops,
+        a_bytes,
+        a,
+        m,
+        k,
+        Rows::Strided(lda),
+        smooth,
+        granularity,
+        ty,
+        kp,
+        rows_padded,
+        reuse,
+        exec,
+    )
+}
+
+/// [`quantize_activations_threaded`] with rows where `rows` says (every row gives the same
+/// bytes as the same values at a stride would).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_activations_rows<T: crate::dtype::Element>(
+    ops: &RowOps,
+    a_bytes: usize,
+    a: &[T],
+    m: usize,
+    k: usize,
+    rows: Rows,
+    smooth: Option<&[f32]>,
+    granularity: ActGranularity,
+    ty: ActType,
+    kp: usize,
+    rows_padded: usize,
+    reuse: Vec<u8>,
+    exec: &Exec<'_>,
+) -> Result<QuantizedActivations> {
     use std::sync::Mutex;
-    assert!(kp >= k && rows_padded >= m && lda >= k);
+    assert!(kp >= k && rows_padded >= m);
+    match rows {
+        Rows::Strided(lda) => assert!(lda >= k),
+        Rows::Heads { heads, seq } => assert!(heads > 0 && k.is_multiple_of(heads) && seq > 0 && m.is_multiple_of(seq)),
+    }
     assert!(smooth.is_none_or(|s| s.len() == k));
-    assert!(m == 0 || a.len() >= (m - 1) * lda + k);
+    assert!(a.len() >= rows.extent(m, k));
+    // Rows at a stride can be read where they are; gathered rows go through `conv`.
+    let lda = match rows {
+        Rows::Strided(lda) => Some(lda),
+        Rows::Heads { .. } => None,
+    };
     let tasks = if m.saturating_mul(k) >= MIN_PARALLEL_ELEMENTS { exec.threads().clamp(1, m.max(1)) } else { 1 };
     let rows_per = m.div_ceil(tasks).max(1);
     let row_bytes = crate::error::checked_mul(kp, a_bytes, "quantized activation row")?;
@@ -291,8 +395,8 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
     // Smoothed f32 rows go to the ISA's scaled row operations when it has them (the products
     // are never written out); otherwise they are multiplied into a buffer first.
     // `(factors, operations, A as f32)`.
-    let scaled = match (smooth, ops.scaled, T::as_f32(a)) {
-        (Some(s), Some(so), Some(af)) => Some((s, so, af)),
+    let scaled = match (smooth, ops.scaled, T::as_f32(a), lda) {
+        (Some(s), Some(so), Some(af), Some(_)) => Some((s, so, af)),
         _ => None,
     };
     // Quantizes a row into `out` (its `row_bytes` bytes: `k * a_bytes` values, then zeros):
@@ -342,10 +446,10 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
             let block = (16 * 1024 / (k * 4).max(1)).clamp(1, 8);
             // A itself when its rows can be read as they are (unsmoothed, or smoothed by the
             // scaled row operations).
-            let direct = match scaled {
-                Some((.., af)) => Some(af),
-                None if smooth.is_none() => T::as_f32(a),
-                None => None,
+            let direct = match (scaled, lda) {
+                (Some((.., af)), Some(lda)) => Some((af, lda)),
+                (None, Some(lda)) if smooth.is_none() => T::as_f32(a).map(|af| (af, lda)),
+                _ => None,
             };
             let mut conv: Vec<f32> = Vec::new();
             let mut r0 = 0;
@@ -354,14 +458,13 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                 if direct.is_none() {
                     conv.clear();
                     for r in r0..r1 {
-                        let i = c * rows_per + r;
-                        extend_f32(&mut conv, &a[i * lda..i * lda + k], smooth);
+                        rows.extend(&mut conv, a, c * rows_per + r, k, smooth);
                     }
                 }
                 let row_of = |r: usize| -> &[f32] {
                     let i = c * rows_per + r;
                     match direct {
-                        Some(af) => &af[i * lda..i * lda + k],
+                        Some((af, lda)) => &af[i * lda..i * lda + k],
                         None => &conv[(r - r0) * k..(r - r0 + 1) * k],
                     }
                 };
@@ -384,7 +487,7 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                             .unwrap_or(0);
                             let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
                             if b.is_none_or(|(bi, _, _)| i < bi) {
-                                *b = Some((i, col, a[i * lda + col].to_f32()));
+                                *b = Some((i, col, a[rows.at(i, col, k)].to_f32()));
                             }
                             return;
                         }
@@ -427,9 +530,14 @@ pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
                     break;
                 }
                 let out = &mut chunk[r * row_bytes..(r + 1) * row_bytes];
-                match scaled {
-                    Some((.., af)) => quantize(&af[i * lda..i * lda + k], p, out),
-                    None => quantize(smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf), p, out),
+                match (scaled, lda) {
+                    (Some((.., af)), Some(lda)) => quantize(&af[i * lda..i * lda + k], p, out),
+                    (None, Some(lda)) => quantize(smoothed_row(&a[i * lda..i * lda + k], smooth, &mut buf), p, out),
+                    _ => {
+                        buf.clear();
+                        rows.extend(&mut buf, a, i, k, smooth);
+                        quantize(&buf, p, out)
+                    }
                 }
             }
         })?;

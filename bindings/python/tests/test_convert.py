@@ -827,6 +827,54 @@ def test_layer_norm_after_the_residual_is_folded():
     assert QuantizeOptions.from_json(QuantizeOptions(fuse_layer_norm=False).to_json()).fuse_layer_norm is False
 
 
+def attention_output_model(perm=(0, 2, 1, 3), extra_reader=False, h=4, d=8, n=24):
+    """ctx [b, h, s, d] -> Transpose(perm) -> Reshape [0, 0, h * d] -> MatMul + bias: how
+    attention joins its heads before the output projection."""
+    r = np.random.default_rng(11)
+    k = h * d
+    inits = [
+        numpy_helper.from_array((0.2 * r.standard_normal((k, n))).astype(np.float32), "w"),
+        numpy_helper.from_array((0.1 * r.standard_normal(n)).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([0, 0, k], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], name="tr", perm=list(perm)),
+        helper.make_node("Reshape", ["ctx_t", "shape"], ["x"], name="rs"),
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+        helper.make_node("Add", ["h", "b"], ["y"], name="dense_bias"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])]
+    if extra_reader:
+        nodes.append(helper.make_node("Identity", ["x"], ["x_copy"], name="reader"))
+        outputs.append(helper.make_tensor_value_info("x_copy", TensorProto.FLOAT, ["b", "s", k]))
+    return model(nodes, [helper.make_tensor_value_info("ctx", TensorProto.FLOAT, ["b", h, "s", d])], outputs, inits)
+
+
+def test_attention_context_is_read_in_its_head_layout():
+    """The Transpose(perm=[0, 2, 1, 3]) + Reshape that join the heads before the output
+    projection fold into the layer (a_layout = "heads"): the node reads the context directly,
+    the two nodes are gone, and the result is bit for bit the unfolded conversion's; evaluate
+    measures the layer in isolation. Another permutation, or a reshaped context that other
+    nodes read too, are left alone; so is everything with fuse_heads=False."""
+    m = attention_output_model()
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    q0, _ = quantize_model(m, QuantizeOptions(smooth="off", fuse_heads=False))
+    onnx.checker.check_model(q)
+    assert [n.op_type for n in q.graph.node] == ["DynQMatMul"] and rep.converted[0].a_heads
+    node = q.graph.node[0]
+    assert node.input[0] == "ctx" and any(a.name == "a_layout" and a.s == b"heads" for a in node.attribute)
+    assert "attention contexts read in their head layout (Transpose + Reshape folded): 1" in rep.summary()
+    ctx = np.random.default_rng(2).standard_normal((3, 4, 7, 8)).astype(np.float32)
+    np.testing.assert_array_equal(session(q, 2).run(None, {"ctx": ctx})[0], session(q0).run(None, {"ctx": ctx})[0])
+    ev = evaluate(m, q, [{"ctx": ctx}], per_layer=True)
+    assert ev.layers and ev.layers[0]["isolated_cosine"] > 0.999, ev.table()
+    for what, mm in [("perm 0,2,3,1", attention_output_model(perm=(0, 2, 3, 1), h=4, d=8)),
+                     ("another reader", attention_output_model(extra_reader=True))]:
+        qq, rr = quantize_model(mm, QuantizeOptions(smooth="off"))
+        assert len(rr.converted) == 1 and not any(r.a_heads for r in rr.converted), what
+        assert "tr" in [n.name for n in qq.graph.node], what
+
+
 def test_residual_of_another_symbolic_shape_is_folded_and_broadcast_at_run_time():
     """A skip connection whose shape shape inference names differently from the layer's output
     (a PyTorch export names an attention block's batch size twice) is folded too: at run time

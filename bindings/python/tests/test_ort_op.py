@@ -364,6 +364,52 @@ def test_bad_layer_norm_gives_clear_errors():
         assert "a layer norm bias needs a layer norm scale" in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
+def test_a_layout_heads_reads_the_transposed_context(gran):
+    """Attribute a_layout = "heads": A is [batch, heads, seq, d] and the node computes on its
+    Transpose(perm=[0, 2, 1, 3]) reshaped to [batch, seq, heads * d], bit for bit, on 1 and 2
+    threads, with a residual and a layer norm too; the output shape [batch, seq, N] is
+    inferred; float16 too."""
+    B, H, S, d, n = 3, 12, 17, 32, 40
+    k = H * d
+    q, s = weights(k, n, 13)
+    b = RNG.standard_normal(n).astype(np.float32)
+    ctx = (RNG.standard_normal((B, H, S, d)) * 2).astype(np.float32)
+    plain = np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(B, S, k)
+    r = RNG.standard_normal((B, S, n)).astype(np.float32)
+    g = RNG.uniform(0.5, 2, n).astype(np.float32)
+    m = dynq_model(q, s, b, a_shape=["b", "h", "s", "d"], act_granularity=gran, a_layout="heads")
+    want = session(dynq_model(q, s, b, act_granularity=gran)).run(None, {"A": plain})[0]
+    for threads in (1, 2):
+        sess = session(m, threads)
+        assert [o.shape for o in sess.get_outputs()] == [["b", "s", n]]
+        np.testing.assert_array_equal(sess.run(None, {"A": ctx})[0], want)
+    m = dynq_model(q, s, b, a_shape=["b", "h", "s", "d"], act_granularity=gran, a_layout="heads", residual=True, ln=(g, None))
+    m.graph.input[1].type.tensor_type.shape.ClearField("dim")
+    for dim in ("b", "s", n):
+        m.graph.input[1].type.tensor_type.shape.dim.add().CopyFrom(helper.make_tensor_value_info("t", TensorProto.FLOAT, [dim]).type.tensor_type.shape.dim[0])
+    want = session(dynq_model(q, s, b, act_granularity=gran, residual=True, ln=(g, None))).run(None, {"A": plain, "R": r})[0]
+    np.testing.assert_array_equal(session(m, 2).run(None, {"A": ctx, "R": r})[0], want)
+    if ORT_VERSION >= ORT_F16_OP:
+        m16 = dynq_model(q, s, b, a_shape=["b", "h", "s", "d"], act_granularity=gran, a_layout="heads", elem=TensorProto.FLOAT16)
+        want16 = session(dynq_model(q, s, b, act_granularity=gran, elem=TensorProto.FLOAT16)).run(None, {"A": plain.astype(np.float16)})[0]
+        np.testing.assert_array_equal(session(m16, 2).run(None, {"A": ctx.astype(np.float16)})[0], want16)
+
+
+def test_bad_a_layout_gives_clear_errors():
+    q, s = weights(64, 8)
+    ctx = np.ones((2, 4, 3, 16), np.float32)
+    with pytest.raises(Exception) as e:
+        session(dynq_model(q, s, a_shape=["b", "s", None], a_layout="heads")).run(None, {"A": np.ones((2, 3, 64), np.float32)})
+    assert 'a_layout = "heads" needs A of rank 4' in str(e.value), str(e.value)
+    with pytest.raises(Exception) as e:
+        session(dynq_model(q, s, a_shape=["b", "h", "s", "d"], a_layout="columns")).run(None, {"A": ctx})
+    assert "attribute 'a_layout' is \"columns\"" in str(e.value), str(e.value)
+    with pytest.raises(Exception) as e:
+        session(dynq_model(q, s, a_shape=["b", "h", "s", "d"], a_layout="heads")).run(None, {"A": np.ones((2, 4, 3, 8), np.float32)})
+    assert "K = 32" in str(e.value), str(e.value)
+
+
 def split_model(q, s, b, widths, elem=TensorProto.FLOAT, smooth=None, **attrs):
     k, n = q.shape
     ins = ["A", "W", "S", "B"] + (["M"] if smooth is not None else [])

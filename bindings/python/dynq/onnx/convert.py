@@ -110,6 +110,7 @@ class LayerRecord:
     fused_nodes: List[str] = field(default_factory=list)
     residual: Optional[str] = None  # the tensor added after the activation (a folded skip-connection Add)
     layer_norm: bool = False  # a LayerNormalization after the residual Add is folded too
+    a_heads: bool = False  # the input is read from the attention-head layout (a folded Transpose + Reshape)
     heads: int = 0  # > 0: the output is written split into this many attention heads (folded Reshape + Transpose)
     heads_transposed: bool = False  # ... as [batch, heads, d, seq] rather than [batch, heads, seq, d]
     group: Optional[str] = None  # the dynq node computing this layer with others that read the same input
@@ -143,6 +144,9 @@ class Report:
             + f"; residual Adds folded: {nres}"
             + f"; layer norms folded: {sum(1 for r in self.converted if r.layer_norm)}"
         )
+        nh = sum(1 for r in self.converted if r.a_heads)
+        if nh:
+            lines.append(f"  attention contexts read in their head layout (Transpose + Reshape folded): {nh}")
         if groups:
             ng = sum(1 for r in self.converted if r.group)
             lines.append(f"  layers sharing an input, computed together: {ng} layers in {len(groups)} nodes (input quantized once)")
@@ -380,6 +384,37 @@ def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]
         if isinstance(a, int) and isinstance(b, int) and a != b and 1 not in (a, b):
             return None
     return add, other
+
+
+def _match_input_heads(G: _Graph, x: str, k: int) -> Optional[str]:
+    """`x` = Reshape(Transpose(ctx, perm=[0, 2, 1, 3])) to [batch, seq, K], read only by the layer:
+    how attention joins its heads before the output projection. Returns `ctx` ([batch, heads,
+    seq, d], heads * d = K, float or float16), which the op then reads directly (its
+    `a_layout = "heads"`); the Reshape and Transpose are left unread. Shape inference must show
+    that the Reshape keeps batch and seq (the same values or symbols)."""
+    if len(G.consumers.get(x, [])) != 1 or not G.internal(x):
+        return None
+    rs = G.producer.get(x)
+    if rs is None or rs.op_type != "Reshape" or rs.domain not in ("", "ai.onnx") or _attr(rs, "allowzero", 0):
+        return None
+    tr = G.producer.get(rs.input[0])
+    if tr is None or tr.op_type != "Transpose" or tr.domain not in ("", "ai.onnx"):
+        return None
+    if [int(v) for v in _attr(tr, "perm", [])] != [0, 2, 1, 3]:
+        return None
+    ctx = tr.input[0]
+    si, so = G.shapes.get(ctx), G.shapes.get(x)
+    if si is None or so is None or len(si[1]) != 4 or len(so[1]) != 3 or si[0] != so[0]:
+        return None
+    if si[0] not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        return None
+    h, d = si[1][1], si[1][3]
+    if not (isinstance(h, int) and isinstance(d, int) and h * d == k and so[1][2] == k):
+        return None
+    for a, b in ((si[1][0], so[1][0]), (si[1][2], so[1][1])):
+        if a is None or a == "" or a != b:
+            return None
+    return ctx
 
 
 def _match_layer_norm(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray, Optional[np.ndarray], float]]:
@@ -706,6 +741,8 @@ def quantize_model(
             attrs["act_type"] = opts.act_type
         if rec.activation != "none":
             attrs["activation"] = rec.activation
+        if rec.a_heads:
+            attrs["a_layout"] = "heads"
         if rec.output in head_layouts:
             rec.heads, rec.heads_transposed = head_layouts[rec.output]
             attrs["heads"] = [rec.heads]
@@ -1033,11 +1070,13 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
             # The op multiplies A by `smooth`; the weight rows are divided by it (same product).
             w = (w / choice.smooth[:, None]).astype(np.float32)
     q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
+    # The attention context read in its head layout (the Transpose + Reshape before it unread).
+    ctx = _match_input_heads(G, x, k) if opts.fuse_heads and node.op_type == "MatMul" else None
     rec = LayerRecord(
         name=node.name,
         source=node.op_type,
         output=final,
-        input=x,
+        input=ctx or x,
         k=int(k),
         n=int(n),
         bias=bias is not None,
@@ -1047,8 +1086,9 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
         smooth_alpha=choice.alpha if choice else None,
         smooth_gain_db=choice.gain_db if choice else None,
         residual=residual[1] if residual else None,
+        a_heads=ctx is not None,
     )
-    emit(node, rec, x, q, scales, bias, fused, choice.smooth if choice else None, residual)
+    emit(node, rec, ctx or x, q, scales, bias, fused, choice.smooth if choice else None, residual)
 
 
 def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tail, removed):

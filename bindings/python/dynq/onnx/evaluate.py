@@ -199,6 +199,10 @@ def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
     s = numpy_helper.to_array(inits[node.input[2]])
     b = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
     sm = numpy_helper.to_array(inits[node.input[4]]) if len(node.input) > 4 and node.input[4] else None
+    if attrs.get("a_layout") == "heads" and x.ndim == 4:
+        # The node reads the attention context [batch, heads, seq, d] as [batch, seq, heads * d].
+        bb, hh, ss, dd = x.shape
+        x = np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(bb, ss, hh * dd)
     pw = PackedWeights.from_quantized(q, s, layout="kn")
     y = gemm(
         pw,
