@@ -119,8 +119,17 @@ def main():
             cfg_t = GemmConfig(ctypes.sizeof(GemmConfig), 1, 0, 0, t)
             cfg_r = GemmConfig(ctypes.sizeof(GemmConfig), 0, 0, 0, t)
 
+            # The buffers' addresses once (numpy's .ctypes builds an object at every access).
+            a_ptr, y_ptr = a.ctypes.data, y.ctypes.data
+
             def run_dynq(cfg):
-                st = lib.dynq_gemm(packed, a.ctypes.data, m, k, None, y.ctypes.data, n, ctypes.byref(cfg))
+                st = lib.dynq_gemm(packed, a_ptr, m, k, None, y_ptr, n, ctypes.byref(cfg))
+                assert st == 0, st
+
+            def noop():
+                # The same call with m = 0: the ctypes and argument-checking cost of a dynq call
+                # from Python, which a direct call from C, C++ or Rust does not pay.
+                st = lib.dynq_gemm(packed, None, 0, k, None, None, n, ctypes.byref(cfg_r))
                 assert st == 0, st
 
             fns = {
@@ -128,6 +137,7 @@ def main():
                 "ort8": lambda: sq.run(None, {"A": a}),
                 "dq_t": lambda: run_dynq(cfg_t),
                 "dq_r": lambda: run_dynq(cfg_r),
+                "dq_0": noop,
             }
             for f in fns.values():  # warm up
                 f()
@@ -148,13 +158,23 @@ def main():
             r = dict(shape=f"{m}x{n}x{k}", threads=t, ort_fp32_ms=med["fp32"] * 1e3, ort_int8_ms=med["ort8"] * 1e3,
                      dynq_ms=med["dq_t"] * 1e3, dynq_per_row_ms=med["dq_r"] * 1e3, dynq_gops=gops,
                      pct_peak=100 * gops / pk / t if pk else None, weight_gbs=wgbs, pct_bw=100 * wgbs / bw,
-                     vs_ort_int8=med["ort8"] / med["dq_t"], vs_ort_fp32=med["fp32"] / med["dq_t"], max_diff=diff)
+                     vs_ort_int8=med["ort8"] / med["dq_t"], vs_ort_fp32=med["fp32"] / med["dq_t"], max_diff=diff,
+                     ctypes_call_ms=med["dq_0"] * 1e3)
             rows.append(r)
             print(f"| {r['shape']} | {t} | {r['ort_fp32_ms']:.3f} | {r['ort_int8_ms']:.3f} | {r['dynq_ms']:.3f} | "
                   f"{r['dynq_per_row_ms']:.3f} | {gops:.0f} | "
                   f"{pct(r['pct_peak'])} | "
                   f"{wgbs:.1f} | {r['pct_bw']:.0f}% | {r['vs_ort_int8']:.2f}x | {r['vs_ort_fp32']:.2f}x | {diff:.2e} |")
         lib.dynq_packed_weights_free(packed)
+    print("\nA dynq call from Python pays ctypes: the same call with m = 0 (timed interleaved with the "
+          "others) measures that cost; a direct call from C, C++ or Rust is the per-row time less it "
+          "(ONNX Runtime's session call is timed from Python as it is used):")
+    print("| MxNxK | thr | dynq ms (per-row) | ctypes call ms | direct call ms | vs ORT int8 session call |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        direct = r["dynq_per_row_ms"] - r["ctypes_call_ms"]
+        print(f"| {r['shape']} | {r['threads']} | {r['dynq_per_row_ms']:.4f} | {r['ctypes_call_ms']:.4f} | "
+              f"{direct:.4f} | {r['ort_int8_ms'] / direct:.2f}x |")
     print("\n% peak: dynq GOPS / (measured 1-thread peak x threads). % bw: int8 weight bytes per second / measured "
           "1-thread read bandwidth for a buffer of that size (the limit for small M). max |dy-ORT|: largest "
           "difference between dynq (per-tensor mode) and DynamicQuantizeMatMul on the same int8 weights.")
