@@ -1292,6 +1292,22 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
     let a_len = span(m, k, lda, asz, "a")?;
     let y_len = span(m, n, ldy, ysz, "y")?;
     let r_len = if residual.is_null() { 0 } else { span(m, n, ldr, ysz, "residual")? };
+    // The layer norm (ln_scale NULL: none), its pointers checked.
+    let layer_norm = |n: usize| -> Result<Option<crate::gemm::LayerNorm<'_>>> {
+        if ln_scale.is_null() {
+            return Ok(None);
+        }
+        check_ptr(ln_scale, "ln_scale")?;
+        if !ln_bias.is_null() {
+            check_ptr(ln_bias, "ln_bias")?;
+        }
+        // SAFETY: the caller provides n readable floats at non-null ln_scale and ln_bias.
+        Ok(Some(crate::gemm::LayerNorm {
+            gamma: unsafe { std::slice::from_raw_parts(ln_scale, n) },
+            beta: (!ln_bias.is_null()).then(|| unsafe { std::slice::from_raw_parts(ln_bias, n) }),
+            epsilon: ln_epsilon,
+        }))
+    };
     if m == 0 {
         // An empty batch still has its factors checked.
         if !smooth.is_null() {
@@ -1299,21 +1315,9 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
         }
         // SAFETY: non-null smooth points to k readable floats per the contract.
         let smooth = (!smooth.is_null()).then(|| unsafe { std::slice::from_raw_parts(smooth, k) });
-        // And the layer norm's parameters.
-        if !ln_scale.is_null() {
-            check_ptr(ln_scale, "ln_scale")?;
-            if !ln_bias.is_null() {
-                check_ptr(ln_bias, "ln_bias")?;
-            }
-            // SAFETY: n readable floats at each non-null pointer per the contract.
-            let ln = crate::gemm::LayerNorm {
-                gamma: unsafe { std::slice::from_raw_parts(ln_scale, n) },
-                beta: (!ln_bias.is_null()).then(|| unsafe { std::slice::from_raw_parts(ln_bias, n) }),
-                epsilon: ln_epsilon,
-            };
-            ln.check(n)?;
-        }
-        return crate::gemm::gemm_smoothed::<A, Y>(pw, &[], 0, lda, smooth, None, &mut [], ldy, &opts);
+        // (And the layer norm's parameters, which the core checks before anything else too.)
+        let fused = crate::gemm::Fused { smooth, layer_norm: layer_norm(n)?, ..Default::default() };
+        return crate::gemm::gemm_fused::<A, Y>(pw, &[], 0, lda, &fused, &mut [], ldy, &opts);
     }
     check_ptr(a, "a")?;
     check_ptr(y, "y")?;
@@ -1342,20 +1346,12 @@ unsafe fn gemm_generic<A: crate::dtype::Element, Y: crate::dtype::Element>(
             ));
         }
     }
+    let layer_norm = layer_norm(n)?;
     for (p, what) in [(ln_scale, "ln_scale"), (ln_bias, "ln_bias")] {
-        if !p.is_null() {
-            check_ptr(p, what)?;
-            if overlaps(y_range, (p as usize, n * 4)) {
-                return Err(Error::InvalidArgument(format!("y overlaps {what}; the output must be a separate buffer")));
-            }
+        if !p.is_null() && overlaps(y_range, (p as usize, n * 4)) {
+            return Err(Error::InvalidArgument(format!("y overlaps {what}; the output must be a separate buffer")));
         }
     }
-    // SAFETY: the caller provides n readable floats at non-null ln_scale and ln_bias.
-    let layer_norm = (!ln_scale.is_null()).then(|| crate::gemm::LayerNorm {
-        gamma: unsafe { std::slice::from_raw_parts(ln_scale, n) },
-        beta: (!ln_bias.is_null()).then(|| unsafe { std::slice::from_raw_parts(ln_bias, n) }),
-        epsilon: ln_epsilon,
-    });
     // SAFETY: the caller provides buffers of these sizes (computed without overflow), and y
     // does not overlap the inputs (checked above).
     let (a, y, bias, smooth, residual) = unsafe {

@@ -1043,7 +1043,7 @@ fn gemm_impl<A: Element, Y: Element>(
             let y = seg.out.ptr_at(r0 * seg.ldy, (r1 - r0 - 1) * seg.ldy + n);
             // SAFETY: rows r0..r1 (n values at stride ldy, in bounds: ptr_at) are complete and
             // no other task touches them any more (see `for_each_tile`).
-            unsafe { norm::layer_norm_rows(isa, y, r1 - r0, n, seg.ldy, &ln, &mut Vec::new()) };
+            unsafe { norm::layer_norm_rows(isa, y, r1 - r0, n, seg.ldy, &ln) };
         }
     });
     let r = for_each_tile(

@@ -309,8 +309,7 @@ pub(crate) fn layer_norm_row(isa: Isa, x: &mut [f32], ln: &LayerNorm<'_>) {
 }
 
 /// Normalizes `rows` rows of `n` values of `Y` at stride `ld`, starting at `y`, in batches of
-/// [`BATCH`] (f16/bf16 rows are widened to f32 in `buf`, normalized and rounded back to
-/// nearest-even).
+/// [`BATCH`] (f16/bf16 rows are widened to f32, normalized and rounded back to nearest-even).
 ///
 /// # Safety
 /// Those `rows * n` elements are valid, writable and accessed by no one else meanwhile.
@@ -321,8 +320,8 @@ pub(crate) unsafe fn layer_norm_rows<Y: Element>(
     n: usize,
     ld: usize,
     ln: &LayerNorm<'_>,
-    buf: &mut Vec<f32>,
 ) {
+    let mut buf: Vec<f32> = Vec::new();
     let is_f32 = std::any::TypeId::of::<Y>() == std::any::TypeId::of::<f32>();
     let mut i = 0;
     while i < rows {
@@ -341,7 +340,7 @@ pub(crate) unsafe fn layer_norm_rows<Y: Element>(
                 let row = row(r);
                 buf.clear();
                 buf.extend(row.iter().map(|v| v.to_f32()));
-                layer_norm_row(isa, buf, ln);
+                layer_norm_row(isa, &mut buf, ln);
                 for (o, v) in row.iter_mut().zip(buf.iter()) {
                     *o = Y::from_f32(*v);
                 }

@@ -416,7 +416,7 @@ impl DynqKernel {
                 let isa = w.kernel().isa;
                 let rows = y.len().checked_div(n).unwrap_or(0);
                 // SAFETY: `y` holds rows * n values of T, ours alone.
-                unsafe { layer_norm_rows(isa, y.as_mut_ptr(), rows, n, n, &ln, &mut Vec::new()) };
+                unsafe { layer_norm_rows(isa, y.as_mut_ptr(), rows, n, n, &ln) };
             }
             Ok(())
         }

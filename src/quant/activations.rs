@@ -212,13 +212,13 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
-    quantize_activations_threaded(
+    quantize_activations_rows(
         ops,
         a_bytes,
         a,
         m,
         k,
-        lda,
+        Rows::Strided(lda),
         None,
         granularity,
         ty,
@@ -319,41 +319,9 @@ const MIN_PARALLEL_ELEMENTS: usize = 1 << 16;
 /// contiguous range of rows (per-row ranges: one pass, each row's range then its quantization;
 /// per-tensor: a pass for the ranges, then one to quantize). Every row is computed by the same
 /// operations whatever the split, so the result does not depend on the workers.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn quantize_activations_threaded<T: crate::dtype::Element>(
-    ops: &RowOps,
-    a_bytes: usize,
-    a: &[T],
-    m: usize,
-    k: usize,
-    lda: usize,
-    smooth: Option<&[f32]>,
-    granularity: ActGranularity,
-    ty: ActType,
-    kp: usize,
-    rows_padded: usize,
-    reuse: Vec<u8>,
-    exec: &Exec<'_>,
-) -> Result<QuantizedActivations> {
-    quantize_activations_rows(
-        ops,
-        a_bytes,
-        a,
-        m,
-        k,
-        Rows::Strided(lda),
-        smooth,
-        granularity,
-        ty,
-        kp,
-        rows_padded,
-        reuse,
-        exec,
-    )
-}
-
-/// [`quantize_activations_threaded`] with rows where `rows` says (every row gives the same
-/// bytes as the same values at a stride would).
+///
+/// Row `i` lies where `rows` says (every layout gives the bytes of the same values at a
+/// stride).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn quantize_activations_rows<T: crate::dtype::Element>(
     ops: &RowOps,
@@ -603,13 +571,13 @@ mod tests {
                     for stale_len in [0, 7, len, 3 * len] {
                         let mut stale = vec![0xABu8; stale_len];
                         stale.reserve(len);
-                        let q = quantize_activations_threaded(
+                        let q = quantize_activations_rows(
                             ops,
                             a_bytes,
                             &a,
                             m,
                             k,
-                            k,
+                            Rows::Strided(k),
                             None,
                             g,
                             t,

@@ -205,6 +205,15 @@ namespace Dynq.Tests
         // GemmSplitHeads: every value of GemmSmoothed at its place in [batch, heads, seq, d] (heads of
         // 16), [batch, heads, d, seq] (heads of 12) and a dense output; bad layouts refused with the
         // outputs untouched.
+        // Where element (i, j) of an output of width w lands in the head layout `layout` (rows
+        // i = b * seq + s): the dense place i * w + j when the layout is dense.
+        private static int HeadPlace(HeadLayout layout, int w, int seq, int i, int j)
+        {
+            if (layout.Heads == 0) return i * w + j;
+            int h = layout.Heads, d = w / h, b = i / seq, s = i % seq, hh = j / d, e = j % d;
+            return layout.Transposed ? ((b * h + hh) * d + e) * seq + s : ((b * h + hh) * seq + s) * d + e;
+        }
+
         private static void TestGemmSplitHeads()
         {
             Random r = new Random(13);
@@ -230,12 +239,7 @@ namespace Dynq.Tests
                     {
                         for (int j = 0; j < w; j++)
                         {
-                            int at = i * w + j;
-                            if (heads[g].Heads > 0)
-                            {
-                                int h = heads[g].Heads, d = w / h, b = i / seq, s = i % seq, hh = j / d, e = j % d;
-                                at = heads[g].Transposed ? ((b * h + hh) * d + e) * seq + s : ((b * h + hh) * seq + s) * d + e;
-                            }
+                            int at = HeadPlace(heads[g], w, seq, i, j);
                             same &= BitConverter.SingleToInt32Bits(y[at]) == BitConverter.SingleToInt32Bits(whole[i * n + from + j]);
                         }
                     }
@@ -272,13 +276,7 @@ namespace Dynq.Tests
                         {
                             for (int j = 0; j < w; j++)
                             {
-                                int at = i * w + j;
-                                if (heads[g].Heads > 0)
-                                {
-                                    int h = heads[g].Heads, d = w / h, b = i / seq, s = i % seq, hh = j / d, e = j % d;
-                                    at = heads[g].Transposed ? ((b * h + hh) * d + e) * seq + s : ((b * h + hh) * seq + s) * d + e;
-                                }
-                                same16 &= la[at] == pl[i * w + j];
+                                same16 &= la[HeadPlace(heads[g], w, seq, i, j)] == pl[i * w + j];
                             }
                         }
                     }

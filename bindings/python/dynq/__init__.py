@@ -437,6 +437,14 @@ def gemm(
         sm = np.ascontiguousarray(smooth, dtype=np.float32).ravel()
         if sm.size != packed.k:
             raise ValueError(f"smooth must have {packed.k} values, got {sm.size}")
+    r = None
+    if residual is not None:
+        r = np.ascontiguousarray(residual, dtype=y.dtype)
+        if r.shape != y.shape:
+            raise ValueError(f"residual must have the result's shape {y.shape}, got {r.shape}")
+    dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
+    sm_ptr = sm.ctypes.data if sm is not None else None
+    r_ptr = r.ctypes.data if (r is not None and m) else None
     if layer_norm is not None:
         if not hasattr(lib, "dynq_gemm_layer_norm"):
             raise DynqError(2, f"layer_norm needs a libdynq with dynq_gemm_layer_norm ({library_path()} has none)")
@@ -445,29 +453,16 @@ def gemm(
         lb = None if lbias is None else np.ascontiguousarray(lbias, dtype=np.float32).ravel()
         if g.size != packed.n or (lb is not None and lb.size != packed.n):
             raise ValueError(f"layer_norm scale and bias must have {packed.n} values")
-        r = None
-        if residual is not None:
-            r = np.ascontiguousarray(residual, dtype=y.dtype)
-            if r.shape != y.shape:
-                raise ValueError(f"residual must have the result's shape {y.shape}, got {r.shape}")
-        dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
         _check(lib.dynq_gemm_layer_norm(
-            packed._h, a_ptr, dt, m, packed.k, sm.ctypes.data if sm is not None else None, b_ptr,
-            r.ctypes.data if (r is not None and m) else None, packed.n, g.ctypes.data,
+            packed._h, a_ptr, dt, m, packed.k, sm_ptr, b_ptr, r_ptr, packed.n, g.ctypes.data,
             lb.ctypes.data if lb is not None else None, float(eps), y_ptr, dt, packed.n, ctypes.byref(cfg)))
         return y
-    if residual is not None:
-        r = np.ascontiguousarray(residual, dtype=y.dtype)
-        if r.shape != y.shape:
-            raise ValueError(f"residual must have the result's shape {y.shape}, got {r.shape}")
-        dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
+    if r is not None:
         _check(lib.dynq_gemm_residual(
-            packed._h, a_ptr, dt, m, packed.k, sm.ctypes.data if sm is not None else None, b_ptr,
-            r.ctypes.data if m else None, packed.n, y_ptr, dt, packed.n, ctypes.byref(cfg)))
+            packed._h, a_ptr, dt, m, packed.k, sm_ptr, b_ptr, r_ptr, packed.n, y_ptr, dt, packed.n, ctypes.byref(cfg)))
         return y
     if sm is not None:
-        dt = 1 if half else 0  # DYNQ_DTYPE_F16 / _F32
-        _check(lib.dynq_gemm_smoothed(packed._h, a_ptr, dt, m, packed.k, sm.ctypes.data, b_ptr, y_ptr, dt, packed.n, ctypes.byref(cfg)))
+        _check(lib.dynq_gemm_smoothed(packed._h, a_ptr, dt, m, packed.k, sm_ptr, b_ptr, y_ptr, dt, packed.n, ctypes.byref(cfg)))
         return y
     if half:
         f16 = 1  # DYNQ_DTYPE_F16
