@@ -57,7 +57,8 @@ pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
 }
 
 /// Throughput in GOPS of the ISA's micro-kernel alone, single thread, on one full tile
-/// (MR x NR) with depth `k`, operands resident in L1 (one A tile, cycling over 4 panels), the f32
+/// (MR x NR) with depth `k`, operands resident in cache (one A tile in L1, cycling over 4
+/// panels, which stay in L1 or L2 depending on `k`), the f32
 /// epilogue written to a small Y: the ceiling a full GEMM of that depth can approach, since
 /// quantization, packing order and memory only add to it. `None` when the CPU cannot run the
 /// ISA or this build has no kernel for it.
@@ -70,7 +71,9 @@ pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> 
     let panels = 4;
     let row_bytes = kp * kern.a_bytes;
     let a: Vec<u8> = (0..mr * row_bytes).map(|i| if i % kern.a_bytes == 0 { (i * 7 % 251) as u8 } else { 0 }).collect();
-    let b: Vec<i8> = (0..panels * nr * kp).map(|i| (i * 13 % 255) as i8).collect();
+    // The panels start on a cache line, as packed weights do (see `pack::AlignedI8`).
+    let b_buf: Vec<i8> = (0..panels * nr * kp + 64).map(|i| (i * 13 % 255) as i8).collect();
+    let b = &b_buf[b_buf.as_ptr().align_offset(64)..];
     let n = panels * nr;
     let (za, sa) = (vec![3i32; mr], vec![0.01f32; mr]);
     let (col_sums, scales, bias) = (vec![5i32; n], vec![0.02f32; n], vec![0.5f32; n]);

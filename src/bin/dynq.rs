@@ -241,7 +241,7 @@ fn bench(args: &[String]) -> Result<(), String> {
     }
     if let Some(kg) = dynq::peak::micro_kernel_gops(isa, 768, b.min_time) {
         let pct = peak.map_or(String::new(), |p| format!(" = {:.0}% of the peak", 100.0 * kg / p));
-        println!("its micro-kernel alone (one tile, K = 768, operands in L1, f32 epilogue): {kg:.0} GOPS{pct}");
+        println!("its micro-kernel alone (one tile, K = 768, operands in L1/L2, f32 epilogue): {kg:.0} GOPS{pct}");
     }
     let mut bw_cache: Vec<(usize, f64)> = Vec::new();
     println!();

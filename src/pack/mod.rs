@@ -76,7 +76,60 @@ pub struct PackedWeights {
     /// `colsum[n] = sum_k qw[n][k]`, for the activation zero-point correction.
     col_sums: Vec<i32>,
     kernel: &'static Kernel,
-    data: Vec<i8>,
+    data: AlignedI8,
+}
+
+/// One cache line of packed weights; a `Vec` of them starts on a 64-byte boundary.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; 64]);
+
+impl Default for Line {
+    fn default() -> Self {
+        Line([0; 64])
+    }
+}
+
+/// Zeroed int8 storage whose first byte is 64-byte aligned, so that every panel of a kernel
+/// (a multiple of 64 bytes) starts on a cache line and no full-width vector load of the weight
+/// stream straddles two lines. With the 16-byte alignment `malloc` gives, each zmm load of a
+/// panel touched two lines: the AVX-512 micro-kernel ran at 571 GOPS against 658 aligned
+/// (K = 640, one tile, interleaved runs), 600 against 695 at K = 3072.
+#[derive(Clone)]
+struct AlignedI8 {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedI8 {
+    fn zeroed(len: usize) -> Result<Self> {
+        Ok(AlignedI8 { lines: try_zeroed_vec::<Line>(len.div_ceil(64), "packed weights")?, len })
+    }
+    fn capacity(&self) -> usize {
+        self.lines.capacity() * 64
+    }
+}
+
+impl std::ops::Deref for AlignedI8 {
+    type Target = [i8];
+    fn deref(&self) -> &[i8] {
+        // SAFETY: `Line` is `repr(C)` over `[i8; 64]` (no padding), so the vector holds
+        // `64 * lines.len() >= len` initialized bytes, contiguous, borrowed for `&self`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<i8>(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedI8 {
+    fn deref_mut(&mut self) -> &mut [i8] {
+        // SAFETY: as in `deref`, borrowed mutably for `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<i8>(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for AlignedI8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedI8({} bytes)", self.len)
+    }
 }
 
 /// Memory reserved for packing an `n x k` matrix, obtained before any input is read so that a
@@ -87,7 +140,7 @@ pub struct Reservation {
     k: usize,
     kernel: &'static Kernel,
     canonical: Vec<i8>,
-    data: Vec<i8>,
+    data: AlignedI8,
 }
 
 /// Validates the shape of a weight matrix.
@@ -121,7 +174,7 @@ impl Reservation {
         let len = kernel
             .packed_len(n, k)
             .ok_or_else(|| Error::SizeOverflow(format!("packed size of n={n} x k={k} overflows usize")))?;
-        let data = try_zeroed_vec::<i8>(len, "packed weights")?;
+        let data = AlignedI8::zeroed(len)?;
         let canonical = try_zeroed_vec::<i8>(n * k, "quantized weights")?;
         Ok(Reservation { n, k, kernel, canonical, data })
     }
@@ -280,6 +333,29 @@ impl PackedWeights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every panel starts on a cache line (the micro-kernels' full-width loads never straddle
+    /// two), for every kernel this CPU runs, also after a clone.
+    #[test]
+    fn packed_data_is_cache_line_aligned() {
+        for isa in Isa::ALL.into_iter().filter(|i| crate::isa::resolve(*i).is_ok()) {
+            for (n, k) in [(1, 1), (5, 7), (97, 300), (256, 768)] {
+                let w: Vec<f32> = (0..n * k).map(|i| (i % 17) as f32 - 8.0).collect();
+                let opts = PackOptions { isa: Some(isa), ..Default::default() };
+                let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, opts).unwrap();
+                let kern = pw.kernel();
+                let panel = kern.nr * kern.padded_k(k);
+                for p in [pw.clone(), pw] {
+                    let data = p.packed_data();
+                    assert_eq!(data.as_ptr() as usize % 64, 0, "{isa:?} {n}x{k}");
+                    assert_eq!(data.len(), n.div_ceil(kern.nr) * panel);
+                    if panel.is_multiple_of(64) {
+                        assert!(data.chunks(panel).all(|c| (c.as_ptr() as usize).is_multiple_of(64)));
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn layouts_agree() {
