@@ -95,6 +95,7 @@ pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> 
                 ldy: n,
                 blocks16: None,
                 residual: None,
+                prefetch_l2: &[],
             };
             // SAFETY: the CPU runs the kernel's ISA (resolved above); `a` holds MR rows of kp
             // values at stride row_bytes, the panel kp * NR bytes, kp is a positive multiple of

@@ -162,6 +162,7 @@ fn micro_kernels_with_buffers_starting_after_a_guard_page() {
                         ldy,
                         blocks16: None,
                         residual: Some((res.as_slice().as_ptr(), ldy)),
+                        prefetch_l2: &[],
                     };
                     // SAFETY: as above; y holds rows x cols at stride ldy.
                     unsafe {

@@ -117,6 +117,7 @@ fn micro_kernels_exact_on_guard_pages() {
                                 ldy,
                                 blocks16: None,
                                 residual: use_res.then(|| (res.as_slice().as_ptr(), ldr)),
+                                prefetch_l2: &[],
                             };
                             // SAFETY: as above; y holds mr_eff rows of cols at stride ldy.
                             unsafe { (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), &TileOut::F32(&ft)) };

@@ -530,6 +530,14 @@ struct Tile<'a> {
     a: &'a [u8],
     /// The packed panel.
     panel: &'a [i8],
+    /// Weights to bring into L2 while this tile computes (see `F32Tile::prefetch_l2`).
+    prefetch_l2: &'a [i8],
+}
+
+/// Share `i` of `parts` of `bytes`, in whole cache lines.
+fn line_share(bytes: &[i8], i: usize, parts: usize) -> &[i8] {
+    let chunk = bytes.len().div_ceil(parts.max(1)).next_multiple_of(64);
+    &bytes[(i * chunk).min(bytes.len())..((i + 1) * chunk).min(bytes.len())]
 }
 
 /// Packed weights up to this size are split between threads by rows (see `for_each_tile`):
@@ -605,28 +613,43 @@ where
     // read once, from memory for weights that do not fit in cache, and reused by every tile)
     // otherwise, e.g. for decoding shapes with one or two row tiles.
     let tiles_outer = mc >= 4 && nc * nr * kp <= 512 * 1024;
+    let data = w.packed_data();
+    let panel_bytes = nr * kp;
+    // Weights that do not stay in L2 from one block to the next are read from the last-level
+    // cache or memory by the first tile that needs them, faster than that tile computes (16
+    // bytes per cycle at the AVX-512 kernel's rate): each tile asks for a share of the weights
+    // that come after it, to be brought into L2 while it computes (`Tile::prefetch_l2`).
+    let streamed = data.len() > ROW_BLOCKS_MAX_WEIGHTS;
     let run_block = |blk: usize| {
         let (mb, nb) = (blk / n_blocks, blk % n_blocks);
         let mut scratch = vec![0i32; mr * nr];
-        let visit = |p: usize, (i0, rows): (usize, usize), scratch: &mut [i32]| {
+        let visit = |p: usize, (i0, rows): (usize, usize), prefetch_l2: &[i8], scratch: &mut [i32]| {
             let tile = Tile {
                 i0,
                 rows,
                 j0: p * nr,
                 cols: (n - p * nr).min(nr),
                 a: &qa[i0 * row_bytes..(i0 + rows) * row_bytes],
-                panel: &w.packed_data()[p * nr * kp..(p + 1) * nr * kp],
+                panel: &data[p * panel_bytes..(p + 1) * panel_bytes],
+                prefetch_l2,
             };
             f(&tile, scratch);
         };
         let (panels, tiles) = (nb * nc..((nb + 1) * nc).min(n_panels), mb * mc..((mb + 1) * mc).min(m_tiles));
+        // The panels of the block after this one, the next this worker most likely runs.
+        let next_block = {
+            let nb2 = (nb + 1) % n_blocks;
+            &data[nb2 * nc * panel_bytes..((nb2 + 1) * nc).min(n_panels) * panel_bytes]
+        };
+        let share = |bytes, i, parts| if streamed { line_share(bytes, i, parts) } else { &[] };
         // With blocks spanning every panel, a row is complete when its tile has met them all.
         let done = rows_done.filter(|_| n_blocks == 1);
         if tiles_outer {
-            for t in tiles {
+            let visits = tiles.len() * panels.len();
+            for (ti, t) in tiles.enumerate() {
                 let rows = tile_rows(t);
-                for p in panels.clone() {
-                    visit(p, rows, &mut scratch);
+                for (pi, p) in panels.clone().enumerate() {
+                    visit(p, rows, share(next_block, ti * panels.len() + pi, visits), &mut scratch);
                 }
                 if let Some(done) = done {
                     // The tile's rows are still in L1.
@@ -635,9 +658,14 @@ where
             }
         } else {
             let rows: Vec<(usize, usize)> = tiles.map(tile_rows).collect();
-            for p in panels {
-                for &r in &rows {
-                    visit(p, r, &mut scratch);
+            for p in panels.clone() {
+                // While the block's tiles meet panel p, panel p + 1 (or the next block's first).
+                let upcoming = match p + 1 < panels.end {
+                    true => &data[(p + 1) * panel_bytes..(p + 2) * panel_bytes],
+                    false => &next_block[..panel_bytes.min(next_block.len())],
+                };
+                for (ri, &r) in rows.iter().enumerate() {
+                    visit(p, r, share(upcoming, ri, rows.len()), &mut scratch);
                 }
             }
             if let (Some(done), Some(first), Some(last)) = (done, rows.first(), rows.last()) {
@@ -1152,6 +1180,7 @@ fn gemm_impl<A: Element, Y: Element>(
                 // An f32 residual (single output only) is added by the kernel (rows i0.. from
                 // column j0: in bounds, checked by check_matrix).
                 residual: res_f32.map(|(r, ldr)| (r[i0 * ldr + j0..].as_ptr(), ldr)),
+                prefetch_l2: t.prefetch_l2,
             };
             if let Some((r, ldr)) = ft.residual {
                 // The tile's residual lines are requested now and arrive while the kernel computes

@@ -72,6 +72,9 @@ pub struct F32Tile<'a> {
     pub blocks16: Option<[*mut f32; MAX_BLOCKS16]>,
     /// `(r, ldr)`: the residual's rows, added after the activation.
     pub residual: Option<(*const f32, usize)>,
+    /// Weights the driver will need soon (the next panel or block), which a kernel may ask to
+    /// be brought into L2 a line at a time while it computes: a hint, never read.
+    pub prefetch_l2: &'a [i8],
 }
 
 /// Runs of 16 columns in a tile with [`F32Tile::blocks16`] (the widest panel, AVX-512's, is 48).
