@@ -664,6 +664,9 @@ where
                     true => &data[(p + 1) * panel_bytes..(p + 2) * panel_bytes],
                     false => &next_block[..panel_bytes.min(next_block.len())],
                 };
+                // A single tile (decoding) streams its panels anyway, prefetching them itself:
+                // asking for the next one as well made 1x4096x4096 and 4x4096x4096 2-4% slower.
+                let upcoming = if rows.len() > 1 { upcoming } else { &[] };
                 for (ri, &r) in rows.iter().enumerate() {
                     visit(p, r, share(upcoming, ri, rows.len()), &mut scratch);
                 }
