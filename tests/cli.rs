@@ -42,6 +42,13 @@ fn bench_prints_a_table() {
     let (ok, out) = dynq(&["bench", "--shapes", "3x20x30", "--min-time", "0", "--threads", "2"], &[]);
     assert!(ok, "{out}");
     assert!(out.contains("3x20x30") && out.contains("speedup"), "{out}");
+    assert!(!out.contains("where the time goes"), "the breakdown is for one thread: {out}");
+    // One thread: the breakdown (activation quantization, the product at the micro-kernel's
+    // rate) follows, with a row per shape.
+    let (ok, out) = dynq(&["bench", "--shapes", "3x20x30,5x7x9", "--min-time", "0"], &[]);
+    assert!(ok, "{out}");
+    let tail = out.split("where the time goes").nth(1).unwrap_or_else(|| panic!("no breakdown: {out}"));
+    assert!(tail.contains("3x20x30") && tail.contains("5x7x9") && tail.contains("quant ms"), "{out}");
 }
 
 #[test]

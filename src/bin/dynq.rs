@@ -261,6 +261,10 @@ fn bench(args: &[String]) -> Result<(), String> {
         "cosine"
     );
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    // (label, shape, dynq ms, activation quantization ms, tiles at the micro-kernel's rate ms).
+    let mut breakdown: Vec<(String, String, f64, f64, Option<f64>)> = Vec::new();
+    let mut micro_cache: Vec<(usize, Option<f64>)> = Vec::new();
+    let kern = dynq::kernels::kernel_for(isa).ok_or("no kernel for this ISA in this build")?;
     for (label, m, n, k) in &b.shapes {
         let (m, n, k) = (*m, *n, *k);
         let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
@@ -324,6 +328,45 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         };
         let wgbs = wbytes as f64 / t_q.as_secs_f64() / 1e9;
+        if b.threads == 1 {
+            // The activation quantization alone (the same row operations, one thread) and the
+            // product at the rate the micro-kernel reaches alone for this K.
+            let kp = kern.padded_k(k);
+            // The buffer is reused from call to call, as the GEMM does.
+            let mut buf = Vec::new();
+            let t_a = time_it(b.min_time, || {
+                let qa = dynq::quant::activations::quantize_activations_reusing(
+                    kern.ops,
+                    kern.a_bytes,
+                    &a,
+                    m,
+                    k,
+                    k,
+                    b.gran,
+                    b.ty,
+                    kp,
+                    m,
+                    std::mem::take(&mut buf),
+                )
+                .expect("quantize");
+                buf = std::hint::black_box(qa).data;
+            });
+            let micro = match micro_cache.iter().find(|(kk, _)| *kk == k) {
+                Some(&(_, g)) => g,
+                None => {
+                    let g = dynq::peak::micro_kernel_gops(isa, k, b.min_time);
+                    micro_cache.push((k, g));
+                    g
+                }
+            };
+            breakdown.push((
+                label.clone(),
+                format!("{m}x{n}x{k}"),
+                t_q.as_secs_f64() * 1e3,
+                t_a.as_secs_f64() * 1e3,
+                micro.map(|g| ops / g / 1e6),
+            ));
+        }
         println!(
             "{:<22} {:>16} {:>9.3} {:>7.1} {:>6} {:>7.1} {:>5.0}% {:>9.3} {:>7.1} {:>7.2}x {:>8.2e} {:>9.6}",
             label,
@@ -349,5 +392,37 @@ fn bench(args: &[String]) -> Result<(), String> {
     println!(
         "rel.err = ||Y_dynq - Y_fp32|| / ||Y_fp32|| (Frobenius); cosine between the two outputs. Times are medians."
     );
+    if !breakdown.is_empty() {
+        println!();
+        println!("where the time goes (1 thread):");
+        println!(
+            "{:<22} {:>16} {:>9} {:>9} {:>11} {:>9} {:>7} {:>9}",
+            "layer", "MxNxK", "dynq ms", "quant ms", "tiles@uk ms", "sum ms", "rest", "bound"
+        );
+        for (label, shape, t, qa, tiles) in &breakdown {
+            let sum = tiles.map(|tl| tl + qa);
+            let ops = shape.split('x').map(|v| v.parse::<f64>().unwrap_or(0.0)).product::<f64>() * 2.0;
+            println!(
+                "{:<22} {:>16} {:>9.3} {:>9.3} {:>11} {:>9} {:>7} {:>9}",
+                label,
+                shape,
+                t,
+                qa,
+                tiles.map_or("-".into(), |v| format!("{v:.3}")),
+                sum.map_or("-".into(), |v| format!("{v:.3}")),
+                sum.map_or("-".into(), |v| format!("{:.0}%", 100.0 * (t - v) / t)),
+                match (sum, peak) {
+                    (Some(v), Some(p)) => format!("{:.0}%", 100.0 * ops / v / 1e6 / p),
+                    _ => "-".into(),
+                },
+            );
+        }
+        println!(
+            "quant ms = the activation range and quantization passes alone; tiles@uk ms = the product at the rate of\n\
+             the micro-kernel alone for this K (`dynq peak`: one tile, operands in cache, f32 epilogue); rest = the\n\
+             share of dynq's time beyond their sum (blocking, weights and outputs from memory, calls); bound =\n\
+             the %peak that the sum would give: what this kernel and quantizer can reach on this shape."
+        );
+    }
     Ok(())
 }

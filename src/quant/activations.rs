@@ -212,6 +212,25 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
     kp: usize,
     rows_padded: usize,
 ) -> Result<QuantizedActivations> {
+    quantize_activations_reusing(ops, a_bytes, a, m, k, lda, granularity, ty, kp, rows_padded, Vec::new())
+}
+
+/// [`quantize_activations_with`] into the allocation of `reuse` (for example the `data` of a
+/// previous result), which saves allocating, and for large buffers mapping, a new one per call.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_activations_reusing<T: crate::dtype::Element>(
+    ops: &RowOps,
+    a_bytes: usize,
+    a: &[T],
+    m: usize,
+    k: usize,
+    lda: usize,
+    granularity: ActGranularity,
+    ty: ActType,
+    kp: usize,
+    rows_padded: usize,
+    reuse: Vec<u8>,
+) -> Result<QuantizedActivations> {
     quantize_activations_rows(
         ops,
         a_bytes,
@@ -224,7 +243,7 @@ pub fn quantize_activations_with<T: crate::dtype::Element>(
         ty,
         kp,
         rows_padded,
-        Vec::new(),
+        reuse,
         &Exec::SERIAL,
     )
 }
