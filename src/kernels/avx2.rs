@@ -92,15 +92,9 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
         // Row pointers computed once, hidden from the optimizer (see the AVX-512 kernel): each
         // broadcast is then indexed by the K pair alone.
         let rowp: [*const i32; R] = std::hint::black_box(std::array::from_fn(|i| a.add(i * a_stride) as *const i32));
-        for g in 0..kp / KR {
+        let pairs = kp / KR;
+        let step = |g: usize, acc: &mut [[__m256i; 2]; R]| {
             let bp = b.add(g * NR * KR) as *const __m128i;
-            // One cache line of weights per two K pairs, prefetched 4 KiB ahead (measured
-            // interleaved: +25-43% for M = 1..4 decoding shapes, +3-10% for 16x11008x4096,
-            // within 2% on compute-bound ones). A prefetch past the end is harmless
-            // (its address is made with wrapping_add: no out-of-bounds pointer arithmetic).
-            if g % 2 == 0 {
-                _mm_prefetch::<_MM_HINT_T0>((bp as *const i8).wrapping_add(PREFETCH));
-            }
             let b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp));
             let b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(1)));
             for (i, acc) in acc.iter_mut().enumerate() {
@@ -109,6 +103,22 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
                 acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(av, b0));
                 acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(av, b1));
             }
+        };
+        // Two K pairs (one cache line of weights) per iteration: half the loop overhead, whose
+        // scalar operations share ports with the vector ones, and no test for the prefetch.
+        let mut g = 0;
+        while g + 2 <= pairs {
+            // The line 4 KiB ahead (measured interleaved: +25-43% for M = 1..4 decoding shapes,
+            // +3-10% for 16x11008x4096, within 2% on compute-bound ones). A prefetch past the
+            // end is harmless (its address is made with wrapping_add: no out-of-bounds pointer
+            // arithmetic).
+            _mm_prefetch::<_MM_HINT_T0>((b.add(g * NR * KR)).wrapping_add(PREFETCH));
+            step(g, &mut acc);
+            step(g + 1, &mut acc);
+            g += 2;
+        }
+        if g < pairs {
+            step(g, &mut acc);
         }
         deliver_16(&acc, out);
         if let TileOut::F32(t) = out {
