@@ -467,6 +467,12 @@ impl Exec<'_> {
     /// Sequential, on the calling thread.
     pub(crate) const SERIAL: Exec<'static> = Exec { par: &Pool(1), threads: 1 };
 
+    /// dynq's pool with up to `threads` workers (tests of the parallel parts).
+    #[cfg(test)]
+    pub(crate) fn on_pool(threads: usize) -> Exec<'static> {
+        Exec { par: Box::leak(Box::new(Pool(threads))), threads }
+    }
+
     /// Workers this call is split for.
     pub(crate) fn threads(&self) -> usize {
         self.threads

@@ -48,6 +48,7 @@ pub static OPS_U8: RowOps = RowOps {
     quantize_row: quantize_row_u8,
     dequantize_row,
     scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u8_scaled }),
+    quantize_and_stats: None,
 };
 /// AVX2 row operations writing `u16` activations (for `vpmaddwd` kernels).
 pub static OPS_U16: RowOps = RowOps {
@@ -55,6 +56,7 @@ pub static OPS_U16: RowOps = RowOps {
     quantize_row: quantize_row_u16,
     dequantize_row,
     scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u16_scaled }),
+    quantize_and_stats: None,
 };
 
 /// # Safety

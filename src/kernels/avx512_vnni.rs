@@ -53,6 +53,7 @@ pub static OPS: RowOps = RowOps {
     quantize_row,
     dequantize_row: super::scalar::dequantize_row,
     scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_scaled }),
+    quantize_and_stats: Some(quantize_and_stats),
 };
 
 /// # Safety
@@ -497,10 +498,10 @@ const RECIP_SCALE_MAX: f32 = 1.152_921_5e18; // 2^60
 unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
         // SAFETY: forwarded; the scale is inside the bounds.
-        unsafe { quantize_row_as::<true, false>(x, &[], scale, zero_point, ty, out) }
+        unsafe { quantize_row_as::<true, false, false>(x, &[], scale, zero_point, ty, out, &[]) };
     } else {
         // SAFETY: forwarded.
-        unsafe { quantize_row_as::<false, false>(x, &[], scale, zero_point, ty, out) }
+        unsafe { quantize_row_as::<false, false, false>(x, &[], scale, zero_point, ty, out, &[]) };
     }
 }
 
@@ -513,10 +514,10 @@ unsafe fn quantize_row_scaled(x: &[f32], s: &[f32], scale: f32, zero_point: i32,
     assert_eq!(x.len(), s.len());
     if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
         // SAFETY: forwarded; the scale is inside the bounds; equal lengths.
-        unsafe { quantize_row_as::<true, true>(x, s, scale, zero_point, ty, out) }
+        unsafe { quantize_row_as::<true, true, false>(x, s, scale, zero_point, ty, out, &[]) };
     } else {
         // SAFETY: forwarded; equal lengths.
-        unsafe { quantize_row_as::<false, true>(x, s, scale, zero_point, ty, out) }
+        unsafe { quantize_row_as::<false, true, false>(x, s, scale, zero_point, ty, out, &[]) };
     }
 }
 
@@ -527,16 +528,30 @@ unsafe fn quantize_row_scaled(x: &[f32], s: &[f32], scale: f32, zero_point: i32,
 /// The CPU has AVX-512 F, BW and VL.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool>(
+unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool, const STATS: bool>(
     x: &[f32],
     s: &[f32],
     scale: f32,
     zero_point: i32,
     ty: ActType,
     out: &mut [u8],
-) {
+    next: &[f32],
+) -> Option<(f32, f32)> {
     assert_eq!(x.len(), out.len());
     assert!(!SCALED || s.len() == x.len());
+    assert!(!STATS || (next.len() == x.len() && !SCALED));
+    // STATS: the range of `next` as `row_stats` takes it (the same operations; min and max
+    // are order-independent), its loads interleaved with this row's arithmetic.
+    let zero = _mm512_setzero_ps();
+    let (mut slo, mut shi, mut sflag) = ([zero; 4], [zero; 4], [zero; 4]);
+    let mut stats = |j: usize, u: usize, m: __mmask16| {
+        // SAFETY: the lanes of m are inside `next` (masked lanes read as 0: neutral, see
+        // row_stats_as).
+        let v = unsafe { _mm512_maskz_loadu_ps(m, next.as_ptr().add(j)) };
+        slo[u] = _mm512_min_ps(slo[u], v);
+        shi[u] = _mm512_max_ps(shi[u], v);
+        sflag[u] = _mm512_fmadd_ps(v, zero, sflag[u]);
+    };
     // The value at j: x[j] (times s[j] when SCALED), 16 lanes, masked loads for tails.
     let load = |j: usize, m: __mmask16| {
         // SAFETY: lanes of m are inside x (and s, of the same length when SCALED).
@@ -582,6 +597,15 @@ unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool>(
     let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     let asym = ty == ActType::AsymmetricU8;
     while j + 64 <= x.len() {
+        if STATS {
+            for l in 0..4 {
+                let line = (next.as_ptr() as *const i8).wrapping_add(4 * (j + 16 * l) + RANGE_PREFETCH);
+                _mm_prefetch::<_MM_HINT_T0>(line);
+            }
+            for u in 0..4 {
+                stats(j + 16 * u, u, 0xffff);
+            }
+        }
         // SAFETY: j + 64 <= x.len() == out.len().
         unsafe {
             let q: [__m512i; 4] = if asym {
@@ -596,12 +620,46 @@ unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool>(
     }
     while j < x.len() {
         let m = lane_mask(x.len() - j);
+        if STATS {
+            stats(j, 0, m);
+        }
         // SAFETY: masked loads and stores touch only the lanes inside both slices.
         unsafe {
             let q = quantized(load(j, m));
             _mm_mask_storeu_epi8(out.as_mut_ptr().add(j) as *mut i8, m, _mm512_cvtepi32_epi8(q));
         }
         j += 16;
+    }
+    if !STATS {
+        return None;
+    }
+    let lo = _mm512_min_ps(_mm512_min_ps(slo[0], slo[1]), _mm512_min_ps(slo[2], slo[3]));
+    let hi = _mm512_max_ps(_mm512_max_ps(shi[0], shi[1]), _mm512_max_ps(shi[2], shi[3]));
+    let flag = _mm512_add_ps(_mm512_add_ps(sflag[0], sflag[1]), _mm512_add_ps(sflag[2], sflag[3]));
+    let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(flag, flag);
+    let (l, h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    (bad == 0).then_some((l, h))
+}
+
+/// [`RowOps::quantize_and_stats`]: `quantize_row(x, ..)` and `row_stats(next)` in one loop.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_and_stats(
+    x: &[f32],
+    scale: f32,
+    zero_point: i32,
+    ty: ActType,
+    out: &mut [u8],
+    next: &[f32],
+) -> Option<(f32, f32)> {
+    if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
+        // SAFETY: forwarded; the scale is inside the bounds.
+        unsafe { quantize_row_as::<true, false, true>(x, &[], scale, zero_point, ty, out, next) }
+    } else {
+        // SAFETY: forwarded.
+        unsafe { quantize_row_as::<false, false, true>(x, &[], scale, zero_point, ty, out, next) }
     }
 }
 

@@ -185,7 +185,15 @@ pub struct RowOps {
     /// products out first; `None`: the driver multiplies into a buffer and calls the plain ones
     /// (the same values).
     pub scaled: Option<&'static ScaledRowOps>,
+    /// `quantize_row(cur, ..)` and `row_stats(next)` in one loop (`cur`, `next` and `out` of
+    /// the same length, `a_bytes = 1`), so that the reads of the next row overlap the
+    /// arithmetic of this one; `None`: the driver calls the two functions.
+    pub quantize_and_stats: Option<QuantizeAndStats>,
 }
+
+/// See [`RowOps::quantize_and_stats`]: `(cur, scale, zero_point, ty, out, next)`, returning
+/// `row_stats(next)`.
+pub type QuantizeAndStats = unsafe fn(&[f32], f32, i32, ActType, &mut [u8], &[f32]) -> Option<(f32, f32)>;
 
 /// See [`RowOps::scaled`]. `s.len() == x.len()`.
 ///

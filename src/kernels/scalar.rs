@@ -26,7 +26,7 @@ pub const KERNEL: Kernel = Kernel {
 };
 
 /// The scalar row operations: the definitions themselves.
-pub static OPS: RowOps = RowOps { row_stats, quantize_row, dequantize_row, scaled: None };
+pub static OPS: RowOps = RowOps { row_stats, quantize_row, dequantize_row, scaled: None, quantize_and_stats: None };
 
 unsafe fn row_stats(x: &[f32]) -> Option<(f32, f32)> {
     crate::quant::activations::row_stats(x)

@@ -438,6 +438,71 @@ pub(crate) fn quantize_activations_rows<T: crate::dtype::Element>(
                 (None, Some(lda)) if smooth.is_none() => T::as_f32(a).map(|af| (af, lda)),
                 _ => None,
             };
+            // Row r of this task is bad: the first non-finite element goes to `bad` (the caller
+            // reports the lowest row of all tasks), and the task stops.
+            let report = |r: usize, row: &[f32]| {
+                let i = c * rows_per + r;
+                let col = match scaled {
+                    Some((sm, ..)) => row.iter().zip(sm).position(|(x, f)| !(x * f).is_finite()),
+                    None => row.iter().position(|x| !x.is_finite()),
+                }
+                .unwrap_or(0);
+                let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
+                if b.is_none_or(|(bi, _, _)| i < bi) {
+                    *b = Some((i, col, a[rows.at(i, col, k)].to_f32()));
+                }
+            };
+            // Per-row f32 rows read in place, with an ISA that quantizes a row and takes the range
+            // of another in one loop: row r is quantized while the range of row r + 2 is taken,
+            // so the reads of A (from L2 or L3 for most layers) overlap the quantization's
+            // arithmetic, and the parameters of row r + 1 are computed meanwhile. The same
+            // operations on every value as the blocks below, so the same bytes.
+            if let (true, Some(fused), Some((af, lda)), None, 1) =
+                (per_row, ops.quantize_and_stats, direct, scaled, a_bytes)
+            {
+                let n = st.len();
+                let row = |r: usize| {
+                    let i = c * rows_per + r;
+                    &af[i * lda..i * lda + k]
+                };
+                for r in 0..n.min(2) {
+                    // SAFETY: as in `quantize`.
+                    match unsafe { (ops.row_stats)(row(r)) } {
+                        Some(s) => st[r] = s,
+                        None => return report(r, row(r)),
+                    }
+                }
+                if n > 0 {
+                    ps[0] = params_for(st[0].0, st[0].1, ty);
+                }
+                for r in 0..n {
+                    if r + 1 < n {
+                        ps[r + 1] = params_for(st[r + 1].0, st[r + 1].1, ty);
+                    }
+                    let p = ps[r];
+                    let dst = &mut out[r * row_bytes..(r + 1) * row_bytes];
+                    if r + 2 >= n || p.scale == 0.0 {
+                        quantize(row(r), p, dst);
+                        if r + 2 < n {
+                            // SAFETY: as in `quantize`.
+                            match unsafe { (ops.row_stats)(row(r + 2)) } {
+                                Some(s) => st[r + 2] = s,
+                                None => return report(r + 2, row(r + 2)),
+                            }
+                        }
+                        continue;
+                    }
+                    let (dst, pad) = dst.split_at_mut(k);
+                    pad.fill(0);
+                    // SAFETY: as in `quantize` (a positive scale; `row(r)`, `row(r + 2)` and
+                    // `dst` have k values).
+                    match unsafe { fused(row(r), p.scale, p.zero_point, ty, dst, row(r + 2)) } {
+                        Some(s) => st[r + 2] = s,
+                        None => return report(r + 2, row(r + 2)),
+                    }
+                }
+                return;
+            }
             let mut conv: Vec<f32> = Vec::new();
             let mut r0 = 0;
             while r0 < st.len() {
@@ -465,19 +530,7 @@ pub(crate) fn quantize_activations_rows<T: crate::dtype::Element>(
                     };
                     match stats {
                         Some(s) => st[r] = s,
-                        None => {
-                            let i = c * rows_per + r;
-                            let col = match scaled {
-                                Some((sm, ..)) => row.iter().zip(sm).position(|(x, f)| !(x * f).is_finite()),
-                                None => row.iter().position(|x| !x.is_finite()),
-                            }
-                            .unwrap_or(0);
-                            let mut b = bad.lock().unwrap_or_else(|e| e.into_inner());
-                            if b.is_none_or(|(bi, _, _)| i < bi) {
-                                *b = Some((i, col, a[rows.at(i, col, k)].to_f32()));
-                            }
-                            return;
-                        }
+                        None => return report(r, row),
                     }
                 }
                 if per_row {
@@ -610,6 +663,101 @@ mod tests {
                             q.data, fresh.data,
                             "{a_bytes} bytes, {g:?} {t:?}, stale buffer of {stale_len} bytes"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rows of an ISA whose row operations quantize one row while taking the range of
+    /// the next (`RowOps::quantize_and_stats`, the AVX-512 entry) give the bytes, scales, zero
+    /// points and errors of the scalar definition: tails of every length, K padding, strides,
+    /// zero rows (scale 0) at every position of the pipeline, NaN and infinities in the first
+    /// rows, the middle and the last, and 1-3 workers (each of which starts its own pipeline).
+    #[test]
+    fn fused_quantize_and_stats_matches_the_definition() {
+        let fused: Vec<&RowOps> = crate::isa::Isa::ALL
+            .into_iter()
+            .filter(|i| crate::isa::resolve(*i).is_ok())
+            .filter_map(crate::kernels::kernel_for)
+            .map(|kern| kern.ops)
+            .filter(|ops| ops.quantize_and_stats.is_some())
+            .collect();
+        if fused.is_empty() {
+            eprintln!("SKIPPED: no row operations with quantize_and_stats on this CPU");
+            return;
+        }
+        let scalar = &crate::kernels::scalar::OPS;
+        let mut seed = 0x9E37_79B9u32;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for ops in fused {
+            for &k in &[1usize, 15, 16, 17, 63, 64, 65, 130, 384] {
+                for &m in &[1usize, 2, 3, 4, 7, 12] {
+                    let lda = k + (rnd() % 3) as usize;
+                    let kp = k.next_multiple_of(4) + 4 * (rnd() % 2) as usize;
+                    let base: Vec<f32> =
+                        (0..m * lda).map(|_| (rnd() >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 3.0).collect();
+                    let mut cases = vec![base.clone()];
+                    for zero_row in [0, 1.min(m - 1), m / 2, m - 1] {
+                        let mut a = base.clone();
+                        a[zero_row * lda..zero_row * lda + k].fill(0.0);
+                        cases.push(a);
+                    }
+                    for (bad_row, bad) in
+                        [(0, f32::NAN), (1.min(m - 1), f32::INFINITY), (m - 1, f32::NEG_INFINITY), (m / 2, f32::NAN)]
+                    {
+                        let mut a = base.clone();
+                        a[bad_row * lda + (rnd() as usize % k)] = bad;
+                        cases.push(a);
+                    }
+                    for a in &cases {
+                        for t in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+                            let want = quantize_activations_with(
+                                scalar,
+                                1,
+                                a,
+                                m,
+                                k,
+                                lda,
+                                ActGranularity::PerRow,
+                                t,
+                                kp,
+                                m + 1,
+                            );
+                            for workers in 1..=3 {
+                                let exec = Exec::on_pool(workers);
+                                let got = quantize_activations_rows(
+                                    ops,
+                                    1,
+                                    a,
+                                    m,
+                                    k,
+                                    Rows::Strided(lda),
+                                    None,
+                                    ActGranularity::PerRow,
+                                    t,
+                                    kp,
+                                    m + 1,
+                                    Vec::new(),
+                                    &exec,
+                                );
+                                let what = format!("m={m} k={k} lda={lda} kp={kp} {t:?} workers={workers}");
+                                match (&want, &got) {
+                                    (Ok(w), Ok(g)) => {
+                                        assert_eq!(w.data, g.data, "{what}");
+                                        assert_eq!(w.scales, g.scales, "{what}");
+                                        assert_eq!(w.zero_points, g.zero_points, "{what}");
+                                    }
+                                    (Err(w), Err(g)) => assert_eq!(w.message(), g.message(), "{what}"),
+                                    _ => panic!("{what}: {:?} against {:?}", want.as_ref().err(), got.as_ref().err()),
+                                }
+                            }
+                        }
                     }
                 }
             }
