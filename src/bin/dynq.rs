@@ -261,8 +261,9 @@ fn bench(args: &[String]) -> Result<(), String> {
         "cosine"
     );
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    // (label, shape, dynq ms, activation quantization ms, tiles at the micro-kernel's rate ms).
-    let mut breakdown: Vec<(String, String, f64, f64, Option<f64>)> = Vec::new();
+    // (label, shape, operations, dynq ms, activation quantization ms, tiles at the
+    // micro-kernel's rate ms).
+    let mut breakdown: Vec<(String, String, f64, f64, f64, Option<f64>)> = Vec::new();
     let mut micro_cache: Vec<(usize, Option<f64>)> = Vec::new();
     let kern = dynq::kernels::kernel_for(isa).ok_or("no kernel for this ISA in this build")?;
     for (label, m, n, k) in &b.shapes {
@@ -362,6 +363,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             breakdown.push((
                 label.clone(),
                 format!("{m}x{n}x{k}"),
+                ops,
                 t_q.as_secs_f64() * 1e3,
                 t_a.as_secs_f64() * 1e3,
                 micro.map(|g| ops / g / 1e6),
@@ -399,9 +401,8 @@ fn bench(args: &[String]) -> Result<(), String> {
             "{:<22} {:>16} {:>9} {:>9} {:>11} {:>9} {:>7} {:>9}",
             "layer", "MxNxK", "dynq ms", "quant ms", "tiles@uk ms", "sum ms", "rest", "bound"
         );
-        for (label, shape, t, qa, tiles) in &breakdown {
+        for (label, shape, ops, t, qa, tiles) in &breakdown {
             let sum = tiles.map(|tl| tl + qa);
-            let ops = shape.split('x').map(|v| v.parse::<f64>().unwrap_or(0.0)).product::<f64>() * 2.0;
             println!(
                 "{:<22} {:>16} {:>9.3} {:>9.3} {:>11} {:>9} {:>7} {:>9}",
                 label,

@@ -420,6 +420,75 @@ unsafe fn row_stats_scaled(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
     unsafe { row_stats_as::<true>(x, s) }
 }
 
+/// The running range of a row, as [`row_stats`] takes it, 16 lanes at a time.
+///
+/// Four independent (min, max) pairs: one pair would be a chain of dependent `vminps` (4
+/// cycles each per 16 values), slower than the loads. min and max are exact and
+/// order-independent, so the result is the definition's whatever the order of the vectors.
+/// `v * 0 + flag` stays +-0 while every value is finite and becomes NaN (for good: NaN plus
+/// anything is NaN) at the first NaN or infinity: one operation per vector where a compare into
+/// a mask register and a move out of it would be two.
+struct Range {
+    lo: [__m512; 4],
+    hi: [__m512; 4],
+    flag: [__m512; 4],
+}
+
+impl Range {
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new() -> Self {
+        let zero = _mm512_setzero_ps();
+        Range { lo: [zero; 4], hi: [zero; 4], flag: [zero; 4] }
+    }
+
+    /// Takes the 16 values of `v` into accumulator `u` (< 4). Lanes set to 0 (masked loads of
+    /// a tail) are neutral: the range is widened to include 0 anyway, and 0 is finite.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add(&mut self, u: usize, v: __m512) {
+        self.lo[u] = _mm512_min_ps(self.lo[u], v);
+        self.hi[u] = _mm512_max_ps(self.hi[u], v);
+        self.flag[u] = _mm512_fmadd_ps(v, _mm512_setzero_ps(), self.flag[u]);
+    }
+
+    /// `(min, max)`, or `None` when a value was NaN or infinite.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(self) -> Option<(f32, f32)> {
+        let [l0, l1, l2, l3] = self.lo;
+        let [h0, h1, h2, h3] = self.hi;
+        let [f0, f1, f2, f3] = self.flag;
+        let lo = _mm512_min_ps(_mm512_min_ps(l0, l1), _mm512_min_ps(l2, l3));
+        let hi = _mm512_max_ps(_mm512_max_ps(h0, h1), _mm512_max_ps(h2, h3));
+        let flag = _mm512_add_ps(_mm512_add_ps(f0, f1), _mm512_add_ps(f2, f3));
+        let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(flag, flag);
+        let (l, h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+        (bad == 0).then_some((l, h))
+    }
+}
+
+/// Prefetches the 4 lines after `x[j..j + 64]`'s, `RANGE_PREFETCH` bytes ahead: a range pass
+/// over A coming from L3 or memory is bound by how fast lines arrive, and prefetching 2 KiB
+/// ahead (into the next rows when they follow) made it 8-19% faster, interleaved. A prefetch
+/// never faults; the address is made with wrapping_add.
+#[inline(always)]
+fn prefetch_range_ahead(x: &[f32], j: usize) {
+    for l in 0..4 {
+        let line = (x.as_ptr() as *const i8).wrapping_add(4 * (j + 16 * l) + RANGE_PREFETCH);
+        // SAFETY: a prefetch is a hint that cannot fault; SSE is part of x86-64.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line) };
+    }
+}
+
 /// `SCALED`: the values are `x[i] * s[i]` (`s.len() == x.len()`), else `x[i]` (`s` unused).
 ///
 /// # Safety
@@ -427,57 +496,34 @@ unsafe fn row_stats_scaled(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn row_stats_as<const SCALED: bool>(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
-    // Four independent (min, max) pairs: one pair would be a chain of dependent `vminps`
-    // (4 cycles each per 16 values), slower than the loads. min and max are exact and
-    // order-independent, so the result is the definition's.
-    let zero = _mm512_setzero_ps();
-    let (mut lo, mut hi) = ([zero; 4], [zero; 4]);
-    // `v * 0 + flag` stays +-0 while every value is finite and becomes NaN (for good: NaN
-    // plus anything is NaN) at the first NaN or infinity: one operation per vector where a
-    // compare into a mask register and a move out of it would be two.
-    let mut flag = [zero; 4];
-    let mut j = 0;
-    while j + 64 <= x.len() {
-        // A range pass over A coming from L3 or memory is bound by how fast lines arrive:
-        // prefetching 2 KiB ahead (into the next rows when they follow) made it 8-19% faster,
-        // interleaved. A prefetch never faults; the address is made with wrapping_add.
-        for l in 0..4 {
-            let line = (x.as_ptr() as *const i8).wrapping_add(4 * (j + 16 * l) + RANGE_PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(line);
-        }
-        for u in 0..4 {
-            // SAFETY: j + 64 <= x.len().
-            let mut v = unsafe { _mm512_loadu_ps(x.as_ptr().add(j + 16 * u)) };
-            if SCALED {
-                // SAFETY: s has x's length.
-                v = _mm512_mul_ps(v, unsafe { _mm512_loadu_ps(s.as_ptr().add(j + 16 * u)) });
+    // SAFETY (whole body): AVX-512 F (the contract); every load is inside x (and s, of the
+    // same length when SCALED); masked lanes are not read (no fault) and read as 0.
+    unsafe {
+        let mut range = Range::new();
+        let mut j = 0;
+        while j + 64 <= x.len() {
+            prefetch_range_ahead(x, j);
+            for u in 0..4 {
+                let mut v = _mm512_loadu_ps(x.as_ptr().add(j + 16 * u));
+                if SCALED {
+                    v = _mm512_mul_ps(v, _mm512_loadu_ps(s.as_ptr().add(j + 16 * u)));
+                }
+                range.add(u, v);
             }
-            lo[u] = _mm512_min_ps(lo[u], v);
-            hi[u] = _mm512_max_ps(hi[u], v);
-            flag[u] = _mm512_fmadd_ps(v, zero, flag[u]);
+            j += 64;
         }
-        j += 64;
-    }
-    while j < x.len() {
-        let m = lane_mask(x.len() - j);
-        // SAFETY: masked lanes are not read (no fault) and read as 0, which is neutral here
-        // since the range is widened to include 0 anyway, and finite.
-        let mut v = unsafe { _mm512_maskz_loadu_ps(m, x.as_ptr().add(j)) };
-        if SCALED {
-            // SAFETY: as above (s has x's length); masked lanes give 0 * 0.
-            v = _mm512_mul_ps(v, unsafe { _mm512_maskz_loadu_ps(m, s.as_ptr().add(j)) });
+        while j < x.len() {
+            let m = lane_mask(x.len() - j);
+            let mut v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(j));
+            if SCALED {
+                // Masked lanes give 0 * 0.
+                v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, s.as_ptr().add(j)));
+            }
+            range.add(0, v);
+            j += 16;
         }
-        lo[0] = _mm512_min_ps(lo[0], v);
-        hi[0] = _mm512_max_ps(hi[0], v);
-        flag[0] = _mm512_fmadd_ps(v, zero, flag[0]);
-        j += 16;
+        range.finish()
     }
-    let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
-    let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
-    let flag = _mm512_add_ps(_mm512_add_ps(flag[0], flag[1]), _mm512_add_ps(flag[2], flag[3]));
-    let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(flag, flag);
-    let (l, h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
-    (bad == 0).then_some((l, h))
 }
 
 /// Scales for which [`quantize_row`] replaces the division `x / scale` by a multiplication with
@@ -540,17 +586,13 @@ unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool, const STATS: bo
     assert_eq!(x.len(), out.len());
     assert!(!SCALED || s.len() == x.len());
     assert!(!STATS || (next.len() == x.len() && !SCALED));
-    // STATS: the range of `next` as `row_stats` takes it (the same operations; min and max
-    // are order-independent), its loads interleaved with this row's arithmetic.
-    let zero = _mm512_setzero_ps();
-    let (mut slo, mut shi, mut sflag) = ([zero; 4], [zero; 4], [zero; 4]);
+    // STATS: the range of `next` as `row_stats` takes it, its loads interleaved with this
+    // row's arithmetic.
+    // SAFETY: AVX-512 F (the contract).
+    let mut range = unsafe { Range::new() };
     let mut stats = |j: usize, u: usize, m: __mmask16| {
-        // SAFETY: the lanes of m are inside `next` (masked lanes read as 0: neutral, see
-        // row_stats_as).
-        let v = unsafe { _mm512_maskz_loadu_ps(m, next.as_ptr().add(j)) };
-        slo[u] = _mm512_min_ps(slo[u], v);
-        shi[u] = _mm512_max_ps(shi[u], v);
-        sflag[u] = _mm512_fmadd_ps(v, zero, sflag[u]);
+        // SAFETY: the lanes of m are inside `next` (masked lanes read as 0: neutral).
+        unsafe { range.add(u, _mm512_maskz_loadu_ps(m, next.as_ptr().add(j))) };
     };
     // The value at j: x[j] (times s[j] when SCALED), 16 lanes, masked loads for tails.
     let load = |j: usize, m: __mmask16| {
@@ -598,10 +640,7 @@ unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool, const STATS: bo
     let asym = ty == ActType::AsymmetricU8;
     while j + 64 <= x.len() {
         if STATS {
-            for l in 0..4 {
-                let line = (next.as_ptr() as *const i8).wrapping_add(4 * (j + 16 * l) + RANGE_PREFETCH);
-                _mm_prefetch::<_MM_HINT_T0>(line);
-            }
+            prefetch_range_ahead(next, j);
             for u in 0..4 {
                 stats(j + 16 * u, u, 0xffff);
             }
@@ -633,12 +672,8 @@ unsafe fn quantize_row_as<const RECIP: bool, const SCALED: bool, const STATS: bo
     if !STATS {
         return None;
     }
-    let lo = _mm512_min_ps(_mm512_min_ps(slo[0], slo[1]), _mm512_min_ps(slo[2], slo[3]));
-    let hi = _mm512_max_ps(_mm512_max_ps(shi[0], shi[1]), _mm512_max_ps(shi[2], shi[3]));
-    let flag = _mm512_add_ps(_mm512_add_ps(sflag[0], sflag[1]), _mm512_add_ps(sflag[2], sflag[3]));
-    let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(flag, flag);
-    let (l, h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
-    (bad == 0).then_some((l, h))
+    // SAFETY: AVX-512 F (the contract).
+    unsafe { range.finish() }
 }
 
 /// [`RowOps::quantize_and_stats`]: `quantize_row(x, ..)` and `row_stats(next)` in one loop.

@@ -479,26 +479,26 @@ pub(crate) fn quantize_activations_rows<T: crate::dtype::Element>(
                     if r + 1 < n {
                         ps[r + 1] = params_for(st[r + 1].0, st[r + 1].1, ty);
                     }
-                    let p = ps[r];
+                    let (p, ahead) = (ps[r], r + 2);
                     let dst = &mut out[r * row_bytes..(r + 1) * row_bytes];
-                    if r + 2 >= n || p.scale == 0.0 {
+                    let range = if ahead >= n {
                         quantize(row(r), p, dst);
-                        if r + 2 < n {
-                            // SAFETY: as in `quantize`.
-                            match unsafe { (ops.row_stats)(row(r + 2)) } {
-                                Some(s) => st[r + 2] = s,
-                                None => return report(r + 2, row(r + 2)),
-                            }
-                        }
                         continue;
-                    }
-                    let (dst, pad) = dst.split_at_mut(k);
-                    pad.fill(0);
-                    // SAFETY: as in `quantize` (a positive scale; `row(r)`, `row(r + 2)` and
-                    // `dst` have k values).
-                    match unsafe { fused(row(r), p.scale, p.zero_point, ty, dst, row(r + 2)) } {
-                        Some(s) => st[r + 2] = s,
-                        None => return report(r + 2, row(r + 2)),
+                    } else if p.scale == 0.0 {
+                        // (The row operations want a positive scale.)
+                        quantize(row(r), p, dst);
+                        // SAFETY: as in `quantize`.
+                        unsafe { (ops.row_stats)(row(ahead)) }
+                    } else {
+                        let (dst, pad) = dst.split_at_mut(k);
+                        pad.fill(0);
+                        // SAFETY: as in `quantize` (a positive scale; `row(r)`, `row(ahead)`
+                        // and `dst` have k values).
+                        unsafe { fused(row(r), p.scale, p.zero_point, ty, dst, row(ahead)) }
+                    };
+                    match range {
+                        Some(s) => st[ahead] = s,
+                        None => return report(ahead, row(ahead)),
                     }
                 }
                 return;
