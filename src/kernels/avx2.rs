@@ -48,7 +48,7 @@ pub static OPS_U8: RowOps = RowOps {
     quantize_row: quantize_row_u8,
     dequantize_row,
     scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u8_scaled }),
-    quantize_and_stats: None,
+    quantize_and_stats: Some(quantize_and_stats_u8),
 };
 /// AVX2 row operations writing `u16` activations (for `vpmaddwd` kernels).
 pub static OPS_U16: RowOps = RowOps {
@@ -56,7 +56,7 @@ pub static OPS_U16: RowOps = RowOps {
     quantize_row: quantize_row_u16,
     dequantize_row,
     scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u16_scaled }),
-    quantize_and_stats: None,
+    quantize_and_stats: Some(quantize_and_stats_u16),
 };
 
 /// # Safety
@@ -265,14 +265,8 @@ unsafe fn row_stats_scaled(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn row_stats_as<const SCALED: bool>(x: &[f32], s: &[f32]) -> Option<(f32, f32)> {
-    // Four independent accumulators of each kind: one would be a chain of dependent
-    // operations (4 cycles each per 8 values). min and max are exact and order-independent, so
-    // the result is the definition's.
-    let zero = _mm256_setzero_ps();
-    let (mut lo, mut hi) = ([zero; 4], [zero; 4]);
-    // x - x is +0 for finite x and NaN for NaN and +-inf; OR-ed together, the bits stay zero
-    // exactly while every value is finite.
-    let mut bad = [zero; 4];
+    // SAFETY: AVX (the contract).
+    let mut range = unsafe { Range::new() };
     let full = x.len() / 32 * 32;
     let mut tail_buf = [0f32; 32];
     let tail = if SCALED {
@@ -290,49 +284,132 @@ unsafe fn row_stats_as<const SCALED: bool>(x: &[f32], s: &[f32]) -> Option<(f32,
             if SCALED {
                 v = _mm256_mul_ps(v, unsafe { _mm256_loadu_ps(s.as_ptr().add(j + 8 * u)) });
             }
-            lo[u] = _mm256_min_ps(lo[u], v);
-            hi[u] = _mm256_max_ps(hi[u], v);
-            bad[u] = _mm256_or_ps(bad[u], _mm256_sub_ps(v, v));
+            // SAFETY: AVX (the contract).
+            unsafe { range.add(u, v) };
         }
     }
-    let bad = _mm256_castps_si256(_mm256_or_ps(_mm256_or_ps(bad[0], bad[1]), _mm256_or_ps(bad[2], bad[3])));
-    if _mm256_testz_si256(bad, bad) == 0 {
-        return None;
-    }
-    let (tlo, thi) = crate::quant::activations::row_stats(tail)?;
-    let lo = _mm256_min_ps(_mm256_min_ps(lo[0], lo[1]), _mm256_min_ps(lo[2], lo[3]));
-    let hi = _mm256_max_ps(_mm256_max_ps(hi[0], hi[1]), _mm256_max_ps(hi[2], hi[3]));
-    let mut l = [0f32; 8];
-    let mut h = [0f32; 8];
-    // SAFETY: 8-float arrays.
-    unsafe {
-        _mm256_storeu_ps(l.as_mut_ptr(), lo);
-        _mm256_storeu_ps(h.as_mut_ptr(), hi);
-    }
-    Some((l.iter().fold(tlo, |m, &v| m.min(v)), h.iter().fold(thi, |m, &v| m.max(v))))
+    // SAFETY: AVX (the contract).
+    unsafe { range.finish(tail) }
 }
 
-/// Quantizes 8 values to i32 lanes holding the `u8` results (see `quantize_value`).
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize8(v: __m256, scale: __m256, add: __m256i, lo: __m256i, hi: __m256i, bias: __m256i) -> __m256i {
-    // round_half_even(x / scale): explicit rounding, whatever MXCSR says; the rounded value
-    // is integral, so the conversion is exact.
-    let r = _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(
-        v, scale,
-    )));
-    _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(r, add), lo), hi), bias)
+/// Bytes ahead of the values whose range [`quantize_row_with`] takes that it prefetches (as
+/// the AVX-512 loop does).
+const RANGE_PREFETCH: usize = 2048;
+
+/// A range being taken: four independent accumulators of each kind (one would be a chain of
+/// dependent operations, 4 cycles each per 8 values). min and max are exact and
+/// order-independent, so the result is the definition's.
+struct Range {
+    lo: [__m256; 4],
+    hi: [__m256; 4],
+    /// `x - x` is +0 for finite x and NaN for NaN and +-inf; OR-ed together, the bits stay
+    /// zero exactly while every value is finite.
+    bad: [__m256; 4],
 }
 
-/// Constants of `quantize8` for a scheme: (add, lo, hi, bias) with q = clamp(r + add) + bias.
-#[inline(always)]
-fn scheme(zero_point: i32, ty: ActType) -> (i32, i32, i32, i32) {
-    match ty {
-        ActType::AsymmetricU8 => (zero_point, 0, 255, 0),
-        ActType::SymmetricI8 => (0, -127, 127, 128),
+impl Range {
+    /// # Safety
+    /// The CPU has AVX.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn new() -> Self {
+        let zero = _mm256_setzero_ps();
+        Range { lo: [zero; 4], hi: [zero; 4], bad: [zero; 4] }
+    }
+
+    /// Takes the 8 values of `v` into accumulator `u` (< 4).
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn add(&mut self, u: usize, v: __m256) {
+        self.lo[u] = _mm256_min_ps(self.lo[u], v);
+        self.hi[u] = _mm256_max_ps(self.hi[u], v);
+        self.bad[u] = _mm256_or_ps(self.bad[u], _mm256_sub_ps(v, v));
+    }
+
+    /// `(min, max)` of the values taken and of `tail` (the definition's range, 0 included), or
+    /// `None` when a value was NaN or infinite.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn finish(self, tail: &[f32]) -> Option<(f32, f32)> {
+        let [b0, b1, b2, b3] = self.bad;
+        let bad = _mm256_castps_si256(_mm256_or_ps(_mm256_or_ps(b0, b1), _mm256_or_ps(b2, b3)));
+        if _mm256_testz_si256(bad, bad) == 0 {
+            return None;
+        }
+        let (tlo, thi) = crate::quant::activations::row_stats(tail)?;
+        let [l0, l1, l2, l3] = self.lo;
+        let [h0, h1, h2, h3] = self.hi;
+        let lo = _mm256_min_ps(_mm256_min_ps(l0, l1), _mm256_min_ps(l2, l3));
+        let hi = _mm256_max_ps(_mm256_max_ps(h0, h1), _mm256_max_ps(h2, h3));
+        let mut l = [0f32; 8];
+        let mut h = [0f32; 8];
+        // SAFETY: 8-float arrays.
+        unsafe {
+            _mm256_storeu_ps(l.as_mut_ptr(), lo);
+            _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        Some((l.iter().fold(tlo, |m, &v| m.min(v)), h.iter().fold(thi, |m, &v| m.max(v))))
+    }
+}
+
+/// The constants of a row's quantization: q = clamp(round_half_even(x / scale) + add, lo, hi)
+/// + bias (see `quantize_value`), with `recip = RN(1 / scale)` for the `RECIP` quotient.
+struct Quantizer {
+    scale: __m256,
+    recip: __m256,
+    add: __m256i,
+    lo: __m256i,
+    hi: __m256i,
+    bias: __m256i,
+}
+
+impl Quantizer {
+    /// # Safety
+    /// The CPU has AVX.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn new(scale: f32, zero_point: i32, ty: ActType) -> Self {
+        let (add, lo, hi, bias) = match ty {
+            ActType::AsymmetricU8 => (zero_point, 0, 255, 0),
+            ActType::SymmetricI8 => (0, -127, 127, 128),
+        };
+        Quantizer {
+            scale: _mm256_set1_ps(scale),
+            recip: _mm256_set1_ps(1.0 / scale),
+            add: _mm256_set1_epi32(add),
+            lo: _mm256_set1_epi32(lo),
+            hi: _mm256_set1_epi32(hi),
+            bias: _mm256_set1_epi32(bias),
+        }
+    }
+
+    /// 8 values to i32 lanes holding the `u8` results. `RECIP`: the quotient by the
+    /// reciprocal-and-correction method (see `super::RECIP_SCALE_MIN`: the same value as the
+    /// division, for scales inside its bounds), three FMA-unit operations instead of `vdivps`,
+    /// which issues one 8-lane division every 5 cycles or so and bounded this loop.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize8<const RECIP: bool>(&self, v: __m256) -> __m256i {
+        let quotient = if RECIP {
+            let q = _mm256_mul_ps(v, self.recip);
+            let r = _mm256_fnmadd_ps(q, self.scale, v); // x - q * scale, exact
+            _mm256_fmadd_ps(r, self.recip, q)
+        } else {
+            _mm256_div_ps(v, self.scale)
+        };
+        // round_half_even(quotient): explicit rounding, whatever MXCSR says; the rounded value
+        // is integral, so the conversion is exact.
+        let r = _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(quotient));
+        _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(r, self.add), self.lo), self.hi), self.bias)
     }
 }
 
@@ -353,24 +430,154 @@ unsafe fn quantize_row_as<const BYTES: usize, const SCALED: bool>(
 ) {
     assert_eq!(x.len() * BYTES, out.len());
     assert!(!SCALED || s.len() == x.len());
-    let (add, lo, hi, bias) = scheme(zero_point, ty);
-    let (sv, addv, lov, hiv, biasv) = (
-        _mm256_set1_ps(scale),
-        _mm256_set1_epi32(add),
-        _mm256_set1_epi32(lo),
-        _mm256_set1_epi32(hi),
-        _mm256_set1_epi32(bias),
-    );
-    let full = x.len() / 8 * 8;
-    for j in (0..full).step_by(8) {
+    // SAFETY: AVX2 and FMA (the contract); forwarded.
+    unsafe {
+        if super::recip_scale_ok(scale) {
+            quantize_row_with::<BYTES, SCALED, true, false>(x, s, scale, zero_point, ty, out, &[]);
+        } else {
+            quantize_row_with::<BYTES, SCALED, false, false>(x, s, scale, zero_point, ty, out, &[]);
+        }
+    }
+}
+
+/// [`RowOps::quantize_and_stats`] for `u8` (`BYTES == 1`) or `u16` (`BYTES == 2`) values:
+/// `quantize_row(x, ..)` and `row_stats(next)` in one loop, so that the reads of `next` (from
+/// L2 or L3 for most layers) overlap the quantization's arithmetic.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_and_stats_as<const BYTES: usize>(
+    x: &[f32],
+    scale: f32,
+    zero_point: i32,
+    ty: ActType,
+    out: &mut [u8],
+    next: &[f32],
+) -> Option<(f32, f32)> {
+    assert_eq!(x.len() * BYTES, out.len());
+    assert_eq!(x.len(), next.len());
+    // SAFETY: AVX2 and FMA (the contract); forwarded with the lengths asserted.
+    unsafe {
+        if super::recip_scale_ok(scale) {
+            quantize_row_with::<BYTES, false, true, true>(x, &[], scale, zero_point, ty, out, next)
+        } else {
+            quantize_row_with::<BYTES, false, false, true>(x, &[], scale, zero_point, ty, out, next)
+        }
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_and_stats_u8(
+    x: &[f32],
+    scale: f32,
+    zero_point: i32,
+    ty: ActType,
+    out: &mut [u8],
+    next: &[f32],
+) -> Option<(f32, f32)> {
+    // SAFETY: forwarded.
+    unsafe { quantize_and_stats_as::<1>(x, scale, zero_point, ty, out, next) }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_and_stats_u16(
+    x: &[f32],
+    scale: f32,
+    zero_point: i32,
+    ty: ActType,
+    out: &mut [u8],
+    next: &[f32],
+) -> Option<(f32, f32)> {
+    // SAFETY: forwarded.
+    unsafe { quantize_and_stats_as::<2>(x, scale, zero_point, ty, out, next) }
+}
+
+/// [`quantize_row_as`] with the quotient's method fixed (`RECIP` requires a scale inside the
+/// bounds of `super::recip_scale_ok`); `STATS`: also the range of `next` (`row_stats`), its
+/// loads interleaved with this row's arithmetic (else `next` is not read and `None` returned).
+///
+/// # Safety
+/// As [`quantize_row_as`], whose assertions hold; `next.len() == x.len()` when `STATS`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_with<const BYTES: usize, const SCALED: bool, const RECIP: bool, const STATS: bool>(
+    x: &[f32],
+    s: &[f32],
+    scale: f32,
+    zero_point: i32,
+    ty: ActType,
+    out: &mut [u8],
+    next: &[f32],
+) -> Option<(f32, f32)> {
+    debug_assert!(!STATS || next.len() == x.len());
+    // SAFETY: AVX (the contract).
+    let mut range = unsafe { Range::new() };
+    // The 8 values of `next` at j into accumulator u, and a line 2 KiB ahead of them requested.
+    let mut stats = |j: usize, u: usize| {
+        if STATS {
+            // SAFETY: j + 8 <= next.len() at every call below; a prefetch never faults (its
+            // address is made with wrapping_add).
+            unsafe {
+                let p = next.as_ptr().add(j);
+                if j.is_multiple_of(16) {
+                    _mm_prefetch::<_MM_HINT_T0>((p as *const i8).wrapping_add(RANGE_PREFETCH));
+                }
+                range.add(u, _mm256_loadu_ps(p));
+            }
+        }
+    };
+    // SAFETY: AVX (the contract).
+    let qz = unsafe { Quantizer::new(scale, zero_point, ty) };
+    // The value at j: x[j] (times s[j] when SCALED), 8 lanes.
+    let load = |j: usize| {
+        // SAFETY: j + 8 <= x.len() (== s.len() when SCALED) at every call below.
+        unsafe {
+            let v = _mm256_loadu_ps(x.as_ptr().add(j));
+            if SCALED {
+                _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(j)))
+            } else {
+                v
+            }
+        }
+    };
+    let q = |j: usize| {
+        // SAFETY: the contract.
+        unsafe { qz.quantize8::<RECIP>(load(j)) }
+    };
+    // Full steps of 32 (u8) or 16 (u16) values, narrowed by saturating packs (the values are
+    // already in 0..=255) and put back in order with one permutation; one 32-byte store.
+    let step = 32 / BYTES;
+    let mut j = 0;
+    while j + step <= x.len() {
+        for u in 0..step / 8 {
+            stats(j + 8 * u, u);
+        }
+        // SAFETY: j + step <= x.len(), so the step's BYTES * step = 32 bytes are inside `out`.
+        unsafe {
+            let w = if BYTES == 1 {
+                // Per 128-bit half, the dwords of packus(packus(q0, q1), packus(q2, q3)) are
+                // [q0 q1 q2 q3] (values 0-3) | [q0 q1 q2 q3] (values 4-7).
+                let b =
+                    _mm256_packus_epi16(_mm256_packus_epi32(q(j), q(j + 8)), _mm256_packus_epi32(q(j + 16), q(j + 24)));
+                _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+            } else {
+                // Per half, the qwords of packus(q0, q1) are [q0 q1] (values 0-3) | (values 4-7).
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(q(j), q(j + 8)))
+            };
+            _mm256_storeu_si256(out.as_mut_ptr().add(BYTES * j) as *mut __m256i, w);
+        }
+        j += step;
+    }
+    while j + 8 <= x.len() {
+        stats(j, 0);
         // SAFETY: j + 8 <= x.len() and BYTES * (j + 8) <= out.len().
         unsafe {
-            let mut v = _mm256_loadu_ps(x.as_ptr().add(j));
-            if SCALED {
-                v = _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(j)));
-            }
-            let q = quantize8(v, sv, addv, lov, hiv, biasv);
-            let w = _mm256_packus_epi32(q, q); // u16: [q0..q3 q0..q3 | q4..q7 q4..q7]
+            let w = _mm256_packus_epi32(q(j), q(j)); // u16: [q0..q3 q0..q3 | q4..q7 q4..q7]
             if BYTES == 1 {
                 let bytes = _mm256_packus_epi16(w, w); // u8, same lane structure
                 let lo4 = _mm256_extract_epi32::<0>(bytes) as u32;
@@ -381,15 +588,21 @@ unsafe fn quantize_row_as<const BYTES: usize, const SCALED: bool>(
                 _mm_storeu_si128(out.as_mut_ptr().add(2 * j) as *mut __m128i, _mm256_castsi256_si128(w));
             }
         }
+        j += 8;
     }
     let p = QParams { scale, zero_point };
-    for j in full..x.len() {
-        let v = if SCALED { x[j] * s[j] } else { x[j] };
-        out[BYTES * j] = quantize_value(v, p, ty);
+    for i in j..x.len() {
+        let v = if SCALED { x[i] * s[i] } else { x[i] };
+        out[BYTES * i] = quantize_value(v, p, ty);
         if BYTES == 2 {
-            out[2 * j + 1] = 0;
+            out[2 * i + 1] = 0;
         }
     }
+    if !STATS {
+        return None;
+    }
+    // SAFETY: AVX (the contract).
+    unsafe { range.finish(&next[j..]) }
 }
 
 /// # Safety
@@ -476,7 +689,8 @@ mod tests {
 
     /// Both AVX2 activation formats (u8 for the AVX-VNNI kernel, which this machine may not be
     /// able to run, and u16 for the AVX2 kernel) against the scalar definitions, including
-    /// values that fall exactly on rounding ties and rows whose length is not a multiple of 8.
+    /// values that fall exactly on rounding ties and rows of every mix of 32-, 16- and 8-value
+    /// steps and tails.
     #[test]
     fn row_ops_match_the_definitions() {
         if !Isa::Avx2.is_supported() {
@@ -490,7 +704,7 @@ mod tests {
             seed ^= seed << 5;
             seed
         };
-        for len in [1usize, 7, 8, 9, 31, 64, 100] {
+        for len in [1usize, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 47, 48, 57, 64, 100] {
             for ty in [ActType::AsymmetricU8, ActType::SymmetricI8] {
                 let x: Vec<f32> = (0..len)
                     .map(|i| {
@@ -525,6 +739,29 @@ mod tests {
         }
         // SAFETY: AVX2 checked above.
         assert_eq!(unsafe { row_stats_avx2_for_test(&[1.0, f32::NAN, 2.0]) }, None);
+    }
+
+    /// The reciprocal-and-correction quotient rounds exactly like the division, in both output
+    /// formats (see `kernels::tests::check_rounds_like_the_division`).
+    #[test]
+    fn quantize_row_rounds_like_the_division() {
+        if !Isa::Avx2.is_supported() {
+            eprintln!("SKIPPED: AVX2 row operations: this CPU has no AVX2 and FMA");
+            return;
+        }
+        crate::kernels::tests::check_rounds_like_the_division(|x, s, zp, ty, out| {
+            // SAFETY: AVX2 and FMA checked above; equal lengths.
+            unsafe { quantize_row_u8(x, s, zp, ty, out) }
+        });
+        crate::kernels::tests::check_rounds_like_the_division(|x, s, zp, ty, out| {
+            let mut wide = vec![0xAAu8; 2 * x.len()];
+            // SAFETY: AVX2 and FMA checked above; twice the length.
+            unsafe { quantize_row_u16(x, s, zp, ty, &mut wide) };
+            for (o, v) in out.iter_mut().zip(wide.chunks_exact(2)) {
+                assert_eq!(v[1], 0, "the high byte of a u16 value");
+                *o = v[0];
+            }
+        });
     }
 
     /// Ranges of every length (full 32-value steps and the tail), with a NaN (either sign) or

@@ -526,23 +526,11 @@ unsafe fn row_stats_as<const SCALED: bool>(x: &[f32], s: &[f32]) -> Option<(f32,
     }
 }
 
-/// Scales for which [`quantize_row`] replaces the division `x / scale` by a multiplication with
-/// the reciprocal and one correction step (Markstein): with `y = RN(1 / scale)`,
-/// `q = RN(x * y)` is within one ulp of `x / scale`, the remainder `r = x - q * scale` is exact
-/// in a fused multiply-add, and `RN(q + r * y)` is the correctly rounded quotient, i.e. the
-/// same value as the division, provided nothing underflows or overflows. Here `|x / scale|
-/// <= 255` (x lies in the range the scale was made from); inside these bounds a remainder that
-/// would be subnormal is too small to move `q` (and flush-to-zero cannot change the result),
-/// and a quotient below 0.25 rounds to 0 either way. Outside them, the division is used.
-/// Tested against the division on millions of values, ties and their neighbours included.
-const RECIP_SCALE_MIN: f32 = 8.673_617e-19; // 2^-60
-const RECIP_SCALE_MAX: f32 = 1.152_921_5e18; // 2^60
-
 /// # Safety
 /// The CPU has AVX-512 F, BW and VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
-    if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
+    if super::recip_scale_ok(scale) {
         // SAFETY: forwarded; the scale is inside the bounds.
         unsafe { quantize_row_as::<true, false, false>(x, &[], scale, zero_point, ty, out, &[]) };
     } else {
@@ -558,7 +546,7 @@ unsafe fn quantize_row(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out:
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_row_scaled(x: &[f32], s: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]) {
     assert_eq!(x.len(), s.len());
-    if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
+    if super::recip_scale_ok(scale) {
         // SAFETY: forwarded; the scale is inside the bounds; equal lengths.
         unsafe { quantize_row_as::<true, true, false>(x, s, scale, zero_point, ty, out, &[]) };
     } else {
@@ -567,7 +555,7 @@ unsafe fn quantize_row_scaled(x: &[f32], s: &[f32], scale: f32, zero_point: i32,
     }
 }
 
-/// `RECIP`: divide by the reciprocal-and-correction method (see [`RECIP_SCALE_MIN`]), which
+/// `RECIP`: divide by the reciprocal-and-correction method (see [`super::RECIP_SCALE_MIN`]), which
 /// requires `scale` within its bounds; otherwise by `vdivps`.
 ///
 /// # Safety
@@ -689,7 +677,7 @@ unsafe fn quantize_and_stats(
     out: &mut [u8],
     next: &[f32],
 ) -> Option<(f32, f32)> {
-    if (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale) {
+    if super::recip_scale_ok(scale) {
         // SAFETY: forwarded; the scale is inside the bounds.
         unsafe { quantize_row_as::<true, false, true>(x, &[], scale, zero_point, ty, out, next) }
     } else {
@@ -701,7 +689,7 @@ unsafe fn quantize_and_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::activations::{quantize_row as quantize_row_definition, row_stats as row_stats_definition};
+    use crate::quant::activations::row_stats as row_stats_definition;
 
     fn have_avx512() -> bool {
         let ok = crate::isa::Isa::Avx512Vnni.is_supported();
@@ -711,59 +699,17 @@ mod tests {
         ok
     }
 
-    /// The reciprocal-and-correction quotient must round exactly like the division: scales of
-    /// every binade inside the bounds and just outside them, values on rounding ties
-    /// (`(n + 1/2) * scale`, rounded to f32) and their neighbours, and values spread over the
-    /// whole range, in both activation schemes.
+    /// The reciprocal-and-correction quotient rounds exactly like the division (see
+    /// `kernels::tests::check_rounds_like_the_division`).
     #[test]
     fn quantize_row_rounds_like_the_division() {
         if !have_avx512() {
             return;
         }
-        let mut seed = 0x2545_F491u32;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
-        let mut scales = vec![
-            RECIP_SCALE_MIN,
-            RECIP_SCALE_MAX,
-            RECIP_SCALE_MIN.next_down(),
-            RECIP_SCALE_MAX.next_up(),
-            1.0e-45,
-            3.0e36,
-            1.0 / 255.0,
-        ];
-        for e in -64..=64 {
-            for _ in 0..6 {
-                let mantissa = 1.0 + (rnd() >> 8) as f32 / (1u32 << 24) as f32;
-                scales.push(mantissa * 2f32.powi(e));
-            }
-        }
-        let mut checked = 0usize;
-        for &s in &scales {
-            let mut x = Vec::with_capacity(4 * 520);
-            for n in -260..260 {
-                let t = (n as f32 + 0.5) * s;
-                x.extend([t, t.next_up(), t.next_down()]);
-                x.push(s * ((rnd() >> 8) as f32 / (1u32 << 24) as f32 * 520.0 - 260.0));
-            }
-            x.retain(|v| v.is_finite());
-            for (ty, zp) in [(ActType::AsymmetricU8, 128), (ActType::AsymmetricU8, 3), (ActType::SymmetricI8, 128)] {
-                let mut want = vec![0u8; x.len()];
-                quantize_row_definition(&x, s, zp, ty, &mut want);
-                let mut got = vec![0u8; x.len()];
-                // SAFETY: AVX-512 checked above; equal lengths.
-                unsafe { quantize_row(&x, s, zp, ty, &mut got) };
-                if let Some(i) = (0..x.len()).find(|&i| got[i] != want[i]) {
-                    panic!("scale {s:e} x {:e} ({ty:?}, zp {zp}): got {} want {}", x[i], got[i], want[i]);
-                }
-                checked += x.len();
-            }
-        }
-        assert!(checked > 1_000_000, "{checked}");
+        crate::kernels::tests::check_rounds_like_the_division(|x, s, zp, ty, out| {
+            // SAFETY: AVX-512 checked above; equal lengths.
+            unsafe { quantize_row(x, s, zp, ty, out) }
+        });
     }
 
     #[test]

@@ -185,9 +185,9 @@ pub struct RowOps {
     /// products out first; `None`: the driver multiplies into a buffer and calls the plain ones
     /// (the same values).
     pub scaled: Option<&'static ScaledRowOps>,
-    /// `quantize_row(cur, ..)` and `row_stats(next)` in one loop (`cur`, `next` and `out` of
-    /// the same length, `a_bytes = 1`), so that the reads of the next row overlap the
-    /// arithmetic of this one; `None`: the driver calls the two functions.
+    /// `quantize_row(cur, ..)` and `row_stats(next)` in one loop (`cur` and `next` of the same
+    /// length, `out` of as many values as `quantize_row` writes), so that the reads of the next
+    /// row overlap the arithmetic of this one; `None`: the driver calls the two functions.
     pub quantize_and_stats: Option<QuantizeAndStats>,
 }
 
@@ -289,6 +289,25 @@ pub static KERNELS: &[Kernel] = &[
     avx512_vnni::KERNEL,
 ];
 
+/// Scales for which the SIMD row operations (`quantize_row`) replace the division `x / scale` by a multiplication with
+/// the reciprocal and one correction step (Markstein): with `y = RN(1 / scale)`,
+/// `q = RN(x * y)` is within one ulp of `x / scale`, the remainder `r = x - q * scale` is exact
+/// in a fused multiply-add, and `RN(q + r * y)` is the correctly rounded quotient, i.e. the
+/// same value as the division, provided nothing underflows or overflows. Here `|x / scale|
+/// <= 255` (x lies in the range the scale was made from); inside these bounds a remainder that
+/// would be subnormal is too small to move `q` (and flush-to-zero cannot change the result),
+/// and a quotient below 0.25 rounds to 0 either way. Outside them, the division is used.
+/// Tested against the division on millions of values, ties and their neighbours included.
+pub(crate) const RECIP_SCALE_MIN: f32 = 8.673_617e-19; // 2^-60
+pub(crate) const RECIP_SCALE_MAX: f32 = 1.152_921_5e18; // 2^60
+
+/// Whether the row operations may divide by `scale` with the reciprocal and a correction
+/// (see [`RECIP_SCALE_MIN`]).
+#[inline(always)]
+pub(crate) fn recip_scale_ok(scale: f32) -> bool {
+    (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale)
+}
+
 /// The table entry for an ISA, if this build has one.
 pub fn kernel_for(isa: Isa) -> Option<&'static Kernel> {
     KERNELS.iter().find(|k| k.isa == isa)
@@ -331,8 +350,60 @@ pub(crate) fn unpack_panels<const NR: usize, const KR: usize>(packed: &[i8], n: 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Checks a SIMD `quantize_row` against the definition (a division per value) where the
+    /// reciprocal-and-correction quotient could round differently: scales of every binade
+    /// inside the bounds and just outside them, values on rounding ties (`(n + 1/2) * scale`,
+    /// rounded to f32) and their neighbours, and values spread over the whole range, in both
+    /// activation schemes.
+    pub(crate) fn check_rounds_like_the_division(quantize_row: impl Fn(&[f32], f32, i32, ActType, &mut [u8])) {
+        use crate::quant::activations::quantize_row as definition;
+        let mut seed = 0x2545_F491u32;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let mut scales = vec![
+            RECIP_SCALE_MIN,
+            RECIP_SCALE_MAX,
+            RECIP_SCALE_MIN.next_down(),
+            RECIP_SCALE_MAX.next_up(),
+            1.0e-45,
+            3.0e36,
+            1.0 / 255.0,
+        ];
+        for e in -64..=64 {
+            for _ in 0..6 {
+                let mantissa = 1.0 + (rnd() >> 8) as f32 / (1u32 << 24) as f32;
+                scales.push(mantissa * 2f32.powi(e));
+            }
+        }
+        let mut checked = 0usize;
+        for &s in &scales {
+            let mut x = Vec::with_capacity(4 * 520);
+            for n in -260..260 {
+                let t = (n as f32 + 0.5) * s;
+                x.extend([t, t.next_up(), t.next_down()]);
+                x.push(s * ((rnd() >> 8) as f32 / (1u32 << 24) as f32 * 520.0 - 260.0));
+            }
+            x.retain(|v| v.is_finite());
+            for (ty, zp) in [(ActType::AsymmetricU8, 128), (ActType::AsymmetricU8, 3), (ActType::SymmetricI8, 128)] {
+                let mut want = vec![0u8; x.len()];
+                definition(&x, s, zp, ty, &mut want);
+                let mut got = vec![0u8; x.len()];
+                quantize_row(&x, s, zp, ty, &mut got);
+                if let Some(i) = (0..x.len()).find(|&i| got[i] != want[i]) {
+                    panic!("scale {s:e} x {:e} ({ty:?}, zp {zp}): got {} want {}", x[i], got[i], want[i]);
+                }
+                checked += x.len();
+            }
+        }
+        assert!(checked > 1_000_000, "{checked}");
+    }
 
     #[test]
     fn pack_unpack_round_trip_all_kernels() {

@@ -457,9 +457,7 @@ pub(crate) fn quantize_activations_rows<T: crate::dtype::Element>(
             // so the reads of A (from L2 or L3 for most layers) overlap the quantization's
             // arithmetic, and the parameters of row r + 1 are computed meanwhile. The same
             // operations on every value as the blocks below, so the same bytes.
-            if let (true, Some(fused), Some((af, lda)), None, 1) =
-                (per_row, ops.quantize_and_stats, direct, scaled, a_bytes)
-            {
+            if let (true, Some(fused), Some((af, lda)), None) = (per_row, ops.quantize_and_stats, direct, scaled) {
                 let n = st.len();
                 let row = |r: usize| {
                     let i = c * rows_per + r;
@@ -490,10 +488,10 @@ pub(crate) fn quantize_activations_rows<T: crate::dtype::Element>(
                         // SAFETY: as in `quantize`.
                         unsafe { (ops.row_stats)(row(ahead)) }
                     } else {
-                        let (dst, pad) = dst.split_at_mut(k);
+                        let (dst, pad) = dst.split_at_mut(k * a_bytes);
                         pad.fill(0);
-                        // SAFETY: as in `quantize` (a positive scale; `row(r)`, `row(ahead)`
-                        // and `dst` have k values).
+                        // SAFETY: as in `quantize` (a positive scale; `row(r)` and `row(ahead)`
+                        // have k values, `dst` k values of a_bytes bytes).
                         unsafe { fused(row(r), p.scale, p.zero_point, ty, dst, row(ahead)) }
                     };
                     match range {
@@ -676,18 +674,25 @@ mod tests {
     /// rows, the middle and the last, and 1-3 workers (each of which starts its own pipeline).
     #[test]
     fn fused_quantize_and_stats_matches_the_definition() {
-        let fused: Vec<&RowOps> = crate::isa::Isa::ALL
+        // (row operations, bytes per value): every kernel's the CPU runs, and the AVX2 u8
+        // operations of the AVX-VNNI kernel, which the CPU may lack.
+        let mut fused: Vec<(&RowOps, usize)> = crate::isa::Isa::ALL
             .into_iter()
             .filter(|i| crate::isa::resolve(*i).is_ok())
             .filter_map(crate::kernels::kernel_for)
-            .map(|kern| kern.ops)
-            .filter(|ops| ops.quantize_and_stats.is_some())
+            .map(|kern| (kern.ops, kern.a_bytes))
+            .filter(|(ops, _)| ops.quantize_and_stats.is_some())
             .collect();
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::Isa::Avx2.is_supported() {
+            fused.push((&crate::kernels::avx2::OPS_U8, 1));
+        }
         if fused.is_empty() {
             eprintln!("SKIPPED: no row operations with quantize_and_stats on this CPU");
             return;
         }
         let scalar = &crate::kernels::scalar::OPS;
+        let scalar16 = RowOps { quantize_row: quantize_row_u16, ..*scalar };
         let mut seed = 0x9E37_79B9u32;
         let mut rnd = move || {
             seed ^= seed << 13;
@@ -695,8 +700,9 @@ mod tests {
             seed ^= seed << 5;
             seed
         };
-        for ops in fused {
-            for &k in &[1usize, 15, 16, 17, 63, 64, 65, 130, 384] {
+        for (ops, a_bytes) in fused {
+            let reference = if a_bytes == 2 { &scalar16 } else { scalar };
+            for &k in &[1usize, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 130, 384] {
                 for &m in &[1usize, 2, 3, 4, 7, 12] {
                     let lda = k + (rnd() % 3) as usize;
                     let kp = k.next_multiple_of(4) + 4 * (rnd() % 2) as usize;
@@ -718,8 +724,8 @@ mod tests {
                     for a in &cases {
                         for t in [ActType::AsymmetricU8, ActType::SymmetricI8] {
                             let want = quantize_activations_with(
-                                scalar,
-                                1,
+                                reference,
+                                a_bytes,
                                 a,
                                 m,
                                 k,
@@ -733,7 +739,7 @@ mod tests {
                                 let exec = Exec::on_pool(workers);
                                 let got = quantize_activations_rows(
                                     ops,
-                                    1,
+                                    a_bytes,
                                     a,
                                     m,
                                     k,
@@ -746,7 +752,8 @@ mod tests {
                                     Vec::new(),
                                     &exec,
                                 );
-                                let what = format!("m={m} k={k} lda={lda} kp={kp} {t:?} workers={workers}");
+                                let what =
+                                    format!("m={m} k={k} lda={lda} kp={kp} {t:?} workers={workers} a_bytes={a_bytes}");
                                 match (&want, &got) {
                                     (Ok(w), Ok(g)) => {
                                         assert_eq!(w.data, g.data, "{what}");
