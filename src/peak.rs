@@ -107,10 +107,15 @@ pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> 
     }))
 }
 
-/// Read bandwidth in GB/s for a buffer of `bytes` bytes (rounded up to 4 KiB), single thread.
+/// Read bandwidth in GB/s for a buffer of `bytes` bytes (rounded up to 4 KiB), single thread,
+/// the buffer advised for huge pages like large packed weights (`error::advise_huge_pages`).
 pub fn read_bandwidth_gbs(bytes: usize, min_time: Duration) -> f64 {
     let words = bytes.div_ceil(4096) * 4096 / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
+    // In 2 MiB pages where the system allows, as dynq's large packed weights are.
+    let mut buf =
+        crate::error::try_zeroed_vec_advised::<u64>(words, "bandwidth buffer", crate::error::advise_huge_pages)
+            .expect("memory for the bandwidth buffer");
+    buf.iter_mut().enumerate().for_each(|(i, w)| *w = i as u64);
     median_rate(min_time, || {
         let t = Instant::now();
         std::hint::black_box(sum_words(&buf));

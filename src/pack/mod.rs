@@ -7,7 +7,7 @@
 
 pub mod serialize;
 
-use crate::error::{checked_mul, try_zeroed_vec, Error, Result};
+use crate::error::{advise_huge_pages, checked_mul, try_zeroed_vec, try_zeroed_vec_advised, Error, Result};
 use crate::isa::{self, Isa};
 use crate::kernels::{kernel_for, Kernel};
 use crate::quant::weights::{check_finite, check_scales, quantize_weights};
@@ -95,15 +95,30 @@ impl Default for Line {
 /// stream straddles two lines. With the 16-byte alignment `malloc` gives, each zmm load of a
 /// panel touched two lines: the AVX-512 micro-kernel ran at 571 GOPS against 658 aligned
 /// (K = 640, one tile, interleaved runs), 600 against 695 at K = 3072.
-#[derive(Clone)]
+///
+/// Buffers of several MiB are also asked to be backed by 2 MiB pages (see
+/// [`advise_huge_pages`]).
 struct AlignedI8 {
     lines: Vec<Line>,
     len: usize,
 }
 
+impl Clone for AlignedI8 {
+    fn clone(&self) -> Self {
+        // A fresh buffer (advised like the first) rather than `Vec::clone`, which writes its
+        // pages before any advice could be given.
+        let mut copy = AlignedI8::zeroed(self.len).expect("memory for a copy of the packed weights");
+        copy.lines.copy_from_slice(&self.lines);
+        copy
+    }
+}
+
 impl AlignedI8 {
     fn zeroed(len: usize) -> Result<Self> {
-        Ok(AlignedI8 { lines: try_zeroed_vec::<Line>(len.div_ceil(64), "packed weights")?, len })
+        Ok(AlignedI8 {
+            lines: try_zeroed_vec_advised::<Line>(len.div_ceil(64), "packed weights", advise_huge_pages)?,
+            len,
+        })
     }
     fn capacity(&self) -> usize {
         self.lines.capacity() * 64
@@ -357,6 +372,45 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Large packed weights (and their clones) are advised for transparent huge pages: the
+    /// 2 MiB-aligned part of the buffer is a mapping of its own whose flags include `hg`
+    /// (MADV_HUGEPAGE), read from /proc/self/smaps. Whether the kernel then finds free huge
+    /// pages is its business; the advice is what dynq controls.
+    #[cfg(all(target_os = "linux", not(miri)))]
+    #[test]
+    fn large_packed_weights_are_advised_for_huge_pages() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        if !thp.contains("[always]") && !thp.contains("[madvise]") {
+            eprintln!("SKIPPED: huge-page advice: transparent huge pages are off here ({})", thp.trim());
+            return;
+        }
+        // The mapping of /proc/self/smaps that holds `addr`, and whether its flags say `hg`.
+        let advised = |addr: usize| -> bool {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            let mut inside = false;
+            for line in smaps.lines() {
+                let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+                let bounds = range
+                    .and_then(|(a, b)| Some((usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?)));
+                if let Some((a, b)) = bounds.filter(|_| !line.starts_with("VmFlags")) {
+                    inside = (a..b).contains(&addr);
+                } else if inside && line.starts_with("VmFlags:") {
+                    return line.split_whitespace().any(|f| f == "hg");
+                }
+            }
+            panic!("no mapping holds {addr:#x}");
+        };
+        let (n, k) = (1024, 4096); // 4 MiB of int8 weights and more once packed
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 17) as f32 - 8.0).collect();
+        let pw = PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions::default()).unwrap();
+        for p in [pw.clone(), pw] {
+            let data = p.packed_data();
+            let aligned = (data.as_ptr() as usize).next_multiple_of(2 << 20);
+            assert!(aligned + (2 << 20) <= data.as_ptr() as usize + data.len());
+            assert!(advised(aligned), "the packed weights at {aligned:#x} are not advised for huge pages");
         }
     }
 
