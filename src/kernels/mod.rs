@@ -289,8 +289,9 @@ pub static KERNELS: &[Kernel] = &[
     avx512_vnni::KERNEL,
 ];
 
-/// Scales for which the SIMD row operations (`quantize_row`) replace the division `x / scale` by a multiplication with
-/// the reciprocal and one correction step (Markstein): with `y = RN(1 / scale)`,
+/// Scales for which the x86 row operations (`quantize_row`) replace the division `x / scale`
+/// by a multiplication with the reciprocal and one correction step (Markstein): with
+/// `y = RN(1 / scale)`,
 /// `q = RN(x * y)` is within one ulp of `x / scale`, the remainder `r = x - q * scale` is exact
 /// in a fused multiply-add, and `RN(q + r * y)` is the correctly rounded quotient, i.e. the
 /// same value as the division, provided nothing underflows or overflows. Here `|x / scale|
@@ -298,11 +299,14 @@ pub static KERNELS: &[Kernel] = &[
 /// would be subnormal is too small to move `q` (and flush-to-zero cannot change the result),
 /// and a quotient below 0.25 rounds to 0 either way. Outside them, the division is used.
 /// Tested against the division on millions of values, ties and their neighbours included.
+#[cfg(target_arch = "x86_64")]
 pub(crate) const RECIP_SCALE_MIN: f32 = 8.673_617e-19; // 2^-60
+#[cfg(target_arch = "x86_64")]
 pub(crate) const RECIP_SCALE_MAX: f32 = 1.152_921_5e18; // 2^60
 
 /// Whether the row operations may divide by `scale` with the reciprocal and a correction
 /// (see [`RECIP_SCALE_MIN`]).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn recip_scale_ok(scale: f32) -> bool {
     (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale)
@@ -358,6 +362,7 @@ pub(crate) mod tests {
     /// inside the bounds and just outside them, values on rounding ties (`(n + 1/2) * scale`,
     /// rounded to f32) and their neighbours, and values spread over the whole range, in both
     /// activation schemes.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn check_rounds_like_the_division(quantize_row: impl Fn(&[f32], f32, i32, ActType, &mut [u8])) {
         use crate::quant::activations::quantize_row as definition;
         let mut seed = 0x2545_F491u32;

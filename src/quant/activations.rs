@@ -676,6 +676,7 @@ mod tests {
     fn fused_quantize_and_stats_matches_the_definition() {
         // (row operations, bytes per value): every kernel's the CPU runs, and the AVX2 u8
         // operations of the AVX-VNNI kernel, which the CPU may lack.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut fused: Vec<(&RowOps, usize)> = crate::isa::Isa::ALL
             .into_iter()
             .filter(|i| crate::isa::resolve(*i).is_ok())
