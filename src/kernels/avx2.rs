@@ -764,6 +764,19 @@ mod tests {
         });
     }
 
+    /// Every quotient near the hardest scale (see `check_every_quotient_like_the_division`).
+    #[test]
+    fn quantize_row_rounds_like_the_division_everywhere() {
+        if !Isa::Avx2.is_supported() {
+            eprintln!("SKIPPED: AVX2 row operations: this CPU has no AVX2 and FMA");
+            return;
+        }
+        crate::kernels::tests::check_every_quotient_like_the_division(|x, s, zp, ty, out| {
+            // SAFETY: AVX2 and FMA checked above; equal lengths.
+            unsafe { quantize_row_u8(x, s, zp, ty, out) }
+        });
+    }
+
     /// Ranges of every length (full 32-value steps and the tail), with a NaN (either sign) or
     /// an infinity at the start, middle or end refused, and extreme finite values kept.
     #[test]

@@ -712,6 +712,18 @@ mod tests {
         });
     }
 
+    /// Every quotient near the hardest scale (see `check_every_quotient_like_the_division`).
+    #[test]
+    fn quantize_row_rounds_like_the_division_everywhere() {
+        if !have_avx512() {
+            return;
+        }
+        crate::kernels::tests::check_every_quotient_like_the_division(|x, s, zp, ty, out| {
+            // SAFETY: AVX-512 checked above; equal lengths.
+            unsafe { quantize_row(x, s, zp, ty, out) }
+        });
+    }
+
     #[test]
     fn row_stats_match_the_definition() {
         if !have_avx512() {
