@@ -25,10 +25,13 @@ fn median_rate(min_time: Duration, mut f: impl FnMut() -> f64) -> f64 {
 /// Integer multiply-add peak of an ISA's dot-product instruction in GOPS (2 operations per
 /// u8*s8 multiply-add), single thread, or `None` when the CPU lacks it or nothing is
 /// measured for it. AVX-512 VNNI: `vpdpbusd zmm`; AVX-VNNI: `vpdpbusd ymm` (VEX);
+/// on CPUs without it where the AVX-VNNI kernel's EVEX twin stands in
+/// (`kernels::stand_in_for`), the EVEX encoding of the same instruction;
 /// AVX2: the `vpmaddubsw + vpmaddwd + vpaddd` chain (the usual int8 route without VNNI, whose
 /// int16 step can saturate; dynq's exact AVX2 kernel is measured against it).
 pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
-    if crate::isa::resolve(isa).is_err() && !(isa == Isa::AvxVnni && isa.is_supported()) {
+    let stand_in = crate::kernels::stand_in_for(isa).is_some();
+    if crate::isa::resolve(isa).is_err() && !(isa == Isa::AvxVnni && isa.is_supported()) && !stand_in {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
@@ -44,6 +47,9 @@ pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
         // SAFETY (each arm): the ISA was checked above.
         match isa {
             Isa::Avx512Vnni => Some(run(&|n| unsafe { x86::vnni_zmm(n) }, 24 * 64)),
+            // Where the AVX-VNNI kernel's EVEX twin stands in, the same instruction in its EVEX
+            // encoding (AVX-512 VL + VNNI): the twin's own peak.
+            Isa::AvxVnni if stand_in => Some(run(&|n| unsafe { x86::vnni_ymm_evex(n) }, 12 * 32)),
             Isa::AvxVnni => Some(run(&|n| unsafe { x86::vnni_ymm(n) }, 12 * 32)),
             Isa::Avx2 => Some(run(&|n| unsafe { x86::maddubs_ymm(n) }, 12 * 32)),
             _ => None,
@@ -60,12 +66,15 @@ pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
 /// (MR x NR) with depth `k`, operands resident in cache (one A tile in L1, cycling over 4
 /// panels, which stay in L1 or L2 depending on `k`), the f32
 /// epilogue written to a small Y: the ceiling a full GEMM of that depth can approach, since
-/// quantization, packing order and memory only add to it. `None` when the CPU cannot run the
-/// ISA or this build has no kernel for it.
+/// quantization, packing order and memory only add to it. `None` when the CPU can run neither
+/// the ISA nor its stand-in (`kernels::stand_in_for`), or this build has no kernel for it.
 pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> {
-    use crate::kernels::{kernel_for, F32Tile, TileOut};
-    crate::isa::resolve(isa).ok()?;
-    let kern = kernel_for(isa)?;
+    use crate::kernels::{kernel_for, stand_in_for, F32Tile, TileOut};
+    // The ISA's kernel, or the code that stands in for it on this CPU.
+    let kern = match crate::isa::resolve(isa) {
+        Ok(_) => kernel_for(isa)?,
+        Err(_) => stand_in_for(isa)?,
+    };
     let (mr, nr) = (kern.mr, kern.nr);
     let kp = kern.padded_k(k.max(1));
     let panels = 4;
@@ -235,6 +244,24 @@ mod x86 {
         for _ in 0..iters {
             for x in acc.iter_mut() {
                 *x = _mm256_dpbusd_avx_epi32(*x, a, b);
+            }
+        }
+        fold256(&acc)
+    }
+
+    /// 12 independent `vpdpbusd ymm` (EVEX) per iteration: [`vnni_ymm`] as the AVX-VNNI
+    /// kernel's EVEX twin runs it.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 VL and VNNI.
+    #[target_feature(enable = "avx512vl,avx512vnni")]
+    pub unsafe fn vnni_ymm_evex(iters: usize) -> u64 {
+        let mut acc = [_mm256_setzero_si256(); 12];
+        let a = std::hint::black_box(_mm256_set1_epi32(0x0102_0304));
+        let b = std::hint::black_box(_mm256_set1_epi32(0x0101_0101));
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm256_dpbusd_epi32(*x, a, b);
             }
         }
         fold256(&acc)

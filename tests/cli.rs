@@ -71,3 +71,25 @@ fn bad_environment_is_reported_not_crashed() {
     let (ok, out) = dynq(&["frobnicate"], &[]);
     assert!(!ok && out.contains("unknown command"), "{out}");
 }
+
+/// `--isa avx_vnni` on a CPU that lacks AVX-VNNI but has AVX-512 VNNI measures the AVX-VNNI
+/// kernel's code through its EVEX twin, and says so; where neither exists it is refused.
+#[test]
+fn avx_vnni_is_measured_through_its_stand_in() {
+    let stand_in = dynq::kernels::stand_in_for(dynq::Isa::AvxVnni);
+    let runs = stand_in.is_some() || dynq::isa::resolve(dynq::Isa::AvxVnni).is_ok();
+    let (ok, out) = dynq(&["peak", "--isa", "avx_vnni", "--bytes", "4096"], &[]);
+    assert_eq!(ok, runs, "{out}");
+    let (ok, bench) = dynq(&["bench", "--isa", "avx_vnni", "--shapes", "3x20x30", "--min-time", "0"], &[]);
+    assert_eq!(ok, runs, "{bench}");
+    match stand_in {
+        Some(k) => {
+            assert!(out.contains(&format!("\"stand_in\": \"{}\"", k.name)), "{out}");
+            assert!(!out.contains("\"dot_product_gops\": null"), "{out}");
+            assert!(bench.contains("this CPU lacks avx_vnni") && bench.contains(k.name), "{bench}");
+            assert!(bench.contains("3x20x30"), "{bench}");
+        }
+        None if runs => assert!(out.contains("\"stand_in\": null"), "{out}"),
+        None => assert!(out.contains("does not support"), "{out}"),
+    }
+}

@@ -1148,3 +1148,49 @@ fn head_layouts_equal_the_transposed_product() {
         assert!(y.iter().all(|&v| v == 7.0), "output written after an error");
     }
 }
+
+/// On AVX-512 VNNI CPUs without AVX-VNNI, the AVX-VNNI kernel's code runs as its EVEX twin
+/// (`kernels::stand_in_for`, what `dynq bench --isa avx_vnni` measures there): through the
+/// whole GEMM (its 16-column panels, the AVX2 `u8` row operations and their pipelined
+/// quantization), every mode, epilogue and thread count gives the scalar kernel's bits.
+#[test]
+fn avx_vnni_stand_in_gemm_is_bit_identical() {
+    let Some(twin) = dynq::kernels::stand_in_for(Isa::AvxVnni) else {
+        eprintln!("SKIPPED: no stand-in for avx_vnni here (the CPU has AVX-VNNI itself, or lacks AVX-512 VNNI)");
+        return;
+    };
+    // The real AVX-VNNI entry is refused on this CPU; the twin is accepted.
+    let err = dynq::pack::Reservation::for_kernel(4, 4, dynq::kernels::kernel_for(Isa::AvxVnni).unwrap()).err();
+    assert_eq!(err.map(|e| e.status()), Some(Status::Unsupported));
+    let mut rng = Rng(77);
+    for &(m, n, k) in &[(1, 1, 1), (7, 33, 65), (13, 50, 300), (130, 40, 77), (6, 16, 1000)] {
+        let a = random(&mut rng, m * k, 3.0);
+        let w = random(&mut rng, n * k, 0.5);
+        let bias = random(&mut rng, n, 1.0);
+        let scalar = PackedWeights::from_f32(
+            &w,
+            n,
+            k,
+            WeightLayout::NK,
+            PackOptions { isa: Some(Isa::Scalar), ..Default::default() },
+        )
+        .unwrap();
+        let pw = dynq::pack::Reservation::for_kernel(n, k, twin)
+            .unwrap()
+            .fill_f32(&w, WeightLayout::NK, WeightGranularity::PerChannel)
+            .unwrap();
+        assert_eq!(pw.kernel().name, twin.name);
+        assert_eq!(pw.quantized_weights(), scalar.quantized_weights());
+        for (g, t) in all_modes() {
+            for ep in [Epilogue::None, Epilogue::Relu, Epilogue::Gelu] {
+                let o = GemmOptions { epilogue: ep, ..opts(g, t, 1) };
+                let want = run(&scalar, &a, m, Some(&bias), &o);
+                for threads in [1, 2, 3] {
+                    let got = run(&pw, &a, m, Some(&bias), &GemmOptions { num_threads: threads, ..o });
+                    let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{} threads={threads} {m}x{n}x{k} {g:?} {t:?} {ep:?} differs from scalar", twin.name);
+                }
+            }
+        }
+    }
+}

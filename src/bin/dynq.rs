@@ -14,14 +14,17 @@ commands:
   info                       CPU features, the ISA dynq selects, the kernels in this build
   bench [options]            dynamic int8 GEMM vs fp32 SGEMM (matrixmultiply) on layer shapes
     --shapes MxNxK[,MxNxK]   shapes to run (default: BERT-base and LLM-like layers)
-    --isa NAME               force a kernel family (default: DYNQ_ISA or the best available)
+    --isa NAME               force a kernel family (default: DYNQ_ISA or the best available);
+                             avx_vnni on a CPU with AVX-512 VNNI but no AVX-VNNI runs that
+                             kernel's code in the EVEX encoding (its stand-in, labelled)
     --threads N              dynq threads (default 1; the fp32 baseline is single-threaded)
     --min-time SECONDS       minimum measuring time per shape and library (default 0.3)
     --per-tensor             per-tensor activation ranges instead of per-row
     --symmetric              symmetric int8 activations instead of asymmetric uint8
   peak [--isa NAME] [--bytes N[,N...]]
                              this machine's measured limits as JSON: the dot-product peak of an
-                             ISA (GOPS, 1 thread) and the read bandwidth for buffers of N bytes
+                             ISA (GOPS, 1 thread; avx_vnni: as for bench) and the read
+                             bandwidth for buffers of N bytes
   help                       this text
 
 environment: DYNQ_ISA forces the kernel family, DYNQ_NUM_THREADS the default thread count.";
@@ -118,7 +121,7 @@ fn peak(args: &[String]) -> Result<(), String> {
             other => return Err(format!("unknown peak option {other:?}")),
         }
     }
-    let isa = isa::select(isa).map_err(|e| e.to_string())?;
+    let (isa, stand_in) = select_or_stand_in(isa)?;
     let t = Duration::from_millis(300);
     let gops = dynq::peak::dot_product_gops(isa, t);
     let fmt = |g: Option<f64>| g.map_or("null".to_string(), |g| format!("{g:.1}"));
@@ -129,12 +132,26 @@ fn peak(args: &[String]) -> Result<(), String> {
     let bw: Vec<String> =
         sizes.iter().map(|&b| format!("\"{b}\": {:.2}", dynq::peak::read_bandwidth_gbs(b, t))).collect();
     println!(
-        "{{\"isa\": \"{isa}\", \"dot_product_gops\": {}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
+        "{{\"isa\": \"{isa}\", \"stand_in\": {}, \"dot_product_gops\": {}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
+        stand_in.map_or("null".to_string(), |k| format!("\"{}\"", k.name)),
         fmt(gops),
         kernel.join(", "),
         bw.join(", ")
     );
     Ok(())
+}
+
+/// The ISA to measure: the forced one (or the active one), or, where the CPU lacks a forced
+/// ISA whose kernel's code can still run in another encoding, that ISA with its stand-in
+/// (`kernels::stand_in_for`: the AVX-VNNI kernel's EVEX twin on AVX-512 VNNI CPUs).
+fn select_or_stand_in(forced: Option<Isa>) -> Result<(Isa, Option<&'static dynq::kernels::Kernel>), String> {
+    match isa::select(forced) {
+        Ok(isa) => Ok((isa, None)),
+        Err(e) => match forced.and_then(|f| dynq::kernels::stand_in_for(f).map(|k| (f, k))) {
+            Some((f, k)) => Ok((f, Some(k))),
+            None => Err(e.to_string()),
+        },
+    }
 }
 
 struct BenchArgs {
@@ -224,7 +241,7 @@ fn time_it(min_time: Duration, mut f: impl FnMut()) -> Duration {
 
 fn bench(args: &[String]) -> Result<(), String> {
     let b = parse_bench(args)?;
-    let isa = isa::select(b.isa).map_err(|e| e.to_string())?;
+    let (isa, stand_in) = select_or_stand_in(b.isa)?;
     println!(
         "dynq {} bench: isa={} threads={} activations={:?}/{:?}; baseline fp32 SGEMM = matrixmultiply 0.3 (1 thread)",
         dynq::VERSION,
@@ -233,6 +250,13 @@ fn bench(args: &[String]) -> Result<(), String> {
         b.gran,
         b.ty
     );
+    if let Some(k) = stand_in {
+        println!(
+            "this CPU lacks {isa}: its kernel's code runs as {} (the same instructions in the EVEX \
+             encoding), against the peak of that encoding; a CPU with {isa} runs the VEX form",
+            k.name
+        );
+    }
     println!("weights reused across repetitions: figures are for weights in cache where they fit.");
     let peak = dynq::peak::dot_product_gops(isa, b.min_time);
     match peak {
@@ -265,20 +289,24 @@ fn bench(args: &[String]) -> Result<(), String> {
     // micro-kernel's rate ms).
     let mut breakdown: Vec<(String, String, f64, f64, f64, Option<f64>)> = Vec::new();
     let mut micro_cache: Vec<(usize, Option<f64>)> = Vec::new();
-    let kern = dynq::kernels::kernel_for(isa).ok_or("no kernel for this ISA in this build")?;
+    let kern = stand_in.or(dynq::kernels::kernel_for(isa)).ok_or("no kernel for this ISA in this build")?;
     for (label, m, n, k) in &b.shapes {
         let (m, n, k) = (*m, *n, *k);
         let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
         let wscale = 1.0 / (k as f32).sqrt();
         let w_kn: Vec<f32> = (0..k * n).map(|_| rng.normal() * wscale).collect();
         let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
-        let pw = PackedWeights::from_f32(
-            &w_kn,
-            n,
-            k,
-            WeightLayout::KN,
-            PackOptions { isa: Some(isa), ..Default::default() },
-        )
+        let pw = match stand_in {
+            Some(kern) => dynq::pack::Reservation::for_kernel(n, k, kern)
+                .and_then(|r| r.fill_f32(&w_kn, WeightLayout::KN, PackOptions::default().granularity)),
+            None => PackedWeights::from_f32(
+                &w_kn,
+                n,
+                k,
+                WeightLayout::KN,
+                PackOptions { isa: Some(isa), ..Default::default() },
+            ),
+        }
         .map_err(|e| e.to_string())?;
         let opts =
             GemmOptions { act_granularity: b.gran, act_type: b.ty, epilogue: Epilogue::None, num_threads: b.threads };

@@ -317,6 +317,20 @@ pub(crate) fn recip_scale_ok(scale: f32) -> bool {
     (RECIP_SCALE_MIN..=RECIP_SCALE_MAX).contains(&scale)
 }
 
+/// The kernel that stands in for `isa` where this CPU cannot run that ISA's kernel but can
+/// run the same code in another encoding: the AVX-VNNI kernel's EVEX twin
+/// ([`avx_vnni::evex_twin`]) on AVX-512 VNNI CPUs without AVX-VNNI. Only for measuring the
+/// kernel's code (`dynq bench` and `dynq peak` with `--isa avx_vnni`); never selected for
+/// real work, and `None` wherever the ISA itself runs.
+pub fn stand_in_for(isa: Isa) -> Option<&'static Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::AvxVnni && !isa.is_supported() && crate::isa::resolve(Isa::Avx512Vnni).is_ok() {
+        return Some(&avx_vnni::EVEX_TWIN);
+    }
+    let _ = isa;
+    None
+}
+
 /// The table entry for an ISA, if this build has one.
 pub fn kernel_for(isa: Isa) -> Option<&'static Kernel> {
     KERNELS.iter().find(|k| k.isa == isa)

@@ -185,7 +185,21 @@ impl Reservation {
     pub fn new(n: usize, k: usize, isa: Option<Isa>) -> Result<Self> {
         check_shape(n, k)?;
         let isa = isa::select(isa)?;
-        let kernel = kernel_for(isa).expect("resolve() guarantees a kernel");
+        Self::with_kernel(n, k, kernel_for(isa).expect("resolve() guarantees a kernel"))
+    }
+
+    /// Storage for a kernel that is not a table entry: the stand-in of an ISA this CPU lacks
+    /// (`kernels::stand_in_for`), which `dynq bench` measures. The CPU must run the ISA the
+    /// kernel names. The weights then work like any others (a GEMM runs the kernel they are
+    /// packed for; serialized, they hold no trace of it).
+    #[doc(hidden)]
+    pub fn for_kernel(n: usize, k: usize, kernel: &'static Kernel) -> Result<Self> {
+        check_shape(n, k)?;
+        isa::resolve(kernel.isa)?;
+        Self::with_kernel(n, k, kernel)
+    }
+
+    fn with_kernel(n: usize, k: usize, kernel: &'static Kernel) -> Result<Self> {
         let len = kernel
             .packed_len(n, k)
             .ok_or_else(|| Error::SizeOverflow(format!("packed size of n={n} x k={k} overflows usize")))?;
