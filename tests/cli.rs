@@ -88,6 +88,8 @@ fn avx_vnni_is_measured_through_its_stand_in() {
             assert!(!out.contains("\"dot_product_gops\": null"), "{out}");
             assert!(bench.contains("this CPU lacks avx_vnni") && bench.contains(k.name), "{bench}");
             assert!(bench.contains("3x20x30"), "{bench}");
+            let (ok, info) = dynq(&["info"], &[]);
+            assert!(ok && info.contains(&format!("measurable through {}", k.name)), "{info}");
         }
         None if runs => assert!(out.contains("\"stand_in\": null"), "{out}"),
         None => assert!(out.contains("does not support"), "{out}"),

@@ -95,7 +95,15 @@ fn info() -> Result<(), String> {
             k.nr,
             k.kr,
             k.layout_version,
-            if usable { "usable" } else { "not supported by this CPU" }
+            match (usable, kernels::stand_in_for(k.isa)) {
+                (true, _) => "usable".to_string(),
+                (false, Some(twin)) => format!(
+                    "not supported by this CPU (measurable through {}: dynq bench --isa {})",
+                    twin.name,
+                    k.isa.name()
+                ),
+                (false, None) => "not supported by this CPU".to_string(),
+            }
         );
     }
     Ok(())
