@@ -399,6 +399,19 @@ impl Quantizer {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn quantize8<const RECIP: bool>(&self, v: __m256) -> __m256i {
+        // SAFETY: the contract.
+        let r = unsafe { self.rounded8::<RECIP>(v) };
+        _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(r, self.lo), self.hi), self.bias)
+    }
+
+    /// round_half_even(x / scale) + add for 8 values, before the clamp: within [-255, 510]
+    /// for values inside the range the scale was made from (`|x / scale| <= 255`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rounded8<const RECIP: bool>(&self, v: __m256) -> __m256i {
         let quotient = if RECIP {
             let q = _mm256_mul_ps(v, self.recip);
             let r = _mm256_fnmadd_ps(q, self.scale, v); // x - q * scale, exact
@@ -409,7 +422,7 @@ impl Quantizer {
         // round_half_even(quotient): explicit rounding, whatever MXCSR says; the rounded value
         // is integral, so the conversion is exact.
         let r = _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(quotient));
-        _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(r, self.add), self.lo), self.hi), self.bias)
+        _mm256_add_epi32(r, self.add)
     }
 }
 
@@ -549,8 +562,19 @@ unsafe fn quantize_row_with<const BYTES: usize, const SCALED: bool, const RECIP:
         // SAFETY: the contract.
         unsafe { qz.quantize8::<RECIP>(load(j)) }
     };
-    // Full steps of 32 (u8) or 16 (u16) values, narrowed by saturating packs (the values are
-    // already in 0..=255) and put back in order with one permutation; one 32-byte store.
+    // Asymmetric uint8 (the default; bias 0, clamp to 0..=255): the full steps leave the clamp
+    // to the saturating packs, as the AVX-512 loop does. `rounded8` is within [-255, 510]
+    // (see there): the signed-to-unsigned i32 -> u16 pack takes negatives to 0, and the
+    // i16 -> u8 pack (u8 rows) or one unsigned 16-bit minimum with 255 (u16 rows) takes the
+    // rest above 255 to 255: the clamp's values, with 3 fewer operations per 8 values.
+    let asym = ty == ActType::AsymmetricU8;
+    let r = |j: usize| {
+        // SAFETY: the contract.
+        unsafe { qz.rounded8::<RECIP>(load(j)) }
+    };
+    let narrow = |j: usize| if asym { r(j) } else { q(j) };
+    // Full steps of 32 (u8) or 16 (u16) values, narrowed by saturating packs and put back in
+    // order with one permutation; one 32-byte store.
     let step = 32 / BYTES;
     let mut j = 0;
     while j + step <= x.len() {
@@ -562,12 +586,16 @@ unsafe fn quantize_row_with<const BYTES: usize, const SCALED: bool, const RECIP:
             let w = if BYTES == 1 {
                 // Per 128-bit half, the dwords of packus(packus(q0, q1), packus(q2, q3)) are
                 // [q0 q1 q2 q3] (values 0-3) | [q0 q1 q2 q3] (values 4-7).
-                let b =
-                    _mm256_packus_epi16(_mm256_packus_epi32(q(j), q(j + 8)), _mm256_packus_epi32(q(j + 16), q(j + 24)));
+                let b = _mm256_packus_epi16(
+                    _mm256_packus_epi32(narrow(j), narrow(j + 8)),
+                    _mm256_packus_epi32(narrow(j + 16), narrow(j + 24)),
+                );
                 _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
             } else {
                 // Per half, the qwords of packus(q0, q1) are [q0 q1] (values 0-3) | (values 4-7).
-                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(q(j), q(j + 8)))
+                let w = _mm256_packus_epi32(narrow(j), narrow(j + 8));
+                let w = if asym { _mm256_min_epu16(w, _mm256_set1_epi16(255)) } else { w };
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(w)
             };
             _mm256_storeu_si256(out.as_mut_ptr().add(BYTES * j) as *mut __m256i, w);
         }

@@ -176,7 +176,10 @@ pub struct RowOps {
     /// Quantizes a row with `scale` (`> 0`) and zero point into the kernel's activation
     /// format: `a_bytes` bytes per value (1: the `u8` itself; 2: the `u8` zero-extended to a
     /// little-endian `u16`), so `out.len() == x.len() * a_bytes`.
-    /// Definition: [`crate::quant::activations::quantize_row`].
+    /// Definition: [`crate::quant::activations::quantize_row`], for values inside the range
+    /// the scale and zero point were made from (`|x / scale| <= 255`, as the GEMM's own
+    /// ranges guarantee); the SIMD forms leave the clamp of values far outside it to
+    /// saturating conversions, which may differ from the definition there.
     pub quantize_row: unsafe fn(x: &[f32], scale: f32, zero_point: i32, ty: ActType, out: &mut [u8]),
     /// The f32 epilogue of one output row. Definition: [`crate::gemm::dequantize_row`].
     pub dequantize_row: unsafe fn(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]),
