@@ -1,9 +1,7 @@
 //! The `dynq` command line: `dynq info` (what this CPU has and what dynq will run) and
 //! `dynq bench` (dynamic int8 GEMM beside a competent fp32 SGEMM on typical layer shapes).
 
-use dynq::{
-    isa, kernels, ActGranularity, ActType, Epilogue, GemmOptions, Isa, PackOptions, PackedWeights, WeightLayout,
-};
+use dynq::{isa, kernels, ActGranularity, ActType, Epilogue, GemmOptions, Isa, PackOptions, WeightLayout};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -304,18 +302,10 @@ fn bench(args: &[String]) -> Result<(), String> {
         let wscale = 1.0 / (k as f32).sqrt();
         let w_kn: Vec<f32> = (0..k * n).map(|_| rng.normal() * wscale).collect();
         let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
-        let pw = match stand_in {
-            Some(kern) => dynq::pack::Reservation::for_kernel(n, k, kern)
-                .and_then(|r| r.fill_f32(&w_kn, WeightLayout::KN, PackOptions::default().granularity)),
-            None => PackedWeights::from_f32(
-                &w_kn,
-                n,
-                k,
-                WeightLayout::KN,
-                PackOptions { isa: Some(isa), ..Default::default() },
-            ),
-        }
-        .map_err(|e| e.to_string())?;
+        // The kernel measured: the ISA's own, or its stand-in.
+        let pw = dynq::pack::Reservation::for_kernel(n, k, kern)
+            .and_then(|r| r.fill_f32(&w_kn, WeightLayout::KN, PackOptions::default().granularity))
+            .map_err(|e| e.to_string())?;
         let opts =
             GemmOptions { act_granularity: b.gran, act_type: b.ty, epilogue: Epilogue::None, num_threads: b.threads };
         let mut y = vec![0f32; m * n];

@@ -48,7 +48,7 @@ pub static OPS_U8: RowOps = RowOps {
     quantize_row: quantize_row_u8,
     dequantize_row,
     scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u8_scaled }),
-    quantize_and_stats: Some(quantize_and_stats_u8),
+    quantize_and_stats: Some(quantize_and_stats_as::<1>),
 };
 /// AVX2 row operations writing `u16` activations (for `vpmaddwd` kernels).
 pub static OPS_U16: RowOps = RowOps {
@@ -56,7 +56,7 @@ pub static OPS_U16: RowOps = RowOps {
     quantize_row: quantize_row_u16,
     dequantize_row,
     scaled: Some(&ScaledRowOps { row_stats: row_stats_scaled, quantize_row: quantize_row_u16_scaled }),
-    quantize_and_stats: Some(quantize_and_stats_u16),
+    quantize_and_stats: Some(quantize_and_stats_as::<2>),
 };
 
 /// # Safety
@@ -478,36 +478,6 @@ unsafe fn quantize_and_stats_as<const BYTES: usize>(
             quantize_row_with::<BYTES, false, false, true>(x, &[], scale, zero_point, ty, out, next)
         }
     }
-}
-
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_and_stats_u8(
-    x: &[f32],
-    scale: f32,
-    zero_point: i32,
-    ty: ActType,
-    out: &mut [u8],
-    next: &[f32],
-) -> Option<(f32, f32)> {
-    // SAFETY: forwarded.
-    unsafe { quantize_and_stats_as::<1>(x, scale, zero_point, ty, out, next) }
-}
-
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_and_stats_u16(
-    x: &[f32],
-    scale: f32,
-    zero_point: i32,
-    ty: ActType,
-    out: &mut [u8],
-    next: &[f32],
-) -> Option<(f32, f32)> {
-    // SAFETY: forwarded.
-    unsafe { quantize_and_stats_as::<2>(x, scale, zero_point, ty, out, next) }
 }
 
 /// [`quantize_row_as`] with the quotient's method fixed (`RECIP` requires a scale inside the

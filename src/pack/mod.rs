@@ -188,9 +188,9 @@ impl Reservation {
         Self::with_kernel(n, k, kernel_for(isa).expect("resolve() guarantees a kernel"))
     }
 
-    /// Storage for a kernel that is not a table entry: the stand-in of an ISA this CPU lacks
-    /// (`kernels::stand_in_for`), which `dynq bench` measures. The CPU must run the ISA the
-    /// kernel names. The weights then work like any others (a GEMM runs the kernel they are
+    /// Storage for a given kernel, a table entry or one that is not (the stand-in of an ISA
+    /// this CPU lacks, `kernels::stand_in_for`, which `dynq bench` measures). The CPU must run
+    /// the ISA the kernel names. The weights then work like any others (a GEMM runs the kernel they are
     /// packed for; serialized, they hold no trace of it).
     #[doc(hidden)]
     pub fn for_kernel(n: usize, k: usize, kernel: &'static Kernel) -> Result<Self> {
