@@ -1,5 +1,7 @@
 """Helpers to build small ONNX models with the dynq op and run them in ONNX Runtime."""
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -121,3 +123,54 @@ def layer_norm_ref(x, gamma, beta=None, eps=1e-5):
     if beta is not None:
         y = y + np.asarray(beta, np.float32)
     return y.astype(np.float32).reshape(x.shape)
+
+
+def dynamic_quantize_matmul_ref(a, w_q, w_scale, w_zp=None, bias=None, saturating=False):
+    """ONNX Runtime's com.microsoft.DynamicQuantizeMatMul by its definition: A quantized per tensor
+    to uint8 (DynamicQuantizeLinear), the integer product, then `acc * (sa * sw) + bias` in float32.
+
+    saturating=False: the exact integer product, what the op defines (and what ONNX Runtime
+    returns on CPUs with VNNI). saturating=True: what a `vpmaddubsw` kernel returns, each pair of
+    adjacent products `qa[k] * w[k] + qa[k+1] * w[k+1]` (raw uint8 activations) clamped to int16
+    before the int32 sum, the A zero point taken out afterwards (ONNX Runtime's MLAS on x86 CPUs
+    with AVX2 or AVX-512 but without VNNI)."""
+    a = np.asarray(a, np.float32).reshape(-1, w_q.shape[0])
+    lo, hi = min(np.float32(0), a.min(initial=0)), max(np.float32(0), a.max(initial=0))
+    sa = np.float32((np.float32(hi) - np.float32(lo)) / np.float32(255))
+    if sa == 0:
+        sa = np.float32(1)
+    za = int(np.clip(np.rint(np.float32(0) - np.float32(lo) / sa), 0, 255))
+    qa = np.clip(np.rint(a / sa) + za, 0, 255).astype(np.int64)
+    w = w_q.astype(np.int64) - (0 if w_zp is None else np.asarray(w_zp, np.int64))
+    if not saturating:
+        acc = (qa - za) @ w
+    else:
+        k = w.shape[0]
+        qa2 = np.zeros((qa.shape[0], k + k % 2), np.int64)
+        qa2[:, :k] = qa
+        w2 = np.zeros((k + k % 2, w.shape[1]), np.int64)
+        w2[:k] = w
+        pairs = qa2[:, 0::2, None] * w2[None, 0::2, :] + qa2[:, 1::2, None] * w2[None, 1::2, :]
+        acc = np.clip(pairs, -32768, 32767).sum(axis=1) - za * w.sum(axis=0)
+    y = acc.astype(np.float32) * (sa * np.asarray(w_scale, np.float32))
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32)
+    return y.astype(np.float32)
+
+
+def check_against_ort_int8(y_dynq, y_ort, a, w_q, w_scale, w_zp=None, bias=None, tol=1e-5):
+    """dynq's output equals the exact DynamicQuantizeMatMul (to float rounding); ONNX Runtime's
+    equals either that or, on a CPU without VNNI, the int16-saturating product (which must then
+    differ from the exact one). Returns "exact" or "saturated": which one ONNX Runtime gave."""
+    exact = dynamic_quantize_matmul_ref(a, w_q, w_scale, w_zp, bias)
+    scale = max(float(np.abs(exact).max()), 1e-30)
+    err = lambda y, ref: float(np.abs(np.asarray(y, np.float32).reshape(ref.shape) - ref).max()) / scale
+    assert err(y_dynq, exact) <= tol, ("dynq against the exact product", err(y_dynq, exact))
+    if err(y_ort, exact) <= tol:
+        return "exact"
+    sat = dynamic_quantize_matmul_ref(a, w_q, w_scale, w_zp, bias, saturating=True)
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert not any(f in flags.split() for f in ("avx512_vnni", "avx_vnni")), "ONNX Runtime is inexact on a CPU with VNNI"
+    assert err(y_ort, sat) <= tol, ("ONNX Runtime is neither exact nor the int16-saturating product", err(y_ort, exact), err(y_ort, sat))
+    assert err(sat, exact) > tol
+    return "saturated"

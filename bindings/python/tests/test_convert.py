@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import dynq
 from dynq.onnx import QuantizeOptions, evaluate, make_inputs, quantize_model, save_model
-from ortutil import model, session, skip_without_f16_op
+from ortutil import check_against_ort_int8, model, session, skip_without_f16_op
 
 PKG = str(Path(__file__).resolve().parent.parent)
 RNG = np.random.default_rng(11)
@@ -222,9 +222,11 @@ def test_convert_dynamic_quantize_matmul():
     conv, rep = quantize_model(m, QuantizeOptions(act_granularity="per_tensor"))
     assert [x.op_type for x in conv.graph.node] == ["DynQMatMul"]
     a = f32(5, k, scale=1.0)
-    ref = session(m, custom=False).run(None, {"A": a})[0]
+    ort_int8 = session(m, custom=False).run(None, {"A": a})[0]
     got = session(conv).run(None, {"A": a})[0]
-    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+    # The converted model computes the op's definition exactly (ONNX Runtime itself saturates on
+    # x86 CPUs without VNNI: see check_against_ort_int8).
+    check_against_ort_int8(got, ort_int8, a, q, s, zp, b)
 
 
 def test_uint8_weights_with_wide_zero_point_range_are_requantized():

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dynq
-from ortutil import ORT_EMPTY_MIDDLE_INPUT, ORT_F16_OP, ORT_VERSION, dynq_model, gelu, layer_norm_ref, model, session, skip_without_f16_op
+from ortutil import ORT_EMPTY_MIDDLE_INPUT, ORT_F16_OP, ORT_VERSION, check_against_ort_int8, dynq_model, gelu, layer_norm_ref, model, session, skip_without_f16_op
 
 RNG = np.random.default_rng(7)
 
@@ -95,7 +95,10 @@ def test_float16_activations_and_output(gran):
 
 def test_per_tensor_u8_matches_ort_dynamic_quantize_matmul():
     """Same int8 weights, per-tensor uint8 activations: dynq equals ONNX Runtime's own
-    com.microsoft.DynamicQuantizeMatMul to within float rounding."""
+    com.microsoft.DynamicQuantizeMatMul by its definition (the exact integer product), to within
+    float rounding. ONNX Runtime itself gives that on CPUs with VNNI; on x86 CPUs without it, its
+    int16-saturating product instead (checked to be exactly that), which dynq does not reproduce."""
+    seen = set()
     for (rows, k, n, per_channel) in [(16, 128, 64, True), (33, 384, 96, False), (1, 256, 17, True)]:
         q, s = weights(k, n, rows)
         if not per_channel:
@@ -109,9 +112,8 @@ def test_per_tensor_u8_matches_ort_dynamic_quantize_matmul():
         md = model([helper.make_node("DynQMatMul", ["A", "W", "S", "B"], ["Y"], domain="dynq", act_granularity="per_tensor")], a_vi, y_vi, inits)
         y_ms = session(ms, custom=False).run(None, {"A": a})[0]
         y_dq = session(md).run(None, {"A": a})[0]
-        scale = np.abs(y_ms).max()
-        diff = np.abs(y_ms - y_dq).max()
-        assert diff <= 1e-5 * scale, (diff, scale)
+        seen.add(check_against_ort_int8(y_dq, y_ms, a, q, s, bias=b))
+    print(f"ONNX Runtime's DynamicQuantizeMatMul on this CPU: {'/'.join(sorted(seen))}")
 
 
 def test_output_shape_inference():
