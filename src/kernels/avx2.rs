@@ -115,8 +115,18 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
             // end is harmless (its address is made with wrapping_add: no out-of-bounds pointer
             // arithmetic).
             _mm_prefetch::<_MM_HINT_T0>((b.add(g * NR * KR)).wrapping_add(PREFETCH));
-            step(g, &mut acc);
-            step(g + 1, &mut acc);
+            if R == 6 {
+                // SAFETY: as `step` for pairs g and g + 1 (R == 6: rowp and acc have 6 rows).
+                two_pairs_6(
+                    &mut *(acc.as_mut_ptr() as *mut [[__m256i; 2]; 6]),
+                    &*(rowp.as_ptr() as *const [*const i32; 6]),
+                    g,
+                    b.add(g * NR * KR),
+                );
+            } else {
+                step(g, &mut acc);
+                step(g + 1, &mut acc);
+            }
             g += 2;
         }
         if g < pairs {
@@ -128,6 +138,116 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
                 add_residual(R, t);
             }
         }
+    }
+}
+
+/// Two K pairs of a full 6-row tile, in assembly: the same operations as two calls of the
+/// intrinsic step, but with the registers fixed. From intrinsics, LLVM interleaves the second
+/// pair's weight loads with the first pair's last rows, needs 17 ymm registers for the 12
+/// accumulators, and keeps one accumulator on the stack (a load, an add and a store per
+/// iteration, whose store-to-load chain is then carried from one iteration to the next).
+/// Here: 12 accumulators, the two widened weight vectors, the broadcast and one product: 16.
+///
+/// # Safety
+/// The CPU has AVX2; `rowp[i] + g` and `rowp[i] + g + 1` are readable `i32`s (two K pairs of
+/// row `i`), `b` points to 64 readable bytes (two K pairs of the panel).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn two_pairs_6(acc: &mut [[__m256i; 2]; 6], rowp: &[*const i32; 6], g: usize, b: *const i8) {
+    let [[a00, a01], [a10, a11], [a20, a21], [a30, a31], [a40, a41], [a50, a51]] = acc;
+    // SAFETY: reads only the bytes named in the contract; writes only the register operands.
+    unsafe {
+        std::arch::asm!(
+            "vpmovsxbw {b0}, xmmword ptr [{b}]",
+            "vpmovsxbw {b1}, xmmword ptr [{b} + 16]",
+            "vpbroadcastd {av}, dword ptr [{r0} + {g} * 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a00}, {a00}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a01}, {a01}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r1} + {g} * 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a10}, {a10}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a11}, {a11}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r2} + {g} * 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a20}, {a20}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a21}, {a21}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r3} + {g} * 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a30}, {a30}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a31}, {a31}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r4} + {g} * 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a40}, {a40}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a41}, {a41}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r5} + {g} * 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a50}, {a50}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a51}, {a51}, {av}",
+            "vpmovsxbw {b0}, xmmword ptr [{b} + 32]",
+            "vpmovsxbw {b1}, xmmword ptr [{b} + 48]",
+            "vpbroadcastd {av}, dword ptr [{r0} + {g} * 4 + 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a00}, {a00}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a01}, {a01}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r1} + {g} * 4 + 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a10}, {a10}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a11}, {a11}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r2} + {g} * 4 + 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a20}, {a20}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a21}, {a21}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r3} + {g} * 4 + 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a30}, {a30}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a31}, {a31}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r4} + {g} * 4 + 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a40}, {a40}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a41}, {a41}, {av}",
+            "vpbroadcastd {av}, dword ptr [{r5} + {g} * 4 + 4]",
+            "vpmaddwd {t}, {av}, {b0}",
+            "vpaddd {a50}, {a50}, {t}",
+            "vpmaddwd {av}, {av}, {b1}",
+            "vpaddd {a51}, {a51}, {av}",
+            b = in(reg) b,
+            g = in(reg) g,
+            r0 = in(reg) rowp[0],
+            r1 = in(reg) rowp[1],
+            r2 = in(reg) rowp[2],
+            r3 = in(reg) rowp[3],
+            r4 = in(reg) rowp[4],
+            r5 = in(reg) rowp[5],
+            a00 = inout(ymm_reg) *a00,
+            a01 = inout(ymm_reg) *a01,
+            a10 = inout(ymm_reg) *a10,
+            a11 = inout(ymm_reg) *a11,
+            a20 = inout(ymm_reg) *a20,
+            a21 = inout(ymm_reg) *a21,
+            a30 = inout(ymm_reg) *a30,
+            a31 = inout(ymm_reg) *a31,
+            a40 = inout(ymm_reg) *a40,
+            a41 = inout(ymm_reg) *a41,
+            a50 = inout(ymm_reg) *a50,
+            a51 = inout(ymm_reg) *a51,
+            b0 = out(ymm_reg) _,
+            b1 = out(ymm_reg) _,
+            av = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            options(nostack, preserves_flags, readonly),
+        );
     }
 }
 
