@@ -1,0 +1,134 @@
+//! The same inputs give the same output bits on every CPU, not only on every kernel of one CPU:
+//! a digest of the outputs of a fixed set of calls (every activation mode, weight granularity,
+//! epilogue, smoothing, residual, layer norm, f16 and bf16), computed with every ISA this CPU
+//! runs, must equal the digest recorded here. `tests/gemm.rs` proves the ISAs of one machine
+//! agree; this test ties the machines together: the recorded value was computed on an AMD Zen 3
+//! (AVX2, scalar), and CI runs it on x86 CPUs with AVX-512 VNNI and under qemu-aarch64 on three
+//! NEON models. A change that alters results anywhere (a rounding step, a reordered sum, a
+//! different erf) changes the digest and must update it on purpose.
+
+mod common;
+
+use common::isas_under_test;
+use dynq::{
+    gemm_fused, ActGranularity, ActType, Element, Epilogue, Fused, GemmOptions, Isa, LayerNorm, PackOptions,
+    PackedWeights, Residual, WeightGranularity, WeightLayout,
+};
+use half::{bf16, f16};
+
+/// The digest of every call below, for every ISA.
+const RECORDED: u64 = 0x92841e70dde3c2cb;
+
+/// Values that are exact in f32 on every platform (multiples of 2^-8 in [-4, 4]), from a 64-bit
+/// linear congruential generator.
+struct Exact(u64);
+impl Exact {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % 2049) as f32 / 256.0 - 4.0
+    }
+    fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.next() * scale).collect()
+    }
+}
+
+/// FNV-1a over 32-bit words.
+struct Digest(u64);
+impl Digest {
+    fn add(&mut self, word: u32) {
+        for b in word.to_le_bytes() {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+fn bits<Y: Element>(v: Y) -> u32 {
+    // f16 and bf16 widen to f32 exactly, so the f32 bits name the value.
+    v.to_f32().to_bits()
+}
+
+/// All calls with the weights packed for `isa`, folded into one digest.
+fn digest(isa: Isa) -> u64 {
+    let mut d = Digest(0xcbf2_9ce4_8422_2325);
+    let mut x = Exact(2026);
+    for &(m, n, k) in &[(1, 37, 300), (7, 100, 129), (13, 48, 777), (30, 64, 64)] {
+        let a = x.vec(m * k, 1.0);
+        let w = x.vec(n * k, 0.05);
+        let bias = x.vec(n, 0.5);
+        let smooth: Vec<f32> = x.vec(k, 0.1).iter().map(|v| v.abs() + 0.25).collect();
+        let residual = x.vec(m * n, 1.0);
+        let gamma = x.vec(n, 0.5);
+        let beta = x.vec(n, 0.5);
+        for wg in [WeightGranularity::PerChannel, WeightGranularity::PerTensor] {
+            let pw =
+                PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: wg, isa: Some(isa) })
+                    .unwrap();
+            for g in [ActGranularity::PerRow, ActGranularity::PerTensor] {
+                for t in [ActType::AsymmetricU8, ActType::SymmetricI8] {
+                    for (e, ep) in [Epilogue::None, Epilogue::Relu, Epilogue::Gelu].into_iter().enumerate() {
+                        let opts = GemmOptions { act_granularity: g, act_type: t, epilogue: ep, num_threads: 1 };
+                        // Each call adds one fused input more, cycling with the epilogue.
+                        let mut y = vec![0f32; m * n];
+                        let fused = Fused {
+                            bias: Some(&bias),
+                            smooth: (e >= 1).then_some(&smooth[..]),
+                            residual: (e == 2).then_some(Residual { data: &residual[..], ld: n }),
+                            layer_norm: (e == 2).then_some(LayerNorm {
+                                gamma: &gamma,
+                                beta: Some(&beta),
+                                epsilon: 1e-5,
+                            }),
+                            a_heads: None,
+                        };
+                        gemm_fused(&pw, &a, m, k, &fused, &mut y, n, &opts).unwrap();
+                        y.iter().for_each(|&v| d.add(bits(v)));
+                        // Half-precision activations and outputs.
+                        let a16: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+                        let mut y16 = vec![f16::ZERO; m * n];
+                        gemm_fused(
+                            &pw,
+                            &a16,
+                            m,
+                            k,
+                            &Fused { bias: Some(&bias), ..Default::default() },
+                            &mut y16,
+                            n,
+                            &opts,
+                        )
+                        .unwrap();
+                        y16.iter().for_each(|&v| d.add(bits(v)));
+                        let ab: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+                        let mut yb = vec![bf16::ZERO; m * n];
+                        gemm_fused(
+                            &pw,
+                            &ab,
+                            m,
+                            k,
+                            &Fused { bias: Some(&bias), ..Default::default() },
+                            &mut yb,
+                            n,
+                            &opts,
+                        )
+                        .unwrap();
+                        yb.iter().for_each(|&v| d.add(bits(v)));
+                    }
+                }
+            }
+        }
+    }
+    d.0
+}
+
+#[test]
+fn outputs_are_the_recorded_bits_on_every_cpu() {
+    for isa in isas_under_test() {
+        let got = digest(isa);
+        assert_eq!(
+            got,
+            RECORDED,
+            "{isa}: output digest {got:#018x}, recorded {RECORDED:#018x} (on {}): results differ from the \
+             machine that recorded them",
+            std::env::consts::ARCH
+        );
+    }
+}
