@@ -47,6 +47,15 @@ fn bits<Y: Element>(v: Y) -> u32 {
     v.to_f32().to_bits()
 }
 
+/// The call with activations and outputs of type `T` (A rounded to `T`, bias only), folded in.
+fn typed<T: Element>(pw: &PackedWeights, a: &[f32], m: usize, bias: &[f32], opts: &GemmOptions, d: &mut Digest) {
+    let (n, k) = (pw.n(), pw.k());
+    let at: Vec<T> = a.iter().map(|&v| T::from_f32(v)).collect();
+    let mut y = vec![T::from_f32(0.0); m * n];
+    gemm_fused(pw, &at, m, k, &Fused { bias: Some(bias), ..Default::default() }, &mut y, n, opts).unwrap();
+    y.iter().for_each(|&v| d.add(bits(v)));
+}
+
 /// All calls with the weights packed for `isa`, folded into one digest.
 fn digest(isa: Isa) -> u64 {
     let mut d = Digest(0xcbf2_9ce4_8422_2325);
@@ -83,34 +92,8 @@ fn digest(isa: Isa) -> u64 {
                         gemm_fused(&pw, &a, m, k, &fused, &mut y, n, &opts).unwrap();
                         y.iter().for_each(|&v| d.add(bits(v)));
                         // Half-precision activations and outputs.
-                        let a16: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
-                        let mut y16 = vec![f16::ZERO; m * n];
-                        gemm_fused(
-                            &pw,
-                            &a16,
-                            m,
-                            k,
-                            &Fused { bias: Some(&bias), ..Default::default() },
-                            &mut y16,
-                            n,
-                            &opts,
-                        )
-                        .unwrap();
-                        y16.iter().for_each(|&v| d.add(bits(v)));
-                        let ab: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
-                        let mut yb = vec![bf16::ZERO; m * n];
-                        gemm_fused(
-                            &pw,
-                            &ab,
-                            m,
-                            k,
-                            &Fused { bias: Some(&bias), ..Default::default() },
-                            &mut yb,
-                            n,
-                            &opts,
-                        )
-                        .unwrap();
-                        yb.iter().for_each(|&v| d.add(bits(v)));
+                        typed::<f16>(&pw, &a, m, &bias, &opts, &mut d);
+                        typed::<bf16>(&pw, &a, m, &bias, &opts, &mut d);
                     }
                 }
             }

@@ -141,6 +141,39 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
     }
 }
 
+/// One row of a K pair in [`two_pairs_6`]: broadcast the row's pair (`$off` bytes past pair
+/// `g`), multiply by both widened weight vectors, add to the row's two accumulators.
+#[rustfmt::skip] // one instruction per line
+macro_rules! k_pair_row {
+    ($r:literal, $a0:literal, $a1:literal, $off:literal) => {
+        concat!(
+            "vpbroadcastd {av}, dword ptr [{", $r, "} + {g} * 4 + ", $off, "]\n",
+            "vpmaddwd {t}, {av}, {b0}\n",
+            "vpaddd {", $a0, "}, {", $a0, "}, {t}\n",
+            "vpmaddwd {av}, {av}, {b1}\n",
+            "vpaddd {", $a1, "}, {", $a1, "}, {av}\n",
+        )
+    };
+}
+
+/// One K pair of [`two_pairs_6`]: widen the 32 weight bytes at `$b0` and `$b1` past `{b}`, then
+/// the six rows (their pair `$off` bytes past pair `g`).
+#[rustfmt::skip] // one instruction per line
+macro_rules! k_pair {
+    ($b0:literal, $b1:literal, $off:literal) => {
+        concat!(
+            "vpmovsxbw {b0}, xmmword ptr [{b} + ", $b0, "]\n",
+            "vpmovsxbw {b1}, xmmword ptr [{b} + ", $b1, "]\n",
+            k_pair_row!("r0", "a00", "a01", $off),
+            k_pair_row!("r1", "a10", "a11", $off),
+            k_pair_row!("r2", "a20", "a21", $off),
+            k_pair_row!("r3", "a30", "a31", $off),
+            k_pair_row!("r4", "a40", "a41", $off),
+            k_pair_row!("r5", "a50", "a51", $off),
+        )
+    };
+}
+
 /// Two K pairs of a full 6-row tile, in assembly: the same operations as two calls of the
 /// intrinsic step, but with the registers fixed. From intrinsics, LLVM interleaves the second
 /// pair's weight loads with the first pair's last rows, needs 17 ymm registers for the 12
@@ -158,70 +191,8 @@ unsafe fn two_pairs_6(acc: &mut [[__m256i; 2]; 6], rowp: &[*const i32; 6], g: us
     // SAFETY: reads only the bytes named in the contract; writes only the register operands.
     unsafe {
         std::arch::asm!(
-            "vpmovsxbw {b0}, xmmword ptr [{b}]",
-            "vpmovsxbw {b1}, xmmword ptr [{b} + 16]",
-            "vpbroadcastd {av}, dword ptr [{r0} + {g} * 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a00}, {a00}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a01}, {a01}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r1} + {g} * 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a10}, {a10}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a11}, {a11}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r2} + {g} * 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a20}, {a20}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a21}, {a21}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r3} + {g} * 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a30}, {a30}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a31}, {a31}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r4} + {g} * 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a40}, {a40}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a41}, {a41}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r5} + {g} * 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a50}, {a50}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a51}, {a51}, {av}",
-            "vpmovsxbw {b0}, xmmword ptr [{b} + 32]",
-            "vpmovsxbw {b1}, xmmword ptr [{b} + 48]",
-            "vpbroadcastd {av}, dword ptr [{r0} + {g} * 4 + 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a00}, {a00}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a01}, {a01}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r1} + {g} * 4 + 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a10}, {a10}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a11}, {a11}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r2} + {g} * 4 + 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a20}, {a20}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a21}, {a21}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r3} + {g} * 4 + 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a30}, {a30}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a31}, {a31}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r4} + {g} * 4 + 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a40}, {a40}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a41}, {a41}, {av}",
-            "vpbroadcastd {av}, dword ptr [{r5} + {g} * 4 + 4]",
-            "vpmaddwd {t}, {av}, {b0}",
-            "vpaddd {a50}, {a50}, {t}",
-            "vpmaddwd {av}, {av}, {b1}",
-            "vpaddd {a51}, {a51}, {av}",
+            k_pair!(0, 16, 0),
+            k_pair!(32, 48, 4),
             b = in(reg) b,
             g = in(reg) g,
             r0 = in(reg) rowp[0],
