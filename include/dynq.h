@@ -209,6 +209,13 @@ typedef struct {
   uint32_t granularity;
   // A `dynq_isa`: the kernel family to pack for; `DYNQ_ISA_AUTO` (0) for the default.
   uint32_t isa;
+  // Largest quantized weight magnitude for f32 weights, 1..=127, or 0 for the default
+  // (127, 8-bit weights); checked, but without effect, for pre-quantized weights and
+  // blobs. 64 (ONNX Runtime's
+  // `reduce_range`) halves the weights' resolution and lets AVX2 CPUs without VNNI run a
+  // faster kernel; the results are the same on every CPU. A struct of the earlier size
+  // (12 bytes, before this field) is still accepted and means 0.
+  uint32_t weight_qmax;
 } dynq_pack_config;
 
 // Options of a GEMM call. Initialize with `dynq_gemm_config_init`, then change fields.
@@ -321,11 +328,27 @@ const char *dynq_isa_name(uint32_t isa);
 // `DYNQ_ISA_AUTO` gives 1 unless the `DYNQ_ISA` environment variable is invalid.
 int32_t dynq_isa_available(uint32_t isa);
 
-// Fills `*config` with the defaults (per-channel weights, automatic ISA).
+// Fills `*config` with the defaults (per-channel weights, automatic ISA, 8-bit weights) in
+// the struct's first layout: 12 bytes (`struct_size`, `granularity`, `isa`), `struct_size` =
+// 12. This is the entry point that programs built before `weight_qmax` existed call; C and
+// C++ code compiled with this header calls [`dynq_pack_config_init_sized`] instead, through
+// the function-like macro of the same name at the end of the header, which passes
+// `sizeof(*config)`. (To call this function itself, write `(dynq_pack_config_init)(config)`.)
 //
 // # Safety
-// `config` is NULL or points to a writable `dynq_pack_config`.
+// `config` is NULL or points to at least 12 writable bytes, aligned for a `dynq_pack_config`.
 dynq_status dynq_pack_config_init(dynq_pack_config *config);
+
+// Fills the `size` bytes of `*config` with the defaults (per-channel weights, automatic ISA,
+// 8-bit weights) and sets `struct_size = size`. `size` is the `sizeof(dynq_pack_config)` the
+// caller was compiled with: 16 for this header, 12 for headers before `weight_qmax`; any
+// other size is refused and nothing is written. Writing only `size` bytes keeps programs
+// built against a smaller struct safe when this library grows it.
+//
+// # Safety
+// `config` is NULL or points to at least `size` writable bytes, aligned for a
+// `dynq_pack_config`.
+dynq_status dynq_pack_config_init_sized(dynq_pack_config *config, size_t size);
 
 // Fills `*config` with the defaults (per-row asymmetric uint8 activations, no epilogue,
 // default thread count).
@@ -603,3 +626,11 @@ dynq_status dynq_gemm_split_heads(const dynq_packed_weights *packed,
 #endif  // __cplusplus
 
 #endif  /* DYNQ_H */
+
+/* Fills a dynq_pack_config of the size this header gives it (see dynq_pack_config_init_sized).
+ * Programs built with this header call dynq_pack_config_init(&config) as before; the
+ * function of that name, called by programs built before weight_qmax existed, fills the
+ * first 12 bytes only. */
+#ifndef dynq_pack_config_init
+#define dynq_pack_config_init(config) dynq_pack_config_init_sized((config), sizeof(*(config)))
+#endif

@@ -33,6 +33,7 @@ scripts/test-aarch64.sh
 step "CLI smoke test"
 cargo run --release --quiet --bin dynq -- info
 cargo run --release --quiet --bin dynq -- bench --shapes 3x40x50,1x64x4096 --min-time 0
+cargo run --release --quiet --bin dynq -- bench --shapes 7x40x50 --min-time 0 --weight-qmax 64
 
 step "CMake package: install, C++ consumer (find_package, shared and static, ctest), pkg-config, exports"
 tests/cmake_consumer/run.sh

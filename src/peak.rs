@@ -69,26 +69,36 @@ pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
 /// quantization, packing order and memory only add to it. `None` when the CPU can run neither
 /// the ISA nor its stand-in (`kernels::stand_in_for`), or this build has no kernel for it.
 pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> {
-    use crate::kernels::{kernel_for, stand_in_for, F32Tile, TileOut};
+    use crate::kernels::{kernel_for, stand_in_for};
     // The ISA's kernel, or the code that stands in for it on this CPU.
     let kern = match crate::isa::resolve(isa) {
         Ok(_) => kernel_for(isa)?,
         Err(_) => stand_in_for(isa)?,
     };
+    Some(kernel_gops(kern, k, min_time))
+}
+
+/// [`micro_kernel_gops`] of a given kernel (a table entry such as a narrow-weight one, or a
+/// stand-in), which the CPU must be able to run.
+pub fn kernel_gops(kern: &crate::kernels::Kernel, k: usize, min_time: Duration) -> f64 {
+    use crate::kernels::{F32Tile, TileOut};
     let (mr, nr) = (kern.mr, kern.nr);
     let kp = kern.padded_k(k.max(1));
     let panels = 4;
     let row_bytes = kp * kern.a_bytes;
     let a: Vec<u8> = (0..mr * row_bytes).map(|i| if i % kern.a_bytes == 0 { (i * 7 % 251) as u8 } else { 0 }).collect();
     // The panels start on a cache line, as packed weights do (see `pack::AlignedI8`).
-    let b_buf: Vec<i8> = (0..panels * nr * kp + 64).map(|i| (i * 13 % 255) as i8).collect();
+    // Within the weight range the kernel is exact for (|w| <= 64 meets every pair limit).
+    let w_max = if kern.weight_pair_limit.is_some() { 129 } else { 255 };
+    let b_buf: Vec<i8> =
+        (0..panels * nr * kp + 64).map(|i| ((i * 13 % w_max) as i32 - w_max as i32 / 2) as i8).collect();
     let b = &b_buf[b_buf.as_ptr().align_offset(64)..];
     let n = panels * nr;
     let (za, sa) = (vec![3i32; mr], vec![0.01f32; mr]);
     let (col_sums, scales, bias) = (vec![5i32; n], vec![0.02f32; n], vec![0.5f32; n]);
     let mut y = vec![0f32; mr * n];
     let calls = (8_000_000 / (mr * nr * kp)).max(panels) / panels * panels;
-    Some(median_rate(min_time, || {
+    median_rate(min_time, || {
         let t = Instant::now();
         for c in 0..calls {
             let p = c % panels;
@@ -113,7 +123,7 @@ pub fn micro_kernel_gops(isa: Isa, k: usize, min_time: Duration) -> Option<f64> 
         }
         std::hint::black_box(&mut y);
         (calls * mr * nr * kp * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
-    }))
+    })
 }
 
 /// Read bandwidth in GB/s for a buffer of `bytes` bytes (rounded up to 4 KiB), single thread,

@@ -105,7 +105,7 @@ fn gemm_cfg() -> dynq_gemm_config {
 fn pack_cfg() -> dynq_pack_config {
     let mut c = unsafe { std::mem::zeroed::<dynq_pack_config>() };
     // SAFETY: a writable config.
-    assert_eq!(unsafe { dynq_pack_config_init(&mut c) }, Status::Ok);
+    assert_eq!(unsafe { dynq_pack_config_init_sized(&mut c, std::mem::size_of::<dynq_pack_config>()) }, Status::Ok);
     c
 }
 
@@ -154,6 +154,14 @@ fn bad_inputs_table() {
         pc.isa = 99;
         let st = dynq_pack_weights(w.as_ptr(), n, k, 0, &pc, &mut out);
         case(&mut t, "config->isa = 99 (not a dynq_isa)", Status::InvalidArgument, st, &mut out);
+        let mut pc = pack_cfg();
+        pc.weight_qmax = 128;
+        let st = dynq_pack_weights(w.as_ptr(), n, k, 0, &pc, &mut out);
+        case(&mut t, "config->weight_qmax = 128 (past 127)", Status::InvalidArgument, st, &mut out);
+        let mut pc = pack_cfg();
+        pc.struct_size = 8;
+        let st = dynq_pack_weights(w.as_ptr(), n, k, 0, &pc, &mut out);
+        case(&mut t, "config->struct_size = 8 (no release had it)", Status::InvalidArgument, st, &mut out);
         let foreign = if cfg!(target_arch = "x86_64") { dynq::Isa::NeonI8mm } else { dynq::Isa::Avx512Vnni };
         let mut pc = pack_cfg();
         pc.isa = foreign.to_raw();
@@ -564,6 +572,17 @@ fn bad_inputs_table() {
 
         // ---- the rest ----
         t.case("dynq_pack_config_init", "config = NULL", Status::NullPointer, dynq_pack_config_init(null_mut()));
+        let size = std::mem::size_of::<dynq_pack_config>();
+        t.case(
+            "dynq_pack_config_init_sized",
+            "config = NULL",
+            Status::NullPointer,
+            dynq_pack_config_init_sized(null_mut(), size),
+        );
+        let mut pc = pack_cfg();
+        let st = dynq_pack_config_init_sized(&mut pc, 8);
+        assert_eq!(pc.struct_size as usize, size, "nothing written");
+        t.case("dynq_pack_config_init_sized", "size = 8 (no layout of the struct)", Status::InvalidArgument, st);
         t.case("dynq_gemm_config_init", "config = NULL", Status::NullPointer, dynq_gemm_config_init(null_mut()));
         t.case("dynq_active_isa", "isa = NULL", Status::NullPointer, dynq_active_isa(null_mut()));
         let mut slot = [0u32; 2];

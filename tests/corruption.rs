@@ -28,7 +28,7 @@ impl Rng {
 fn blob(n: usize, k: usize, gran: WeightGranularity, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
     let w: Vec<f32> = (0..n * k).map(|_| (rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
-    PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, isa: None })
+    PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, ..Default::default() })
         .unwrap()
         .serialize()
 }
@@ -178,8 +178,14 @@ fn per_tensor_blob_with_one_channel_round_trips() {
     // re-serialization used to flip the granularity field; found by fuzz/deserialize).
     let w = [0.5f32, -1.0, 0.25];
     for gran in [WeightGranularity::PerTensor, WeightGranularity::PerChannel] {
-        let pw =
-            PackedWeights::from_f32(&w, 1, 3, WeightLayout::NK, PackOptions { granularity: gran, isa: None }).unwrap();
+        let pw = PackedWeights::from_f32(
+            &w,
+            1,
+            3,
+            WeightLayout::NK,
+            PackOptions { granularity: gran, ..Default::default() },
+        )
+        .unwrap();
         let b = pw.serialize();
         let back = PackedWeights::deserialize(&b, PackOptions::default()).unwrap();
         assert_eq!(back.granularity(), gran);

@@ -78,22 +78,28 @@ fn bit_identical_across_isas_and_threads() {
         let a = random(&mut rng, m * k, 3.0);
         let w = random(&mut rng, n * k, 0.5);
         let bias = random(&mut rng, n, 1.0);
-        for (g, t) in all_modes() {
+        // 8-bit weights, and weights of at most 64 in magnitude (which AVX2 runs with its
+        // narrow-weight kernel).
+        for ((g, t), qmax) in all_modes().into_iter().flat_map(|mode| [(mode, 127), (mode, 64)]) {
             let base = PackedWeights::from_f32(
                 &w,
                 n,
                 k,
                 WeightLayout::NK,
-                PackOptions { isa: Some(Isa::Scalar), ..Default::default() },
+                PackOptions { isa: Some(Isa::Scalar), weight_qmax: qmax, ..Default::default() },
             )
             .unwrap();
             let want = run(&base, &a, m, Some(&bias), &opts(g, t, 1));
             for &isa in &isas {
                 let pw = base.repack(isa).unwrap();
+                let kern = dynq::kernels::kernel_for(isa).unwrap();
+                if qmax <= 64 {
+                    assert_eq!(pw.kernel().name, kern.narrow.unwrap_or(kern).name);
+                }
                 for threads in [1, 2, 3, 0] {
                     let got = run(&pw, &a, m, Some(&bias), &opts(g, t, threads));
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
-                    assert!(same, "{isa} threads={threads} {m}x{n}x{k} {g:?} {t:?} differs from scalar");
+                    assert!(same, "{isa} threads={threads} {m}x{n}x{k} {g:?} {t:?} qmax={qmax} differs from scalar");
                 }
                 for ep in [Epilogue::Relu, Epilogue::Gelu] {
                     let o = GemmOptions { epilogue: ep, ..opts(g, t, 2) };
@@ -165,8 +171,14 @@ fn quantization_error_within_analytic_bound() {
     let a: Vec<f32> = (0..m * k).map(|i| rng.f32() * if i % 50 == 0 { 20.0 } else { 1.0 } + 0.3).collect();
     let w = random(&mut rng, n * k, 0.1);
     for gran in [WeightGranularity::PerChannel, WeightGranularity::PerTensor] {
-        let pw =
-            PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, isa: None }).unwrap();
+        let pw = PackedWeights::from_f32(
+            &w,
+            n,
+            k,
+            WeightLayout::NK,
+            PackOptions { granularity: gran, ..Default::default() },
+        )
+        .unwrap();
         for (g, t) in all_modes() {
             let y = run(&pw, &a, m, None, &opts(g, t, 0));
             let exact = reference::gemm_f64(&a, m, k, k, &w, n, None);
@@ -1177,7 +1189,7 @@ fn avx_vnni_stand_in_gemm_is_bit_identical() {
         .unwrap();
         let pw = dynq::pack::Reservation::for_kernel(n, k, twin)
             .unwrap()
-            .fill_f32(&w, WeightLayout::NK, WeightGranularity::PerChannel)
+            .fill_f32(&w, WeightLayout::NK, WeightGranularity::PerChannel, 127)
             .unwrap();
         assert_eq!(pw.kernel().name, twin.name);
         assert_eq!(pw.quantized_weights(), scalar.quantized_weights());

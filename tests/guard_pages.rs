@@ -291,7 +291,11 @@ fn packing_and_loading_from_guarded_inputs() {
                 let scales = Guarded::from_slice(&(0..n).map(|i| 0.01 * (i % 7) as f32).collect::<Vec<f32>>(), front);
                 let one = Guarded::from_slice(&[0.25f32], front);
                 for layout in [WeightLayout::NK, WeightLayout::KN] {
-                    let o = PackOptions { isa: Some(isa), granularity: WeightGranularity::PerChannel };
+                    let o = PackOptions {
+                        isa: Some(isa),
+                        granularity: WeightGranularity::PerChannel,
+                        ..Default::default()
+                    };
                     let pw = PackedWeights::from_quantized(q.as_slice(), n, k, layout, scales.as_slice(), o).unwrap();
                     let pt = PackedWeights::from_quantized(q.as_slice(), n, k, layout, one.as_slice(), o).unwrap();
                     let blob = Guarded::from_slice(&pw.serialize(), front);

@@ -20,12 +20,16 @@ fn pack_q(q: &[i8], n: usize, k: usize, isa: dynq::Isa) -> PackedWeights {
     .unwrap()
 }
 
-/// Every table kernel this CPU runs, plus test-only twins (the AVX-VNNI kernel's logic
-/// compiled with the AVX-512 VL encoding) when their instructions are available.
+/// Every table kernel this CPU runs (with the narrow-weight entries), plus test-only twins (the
+/// AVX-VNNI kernel's logic compiled with the AVX-512 VL encoding) when their instructions are
+/// available.
 fn micro_kernels_under_test() -> Vec<dynq::kernels::Kernel> {
     #[allow(unused_mut)]
-    let mut v: Vec<dynq::kernels::Kernel> =
-        isas_under_test().into_iter().map(|isa| *kernel_for(isa).unwrap()).collect();
+    let mut v: Vec<dynq::kernels::Kernel> = isas_under_test()
+        .into_iter()
+        .map(|isa| kernel_for(isa).unwrap())
+        .flat_map(|k| std::iter::once(*k).chain(k.narrow.copied()))
+        .collect();
     #[cfg(target_arch = "x86_64")]
     {
         let twin = dynq::kernels::avx_vnni::evex_twin();
@@ -52,7 +56,17 @@ fn micro_kernels_exact_on_guard_pages() {
                     // Activations are u8 values, stored in `ab` bytes each (little-endian).
                     a.as_mut_slice().chunks_exact_mut(ab).for_each(|v| v[0] = rng.u8());
                     let mut b = GuardBuf::<i8>::new(kp * nr, 0);
-                    b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8());
+                    match kern.weight_pair_limit {
+                        None => b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8()),
+                        // Pairs (adjacent in every panel layout) within the kernel's limit.
+                        Some(limit) => b.as_mut_slice().chunks_mut(2).for_each(|p| {
+                            let (x, y) = narrow_pair(&mut rng, limit);
+                            p[0] = x;
+                            if p.len() > 1 {
+                                p[1] = y;
+                            }
+                        }),
+                    }
                     let mut c = GuardBuf::<i32>::new(mr * nr, 0x5555_5555);
                     // SAFETY: buffers of exactly the sizes the contract requires; ISA resolved.
                     unsafe {
@@ -189,6 +203,133 @@ fn micro_kernels_exact_on_guard_pages() {
                 }
             }
         }
+    }
+}
+
+/// A weight pair with `|x| + |y| <= limit`: half of them on the limit itself (both signs,
+/// lopsided or even, `-128` included), the others random within it.
+fn narrow_pair(rng: &mut Rng, limit: u32) -> (i8, i8) {
+    let limit = limit.min(256) as usize;
+    let x = rng.below(limit + 1);
+    let y = if rng.u8() & 1 == 0 { limit - x } else { rng.below(limit - x + 1) };
+    // int8 reaches -128 but only +127: a magnitude of 128 is negative.
+    let mut signed = |v: usize| if v >= 128 || rng.u8() & 1 == 1 { -(v.min(128) as i32) } else { v as i32 };
+    (signed(x) as i8, signed(y) as i8)
+}
+
+/// Weights whose K pairs `(2j, 2j + 1)` of each row are all within `limit`, so that an ISA's
+/// narrow-weight kernel takes them (`n` rows of `k`).
+fn narrow_weights(rng: &mut Rng, n: usize, k: usize, limit: u32) -> Vec<i8> {
+    let mut q = vec![0i8; n * k];
+    for row in q.chunks_mut(k) {
+        for p in row.chunks_mut(2) {
+            let (x, y) = narrow_pair(rng, limit);
+            p[0] = x;
+            if p.len() > 1 {
+                p[1] = y;
+            }
+        }
+    }
+    q
+}
+
+/// Weights within 128 per K pair (e.g. quantized to at most 64 in magnitude) run each ISA's
+/// narrow-weight kernel where it has one (AVX2), picked by packing, and the integer GEMM equals
+/// the reference exactly around every tile edge and at the extremes: every activation 255
+/// with every pair on the limit (`vpmaddubsw` pair sums of +-32640, one step from saturation).
+#[test]
+fn integer_gemm_exact_with_narrow_weights() {
+    let mut rng = Rng(5);
+    let limit = 128;
+    let mut narrow_ran = 0;
+    for isa in isas_under_test() {
+        let kern = kernel_for(isa).unwrap();
+        let expect_kernel = kern.narrow.unwrap_or(kern).name;
+        for m in [1, 2, 5, 6, 7, 13] {
+            for n in [1, 15, 16, 17, 33] {
+                for k in [1, 2, 3, 4, 5, 7, 8, 9, 64, 257] {
+                    let qa: Vec<u8> = (0..m * k).map(|i| if i % 3 == 0 { 255 } else { rng.u8() }).collect();
+                    let za: Vec<i32> = (0..m).map(|i| [0, 1, 127, 128, 255][(i + n + k) % 5]).collect();
+                    let qw = narrow_weights(&mut rng, n, k, limit);
+                    let w = pack_q(&qw, n, k, isa);
+                    assert_eq!(w.kernel().name, expect_kernel, "{isa} {m}x{n}x{k}");
+                    let mut out = vec![0i32; m * n];
+                    gemm_i32(&w, &qa, m, k, &za, &mut out, n, 1).unwrap();
+                    let want = reference::gemm_i64(&qa, m, k, k, &za, &qw, n);
+                    assert!(out.iter().zip(&want).all(|(a, b)| *a as i64 == *b), "{isa} {m}x{n}x{k}");
+                }
+            }
+        }
+        let (n, k) = (kern.nr + 1, 4096);
+        for (a_val, pair) in [
+            (255u8, (64i8, 64i8)),
+            (255, (-64, -64)),
+            (255, (-128, 0)),
+            (255, (127, 1)),
+            (255, (1, 127)),
+            (255, (-100, -28)),
+        ] {
+            let qw: Vec<i8> = (0..n * k).map(|i| if i % 2 == 0 { pair.0 } else { pair.1 }).collect();
+            let w = pack_q(&qw, n, k, isa);
+            assert_eq!(w.kernel().name, expect_kernel);
+            let mut out = vec![0i32; 2 * n];
+            gemm_i32(&w, &vec![a_val; 2 * k], 2, k, &[0, 0], &mut out, n, 1).unwrap();
+            let want = a_val as i64 * (pair.0 as i64 + pair.1 as i64) * (k / 2) as i64;
+            assert!(out.iter().all(|&v| v as i64 == want), "{isa} a={a_val} pair={pair:?}: {} != {want}", out[0]);
+        }
+        narrow_ran += (kern.narrow.is_some()) as usize;
+    }
+    eprintln!("narrow-weight kernels run: {narrow_ran}");
+}
+
+/// Packing picks a narrow-weight kernel only for weights it is exact for: one pair past the
+/// limit anywhere keeps the ISA's own kernel (whose results are still exact); forcing the narrow kernel on such weights is
+/// refused; forcing the ISA's own kernel on narrow weights is honoured; serialized and loaded
+/// again, or repacked, narrow weights get the narrow kernel back.
+#[test]
+fn narrow_kernel_only_for_weights_within_its_limit() {
+    let mut rng = Rng(6);
+    for isa in isas_under_test() {
+        let kern = kernel_for(isa).unwrap();
+        let Some(nk) = kern.narrow else { continue };
+        let limit = nk.weight_pair_limit.expect("a narrow entry has a limit");
+        let (n, k) = (37, 301);
+        let qw = narrow_weights(&mut rng, n, k, limit);
+        assert_eq!(pack_q(&qw, n, k, isa).kernel().name, nk.name);
+        // One pair past the limit, at each end and in the middle (the odd K's last value
+        // pairs with the padding: 129 alone is past it too).
+        // One pair past the limit (100 + 29), in the first, a middle and the last full pair.
+        for (row, pair) in [(0, 0), (n / 2, k / 4), (n - 1, k / 2 - 1)] {
+            let mut bad = qw.clone();
+            bad[row * k + 2 * pair] = 100;
+            bad[row * k + 2 * pair + 1] = -(limit as i32 + 1 - 100) as i8;
+            let w = pack_q(&bad, n, k, isa);
+            assert_eq!(w.kernel().name, kern.name, "{isa}: row {row} pair {pair} is past the limit");
+            let forced = dynq::pack::Reservation::for_kernel(n, k, nk)
+                .unwrap()
+                .fill_quantized(&bad, WeightLayout::NK, &[1.0])
+                .unwrap_err();
+            assert_eq!(forced.status(), dynq::Status::InvalidArgument, "{forced}");
+            let qa: Vec<u8> = vec![255; 3 * k];
+            let mut out = vec![0i32; 3 * n];
+            gemm_i32(&w, &qa, 3, k, &[0, 0, 0], &mut out, n, 1).unwrap();
+            let want = reference::gemm_i64(&qa, 3, k, k, &[0, 0, 0], &bad, n);
+            assert!(out.iter().zip(&want).all(|(a, b)| *a as i64 == *b));
+        }
+        let wide = dynq::pack::Reservation::for_kernel(n, k, kern)
+            .unwrap()
+            .fill_quantized(&qw, WeightLayout::NK, &[0.5])
+            .unwrap();
+        assert_eq!(wide.kernel().name, kern.name);
+        let narrow = pack_q(&qw, n, k, isa);
+        let back =
+            PackedWeights::deserialize(&narrow.serialize(), PackOptions { isa: Some(isa), ..Default::default() })
+                .unwrap();
+        assert_eq!(back.kernel().name, nk.name);
+        assert_eq!(wide.repack(isa).unwrap().kernel().name, nk.name);
+        assert_eq!(back.quantized_weights(), qw);
+        // Copies of weights whose storage was reserved for either layout.
+        assert_eq!(narrow.clone().quantized_weights(), qw);
     }
 }
 

@@ -17,7 +17,8 @@ use dynq::{
 };
 use std::ptr::{null, null_mut};
 
-const SCALAR: PackOptions = PackOptions { granularity: WeightGranularity::PerChannel, isa: Some(Isa::Scalar) };
+const SCALAR: PackOptions =
+    PackOptions { granularity: WeightGranularity::PerChannel, isa: Some(Isa::Scalar), weight_qmax: 127 };
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2_654_435_761) | 1;
@@ -241,7 +242,7 @@ fn c_abi_calls() {
         let (n, k, m) = (9usize, 6usize, 5usize);
         let w = values(n * k, 7);
         let mut cfg = std::mem::zeroed::<dynq_pack_config>();
-        assert_eq!(dynq_pack_config_init(&mut cfg), Status::Ok);
+        assert_eq!(dynq_pack_config_init_sized(&mut cfg, std::mem::size_of::<dynq_pack_config>()), Status::Ok);
         cfg.isa = Isa::Scalar.to_raw();
         let mut p = null_mut();
         assert_eq!(dynq_pack_weights(w.as_ptr(), n, k, 1, &cfg, &mut p), Status::Ok);

@@ -2,10 +2,11 @@
 //! a digest of the outputs of a fixed set of calls (every activation mode, weight granularity,
 //! epilogue, smoothing, residual, layer norm, f16 and bf16), computed with every ISA this CPU
 //! runs, must equal the digest recorded here. `tests/gemm.rs` proves the ISAs of one machine
-//! agree; this test ties the machines together: the recorded value was computed on an AMD Zen 3
-//! (AVX2, scalar), and CI runs it on x86 CPUs with AVX-512 VNNI and under qemu-aarch64 on three
-//! NEON models. A change that alters results anywhere (a rounding step, a reordered sum, a
-//! different erf) changes the digest and must update it on purpose.
+//! agree; this test ties the machines together: the recorded values were computed on an AMD
+//! Zen 3 (AVX2, scalar; for weights of at most 64 in magnitude, AVX2 with its narrow-weight
+//! kernel), and CI runs it on x86 CPUs with AVX-512 VNNI and under qemu-aarch64 on three NEON
+//! models. A change that alters results anywhere (a rounding step, a reordered sum, a
+//! different erf) changes a digest and must update it on purpose.
 
 mod common;
 
@@ -16,8 +17,11 @@ use dynq::{
 };
 use half::{bf16, f16};
 
-/// The digest of every call below, for every ISA.
+/// The digest of every call below, for every ISA, with 8-bit weights.
 const RECORDED: u64 = 0x92841e70dde3c2cb;
+/// The same with weights quantized to at most 64 in magnitude (`weight_qmax` 64: the AVX2
+/// narrow-weight kernel's weights).
+const RECORDED_QMAX64: u64 = 0x91a6e3fd357cd244;
 
 /// Values that are exact in f32 on every platform (multiples of 2^-8 in [-4, 4]), from a 64-bit
 /// linear congruential generator.
@@ -56,8 +60,9 @@ fn typed<T: Element>(pw: &PackedWeights, a: &[f32], m: usize, bias: &[f32], opts
     y.iter().for_each(|&v| d.add(bits(v)));
 }
 
-/// All calls with the weights packed for `isa`, folded into one digest.
-fn digest(isa: Isa) -> u64 {
+/// All calls with the weights quantized to [-qmax, qmax] and packed for `isa`, folded into one
+/// digest.
+fn digest(isa: Isa, qmax: u8) -> u64 {
     let mut d = Digest(0xcbf2_9ce4_8422_2325);
     let mut x = Exact(2026);
     for &(m, n, k) in &[(1, 37, 300), (7, 100, 129), (13, 48, 777), (30, 64, 64)] {
@@ -69,9 +74,14 @@ fn digest(isa: Isa) -> u64 {
         let gamma = x.vec(n, 0.5);
         let beta = x.vec(n, 0.5);
         for wg in [WeightGranularity::PerChannel, WeightGranularity::PerTensor] {
-            let pw =
-                PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: wg, isa: Some(isa) })
-                    .unwrap();
+            let pw = PackedWeights::from_f32(
+                &w,
+                n,
+                k,
+                WeightLayout::NK,
+                PackOptions { granularity: wg, isa: Some(isa), weight_qmax: qmax },
+            )
+            .unwrap();
             for g in [ActGranularity::PerRow, ActGranularity::PerTensor] {
                 for t in [ActType::AsymmetricU8, ActType::SymmetricI8] {
                     for (e, ep) in [Epilogue::None, Epilogue::Relu, Epilogue::Gelu].into_iter().enumerate() {
@@ -105,13 +115,15 @@ fn digest(isa: Isa) -> u64 {
 #[test]
 fn outputs_are_the_recorded_bits_on_every_cpu() {
     for isa in isas_under_test() {
-        let got = digest(isa);
-        assert_eq!(
-            got,
-            RECORDED,
-            "{isa}: output digest {got:#018x}, recorded {RECORDED:#018x} (on {}): results differ from the \
-             machine that recorded them",
-            std::env::consts::ARCH
-        );
+        for (qmax, recorded) in [(127, RECORDED), (64, RECORDED_QMAX64)] {
+            let got = digest(isa, qmax);
+            assert_eq!(
+                got,
+                recorded,
+                "{isa}, weight_qmax {qmax}: output digest {got:#018x}, recorded {recorded:#018x} (on {}): \
+                 results differ from the machine that recorded them",
+                std::env::consts::ARCH
+            );
+        }
     }
 }

@@ -118,10 +118,14 @@ func ActiveISA() (ISA, error) {
 }
 
 // PackOptions are the options of Pack, PackQuantized and Load. The zero value (and nil)
-// means the defaults: per-channel scales, automatic ISA.
+// means the defaults: per-channel scales, automatic ISA, 8-bit weights.
 type PackOptions struct {
 	Granularity WeightGranularity // ignored by PackQuantized and Load
 	ISA         ISA               // the kernel family to pack for; ISAAuto by default
+	// WeightQmax is the largest quantized weight magnitude for Pack, 1..127, or 0 for the
+	// default 127. 64 (ONNX Runtime's reduce_range) halves the weights' resolution and lets
+	// AVX2 CPUs without VNNI run a faster kernel, with the same results on every CPU.
+	WeightQmax int
 }
 
 // GemmOptions are the options of Gemm. The zero value (and nil) means the defaults: per-row
@@ -136,12 +140,19 @@ type GemmOptions struct {
 
 func (o *PackOptions) toC(op string) (C.dynq_pack_config, error) {
 	var c C.dynq_pack_config
-	if err := call(op, func() C.dynq_status { return C.dynq_pack_config_init(&c) }); err != nil {
+	// The sized init: writes exactly the struct this package was built with.
+	if err := call(op, func() C.dynq_status {
+		return C.dynq_pack_config_init_sized(&c, C.size_t(unsafe.Sizeof(c)))
+	}); err != nil {
 		return c, err
 	}
 	if o != nil {
+		if o.WeightQmax < 0 || o.WeightQmax > 127 {
+			return c, invalid(op, "WeightQmax = %d is out of range (1..127, or 0 for the default)", o.WeightQmax)
+		}
 		c.granularity = C.uint32_t(o.Granularity)
 		c.isa = C.uint32_t(o.ISA)
+		c.weight_qmax = C.uint32_t(o.WeightQmax)
 	}
 	return c, nil
 }

@@ -431,3 +431,63 @@ func TestFinalizer(t *testing.T) {
 		runtime.GC()
 	}
 }
+
+// WeightQmax 64 quantizes to [-64, 64] as the documented formula does with 64 for 127, runs
+// the narrow-weight kernel where the CPU's ISA has one (AVX2 without VNNI), and gives the bits
+// of the same int8 weights packed for the portable scalar kernel.
+func TestWeightQmax(t *testing.T) {
+	const n, k, m = 37, 90, 5
+	r := rand.New(rand.NewSource(64))
+	w := randomSlice(r, n*k, 0.7, 0)
+	p := mustPack(t, w, n, k, LayoutNK, &PackOptions{WeightQmax: 64})
+	defer p.Close()
+	blob, err := p.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The blob: 48-byte header, n scales, then the [n][k] int8 weights.
+	q := blob[48+4*n : 48+4*n+n*k]
+	for j := 0; j < n; j++ {
+		max := 0
+		for i := 0; i < k; i++ {
+			v := int(int8(q[j*k+i]))
+			if v < 0 {
+				v = -v
+			}
+			if v > max {
+				max = v
+			}
+		}
+		if max != 64 {
+			t.Fatalf("channel %d: largest |q| = %d, want 64", j, max)
+		}
+	}
+	info, err := p.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.ISA == ISAAVX2 && !strings.HasSuffix(info.Kernel, "_narrow") {
+		t.Fatalf("AVX2 packed 7-bit weights for %s, not its narrow-weight kernel", info.Kernel)
+	}
+	scalar, err := Load(blob, &PackOptions{ISA: ISAScalar})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer scalar.Close()
+	a := randomSlice(r, m*k, 2, 0)
+	want, got := make([]float32, m*n), make([]float32, m*n)
+	if err := scalar.Gemm(want, a, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Gemm(got, a, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := sameBits(got, want); err != nil {
+		t.Fatalf("%s against scalar: %v", info.Kernel, err)
+	}
+	for _, bad := range []int{-1, 128, 1000} {
+		if _, err := Pack(w, n, k, LayoutNK, &PackOptions{WeightQmax: bad}); err == nil {
+			t.Fatalf("WeightQmax %d accepted", bad)
+		}
+	}
+}

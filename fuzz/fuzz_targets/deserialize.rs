@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
         struct_size: std::mem::size_of::<dynq_pack_config>() as u32,
         granularity: 0,
         isa: isa.map_or(0, |i| i.to_raw()),
+        weight_qmax: 0,
     };
     let mut out = 8usize as *mut dynq::ffi::dynq_packed_weights; // non-NULL garbage, must be reset
                                                                  // A zero-length Vec's pointer is dangling but non-null and aligned, valid for 0 bytes.

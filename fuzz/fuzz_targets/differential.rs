@@ -102,11 +102,15 @@ fn run(u: &mut Unstructured) -> Result<()> {
         2 => vec![255; qa_len],
         _ => vec![0; qa_len],
     };
-    let qw: Vec<i8> = match u.int_in_range(0u8..=3)? {
+    let qw: Vec<i8> = match u.int_in_range(0u8..=5)? {
         0 => (0..n * k).map(|_| rng.next() as i8).collect(),
         1 => (0..n * k).map(|_| ((rng.next() & 1) * 255) as u8 as i8 ^ -128).collect(), // -128 or 127
         2 => vec![-128; n * k],
-        _ => vec![127; n * k],
+        3 => vec![127; n * k],
+        // Narrow weights (|w| <= 64, every K pair within 128), which AVX2 runs with its
+        // narrow-weight kernel: random, or +-64 (pair sums of +-32640 against activations 255).
+        4 => (0..n * k).map(|_| (rng.below(129) as i32 - 64) as i8).collect(),
+        _ => (0..n * k).map(|_| if rng.next() & 1 == 0 { 64 } else { -64 }).collect(),
     };
     let za: Vec<i32> = (0..m)
         .map(|_| match rng.below(6) {

@@ -178,16 +178,23 @@ fn pack_config(u: &mut Unstructured, ar: &mut Arena, s: &State) -> Result<(*cons
         return Ok((null(), true));
     }
     let size = std::mem::size_of::<dynq_pack_config>() as u32;
-    let struct_size = if u.ratio(15u8, 16)? { size } else { u.arbitrary()? };
+    // The current size, the first layout's 12 bytes (which ignores weight_qmax), or anything.
+    let struct_size = match u.int_in_range(0..=15u8)? {
+        0 => u.arbitrary()?,
+        1..=2 => 12,
+        _ => size,
+    };
     let granularity = enum_u32(u, 2)?;
     let isa = enum_u32(u, 8)?;
-    let c = dynq_pack_config { struct_size, granularity, isa };
+    let weight_qmax = [0u32, 0, 127, 64, 1, 63, 128, 255, u32::MAX][u.choose_index(9)?];
+    let c = dynq_pack_config { struct_size, granularity, isa, weight_qmax };
     let skew = if kind == PtrKind::Misaligned { 1 } else { 0 };
     let off = ar.take(size as usize, skew);
     // SAFETY: in bounds of the arena; unaligned write.
     unsafe { (ar.base().add(off) as *mut dynq_pack_config).write_unaligned(c) };
     let isa_ok = isa == 0 || Isa::from_raw(isa).is_some_and(|i| s.usable.contains(&i));
-    let ok = skew == 0 && struct_size == size && granularity < 2 && isa_ok;
+    let qmax_ok = struct_size == 12 || weight_qmax <= 127;
+    let ok = skew == 0 && (struct_size == size || struct_size == 12) && granularity < 2 && isa_ok && qmax_ok;
     // SAFETY: in bounds.
     Ok(((unsafe { ar.base().add(off) }) as *const dynq_pack_config, ok))
 }
@@ -1082,15 +1089,24 @@ fn op_misc(u: &mut Unstructured, s: &mut State) -> Result<()> {
             let p = if kind == PtrKind::Null { null_mut() } else { unsafe { ar.base().add(off) } };
             let snap = ar.snapshot();
             let before = message();
-            // SAFETY: NULL or enough bytes for either config struct.
+            let which = u.int_in_range(0..=2u8)?;
+            // The sized pack-config init: the struct's two layouts (12 and 16 bytes) or any
+            // size up to the 32 bytes taken, which must be refused.
+            let size = match u.int_in_range(0..=2u8)? {
+                0 => 12,
+                1 => std::mem::size_of::<dynq_pack_config>(),
+                _ => u.int_in_range(0..=32usize)?,
+            };
+            // SAFETY: NULL or 32 bytes: enough for either config struct and any size above.
             let st = unsafe {
-                if u.arbitrary()? {
-                    dynq_pack_config_init(p as *mut dynq_pack_config)
-                } else {
-                    dynq_gemm_config_init(p as *mut dynq_gemm_config)
+                match which {
+                    0 => dynq_pack_config_init(p as *mut dynq_pack_config),
+                    1 => dynq_pack_config_init_sized(p as *mut dynq_pack_config, size),
+                    _ => dynq_gemm_config_init(p as *mut dynq_gemm_config),
                 }
             };
-            judge("config_init", st, Some(kind == PtrKind::Aligned), &before);
+            let size_ok = which != 1 || size == 12 || size == std::mem::size_of::<dynq_pack_config>();
+            judge("config_init", st, Some(kind == PtrKind::Aligned && size_ok), &before);
             if st != Status::Ok {
                 assert!(snap == ar.snapshot());
             }

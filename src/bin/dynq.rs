@@ -19,6 +19,8 @@ commands:
     --min-time SECONDS       minimum measuring time per shape and library (default 0.3)
     --per-tensor             per-tensor activation ranges instead of per-row
     --symmetric              symmetric int8 activations instead of asymmetric uint8
+    --weight-qmax Q          quantize weights to [-Q, Q] (default 127; 64 = ONNX Runtime's
+                             reduce_range, which runs a faster kernel on AVX2 without VNNI)
   peak [--isa NAME] [--bytes N[,N...]]
                              this machine's measured limits as JSON: the dot-product peak of an
                              ISA (GOPS, 1 thread; avx_vnni: as for bench) and the read
@@ -110,6 +112,7 @@ fn info() -> Result<(), String> {
 fn peak(args: &[String]) -> Result<(), String> {
     let mut isa = None;
     let mut sizes = vec![16usize << 20];
+    let mut narrow = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -124,6 +127,7 @@ fn peak(args: &[String]) -> Result<(), String> {
                     .map(|s| s.trim().parse().map_err(|_| format!("bad size {s:?}")))
                     .collect::<Result<_, _>>()?;
             }
+            "--narrow" => narrow = true,
             other => return Err(format!("unknown peak option {other:?}")),
         }
     }
@@ -131,15 +135,18 @@ fn peak(args: &[String]) -> Result<(), String> {
     let t = Duration::from_millis(300);
     let gops = dynq::peak::dot_product_gops(isa, t);
     let fmt = |g: Option<f64>| g.map_or("null".to_string(), |g| format!("{g:.1}"));
+    // The kernel measured: the ISA's (or its stand-in), or with --narrow its narrow-weight entry.
+    let kern = stand_in.or(dynq::kernels::kernel_for(isa)).map(|k| if narrow { k.narrow.unwrap_or(k) } else { k });
     let kernel: Vec<String> = [256usize, 768, 3072]
         .iter()
-        .map(|&k| format!("\"{k}\": {}", fmt(dynq::peak::micro_kernel_gops(isa, k, t))))
+        .map(|&k| format!("\"{k}\": {}", fmt(kern.map(|kern| dynq::peak::kernel_gops(kern, k, t)))))
         .collect();
     let bw: Vec<String> =
         sizes.iter().map(|&b| format!("\"{b}\": {:.2}", dynq::peak::read_bandwidth_gbs(b, t))).collect();
     println!(
-        "{{\"isa\": \"{isa}\", \"stand_in\": {}, \"dot_product_gops\": {}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
+        "{{\"isa\": \"{isa}\", \"stand_in\": {}, \"kernel\": {}, \"dot_product_gops\": {}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
         stand_in.map_or("null".to_string(), |k| format!("\"{}\"", k.name)),
+        kern.map_or("null".to_string(), |k| format!("\"{}\"", k.name)),
         fmt(gops),
         kernel.join(", "),
         bw.join(", ")
@@ -167,6 +174,7 @@ struct BenchArgs {
     min_time: Duration,
     gran: ActGranularity,
     ty: ActType,
+    weight_qmax: u8,
 }
 
 fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
@@ -177,6 +185,7 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
         min_time: Duration::from_millis(300),
         gran: ActGranularity::PerRow,
         ty: ActType::AsymmetricU8,
+        weight_qmax: 127,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -209,6 +218,12 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
             }
             "--per-tensor" => b.gran = ActGranularity::PerTensor,
             "--symmetric" => b.ty = ActType::SymmetricI8,
+            "--weight-qmax" => {
+                b.weight_qmax = match val("--weight-qmax")?.parse::<u8>() {
+                    Ok(q @ 1..=127) => q,
+                    _ => return Err("bad --weight-qmax: expected 1..=127".to_string()),
+                }
+            }
             other => return Err(format!("unknown bench option {other:?}; see `dynq help`")),
         }
     }
@@ -248,13 +263,19 @@ fn time_it(min_time: Duration, mut f: impl FnMut()) -> Duration {
 fn bench(args: &[String]) -> Result<(), String> {
     let b = parse_bench(args)?;
     let (isa, stand_in) = select_or_stand_in(b.isa)?;
+    let kern = stand_in.or(dynq::kernels::kernel_for(isa)).ok_or("no kernel for this ISA in this build")?;
+    // Weights of at most 64 in magnitude run the ISA's narrow-weight entry where it has one,
+    // as packing picks it for them.
+    let kern = if b.weight_qmax <= 64 { kern.narrow.unwrap_or(kern) } else { kern };
     println!(
-        "dynq {} bench: isa={} threads={} activations={:?}/{:?}; baseline fp32 SGEMM = matrixmultiply 0.3 (1 thread)",
+        "dynq {} bench: isa={} kernel={} threads={} activations={:?}/{:?} weights=[-{q}, {q}]; baseline fp32 SGEMM = matrixmultiply 0.3 (1 thread)",
         dynq::VERSION,
         isa,
+        kern.name,
         b.threads,
         b.gran,
-        b.ty
+        b.ty,
+        q = b.weight_qmax
     );
     if let Some(k) = stand_in {
         println!(
@@ -269,7 +290,8 @@ fn bench(args: &[String]) -> Result<(), String> {
         Some(p) => println!("measured {isa} dot-product peak, 1 thread: {p:.0} GOPS"),
         None => println!("no dot-product peak measured for {isa}"),
     }
-    if let Some(kg) = dynq::peak::micro_kernel_gops(isa, 768, b.min_time) {
+    {
+        let kg = dynq::peak::kernel_gops(kern, 768, b.min_time);
         let pct = peak.map_or(String::new(), |p| format!(" = {:.0}% of the peak", 100.0 * kg / p));
         println!("its micro-kernel alone (one tile, K = 768, operands in L1/L2, f32 epilogue): {kg:.0} GOPS{pct}");
     }
@@ -295,7 +317,6 @@ fn bench(args: &[String]) -> Result<(), String> {
     // micro-kernel's rate ms).
     let mut breakdown: Vec<(String, String, f64, f64, f64, Option<f64>)> = Vec::new();
     let mut micro_cache: Vec<(usize, Option<f64>)> = Vec::new();
-    let kern = stand_in.or(dynq::kernels::kernel_for(isa)).ok_or("no kernel for this ISA in this build")?;
     for (label, m, n, k) in &b.shapes {
         let (m, n, k) = (*m, *n, *k);
         let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
@@ -304,7 +325,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
         // The kernel measured: the ISA's own, or its stand-in.
         let pw = dynq::pack::Reservation::for_kernel(n, k, kern)
-            .and_then(|r| r.fill_f32(&w_kn, WeightLayout::KN, PackOptions::default().granularity))
+            .and_then(|r| r.fill_f32(&w_kn, WeightLayout::KN, PackOptions::default().granularity, b.weight_qmax))
             .map_err(|e| e.to_string())?;
         let opts =
             GemmOptions { act_granularity: b.gran, act_type: b.ty, epilogue: Epilogue::None, num_threads: b.threads };
@@ -381,7 +402,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             let micro = match micro_cache.iter().find(|(kk, _)| *kk == k) {
                 Some(&(_, g)) => g,
                 None => {
-                    let g = dynq::peak::micro_kernel_gops(isa, k, b.min_time);
+                    let g = Some(dynq::peak::kernel_gops(kern, k, b.min_time));
                     micro_cache.push((k, g));
                     g
                 }

@@ -119,7 +119,17 @@ pub struct dynq_pack_config {
     pub granularity: u32,
     /// A `dynq_isa`: the kernel family to pack for; `DYNQ_ISA_AUTO` (0) for the default.
     pub isa: u32,
+    /// Largest quantized weight magnitude for f32 weights, 1..=127, or 0 for the default
+    /// (127, 8-bit weights); checked, but without effect, for pre-quantized weights and
+    /// blobs. 64 (ONNX Runtime's
+    /// `reduce_range`) halves the weights' resolution and lets AVX2 CPUs without VNNI run a
+    /// faster kernel; the results are the same on every CPU. A struct of the earlier size
+    /// (12 bytes, before this field) is still accepted and means 0.
+    pub weight_qmax: u32,
 }
+
+/// `sizeof(dynq_pack_config)` before `weight_qmax` was added, still accepted.
+const PACK_CONFIG_V1_SIZE: usize = 12;
 
 /// Options of a GEMM call. Initialize with `dynq_gemm_config_init`, then change fields.
 #[repr(C)]
@@ -276,15 +286,34 @@ fn span(rows: usize, cols: usize, ld: usize, elem: usize, name: &str) -> Result<
 /// `p` is NULL or points to a readable `T` (its `struct_size` is checked before the rest is
 /// read).
 unsafe fn read_config<T: Copy>(p: *const T, default: T, name: &str) -> Result<T> {
+    // SAFETY: forwarded contract.
+    unsafe { read_config_versions(p, default, name, &[]) }
+}
+
+/// [`read_config`] that also accepts the sizes the struct had in earlier releases (`older`:
+/// each a prefix of the current fields, all `u32`-aligned): the fields a caller's struct lacks
+/// keep their defaults.
+///
+/// # Safety
+/// `p` is NULL or points to at least `struct_size` readable bytes (the size is read first).
+unsafe fn read_config_versions<T: Copy>(p: *const T, default: T, name: &str, older: &[usize]) -> Result<T> {
     if p.is_null() {
         return Ok(default);
     }
     check_ptr(p, name)?;
     // SAFETY: non-null, aligned; the first field of every config is a u32.
     let size = unsafe { *(p as *const u32) } as usize;
+    if older.contains(&size) && size < std::mem::size_of::<T>() {
+        let mut v = default;
+        // SAFETY: the caller's struct has `size` readable bytes, a prefix of T's fields
+        // (plain integers), copied over the defaults.
+        unsafe { std::ptr::copy_nonoverlapping(p as *const u8, &mut v as *mut T as *mut u8, size) };
+        return Ok(v);
+    }
     if size != std::mem::size_of::<T>() {
+        let earlier: String = older.iter().map(|s| format!(" or {s} (its layout before later fields)")).collect();
         return Err(Error::InvalidArgument(format!(
-            "{name}->struct_size is {size}, expected {} (initialize it with its _init function)",
+            "{name}->struct_size is {size}, expected {}{earlier} (initialize it with its _init function)",
             std::mem::size_of::<T>()
         )));
     }
@@ -300,7 +329,12 @@ fn isa_from_raw(raw: u32) -> Result<Option<Isa>> {
 }
 
 fn default_pack_config() -> dynq_pack_config {
-    dynq_pack_config { struct_size: std::mem::size_of::<dynq_pack_config>() as u32, granularity: 0, isa: 0 }
+    dynq_pack_config {
+        struct_size: std::mem::size_of::<dynq_pack_config>() as u32,
+        granularity: 0,
+        isa: 0,
+        weight_qmax: 0,
+    }
 }
 
 fn default_gemm_config() -> dynq_gemm_config {
@@ -317,7 +351,14 @@ fn pack_options(c: &dynq_pack_config) -> Result<PackOptions> {
     let granularity = WeightGranularity::from_raw(c.granularity).ok_or_else(|| {
         Error::InvalidArgument(format!("granularity={} is not a dynq_weight_granularity value", c.granularity))
     })?;
-    Ok(PackOptions { granularity, isa: isa_from_raw(c.isa)? })
+    let weight_qmax = match c.weight_qmax {
+        0 => crate::quant::weights::WEIGHT_QMAX,
+        q @ 1..=127 => q as u8,
+        q => {
+            return Err(Error::InvalidArgument(format!("weight_qmax={q}: must be 1..=127, or 0 for the default (127)")))
+        }
+    };
+    Ok(PackOptions { granularity, isa: isa_from_raw(c.isa)?, weight_qmax })
 }
 
 fn gemm_options(c: &dynq_gemm_config) -> Result<GemmOptions> {
@@ -442,16 +483,46 @@ pub extern "C" fn dynq_isa_available(isa: u32) -> i32 {
 // Configs
 // ------------------------------------------------------------------------------------------
 
-/// Fills `*config` with the defaults (per-channel weights, automatic ISA).
+/// Fills `*config` with the defaults (per-channel weights, automatic ISA, 8-bit weights) in
+/// the struct's first layout: 12 bytes (`struct_size`, `granularity`, `isa`), `struct_size` =
+/// 12. This is the entry point that programs built before `weight_qmax` existed call; C and
+/// C++ code compiled with this header calls [`dynq_pack_config_init_sized`] instead, through
+/// the function-like macro of the same name at the end of the header, which passes
+/// `sizeof(*config)`. (To call this function itself, write `(dynq_pack_config_init)(config)`.)
 ///
 /// # Safety
-/// `config` is NULL or points to a writable `dynq_pack_config`.
+/// `config` is NULL or points to at least 12 writable bytes, aligned for a `dynq_pack_config`.
 #[no_mangle]
 pub unsafe extern "C" fn dynq_pack_config_init(config: *mut dynq_pack_config) -> Status {
+    // SAFETY: forwarded contract.
+    unsafe { dynq_pack_config_init_sized(config, PACK_CONFIG_V1_SIZE) }
+}
+
+/// Fills the `size` bytes of `*config` with the defaults (per-channel weights, automatic ISA,
+/// 8-bit weights) and sets `struct_size = size`. `size` is the `sizeof(dynq_pack_config)` the
+/// caller was compiled with: 16 for this header, 12 for headers before `weight_qmax`; any
+/// other size is refused and nothing is written. Writing only `size` bytes keeps programs
+/// built against a smaller struct safe when this library grows it.
+///
+/// # Safety
+/// `config` is NULL or points to at least `size` writable bytes, aligned for a
+/// `dynq_pack_config`.
+#[no_mangle]
+pub unsafe extern "C" fn dynq_pack_config_init_sized(config: *mut dynq_pack_config, size: usize) -> Status {
     ffi_boundary!({
         check_ptr(config, "config")?;
-        // SAFETY: checked non-null and aligned.
-        unsafe { config.write(default_pack_config()) };
+        let full = std::mem::size_of::<dynq_pack_config>();
+        if size != full && size != PACK_CONFIG_V1_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "size={size} is not a size dynq_pack_config has had ({full}, or {PACK_CONFIG_V1_SIZE} before \
+                 weight_qmax)"
+            )));
+        }
+        let mut v = default_pack_config();
+        v.struct_size = size as u32;
+        // SAFETY: checked non-null and aligned; the caller has `size` writable bytes, and `v`
+        // is a plain struct of u32 fields, of which the first `size` bytes are copied.
+        unsafe { std::ptr::copy_nonoverlapping(&v as *const dynq_pack_config as *const u8, config as *mut u8, size) };
         Ok(())
     })
 }
@@ -503,12 +574,14 @@ pub unsafe extern "C" fn dynq_pack_weights(
         check_ptr(w, "w")?;
         let layout = layout_from_raw(layout)?;
         // SAFETY: config is NULL or readable per the contract.
-        let opts = pack_options(&unsafe { read_config(config, default_pack_config(), "config") }?)?;
+        let opts = pack_options(&unsafe {
+            read_config_versions(config, default_pack_config(), "config", &[PACK_CONFIG_V1_SIZE])
+        }?)?;
         let res = Reservation::new(n, k, opts.isa)?;
         // SAFETY: the caller provides n * k readable floats; Reservation::new checked that
         // n * k * 4 does not overflow.
         let w = unsafe { std::slice::from_raw_parts(w, res.input_len()) };
-        out_handle(out, res.fill_f32(w, layout, opts.granularity)?);
+        out_handle(out, res.fill_f32(w, layout, opts.granularity, opts.weight_qmax)?);
         Ok(())
     })
 }
@@ -545,7 +618,9 @@ pub unsafe extern "C" fn dynq_pack_quantized_weights(
             )));
         }
         // SAFETY: config is NULL or readable per the contract.
-        let opts = pack_options(&unsafe { read_config(config, default_pack_config(), "config") }?)?;
+        let opts = pack_options(&unsafe {
+            read_config_versions(config, default_pack_config(), "config", &[PACK_CONFIG_V1_SIZE])
+        }?)?;
         let res = Reservation::new(n, k, opts.isa)?;
         // SAFETY: the caller provides n * k bytes and num_scales (<= n) floats; sizes checked.
         let (q, scales) =
@@ -590,7 +665,7 @@ pub unsafe extern "C" fn dynq_packed_weights_get_info(
             nr: kern.nr as u32,
             kr: kern.kr as u32,
             reserved: 0,
-            kernel_name: kernel_name_ptr(kern.isa),
+            kernel_name: kernel_name_ptr(kern.name),
         };
         // SAFETY: checked non-null, aligned, and the caller's size matches.
         unsafe { info.write(v) };
@@ -598,15 +673,17 @@ pub unsafe extern "C" fn dynq_packed_weights_get_info(
     })
 }
 
-/// NUL-terminated kernel names, one per table entry, built once.
-fn kernel_name_ptr(isa: Isa) -> *const c_char {
-    static NAMES: once_cell::sync::Lazy<Vec<(Isa, std::ffi::CString)>> = once_cell::sync::Lazy::new(|| {
+/// NUL-terminated kernel names, one per table entry (and stand-in), built once.
+fn kernel_name_ptr(name: &str) -> *const c_char {
+    static NAMES: once_cell::sync::Lazy<Vec<std::ffi::CString>> = once_cell::sync::Lazy::new(|| {
+        let stand_ins = Isa::ALL.iter().filter_map(|&i| crate::kernels::stand_in_for(i));
         crate::kernels::KERNELS
             .iter()
-            .map(|k| (k.isa, std::ffi::CString::new(k.name).expect("kernel names have no NUL")))
+            .chain(stand_ins)
+            .map(|k| std::ffi::CString::new(k.name).expect("kernel names have no NUL"))
             .collect()
     });
-    NAMES.iter().find(|(i, _)| *i == isa).map_or(std::ptr::null(), |(_, c)| c.as_ptr())
+    NAMES.iter().find(|c| c.as_bytes() == name.as_bytes()).map_or(std::ptr::null(), |c| c.as_ptr())
 }
 
 /// Releases packed weights. NULL is a no-op. The handle must not be in use by another thread
@@ -685,7 +762,9 @@ pub unsafe extern "C" fn dynq_packed_weights_deserialize(
             return Err(Error::SizeOverflow(format!("len={len} exceeds the address space")));
         }
         // SAFETY: config is NULL or readable per the contract.
-        let opts = pack_options(&unsafe { read_config(config, default_pack_config(), "config") }?)?;
+        let opts = pack_options(&unsafe {
+            read_config_versions(config, default_pack_config(), "config", &[PACK_CONFIG_V1_SIZE])
+        }?)?;
         // SAFETY: the caller provides len readable bytes.
         let blob = unsafe { std::slice::from_raw_parts(buf, len) };
         out_handle(out, PackedWeights::deserialize(blob, opts)?);

@@ -12,6 +12,11 @@
 //! Micro-kernel `gemm_u8s8_i32_6x16c2__avx2`: 6 rows x 16 columns, K in pairs; per pair two
 //! widening loads of weights, six 32-bit broadcasts of activation pairs, 12 `vpmaddwd` and
 //! 12 `vpaddd` into 12 accumulators (15 of the 16 ymm registers).
+//!
+//! Micro-kernel `gemm_u8s8_i32_6x16c4__avx2_narrow`: for narrow weights only (every K pair
+//! with `|w0| + |w1| <= 128`, e.g. weights quantized to at most 64 in magnitude), where the
+//! `vpmaddubsw` pair sum is at most `255 * 128 = 32640` and cannot saturate. Packing checks
+//! the weights and picks it by itself; it refuses other weights for it.
 
 use super::{pack_panels, unpack_panels, DequantRow, F32Tile, Kernel, RowOps, ScaledRowOps, TileOut};
 use crate::gemm::{Epilogue, ERF_P, ERF_Q};
@@ -40,6 +45,34 @@ pub const KERNEL: Kernel = Kernel {
     pack: pack_panels::<NR, KR>,
     unpack: unpack_panels::<NR, KR>,
     ops: &OPS_U16,
+    weight_pair_limit: None,
+    narrow: Some(&KERNEL_NARROW),
+};
+
+/// `|w[2j]| + |w[2j + 1]|` bound under which `vpmaddubsw` cannot saturate:
+/// `255 * 128 = 32640 <= 32767`. Weights quantized to at most 64 in magnitude (`weight_qmax`
+/// 64, ONNX Runtime's `reduce_range`) always meet it.
+pub const NARROW_PAIR_LIMIT: u32 = 128;
+
+/// The AVX2 entry for narrow weights (every K pair within [`NARROW_PAIR_LIMIT`]), which
+/// packing picks by itself for such weights: the `vpmaddubsw + vpmaddwd + vpaddd` chain, 3
+/// instructions per 32 multiply-adds where the exact kernel needs 4 and a sign extension.
+/// Exact for the weights it accepts, so its results are the bits of every other kernel.
+pub const KERNEL_NARROW: Kernel = Kernel {
+    isa: Isa::Avx2,
+    name: "gemm_u8s8_i32_6x16c4__avx2_narrow",
+    mr: MR,
+    nr: NR,
+    kr: 4,
+    a_bytes: 1,
+    a_shift: 0,
+    layout_version: 1,
+    ukernel: gemm_u8s8_i32_6x16c4__avx2_narrow,
+    pack: pack_panels::<NR, 4>,
+    unpack: unpack_panels::<NR, 4>,
+    ops: &OPS_U8,
+    weight_pair_limit: Some(NARROW_PAIR_LIMIT),
+    narrow: None,
 };
 
 /// AVX2 row operations writing `u8` activations.
@@ -195,6 +228,177 @@ unsafe fn two_pairs_6(acc: &mut [[__m256i; 2]; 6], rowp: &[*const i32; 6], g: us
             k_pair!(32, 48, 4),
             b = in(reg) b,
             g = in(reg) g,
+            r0 = in(reg) rowp[0],
+            r1 = in(reg) rowp[1],
+            r2 = in(reg) rowp[2],
+            r3 = in(reg) rowp[3],
+            r4 = in(reg) rowp[4],
+            r5 = in(reg) rowp[5],
+            a00 = inout(ymm_reg) *a00,
+            a01 = inout(ymm_reg) *a01,
+            a10 = inout(ymm_reg) *a10,
+            a11 = inout(ymm_reg) *a11,
+            a20 = inout(ymm_reg) *a20,
+            a21 = inout(ymm_reg) *a21,
+            a30 = inout(ymm_reg) *a30,
+            a31 = inout(ymm_reg) *a31,
+            a40 = inout(ymm_reg) *a40,
+            a41 = inout(ymm_reg) *a41,
+            a50 = inout(ymm_reg) *a50,
+            a51 = inout(ymm_reg) *a51,
+            b0 = out(ymm_reg) _,
+            b1 = out(ymm_reg) _,
+            av = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            options(nostack, preserves_flags, readonly),
+        );
+    }
+}
+
+/// `vpmaddwd` multiplier that adds adjacent int16 lanes into int32, on its own cache line:
+/// the narrow kernel reads it 12 times per K group, and with the 2-byte alignment of an
+/// `[i16; 16]` it straddled two lines (which halved the kernel's speed on AMD Zen 3).
+#[repr(C, align(64))]
+struct Ones([i16; 16]);
+static ONES_I16: Ones = Ones([1; 16]);
+
+/// # Safety
+/// The contract of [`super::MicroKernel`] with `a_bytes = 1`, for weights packed by
+/// [`KERNEL_NARROW`] (every K pair within [`NARROW_PAIR_LIMIT`]); the CPU has AVX2.
+#[allow(non_snake_case)]
+unsafe fn gemm_u8s8_i32_6x16c4__avx2_narrow(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    c: &TileOut<'_>,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match mr {
+            1 => rows_narrow::<1>(kp, a, a_stride, b, c),
+            2 => rows_narrow::<2>(kp, a, a_stride, b, c),
+            3 => rows_narrow::<3>(kp, a, a_stride, b, c),
+            4 => rows_narrow::<4>(kp, a, a_stride, b, c),
+            5 => rows_narrow::<5>(kp, a, a_stride, b, c),
+            _ => rows_narrow::<6>(kp, a, a_stride, b, c),
+        }
+    }
+}
+
+/// # Safety
+/// As [`gemm_u8s8_i32_6x16c4__avx2_narrow`] with `mr == R`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_narrow<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
+    const KR: usize = 4;
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    // SAFETY (whole body): loads stay inside the R rows of kp bytes and the kp * NR bytes of
+    // the panel; stores write the first R rows of the MR x NR tile.
+    unsafe {
+        // Row pointers computed once, hidden from the optimizer (see the AVX-512 kernel).
+        let rowp: [*const i32; R] = std::hint::black_box(std::array::from_fn(|i| a.add(i * a_stride) as *const i32));
+        let ones = _mm256_load_si256(ONES_I16.0.as_ptr() as *const __m256i);
+        let groups = kp / KR;
+        let step = |g: usize, acc: &mut [[__m256i; 2]; R]| {
+            let bp = b.add(g * NR * KR) as *const __m256i;
+            let (b0, b1) = (_mm256_loadu_si256(bp), _mm256_loadu_si256(bp.add(1)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // KR = 4: group g of a row is the i32 at index g. Each int16 pair sum is at most
+                // 255 * NARROW_PAIR_LIMIT in magnitude: no saturation.
+                let av = _mm256_set1_epi32(rowp[i].add(g).read_unaligned());
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
+            }
+        };
+        let mut g = 0;
+        while g + 2 <= groups {
+            // One line of weights per K group; prefetched 4 KiB ahead as in the exact kernel.
+            let bg = b.add(g * NR * KR);
+            _mm_prefetch::<_MM_HINT_T0>(bg.wrapping_add(PREFETCH));
+            _mm_prefetch::<_MM_HINT_T0>(bg.wrapping_add(PREFETCH + 64));
+            if R == 6 {
+                // SAFETY: as `step` for groups g and g + 1 (R == 6: rowp and acc have 6 rows).
+                narrow_two_groups_6(
+                    &mut *(acc.as_mut_ptr() as *mut [[__m256i; 2]; 6]),
+                    &*(rowp.as_ptr() as *const [*const i32; 6]),
+                    g,
+                    bg,
+                );
+            } else {
+                step(g, &mut acc);
+                step(g + 1, &mut acc);
+            }
+            g += 2;
+        }
+        if g < groups {
+            step(g, &mut acc);
+        }
+        deliver_16(&acc, out);
+        if let TileOut::F32(t) = out {
+            if t.residual.is_some() {
+                add_residual(R, t);
+            }
+        }
+    }
+}
+
+/// One row of a K group in [`narrow_two_groups_6`]: broadcast the row's 4 activations (`$off`
+/// bytes past group `g`), multiply-add them with both weight vectors into int16 pair sums,
+/// widen those into int32 sums of 4 and add them to the row's two accumulators.
+#[rustfmt::skip] // one instruction per line
+macro_rules! k_group_row {
+    ($r:literal, $a0:literal, $a1:literal, $off:literal) => {
+        concat!(
+            "vpbroadcastd {av}, dword ptr [{", $r, "} + {g} * 4 + ", $off, "]\n",
+            "vpmaddubsw {t}, {av}, {b0}\n",
+            "vpmaddwd {t}, {t}, ymmword ptr [{ones}]\n",
+            "vpaddd {", $a0, "}, {", $a0, "}, {t}\n",
+            "vpmaddubsw {av}, {av}, {b1}\n",
+            "vpmaddwd {av}, {av}, ymmword ptr [{ones}]\n",
+            "vpaddd {", $a1, "}, {", $a1, "}, {av}\n",
+        )
+    };
+}
+
+/// One K group of [`narrow_two_groups_6`]: load the 64 weight bytes at `$b0` past `{b}`, then
+/// the six rows (their group `$off` bytes past group `g`).
+#[rustfmt::skip] // one instruction per line
+macro_rules! k_group {
+    ($b0:literal, $b1:literal, $off:literal) => {
+        concat!(
+            "vmovdqu {b0}, ymmword ptr [{b} + ", $b0, "]\n",
+            "vmovdqu {b1}, ymmword ptr [{b} + ", $b1, "]\n",
+            k_group_row!("r0", "a00", "a01", $off),
+            k_group_row!("r1", "a10", "a11", $off),
+            k_group_row!("r2", "a20", "a21", $off),
+            k_group_row!("r3", "a30", "a31", $off),
+            k_group_row!("r4", "a40", "a41", $off),
+            k_group_row!("r5", "a50", "a51", $off),
+        )
+    };
+}
+
+/// Two K groups of a full 6-row tile of the narrow kernel, in assembly for the reason given
+/// at [`two_pairs_6`]: 12 accumulators, two weight vectors, the broadcast and one product fill
+/// the 16 registers, so the `vpmaddwd` multiplier of ones is a memory operand.
+///
+/// # Safety
+/// The CPU has AVX2; `rowp[i] + g` and `rowp[i] + g + 1` are readable `i32`s (two K groups
+/// of row `i`), `b` points to 128 readable bytes (two K groups of the panel).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn narrow_two_groups_6(acc: &mut [[__m256i; 2]; 6], rowp: &[*const i32; 6], g: usize, b: *const i8) {
+    let [[a00, a01], [a10, a11], [a20, a21], [a30, a31], [a40, a41], [a50, a51]] = acc;
+    // SAFETY: reads only the bytes named in the contract and ONES_I16; writes only the
+    // register operands.
+    unsafe {
+        std::arch::asm!(
+            k_group!(0, 32, 0),
+            k_group!(64, 96, 4),
+            b = in(reg) b,
+            g = in(reg) g,
+            ones = in(reg) ONES_I16.0.as_ptr(),
             r0 = in(reg) rowp[0],
             r1 = in(reg) rowp[1],
             r2 = in(reg) rowp[2],

@@ -44,6 +44,8 @@ pub const KERNEL: Kernel = Kernel {
     pack: pack_panels::<NR, KR>,
     unpack: unpack_panels::<NR, KR>,
     ops: &OPS,
+    weight_pair_limit: None,
+    narrow: None,
 };
 
 /// AVX-512 row operations. The epilogue itself runs in registers inside the micro-kernel

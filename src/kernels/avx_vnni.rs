@@ -34,6 +34,8 @@ pub const KERNEL: Kernel = Kernel {
     pack: pack_panels::<NR, KR>,
     unpack: unpack_panels::<NR, KR>,
     ops: &super::avx2::OPS_U8,
+    weight_pair_limit: None,
+    narrow: None,
 };
 
 /// The same kernel built with the EVEX (AVX-512 VL) encoding of `vpdpbusd ymm`: not a table

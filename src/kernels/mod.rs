@@ -257,9 +257,27 @@ pub struct Kernel {
     pub pack: PackFn,
     pub unpack: UnpackFn,
     pub ops: &'static RowOps,
+    /// `None`: exact for every int8 weight. `Some(limit)`: exact only for weights whose K
+    /// pairs `(2j, 2j + 1)` of every output channel have `|w[2j]| + |w[2j + 1]| <= limit`
+    /// (kernels whose 16-bit intermediate sums hold `255 * limit`); packing refuses other
+    /// weights for such a kernel, so it never runs on them.
+    pub weight_pair_limit: Option<u32>,
+    /// A faster entry of the same ISA for weights within its `weight_pair_limit`, which
+    /// packing picks instead of this one when the weights allow it (the results are the same
+    /// bits: both compute the exact integer products).
+    pub narrow: Option<&'static Kernel>,
 }
 
 impl Kernel {
+    /// Whether this kernel computes exact results for the canonical `[N][K]` weights `q`
+    /// (see [`Self::weight_pair_limit`]).
+    pub fn accepts_weights(&self, q: &[i8], k: usize) -> bool {
+        match self.weight_pair_limit {
+            None => true,
+            Some(limit) => pairs_within(q, k, limit),
+        }
+    }
+
     /// K rounded up to a multiple of KR.
     pub fn padded_k(&self, k: usize) -> usize {
         k.div_ceil(self.kr) * self.kr
@@ -286,6 +304,8 @@ pub static KERNELS: &[Kernel] = &[
     neon::KERNEL_I8MM,
     #[cfg(target_arch = "x86_64")]
     avx2::KERNEL,
+    #[cfg(target_arch = "x86_64")]
+    avx2::KERNEL_NARROW,
     #[cfg(target_arch = "x86_64")]
     avx_vnni::KERNEL,
     #[cfg(target_arch = "x86_64")]
@@ -334,9 +354,17 @@ pub fn stand_in_for(isa: Isa) -> Option<&'static Kernel> {
     None
 }
 
-/// The table entry for an ISA, if this build has one.
+/// The table entry for an ISA, if this build has one: the entry for every int8 weight (an ISA
+/// may also have a narrow-weight entry, [`Kernel::narrow`], which packing picks by itself).
 pub fn kernel_for(isa: Isa) -> Option<&'static Kernel> {
-    KERNELS.iter().find(|k| k.isa == isa)
+    KERNELS.iter().find(|k| k.isa == isa && k.weight_pair_limit.is_none())
+}
+
+/// Whether every K pair `(2j, 2j + 1)` of every row of the canonical `[N][K]` weights `q` has
+/// `|q[2j]| + |q[2j + 1]| <= limit` (an odd K's last value pairs with the zero padding).
+pub fn pairs_within(q: &[i8], k: usize, limit: u32) -> bool {
+    q.chunks_exact(k.max(1))
+        .all(|row| row.chunks(2).all(|p| p.iter().map(|&v| v.unsigned_abs() as u32).sum::<u32>() <= limit))
 }
 
 /// The standard "panel" layout shared by the dot-product kernels: columns are grouped in

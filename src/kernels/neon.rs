@@ -35,6 +35,8 @@ pub const KERNEL: Kernel = Kernel {
     pack: pack_panels::<8, 1>,
     unpack: unpack_panels::<8, 1>,
     ops: &scalar::OPS,
+    weight_pair_limit: None,
+    narrow: None,
 };
 
 /// The dot-product table entry.
@@ -51,6 +53,8 @@ pub const KERNEL_DOTPROD: Kernel = Kernel {
     pack: pack_panels::<16, 4>,
     unpack: unpack_panels::<16, 4>,
     ops: &scalar::OPS,
+    weight_pair_limit: None,
+    narrow: None,
 };
 
 /// The i8mm table entry.
@@ -67,6 +71,8 @@ pub const KERNEL_I8MM: Kernel = Kernel {
     pack: pack_panels::<8, 8>,
     unpack: unpack_panels::<8, 8>,
     ops: &scalar::OPS,
+    weight_pair_limit: None,
+    narrow: None,
 };
 
 /// Delivers `rows` rows of `NR` raw accumulators as `out` asks.

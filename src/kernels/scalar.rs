@@ -23,6 +23,8 @@ pub const KERNEL: Kernel = Kernel {
     pack: pack_panels::<NR, KR>,
     unpack: unpack_panels::<NR, KR>,
     ops: &OPS,
+    weight_pair_limit: None,
+    narrow: None,
 };
 
 /// The scalar row operations: the definitions themselves.

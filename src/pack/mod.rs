@@ -10,7 +10,7 @@ pub mod serialize;
 use crate::error::{advise_huge_pages, checked_mul, try_zeroed_vec, try_zeroed_vec_advised, Error, Result};
 use crate::isa::{self, Isa};
 use crate::kernels::{kernel_for, Kernel};
-use crate::quant::weights::{check_finite, check_scales, quantize_weights};
+use crate::quant::weights::{check_finite, check_qmax, check_scales, quantize_weights, WEIGHT_QMAX};
 use crate::quant::{WeightGranularity, MAX_K};
 
 /// Memory layout of the weight matrix given to the packing functions.
@@ -57,11 +57,15 @@ pub struct PackOptions {
     pub granularity: WeightGranularity,
     /// Force a kernel family; `None` uses [`isa::active`].
     pub isa: Option<Isa>,
+    /// Largest quantized magnitude for f32 weights, 1..=127 (ignored for pre-quantized
+    /// weights): 127 by default; 64 (ONNX Runtime's `reduce_range`) halves the resolution and
+    /// lets AVX2 CPUs without VNNI run a faster kernel, with the same results on every CPU.
+    pub weight_qmax: u8,
 }
 
 impl Default for PackOptions {
     fn default() -> Self {
-        PackOptions { granularity: WeightGranularity::PerChannel, isa: None }
+        PackOptions { granularity: WeightGranularity::PerChannel, isa: None, weight_qmax: WEIGHT_QMAX }
     }
 }
 
@@ -108,7 +112,8 @@ impl Clone for AlignedI8 {
         // A fresh buffer (advised like the first) rather than `Vec::clone`, which writes its
         // pages before any advice could be given.
         let mut copy = AlignedI8::zeroed(self.len).expect("memory for a copy of the packed weights");
-        copy.lines.copy_from_slice(&self.lines);
+        let lines = copy.lines.len(); // `self` may hold more storage than its length needs
+        copy.lines.copy_from_slice(&self.lines[..lines]);
         copy
     }
 }
@@ -122,6 +127,10 @@ impl AlignedI8 {
     }
     fn capacity(&self) -> usize {
         self.lines.capacity() * 64
+    }
+    /// Shortens the visible length (the storage stays).
+    fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
     }
 }
 
@@ -154,6 +163,9 @@ pub struct Reservation {
     n: usize,
     k: usize,
     kernel: &'static Kernel,
+    /// Whether packing may pick the kernel's narrow-weight entry ([`Kernel::narrow`]) when
+    /// the weights allow it (`data` has room for either layout then).
+    allow_narrow: bool,
     canonical: Vec<i8>,
     data: AlignedI8,
 }
@@ -185,27 +197,32 @@ impl Reservation {
     pub fn new(n: usize, k: usize, isa: Option<Isa>) -> Result<Self> {
         check_shape(n, k)?;
         let isa = isa::select(isa)?;
-        Self::with_kernel(n, k, kernel_for(isa).expect("resolve() guarantees a kernel"))
+        Self::with_kernel(n, k, kernel_for(isa).expect("resolve() guarantees a kernel"), true)
     }
 
-    /// Storage for a given kernel, a table entry or one that is not (the stand-in of an ISA
-    /// this CPU lacks, `kernels::stand_in_for`, which `dynq bench` measures). The CPU must run
-    /// the ISA the kernel names. The weights then work like any others (a GEMM runs the kernel they are
-    /// packed for; serialized, they hold no trace of it).
+    /// Storage for exactly this kernel, a table entry or one that is not (the stand-in of an
+    /// ISA this CPU lacks, `kernels::stand_in_for`, which `dynq bench` measures), never its
+    /// narrow-weight entry. The CPU must run the ISA the kernel names; a kernel with a
+    /// [`Kernel::weight_pair_limit`] refuses weights beyond it when they are filled in. The
+    /// weights then work like any others (a GEMM runs the kernel they are packed for;
+    /// serialized, they hold no trace of it).
     #[doc(hidden)]
     pub fn for_kernel(n: usize, k: usize, kernel: &'static Kernel) -> Result<Self> {
         check_shape(n, k)?;
         isa::resolve(kernel.isa)?;
-        Self::with_kernel(n, k, kernel)
+        Self::with_kernel(n, k, kernel, false)
     }
 
-    fn with_kernel(n: usize, k: usize, kernel: &'static Kernel) -> Result<Self> {
-        let len = kernel
-            .packed_len(n, k)
-            .ok_or_else(|| Error::SizeOverflow(format!("packed size of n={n} x k={k} overflows usize")))?;
+    fn with_kernel(n: usize, k: usize, kernel: &'static Kernel, allow_narrow: bool) -> Result<Self> {
+        let overflow = || Error::SizeOverflow(format!("packed size of n={n} x k={k} overflows usize"));
+        let mut len = kernel.packed_len(n, k).ok_or_else(overflow)?;
+        let narrow = kernel.narrow.filter(|_| allow_narrow);
+        if let Some(nk) = narrow {
+            len = len.max(nk.packed_len(n, k).ok_or_else(overflow)?);
+        }
         let data = AlignedI8::zeroed(len)?;
         let canonical = try_zeroed_vec::<i8>(n * k, "quantized weights")?;
-        Ok(Reservation { n, k, kernel, canonical, data })
+        Ok(Reservation { n, k, kernel, allow_narrow: narrow.is_some(), canonical, data })
     }
 
     /// Number of f32 (or int8) elements the input must have: `n * k`.
@@ -213,21 +230,23 @@ impl Reservation {
         self.n * self.k
     }
 
-    /// Quantizes f32 weights and packs them. `w.len()` must be `n * k`.
+    /// Quantizes f32 weights to [-qmax, qmax] and packs them. `w.len()` must be `n * k`.
     pub fn fill_f32(
         mut self,
         w: &[f32],
         layout: WeightLayout,
         granularity: WeightGranularity,
+        qmax: u8,
     ) -> Result<PackedWeights> {
+        check_qmax(qmax)?;
         let (n, k) = (self.n, self.k);
         if w.len() != n * k {
             return Err(Error::InvalidArgument(format!("weights have {} values, expected n * k = {}", w.len(), n * k)));
         }
         let idx = |nn, kk| layout.index(nn, kk, n, k);
         check_finite(w, n, k, idx)?;
-        let scales = quantize_weights(w, n, k, idx, granularity, &mut self.canonical);
-        Ok(self.finish(scales, granularity))
+        let scales = quantize_weights(w, n, k, idx, granularity, qmax, &mut self.canonical);
+        self.finish(scales, granularity)
     }
 
     /// Packs already-quantized int8 weights with their scales (1 scale: per tensor; n scales:
@@ -262,15 +281,29 @@ impl Reservation {
                 }
             }
         }
-        Ok(self.finish(scales.to_vec(), granularity))
+        self.finish(scales.to_vec(), granularity)
     }
 
-    fn finish(mut self, scales: Vec<f32>, granularity: WeightGranularity) -> PackedWeights {
+    fn finish(mut self, scales: Vec<f32>, granularity: WeightGranularity) -> Result<PackedWeights> {
         let (n, k) = (self.n, self.k);
-        (self.kernel.pack)(&self.canonical, n, k, &mut self.data);
+        let kernel = match self.kernel.narrow {
+            Some(nk) if self.allow_narrow && nk.accepts_weights(&self.canonical, k) => nk,
+            _ => self.kernel,
+        };
+        if !kernel.accepts_weights(&self.canonical, k) {
+            return Err(Error::InvalidArgument(format!(
+                "kernel {} is exact only for weights whose K pairs have |w[2j]| + |w[2j+1]| <= {}, \
+                 and these weights exceed that",
+                kernel.name,
+                kernel.weight_pair_limit.unwrap_or(0)
+            )));
+        }
+        let len = kernel.packed_len(n, k).expect("checked when reserved");
+        self.data.truncate(len);
+        (kernel.pack)(&self.canonical, n, k, &mut self.data);
         let col_sums = self.canonical.chunks_exact(k).map(|row| row.iter().map(|&v| v as i32).sum()).collect();
         let scales = if scales.len() == n { scales } else { vec![scales[0]; n] };
-        PackedWeights { n, k, granularity, scales, col_sums, kernel: self.kernel, data: self.data }
+        Ok(PackedWeights { n, k, granularity, scales, col_sums, kernel, data: self.data })
     }
 }
 
@@ -278,7 +311,7 @@ impl PackedWeights {
     /// Quantizes f32 weights (`n` output channels, `k` inputs, in `layout`) to symmetric int8
     /// and packs them for the selected kernel. NaN or infinite weights are refused.
     pub fn from_f32(w: &[f32], n: usize, k: usize, layout: WeightLayout, opts: PackOptions) -> Result<Self> {
-        Reservation::new(n, k, opts.isa)?.fill_f32(w, layout, opts.granularity)
+        Reservation::new(n, k, opts.isa)?.fill_f32(w, layout, opts.granularity, opts.weight_qmax)
     }
 
     /// Packs weights quantized elsewhere: int8 values (all of [-128, 127] accepted) and their

@@ -211,7 +211,8 @@ mod tests {
     fn sample(gran: WeightGranularity) -> PackedWeights {
         let (n, k) = (3, 5);
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 - 7.0) / 3.0).collect();
-        PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, isa: None }).unwrap()
+        PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { granularity: gran, ..Default::default() })
+            .unwrap()
     }
 
     #[test]

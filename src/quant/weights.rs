@@ -1,13 +1,17 @@
-//! Weight quantization: symmetric int8 in [-127, 127], one scale per output channel or one
-//! per tensor.
+//! Weight quantization: symmetric int8 in [-qmax, qmax] (`qmax` = 127 by default), one scale
+//! per output channel or one per tensor.
 //!
 //! For a channel (or the whole tensor) with `amax = max |w|`:
 //!
 //! ```text
-//! scale = amax / 127            (f32; 0 when amax == 0; the smallest subnormal if it underflows)
-//! q     = clamp(round_half_even(w / scale), -127, 127)
+//! scale = amax / qmax           (f32; 0 when amax == 0; the smallest subnormal if it underflows)
+//! q     = clamp(round_half_even(w / scale), -qmax, qmax)
 //! w    ~= scale * q
 //! ```
+//!
+//! A smaller `qmax` trades resolution for speed on some CPUs: with `qmax <= 64` (ONNX Runtime's
+//! `reduce_range`), AVX2 CPUs without VNNI run a faster kernel (`kernels::avx2::KERNEL_NARROW`)
+//! with the same results as every other kernel.
 //!
 //! Symmetric weights have no zero point, which is what lets the GEMM fold the activation zero
 //! point into one precomputed column sum per output channel.
@@ -52,12 +56,22 @@ impl WeightGranularity {
     }
 }
 
-/// The symmetric scale for a range whose largest magnitude is `amax` (finite, `>= 0`).
+/// The default and largest weight `qmax`.
+pub const WEIGHT_QMAX: u8 = 127;
+
+/// The symmetric scale for a range whose largest magnitude is `amax` (finite, `>= 0`), mapped
+/// to 127.
 pub fn symmetric_scale(amax: f32) -> f32 {
+    symmetric_scale_to(amax, 127)
+}
+
+/// The symmetric scale for a range whose largest magnitude is `amax` (finite, `>= 0`), mapped
+/// to `qmax` (1..=127).
+pub fn symmetric_scale_to(amax: f32, qmax: u8) -> f32 {
     if amax == 0.0 {
         return 0.0;
     }
-    let s = amax / 127.0;
+    let s = amax / qmax as f32;
     if s == 0.0 {
         TINY_SCALE
     } else {
@@ -65,13 +79,25 @@ pub fn symmetric_scale(amax: f32) -> f32 {
     }
 }
 
-/// Quantizes one value with a symmetric scale to [-127, 127].
+/// Quantizes one value with a symmetric scale to [-qmax, qmax].
 #[inline(always)]
-pub fn quantize_symmetric(w: f32, scale: f32) -> i8 {
+pub fn quantize_symmetric(w: f32, scale: f32, qmax: u8) -> i8 {
     if scale == 0.0 {
         return 0;
     }
-    round_i32(w / scale).clamp(-127, 127) as i8
+    let qmax = qmax as i32;
+    round_i32(w / scale).clamp(-qmax, qmax) as i8
+}
+
+/// Checks a requested weight `qmax`.
+pub(crate) fn check_qmax(qmax: u8) -> Result<()> {
+    if qmax == 0 || qmax > WEIGHT_QMAX {
+        return Err(Error::InvalidArgument(format!(
+            "weight_qmax={qmax}: the largest quantized weight magnitude must be 1..=127 (127: \
+             8-bit weights, the default; 64: ONNX Runtime's reduce_range)"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that every weight is finite; the error names the first offending position in
@@ -94,30 +120,31 @@ pub(crate) fn check_finite(w: &[f32], n: usize, k: usize, idx: impl Fn(usize, us
     unreachable!("a non-finite value was seen but not located")
 }
 
-/// Quantizes f32 weights into canonical `[N, K]` row-major int8 plus scales (len `n` for
-/// per-channel, 1 for per-tensor). `get(nn, kk)` returns the index of `W[nn][kk]` in `w`.
-/// The weights must already be known finite.
+/// Quantizes f32 weights into canonical `[N, K]` row-major int8 in [-qmax, qmax] plus scales
+/// (len `n` for per-channel, 1 for per-tensor). `get(nn, kk)` returns the index of `W[nn][kk]`
+/// in `w`. The weights must already be known finite; `qmax` is 1..=127.
 pub(crate) fn quantize_weights(
     w: &[f32],
     n: usize,
     k: usize,
     idx: impl Fn(usize, usize) -> usize,
     granularity: WeightGranularity,
+    qmax: u8,
     q: &mut [i8],
 ) -> Vec<f32> {
     debug_assert_eq!(q.len(), n * k);
     let channel_amax = |nn: usize| (0..k).fold(0.0f32, |m, kk| m.max(w[idx(nn, kk)].abs()));
     let scales: Vec<f32> = match granularity {
-        WeightGranularity::PerChannel => (0..n).map(|nn| symmetric_scale(channel_amax(nn))).collect(),
+        WeightGranularity::PerChannel => (0..n).map(|nn| symmetric_scale_to(channel_amax(nn), qmax)).collect(),
         WeightGranularity::PerTensor => {
-            vec![symmetric_scale((0..n).fold(0.0f32, |m, nn| m.max(channel_amax(nn))))]
+            vec![symmetric_scale_to((0..n).fold(0.0f32, |m, nn| m.max(channel_amax(nn))), qmax)]
         }
     };
     for nn in 0..n {
         let s = if scales.len() == 1 { scales[0] } else { scales[nn] };
         let row = &mut q[nn * k..(nn + 1) * k];
         for (kk, out) in row.iter_mut().enumerate() {
-            *out = quantize_symmetric(w[idx(nn, kk)], s);
+            *out = quantize_symmetric(w[idx(nn, kk)], s, qmax);
         }
     }
     scales
@@ -147,7 +174,7 @@ mod tests {
     fn symmetric_extremes() {
         let w = [1.0f32, -1.0, 0.5, 0.0, -0.25];
         let mut q = [0i8; 5];
-        let s = quantize_weights(&w, 1, 5, |_, k| k, WeightGranularity::PerChannel, &mut q);
+        let s = quantize_weights(&w, 1, 5, |_, k| k, WeightGranularity::PerChannel, 127, &mut q);
         assert_eq!(s, vec![1.0 / 127.0]);
         // 0.5 * 127 = 63.5 -> 64 (ties to even); -0.25 * 127 = -31.75 -> -32
         assert_eq!(q, [127, -127, 64, 0, -32]);
@@ -157,7 +184,7 @@ mod tests {
     fn zero_and_tiny_channels() {
         let w = [0.0f32, 0.0, 1.0e-44, -1.0e-44];
         let mut q = [0i8; 4];
-        let s = quantize_weights(&w, 2, 2, |n, k| n * 2 + k, WeightGranularity::PerChannel, &mut q);
+        let s = quantize_weights(&w, 2, 2, |n, k| n * 2 + k, WeightGranularity::PerChannel, 127, &mut q);
         assert_eq!(s[0], 0.0);
         assert!(s[1] > 0.0);
         assert_eq!(&q[..2], &[0, 0]);
@@ -168,10 +195,21 @@ mod tests {
     fn per_tensor_shares_one_scale() {
         let w = [2.0f32, 1.0, -0.5, 0.25];
         let mut q = [0i8; 4];
-        let s = quantize_weights(&w, 2, 2, |n, k| n * 2 + k, WeightGranularity::PerTensor, &mut q);
+        let s = quantize_weights(&w, 2, 2, |n, k| n * 2 + k, WeightGranularity::PerTensor, 127, &mut q);
         assert_eq!(s, vec![2.0 / 127.0]);
         assert_eq!(q[0], 127);
         assert_eq!(q[2], -32); // -0.5 / (2/127) = -31.75 -> -32
+    }
+
+    #[test]
+    fn narrower_qmax() {
+        let w = [1.0f32, -1.0, 0.5, 0.0, -0.25, 0.3];
+        let mut q = [0i8; 6];
+        let s = quantize_weights(&w, 1, 6, |_, k| k, WeightGranularity::PerChannel, 64, &mut q);
+        assert_eq!(s, vec![1.0 / 64.0]);
+        // 0.3 * 64 = 19.2 -> 19
+        assert_eq!(q, [64, -64, 32, 0, -16, 19]);
+        assert!(check_qmax(0).is_err() && check_qmax(128).is_err() && check_qmax(1).is_ok() && check_qmax(127).is_ok());
     }
 
     #[test]

@@ -99,7 +99,7 @@ static void prime(const char *desc)
 {
     /* Two primers with different messages, so that each primer call can itself be tested. */
     if (strstr(desc, "dynq_active_isa") != NULL) {
-        (void)dynq_pack_config_init(NULL);
+        (void)(dynq_pack_config_init)(NULL);
     } else {
         (void)dynq_active_isa(NULL);
     }
@@ -399,16 +399,27 @@ static uint8_t quantize_act(float x, qparams p, uint32_t type)
 }
 
 /* Symmetric int8 weight quantization (src/quant/weights.rs). */
-static int8_t quantize_weight(float w, float scale)
+static int8_t quantize_weight(float w, float scale, int qmax)
 {
     if (scale == 0.0f) {
         return 0;
     }
-    return (int8_t)clamp_i32(round_i32(w / scale), -127, 127);
+    return (int8_t)clamp_i32(round_i32(w / scale), -qmax, qmax);
 }
 
-/* Weights w[n][k] (NK) -> q[n][k] and scales (n, or 1 for per-tensor). */
-static void ref_quantize_weights(const float *w, size_t n, size_t k, int per_tensor, int8_t *q,
+/* The weight scale for weights quantized to [-qmax, qmax]. */
+static float weight_scale(float amax, int qmax)
+{
+    float s;
+    if (amax == 0.0f) {
+        return 0.0f;
+    }
+    s = amax / (float)qmax;
+    return s == 0.0f ? TINY_SCALE : s;
+}
+
+/* Weights w[n][k] (NK) -> q[n][k] in [-qmax, qmax] and scales (n, or 1 for per-tensor). */
+static void ref_quantize_weights(const float *w, size_t n, size_t k, int per_tensor, int qmax, int8_t *q,
                                  float *scales)
 {
     size_t j, kk;
@@ -422,16 +433,16 @@ static void ref_quantize_weights(const float *w, size_t n, size_t k, int per_ten
         if (per_tensor) {
             tmax = amax > tmax ? amax : tmax;
         } else {
-            scales[j] = symmetric_scale(amax);
+            scales[j] = weight_scale(amax, qmax);
         }
     }
     if (per_tensor) {
-        scales[0] = symmetric_scale(tmax);
+        scales[0] = weight_scale(tmax, qmax);
     }
     for (j = 0; j < n; j++) {
         float s = per_tensor ? scales[0] : scales[j];
         for (kk = 0; kk < k; kk++) {
-            q[j * k + kk] = quantize_weight(w[j * k + kk], s);
+            q[j * k + kk] = quantize_weight(w[j * k + kk], s, qmax);
         }
     }
 }
@@ -773,9 +784,22 @@ static void test_configs(void)
     memset(&gc, 0xAB, sizeof gc);
     EXPECT_OK("dynq_pack_config_init(&pc)", dynq_pack_config_init(&pc));
     check(pc.struct_size == sizeof pc && pc.granularity == DYNQ_WEIGHT_GRANULARITY_PER_CHANNEL &&
-              pc.isa == DYNQ_ISA_AUTO,
-          "dynq_pack_config defaults: struct_size=%u granularity=%u isa=%u", (unsigned)pc.struct_size,
-          (unsigned)pc.granularity, (unsigned)pc.isa);
+              pc.isa == DYNQ_ISA_AUTO && pc.weight_qmax == 0,
+          "dynq_pack_config defaults: struct_size=%u granularity=%u isa=%u weight_qmax=%u",
+          (unsigned)pc.struct_size, (unsigned)pc.granularity, (unsigned)pc.isa, (unsigned)pc.weight_qmax);
+    {
+        /* A program built before weight_qmax calls the exported function itself, on a 12-byte
+         * struct: it fills those 12 bytes only (here followed by 4 bytes that must stay). */
+        unsigned char raw[sizeof(dynq_pack_config)];
+        dynq_pack_config v1;
+        memset(raw, 0xAB, sizeof raw);
+        EXPECT_OK("(dynq_pack_config_init)(12-byte struct)", (dynq_pack_config_init)((dynq_pack_config *)(void *)raw));
+        memcpy(&v1, raw, sizeof v1);
+        check(v1.struct_size == 12 && v1.granularity == 0 && v1.isa == 0 && raw[12] == 0xAB && raw[15] == 0xAB,
+              "the first-layout init: struct_size=%u, bytes 12..15 untouched", (unsigned)v1.struct_size);
+        EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "size=8", "dynq_pack_config_init_sized(&pc, 8)",
+               dynq_pack_config_init_sized(&pc, 8));
+    }
     EXPECT_OK("dynq_gemm_config_init(&gc)", dynq_gemm_config_init(&gc));
     check(gc.struct_size == sizeof gc && gc.act_granularity == DYNQ_ACT_GRANULARITY_PER_ROW &&
               gc.act_type == DYNQ_ACT_TYPE_ASYMMETRIC_U8 && gc.epilogue == DYNQ_EPILOGUE_NONE &&
@@ -784,7 +808,9 @@ static void test_configs(void)
           "num_threads=%u",
           (unsigned)gc.struct_size, (unsigned)gc.act_granularity, (unsigned)gc.act_type,
           (unsigned)gc.epilogue, (unsigned)gc.num_threads);
-    EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_pack_config_init(NULL)", dynq_pack_config_init(NULL));
+    EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_pack_config_init(NULL)", (dynq_pack_config_init)(NULL));
+    EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_pack_config_init_sized(NULL, sizeof)",
+           dynq_pack_config_init_sized(NULL, sizeof(dynq_pack_config)));
     EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_gemm_config_init(NULL)", dynq_gemm_config_init(NULL));
     EXPECT(DYNQ_STATUS_NULL_POINTER, "isa", "dynq_active_isa(NULL)", dynq_active_isa(NULL));
 }
@@ -803,7 +829,7 @@ static void test_pack_and_info(void)
     float *y2 = ALLOC(float, m * n);
     float *yr = ALLOC(float, m * n);
     size_t j, kk;
-    int per_tensor;
+    int variant;
     char why[256];
 
     for (j = 0; j < n; j++) {
@@ -822,8 +848,13 @@ static void test_pack_and_info(void)
     }
     random_a(a, m, k, k, 0);
 
-    for (per_tensor = 0; per_tensor < 2; per_tensor++) {
-        const char *gname = per_tensor ? "per-tensor" : "per-channel";
+    /* Per-channel and per-tensor, each with 8-bit weights (weight_qmax 0: 127) and with
+     * weight_qmax 64 (narrow weights: AVX2 CPUs without VNNI run another kernel for them). */
+    for (variant = 0; variant < 4; variant++) {
+        const int per_tensor = variant % 2;
+        const int qmax = variant >= 2 ? 64 : 127;
+        const char *gname = per_tensor ? (qmax == 64 ? "per-tensor, qmax 64" : "per-tensor")
+                                           : (qmax == 64 ? "per-channel, qmax 64" : "per-channel");
         dynq_pack_config cfg =
             pack_cfg(per_tensor ? DYNQ_WEIGHT_GRANULARITY_PER_TENSOR : DYNQ_WEIGHT_GRANULARITY_PER_CHANNEL,
                      DYNQ_ISA_AUTO);
@@ -834,6 +865,8 @@ static void test_pack_and_info(void)
         uint8_t *blob;
         size_t blob_len;
         char desc[200];
+
+        cfg.weight_qmax = qmax == 127 ? 0 : (uint32_t)qmax;
 
         snprintf(desc, sizeof desc, "dynq_pack_weights(NK, %s)", gname);
         EXPECT_OK(desc, dynq_pack_weights(w_nk, n, k, DYNQ_WEIGHT_LAYOUT_NK, &cfg, &p_nk));
@@ -869,7 +902,7 @@ static void test_pack_and_info(void)
 
         /* The documented weight quantization, done here, packed as pre-quantized weights,
          * gives the same GEMM output and the same blob. */
-        ref_quantize_weights(w_nk, n, k, per_tensor, q_nk, scales);
+        ref_quantize_weights(w_nk, n, k, per_tensor, qmax, q_nk, scales);
         p_ref = pack_q(q_nk, n, k, scales, ns);
         fill_sentinel(yr, m * n);
         st = gemm_run(p_ref, a, m, k, NULL, yr, n, 0, 0, 0, 1);
@@ -2007,7 +2040,9 @@ static void test_null_pointers(void)
     EXPECT_OK("dynq_gemm(bias=NULL, config=NULL)", dynq_gemm(p, a, 2, 4, NULL, y, 2, NULL));
 
     EXPECT(DYNQ_STATUS_NULL_POINTER, "isa", "dynq_active_isa(NULL)", dynq_active_isa(NULL));
-    EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_pack_config_init(NULL)", dynq_pack_config_init(NULL));
+    EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_pack_config_init(NULL)", (dynq_pack_config_init)(NULL));
+    EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_pack_config_init_sized(NULL, sizeof)",
+           dynq_pack_config_init_sized(NULL, sizeof(dynq_pack_config)));
     EXPECT(DYNQ_STATUS_NULL_POINTER, "config", "dynq_gemm_config_init(NULL)", dynq_gemm_config_init(NULL));
     {
         size_t l1 = dynq_last_error_message(NULL, 0);
@@ -2067,7 +2102,12 @@ static void test_invalid_arguments(void)
     EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "isa", "dynq_packed_weights_deserialize(config isa=8)",
            dynq_packed_weights_deserialize(blob, blob_len, &pc, &out));
     pc = pack_cfg(0, 0);
-    pc.struct_size = (uint32_t)sizeof pc - 4;
+    pc.weight_qmax = 128;
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "weight_qmax", "dynq_pack_weights(config weight_qmax=128)",
+           dynq_pack_weights(w, n, k, DYNQ_WEIGHT_LAYOUT_NK, &pc, &out));
+    pc = pack_cfg(0, 0);
+    /* sizeof - 4 is the struct's first layout (12 bytes), still accepted: - 8 is no layout. */
+    pc.struct_size = (uint32_t)sizeof pc - 8;
     EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "struct_size", "dynq_pack_weights(config struct_size too small)",
            dynq_pack_weights(w, n, k, DYNQ_WEIGHT_LAYOUT_NK, &pc, &out));
     pc.struct_size = (uint32_t)sizeof pc + 4;
@@ -2548,7 +2588,7 @@ static int run_env_mode(const char *mode)
     const char *env_thr = getenv("DYNQ_NUM_THREADS");
     printf("mode %s: DYNQ_ISA=%s DYNQ_NUM_THREADS=%s\n", mode, env_isa ? env_isa : "(unset)",
            env_thr ? env_thr : "(unset)");
-    ref_quantize_weights(w, 2, 4, 0, q, sc);
+    ref_quantize_weights(w, 2, 4, 0, 127, q, sc);
     ref_gemm(a, 2, 4, 4, q, sc, 2, NULL, 0, 0, 0, yr, 2);
 
     if (strcmp(mode, "env-isa-invalid") == 0) {

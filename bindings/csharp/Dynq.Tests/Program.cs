@@ -340,6 +340,36 @@ namespace Dynq.Tests
             }
         }
 
+        // WeightQmax 64: weights in [-64, 64] (the blob says so), the narrow-weight kernel where the
+        // CPU's ISA has one (AVX2 without VNNI), the bits of the same weights on the scalar kernel,
+        // and values outside 1..127 refused.
+        private static void TestWeightQmax()
+        {
+            Random r = new Random(64);
+            int n = 21, k = 50, m = 4;
+            float[] w = RandomArray(r, n * k, 1f, 0f);
+            using (PackedWeights p = PackedWeights.Pack(w, n, k, WeightLayout.NK, new PackOptions { WeightQmax = 64 }))
+            {
+                byte[] blob = p.Serialize();
+                int max = 0;
+                for (int i = 0; i < n * k; i++) max = Math.Max(max, Math.Abs((int)(sbyte)blob[48 + 4 * n + i]));
+                Check(max == 64, "WeightQmax 64: largest |q| is 64, got " + max);
+                PackedWeightsInfo info = p.Info;
+                Check(info.Isa != Isa.Avx2 || info.KernelName.EndsWith("_narrow", StringComparison.Ordinal),
+                    "AVX2 runs 7-bit weights with its narrow-weight kernel: " + info.KernelName);
+                using (PackedWeights scalar = PackedWeights.Load(new ReadOnlySpan<byte>(blob), new PackOptions { Isa = Isa.Scalar }))
+                {
+                    float[] a = RandomArray(r, m * k, 2f, 0f);
+                    Check(FirstDifference(p.Forward(a), scalar.Forward(a)) == null, info.KernelName + " gives the scalar kernel's bits");
+                }
+            }
+            foreach (int bad in new[] { -1, 128, 1000 })
+            {
+                ExpectDynq("WeightQmax " + bad, Status.InvalidArgument, "weight_qmax",
+                    () => PackedWeights.Pack(w, n, k, WeightLayout.NK, new PackOptions { WeightQmax = bad }).Dispose());
+            }
+        }
+
         private static void TestSerializeAndLoad()
         {
             Random r = new Random(7);
@@ -912,6 +942,7 @@ namespace Dynq.Tests
             Run("gelu", TestGelu);
             Run("pack quantized", TestPackQuantized);
             Run("serialize and load", TestSerializeAndLoad);
+            Run("weight qmax", TestWeightQmax);
             Run("errors", TestErrors);
             Run("dispose", TestDispose);
             Run("concurrent gemm", TestConcurrentGemm);

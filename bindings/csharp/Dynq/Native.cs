@@ -13,6 +13,7 @@ namespace Dynq
         public uint StructSize;
         public uint Granularity;
         public uint Isa;
+        public uint WeightQmax;
     }
 
     [StructLayout(LayoutKind.Sequential)]
@@ -93,7 +94,7 @@ namespace Dynq
         [DllImport(Lib)] internal static extern Status dynq_active_isa(uint* isa);
         [DllImport(Lib)] internal static extern IntPtr dynq_isa_name(uint isa);
         [DllImport(Lib)] internal static extern int dynq_isa_available(uint isa);
-        [DllImport(Lib)] internal static extern Status dynq_pack_config_init(NativePackConfig* config);
+        [DllImport(Lib)] internal static extern Status dynq_pack_config_init_sized(NativePackConfig* config, UIntPtr size);
         [DllImport(Lib)] internal static extern Status dynq_gemm_config_init(NativeGemmConfig* config);
 
         [DllImport(Lib)]

@@ -139,13 +139,21 @@ namespace Dynq
         public WeightGranularity Granularity { get; set; }
         /// <summary>The kernel family to pack for; Auto by default.</summary>
         public Isa Isa { get; set; }
+        /// <summary>Largest quantized weight magnitude for Pack, 1..127, or 0 for the default
+        /// (127, 8-bit weights). 64 (ONNX Runtime's reduce_range) halves the weights' resolution
+        /// and lets AVX2 CPUs without VNNI run a faster kernel, with the same results on every
+        /// CPU. Other values are refused with an InvalidArgument DynqException.</summary>
+        public int WeightQmax { get; set; }
 
         internal unsafe NativePackConfig ToNative()
         {
             NativePackConfig c;
-            Native.Check(Native.dynq_pack_config_init(&c), "dynq_pack_config_init");
+            // The sized init writes exactly the struct this assembly was built with.
+            Native.Check(Native.dynq_pack_config_init_sized(&c, (UIntPtr)(uint)sizeof(NativePackConfig)),
+                "dynq_pack_config_init_sized");
             c.Granularity = (uint)Granularity;
             c.Isa = (uint)Isa;
+            c.WeightQmax = unchecked((uint)WeightQmax);
             return c;
         }
     }

@@ -73,7 +73,12 @@ class DynqError(RuntimeError):
 
 
 class _PackConfig(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_uint32), ("granularity", ctypes.c_uint32), ("isa", ctypes.c_uint32)]
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32),
+        ("granularity", ctypes.c_uint32),
+        ("isa", ctypes.c_uint32),
+        ("weight_qmax", ctypes.c_uint32),
+    ]
 
 
 class _GemmConfig(ctypes.Structure):
@@ -163,8 +168,8 @@ def _load():
         lib.dynq_active_isa.argtypes = [ctypes.POINTER(u32)]
         lib.dynq_isa_name.restype = ctypes.c_char_p
         lib.dynq_isa_name.argtypes = [u32]
-        lib.dynq_pack_config_init.restype = u32
-        lib.dynq_pack_config_init.argtypes = [ctypes.POINTER(_PackConfig)]
+        lib.dynq_pack_config_init_sized.restype = u32
+        lib.dynq_pack_config_init_sized.argtypes = [ctypes.POINTER(_PackConfig), sz]
         lib.dynq_gemm_config_init.restype = u32
         lib.dynq_gemm_config_init.argtypes = [ctypes.POINTER(_GemmConfig)]
         lib.dynq_pack_weights.restype = u32
@@ -246,13 +251,19 @@ def ort_cache_stats() -> dict:
     return {"live": live.value, "bytes": nbytes.value, "hits": hits.value, "misses": misses.value}
 
 
-def quantize_weights(w: np.ndarray, granularity: str = "per_channel", layout: str = "kn") -> Tuple[np.ndarray, np.ndarray]:
-    """Quantizes f32 weights exactly as the library does (symmetric int8, ``scale = max|w| / 127``,
-    round half to even), in numpy. Returns ``(q, scales)`` with ``q`` in the given layout and one
-    scale per output channel (``per_channel``) or a single scale (``per_tensor``).
+def quantize_weights(
+    w: np.ndarray, granularity: str = "per_channel", layout: str = "kn", weight_qmax: int = 127
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Quantizes f32 weights exactly as the library does (symmetric int8 in
+    ``[-weight_qmax, weight_qmax]``, ``scale = max|w| / weight_qmax``, round half to even), in
+    numpy. Returns ``(q, scales)`` with ``q`` in the given layout and one scale per output
+    channel (``per_channel``) or a single scale (``per_tensor``).
 
     ``layout="kn"``: ``w`` is ``[K, N]`` (ONNX MatMul); ``"nk"``: ``[N, K]`` (PyTorch Linear).
     """
+    if not isinstance(weight_qmax, (int, np.integer)) or not 1 <= int(weight_qmax) <= 127:
+        raise ValueError(f"weight_qmax must be an integer in 1..127, got {weight_qmax!r}")
+    qmax = np.float32(int(weight_qmax))
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"weights must be 2-D, got shape {w.shape}")
@@ -265,7 +276,7 @@ def quantize_weights(w: np.ndarray, granularity: str = "per_channel", layout: st
         amax = np.array([np.max(np.abs(w))], dtype=np.float32)
     else:
         raise ValueError(f"granularity must be 'per_channel' or 'per_tensor', got {granularity!r}")
-    scales = (amax / np.float32(127.0)).astype(np.float32)
+    scales = (amax / qmax).astype(np.float32)
     tiny = np.float32(1e-45)
     scales = np.where((scales == 0) & (amax != 0), tiny, scales).astype(np.float32)
     safe = np.where(scales == 0, np.float32(1.0), scales).astype(np.float32)
@@ -274,7 +285,7 @@ def quantize_weights(w: np.ndarray, granularity: str = "per_channel", layout: st
     else:
         div = safe[np.newaxis, :] if layout == "kn" else safe[:, np.newaxis]
     with np.errstate(over="ignore", invalid="ignore"):
-        q = np.clip(np.round(w / div), -127, 127)
+        q = np.clip(np.round(w / div), -qmax, qmax)
     if granularity == "per_tensor":
         if scales[0] == 0:
             q[:] = 0
@@ -303,22 +314,30 @@ class PackedWeights:
         self.bytes = int(info.bytes)
 
     @staticmethod
-    def _config(granularity: str = "per_channel") -> _PackConfig:
+    def _config(granularity: str = "per_channel", weight_qmax: int = 127) -> _PackConfig:
         cfg = _PackConfig()
-        _check(_load().dynq_pack_config_init(ctypes.byref(cfg)))
+        _check(_load().dynq_pack_config_init_sized(ctypes.byref(cfg), ctypes.sizeof(_PackConfig)))
         cfg.granularity = _enum(_WEIGHT_GRANULARITY, granularity, "granularity")
+        if not isinstance(weight_qmax, (int, np.integer)) or not 1 <= int(weight_qmax) <= 127:
+            raise ValueError(f"weight_qmax must be an integer in 1..127, got {weight_qmax!r}")
+        cfg.weight_qmax = int(weight_qmax)
         return cfg
 
     @classmethod
-    def from_float(cls, w: np.ndarray, layout: str = "kn", granularity: str = "per_channel") -> "PackedWeights":
+    def from_float(
+        cls, w: np.ndarray, layout: str = "kn", granularity: str = "per_channel", weight_qmax: int = 127
+    ) -> "PackedWeights":
         """Quantizes and packs f32 weights. ``layout``: ``"kn"`` (``[K, N]``, ONNX MatMul) or
-        ``"nk"`` (``[N, K]``, PyTorch Linear / Gemm transB=1)."""
+        ``"nk"`` (``[N, K]``, PyTorch Linear / Gemm transB=1). ``weight_qmax``: the largest
+        quantized magnitude, 127 (8-bit weights) by default; 64 (ONNX Runtime's ``reduce_range``)
+        halves the weights' resolution and lets AVX2 CPUs without VNNI run a faster kernel, with
+        the same results on every CPU."""
         w = np.ascontiguousarray(w, dtype=np.float32)
         if w.ndim != 2:
             raise ValueError(f"weights must be 2-D, got shape {w.shape}")
         lay = _enum(_LAYOUTS, layout, "layout")
         k, n = w.shape if layout == "kn" else w.shape[::-1]
-        cfg = cls._config(granularity)
+        cfg = cls._config(granularity, weight_qmax)
         out = ctypes.c_void_p()
         _check(_load().dynq_pack_weights(w.ctypes.data, n, k, lay, ctypes.byref(cfg), ctypes.byref(out)))
         return cls(out.value)

@@ -128,6 +128,31 @@ def test_include_exclude_and_options():
     assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.99
 
 
+def test_weight_qmax_option():
+    """--weight-qmax 64 stores weights in [-64, 64] (each layer's weights and scales are what
+    dynq.quantize_weights gives), the model still matches fp32 closely, and the CLI and the
+    options reject values outside 1..127."""
+    m = mlp()
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    q, rep = quantize_model(m, QuantizeOptions(min_size=64, smooth="off", weight_qmax=64))
+    qi = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    dq = {n.name: n for n in q.graph.node if n.op_type == "DynQMatMul"}
+    for name, wname in (("fc1", "w1"), ("fc2", "w2"), ("fc5", "w5")):
+        w8, sc = qi[dq[name].input[1]], qi[dq[name].input[2]]
+        assert w8.dtype == np.int8 and np.abs(w8).max() == 64, name
+        want_q, want_s = dynq.quantize_weights(init[wname], "per_channel", layout="kn", weight_qmax=64)
+        np.testing.assert_array_equal(w8, want_q)
+        np.testing.assert_array_equal(sc, want_s)
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert json.loads(meta["dynq.quantize_options"])["weight_qmax"] == 64
+    f = feeds()
+    for r, o in zip(session(m, custom=False).run(None, f), session(q).run(None, f)):
+        assert cosine(r, o) > 0.998
+    for bad in (0, 128):
+        with pytest.raises(ValueError, match="weight_qmax"):
+            quantize_model(m, QuantizeOptions(weight_qmax=bad))
+
+
 def test_external_data_in_and_out(tmp_path):
     m = mlp()
     src = tmp_path / "fp32.onnx"

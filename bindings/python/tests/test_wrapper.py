@@ -40,6 +40,29 @@ def test_numpy_quantization_matches_library():
         np.testing.assert_array_equal(s, ls)
 
 
+def test_weight_qmax():
+    """Weights quantized to [-qmax, qmax] (64: ONNX Runtime's reduce_range, which AVX2 CPUs
+    without VNNI run with a narrower kernel): the numpy definition, and the integer reference."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((70, 33)) * rng.uniform(0.01, 3.0, size=(1, 33))).astype(np.float32)
+    a = rng.standard_normal((9, 70)).astype(np.float32)
+    for qmax in (64, 63, 1, 127):
+        for gran in ("per_channel", "per_tensor"):
+            q, s = dynq.quantize_weights(w, gran, layout="kn", weight_qmax=qmax)
+            assert np.abs(q).max() == qmax
+            p = dynq.PackedWeights.from_float(w, layout="kn", granularity=gran, weight_qmax=qmax)
+            lq, ls = p.quantized()
+            np.testing.assert_array_equal(q.T, lq)
+            np.testing.assert_array_equal(s, ls)
+            if gran == "per_channel":
+                np.testing.assert_allclose(dynq.gemm(p, a), ref_per_row_u8(a, q, s), rtol=1e-5, atol=1e-5)
+            if qmax == 64 and dynq.active_isa() == "avx2":
+                assert p.kernel.endswith("_narrow"), p.kernel
+    for bad in (0, 128, -1, 1.5):
+        with pytest.raises(ValueError):
+            dynq.PackedWeights.from_float(w, weight_qmax=bad)
+
+
 def test_gemm_matches_reference_bit_for_bit_on_integers():
     rng = np.random.default_rng(2)
     m, k, n = 37, 70, 45

@@ -65,6 +65,7 @@ class QuantizeOptions:
     quantize_embeddings: bool = True  # Gather on a constant float [V, D] table
     smooth: str = "auto"  # "auto": activation smoothing where it measurably helps (see smooth.py); "off"
     smooth_min_gain_db: float = 0.5  # a layer is smoothed only if its SQNR improves at least this much
+    weight_qmax: int = 127  # weights in [-qmax, qmax]; 64 (reduce_range) runs faster on AVX2 CPUs without VNNI
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -86,6 +87,8 @@ class QuantizeOptions:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.weight_qmax, int) or not 1 <= self.weight_qmax <= 127:
+            raise ValueError(f"weight_qmax must be an integer in 1..127, got {self.weight_qmax!r}")
         bad = set(self.op_types) - {"MatMul", "Gemm"}
         if bad:
             raise ValueError(f"op_types may contain MatMul and Gemm, got {sorted(bad)}")
@@ -974,12 +977,12 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
         # the group (and is converted alone); the factors are then fitted again without it.
         own = {}
         for t in tails:
-            c = choose(acts, t[1], *mode, opts.smooth_min_gain_db)
-            own[id(t[0])] = held_out_sqnr(acts, t[1], c.smooth if c else None, *mode)
+            c = choose(acts, t[1], *mode, opts.smooth_min_gain_db, opts.weight_qmax)
+            own[id(t[0])] = held_out_sqnr(acts, t[1], c.smooth if c else None, *mode, opts.weight_qmax)
         while len(tails) >= 2:
-            choice = choose(acts, np.concatenate([t[1] for t in tails], axis=1), *mode, opts.smooth_min_gain_db)
+            choice = choose(acts, np.concatenate([t[1] for t in tails], axis=1), *mode, opts.smooth_min_gain_db, opts.weight_qmax)
             sm = choice.smooth if choice else None
-            loss = {id(t[0]): own[id(t[0])] - held_out_sqnr(acts, t[1], sm, *mode) for t in tails}
+            loss = {id(t[0]): own[id(t[0])] - held_out_sqnr(acts, t[1], sm, *mode, opts.weight_qmax) for t in tails}
             worst = max(tails, key=lambda t: loss[id(t[0])])
             if not loss[id(worst[0])] > opts.group_max_loss_db:
                 break
@@ -993,7 +996,7 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
     for nd, wi, *_ in tails:
         if G.first_use(nd.input[1]):
             report.fp32_weight_bytes += src_bytes[id(nd)]
-    q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
+    q, scales = quantize_weights(w, opts.weight_granularity, layout="kn", weight_qmax=opts.weight_qmax)
     recs = [
         LayerRecord(
             name=nd.name,
@@ -1065,11 +1068,11 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     if acts is not None and acts.shape[1] == k:
         from .smooth import choose
 
-        choice = choose(acts, w, opts.weight_granularity, opts.act_granularity, opts.act_type, opts.smooth_min_gain_db)
+        choice = choose(acts, w, opts.weight_granularity, opts.act_granularity, opts.act_type, opts.smooth_min_gain_db, opts.weight_qmax)
         if choice is not None:
             # The op multiplies A by `smooth`; the weight rows are divided by it (same product).
             w = (w / choice.smooth[:, None]).astype(np.float32)
-    q, scales = quantize_weights(w, opts.weight_granularity, layout="kn")
+    q, scales = quantize_weights(w, opts.weight_granularity, layout="kn", weight_qmax=opts.weight_qmax)
     # The attention context read in its head layout (the Transpose + Reshape before it unread).
     ctx = _match_input_heads(G, x, k) if opts.fuse_heads and node.op_type == "MatMul" else None
     rec = LayerRecord(

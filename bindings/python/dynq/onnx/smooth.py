@@ -128,11 +128,11 @@ class Calibration:
         return self._acts.get(name)
 
 
-def _quant_w(w: np.ndarray, granularity: str) -> np.ndarray:
-    """Dequantized int8 weights [K, N] (symmetric, max|w| / 127 per column or per tensor)."""
+def _quant_w(w: np.ndarray, granularity: str, qmax: int = 127) -> np.ndarray:
+    """Dequantized int8 weights [K, N] (symmetric, max|w| / qmax per column or per tensor)."""
     amax = np.abs(w).max(axis=0, keepdims=True) if granularity == "per_channel" else np.abs(w).max(keepdims=True)
-    sc = np.where(amax > 0, amax / 127.0, 1.0)
-    return np.clip(np.round(w / sc), -127, 127) * sc
+    sc = np.where(amax > 0, amax / qmax, 1.0)
+    return np.clip(np.round(w / sc), -qmax, qmax) * sc
 
 
 def _quant_a(a: np.ndarray, granularity: str, act_type: str) -> np.ndarray:
@@ -167,7 +167,9 @@ def factors(a_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(s, 1.0 / MAX_FACTOR, MAX_FACTOR)
 
 
-def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularity: str, act_type: str, min_gain_db: float) -> Optional[Choice]:
+def choose(
+    a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularity: str, act_type: str, min_gain_db: float, weight_qmax: int = 127
+) -> Optional[Choice]:
     """The best smoothing of the layer ``a [M, K] @ w [K, N]``, or None if none gains enough.
 
     The factors are fitted on the even rows of ``a`` and judged on the odd ones (held out), so
@@ -186,9 +188,9 @@ def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularit
     def sqnr_with(ws: np.ndarray, xs: np.ndarray) -> float:
         """SQNR of the held-out product with weight `ws` (before int8) and activations `xs`."""
         if weight_granularity == "per_tensor":
-            wq = _quant_w(ws, weight_granularity)[:, cols]
+            wq = _quant_w(ws, weight_granularity, weight_qmax)[:, cols]
         else:
-            wq = _quant_w(ws[:, cols], weight_granularity)
+            wq = _quant_w(ws[:, cols], weight_granularity, weight_qmax)
         return _sqnr(ref, _quant_a(xs, act_granularity, act_type) @ wq)
 
     def smooth_for(rows: np.ndarray, alpha: float):
@@ -218,7 +220,9 @@ def choose(a: np.ndarray, w: np.ndarray, weight_granularity: str, act_granularit
     return Choice(final[0], best.alpha, best.gain_db) if final is not None else None
 
 
-def held_out_sqnr(a: np.ndarray, w: np.ndarray, smooth: Optional[np.ndarray], weight_granularity: str, act_granularity: str, act_type: str) -> float:
+def held_out_sqnr(
+    a: np.ndarray, w: np.ndarray, smooth: Optional[np.ndarray], weight_granularity: str, act_granularity: str, act_type: str, weight_qmax: int = 127
+) -> float:
     """SQNR (dB) of ``a @ w`` on the odd (held-out) rows of ``a`` as dynq computes it: the op's
     factors ``smooth`` (or none) applied to the activations and divided out of the weight."""
     held = a[1::2].astype(np.float32)
@@ -231,5 +235,8 @@ def held_out_sqnr(a: np.ndarray, w: np.ndarray, smooth: Optional[np.ndarray], we
     if smooth is not None:
         held = held * smooth.astype(np.float32)
         w32 = (w32 / smooth.astype(np.float32)[:, None]).astype(np.float32)
-    wq = _quant_w(w32, weight_granularity)[:, cols] if weight_granularity == "per_tensor" else _quant_w(w32[:, cols], weight_granularity)
+    if weight_granularity == "per_tensor":
+        wq = _quant_w(w32, weight_granularity, weight_qmax)[:, cols]
+    else:
+        wq = _quant_w(w32[:, cols], weight_granularity, weight_qmax)
     return _sqnr(ref, _quant_a(held, act_granularity, act_type) @ wq)
