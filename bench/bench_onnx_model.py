@@ -222,6 +222,16 @@ def bench_model(model: str, label: str, args, work: Path) -> dict:
     m2, _ = quantize_model(ortq_pc, QuantizeOptions())
     save_model(m2, dq2)
     variants.append(("dynq converted from the ORT per-channel model", dq2, True))
+    if args.reduce_range:
+        # 7-bit weights on both sides: ONNX Runtime's reduce_range (exact on AVX2 too) and dynq's
+        # weight_qmax 64 (its narrow-weight kernel on AVX2 CPUs without VNNI).
+        ortq_rr = str(work / "ort_quantize_dynamic_pc_rr.onnx")
+        quantize_dynamic(model, ortq_rr, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        variants.append(("ORT quantize_dynamic (int8, per-channel, reduce_range)", ortq_rr, False))
+        dq7 = str(work / "dynq_qmax64.onnx")
+        m7, _ = quantize_model(model, QuantizeOptions(weight_qmax=64))
+        save_model(m7, dq7)
+        variants.append(("dynq (per-channel W in [-64, 64], per-row A)", dq7, True))
 
     threads = [int(t) for t in args.threads.split(",")]
     ref_sess = session(model, 1, False)
@@ -334,6 +344,7 @@ def main():
     ap.add_argument("--min-time", type=float, default=3.0, help="seconds of timed runs per variant and thread count")
     ap.add_argument("--json")
     ap.add_argument("--workdir")
+    ap.add_argument("--reduce-range", action="store_true", help="also 7-bit weights: ORT reduce_range and dynq --weight-qmax 64")
     args = ap.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dynq_bench_"))

@@ -12,6 +12,11 @@ vpdpbusd peak and the read bandwidth for a buffer of the weights' size).
 
     python3 bench/compare_ort.py                 # default shapes, 1 and 2 threads
     python3 bench/compare_ort.py --shapes 1x4096x4096,128x768x768 --threads 1 --reps 50
+    python3 bench/compare_ort.py --weight-qmax 64   # weights in [-64, 64] for both (reduce_range)
+
+With --weight-qmax 64 both libraries get 7-bit weights (ONNX Runtime's reduce_range): ONNX
+Runtime's vpmaddubsw kernels are then exact on CPUs without VNNI, and dynq runs its
+narrow-weight kernel there; the two compute the same thing, exactly.
 
 Needs `pip install onnxruntime==1.31.1 onnx numpy` and `cargo build --release`.
 """
@@ -89,15 +94,21 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default: adaptive, ~1 s per shape)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--weight-qmax", type=int, default=127, help="int8 weights in [-Q, Q] for both libraries (default 127; 64 = reduce_range)")
     args = ap.parse_args()
+    if not 1 <= args.weight_qmax <= 127:
+        ap.error("--weight-qmax must be in 1..127")
+    qmax = float(args.weight_qmax)
 
     lib = load_dynq()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     sizes = sorted({n * k for _, n, k in shapes})
     peak = json.loads(subprocess.check_output(
-        [os.path.join(ROOT, "target", "release", "dynq"), "peak", "--bytes", ",".join(map(str, sizes))], text=True))
-    print(f"onnxruntime {ort.__version__}; dynq ISA {peak['isa']}; measured dot-product peak "
+        [os.path.join(ROOT, "target", "release", "dynq"), "peak", "--bytes", ",".join(map(str, sizes))]
+        + (["--narrow"] if args.weight_qmax <= 64 else []), text=True))
+    print(f"onnxruntime {ort.__version__}; dynq ISA {peak['isa']}, kernel {peak.get('kernel')}; int8 weights in "
+          f"[-{args.weight_qmax}, {args.weight_qmax}]; measured dot-product peak "
           f"{peak['dot_product_gops']} GOPS (1 thread); weights reused, so in cache where they fit")
     rng = np.random.default_rng(7)
     rows = []
@@ -111,8 +122,8 @@ def main():
     for (m, n, k) in shapes:
         a = rng.standard_normal((m, k), dtype=np.float32)
         w = (rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
-        scales = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
-        wq = np.clip(np.rint(w / scales), -127, 127).astype(np.int8)
+        scales = (np.abs(w).max(axis=0) / qmax).astype(np.float32)
+        wq = np.clip(np.rint(w / scales), -qmax, qmax).astype(np.int8)
         packed = ctypes.c_void_p()
         st = lib.dynq_pack_quantized_weights(wq.ctypes.data, n, k, 1, scales.ctypes.data, n, None, ctypes.byref(packed))
         assert st == 0, f"pack failed: {st}"
@@ -192,7 +203,7 @@ def main():
           "kernels on x86 CPUs without VNNI).")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(peak=peak, onnxruntime=ort.__version__, rows=rows), f, indent=1)
+            json.dump(dict(peak=peak, onnxruntime=ort.__version__, weight_qmax=args.weight_qmax, rows=rows), f, indent=1)
 
 
 def rel_err(y, ref):

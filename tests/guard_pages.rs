@@ -92,7 +92,12 @@ impl<T: Copy> Drop for Guarded<T> {
 
 fn micro_kernels() -> Vec<Kernel> {
     #[allow(unused_mut)]
-    let mut v: Vec<Kernel> = isas_under_test().into_iter().map(|i| *kernel_for(i).unwrap()).collect();
+    // Each ISA's kernel and its narrow-weight entry (if any).
+    let mut v: Vec<Kernel> = isas_under_test()
+        .into_iter()
+        .map(|i| kernel_for(i).unwrap())
+        .flat_map(|k| std::iter::once(*k).chain(k.narrow.copied()))
+        .collect();
     #[cfg(target_arch = "x86_64")]
     {
         let twin = dynq::kernels::avx_vnni::evex_twin();
@@ -115,7 +120,11 @@ fn micro_kernels_with_buffers_starting_after_a_guard_page() {
                 let mut a = Guarded::<u8>::new((rows - 1) * stride + kp * ab, 0, true);
                 a.as_mut_slice().chunks_exact_mut(ab).for_each(|v| v[0] = rng.u8());
                 let mut b = Guarded::<i8>::new(kp * nr, 0, true);
-                b.as_mut_slice().iter_mut().for_each(|v| *v = rng.i8());
+                // Weights within a narrow-weight kernel's limit for it: |w| <= 64.
+                let narrow = kern.weight_pair_limit.is_some();
+                b.as_mut_slice()
+                    .iter_mut()
+                    .for_each(|v| *v = if narrow { (rng.i8() as i32 / 2) as i8 } else { rng.i8() });
                 let mut qw = vec![0i8; nr * kp];
                 (kern.unpack)(b.as_slice(), nr, kp, &mut qw);
                 let qa: Vec<u8> = (0..rows)
