@@ -187,7 +187,12 @@ pub fn resolve(requested: Isa) -> Result<Isa, Error> {
             "ISA '{}' is supported by this CPU but this build of dynq has no kernel for it \
              (kernels here: {})",
             requested,
-            crate::kernels::KERNELS.iter().map(|k| k.isa.name()).collect::<Vec<_>>().join(", ")
+            crate::kernels::KERNELS
+                .iter()
+                .filter(|k| k.weight_pair_limit.is_none())
+                .map(|k| k.isa.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     Ok(requested)
