@@ -51,6 +51,24 @@ fn bench_prints_a_table() {
     assert!(tail.contains("3x20x30") && tail.contains("5x7x9") && tail.contains("quant ms"), "{out}");
 }
 
+/// `--weight-qmax`: the kernel line names the ISA's narrow-weight kernel where it has one, the
+/// weights' range is printed, and a value outside 1..=127 is refused; `peak --narrow` names the
+/// kernel it measured.
+#[test]
+fn bench_and_peak_with_narrow_weights() {
+    let kern = dynq::kernels::kernel_for(dynq::isa::active().unwrap()).unwrap();
+    let want = kern.narrow.unwrap_or(kern).name;
+    let (ok, out) = dynq(&["bench", "--shapes", "7x40x50", "--min-time", "0", "--weight-qmax", "64"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("kernel={want}")) && out.contains("weights=[-64, 64]"), "{out}");
+    for bad in ["0", "128", "x"] {
+        let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--weight-qmax", bad], &[]);
+        assert!(!ok && out.contains("--weight-qmax"), "{bad}: {out}");
+    }
+    let (ok, out) = dynq(&["peak", "--bytes", "4096", "--narrow"], &[]);
+    assert!(ok && out.contains(&format!("\"kernel\": \"{want}\"")), "{out}");
+}
+
 #[test]
 fn bad_environment_is_reported_not_crashed() {
     #[cfg(target_arch = "x86_64")]

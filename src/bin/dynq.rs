@@ -21,10 +21,11 @@ commands:
     --symmetric              symmetric int8 activations instead of asymmetric uint8
     --weight-qmax Q          quantize weights to [-Q, Q] (default 127; 64 = ONNX Runtime's
                              reduce_range, which runs a faster kernel on AVX2 without VNNI)
-  peak [--isa NAME] [--bytes N[,N...]]
+  peak [--isa NAME] [--bytes N[,N...]] [--narrow]
                              this machine's measured limits as JSON: the dot-product peak of an
-                             ISA (GOPS, 1 thread; avx_vnni: as for bench) and the read
-                             bandwidth for buffers of N bytes
+                             ISA (GOPS, 1 thread; avx_vnni: as for bench), its micro-kernel's
+                             rate (--narrow: the ISA's narrow-weight kernel, if it has one) and
+                             the read bandwidth for buffers of N bytes
   help                       this text
 
 environment: DYNQ_ISA forces the kernel family, DYNQ_NUM_THREADS the default thread count.";
