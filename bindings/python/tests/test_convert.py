@@ -1178,3 +1178,133 @@ def test_attention_heads_with_shapes_computed_in_the_graph():
     q2, rep2 = quantize_model(m2, QuantizeOptions(smooth="off"))
     assert {r.name: r.heads for r in rep2.converted} == {"q": 0, "k": 0, "v": 4}
     assert session(q2).run(None, f)[1] == 48
+
+
+def _mm_model(w, extra_nodes=(), extra_inits=(), out="y", x_shape=("b", 16)):
+    """x -> MatMul(x, w) -> h, plus `extra_nodes` (reading h) producing `out`."""
+    k, n = w.shape
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h" if extra_nodes else out], name="mm"), *extra_nodes]
+    inits = [numpy_helper.from_array(w, "w"), *extra_inits]
+    x_shape = (x_shape[0], k)
+    return model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                 [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+
+
+def test_unloaded_external_data_is_refused(tmp_path):
+    """A ModelProto loaded without its external data is refused with a clear message, never read
+    from the current directory (which may hold another model's file of the same name)."""
+    m = _mm_model(f32(16, 24))
+    path = tmp_path / "m.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data", size_threshold=0)
+    unloaded = onnx.load(str(path), load_external_data=False)
+    with pytest.raises(ValueError, match="external data is not loaded"):
+        quantize_model(unloaded)
+    q, rep = quantize_model(str(path), QuantizeOptions(smooth="off"))
+    assert len(rep.converted) == 1
+
+
+def test_layers_the_op_would_refuse_are_left_alone():
+    """Empty weights, non-finite Gemm bias (beta != 0) and already-quantized layers with K > 65536
+    or a NaN scale are skipped with a reason (the model still runs); Gemm's C is ignored when
+    beta = 0 (as ONNX Runtime does), and a non-finite bias Add stays an Add."""
+    # Empty weight.
+    m = _mm_model(np.zeros((16, 0), np.float32))
+    q, rep = quantize_model(m)
+    assert not rep.converted and any(r[2] == "empty weight" for r in rep.skipped), rep.skipped
+    # Gemm with beta = 0 and a NaN in C: C is not used.
+    c = f32(24)
+    c[3] = np.nan
+    g = model([helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="g", beta=0.0)],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+              [numpy_helper.from_array(f32(16, 24), "w"), numpy_helper.from_array(c, "c")])
+    q, rep = quantize_model(g, QuantizeOptions(smooth="off"))
+    x = f32(5, 16, scale=1.0)
+    ref, got = session(g, custom=False).run(None, {"x": x})[0], session(q).run(None, {"x": x})[0]
+    assert len(rep.converted) == 1 and np.all(np.isfinite(got)) and cosine(ref, got) > 0.999
+    # The same with beta = 1: skipped.
+    g.graph.node[0].attribute[0].f = 1.0
+    q, rep = quantize_model(g, QuantizeOptions(smooth="off"))
+    assert not rep.converted and "NaN" in rep.skipped[0][2], rep.skipped
+    # A bias Add with a NaN: the Add stays, the model runs and gives ONNX Runtime's NaNs.
+    b = f32(24)
+    b[1] = np.nan
+    m = _mm_model(f32(16, 24), [helper.make_node("Add", ["h", "b"], ["y"], name="bias")], [numpy_helper.from_array(b, "b")])
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert len(rep.converted) == 1 and any(n.name == "bias" for n in q.graph.node)
+    got = session(q).run(None, {"x": x})[0]
+    assert np.array_equal(np.isnan(got), np.isnan(session(m, custom=False).run(None, {"x": x})[0]))
+    # DynamicQuantizeMatMul with K > 65536, and with a NaN weight scale: skipped.
+    for k, bad_scale in ((65537, False), (32, True)):
+        wq = RNG.integers(-127, 128, size=(k, 3)).astype(np.int8)
+        s = np.full(3, 0.01, np.float32)
+        if bad_scale:
+            s[1] = np.nan
+        dq = model([helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s"], ["y"], name="dq", domain="com.microsoft")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                   [numpy_helper.from_array(wq, "w"), numpy_helper.from_array(s, "s")])
+        q, rep = quantize_model(dq)
+        assert not rep.converted, (k, rep.converted)
+        assert rep.skipped and ("K > 65536" if not bad_scale else "NaN") in rep.skipped[0][2], rep.skipped
+
+
+def test_negative_quantized_scales_fold_into_the_integers():
+    """A negative per-channel weight scale of an already-quantized layer (ONNX allows it) is
+    folded into that channel's integers (a -128 becomes a requantized 127 range): the same
+    product as ONNX Runtime's DynamicQuantizeMatMul up to quantization error."""
+    k, n = 64, 5
+    wq = RNG.integers(-128, 128, size=(k, n)).astype(np.int8)
+    s = np.full(n, 0.02, np.float32)
+    s[2] = -0.02
+    s[4] = -0.01
+    dq = model([helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s"], ["y"], name="dq", domain="com.microsoft")],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+               [numpy_helper.from_array(wq, "w"), numpy_helper.from_array(s, "s")])
+    q, rep = quantize_model(dq)
+    assert len(rep.converted) == 1
+    x = f32(7, k, scale=1.0)
+    exact = x.astype(np.float64) @ (wq.astype(np.float64) * s.astype(np.float64))
+    assert cosine(exact, session(q).run(None, {"x": x})[0]) > 0.999
+
+
+def test_options_bytes_gelu_order_and_dead_nodes():
+    """A single string where QuantizeOptions expects names is one name; a serialized model is
+    accepted; GELU is fused whatever the order of its first two nodes; nodes the model itself
+    never uses are neither converted nor removed."""
+    m = mlp()
+    q, _ = quantize_model(m, QuantizeOptions(include_nodes="fc1", smooth="off"))
+    assert [n.name for n in q.graph.node if n.op_type == "DynQMatMul"] == ["fc1"]
+    q, _ = quantize_model(m, QuantizeOptions(exclude_nodes="fc1", exclude_op_types="MatMulInteger", smooth="off"))
+    conv = {n.name for n in q.graph.node if n.op_type == "DynQMatMul"}
+    assert "fc1" not in conv and "fc2" in conv
+    with pytest.raises(TypeError, match="ModelProto"):
+        quantize_model(42)
+    q1, _ = quantize_model(m, QuantizeOptions(smooth="off"))
+    q2, _ = quantize_model(m.SerializeToString(), QuantizeOptions(smooth="off"))
+    assert q2.SerializeToString() == q1.SerializeToString()
+    # GELU with the Mul(0.5) node before the Div.
+    w = f32(16, 24)
+    consts = [numpy_helper.from_array(np.array(v, np.float32), nm) for nm, v in (("half", 0.5), ("sqrt2", 2**0.5), ("one", 1.0))]
+    gelu_nodes = [
+        helper.make_node("Mul", ["h", "half"], ["hh"], name="g_half"),
+        helper.make_node("Div", ["h", "sqrt2"], ["hd"], name="g_div"),
+        helper.make_node("Erf", ["hd"], ["he"], name="g_erf"),
+        helper.make_node("Add", ["he", "one"], ["ha"], name="g_add"),
+        helper.make_node("Mul", ["hh", "ha"], ["y"], name="g_mul"),
+    ]
+    gm = _mm_model(w, gelu_nodes, consts)
+    q, rep = quantize_model(gm, QuantizeOptions(smooth="off"))
+    assert rep.converted[0].activation == "gelu" and [n.op_type for n in q.graph.node] == ["DynQMatMul"]
+    x = f32(6, 16, scale=1.0)
+    assert cosine(session(gm, custom=False).run(None, {"x": x})[0], session(q).run(None, {"x": x})[0]) > 0.999
+    # A dead branch (a Relu and a MatMul nobody reads) and an unused initializer stay as they are.
+    dead = [helper.make_node("Relu", ["h"], ["y"], name="relu"), helper.make_node("Relu", ["x"], ["r0"], name="dead_relu"),
+            helper.make_node("MatMul", ["r0", "w2"], ["dead_out"], name="dead_mm")]
+    dm = _mm_model(w, dead, [numpy_helper.from_array(f32(16, 8), "w2"), numpy_helper.from_array(f32(3), "unused")])
+    q, rep = quantize_model(dm, QuantizeOptions(smooth="off"))
+    assert [r.name for r in rep.converted] == ["mm"]
+    assert ("dead_mm", "MatMul", "its output is not used by the model") in rep.skipped
+    assert {"dead_relu", "dead_mm"} <= {n.name for n in q.graph.node}
+    assert {"w2", "unused"} <= {t.name for t in q.graph.initializer}

@@ -67,6 +67,16 @@ class QuantizeOptions:
     smooth_min_gain_db: float = 0.5  # a layer is smoothed only if its SQNR improves at least this much
     weight_qmax: int = 127  # weights in [-qmax, qmax]; 64 (reduce_range) runs faster on AVX2 CPUs without VNNI
 
+    def __post_init__(self):
+        # A single name given where a tuple of names is expected is one name, not its letters
+        # (`include_nodes="fc1"` would otherwise select nodes named "f", "c" or "1").
+        for f in ("op_types", "include_nodes", "exclude_nodes", "exclude_op_types"):
+            v = getattr(self, f)
+            if isinstance(v, str):
+                setattr(self, f, (v,))
+            elif not isinstance(v, tuple):
+                setattr(self, f, tuple(v))
+
     def to_json(self) -> str:
         d = asdict(self)
         return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}, sort_keys=True)
@@ -359,6 +369,8 @@ def _match_bias(G: _Graph, out: str, n: int, x_name: str) -> Optional[Tuple[onnx
     b = G.const(other)
     if b is None or b.dtype not in (np.float32, np.float16) or b.size != n or b.shape[-1:] != (n,):
         return None
+    if not np.all(np.isfinite(b.astype(np.float32))):
+        return None  # left as an Add: the op refuses a non-finite bias
     if b.ndim > 1:
         xr = G.ranks.get(x_name)
         if any(d != 1 for d in b.shape[:-1]) or xr is None or xr < b.ndim:
@@ -548,10 +560,16 @@ def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodePr
         return None
     if len(cons) != 2:
         return None
-    # 0.5 * t * (1 + erf(t / sqrt(2))), as PyTorch exports it (and the Mul(0.5)-first variant).
-    d = next((c for c in cons if c.op_type in ("Div", "Mul") and c.input[0] == t), None)
-    if d is None:
-        d = next((c for c in cons if c.op_type == "Mul" and len(c.input) == 2 and c.input[1] == t), None)
+    # 0.5 * t * (1 + erf(t / sqrt(2))), as PyTorch exports it (and the Mul(0.5)-first variant):
+    # the reader that divides by sqrt(2) (or multiplies by 1/sqrt(2)), in whatever node order.
+    def scales_by_inv_sqrt2(c: onnx.NodeProto) -> bool:
+        if c.op_type == "Div" and len(c.input) == 2 and c.input[0] == t:
+            return _close(_scalar(G.const(c.input[1])), 2**0.5)
+        if c.op_type == "Mul" and len(c.input) == 2 and t in c.input:
+            return _close(_scalar(G.const(_other_input(c, t) or "")), 2**-0.5)
+        return False
+
+    d = next((c for c in cons if c.domain in ("", "ai.onnx") and scales_by_inv_sqrt2(c)), None)
     if d is None:
         return None
     k = _scalar(G.const(_other_input(d, t) or ""))
@@ -583,6 +601,22 @@ def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodePr
     return None
 
 
+def _all_tensors(g: onnx.GraphProto):
+    """The initializers and Constant-node tensors of a graph and of its subgraphs."""
+    yield from g.initializer
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.TENSORS:
+                yield from a.tensors
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield from _all_tensors(sg)
+
+
 def _int_weights_to_int8(q: np.ndarray, zp: Optional[np.ndarray], scale: np.ndarray) -> Tuple[np.ndarray, np.ndarray, int]:
     """Integer weights `[K, N]` (int8 or uint8) with zero points (None, scalar or [N]) and scales
     (scalar or [N]) to symmetric int8 `[K, N]` and scales: `q - zp` when it fits int8, otherwise
@@ -597,6 +631,17 @@ def _int_weights_to_int8(q: np.ndarray, zp: Optional[np.ndarray], scale: np.ndar
     s = np.asarray(scale, dtype=np.float32).reshape(-1)
     if s.size not in (1, n):
         raise ValueError(f"weight scale has {s.size} values, expected 1 or {n}")
+    if not np.all(np.isfinite(s)):
+        raise _Skip("weight scale has NaN or infinity")
+    if (s < 0).any():
+        # W = s * d = (-s) * (-d): the sign goes into the integers (the op takes scales >= 0;
+        # a -128 that becomes 128 is requantized below like any channel out of int8's range).
+        neg = s < 0
+        if s.size == 1:
+            d = -d
+        else:
+            d[:, neg] = -d[:, neg]
+        s = np.where(neg, -s, s).astype(np.float32)
     lo, hi = d.min(axis=0), d.max(axis=0)
     bad = (lo < -128) | (hi > 127)
     if not bad.any():
@@ -635,13 +680,28 @@ def quantize_model(
     ``calibration_inputs`` (sample inputs keyed by input name), or on inputs generated from its
     signature when None, to choose each layer's activation smoothing (see :mod:`dynq.onnx.smooth`)."""
     opts = options or QuantizeOptions()
+    opts.__post_init__()  # fields assigned after construction
     opts.check()
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model), load_external_data=True)
-    else:
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        model = onnx.load_from_string(bytes(model))
+    elif isinstance(model, onnx.ModelProto):
         m2 = onnx.ModelProto()
         m2.CopyFrom(model)
         model = m2
+    else:
+        raise TypeError(f"expected an onnx.ModelProto, a path or the serialized model, got {type(model).__name__}")
+    # A ModelProto loaded without its external data only names the files that hold its
+    # weights, relative to a directory it does not know: reading them from the current
+    # directory could take another model's weights.
+    unloaded = [t.name for t in _all_tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
+    if unloaded:
+        raise ValueError(
+            f"the model's external data is not loaded ({len(unloaded)} tensors, e.g. {unloaded[0]!r}): pass the "
+            "model's path, or load it with onnx.load(path, load_external_data=True) (or "
+            "onnx.external_data_helper.load_external_data_for_model(model, base_dir)) first"
+        )
     # Shapes of intermediate tensors decide which following nodes can be folded (bias, residual,
     # attention heads). data_prop also propagates shapes computed in the graph (Shape -> Gather
     # -> Concat, as PyTorch exports Reshape targets), so the tensors they shape get known shapes;
@@ -678,11 +738,16 @@ def quantize_model(
     node_names = {n.name for n in g.node if n.name}
     include = set(opts.include_nodes)
     exclude = set(opts.exclude_nodes)
+    # Nodes and initializers the model itself never uses stay as they are (only what the
+    # conversion makes unused is removed).
+    dead_outputs, unused_inits = _unused(g)
 
     def selected(node: onnx.NodeProto) -> Optional[str]:
         # A node without a name is known by its first output (the name its dynq node gets, and
         # the one `evaluate` reports and mixed precision passes back here).
         key = node.name or node.output[0]
+        if any(o in dead_outputs for o in node.output):
+            return "its output is not used by the model"
         if include and key not in include:
             return "not in --include-nodes"
         if key in exclude:
@@ -925,7 +990,7 @@ def quantize_model(
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
-    _remove_dead(model)
+    _remove_dead(model, dead_outputs, unused_inits)
     if report.converted and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if report.embeddings and not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
@@ -938,6 +1003,17 @@ def quantize_model(
     else:
         model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=opts.to_json()))
     return model, report
+
+
+def _check_weight_shape(k: int, n: int, opts: "QuantizeOptions"):
+    """Skips a layer whose weight is empty, too small for the options or longer than the exact
+    int32 sums allow."""
+    if k == 0 or n == 0:
+        raise _Skip("empty weight")
+    if k * n < opts.min_size:
+        raise _Skip("below --min-size")
+    if k > 65536:
+        raise _Skip("K > 65536")
 
 
 class _Skip(Exception):
@@ -1051,12 +1127,12 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
             n = w.shape[1]
             if c is None or c.dtype not in (np.float32, np.float16) or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
                 raise _Skip("Gemm bias C is not a constant of N values")
-            bias_from_gemm = (np.broadcast_to(c.reshape(-1).astype(np.float32), (n,)) * np.float32(beta)).astype(np.float32)
+            if beta != 0.0:  # beta = 0: C is not used (ONNX Runtime ignores it, NaN or not)
+                bias_from_gemm = (np.broadcast_to(c.reshape(-1).astype(np.float32), (n,)) * np.float32(beta)).astype(np.float32)
+                if not np.all(np.isfinite(bias_from_gemm)):
+                    raise _Skip("Gemm bias beta * C has NaN or infinity")
     k, n = w.shape
-    if k * n < opts.min_size:
-        raise _Skip("below --min-size")
-    if k > 65536:
-        raise _Skip("K > 65536")
+    _check_weight_shape(k, n, opts)
     if not np.all(np.isfinite(w)):
         raise _Skip("weight has NaN or infinity")
     out = node.output[0]
@@ -1126,8 +1202,7 @@ def _convert_matmulinteger(node, G: _Graph, opts, report: Report, emit, fuse_tai
     if wscale is None:
         raise _Skip("scale is not DynamicQuantizeLinear scale x constant weight scale")
     k, n = q.shape
-    if k * n < opts.min_size:
-        raise _Skip("below --min-size")
+    _check_weight_shape(k, n, opts)
     q8, scales, nreq = _int_weights_to_int8(q, zp, wscale)
     out = mul.output[0]
     bias, act, final, fused, residual = fuse_tail(out, n, x)
@@ -1180,14 +1255,15 @@ def _convert_ms_quantized(node, G: _Graph, opts, report: Report, emit, fuse_tail
         if zp is None:
             raise _Skip("weight zero point is not constant")
     k, n = q.shape
-    if k * n < opts.min_size:
-        raise _Skip("below --min-size")
+    _check_weight_shape(k, n, opts)
     q8, scales, nreq = _int_weights_to_int8(q, zp, s)
     bias = None
     if bname:
         b = G.const(bname)
         if b is None or b.size != n:
             raise _Skip("bias is not a constant of N values")
+        if not np.all(np.isfinite(b)):
+            raise _Skip("bias has NaN or infinity")
         bias = b.reshape(n).astype(np.float32)
     out = node.output[0]
     bias, act, out, fused, residual = fuse_tail(out, n, x, bias)
@@ -1243,9 +1319,10 @@ def _convert_gather(node, G: _Graph, opts, report: Report, replacement, add_init
     report.int8_weight_bytes += q.size + 4 * v
 
 
-def _remove_dead(model: onnx.ModelProto):
-    """Drops nodes whose outputs nobody uses and initializers nobody reads (the fp32 weights)."""
-    g = model.graph
+def _live_nodes(g: onnx.GraphProto, keep_outputs=frozenset()) -> Tuple[List[onnx.NodeProto], set]:
+    """The nodes of `g` whose outputs the graph's outputs or its subgraphs use (transitively),
+    with those that have an output in `keep_outputs` (and what they read); and the names these
+    nodes, the outputs and the subgraphs read."""
     outputs = {o.name for o in g.output}
     sub_uses = set()
     for sg in _subgraphs(g):
@@ -1258,19 +1335,36 @@ def _remove_dead(model: onnx.ModelProto):
         used = set(outputs) | sub_uses
         for n in nodes:
             used.update(i for i in n.input if i)
-        keep = [n for n in nodes if any(o in used for o in n.output if o) or not any(n.output)]
+        keep = [n for n in nodes if any(o in used or o in keep_outputs for o in n.output if o) or not any(n.output)]
         if len(keep) != len(nodes):
             nodes = keep
             changed = True
-    del g.node[:]
-    g.node.extend(nodes)
     used = set(outputs) | sub_uses
     for n in nodes:
         used.update(i for i in n.input if i)
+    return nodes, used
+
+
+def _unused(g: onnx.GraphProto) -> Tuple[set, set]:
+    """Output names of the nodes, and names of the initializers, that the model never uses."""
+    live, used = _live_nodes(g)
+    live_outputs = {o for n in live for o in n.output if o}
+    dead_outputs = {o for n in g.node for o in n.output if o and o not in live_outputs}
+    return dead_outputs, {t.name for t in g.initializer if t.name not in used}
+
+
+def _remove_dead(model: onnx.ModelProto, keep_outputs=frozenset(), keep_inits=frozenset()):
+    """Drops nodes whose outputs nobody uses and initializers nobody reads (the fp32 weights),
+    except the nodes with an output in `keep_outputs` and the initializers in `keep_inits`
+    (what the source model already left unused)."""
+    g = model.graph
+    nodes, used = _live_nodes(g, keep_outputs)
+    del g.node[:]
+    g.node.extend(nodes)
     inputs = {i.name for i in g.input}
-    keep_inits = [t for t in g.initializer if t.name in used or t.name in inputs]
+    keep = [t for t in g.initializer if t.name in used or t.name in inputs or t.name in keep_inits]
     del g.initializer[:]
-    g.initializer.extend(keep_inits)
+    g.initializer.extend(keep)
 
 
 def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] = None):
