@@ -26,7 +26,12 @@ func layerNormRef(x []float32, scale, bias []float32, eps float32) {
 	for j, v := range x {
 		s[j%64] = float32(s[j%64] + v)
 	}
-	mean := float32(lnTree(s) / float32(n))
+	m0 := float32(lnTree(s) / float32(n))
+	s = make([]float32, 64)
+	for j, v := range x {
+		s[j%64] = float32(s[j%64] + float32(v-m0))
+	}
+	mean := float32(m0 + float32(lnTree(s)/float32(n)))
 	s = make([]float32, 64)
 	for j, v := range x {
 		d := float32(v - mean)

@@ -9,7 +9,8 @@
 //! ```text
 //! s[l]  = sum of x[j] over j = l (mod 64), in increasing j      (64 lane sums, f32)
 //! sum   = tree(s)            tree: s[l] += s[l + w] for w = 32, 16, ..., 1 and l < w; then s[0]
-//! mean  = sum / n
+//! m0    = sum / n
+//! c[l]  = sum of (x[j] - m0), the same way;                   mean = m0 + tree(c) / n
 //! q[l]  = sum of (x[j] - mean) * (x[j] - mean), the same way;  var = tree(q) / n
 //! inv   = 1 / sqrt(var + epsilon)
 //! y[j]  = ((x[j] - mean) * inv) * gamma[j] + beta[j]           (beta omitted: no addition)
@@ -19,7 +20,10 @@
 //! rounded), and the lanes are independent, so four 16-lane vectors, eight 8-lane ones, 4-lane
 //! ones and scalar code all compute the same bits. The variance is the two-pass (biased) one,
 //! as ONNX's `LayerNormalization` defines it; results agree with ONNX Runtime's kernel to float
-//! rounding (its summation order differs).
+//! rounding (its summation order differs). The mean is corrected once (`c`): a mean one
+//! rounding off would otherwise leave `x - mean` at a few ulps in a row of equal values, which
+//! `1 / sqrt(var + epsilon)` with BERT's epsilon of 1e-12 turns into outputs far from `beta`
+//! (found by a converter stress test: 0.28 off); corrected, such a row gives `beta` exactly.
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -83,16 +87,26 @@ fn tree(s: [f32; LANES]) -> f32 {
     s[0] + s[1]
 }
 
-/// The portable lane sums: `tree` of the 64 lane sums of `x[j]` (`mean` None) or of
+/// What the lane sums add up: the values, their deviations from the row's mean, or the squares
+/// of those.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Term {
+    Value,
+    Deviation,
+    Square,
+}
+
+/// The portable lane sums: `tree` of the 64 lane sums of `x[j]`, `x[j] - mean` or
 /// `(x[j] - mean)^2`.
 #[inline(always)]
-fn sums_portable(x: &[f32], mean: Option<f32>) -> f32 {
+fn sums_portable(x: &[f32], mean: f32, what: Term) -> f32 {
     let mut s = [0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
-    let term = |v: f32| match mean {
-        None => v,
-        Some(m) => {
-            let d = v - m;
+    let term = |v: f32| match what {
+        Term::Value => v,
+        Term::Deviation => v - mean,
+        Term::Square => {
+            let d = v - mean;
             d * d
         }
     };
@@ -112,22 +126,24 @@ fn sums_portable(x: &[f32], mean: Option<f32>) -> f32 {
 const BATCH: usize = 4;
 
 /// The definition (see the module), in place, for `R` rows of one length, with the lane sums
-/// `sums` computes for the `R` rows (`means` None: of the values; else of the squared
-/// deviations from each row's mean). Every implementation gives the same bits.
+/// `sums` computes for the `R` rows (of the values, of their deviations from each row's mean,
+/// or of the squared deviations). Every implementation gives the same bits.
 #[inline(always)]
 fn rows_with<const R: usize>(
     xs: &mut [&mut [f32]; R],
     ln: &LayerNorm<'_>,
-    sums: impl Fn(&[&[f32]; R], Option<&[f32; R]>) -> [f32; R],
+    sums: impl Fn(&[&[f32]; R], &[f32; R], Term) -> [f32; R],
 ) {
     let n = xs[0].len();
     if n == 0 {
         return;
     }
     let nf = n as f32;
-    let s = sums(&std::array::from_fn(|r| &*xs[r]), None);
-    let mean: [f32; R] = std::array::from_fn(|r| s[r] / nf);
-    let q = sums(&std::array::from_fn(|r| &*xs[r]), Some(&mean));
+    let s = sums(&std::array::from_fn(|r| &*xs[r]), &[0.0; R], Term::Value);
+    let m0: [f32; R] = std::array::from_fn(|r| s[r] / nf);
+    let c = sums(&std::array::from_fn(|r| &*xs[r]), &m0, Term::Deviation);
+    let mean: [f32; R] = std::array::from_fn(|r| m0[r] + c[r] / nf);
+    let q = sums(&std::array::from_fn(|r| &*xs[r]), &mean, Term::Square);
     let g = &ln.gamma[..n];
     for (r, x) in xs.iter_mut().enumerate() {
         let (mean, inv) = (mean[r], 1.0 / (q[r] / nf + ln.epsilon).sqrt());
@@ -149,14 +165,14 @@ fn rows_with<const R: usize>(
 
 #[inline(always)]
 fn rows_portable<const R: usize>(xs: &mut [&mut [f32]; R], ln: &LayerNorm<'_>) {
-    rows_with(xs, ln, |xs, means| std::array::from_fn(|r| sums_portable(xs[r], means.map(|m| m[r]))))
+    rows_with(xs, ln, |xs, means, what| std::array::from_fn(|r| sums_portable(xs[r], means[r], what)))
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The lane sums with explicit vectors: compiled from the portable code, the 64 lane sums
     //! go through memory into a scalar tree (a stall per lane on store forwarding).
-    use super::{rows_with, LayerNorm, LANES};
+    use super::{rows_with, LayerNorm, Term, LANES};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -164,14 +180,15 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)] // acc[r][u] is indexed by row and lane group alike
-    unsafe fn sums_avx512<const R: usize>(xs: &[&[f32]; R], means: Option<&[f32; R]>) -> [f32; R] {
+    unsafe fn sums_avx512<const R: usize>(xs: &[&[f32]; R], means: &[f32; R], what: Term) -> [f32; R] {
         let z = _mm512_setzero_ps();
         // Per row, lanes 0-15, 16-31, 32-47, 48-63.
         let mut acc = [[z; 4]; R];
-        let mv: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(means.map_or(0.0, |m| m[r])));
-        let term = |v: __m512, r: usize| match means {
-            None => v,
-            Some(_) => {
+        let mv: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(means[r]));
+        let term = |v: __m512, r: usize| match what {
+            Term::Value => v,
+            Term::Deviation => _mm512_sub_ps(v, mv[r]),
+            Term::Square => {
                 let d = _mm512_sub_ps(v, mv[r]);
                 _mm512_mul_ps(d, d)
             }
@@ -219,16 +236,16 @@ mod x86 {
     /// The CPU has AVX2; the rows have one length.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn sums_avx2<const R: usize>(xs: &[&[f32]; R], means: Option<&[f32; R]>) -> [f32; R] {
+    unsafe fn sums_avx2<const R: usize>(xs: &[&[f32]; R], means: &[f32; R], what: Term) -> [f32; R] {
         std::array::from_fn(|r| {
             let x = xs[r];
-            let mean = means.map(|m| m[r]);
             let z = _mm256_setzero_ps();
             let mut acc = [z; 8]; // lanes 8u..8u+8
-            let mv = _mm256_set1_ps(mean.unwrap_or(0.0));
-            let term = |v: __m256| match mean {
-                None => v,
-                Some(_) => {
+            let mv = _mm256_set1_ps(means[r]);
+            let term = |v: __m256| match what {
+                Term::Value => v,
+                Term::Deviation => _mm256_sub_ps(v, mv),
+                Term::Square => {
                     let d = _mm256_sub_ps(v, mv);
                     _mm256_mul_ps(d, d)
                 }
@@ -272,7 +289,7 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn rows_avx512<const R: usize>(xs: &mut [&mut [f32]; R], ln: &LayerNorm<'_>) {
         // SAFETY: the caller's CPU has AVX-512 F; one length.
-        rows_with(xs, ln, |xs, m| unsafe { sums_avx512(xs, m) })
+        rows_with(xs, ln, |xs, m, what| unsafe { sums_avx512(xs, m, what) })
     }
 
     /// # Safety
@@ -280,7 +297,7 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn rows_avx2<const R: usize>(xs: &mut [&mut [f32]; R], ln: &LayerNorm<'_>) {
         // SAFETY: the caller's CPU has AVX2; one length.
-        rows_with(xs, ln, |xs, m| unsafe { sums_avx2(xs, m) })
+        rows_with(xs, ln, |xs, m, what| unsafe { sums_avx2(xs, m, what) })
     }
 }
 
@@ -416,6 +433,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rows of equal values normalize to `beta` exactly, on every variant, also with BERT's
+    /// epsilon of 1e-12 and values whose sum rounds (without the mean's correction, one rounding
+    /// of the mean was multiplied by 1e6 there: outputs 0.28 away from `beta`).
+    #[test]
+    fn rows_of_equal_values_give_beta_exactly() {
+        let mut checked = 0;
+        for n in [3usize, 5, 24, 64, 100, 385, 768, 3000] {
+            let g = data(n, 3 + n as u32);
+            let b = data(n, 5 + n as u32);
+            for c in [0.1f32, -0.7, 1.0 / 3.0, 123.456, 1e-3, 7.77e4, -2.5e-6] {
+                for eps in [1e-12f32, 0.0, 1e-5] {
+                    let ln = LayerNorm { gamma: &g, beta: Some(&b), epsilon: eps };
+                    for isa in [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon] {
+                        let mut x = vec![c; n];
+                        layer_norm_row(isa, &mut x, &ln);
+                        if eps == 0.0 {
+                            // 0 / sqrt(0): NaN, as the definition and ONNX give.
+                            assert!(x.iter().all(|v| v.is_nan()), "n = {n}, c = {c}, {isa:?}");
+                        } else {
+                            assert_eq!(x, b, "n = {n}, c = {c}, eps = {eps}, {isa:?}");
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 500);
     }
 
     #[test]

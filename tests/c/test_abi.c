@@ -1664,7 +1664,8 @@ static void test_gemm_residual(void)
 }
 
 /* dynq's layer norm, its documented definition in C (FLT_EVAL_METHOD 0, no contraction): 64 lane
-   sums in order, a halving tree, the mean, the same for the squared deviations, then
+   sums in order, a halving tree, the mean m0, the same for the deviations from m0 (mean = m0 +
+   their sum / n), the same for the squared deviations from mean, then
    ((x - mean) * inv) * scale + bias with inv = 1 / sqrt(var + eps). */
 static float ln_lane_tree(float *s)
 {
@@ -1679,13 +1680,18 @@ static float ln_lane_tree(float *s)
 
 static void ln_reference(float *x, size_t n, const float *scale, const float *bias, float eps)
 {
-    float s[64], mean, var, inv;
+    float s[64], m0, mean, var, inv;
     size_t j;
     memset(s, 0, sizeof s);
     for (j = 0; j < n; j++) {
         s[j % 64] = s[j % 64] + x[j];
     }
-    mean = ln_lane_tree(s) / (float)n;
+    m0 = ln_lane_tree(s) / (float)n;
+    memset(s, 0, sizeof s);
+    for (j = 0; j < n; j++) {
+        s[j % 64] = s[j % 64] + (x[j] - m0);
+    }
+    mean = m0 + ln_lane_tree(s) / (float)n;
     memset(s, 0, sizeof s);
     for (j = 0; j < n; j++) {
         float d = x[j] - mean;

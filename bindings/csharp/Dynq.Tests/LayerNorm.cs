@@ -23,7 +23,10 @@ namespace Dynq.Tests
             int o = row * n;
             float[] s = new float[64];
             for (int j = 0; j < n; j++) s[j % 64] = (float)(s[j % 64] + x[o + j]);
-            float mean = (float)(LnTree(s) / (float)n);
+            float m0 = (float)(LnTree(s) / (float)n);
+            s = new float[64];
+            for (int j = 0; j < n; j++) s[j % 64] = (float)(s[j % 64] + (float)(x[o + j] - m0));
+            float mean = (float)(m0 + (float)(LnTree(s) / (float)n));
             s = new float[64];
             for (int j = 0; j < n; j++)
             {
