@@ -1308,3 +1308,25 @@ def test_options_bytes_gelu_order_and_dead_nodes():
     assert ("dead_mm", "MatMul", "its output is not used by the model") in rep.skipped
     assert {"dead_relu", "dead_mm"} <= {n.name for n in q.graph.node}
     assert {"w2", "unused"} <= {t.name for t in q.graph.initializer}
+
+
+def test_smoothing_runs_on_float16_models_with_com_microsoft_ops():
+    """Calibration fetches tensors whose type shape inference cannot give (outputs of
+    com.microsoft ops in a float16 model) without declaring a wrong type: the run succeeds and
+    smoothing is not skipped."""
+    skip_without_f16_op()
+    k = 32
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Gelu", ["h"], ["g"], name="gelu", domain="com.microsoft"),
+        helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2"),
+    ]
+    m = model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["b", k])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
+              [numpy_helper.from_array(f32(k, 64).astype(np.float16), "w1"), numpy_helper.from_array(f32(64, 16).astype(np.float16), "w2")])
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    q, rep = quantize_model(m)
+    assert rep.smooth_note is None, rep.smooth_note
+    assert len(rep.converted) == 2
+    x = f32(5, k, scale=1.0).astype(np.float16)
+    assert cosine(session(m, custom=False).run(None, {"x": x})[0], session(q).run(None, {"x": x})[0]) > 0.999

@@ -81,7 +81,11 @@ class Calibration:
             have = {o.name for o in m.graph.output}
             for n in names:
                 if n not in have:
-                    m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n) or onnx.TensorProto.FLOAT, None))
+                    # A type shape inference could not give (outputs of com.microsoft ops, which
+                    # float16 models from ONNX Runtime's optimizer contain) is left out: ONNX
+                    # Runtime takes the tensor's own type (declaring float there failed the run).
+                    t = types.get(n)
+                    m.graph.output.append(onnx.helper.make_tensor_value_info(n, t, None) if t else onnx.ValueInfoProto(name=n))
             if m.ByteSize() >= 1_800_000_000:
                 self.error = "model over 1.8 GB: smoothing needs a run of it (not done)"
                 return
