@@ -441,13 +441,20 @@ mod tests {
     #[test]
     fn rows_of_equal_values_give_beta_exactly() {
         let mut checked = 0;
-        for n in [3usize, 5, 24, 64, 100, 385, 768, 3000] {
+        // Miri (which runs the library's unit tests in CI) interprets every operation: a few rows
+        // there, on the portable path (the only one it has).
+        let (ns, isas): (&[usize], &[Isa]) = if cfg!(miri) {
+            (&[3, 24, 70], &[Isa::Scalar])
+        } else {
+            (&[3, 5, 24, 64, 100, 385, 768, 3000], &[Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon])
+        };
+        for &n in ns {
             let g = data(n, 3 + n as u32);
             let b = data(n, 5 + n as u32);
             for c in [0.1f32, -0.7, 1.0 / 3.0, 123.456, 1e-3, 7.77e4, -2.5e-6] {
                 for eps in [1e-12f32, 0.0, 1e-5] {
                     let ln = LayerNorm { gamma: &g, beta: Some(&b), epsilon: eps };
-                    for isa in [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon] {
+                    for &isa in isas {
                         let mut x = vec![c; n];
                         layer_norm_row(isa, &mut x, &ln);
                         if eps == 0.0 {
@@ -461,7 +468,7 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 500);
+        assert!(checked >= 63);
     }
 
     #[test]
