@@ -174,6 +174,45 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
     }
 }
 
+/// The `asm!` of one step of a full 6-row tile of an AVX2 kernel (see [`two_pairs_6`]): the
+/// template's operands are `{b}` (the panel), `{g}` (the K step), `{r0}`..`{r5}` (the rows),
+/// the 12 accumulators `{a00}`..`{a51}` of `$acc`, four scratch registers `{b0}`, `{b1}`,
+/// `{av}`, `{t}`, and `$extra` (named operands, each followed by a comma).
+macro_rules! asm_6x16 {
+    ($acc:expr, $rowp:expr, $g:expr, $b:expr, [$($tpl:expr),+] $(, $($extra:tt)*)?) => {{
+        let [[a00, a01], [a10, a11], [a20, a21], [a30, a31], [a40, a41], [a50, a51]] = $acc;
+        std::arch::asm!(
+            $($tpl),+,
+            b = in(reg) $b,
+            g = in(reg) $g,
+            $($($extra)*)?
+            r0 = in(reg) $rowp[0],
+            r1 = in(reg) $rowp[1],
+            r2 = in(reg) $rowp[2],
+            r3 = in(reg) $rowp[3],
+            r4 = in(reg) $rowp[4],
+            r5 = in(reg) $rowp[5],
+            a00 = inout(ymm_reg) *a00,
+            a01 = inout(ymm_reg) *a01,
+            a10 = inout(ymm_reg) *a10,
+            a11 = inout(ymm_reg) *a11,
+            a20 = inout(ymm_reg) *a20,
+            a21 = inout(ymm_reg) *a21,
+            a30 = inout(ymm_reg) *a30,
+            a31 = inout(ymm_reg) *a31,
+            a40 = inout(ymm_reg) *a40,
+            a41 = inout(ymm_reg) *a41,
+            a50 = inout(ymm_reg) *a50,
+            a51 = inout(ymm_reg) *a51,
+            b0 = out(ymm_reg) _,
+            b1 = out(ymm_reg) _,
+            av = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            options(nostack, preserves_flags, readonly),
+        )
+    }};
+}
+
 /// One row of a K pair in [`two_pairs_6`]: broadcast the row's pair (`$off` bytes past pair
 /// `g`), multiply by both widened weight vectors, add to the row's two accumulators.
 #[rustfmt::skip] // one instruction per line
@@ -220,39 +259,8 @@ macro_rules! k_pair {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn two_pairs_6(acc: &mut [[__m256i; 2]; 6], rowp: &[*const i32; 6], g: usize, b: *const i8) {
-    let [[a00, a01], [a10, a11], [a20, a21], [a30, a31], [a40, a41], [a50, a51]] = acc;
     // SAFETY: reads only the bytes named in the contract; writes only the register operands.
-    unsafe {
-        std::arch::asm!(
-            k_pair!(0, 16, 0),
-            k_pair!(32, 48, 4),
-            b = in(reg) b,
-            g = in(reg) g,
-            r0 = in(reg) rowp[0],
-            r1 = in(reg) rowp[1],
-            r2 = in(reg) rowp[2],
-            r3 = in(reg) rowp[3],
-            r4 = in(reg) rowp[4],
-            r5 = in(reg) rowp[5],
-            a00 = inout(ymm_reg) *a00,
-            a01 = inout(ymm_reg) *a01,
-            a10 = inout(ymm_reg) *a10,
-            a11 = inout(ymm_reg) *a11,
-            a20 = inout(ymm_reg) *a20,
-            a21 = inout(ymm_reg) *a21,
-            a30 = inout(ymm_reg) *a30,
-            a31 = inout(ymm_reg) *a31,
-            a40 = inout(ymm_reg) *a40,
-            a41 = inout(ymm_reg) *a41,
-            a50 = inout(ymm_reg) *a50,
-            a51 = inout(ymm_reg) *a51,
-            b0 = out(ymm_reg) _,
-            b1 = out(ymm_reg) _,
-            av = out(ymm_reg) _,
-            t = out(ymm_reg) _,
-            options(nostack, preserves_flags, readonly),
-        );
-    }
+    unsafe { asm_6x16!(acc, rowp, g, b, [k_pair!(0, 16, 0), k_pair!(32, 48, 4)]) }
 }
 
 /// `vpmaddwd` multiplier that adds adjacent int16 lanes into int32, on its own cache line:
@@ -389,40 +397,10 @@ macro_rules! k_group {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn narrow_two_groups_6(acc: &mut [[__m256i; 2]; 6], rowp: &[*const i32; 6], g: usize, b: *const i8) {
-    let [[a00, a01], [a10, a11], [a20, a21], [a30, a31], [a40, a41], [a50, a51]] = acc;
     // SAFETY: reads only the bytes named in the contract and ONES_I16; writes only the
     // register operands.
     unsafe {
-        std::arch::asm!(
-            k_group!(0, 32, 0),
-            k_group!(64, 96, 4),
-            b = in(reg) b,
-            g = in(reg) g,
-            ones = in(reg) ONES_I16.0.as_ptr(),
-            r0 = in(reg) rowp[0],
-            r1 = in(reg) rowp[1],
-            r2 = in(reg) rowp[2],
-            r3 = in(reg) rowp[3],
-            r4 = in(reg) rowp[4],
-            r5 = in(reg) rowp[5],
-            a00 = inout(ymm_reg) *a00,
-            a01 = inout(ymm_reg) *a01,
-            a10 = inout(ymm_reg) *a10,
-            a11 = inout(ymm_reg) *a11,
-            a20 = inout(ymm_reg) *a20,
-            a21 = inout(ymm_reg) *a21,
-            a30 = inout(ymm_reg) *a30,
-            a31 = inout(ymm_reg) *a31,
-            a40 = inout(ymm_reg) *a40,
-            a41 = inout(ymm_reg) *a41,
-            a50 = inout(ymm_reg) *a50,
-            a51 = inout(ymm_reg) *a51,
-            b0 = out(ymm_reg) _,
-            b1 = out(ymm_reg) _,
-            av = out(ymm_reg) _,
-            t = out(ymm_reg) _,
-            options(nostack, preserves_flags, readonly),
-        );
+        asm_6x16!(acc, rowp, g, b, [k_group!(0, 32, 0), k_group!(64, 96, 4)], ones = in(reg) ONES_I16.0.as_ptr(),)
     }
 }
 

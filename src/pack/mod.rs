@@ -286,18 +286,20 @@ impl Reservation {
 
     fn finish(mut self, scales: Vec<f32>, granularity: WeightGranularity) -> Result<PackedWeights> {
         let (n, k) = (self.n, self.k);
+        // The weights are checked once: for the narrow entry when it may be picked, else for the
+        // kernel asked for (which refuses them if it has a limit they exceed).
         let kernel = match self.kernel.narrow {
             Some(nk) if self.allow_narrow && nk.accepts_weights(&self.canonical, k) => nk,
-            _ => self.kernel,
+            _ if self.kernel.accepts_weights(&self.canonical, k) => self.kernel,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "kernel {} is exact only for weights whose K pairs have |w[2j]| + |w[2j+1]| <= {}, \
+                     and these weights exceed that",
+                    self.kernel.name,
+                    self.kernel.weight_pair_limit.unwrap_or(0)
+                )))
+            }
         };
-        if !kernel.accepts_weights(&self.canonical, k) {
-            return Err(Error::InvalidArgument(format!(
-                "kernel {} is exact only for weights whose K pairs have |w[2j]| + |w[2j+1]| <= {}, \
-                 and these weights exceed that",
-                kernel.name,
-                kernel.weight_pair_limit.unwrap_or(0)
-            )));
-        }
         let len = kernel.packed_len(n, k).expect("checked when reserved");
         self.data.truncate(len);
         (kernel.pack)(&self.canonical, n, k, &mut self.data);

@@ -251,6 +251,13 @@ def ort_cache_stats() -> dict:
     return {"live": live.value, "bytes": nbytes.value, "hits": hits.value, "misses": misses.value}
 
 
+def _weight_qmax(weight_qmax) -> int:
+    """A checked ``weight_qmax``: an integer in 1..127."""
+    if not isinstance(weight_qmax, (int, np.integer)) or not 1 <= int(weight_qmax) <= 127:
+        raise ValueError(f"weight_qmax must be an integer in 1..127, got {weight_qmax!r}")
+    return int(weight_qmax)
+
+
 def quantize_weights(
     w: np.ndarray, granularity: str = "per_channel", layout: str = "kn", weight_qmax: int = 127
 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -261,9 +268,7 @@ def quantize_weights(
 
     ``layout="kn"``: ``w`` is ``[K, N]`` (ONNX MatMul); ``"nk"``: ``[N, K]`` (PyTorch Linear).
     """
-    if not isinstance(weight_qmax, (int, np.integer)) or not 1 <= int(weight_qmax) <= 127:
-        raise ValueError(f"weight_qmax must be an integer in 1..127, got {weight_qmax!r}")
-    qmax = np.float32(int(weight_qmax))
+    qmax = np.float32(_weight_qmax(weight_qmax))
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"weights must be 2-D, got shape {w.shape}")
@@ -318,9 +323,7 @@ class PackedWeights:
         cfg = _PackConfig()
         _check(_load().dynq_pack_config_init_sized(ctypes.byref(cfg), ctypes.sizeof(_PackConfig)))
         cfg.granularity = _enum(_WEIGHT_GRANULARITY, granularity, "granularity")
-        if not isinstance(weight_qmax, (int, np.integer)) or not 1 <= int(weight_qmax) <= 127:
-            raise ValueError(f"weight_qmax must be an integer in 1..127, got {weight_qmax!r}")
-        cfg.weight_qmax = int(weight_qmax)
+        cfg.weight_qmax = _weight_qmax(weight_qmax)
         return cfg
 
     @classmethod

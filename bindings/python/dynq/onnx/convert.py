@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .. import quantize_weights
+from .. import _weight_qmax, quantize_weights
 
 DOMAIN = "dynq"
 OP = "DynQMatMul"
@@ -68,6 +68,9 @@ class QuantizeOptions:
     weight_qmax: int = 127  # weights in [-qmax, qmax]; 64 (reduce_range) runs faster on AVX2 CPUs without VNNI
 
     def __post_init__(self):
+        self._names_as_tuples()
+
+    def _names_as_tuples(self):
         # A single name given where a tuple of names is expected is one name, not its letters
         # (`include_nodes="fc1"` would otherwise select nodes named "f", "c" or "1").
         for f in ("op_types", "include_nodes", "exclude_nodes", "exclude_op_types"):
@@ -89,6 +92,7 @@ class QuantizeOptions:
         return cls(**d)
 
     def check(self):
+        self._names_as_tuples()  # also for fields assigned after construction
         for name, value, allowed in (
             ("weight_granularity", self.weight_granularity, ("per_channel", "per_tensor")),
             ("act_granularity", self.act_granularity, ("per_row", "per_tensor")),
@@ -97,8 +101,7 @@ class QuantizeOptions:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not isinstance(self.weight_qmax, int) or not 1 <= self.weight_qmax <= 127:
-            raise ValueError(f"weight_qmax must be an integer in 1..127, got {self.weight_qmax!r}")
+        self.weight_qmax = _weight_qmax(self.weight_qmax)
         bad = set(self.op_types) - {"MatMul", "Gemm"}
         if bad:
             raise ValueError(f"op_types may contain MatMul and Gemm, got {sorted(bad)}")
@@ -680,7 +683,6 @@ def quantize_model(
     ``calibration_inputs`` (sample inputs keyed by input name), or on inputs generated from its
     signature when None, to choose each layer's activation smoothing (see :mod:`dynq.onnx.smooth`)."""
     opts = options or QuantizeOptions()
-    opts.__post_init__()  # fields assigned after construction
     opts.check()
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model), load_external_data=True)
