@@ -51,6 +51,36 @@ fn bench_prints_a_table() {
     assert!(tail.contains("3x20x30") && tail.contains("5x7x9") && tail.contains("quant ms"), "{out}");
 }
 
+/// Several thread counts: the main table is the first count's, a table gives each count's time
+/// and its speedup over the first, row by shape; the breakdown follows when the first is 1.
+#[test]
+fn bench_times_several_thread_counts() {
+    let (ok, out) = dynq(&["bench", "--shapes", "3x20x30,9x33x17", "--min-time", "0", "--threads", "1,2,3"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("threads=1,2,3"), "{out}");
+    let tail = out.split("thread counts").nth(1).unwrap_or_else(|| panic!("no thread table: {out}"));
+    let table = tail.split("where the time goes").next().unwrap();
+    for head in ["1T ms", "2T ms", "3T ms", "2T x", "3T x"] {
+        assert!(table.contains(head), "{head}: {out}");
+    }
+    for shape in ["3x20x30", "9x33x17"] {
+        let row = table.lines().find(|l| l.contains(shape)).unwrap_or_else(|| panic!("{shape}: {out}"));
+        // label, shape, 3 times, 2 ratios
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.len(), 7, "{row}");
+        assert!(cols[2..5].iter().all(|v| v.parse::<f64>().is_ok_and(|v| v > 0.0)), "{row}");
+        assert!(cols[5..].iter().all(|v| v.ends_with('x')), "{row}");
+    }
+    assert!(tail.contains("where the time goes"), "{out}");
+    // One count: no thread table.
+    let (ok, out) = dynq(&["bench", "--shapes", "3x20x30", "--min-time", "0", "--threads", "2"], &[]);
+    assert!(ok && !out.contains("thread counts"), "{out}");
+    for bad in ["1,x", "", "1,,2", "-1", "1,100000"] {
+        let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--threads", bad], &[]);
+        assert!(!ok && out.contains("--threads"), "{bad:?}: {out}");
+    }
+}
+
 /// `--weight-qmax`: the kernel line names the ISA's narrow-weight kernel where it has one, the
 /// weights' range is printed, and a value outside 1..=127 is refused; `peak --narrow` names the
 /// kernel it measured.
@@ -82,6 +112,11 @@ fn bad_environment_is_reported_not_crashed() {
     assert!(!ok && out.contains("names no ISA"), "{out}");
     let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--threads", "0"], &[("DYNQ_NUM_THREADS", "lots")]);
     assert!(!ok && out.contains("DYNQ_NUM_THREADS"), "{out}");
+    // Sizes no buffer can have: an error naming the shape, not an abort.
+    let (ok, out) = dynq(&["bench", "--shapes", "18446744073709551615x2x2", "--min-time", "0"], &[]);
+    assert!(!ok && out.contains("no memory for A"), "{out}");
+    let (ok, out) = dynq(&["bench", "--shapes", "2x4611686018427387904x2", "--min-time", "0"], &[]);
+    assert!(!ok && out.contains("no memory for the weights"), "{out}");
     let (ok, out) = dynq(&["peak", "--bytes", "lots"], &[]);
     assert!(!ok && out.contains("bad size"), "{out}");
     let (ok, out) = dynq(&["peak", "--isa", "sse9"], &[]);

@@ -15,7 +15,9 @@ commands:
     --isa NAME               force a kernel family (default: DYNQ_ISA or the best available);
                              avx_vnni on a CPU with AVX-512 VNNI but no AVX-VNNI runs that
                              kernel's code in the EVEX encoding (its stand-in, labelled)
-    --threads N              dynq threads (default 1; the fp32 baseline is single-threaded)
+    --threads N[,N...]       dynq threads (default 1; the fp32 baseline is single-threaded);
+                             several counts are timed call by call in turn, and a table of
+                             each count's time and its speedup over the first follows
     --min-time SECONDS       minimum measuring time per shape and library (default 0.3)
     --per-tensor             per-tensor activation ranges instead of per-row
     --symmetric              symmetric int8 activations instead of asymmetric uint8
@@ -171,7 +173,8 @@ fn select_or_stand_in(forced: Option<Isa>) -> Result<(Isa, Option<&'static dynq:
 struct BenchArgs {
     shapes: Vec<(String, usize, usize, usize)>,
     isa: Option<Isa>,
-    threads: usize,
+    /// Thread counts to time (at least one); the main table uses the first.
+    threads: Vec<usize>,
     min_time: Duration,
     gran: ActGranularity,
     ty: ActType,
@@ -182,7 +185,7 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
     let mut b = BenchArgs {
         shapes: DEFAULT_SHAPES.iter().map(|&(l, m, n, k)| (l.to_string(), m, n, k)).collect(),
         isa: None,
-        threads: 1,
+        threads: vec![1],
         min_time: Duration::from_millis(300),
         gran: ActGranularity::PerRow,
         ty: ActType::AsymmetricU8,
@@ -212,7 +215,12 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
                 let v = val("--isa")?;
                 b.isa = Some(Isa::from_name(&v).ok_or_else(|| format!("unknown ISA {v:?}"))?);
             }
-            "--threads" => b.threads = val("--threads")?.parse().map_err(|_| "bad --threads".to_string())?,
+            "--threads" => {
+                b.threads = val("--threads")?
+                    .split(',')
+                    .map(|t| t.trim().parse::<usize>().map_err(|_| format!("bad --threads value {t:?}")))
+                    .collect::<Result<_, _>>()?
+            }
             "--min-time" => {
                 let s: f64 = val("--min-time")?.parse().map_err(|_| "bad --min-time".to_string())?;
                 b.min_time = Duration::from_secs_f64(s.clamp(0.0, 60.0));
@@ -261,6 +269,30 @@ fn time_it(min_time: Duration, mut f: impl FnMut()) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// Median wall times of `f(0)`, ..., `f(n - 1)` called in turn, one call each per round, so
+/// that load from other processes falls on every variant alike; rounds continue until each
+/// has 3 samples and `n * min_time` has passed (at most 1000 rounds).
+fn time_interleaved(min_time: Duration, n: usize, mut f: impl FnMut(usize)) -> Vec<Duration> {
+    (0..n).for_each(&mut f); // warm up caches and thread pools
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); n];
+    let start = Instant::now();
+    let total = min_time * n as u32;
+    while samples[0].len() < 3 || (start.elapsed() < total && samples[0].len() < 1000) {
+        for (i, s) in samples.iter_mut().enumerate() {
+            let t = Instant::now();
+            f(i);
+            s.push(t.elapsed());
+        }
+    }
+    samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort();
+            s[s.len() / 2]
+        })
+        .collect()
+}
+
 fn bench(args: &[String]) -> Result<(), String> {
     let b = parse_bench(args)?;
     let (isa, stand_in) = select_or_stand_in(b.isa)?;
@@ -273,7 +305,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         dynq::VERSION,
         isa,
         kern.name,
-        b.threads,
+        b.threads.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
         b.gran,
         b.ty,
         q = b.weight_qmax
@@ -318,21 +350,51 @@ fn bench(args: &[String]) -> Result<(), String> {
     // micro-kernel's rate ms).
     let mut breakdown: Vec<(String, String, f64, f64, f64, Option<f64>)> = Vec::new();
     let mut micro_cache: Vec<(usize, Option<f64>)> = Vec::new();
+    // (label, shape, median ms per thread count).
+    let mut scaling: Vec<(String, String, Vec<f64>)> = Vec::new();
     for (label, m, n, k) in &b.shapes {
         let (m, n, k) = (*m, *n, *k);
-        let a: Vec<f32> = (0..m * k).map(|_| rng.normal()).collect();
+        // A shape too large for this machine is an error, not an abort.
+        let len = |r: usize, c: usize, what: &str| {
+            let len = r.checked_mul(c).filter(|l| l.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize));
+            let mut v = Vec::<f32>::new();
+            match len.map(|l| v.try_reserve_exact(l).map(|()| l)) {
+                Some(Ok(l)) => Ok(l),
+                _ => Err(format!("{label}: no memory for {what} ({r} x {c} f32)")),
+            }
+        };
+        let (len_a, len_w, len_y) = (len(m, k, "A")?, len(k, n, "the weights")?, len(m, n, "Y")?);
+        let a: Vec<f32> = (0..len_a).map(|_| rng.normal()).collect();
         let wscale = 1.0 / (k as f32).sqrt();
-        let w_kn: Vec<f32> = (0..k * n).map(|_| rng.normal() * wscale).collect();
+        let w_kn: Vec<f32> = (0..len_w).map(|_| rng.normal() * wscale).collect();
         let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
         // The kernel measured: the ISA's own, or its stand-in.
         let pw = dynq::pack::Reservation::for_kernel(n, k, kern)
             .and_then(|r| r.fill_f32(&w_kn, WeightLayout::KN, PackOptions::default().granularity, b.weight_qmax))
             .map_err(|e| e.to_string())?;
-        let opts =
-            GemmOptions { act_granularity: b.gran, act_type: b.ty, epilogue: Epilogue::None, num_threads: b.threads };
-        let mut y = vec![0f32; m * n];
-        let t_q = time_it(b.min_time, || dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts).expect("gemm"));
-        let mut y_ref = vec![0f32; m * n];
+        let opts = |num_threads| GemmOptions {
+            act_granularity: b.gran,
+            act_type: b.ty,
+            epilogue: Epilogue::None,
+            num_threads,
+        };
+        let mut y = vec![0f32; len_y];
+        // A first call per count reports what the library refuses (say, too many threads).
+        for &t in &b.threads {
+            dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))?;
+        }
+        let t_threads = time_interleaved(b.min_time, b.threads.len(), |i| {
+            dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(b.threads[i])).expect("gemm")
+        });
+        let t_q = t_threads[0];
+        if b.threads.len() > 1 {
+            scaling.push((
+                label.clone(),
+                format!("{m}x{n}x{k}"),
+                t_threads.iter().map(|t| t.as_secs_f64() * 1e3).collect(),
+            ));
+        }
+        let mut y_ref = vec![0f32; len_y];
         let t_f = time_it(b.min_time, || {
             for row in y_ref.chunks_exact_mut(n) {
                 row.copy_from_slice(&bias);
@@ -377,7 +439,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         };
         let wgbs = wbytes as f64 / t_q.as_secs_f64() / 1e9;
-        if b.threads == 1 {
+        if b.threads[0] == 1 {
             // The activation quantization alone (the same row operations, one thread) and the
             // product at the rate the micro-kernel reaches alone for this K.
             let kp = kern.padded_k(k);
@@ -442,6 +504,31 @@ fn bench(args: &[String]) -> Result<(), String> {
     println!(
         "rel.err = ||Y_dynq - Y_fp32|| / ||Y_fp32|| (Frobenius); cosine between the two outputs. Times are medians."
     );
+    if !scaling.is_empty() {
+        println!();
+        println!(
+            "thread counts (dynq ms, medians of calls made in turn; x = speedup over {} thread(s)):",
+            b.threads[0]
+        );
+        let heads: Vec<String> = b.threads.iter().map(|t| format!("{t}T ms")).collect();
+        let ratios: Vec<String> = b.threads[1..].iter().map(|t| format!("{t}T x")).collect();
+        println!(
+            "{:<22} {:>16} {} {}",
+            "layer",
+            "MxNxK",
+            heads.iter().map(|h| format!("{h:>9}")).collect::<String>(),
+            ratios.iter().map(|h| format!("{h:>7}")).collect::<String>()
+        );
+        for (label, shape, ms) in &scaling {
+            println!(
+                "{:<22} {:>16} {} {}",
+                label,
+                shape,
+                ms.iter().map(|v| format!("{v:>9.3}")).collect::<String>(),
+                ms[1..].iter().map(|v| format!("{:>6.2}x", ms[0] / v)).collect::<String>()
+            );
+        }
+    }
     if !breakdown.is_empty() {
         println!();
         println!("where the time goes (1 thread):");
