@@ -22,7 +22,7 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/
   fi
 fi
 
-tests=(--lib --test kernels --test gemm --test onnx_vectors --test reproducible --test ffi_pack_config)
+tests=(--lib --test kernels --test gemm --test onnx_vectors --test reproducible --test ffi_pack_config --test blob_format)
 cargo test --target "$target" --no-run "${tests[@]}"
 for model in max:scalar,neon,neon_dotprod,neon_i8mm neoverse-n1:scalar,neon,neon_dotprod cortex-a53:scalar,neon; do
   cpu=${model%%:*}

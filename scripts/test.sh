@@ -30,6 +30,9 @@ tests/c/run.sh
 step "aarch64: NEON kernels under qemu-user (max, neoverse-n1, cortex-a53)"
 scripts/test-aarch64.sh
 
+step "s390x (big-endian): core tests and the C ABI test program under qemu-user"
+scripts/test-s390x.sh
+
 step "CLI smoke test"
 cargo run --release --quiet --bin dynq -- info
 cargo run --release --quiet --bin dynq -- bench --shapes 3x40x50,1x64x4096 --min-time 0

@@ -127,7 +127,7 @@ fn init_writes_only_the_callers_struct() {
             }
         };
         assert_eq!(st, Status::Ok);
-        assert_eq!(u32::from_le_bytes(raw[..4].try_into().unwrap()) as usize, size);
+        assert_eq!(u32::from_ne_bytes(raw[..4].try_into().unwrap()) as usize, size);
         assert!(raw[4..size].iter().all(|&b| b == 0), "defaults are zeros");
         assert!(raw[size..].iter().all(|&b| b == 0xAB), "wrote past {size} bytes");
     }

@@ -154,7 +154,7 @@ fn f32_output_within_rounding_of_f64_reference() {
                     let bound = 4.0 * f32::EPSILON as f64 / 2.0 * ((want - b).abs() + b.abs()) + 1e-30;
                     assert!(
                         (got as f64 - want).abs() <= bound,
-                        "{isa} {g:?} {t:?} [{idx}] {got} vs {want} (bound {bound})"
+                        "{isa} {g:?} {t:?} {m}x{n}x{k} [{idx}] {got} vs {want} (bound {bound})"
                     );
                 }
             }

@@ -286,7 +286,8 @@ fn driver_at_tile_edges_with_guarded_inputs_and_outputs() {
             }
         }
     }
-    assert!(calls > 300, "only {calls} shapes");
+    // At least m in 1..=MR+1 x 5 widths x 5 depths per ISA (the scalar kernel alone: 150).
+    assert!(calls >= 125 * isas_under_test().len(), "only {calls} shapes");
 }
 
 #[test]

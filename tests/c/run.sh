@@ -10,7 +10,8 @@
 #   DYNQ_LIB_DIR=dist/linux-x86_64 tests/c/run.sh
 #   DYNQ_LIB_DIR=dist/linux-aarch64 DYNQ_TEST_ARCH=aarch64 tests/c/run.sh
 # (aarch64 from another machine: compiled with aarch64-linux-gnu-gcc, as C99 only, and run
-# under qemu-aarch64 with QEMU_CPU=max; outputs in target/ctest-<arch>-<dir name>).
+# under qemu-aarch64 with QEMU_CPU=max; outputs in target/ctest-<arch>-<dir name>), and a
+# big-endian s390x build likewise with DYNQ_TEST_ARCH=s390x (scripts/test-s390x.sh).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -44,13 +45,24 @@ CC=${CC:-cc}
 CXX=${CXX:-c++}
 langs=(c99 cxx11 cxx17)
 if [[ "$arch" != "$(uname -m)" ]]; then
-    [[ "$arch" == aarch64 ]] || { echo "run.sh: cannot run $arch binaries here" >&2; exit 2; }
-    CC=aarch64-linux-gnu-gcc
     langs=(c99)
-    runner=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
-    export QEMU_CPU=max
+    case $arch in
+        aarch64)
+            CC=aarch64-linux-gnu-gcc
+            runner=(qemu-aarch64 -L /usr/aarch64-linux-gnu)
+            export QEMU_CPU=max
+            ;;
+        s390x) # big-endian; DYNQ_QEMU_S390X names a qemu-s390x of version 8 or later
+            CC=s390x-linux-gnu-gcc
+            runner=("${DYNQ_QEMU_S390X:-qemu-s390x}" -L /usr/s390x-linux-gnu)
+            ;;
+        *) echo "run.sh: cannot run $arch binaries here" >&2; exit 2 ;;
+    esac
 fi
 common=(-O2 -g -Wall -Wextra -Werror -pedantic -ffp-contract=off -Iinclude)
+# GCC for s390x evaluates float expressions in double under -std=c99 (FLT_EVAL_METHOD 1), so the
+# test's float references would carry extra precision that dynq's f32 arithmetic does not have.
+[[ "$arch" != s390x ]] || common+=(-fexcess-precision=fast)
 link=("-L$lib" -ldynq -lm -lpthread)
 
 echo "== compiling (${langs[*]}) against $lib/libdynq.so"
@@ -100,6 +112,8 @@ done
 # The full suite once more on every other kernel this CPU can run, forced with DYNQ_ISA.
 if [[ "$arch" == aarch64 && "$arch" != "$(uname -m)" ]]; then
     isas="neon neon_dotprod neon_i8mm" # QEMU_CPU=max has them all
+elif [[ "$arch" != "$(uname -m)" ]]; then
+    isas="" # scalar only, run above
 else
     isas=$(target/release/dynq info | awk '/usable$/ { sub("isa=", "", $2); print $2 }')
 fi
