@@ -33,6 +33,9 @@ scripts/test-aarch64.sh
 step "s390x (big-endian): core tests and the C ABI test program under qemu-user"
 scripts/test-s390x.sh
 
+step "other targets compile without warnings (macOS, Windows, riscv64, 32-bit x86 and ARM)"
+scripts/check-targets.sh
+
 step "CLI smoke test"
 cargo run --release --quiet --bin dynq -- info
 cargo run --release --quiet --bin dynq -- bench --shapes 3x40x50,1x64x4096 --min-time 0

@@ -162,6 +162,7 @@ pub(crate) fn try_resize_reused<T: Copy + Default>(mut v: Vec<T>, len: usize, wh
 }
 
 /// Buffers from this size on are advised to the kernel for 2 MiB pages.
+#[cfg_attr(not(all(target_os = "linux", not(miri))), allow(dead_code))]
 const HUGE_PAGES_MIN: usize = 4 << 20;
 
 /// Asks Linux to back the whole 2 MiB pages inside `buf` with transparent huge pages
