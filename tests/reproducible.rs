@@ -4,8 +4,8 @@
 //! runs, must equal the digest recorded here. `tests/gemm.rs` proves the ISAs of one machine
 //! agree; this test ties the machines together: the recorded values were computed on an AMD
 //! Zen 3 (AVX2, scalar; for weights of at most 64 in magnitude, AVX2 with its narrow-weight
-//! kernel), and CI runs it on x86 CPUs with AVX-512 VNNI and under qemu-aarch64 on three NEON
-//! models. A change that alters results anywhere (a rounding step, a reordered sum, a
+//! kernel), and CI runs it on x86 CPUs with AVX-512 VNNI, under qemu-aarch64 on three NEON
+//! models and under qemu-s390x (big-endian, scalar kernels). A change that alters results anywhere (a rounding step, a reordered sum, a
 //! different erf) changes a digest and must update it on purpose.
 
 mod common;
