@@ -115,7 +115,7 @@ if [[ "$arch" == aarch64 && "$arch" != "$(uname -m)" ]]; then
 elif [[ "$arch" != "$(uname -m)" ]]; then
     isas="" # scalar only, run above
 else
-    isas=$(target/release/dynq info | awk '/usable$/ { sub("isa=", "", $2); print $2 }')
+    isas=$(target/release/dynq info | awk '/usable$/ { sub("isa=", "", $2); print $2 }' | sort -u)
 fi
 for isa in $isas; do
     ENVV=(DYNQ_ISA=$isa)
