@@ -88,7 +88,7 @@ build_and_run() {
     run "$bin.env-threads-invalid" DYNQ_NUM_THREADS=0 -- "$out/$bin" env-threads-invalid
     run "$bin.env-threads-2" DYNQ_NUM_THREADS=2 -- "$out/$bin" env-threads-2
   done
-  for isa in $(target/release/dynq info 2>/dev/null | awk '/usable$/ { sub("isa=", "", $2); print $2 }'); do
+  for isa in $(target/release/dynq info 2>/dev/null | awk '/usable$/ { sub("isa=", "", $2); print $2 }' | sort -u); do
     run "test_abi_c99.isa-$isa" "DYNQ_ISA=$isa" -- "$out/test_abi_c99"
   done
   run test_robustness_c99 -- "$out/test_robustness_c99"
