@@ -128,18 +128,26 @@ pub fn kernel_gops(kern: &crate::kernels::Kernel, k: usize, min_time: Duration) 
 
 /// Read bandwidth in GB/s for a buffer of `bytes` bytes (rounded up to 4 KiB), single thread,
 /// the buffer advised for huge pages like large packed weights (`error::advise_huge_pages`).
-pub fn read_bandwidth_gbs(bytes: usize, min_time: Duration) -> f64 {
-    let words = bytes.div_ceil(4096) * 4096 / 8;
+///
+/// Errors: [`crate::Error::InvalidArgument`] for 0 bytes, [`crate::Error::OutOfMemory`] for a
+/// buffer this process cannot allocate.
+pub fn read_bandwidth_gbs(bytes: usize, min_time: Duration) -> crate::Result<f64> {
+    if bytes == 0 {
+        return Err(crate::Error::InvalidArgument("a bandwidth buffer of 0 bytes".into()));
+    }
+    let words = bytes
+        .checked_next_multiple_of(4096)
+        .map(|b| b / 8)
+        .ok_or_else(|| crate::Error::OutOfMemory(format!("a bandwidth buffer of {bytes} bytes")))?;
     // In 2 MiB pages where the system allows, as dynq's large packed weights are.
     let mut buf =
-        crate::error::try_zeroed_vec_advised::<u64>(words, "bandwidth buffer", crate::error::advise_huge_pages)
-            .expect("memory for the bandwidth buffer");
+        crate::error::try_zeroed_vec_advised::<u64>(words, "bandwidth buffer", crate::error::advise_huge_pages)?;
     buf.iter_mut().enumerate().for_each(|(i, w)| *w = i as u64);
-    median_rate(min_time, || {
+    Ok(median_rate(min_time, || {
         let t = Instant::now();
         std::hint::black_box(sum_words(&buf));
         (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
-    })
+    }))
 }
 
 /// Sums the buffer with 8 independent lanes; compiled for the widest vectors the CPU has.

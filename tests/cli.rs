@@ -119,6 +119,11 @@ fn bad_environment_is_reported_not_crashed() {
     assert!(!ok && out.contains("no memory for the weights"), "{out}");
     let (ok, out) = dynq(&["peak", "--bytes", "lots"], &[]);
     assert!(!ok && out.contains("bad size"), "{out}");
+    // A buffer of no bytes, or of more than memory can hold: an error, not a rate of 0.
+    for bytes in ["0", "18446744073709551615", "4096,0"] {
+        let (ok, out) = dynq(&["peak", "--bytes", bytes], &[]);
+        assert!(!ok && out.contains("--bytes") && !out.contains("read_gbs"), "{bytes}: {out}");
+    }
     let (ok, out) = dynq(&["peak", "--isa", "sse9"], &[]);
     assert!(!ok && out.contains("unknown ISA"), "{out}");
     let (ok, out) = dynq(&["frobnicate"], &[]);

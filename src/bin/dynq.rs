@@ -144,8 +144,13 @@ fn peak(args: &[String]) -> Result<(), String> {
         .iter()
         .map(|&k| format!("\"{k}\": {}", fmt(kern.map(|kern| dynq::peak::kernel_gops(kern, k, t)))))
         .collect();
-    let bw: Vec<String> =
-        sizes.iter().map(|&b| format!("\"{b}\": {:.2}", dynq::peak::read_bandwidth_gbs(b, t))).collect();
+    let bw: Vec<String> = sizes
+        .iter()
+        .map(|&b| {
+            let g = dynq::peak::read_bandwidth_gbs(b, t).map_err(|e| format!("--bytes {b}: {e}"))?;
+            Ok(format!("\"{b}\": {g:.2}"))
+        })
+        .collect::<Result<_, String>>()?;
     println!(
         "{{\"isa\": \"{isa}\", \"stand_in\": {}, \"kernel\": {}, \"dot_product_gops\": {}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
         stand_in.map_or("null".to_string(), |k| format!("\"{}\"", k.name)),
@@ -433,7 +438,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         let bw = match bw_cache.iter().find(|(s, _)| *s == wbytes) {
             Some(&(_, bw)) => bw,
             None => {
-                let bw = dynq::peak::read_bandwidth_gbs(wbytes, b.min_time);
+                let bw = dynq::peak::read_bandwidth_gbs(wbytes, b.min_time).map_err(|e| format!("{label}: {e}"))?;
                 bw_cache.push((wbytes, bw));
                 bw
             }
