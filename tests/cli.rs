@@ -75,6 +75,10 @@ fn bench_times_several_thread_counts() {
     // One count: no thread table.
     let (ok, out) = dynq(&["bench", "--shapes", "3x20x30", "--min-time", "0", "--threads", "2"], &[]);
     assert!(ok && !out.contains("thread counts"), "{out}");
+    for bad in ["nan", "-1", "inf", "61"] {
+        let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--min-time", bad], &[]);
+        assert!(!ok && out.contains("--min-time") && !out.contains("panicked"), "{bad}: {out}");
+    }
     for bad in ["1,x", "", "1,,2", "-1", "1,100000"] {
         let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--threads", bad], &[]);
         assert!(!ok && out.contains("--threads"), "{bad:?}: {out}");

@@ -18,7 +18,7 @@ commands:
     --threads N[,N...]       dynq threads (default 1; the fp32 baseline is single-threaded);
                              several counts are timed call by call in turn, and a table of
                              each count's time and its speedup over the first follows
-    --min-time SECONDS       minimum measuring time per shape and library (default 0.3)
+    --min-time SECONDS       minimum measuring time per shape and library, 0 to 60 (default 0.3)
     --per-tensor             per-tensor activation ranges instead of per-row
     --symmetric              symmetric int8 activations instead of asymmetric uint8
     --weight-qmax Q          quantize weights to [-Q, Q] (default 127; 64 = ONNX Runtime's
@@ -228,7 +228,10 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
             }
             "--min-time" => {
                 let s: f64 = val("--min-time")?.parse().map_err(|_| "bad --min-time".to_string())?;
-                b.min_time = Duration::from_secs_f64(s.clamp(0.0, 60.0));
+                if !(0.0..=60.0).contains(&s) {
+                    return Err(format!("bad --min-time {s}: expected 0 to 60 seconds"));
+                }
+                b.min_time = Duration::from_secs_f64(s);
             }
             "--per-tensor" => b.gran = ActGranularity::PerTensor,
             "--symmetric" => b.ty = ActType::SymmetricI8,
