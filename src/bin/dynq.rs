@@ -265,16 +265,7 @@ impl Rng {
 
 /// Median wall time of `f` over repetitions lasting at least `min_time` (at least 3).
 fn time_it(min_time: Duration, mut f: impl FnMut()) -> Duration {
-    f(); // warm up caches and thread pools
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    while samples.len() < 3 || (start.elapsed() < min_time && samples.len() < 1000) {
-        let t = Instant::now();
-        f();
-        samples.push(t.elapsed());
-    }
-    samples.sort();
-    samples[samples.len() / 2]
+    time_interleaved(min_time, 1, |_| f())[0]
 }
 
 /// Median wall times of `f(0)`, ..., `f(n - 1)` called in turn, one call each per round, so
