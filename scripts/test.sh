@@ -40,7 +40,8 @@ step "CLI smoke test"
 cargo run --release --quiet --bin dynq -- info
 cargo run --release --quiet --bin dynq -- bench --shapes 3x40x50,1x64x4096 --min-time 0
 cargo run --release --quiet --bin dynq -- bench --shapes 7x40x50 --min-time 0 --weight-qmax 64
-cargo run --release --quiet --bin dynq -- bench --shapes 9x40x50 --min-time 0 --threads 1,2
+cargo run --release --quiet --bin dynq -- bench --shapes 9x40x50 --min-time 0 --threads 1,2 --json target/bench-smoke.json
+python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["shapes"][0]["threads_ms"].keys() == {"1", "2"}, d' target/bench-smoke.json
 if grep -qw avx2 /proc/cpuinfo; then python3 bench/avx2_steps.py --rounds 1; fi
 
 step "CMake package: install, C++ consumer (find_package, shared and static, ctest), pkg-config, exports"

@@ -72,6 +72,20 @@ fn bench_times_several_thread_counts() {
         assert!(cols[5..].iter().all(|v| v.ends_with('x')), "{row}");
     }
     assert!(tail.contains("where the time goes"), "{out}");
+    // --json: the same figures as a document (checked as JSON by the CI smoke step).
+    let path = std::env::temp_dir().join(format!("dynq-bench-{}.json", std::process::id()));
+    let p = path.to_str().unwrap();
+    let (ok, out) =
+        dynq(&["bench", "--shapes", "3x20x30,9x33x17", "--min-time", "0", "--threads", "1,2", "--json", p], &[]);
+    assert!(ok, "{out}");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    assert!(doc.starts_with("{\"dynq\": ") && doc.trim_end().ends_with("]}"), "{doc}");
+    assert_eq!(doc.matches("\"layer\": ").count(), 2, "{doc}");
+    assert_eq!(doc.matches("\"threads_ms\": {\"1\": ").count(), 2, "{doc}");
+    assert!(doc.contains("\"threads\": [1, 2]") && doc.contains("\"quant_ms\": "), "{doc}");
+    let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--min-time", "0", "--json", "/nonexistent-dir/x.json"], &[]);
+    assert!(!ok && out.contains("--json /nonexistent-dir/x.json"), "{out}");
     // One count: no thread table.
     let (ok, out) = dynq(&["bench", "--shapes", "3x20x30", "--min-time", "0", "--threads", "2"], &[]);
     assert!(ok && !out.contains("thread counts"), "{out}");

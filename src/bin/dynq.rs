@@ -23,6 +23,7 @@ commands:
     --symmetric              symmetric int8 activations instead of asymmetric uint8
     --weight-qmax Q          quantize weights to [-Q, Q] (default 127; 64 = ONNX Runtime's
                              reduce_range, which runs a faster kernel on AVX2 without VNNI)
+    --json PATH              also write every figure as JSON (- for standard output)
   peak [--isa NAME] [--bytes N[,N...]] [--narrow]
                              this machine's measured limits as JSON: the dot-product peak of an
                              ISA (GOPS, 1 thread; avx_vnni: as for bench), its micro-kernel's
@@ -184,6 +185,7 @@ struct BenchArgs {
     gran: ActGranularity,
     ty: ActType,
     weight_qmax: u8,
+    json: Option<String>,
 }
 
 fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
@@ -195,6 +197,7 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
         gran: ActGranularity::PerRow,
         ty: ActType::AsymmetricU8,
         weight_qmax: 127,
+        json: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -241,6 +244,7 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
                     _ => return Err("bad --weight-qmax: expected 1..=127".to_string()),
                 }
             }
+            "--json" => b.json = Some(val("--json")?),
             other => return Err(format!("unknown bench option {other:?}; see `dynq help`")),
         }
     }
@@ -292,6 +296,30 @@ fn time_interleaved(min_time: Duration, n: usize, mut f: impl FnMut(usize)) -> V
         .collect()
 }
 
+/// A JSON number (`null` for NaN and infinities, which JSON lacks).
+fn jnum(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "null".into()
+    }
+}
+
+/// A JSON string.
+fn jstr(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
 fn bench(args: &[String]) -> Result<(), String> {
     let b = parse_bench(args)?;
     let (isa, stand_in) = select_or_stand_in(b.isa)?;
@@ -322,11 +350,14 @@ fn bench(args: &[String]) -> Result<(), String> {
         Some(p) => println!("measured {isa} dot-product peak, 1 thread: {p:.0} GOPS"),
         None => println!("no dot-product peak measured for {isa}"),
     }
-    {
+    let micro_768 = {
         let kg = dynq::peak::kernel_gops(kern, 768, b.min_time);
         let pct = peak.map_or(String::new(), |p| format!(" = {:.0}% of the peak", 100.0 * kg / p));
         println!("its micro-kernel alone (one tile, K = 768, operands in L1/L2, f32 epilogue): {kg:.0} GOPS{pct}");
-    }
+        kg
+    };
+    // One JSON object per shape, for --json.
+    let mut records: Vec<String> = Vec::new();
     let mut bw_cache: Vec<(usize, f64)> = Vec::new();
     println!();
     println!(
@@ -493,6 +524,64 @@ fn bench(args: &[String]) -> Result<(), String> {
             (diff / nr).sqrt(),
             dot / (nq.sqrt() * nr.sqrt()),
         );
+        if b.json.is_some() {
+            let threads_ms: Vec<String> = b
+                .threads
+                .iter()
+                .zip(&t_threads)
+                .map(|(t, d)| format!("{}: {}", jstr(&t.to_string()), jnum(d.as_secs_f64() * 1e3)))
+                .collect();
+            // The breakdown row pushed for this shape (one thread first).
+            let parts = match breakdown.last() {
+                Some((_, _, _, _, qa, tiles)) if b.threads[0] == 1 => format!(
+                    ", \"quant_ms\": {}, \"tiles_at_micro_kernel_ms\": {}",
+                    jnum(*qa),
+                    tiles.map_or("null".into(), jnum)
+                ),
+                _ => String::new(),
+            };
+            records.push(format!(
+                "{{\"layer\": {}, \"m\": {m}, \"n\": {n}, \"k\": {k}, \"dynq_ms\": {}, \"gops\": {}, \"pct_peak\": {}, \
+                 \"weight_gbs\": {}, \"read_gbs\": {}, \"pct_bw\": {}, \"fp32_ms\": {}, \"fp32_gflops\": {}, \"speedup\": {}, \
+                 \"rel_err\": {}, \"cosine\": {}, \"threads_ms\": {{{}}}{parts}}}",
+                jstr(label),
+                jnum(t_q.as_secs_f64() * 1e3),
+                jnum(gops),
+                peak.map_or("null".into(), |p| jnum(100.0 * gops / p)),
+                jnum(wgbs),
+                jnum(bw),
+                jnum(100.0 * wgbs / bw),
+                jnum(t_f.as_secs_f64() * 1e3),
+                jnum(ops / t_f.as_secs_f64() / 1e9),
+                jnum(t_f.as_secs_f64() / t_q.as_secs_f64()),
+                jnum((diff / nr).sqrt()),
+                jnum(dot / (nq.sqrt() * nr.sqrt())),
+                threads_ms.join(", "),
+            ));
+        }
+    }
+    if let Some(path) = &b.json {
+        let doc = format!(
+            "{{\"dynq\": {}, \"isa\": {}, \"kernel\": {}, \"stand_in\": {}, \"threads\": [{}], \
+             \"act_granularity\": {}, \"act_type\": {}, \"weight_qmax\": {}, \"peak_gops\": {}, \
+             \"micro_kernel_gops_k768\": {}, \"fp32_baseline\": \"matrixmultiply 0.3, 1 thread\", \"shapes\": [\n  {}\n]}}\n",
+            jstr(dynq::VERSION),
+            jstr(&isa.to_string()),
+            jstr(kern.name),
+            stand_in.map_or("null".into(), |k| jstr(k.name)),
+            b.threads.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "),
+            jstr(&format!("{:?}", b.gran)),
+            jstr(&format!("{:?}", b.ty)),
+            b.weight_qmax,
+            peak.map_or("null".into(), jnum),
+            jnum(micro_768),
+            records.join(",\n  "),
+        );
+        if path == "-" {
+            print!("{doc}");
+        } else {
+            std::fs::write(path, doc).map_err(|e| format!("--json {path}: {e}"))?;
+        }
     }
     println!();
     println!(
