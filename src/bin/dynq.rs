@@ -41,6 +41,7 @@ const DEFAULT_SHAPES: &[(&str, usize, usize, usize)] = &[
     ("llm decode 1 token", 1, 4096, 4096),
     ("llm decode 4 tokens", 4, 4096, 4096),
     ("llm prefill mlp up", 16, 11008, 4096),
+    ("512-token ffn down", 512, 1024, 4096),
     ("small layer", 32, 256, 256),
 ];
 
