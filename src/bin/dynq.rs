@@ -270,31 +270,57 @@ impl Rng {
 
 /// Median wall time of `f` over repetitions lasting at least `min_time` (at least 3).
 fn time_it(min_time: Duration, mut f: impl FnMut()) -> Duration {
-    time_interleaved(min_time, 1, |_| f())[0]
+    let timed = time_interleaved(min_time, 1, |_| {
+        f();
+        Ok::<(), std::convert::Infallible>(())
+    });
+    match timed {
+        Ok(t) => t[0],
+        Err(e) => match e {},
+    }
 }
 
 /// Median wall times of `f(0)`, ..., `f(n - 1)` called in turn, one call each per round, so
 /// that load from other processes falls on every variant alike; rounds continue until each
-/// has 3 samples and `n * min_time` has passed (at most 1000 rounds).
-fn time_interleaved(min_time: Duration, n: usize, mut f: impl FnMut(usize)) -> Vec<Duration> {
-    (0..n).for_each(&mut f); // warm up caches and thread pools
+/// has 3 samples and `n * min_time` has passed (at most 1000 rounds). The first call of each
+/// (a warm-up of caches and thread pools, not timed) returns the error of a refused variant.
+fn time_interleaved<E>(
+    min_time: Duration,
+    n: usize,
+    mut f: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Vec<Duration>, E> {
+    (0..n).try_for_each(&mut f)?;
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); n];
     let start = Instant::now();
     let total = min_time * n as u32;
     while samples[0].len() < 3 || (start.elapsed() < total && samples[0].len() < 1000) {
         for (i, s) in samples.iter_mut().enumerate() {
             let t = Instant::now();
-            f(i);
+            f(i)?;
             s.push(t.elapsed());
         }
     }
-    samples
+    Ok(samples
         .into_iter()
         .map(|mut s| {
             s.sort();
             s[s.len() / 2]
         })
-        .collect()
+        .collect())
+}
+
+/// An `r x c` matrix of `value()`s; a size this machine cannot hold is an error naming the
+/// shape's `label`, not an abort.
+fn matrix(label: &str, r: usize, c: usize, what: &str, mut value: impl FnMut() -> f32) -> Result<Vec<f32>, String> {
+    let len = r.checked_mul(c).filter(|l| l.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize));
+    let mut v = Vec::new();
+    match len.map(|l| v.try_reserve_exact(l).map(|()| l)) {
+        Some(Ok(l)) => {
+            v.extend((0..l).map(|_| value()));
+            Ok(v)
+        }
+        _ => Err(format!("{label}: no memory for {what} ({r} x {c} f32)")),
+    }
 }
 
 /// A JSON number (`null` for NaN and infinities, which JSON lacks).
@@ -385,19 +411,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     let mut scaling: Vec<(String, String, Vec<f64>)> = Vec::new();
     for (label, m, n, k) in &b.shapes {
         let (m, n, k) = (*m, *n, *k);
-        // A shape too large for this machine is an error, not an abort.
-        let len = |r: usize, c: usize, what: &str| {
-            let len = r.checked_mul(c).filter(|l| l.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize));
-            let mut v = Vec::<f32>::new();
-            match len.map(|l| v.try_reserve_exact(l).map(|()| l)) {
-                Some(Ok(l)) => Ok(l),
-                _ => Err(format!("{label}: no memory for {what} ({r} x {c} f32)")),
-            }
-        };
-        let (len_a, len_w, len_y) = (len(m, k, "A")?, len(k, n, "the weights")?, len(m, n, "Y")?);
-        let a: Vec<f32> = (0..len_a).map(|_| rng.normal()).collect();
+        let a = matrix(label, m, k, "A", || rng.normal())?;
         let wscale = 1.0 / (k as f32).sqrt();
-        let w_kn: Vec<f32> = (0..len_w).map(|_| rng.normal() * wscale).collect();
+        let w_kn = matrix(label, k, n, "the weights", || rng.normal() * wscale)?;
         let bias: Vec<f32> = (0..n).map(|_| rng.normal() * 0.1).collect();
         // The kernel measured: the ISA's own, or its stand-in.
         let pw = dynq::pack::Reservation::for_kernel(n, k, kern)
@@ -409,14 +425,12 @@ fn bench(args: &[String]) -> Result<(), String> {
             epilogue: Epilogue::None,
             num_threads,
         };
-        let mut y = vec![0f32; len_y];
-        // A first call per count reports what the library refuses (say, too many threads).
-        for &t in &b.threads {
-            dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))?;
-        }
+        let mut y = matrix(label, m, n, "Y", || 0.0)?;
+        // The warm-up call of each count reports what the library refuses (say, too many threads).
         let t_threads = time_interleaved(b.min_time, b.threads.len(), |i| {
-            dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(b.threads[i])).expect("gemm")
-        });
+            let t = b.threads[i];
+            dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))
+        })?;
         let t_q = t_threads[0];
         if b.threads.len() > 1 {
             scaling.push((
@@ -425,7 +439,7 @@ fn bench(args: &[String]) -> Result<(), String> {
                 t_threads.iter().map(|t| t.as_secs_f64() * 1e3).collect(),
             ));
         }
-        let mut y_ref = vec![0f32; len_y];
+        let mut y_ref = matrix(label, m, n, "Y", || 0.0)?;
         let t_f = time_it(b.min_time, || {
             for row in y_ref.chunks_exact_mut(n) {
                 row.copy_from_slice(&bias);
@@ -470,6 +484,8 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         };
         let wgbs = wbytes as f64 / t_q.as_secs_f64() / 1e9;
+        // (activation quantization ms, tiles at the micro-kernel's rate ms), with one thread first.
+        let mut parts_ms: Option<(f64, Option<f64>)> = None;
         if b.threads[0] == 1 {
             // The activation quantization alone (the same row operations, one thread) and the
             // product at the rate the micro-kernel reaches alone for this K.
@@ -501,14 +517,9 @@ fn bench(args: &[String]) -> Result<(), String> {
                     g
                 }
             };
-            breakdown.push((
-                label.clone(),
-                format!("{m}x{n}x{k}"),
-                ops,
-                t_q.as_secs_f64() * 1e3,
-                t_a.as_secs_f64() * 1e3,
-                micro.map(|g| ops / g / 1e6),
-            ));
+            let parts = (t_a.as_secs_f64() * 1e3, micro.map(|g| ops / g / 1e6));
+            breakdown.push((label.clone(), format!("{m}x{n}x{k}"), ops, t_q.as_secs_f64() * 1e3, parts.0, parts.1));
+            parts_ms = Some(parts);
         }
         println!(
             "{:<22} {:>16} {:>9.3} {:>7.1} {:>6} {:>7.1} {:>5.0}% {:>9.3} {:>7.1} {:>7.2}x {:>8.2e} {:>9.6}",
@@ -532,15 +543,13 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .zip(&t_threads)
                 .map(|(t, d)| format!("{}: {}", jstr(&t.to_string()), jnum(d.as_secs_f64() * 1e3)))
                 .collect();
-            // The breakdown row pushed for this shape (one thread first).
-            let parts = match breakdown.last() {
-                Some((_, _, _, _, qa, tiles)) if b.threads[0] == 1 => format!(
+            let parts = parts_ms.map_or(String::new(), |(qa, tiles)| {
+                format!(
                     ", \"quant_ms\": {}, \"tiles_at_micro_kernel_ms\": {}",
-                    jnum(*qa),
+                    jnum(qa),
                     tiles.map_or("null".into(), jnum)
-                ),
-                _ => String::new(),
-            };
+                )
+            });
             records.push(format!(
                 "{{\"layer\": {}, \"m\": {m}, \"n\": {n}, \"k\": {k}, \"dynq_ms\": {}, \"gops\": {}, \"pct_peak\": {}, \
                  \"weight_gbs\": {}, \"read_gbs\": {}, \"pct_bw\": {}, \"fp32_ms\": {}, \"fp32_gflops\": {}, \"speedup\": {}, \
