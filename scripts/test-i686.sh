@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds dynq for 32-bit x86 Linux (i686: 32-bit usize and pointers, scalar kernels) and runs
-# its core Rust tests natively: the size checks that refuse overflowing shapes, strides and
+# its core Rust tests and the C ABI test program natively: the size checks that refuse overflowing shapes, strides and
 # blobs must hold where usize is 32 bits as well as 64, and the output bits must still equal
 # the recorded digests. Needs the 32-bit C runtime (gcc-multilib), installed here if missing.
 # Prints "SKIPPED: ..." and exits 0 if the target or that runtime cannot be had, or the host
@@ -31,4 +31,6 @@ fi
 tests=(--lib --test bad_inputs --test gemm --test kernels --test reproducible --test blob_format
   --test ffi_pack_config --test ffi_gemm_ex --test corruption --test guard_pages --test miri_core)
 DYNQ_REQUIRE_ISA=scalar cargo test --release --target "$target" "${tests[@]}"
-cargo run --release --quiet --target "$target" --bin dynq -- info
+cargo build --release --target "$target" --lib --bin dynq
+DYNQ_LIB_DIR=target/$target/release DYNQ_TEST_ARCH=i686 tests/c/run.sh
+target/$target/release/dynq info

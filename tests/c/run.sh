@@ -11,7 +11,8 @@
 #   DYNQ_LIB_DIR=dist/linux-aarch64 DYNQ_TEST_ARCH=aarch64 tests/c/run.sh
 # (aarch64 from another machine: compiled with aarch64-linux-gnu-gcc, as C99 only, and run
 # under qemu-aarch64 with QEMU_CPU=max; outputs in target/ctest-<arch>-<dir name>), and a
-# big-endian s390x build likewise with DYNQ_TEST_ARCH=s390x (scripts/test-s390x.sh).
+# big-endian s390x build likewise with DYNQ_TEST_ARCH=s390x (scripts/test-s390x.sh), and a
+# 32-bit x86 one, natively, with DYNQ_TEST_ARCH=i686 (scripts/test-i686.sh).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -44,6 +45,7 @@ libpath="$out/lib:$lib"
 CC=${CC:-cc}
 CXX=${CXX:-c++}
 langs=(c99 cxx11 cxx17)
+archflags=()
 if [[ "$arch" != "$(uname -m)" ]]; then
     langs=(c99)
     case $arch in
@@ -56,10 +58,16 @@ if [[ "$arch" != "$(uname -m)" ]]; then
             CC=s390x-linux-gnu-gcc
             runner=("${DYNQ_QEMU_S390X:-qemu-s390x}" -L /usr/s390x-linux-gnu)
             ;;
+        i686) # 32-bit x86, run natively on an x86_64 host (scripts/test-i686.sh)
+            [[ "$(uname -m)" == x86_64 ]] || { echo "run.sh: cannot run i686 binaries here" >&2; exit 2; }
+            CC="${CC_I686:-cc}"
+            archflags=(-m32 -msse2 -mfpmath=sse)
+            ;;
         *) echo "run.sh: cannot run $arch binaries here" >&2; exit 2 ;;
     esac
 fi
-common=(-O2 -g -Wall -Wextra -Werror -pedantic -ffp-contract=off -Iinclude)
+common=(-O2 -g -Wall -Wextra -Werror -pedantic -ffp-contract=off -Iinclude ${archflags[@]+"${archflags[@]}"})
+# (i686: SSE arithmetic, since the x87 default evaluates float expressions in long double.)
 # GCC for s390x evaluates float expressions in double under -std=c99 (FLT_EVAL_METHOD 1), so the
 # test's float references would carry extra precision that dynq's f32 arithmetic does not have.
 [[ "$arch" != s390x ]] || common+=(-fexcess-precision=fast)
