@@ -1,0 +1,60 @@
+/* PID 1 of the machine that scripts/avx512-under-bochs.sh boots: sets the environment from
+   /t/env (K=V lines), runs each command line of /t/list, prints a result line per program on the
+   console (the emulated serial port), then powers the emulator off. */
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/io.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <termios.h>
+static void power_off(void) {
+    /* Bochs quits on "Shutdown" written to port 0x8900; elsewhere the reboot call does. */
+    if (ioperm(0x8900, 1, 1) == 0) { const char *s = "Shutdown"; while (*s) outb(*s++, 0x8900); }
+    reboot(RB_POWER_OFF);
+}
+int main(void) {
+    mkdir("/proc", 0755); mkdir("/sys", 0755); mkdir("/dev", 0755); mkdir("/tmp", 01777);
+    mount("proc", "/proc", "proc", 0, NULL);
+    mount("sysfs", "/sys", "sysfs", 0, NULL);
+    mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+    mount("tmpfs", "/tmp", "tmpfs", 0, NULL);
+    setenv("PATH", "/t", 1); setenv("HOME", "/tmp", 1); setenv("TMPDIR", "/tmp", 1);
+    char line[8192];
+    FILE *env = fopen("/t/env", "r"); /* K=V lines */
+    while (env && fgets(line, sizeof line, env)) {
+        line[strcspn(line, "\n")] = 0;
+        char *eq = strchr(line, '=');
+        if (eq) { *eq = 0; setenv(line, eq + 1, 1); }
+    }
+    if (env) fclose(env);
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && fgets(line, sizeof line, f)) if (!strncmp(line, "flags", 5)) { fputs(line, stdout); break; }
+    if (f) fclose(f);
+    FILE *list = fopen("/t/list", "r");
+    char cmd[4096];
+    int failed = 0;
+    while (list && fgets(cmd, sizeof cmd, list)) {
+        cmd[strcspn(cmd, "\n")] = 0;
+        if (!cmd[0]) continue;
+        char *argv[64]; int argc = 0;
+        for (char *tok = strtok(cmd, " "); tok && argc < 63; tok = strtok(NULL, " ")) argv[argc++] = tok;
+        argv[argc] = NULL;
+        printf("DYNQ-RUN %s\n", argv[0]); fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) { execv(argv[0], argv); perror("execv"); _exit(127); }
+        int st = 0; waitpid(pid, &st, 0);
+        int rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (rc) failed = 1;
+        printf("DYNQ-RESULT %s %d\n", argv[0], rc); fflush(stdout);
+    }
+    printf("DYNQ-INIT-DONE %s\n", failed ? "FAILED" : "ok"); fflush(stdout);
+    /* The console is a serial port: let it send everything before the machine goes. */
+    tcdrain(STDOUT_FILENO); sleep(2);
+    sync(); power_off();
+    return 0;
+}
