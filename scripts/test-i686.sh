@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds dynq for 32-bit x86 Linux (i686: 32-bit usize and pointers, scalar kernels) and runs
-# its core Rust tests and the C ABI test program natively: the size checks that refuse overflowing shapes, strides and
-# blobs must hold where usize is 32 bits as well as 64, and the output bits must still equal
-# the recorded digests. Needs the 32-bit C runtime (gcc-multilib), installed here if missing.
+# its core Rust tests and the C ABI test program natively: the size checks that refuse
+# overflowing shapes, strides and blobs must hold where usize is 32 bits as well as 64, and the
+# output bits must still equal the recorded digests. Needs the 32-bit C runtime (gcc-multilib), installed here if missing.
 # Prints "SKIPPED: ..." and exits 0 if the target or that runtime cannot be had, or the host
 # cannot run 32-bit x86 programs.
 set -euo pipefail

@@ -33,7 +33,7 @@ scripts/test-aarch64.sh
 step "s390x (big-endian): core tests and the C ABI test program under qemu-user"
 scripts/test-s390x.sh
 
-step "i686 (32-bit usize and pointers): core tests, natively"
+step "i686 (32-bit usize and pointers): core tests and the C ABI test program, natively"
 scripts/test-i686.sh
 
 step "other targets compile without warnings (macOS, Windows, riscv64, 32-bit x86 and ARM)"

@@ -57,20 +57,20 @@ if [[ "$arch" != "$(uname -m)" ]]; then
         s390x) # big-endian; DYNQ_QEMU_S390X names a qemu-s390x of version 8 or later
             CC=s390x-linux-gnu-gcc
             runner=("${DYNQ_QEMU_S390X:-qemu-s390x}" -L /usr/s390x-linux-gnu)
+            # GCC for s390x evaluates float expressions in double under -std=c99
+            # (FLT_EVAL_METHOD 1), so the test's float references would carry extra precision
+            # that dynq's f32 arithmetic does not have.
+            archflags=(-fexcess-precision=fast)
             ;;
-        i686) # 32-bit x86, run natively on an x86_64 host (scripts/test-i686.sh)
+        i686) # 32-bit x86, run natively on an x86_64 host (scripts/test-i686.sh); SSE
+            # arithmetic, since the x87 default evaluates float expressions in long double
             [[ "$(uname -m)" == x86_64 ]] || { echo "run.sh: cannot run i686 binaries here" >&2; exit 2; }
-            CC="${CC_I686:-cc}"
             archflags=(-m32 -msse2 -mfpmath=sse)
             ;;
         *) echo "run.sh: cannot run $arch binaries here" >&2; exit 2 ;;
     esac
 fi
 common=(-O2 -g -Wall -Wextra -Werror -pedantic -ffp-contract=off -Iinclude ${archflags[@]+"${archflags[@]}"})
-# (i686: SSE arithmetic, since the x87 default evaluates float expressions in long double.)
-# GCC for s390x evaluates float expressions in double under -std=c99 (FLT_EVAL_METHOD 1), so the
-# test's float references would carry extra precision that dynq's f32 arithmetic does not have.
-[[ "$arch" != s390x ]] || common+=(-fexcess-precision=fast)
 link=("-L$lib" -ldynq -lm -lpthread)
 
 echo "== compiling (${langs[*]}) against $lib/libdynq.so"
