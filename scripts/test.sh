@@ -36,6 +36,17 @@ scripts/test-s390x.sh
 step "i686 (32-bit usize and pointers): core tests and the C ABI test program, natively"
 scripts/test-i686.sh
 
+step "AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids (Bochs), if this CPU lacks either"
+# Kernel tests and the recorded digests with every ISA required; on a CPU that has both, the
+# tests above already ran those kernels natively.
+if [ "$(uname -m)" != x86_64 ]; then
+  echo "skipped: not an x86-64 host"
+elif grep -qw avx512_vnni /proc/cpuinfo && grep -qw avx_vnni /proc/cpuinfo; then
+  echo "skipped: this CPU runs both natively"
+else
+  scripts/under-bochs.sh
+fi
+
 step "other targets compile without warnings (macOS, Windows, riscv64, 32-bit x86 and ARM)"
 scripts/check-targets.sh
 

@@ -1,4 +1,4 @@
-/* PID 1 of the machine that scripts/avx512-under-bochs.sh boots: sets the environment from
+/* PID 1 of the machine that scripts/under-bochs.sh boots: sets the environment from
    /t/env (K=V lines), runs each command line of /t/list, prints a result line per program on the
    console (the emulated serial port), then powers the emulator off. */
 #include <stdio.h>
