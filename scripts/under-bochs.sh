@@ -9,6 +9,7 @@
 #   DYNQ_BOCHS_CPU=arrow_lake      AVX-VNNI without AVX-512 (the dispatch of client CPUs)
 #   DYNQ_BOCHS_TESTS="kernels reproducible gemm"   the test files to run (default: kernels
 #                                  reproducible; gemm adds about 3.5 minutes)
+#   DYNQ_BOCHS_TIMEOUT=900                         seconds before the emulator is stopped
 #   scripts/under-bochs.sh [TEST_FILTER...]        (arguments go to every test executable)
 #
 # Bochs 2.7 (Debian bookworm's package) is not used: it has no AVX-VNNI model and its results
@@ -68,7 +69,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # Bochs 3.0 from Debian's source package: headless, no plugins, with AVX, EVEX, protection keys
-# and CET (the models advertise them). About 8 minutes on 2 cores, once.
+# and CET (the models advertise them). About 3 minutes on 2 cores, once.
 bochs=target/bochs-3.0/bochs
 if [ ! -x "$bochs" ]; then
   src=bochs_3.0+dfsg.orig.tar.xz
@@ -139,6 +140,6 @@ printf '%s\n' "megs: 2048" \
   "clock: sync=none, time0=local" >"$vm/bochsrc"
 rm -f "$vm/serial.log"
 echo "booting the emulated $cpu (console: $vm/serial.log) ..."
-timeout "${DYNQ_BOCHS_TIMEOUT:-3600}" "$bochs" -q -f "$vm/bochsrc" >"$vm/bochs.out" 2>&1 || true
+timeout "${DYNQ_BOCHS_TIMEOUT:-900}" "$bochs" -q -f "$vm/bochsrc" >"$vm/bochs.out" 2>&1 || true
 grep -a -E '^(DYNQ-|test |flags|selected ISA|ISAs this CPU)' "$vm/serial.log" | grep -v -- '---' || true
 grep -a -q '^DYNQ-INIT-DONE ok' "$vm/serial.log"
