@@ -10,6 +10,7 @@
 #   DYNQ_BOCHS_TESTS="kernels reproducible gemm"   the test files to run (default: kernels
 #                                  reproducible; gemm adds about 3.5 minutes)
 #   DYNQ_BOCHS_TIMEOUT=900                         seconds before the emulator is stopped
+#   DYNQ_BOCHS_JOBS=N                              make jobs for building Bochs (default: nproc)
 #   scripts/under-bochs.sh [TEST_FILTER...]        (arguments go to every test executable)
 #
 # Bochs 2.7 (Debian bookworm's package) is not used: it has no AVX-VNNI model and its results
@@ -84,7 +85,7 @@ if [ ! -x "$bochs" ]; then
     CXXFLAGS=-O2 CFLAGS=-O2 ./configure --enable-x86-64 --enable-cpu-level=6 --enable-avx --enable-evex \
       --enable-protection-keys --enable-cet --enable-uintr --enable-vmx=2 \
       --enable-all-optimizations --with-nogui --disable-plugins >configure.log 2>&1 &&
-    make -j"$(nproc)" >make.log 2>&1) || { echo "building Bochs failed: see target/bochs-3.0/*.log" >&2; exit 1; }
+    make -j"${DYNQ_BOCHS_JOBS:-$(nproc)}" >make.log 2>&1) || { echo "building Bochs failed: see target/bochs-3.0/*.log" >&2; exit 1; }
 fi
 
 # The kernel: the current Debian kernel package, unpacked (its vmlinuz only).
