@@ -87,7 +87,7 @@ scripts/fuzz.sh -t 45 || fuzz_status=$?
 # The AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids (Bochs): the kernel
 # tests and the recorded digests with every ISA required. On a CPU that has both, the tests
 # above already ran those kernels natively (.ci/run requires every ISA the CPU has).
-printf '\n=== %s (%s)\n' "AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids, if this CPU lacks either" "$(date -u +%T)"
+step "AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids, if this CPU lacks either"
 bochs_status=0
 if [ "$(uname -m)" != x86_64 ]; then
   echo "skipped: not an x86-64 host"
