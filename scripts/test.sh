@@ -85,7 +85,7 @@ fuzz_status=0
 scripts/fuzz.sh -t 45 || fuzz_status=$?
 
 # The AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids (Bochs): the kernel
-# tests and the recorded digests with every ISA required. On a CPU that has both, the tests
+# tests, the recorded digests and the C ABI test program, with every ISA required. On a CPU that has both, the tests
 # above already ran those kernels natively (.ci/run requires every ISA the CPU has).
 step "AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids, if this CPU lacks either"
 bochs_status=0

@@ -8,7 +8,9 @@
 #   DYNQ_BOCHS_CPU=tigerlake       AVX-512 VNNI without AVX-VNNI
 #   DYNQ_BOCHS_CPU=arrow_lake      AVX-VNNI without AVX-512 (the dispatch of client CPUs)
 #   DYNQ_BOCHS_TESTS="kernels reproducible gemm"   the test files to run (default: kernels
-#                                  reproducible; gemm adds about 3.5 minutes)
+#                                  reproducible; gemm adds about 3.5 minutes; "" runs none)
+#   DYNQ_BOCHS_C=0                                 leaves out the C ABI test program (run once
+#                                  per ISA of the model, each forced with DYNQ_ISA)
 #   DYNQ_BOCHS_TIMEOUT=900                         seconds before the emulator is stopped
 #   DYNQ_BOCHS_JOBS=N                              make jobs for building Bochs (default: nproc)
 #   scripts/under-bochs.sh [TEST_FILTER...]        (arguments go to every test executable)
@@ -16,7 +18,8 @@
 # Bochs 2.7 (Debian bookworm's package) is not used: it has no AVX-VNNI model and its results
 # were wrong in floating point (tests/reproducible.rs got another digest even on the scalar
 # kernel). Under Bochs 3.0 every digest equals the one recorded on real CPUs. A mutation of the
-# AVX-512 K loop fails 4 of the 6 kernel tests, and one of the AVX-VNNI K loop fails 4 of 6.
+# AVX-512 K loop fails 4 of the 6 kernel tests (and 5 checks of the C ABI program with
+# DYNQ_ISA=avx512_vnni), and one of the AVX-VNNI K loop fails 4 of 6.
 #
 # Time on 2 cores: building Bochs about 3 minutes, once (target/bochs-3.0); the default tests
 # about 1.5 minutes, 40 s of it the emulated boot (Bochs runs about 100 million instructions a
@@ -25,7 +28,8 @@
 # What it does: builds Bochs 3.0 from Debian's source package (trixie's; checksum pinned) with
 # Debian's bochsbios and vgabios; unpacks the Debian kernel (linux-image-amd64) under
 # target/bochs-vm; puts the test executables (cargo's test profile, as `cargo test` builds them),
-# `dynq` and the shared libraries they load into an initramfs whose init (scripts/bochs/init.c)
+# `dynq`, the C ABI test program with the release libdynq.so, and the shared libraries they load
+# into an initramfs whose init (scripts/bochs/init.c)
 # runs them with DYNQ_REQUIRE_ISA set to the model's ISAs and powers off; boots it from an
 # ISOLINUX CD image. The console goes to target/bochs-vm/serial.log. Exits non-zero unless every
 # program passed.
@@ -52,7 +56,7 @@ case "$cpu" in
   arrow_lake) isas=scalar,avx2,avx_vnni ;;
   *) echo "DYNQ_BOCHS_CPU: sapphire_rapids, tigerlake or arrow_lake, not $cpu" >&2; exit 2 ;;
 esac
-tests=${DYNQ_BOCHS_TESTS:-kernels reproducible}
+tests=${DYNQ_BOCHS_TESTS-kernels reproducible}
 vm=target/bochs-vm
 mkdir -p "$vm"
 export DEBIAN_FRONTEND=noninteractive
@@ -103,25 +107,45 @@ root=$vm/root
 rm -rf "$root" && mkdir -p "$root/t"
 echo "/t/dynq info" >"$root/t/list"
 # One cargo call for every test file: "name executable" per line.
-cargo test $(printf -- '--test %s ' $tests) --no-run --message-format=json |
-  python3 -c 'import json, sys
+: >"$vm/executables"
+if [ -n "${tests// /}" ]; then
+  cargo test $(printf -- '--test %s ' $tests) --no-run --message-format=json |
+    python3 -c 'import json, sys
 for line in sys.stdin:
     d = json.loads(line)
     if d.get("reason") == "compiler-artifact" and d.get("executable") and d["target"]["kind"] == ["test"]:
         print(d["target"]["name"], d["executable"])' >"$vm/executables"
+fi
 for t in $tests; do
   exe=$(awk -v t="$t" '$1 == t { print $2 }' "$vm/executables")
   [ -n "$exe" ] || { echo "no test executable for $t" >&2; exit 1; }
   strip -o "$root/t/$t" "$exe"
   echo "/t/$t --test-threads=1 $*" >>"$root/t/list"
 done
-cargo build --release --quiet --bin dynq
+cargo build --release --quiet --bin dynq --lib
 strip -o "$root/t/dynq" target/release/dynq
-for lib in $(for t in $tests dynq; do ldd "$root/t/$t"; done | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | sort -u); do
+programs=("$root/t/dynq")
+for t in $tests; do programs+=("$root/t/$t"); done
+# The C ABI test program (tests/c/test_abi.c as C99, as tests/c/run.sh builds it) against the
+# release libdynq.so, once for each ISA of the model (forced with DYNQ_ISA; the program checks
+# that the library took it). DYNQ_BOCHS_C=0 leaves it out. (tests/c/test_robustness.c is not
+# run here: its many threads on the one emulated CPU took 2.5 minutes.)
+if [ "${DYNQ_BOCHS_C:-1}" = 1 ]; then
+  mkdir -p "$root/t/lib"
+  strip -o "$root/t/lib/libdynq.so" target/release/libdynq.so
+  soname=$(readelf -d target/release/libdynq.so | grep -o 'libdynq\.so[.0-9]*' | head -n 1)
+  [ "$soname" = libdynq.so ] || ln -s libdynq.so "$root/t/lib/$soname"
+  gcc -std=c99 -O2 -Wall -Wextra -Werror -pedantic -ffp-contract=off -Iinclude tests/c/test_abi.c \
+    -o "$root/t/test_abi_c99" -Ltarget/release -ldynq -lm -lpthread
+  for isa in ${isas//,/ }; do echo "DYNQ_ISA=$isa /t/test_abi_c99" >>"$root/t/list"; done
+  programs+=("$root/t/test_abi_c99" "$root/t/lib/libdynq.so")
+fi
+for lib in $(for p in "${programs[@]}"; do LD_LIBRARY_PATH=$root/t/lib ldd "$p"; done |
+    awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | grep -v "^$root/" | sort -u); do
   mkdir -p "$root$(dirname "$lib")" && cp -L "$lib" "$root$lib"
 done
 gcc -O2 -static -Wall -o "$root/init" scripts/bochs/init.c
-printf 'DYNQ_REQUIRE_ISA=%s\nRUST_BACKTRACE=1\n' "$isas" >"$root/t/env"
+printf 'DYNQ_REQUIRE_ISA=%s\nRUST_BACKTRACE=1\nLD_LIBRARY_PATH=/t/lib\n' "$isas" >"$root/t/env"
 (cd "$root" && find . | cpio -o -H newc 2>/dev/null | gzip -1 >"../iso/initrd.gz")
 
 cp /usr/lib/ISOLINUX/isolinux.bin /usr/lib/syslinux/modules/bios/ldlinux.c32 "$vm/iso/"
@@ -144,5 +168,5 @@ printf '%s\n' "megs: 2048" \
 rm -f "$vm/serial.log"
 echo "booting the emulated $cpu (console: $vm/serial.log) ..."
 timeout "${DYNQ_BOCHS_TIMEOUT:-900}" "$bochs" -q -f "$vm/bochsrc" >"$vm/bochs.out" 2>&1 || true
-grep -a -E '^(DYNQ-|test |flags|selected ISA|ISAs this CPU)' "$vm/serial.log" | grep -v -- '---' || true
+grep -a -E '^(DYNQ-|test |flags|selected ISA|ISAs this CPU|FAIL|[0-9]+ passed, [0-9]+ failed)' "$vm/serial.log" | grep -v -- '---' || true
 grep -a -q '^DYNQ-INIT-DONE ok' "$vm/serial.log"

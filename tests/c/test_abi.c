@@ -774,6 +774,17 @@ static void test_isa(void)
     g_active_isa = isa;
     check(isa >= 1 && isa <= 7 && dynq_isa_available(isa) == 1,
           "dynq_active_isa = %u (%s): a concrete, available ISA", (unsigned)isa, dynq_isa_name(isa));
+    {
+        /* A run with DYNQ_ISA set (tests/c/run.sh, scripts/under-bochs.sh) tests that kernel: the
+           library must have taken it, not another. */
+        const char *forced = getenv("DYNQ_ISA");
+        for (i = 1; forced != NULL && i < 8; i++) {
+            if (strcmp(forced, names[i]) == 0) {
+                check(isa == values[i], "the active ISA is DYNQ_ISA's: %s (DYNQ_ISA=%s)", dynq_isa_name(isa),
+                      forced);
+            }
+        }
+    }
 }
 
 static void test_configs(void)
