@@ -7,8 +7,10 @@
 #                                  avx_vnni and avx512_vnni (and runs the EVEX twin of AVX-VNNI)
 #   DYNQ_BOCHS_CPU=tigerlake       AVX-512 VNNI without AVX-VNNI
 #   DYNQ_BOCHS_CPU=arrow_lake      AVX-VNNI without AVX-512 (the dispatch of client CPUs)
-#   DYNQ_BOCHS_TESTS="kernels reproducible gemm"   the test files to run (default: kernels
-#                                  reproducible; gemm adds about 3.5 minutes; "" runs none)
+#   DYNQ_BOCHS_TESTS="kernels reproducible"        the test files to run ("" runs none; the
+#                                  default: kernels reproducible gemm guard_pages ffi_gemm_ex
+#                                  blob_format; gemm takes about 4 minutes, the others 5-10 s
+#                                  each; corruption would take 10.5 minutes)
 #   DYNQ_BOCHS_C=0                                 leaves out the C ABI test program (run once
 #                                  per ISA of the model, each forced with DYNQ_ISA)
 #   DYNQ_BOCHS_TIMEOUT=900                         seconds before the emulator is stopped
@@ -22,8 +24,8 @@
 # DYNQ_ISA=avx512_vnni), and one of the AVX-VNNI K loop fails 4 of 6.
 #
 # Time on 2 cores: building Bochs about 3 minutes, once (target/bochs-3.0); the default tests
-# about 1.5 minutes, 40 s of it the emulated boot (Bochs runs about 100 million instructions a
-# second here).
+# about 6 minutes, 40 s of it the emulated boot and 4 the GEMM tests (Bochs runs about 100
+# million instructions a second here).
 #
 # What it does: builds Bochs 3.0 from Debian's source package (trixie's; checksum pinned) with
 # Debian's bochsbios and vgabios; unpacks the Debian kernel (linux-image-amd64) under
@@ -56,7 +58,7 @@ case "$cpu" in
   arrow_lake) isas=scalar,avx2,avx_vnni ;;
   *) echo "DYNQ_BOCHS_CPU: sapphire_rapids, tigerlake or arrow_lake, not $cpu" >&2; exit 2 ;;
 esac
-tests=${DYNQ_BOCHS_TESTS-kernels reproducible}
+tests=${DYNQ_BOCHS_TESTS-kernels reproducible gemm guard_pages ffi_gemm_ex blob_format}
 vm=target/bochs-vm
 mkdir -p "$vm"
 export DEBIAN_FRONTEND=noninteractive
