@@ -15,6 +15,7 @@
 #                                  per ISA of the model, each forced with DYNQ_ISA)
 #   DYNQ_BOCHS_TIMEOUT=900                         seconds before the emulator is stopped
 #   DYNQ_BOCHS_JOBS=N                              make jobs for building Bochs (default: nproc)
+#   DYNQ_BOCHS_BUILD_ONLY=1                        only build Bochs (no apt, no test)
 #   scripts/under-bochs.sh [TEST_FILTER...]        (arguments go to every test executable)
 #
 # Bochs 2.7 (Debian bookworm's package) is not used: it has no AVX-VNNI model and its results
@@ -62,6 +63,12 @@ tests=${DYNQ_BOCHS_TESTS-kernels reproducible gemm guard_pages ffi_gemm_ex blob_
 vm=target/bochs-vm
 mkdir -p "$vm"
 export DEBIAN_FRONTEND=noninteractive
+# DYNQ_BOCHS_BUILD_ONLY=1: build Bochs and stop, installing nothing (scripts/test.sh runs it in
+# the background early, so that the later run only boots); without curl or xz it does nothing.
+if [ "${DYNQ_BOCHS_BUILD_ONLY:-0}" = 1 ] && ! { command -v curl && command -v xz; } >/dev/null; then
+  echo "DYNQ_BOCHS_BUILD_ONLY: no curl or xz yet; the full run will build Bochs"
+  exit 0
+fi
 need=()
 [ -e /usr/share/bochs/BIOS-bochs-latest ] || need+=(bochsbios)
 [ -e /usr/share/vgabios/vgabios.bin ] || need+=(vgabios)
@@ -71,7 +78,7 @@ command -v genisoimage >/dev/null || need+=(genisoimage)
 command -v cpio >/dev/null || need+=(cpio)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v curl >/dev/null || need+=(curl ca-certificates)
-if [ ${#need[@]} -gt 0 ]; then
+if [ ${#need[@]} -gt 0 ] && [ "${DYNQ_BOCHS_BUILD_ONLY:-0}" != 1 ]; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
@@ -92,6 +99,10 @@ if [ ! -x "$bochs" ]; then
       --enable-protection-keys --enable-cet --enable-uintr --enable-vmx=2 \
       --enable-all-optimizations --with-nogui --disable-plugins >configure.log 2>&1 &&
     make -j"${DYNQ_BOCHS_JOBS:-$(nproc)}" >make.log 2>&1) || { echo "building Bochs failed: see target/bochs-3.0/*.log" >&2; exit 1; }
+fi
+if [ "${DYNQ_BOCHS_BUILD_ONLY:-0}" = 1 ]; then
+  echo "Bochs built: $bochs"
+  exit 0
 fi
 
 # The kernel: the current Debian kernel package, unpacked (its vmlinuz only).
