@@ -96,9 +96,10 @@ sanitize_pid=$!
 fuzz_status=0
 scripts/fuzz.sh -t 45 || fuzz_status=$?
 
-# The AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids (Bochs): the kernel
-# tests, the recorded digests and the C ABI test program, with every ISA required. On a CPU that has both, the tests
-# above already ran those kernels natively (.ci/run requires every ISA the CPU has).
+# The AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids (Bochs): the kernel,
+# digest, GEMM, guard-page, gemm_ex and blob-format tests and the C ABI test program, with
+# every ISA required (scripts/under-bochs.sh). On a CPU that has both, the tests above already
+# ran those kernels natively (.ci/run requires every ISA the CPU has).
 step "AVX-512 VNNI and AVX-VNNI kernels on an emulated Sapphire Rapids, if this CPU lacks either"
 bochs_status=0
 if [ -n "$bochs_build_pid" ]; then
