@@ -86,7 +86,7 @@ target/wheel-test/bin/pip install --quiet --no-deps dist/dynq-*-manylinux2014_x8
 
 step "ONNX Runtime op and converter on the oldest supported runtime (onnxruntime 1.17.3)"
 target/py-ort1.17/bin/python -m pytest -q -p no:cacheprovider bindings/python/tests/test_wrapper.py \
-  bindings/python/tests/test_ort_op.py bindings/python/tests/test_convert.py
+  bindings/python/tests/test_ort_op.py bindings/python/tests/test_convert.py bindings/python/tests/test_convert_random.py
 
 step "fuzzing (every cargo-fuzz target, 45 s each), then the VNNI kernels under Bochs, with sanitizers in parallel (C ABI tests under ASan+UBSan, Miri)"
 # The fuzzers, then the Bochs run, use one core; the sanitizer builds and Miri use the other

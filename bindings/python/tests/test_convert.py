@@ -877,6 +877,30 @@ def attention_output_model(perm=(0, 2, 1, 3), extra_reader=False, h=4, d=8, n=24
     return model(nodes, [helper.make_tensor_value_info("ctx", TensorProto.FLOAT, ["b", h, "s", d])], outputs, inits)
 
 
+def test_layer_reading_heads_keeps_its_split_to_heads():
+    """A layer whose input is the joined heads and whose output is split into heads again: the
+    op reads one or writes the other in the head layout, not both (it refuses a_layout =
+    "heads" with `heads`), so the input side is folded and the Reshape + Transpose after it
+    stay. The converted model ran into that refusal at its first call before (found by
+    test_convert_random.py)."""
+    m = attention_output_model()
+    g = m.graph
+    g.initializer.append(numpy_helper.from_array(np.array([0, 0, 4, 6], np.int64), "split_shape"))
+    g.node.extend([
+        helper.make_node("Reshape", ["y", "split_shape"], ["y4"], name="split_rs"),
+        helper.make_node("Transpose", ["y4"], ["y_heads"], name="split_tr", perm=[0, 2, 1, 3]),
+    ])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("y_heads", TensorProto.FLOAT, ["b", 4, "s", 6]))
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    onnx.checker.check_model(q)
+    assert rep.converted[0].a_heads and rep.converted[0].heads == 0
+    assert [n.op_type for n in q.graph.node] == ["DynQMatMul", "Reshape", "Transpose"]
+    ctx = np.random.default_rng(5).standard_normal((2, 4, 9, 8)).astype(np.float32)
+    got, want = session(q).run(None, {"ctx": ctx})[0], session(m, custom=False).run(None, {"ctx": ctx})[0]
+    assert got.shape == want.shape == (2, 4, 9, 6) and cosine(got, want) > 0.999
+
+
 def test_attention_context_is_read_in_its_head_layout():
     """The Transpose(perm=[0, 2, 1, 3]) + Reshape that join the heads before the output
     projection fold into the layer (a_layout = "heads"): the node reads the context directly,

@@ -1140,7 +1140,11 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     out = node.output[0]
     if G.first_use(wname):
         report.fp32_weight_bytes += w_bytes
-    bias, act, final, fused, residual = fuse_tail(out, n, x, bias_from_gemm)
+    # The attention context read in its head layout (the Transpose + Reshape before it unread).
+    ctx = _match_input_heads(G, x, k) if opts.fuse_heads and node.op_type == "MatMul" else None
+    # The op reads its input or writes its output in the head layout, not both: a layer whose
+    # input is folded keeps a Reshape to heads after it as it is.
+    bias, act, final, fused, residual = fuse_tail(out, n, x, bias_from_gemm, heads_ok=ctx is None)
     choice = None
     acts = calib.activations(x) if calib is not None else None
     if acts is not None and acts.shape[1] == k:
@@ -1151,8 +1155,6 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
             # The op multiplies A by `smooth`; the weight rows are divided by it (same product).
             w = (w / choice.smooth[:, None]).astype(np.float32)
     q, scales = quantize_weights(w, opts.weight_granularity, layout="kn", weight_qmax=opts.weight_qmax)
-    # The attention context read in its head layout (the Transpose + Reshape before it unread).
-    ctx = _match_input_heads(G, x, k) if opts.fuse_heads and node.op_type == "MatMul" else None
     rec = LayerRecord(
         name=node.name,
         source=node.op_type,
