@@ -381,6 +381,38 @@ def test_weights_behind_identity_and_constant_float_lists():
     assert cosine(got, want) > 0.999
 
 
+def test_weights_behind_transpose_and_cast():
+    """An unoptimized dynamo export reads a Linear's [N, K] weight through Transpose, and a model
+    may keep a weight in float16 behind a Cast to float: both are constants, converted, and the
+    Transpose, the Cast and their sources leave the model; the report counts the float16
+    source's 2 bytes per value. A Transpose with another permutation (or of a 3-D constant)
+    is not a weight the converter reads, and its layer stays as it is."""
+    d, n = 32, 24
+    w1, w2 = f32(d, n), f32(n, d)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(w1.T), "fc1.weight"), numpy_helper.from_array(w2.astype(np.float16), "fc2.weight_f16"),
+             numpy_helper.from_array(f32(d, 2, n), "w3d")]
+    nodes = [
+        helper.make_node("Transpose", ["fc1.weight"], ["w1"], name="t1", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Cast", ["fc2.weight_f16"], ["w2"], name="c2", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2"),
+        helper.make_node("Transpose", ["w3d"], ["w3"], name="t3", perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["x", "w3"], ["z"], name="batched"),
+    ]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", d]), helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, "b", n])]
+    m = model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", d])], outs, inits)
+    conv, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [r.name for r in rep.converted] == ["fc1", "fc2"], rep.skipped
+    assert [nd.op_type for nd in conv.graph.node] == ["DynQMatMul", "DynQMatMul", "Transpose", "MatMul"]
+    assert {t.name for t in conv.graph.initializer}.isdisjoint({"fc1.weight", "fc2.weight_f16"})
+    assert rep.fp32_weight_bytes == w1.nbytes + w2.nbytes // 2
+    x = f32(5, d, scale=1.0)
+    y, z = session(conv).run(None, {"x": x})
+    y_ref, z_ref = session(m, custom=False).run(None, {"x": x})
+    assert cosine(y, y_ref) > 0.999
+    np.testing.assert_array_equal(z, z_ref)
+
+
 def test_quantize_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dynq.onnx", "quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")], cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG})
     assert r.returncode == 2 and "error" in r.stderr

@@ -2,7 +2,8 @@
 
 Each model is a chain of 1 to 4 layers over an input of rank 1 to 4, drawn from a seeded
 generator: MatMul or Gemm (transB, alpha, beta, C of several shapes), the weight as an
-initializer, behind an Identity or in a Constant node, sometimes shared with an earlier layer;
+initializer, behind an Identity, in a Constant node, as the Transpose of an [N, K] initializer
+or the Cast of one in the other float type, sometimes shared with an earlier layer;
 a bias Add in either operand order and of several broadcast shapes; an activation (ReLU, GELU
 as PyTorch's erf pattern or the Gelu op, tanh, SiLU); a residual Add in either order; a
 LayerNormalization; layers that read one input side by side (as Q, K and V do); the attention
@@ -69,16 +70,25 @@ class Builder:
         return out
 
     def weight(self, k, n, scale):
-        """A weight [k, n]: new or shared, as an initializer, behind an Identity or a Constant."""
+        """A weight [k, n]: new or shared; an initializer, behind an Identity, in a Constant,
+        the Transpose of an [n, k] initializer (unoptimized dynamo exports) or the Cast of one
+        in the other float type."""
         r = self.rng
         if (k, n) in self.weights and r.random() < 0.3:
             return self.weights[(k, n)]
         w = (r.standard_normal((k, n)) * scale).astype(self.np)
-        how = r.choice(["init", "init", "init", "identity", "constant"])
+        how = r.choice(["init", "init", "init", "identity", "constant", "transpose", "cast"])
         if how == "constant":
             out = self.name("wconst_")
             self.nodes.append(helper.make_node("Constant", [], [out], name=self.name("Constant"), value=numpy_helper.from_array(w, out + "_value")))
             return out
+        if how == "transpose":
+            return self.node("Transpose", [self.const(w.T, "wt")], **({"perm": [1, 0]} if r.random() < 0.5 else {}))
+        if how == "cast":
+            other = np.float32 if self.np == np.float16 else np.float16
+            name = self.name("wc")
+            self.inits.append(numpy_helper.from_array(w.astype(other), name))
+            return self.node("Cast", [name], to=self.elem)
         name = self.const(w, "w")
         self.weights[(k, n)] = name
         return self.node("Identity", [name]) if how == "identity" else name

@@ -236,21 +236,40 @@ class _Graph:
                     elif a.name == "value_floats":
                         self.const_nodes[n.output[0]] = numpy_helper.from_array(np.array(a.floats, np.float32))
         # Identity of a constant is that constant (PyTorch's exporter reads a parameter used in
-        # several places through one Identity per use). `alias` maps such an output to the
-        # tensor it copies, so that a shared weight is recognised as one.
+        # several places through one Identity per use). So is the Transpose of a 2-D one (the
+        # dynamo exporter, unoptimized, reads a Linear's [N, K] weight through one), and the
+        # Cast of a float or float16 one to float or float16 (weights kept in half precision).
+        # `alias` maps such an output to the tensor it derives from, so that a shared weight is
+        # counted once.
         self.alias: Dict[str, str] = {}
         changed = True
         while changed:
             changed = False
             for n in g.node:
-                if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1 and len(n.output) == 1:
-                    src, out = n.input[0], n.output[0]
-                    if out in self.alias or out in self.graph_outputs or out in self.inits or out in self.const_nodes:
+                if n.domain not in ("", "ai.onnx") or len(n.input) != 1 or len(n.output) != 1:
+                    continue
+                if n.op_type not in ("Identity", "Transpose", "Cast"):
+                    continue
+                src, out = n.input[0], n.output[0]
+                if out in self.alias or out in self.graph_outputs or out in self.inits or out in self.const_nodes:
+                    continue
+                if src in self.graph_inputs or not (src in self.inits or src in self.const_nodes):
+                    continue
+                t = self.inits[src] if src in self.inits else self.const_nodes[src]
+                if n.op_type == "Transpose":
+                    perm = [int(v) for v in _attr(n, "perm", [1, 0])]
+                    if len(t.dims) != 2 or perm != [1, 0]:
                         continue
-                    if src not in self.graph_inputs and (src in self.inits or src in self.const_nodes):
-                        self.alias[out] = self.alias.get(src, src)
-                        self.const_nodes[out] = self.inits[src] if src in self.inits else self.const_nodes[src]
-                        changed = True
+                    t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).T))
+                elif n.op_type == "Cast":
+                    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+                    to = _attr(n, "to")
+                    if t.data_type not in floats or to not in floats:
+                        continue
+                    t = numpy_helper.from_array(numpy_helper.to_array(t).astype(onnx.helper.tensor_dtype_to_np_dtype(to)))
+                self.alias[out] = self.alias.get(src, src)
+                self.const_nodes[out] = t
+                changed = True
         self.producer = {}
         self.consumers: Dict[str, List[onnx.NodeProto]] = {}
         for n in g.node:
@@ -291,6 +310,16 @@ class _Graph:
         if t is None:
             return None
         return numpy_helper.to_array(t)
+
+    def source_nbytes(self, name: str) -> int:
+        """Bytes the source model stores for constant `name`: those of the tensor it derives
+        from through Identity, Transpose or Cast (a float16 weight cast to float is 2 bytes per
+        value there)."""
+        root = self.alias.get(name, name)
+        t = self.inits.get(root)
+        if t is None:
+            t = self.const_nodes.get(root)
+        return numpy_helper.to_array(t).nbytes if t is not None else 0
 
     def first_use(self, name: str) -> bool:
         """True the first time a weight `name` is counted (a weight shared by several layers is
@@ -1032,7 +1061,7 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
     src_bytes = {}  # each weight's size in the source model (float16 ones are widened here)
     for nd in members:
         w0 = G.const(nd.input[1])
-        src_bytes[id(nd)] = w0.nbytes
+        src_bytes[id(nd)] = G.source_nbytes(nd.input[1])
         w = w0.astype(np.float32)
         bias, act, final, fused, residual = fuse_tail(nd.output[0], w.shape[1], x)
         if residual is None:
@@ -1112,7 +1141,7 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
         raise _Skip(f"weight is not a 2-D float or float16 tensor ({w.dtype} {list(w.shape)})")
     # float16 models: the weight is widened exactly and quantized like a float one; A and Y stay
     # float16 (the op takes and gives A's type).
-    w_bytes = w.nbytes
+    w_bytes = G.source_nbytes(wname)
     w = w.astype(np.float32)
     bias_from_gemm = None
     if node.op_type == "Gemm":
