@@ -413,6 +413,30 @@ def test_weights_behind_transpose_and_cast():
     np.testing.assert_array_equal(z, z_ref)
 
 
+def test_tied_embedding_and_output_projection():
+    """A language model's output projection tied to its embedding table reads the table through a
+    Transpose (dynamo exports): the Gather and the projection are both converted from the one
+    table, which leaves the model, and the logits stay close to the float model's."""
+    v, d = 200, 32
+    table = f32(v, d, scale=1.0)
+    nodes = [
+        helper.make_node("Gather", ["emb.weight", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w_h"], ["h"], name="hidden"),
+        helper.make_node("Relu", ["h"], ["hr"], name="act"),
+        helper.make_node("Transpose", ["emb.weight"], ["emb_t"], name="tie", perm=[1, 0]),
+        helper.make_node("MatMul", ["hr", "emb_t"], ["logits"], name="lm_head"),
+    ]
+    inits = [numpy_helper.from_array(table, "emb.weight"), numpy_helper.from_array(f32(d, d, scale=0.3), "w_h")]
+    m = model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", v])], inits)
+    conv, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [r.name for r in rep.converted] == ["hidden", "lm_head"] and [e[0] for e in rep.embeddings] == ["embed"]
+    assert not any(t.name == "emb.weight" for t in conv.graph.initializer)
+    assert rep.fp32_weight_bytes == table.nbytes + d * d * 4  # the table counted once
+    ids = np.random.default_rng(4).integers(0, v, size=(2, 7)).astype(np.int64)
+    got, want = session(conv).run(None, {"ids": ids})[0], session(m, custom=False).run(None, {"ids": ids})[0]
+    assert cosine(got, want) > 0.999
+
+
 def test_quantize_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dynq.onnx", "quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")], cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG})
     assert r.returncode == 2 and "error" in r.stderr
@@ -567,6 +591,30 @@ def test_smoothing_moves_outlier_channels_into_the_weights(tmp_path):
         assert r.returncode == 0, r.stderr
         q = onnx.load(str(out))
         assert len(next(n for n in q.graph.node if n.name == "fc1").input) == inputs, extra
+
+
+def test_smoothing_needs_enough_calibration_rows():
+    """Fitted on a few rows and judged on a few others, a smoothing "gain" is noise: with fewer
+    than 32 calibration rows a layer is not smoothed, and the report says how many were left
+    that way. Inputs generated for a model whose input is one row per sample ([batch, K]) give
+    256 rows, not 2."""
+    from dynq.onnx.smooth import MIN_ROWS, _calibration_batch
+
+    m = ln_outlier_model()
+    few = [{"x": np.random.default_rng(1).standard_normal((1, MIN_ROWS - 1, 64)).astype(np.float32)}]
+    q, rep = quantize_model(m, calibration_inputs=few)
+    assert all(r.smooth_alpha is None for r in rep.converted) and rep.smooth_few_rows == len(rep.converted) > 0
+    assert f"activation smoothing not tried on {len(rep.converted)} layers: fewer than {MIN_ROWS} calibration rows" in rep.summary()
+    enough = [{"x": np.random.default_rng(1).standard_normal((1, MIN_ROWS, 64)).astype(np.float32)}]
+    _, rep2 = quantize_model(m, calibration_inputs=enough)
+    assert rep2.smooth_few_rows == 0 and any(r.smooth_alpha is not None for r in rep2.converted)
+    feats = lambda *dims: model([], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))])  # noqa: E731
+    assert _calibration_batch(feats("b", 40)) == 256
+    assert _calibration_batch(feats("b", "s", 40)) == 2
+    assert _calibration_batch(feats("b", 3, 224, 224)) == 2
+    assert _calibration_batch(feats("b", 16, 40)) == 16
+    ids = model([], [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])], [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])])
+    assert _calibration_batch(ids) == 2
 
 
 def test_smoothing_skipped_with_a_note_when_the_model_cannot_run():

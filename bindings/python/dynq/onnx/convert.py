@@ -140,6 +140,7 @@ class Report:
     fp32_weight_bytes: int = 0
     int8_weight_bytes: int = 0
     smooth_note: Optional[str] = None  # why smoothing was not tried, if it was asked for
+    smooth_few_rows: int = 0  # layers not smoothed: fewer calibration rows than smooth.MIN_ROWS
 
     def summary(self) -> str:
         lines = [
@@ -175,6 +176,13 @@ class Report:
             )
         if self.smooth_note:
             lines.append(f"  activation smoothing not applied: {self.smooth_note}")
+        if self.smooth_few_rows:
+            from .smooth import MIN_ROWS
+
+            lines.append(
+                f"  activation smoothing not tried on {self.smooth_few_rows} layers: fewer than {MIN_ROWS} calibration rows "
+                "(pass calibration inputs with more rows)"
+            )
         req = [r for r in self.converted if r.requantized_channels]
         if req:
             lines.append(
@@ -1073,8 +1081,8 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
         return set()
     k = tails[0][1].shape[0]
     choice = None
-    acts = calib.activations(x) if calib is not None else None
-    if acts is not None and acts.shape[1] == k:
+    acts = _calibration_rows(calib, x, k, report, len(tails))
+    if acts is not None:
         from .smooth import choose, held_out_sqnr
 
         mode = (opts.weight_granularity, opts.act_granularity, opts.act_type)
@@ -1126,6 +1134,20 @@ def _convert_group(members, G: _Graph, opts: QuantizeOptions, report: Report, em
     return {id(t[0]) for t in tails}
 
 
+def _calibration_rows(calib, x: str, k: int, report: Report, layers: int) -> Optional[np.ndarray]:
+    """The calibration activations of input `x` ([rows, k]) if there are enough to choose a
+    smoothing from; counts the `layers` reading it as not smoothed when there are too few."""
+    acts = calib.activations(x) if calib is not None else None
+    if acts is None or acts.shape[1] != k:
+        return None
+    from .smooth import MIN_ROWS
+
+    if acts.shape[0] < MIN_ROWS:
+        report.smooth_few_rows += layers
+        return None
+    return acts
+
+
 def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit, fuse_tail, calib=None):
     x, wname = node.input[0], node.input[1]
     w = G.const(wname)
@@ -1175,8 +1197,8 @@ def _convert_float(node, G: _Graph, opts: QuantizeOptions, report: Report, emit,
     # input is folded keeps a Reshape to heads after it as it is.
     bias, act, final, fused, residual = fuse_tail(out, n, x, bias_from_gemm, heads_ok=ctx is None)
     choice = None
-    acts = calib.activations(x) if calib is not None else None
-    if acts is not None and acts.shape[1] == k:
+    acts = _calibration_rows(calib, x, k, report, 1)
+    if acts is not None:
         from .smooth import choose
 
         choice = choose(acts, w, opts.weight_granularity, opts.act_granularity, opts.act_type, opts.smooth_min_gain_db, opts.weight_qmax)

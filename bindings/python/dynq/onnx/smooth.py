@@ -16,7 +16,9 @@ usually gets worse), so each layer is checked: factors fitted on half of the cal
 are judged on the other half, whose product is computed in numpy with dynq's quantization (the
 options' weight and activation schemes) with and without smoothing, for a few ``alpha``; the
 best is kept only if it improves the layer's SQNR on those held-out rows by at least
-``QuantizeOptions.smooth_min_gain_db``. The op receives ``1 / s`` as its
+``QuantizeOptions.smooth_min_gain_db``. A layer with fewer than ``MIN_ROWS`` calibration rows
+is not smoothed (the generated inputs give 256 rows: 2 sequences of 128, or a batch of 256
+feature rows). The op receives ``1 / s`` as its
 ``smooth`` input and multiplies A by it before quantizing (one f32 multiplication per value).
 """
 
@@ -33,6 +35,10 @@ ALPHAS = (0.2, 0.3, 0.4)
 # (with per-channel weights every column is quantized on its own, so a subset estimates well).
 MAX_ROWS = 512
 MAX_COLS = 768
+# Fewest calibration rows (tokens) a layer is smoothed with: half fit the factors, half judge
+# them, and with a few rows that judgement is noise. (A random-model test found a layer of
+# K = 4 smoothed on one row each way, "+14 dB", whose output on other inputs was then 2x off.)
+MIN_ROWS = 32
 # Factors are kept within this ratio of their geometric mean.
 MAX_FACTOR = 1e4
 # Activation tensors fetched per run of the float model.
@@ -44,6 +50,24 @@ class Choice:
     smooth: np.ndarray  # float32 [K]: the op's input (1 / s)
     alpha: float
     gain_db: float
+
+
+def _calibration_batch(model: onnx.ModelProto, rows: int = 256, seq_len: int = 128) -> int:
+    """The batch size for generated calibration inputs that gives the layers about `rows` rows:
+    2 for sequence models (2 x 128 tokens), up to `rows` where a sample is one row ([batch, K]
+    features)."""
+    inits = {t.name for t in model.graph.initializer}
+    per_item = 1
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else seq_len for d in t.shape.dim][1:]
+        # A float input's last dimension is its features; an integer one (token ids) is all rows.
+        if t.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
+            dims = dims[:-1]
+        per_item = max(per_item, int(np.prod(dims, dtype=np.int64)) if dims else 1)
+    return int(min(rows, max(2, -(-rows // per_item))))
 
 
 class Calibration:
@@ -67,7 +91,7 @@ class Calibration:
 
             from .evaluate import make_inputs
 
-            feeds = self._feeds if self._feeds is not None else make_inputs(self._model, batch=2, seq_len=128, samples=1, seed=1)
+            feeds = self._feeds if self._feeds is not None else make_inputs(self._model, batch=_calibration_batch(self._model), seq_len=128, samples=1, seed=1)
             inputs = {i.name for i in self._model.graph.input}
             names = [n for n in self._wanted if n not in inputs]
             # Element types of the tensors asked for (float16 models give float16 activations).
@@ -179,7 +203,7 @@ def choose(
     The factors are fitted on the even rows of ``a`` and judged on the odd ones (held out), so
     that a gain that only fits the calibration sample does not count; the factors kept are then
     fitted on all rows."""
-    if a.shape[0] < 2:
+    if a.shape[0] < MIN_ROWS:
         return None
     # float32 products: the SQNR estimate needs far less precision than that, and they are
     # several times faster than float64 on models with thousands of channels.
