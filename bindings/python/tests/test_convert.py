@@ -437,6 +437,59 @@ def test_tied_embedding_and_output_projection():
     assert cosine(got, want) > 0.999
 
 
+def ort_fused_block(d=32, h=64, sln_outputs=1, eps=True, act_before_sln=False, skip_first=False):
+    """What ONNX Runtime's transformer optimizer leaves of a BERT FFN: x -> MatMul ->
+    com.microsoft.BiasGelu -> MatMul -> com.microsoft.SkipLayerNormalization(h, x, gamma, beta,
+    bias), the residual Add, the layer norm and the second bias in one node."""
+    r = np.random.default_rng(8)
+    inits = [numpy_helper.from_array((r.standard_normal(s) * sc).astype(np.float32), nm) for nm, s, sc in
+             [("w1", (d, h), 0.2), ("b1", (h,), 0.5), ("w2", (h, d), 0.2), ("g", (d,), 1.0), ("be", (d,), 0.3), ("b2", (d,), 0.5)]]
+    out2 = "h2"
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("BiasGelu", ["h1", "b1"], ["g1"], name="bias_gelu", domain="com.microsoft"),
+        helper.make_node("MatMul", ["g1", "w2"], ["h2"], name="fc2"),
+    ]
+    if act_before_sln:
+        nodes.append(helper.make_node("Relu", ["h2"], ["h2r"], name="relu"))
+        out2 = "h2r"
+    outs = ["y"] + ["", "", "sum"][: sln_outputs - 1]
+    ins = [out2, "x"] if not skip_first else ["x", out2]
+    nodes.append(helper.make_node("SkipLayerNormalization", ins + ["g", "be", "b2"], outs, name="sln", domain="com.microsoft", **({"epsilon": 1e-5} if eps else {})))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", d])]
+    if sln_outputs > 1:
+        outputs.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["b", "s", d]))
+    return model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", d])], outputs, inits)
+
+
+def test_onnx_runtime_fused_bias_gelu_and_skip_layer_norm_are_folded():
+    """BiasGelu after a layer becomes its bias and GELU; SkipLayerNormalization after one becomes
+    its residual and layer norm, its bias added to the layer's. Not when the sum output is used,
+    the epsilon is not written out, an activation comes before (its bias would be added after
+    it), or the layer's output is the skip (the result would take the other input's shape)."""
+    m = ort_fused_block()
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    onnx.checker.check_model(q)
+    assert [n.op_type for n in q.graph.node] == ["DynQMatMul", "DynQMatMul"]
+    fc1, fc2 = rep.converted
+    assert (fc1.bias, fc1.activation, fc2.bias, fc2.residual, fc2.layer_norm) == (True, "gelu", True, "x", True)
+    x = f32(2, 9, 32, scale=1.0)
+    want = session(m, custom=False).run(None, {"x": x})[0]
+    assert cosine(session(q).run(None, {"x": x})[0], want) > 0.999
+    # The evaluator measures the folded layer alone against the sum the float model normalized.
+    ev = evaluate(m, q, [{"x": x}])
+    assert [l["name"] for l in ev.layers] == ["fc1", "fc2"] and min(l["isolated_cosine"] for l in ev.layers) > 0.999, ev.table()
+    q_off, _ = quantize_model(m, QuantizeOptions(smooth="off", fuse_bias=False, fuse_layer_norm=False))
+    assert [n.op_type for n in q_off.graph.node] == ["DynQMatMul", "BiasGelu", "DynQMatMul", "SkipLayerNormalization"]
+    for kw in ({"sln_outputs": 4}, {"eps": False}, {"act_before_sln": True}, {"skip_first": True}):
+        mm = ort_fused_block(**kw)
+        qq, rr = quantize_model(mm, QuantizeOptions(smooth="off"))
+        assert "SkipLayerNormalization" in [n.op_type for n in qq.graph.node] and not rr.converted[1].layer_norm, kw
+        feeds = {"x": x}
+        for a, b in zip(session(mm, custom=False).run(None, feeds), session(qq).run(None, feeds)):
+            assert cosine(a, b) > 0.999, kw
+
+
 def test_quantize_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dynq.onnx", "quantize", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")], cwd=PKG, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PKG})
     assert r.returncode == 2 and "error" in r.stderr

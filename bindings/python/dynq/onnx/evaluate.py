@@ -188,17 +188,32 @@ def _residual_name(node) -> Optional[str]:
     return node.input[5] if len(node.input) > 5 and node.input[5] else None
 
 
-def _pre_norm_names(fp32, layers) -> Dict[int, str]:
+def _pre_norm_names(fp32, layers) -> Tuple[Dict[int, str], onnx.ModelProto]:
     """For nodes with a folded layer norm (input 7): the fp32 model's tensor that its
-    LayerNormalization normalized (the sum of the layer and its residual), by id(node)."""
-    producer = {o: n for n in fp32.graph.node for o in n.output}
+    LayerNormalization normalized (the sum of the layer and its residual), by id(node); and the
+    fp32 model, in which a folded com.microsoft.SkipLayerNormalization (the sum, its bias and
+    the norm in one node) is made to output that sum too (its optional fourth output)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(fp32)
+    producer = {o: n for n in m.graph.node for o in n.output if o}
+    names = {o for n in m.graph.node for o in list(n.output) + list(n.input)}
     out = {}
     for node, *_ in layers:
         if len(node.input) > 6 and node.input[6]:
             ln = producer.get(node.output[0])
             if ln is not None and ln.op_type == "LayerNormalization" and ln.input:
                 out[id(node)] = ln.input[0]
-    return out
+            elif ln is not None and ln.op_type == "SkipLayerNormalization" and ln.domain == "com.microsoft":
+                if len(ln.output) < 4 or not ln.output[3]:
+                    name = ln.output[0] + "_dynq_eval_sum"
+                    while name in names:
+                        name += "_"
+                    names.add(name)
+                    while len(ln.output) < 4:
+                        ln.output.append("")
+                    ln.output[3] = name
+                out[id(node)] = ln.output[3]
+    return out, m
 
 
 def _isolated(node, attrs, inits, x: np.ndarray) -> np.ndarray:
@@ -354,10 +369,10 @@ def evaluate(
     names_out = [n.output[g] for n, _, _, g, *_ in layers]
     names_in = list(dict.fromkeys(n.input[0] for n, *_ in layers))
     names_in += [r for r in (_residual_name(n) for n, *_ in layers) if r and r not in names_in]
-    pre_norm = _pre_norm_names(fp32, layers)
+    pre_norm, fp32_sums = _pre_norm_names(fp32, layers)
     names_in += [t for t in dict.fromkeys(pre_norm.values()) if t not in names_in]
     ev = Evaluation(samples=len(feeds_list))
-    fp32_sess = session(_with_outputs(fp32, names_out + names_in) if per_layer else fp32, threads, custom_ops=False)
+    fp32_sess = session(_with_outputs(fp32_sums, names_out + names_in) if per_layer else fp32, threads, custom_ops=False)
     q_sess = session(_with_outputs(conv, names_out) if per_layer else conv, threads)
     base_fp32 = session(fp32, threads, custom_ops=False) if per_layer else fp32_sess
     base_q = session(conv, threads) if per_layer else q_sess
