@@ -874,6 +874,59 @@ def residual_block(d=32, x_dims=("b", "s")):
     return model(nodes, [_vi("x", [*x_dims, d])], [_vi("out", [*x_dims, d])], inits)
 
 
+def decomposed_ln_block(opset, d=32, beta=True, pow_exp=2.0):
+    """x -> MatMul + bias -> Add x -> LayerNorm as PyTorch exports it below opset 17 (ReduceMean,
+    Sub, Pow, ReduceMean, Add eps, Sqrt, Div, Mul, Add) -> y; ReduceMean's axes as the
+    attribute, or from opset 18 as an input."""
+    r = np.random.default_rng(12)
+    inits = [numpy_helper.from_array(f32(d, d), "w"), numpy_helper.from_array(f32(d), "b"),
+             numpy_helper.from_array((1 + 0.1 * r.standard_normal(d)).astype(np.float32), "g"),
+             numpy_helper.from_array((0.1 * r.standard_normal(d)).astype(np.float32), "be"),
+             numpy_helper.from_array(np.array(pow_exp, np.float32), "two"), numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+
+    def mean(i, o):
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [i, "axes"], [o], keepdims=1)
+        return helper.make_node("ReduceMean", [i], [o], axes=[-1], keepdims=1)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Add", ["h", "b"], ["hb"]),
+        helper.make_node("Add", ["hb", "x"], ["r"]),
+        mean("r", "m"),
+        helper.make_node("Sub", ["r", "m"], ["dlt"]),
+        helper.make_node("Pow", ["dlt", "two"], ["sq"]),
+        mean("sq", "var"),
+        helper.make_node("Add", ["var", "eps"], ["ve"]),
+        helper.make_node("Sqrt", ["ve"], ["sd"]),
+        helper.make_node("Div", ["dlt", "sd"], ["nrm"]),
+        helper.make_node("Mul", ["nrm", "g"], ["y" if not beta else "yg"]),
+    ] + ([helper.make_node("Add", ["yg", "be"], ["y"])] if beta else [])
+    g = helper.make_graph(nodes, "g", [_vi("x", ["b", "s", d])], [_vi("y", ["b", "s", d])], inits)
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("dynq", 1)]
+    return helper.make_model(g, opset_imports=opsets, ir_version=8 if opset < 19 else 9)
+
+
+def test_layer_norm_exported_below_opset_17_is_folded():
+    """The layer norm nodes that PyTorch writes below opset 17 fold like LayerNormalization after a
+    residual (axes as the attribute or as an input, with or without the bias Add); the result
+    agrees with the float model's, and the evaluator measures the layer against the normalized
+    sum. A Pow other than 2 is not a layer norm and stays."""
+    x = f32(2, 7, 32, scale=1.0)
+    for opset, beta in ((13, True), (13, False), (18, True)):
+        m = decomposed_ln_block(opset, beta=beta)
+        q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+        onnx.checker.check_model(q)
+        assert [n.op_type for n in q.graph.node] == ["DynQMatMul"] and rep.converted[0].layer_norm, (opset, beta)
+        want = session(m, custom=False).run(None, {"x": x})[0]
+        assert cosine(session(q).run(None, {"x": x})[0], want) > 0.999
+        ev = evaluate(m, q, [{"x": x}])
+        assert ev.layers[0]["isolated_cosine"] > 0.999, ev.table()
+    q, rep = quantize_model(decomposed_ln_block(13, pow_exp=3.0), QuantizeOptions(smooth="off"))
+    assert "Sqrt" in [n.op_type for n in q.graph.node] and not rep.converted[0].layer_norm
+
+
 def test_residual_add_is_folded_only_when_shapes_match():
     """The skip-connection Add after a layer (after its bias and activation) becomes the op's
     residual input when shape inference proves both operands have one shape: the result is bit

@@ -3,14 +3,15 @@
 Each model is a chain of 1 to 4 layers over an input of rank 1 to 4, drawn from a seeded
 generator: MatMul or Gemm (transB, alpha, beta, C of several shapes), the weight as an
 initializer, behind an Identity, in a Constant node, as the Transpose of an [N, K] initializer
-or the Cast of one in the other float type, sometimes shared with an earlier layer;
-a bias Add in either operand order and of several broadcast shapes; an activation (ReLU, GELU
-as PyTorch's erf pattern or the Gelu op, tanh, SiLU); a residual Add in either order; a
-LayerNormalization; layers that read one input side by side (as Q, K and V do); the attention
-context joined from its heads before a layer, and a layer's output split into heads; tensors
-in the middle that are also graph outputs; nodes without names and tensors named as PyTorch
-names them. float32 and float16 models, opsets 13, 17 and 20. The options vary too:
-weight and activation granularity, activation type, 7-bit weights, grouping, smoothing.
+or the Cast of one in the other float type, sometimes shared with an earlier layer; a bias Add
+in either operand order and of several broadcast shapes; an activation (ReLU, GELU as
+PyTorch's erf pattern or the Gelu op, tanh, SiLU); a residual Add in either order; a
+LayerNormalization or its nodes as PyTorch exports it below opset 17; layers that read one
+input side by side (as Q, K and V do); the attention context joined from its heads before a
+layer, and a layer's output split into heads; tensors in the middle that are also graph
+outputs; nodes without names and tensors named as PyTorch names them. float32 and float16
+models, opsets 13, 17 and 20. The options vary too: weight and activation granularity,
+activation type, 7-bit weights, grouping, smoothing.
 
 For every model: the converter replaces every layer, the result passes the ONNX checker, loads
 in ONNX Runtime with the dynq library and gives, on inputs of two shapes (batch and sequence
@@ -161,14 +162,30 @@ def layer(b, x, rank, k, last):
     y = activation(b, y)
     if n == k and r.random() < 0.4:
         y = b.node("Add", [y, x] if r.random() < 0.5 else [x, y])
-    if n >= 16 and r.random() < 0.25 and b.opset >= 17:  # LayerNormalization is opset 17
+    if n >= 16 and r.random() < 0.25:
         # (Over a handful of values a layer norm divides by a near-zero spread and magnifies
         # the quantization error past any fixed bound; real layers normalize hundreds.)
         g = b.const(1 + r.standard_normal(n) * 0.1, "ln_g")
         with_bias = r.random() < 0.7 or ORT_VERSION < ORT_LN_WITHOUT_BIAS
-        ins = [y, g] + ([b.const(r.standard_normal(n) * 0.1, "ln_b")] if with_bias else [])
-        y = b.node("LayerNormalization", ins, axis=-1, epsilon=1e-5)
+        beta = b.const(r.standard_normal(n) * 0.1, "ln_b") if with_bias else None
+        if b.opset >= 17 and r.random() < 0.7:
+            y = b.node("LayerNormalization", [y, g] + ([beta] if beta else []), axis=-1, epsilon=1e-5)
+        else:
+            y = decomposed_layer_norm(b, y, g, beta)
     return y, n
+
+
+def decomposed_layer_norm(b, x, g, beta):
+    """PyTorch's LayerNorm below opset 17 (and the same nodes at any opset)."""
+    axes = {"axes": [-1]} if b.opset < 18 else {}
+    def mean(t):
+        ins = [t] if b.opset < 18 else [t, b.ints([-1])]
+        return b.node("ReduceMean", ins, keepdims=1, **axes)
+    d = b.node("Sub", [x, mean(x)])
+    v = mean(b.node("Pow", [d, b.scalar(2.0)]))
+    s = b.node("Sqrt", [b.node("Add", [v, b.scalar(1e-5)])])
+    y = b.node("Mul", [b.node("Div", [d, s]), g])
+    return b.node("Add", [y, beta]) if beta else y
 
 
 def side_by_side(b, x, rank, k):

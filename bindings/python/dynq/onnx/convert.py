@@ -510,6 +510,83 @@ def _match_layer_norm(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodePr
     return ln, params[0], params[1], eps
 
 
+def _reduces_last_axis(G: _Graph, node: onnx.NodeProto, x: str) -> bool:
+    """`node` is a ReduceMean of `x` over its last axis alone, keeping it (axes as the attribute,
+    or from opset 18 as a constant second input)."""
+    if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != x:
+        return False
+    if int(_attr(node, "keepdims", 1)) != 1:
+        return False
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        a = G.const(node.input[1])
+        axes = None if a is None else [int(v) for v in np.asarray(a).reshape(-1)]
+    if axes is None or len(axes) != 1:
+        return False
+    rank = G.ranks.get(x)
+    return int(axes[0]) == -1 or (rank is not None and int(axes[0]) == rank - 1)
+
+
+def _match_decomposed_layer_norm(G: _Graph, x: str, n: int):
+    """PyTorch's LayerNorm exported below opset 17, normalizing float `x` (N values per row):
+    ReduceMean -> Sub -> Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(scale) [->
+    Add(bias)], each node the only reader of what it reads but `x` and the difference. Returns
+    (its nodes, scale, bias or None, epsilon, output), the parameters as f32."""
+    if not G.internal(x) or G.shapes.get(x, (None,))[0] != onnx.TensorProto.FLOAT:
+        return None
+    cons = G.consumers.get(x, [])
+    if len(cons) != 2:
+        return None
+    rm = next((c for c in cons if _reduces_last_axis(G, c, x)), None)
+    sub = next((c for c in cons if c.op_type == "Sub" and c.domain in ("", "ai.onnx")), None)
+    if rm is None or sub is None or list(sub.input) != [x, rm.output[0]] or G.sole_consumer(rm.output[0]) is not sub:
+        return None
+    d = sub.output[0]
+    dc = G.consumers.get(d, [])
+    if not G.internal(d) or len(dc) != 2:
+        return None
+    sq = next((c for c in dc if c.op_type == "Pow" and c.input[0] == d and _close(_scalar(G.const(c.input[1])), 2.0, 0.0)), None)
+    div = next((c for c in dc if c.op_type == "Div" and c.input[0] == d), None)
+    if sq is None or div is None:
+        return None
+    rv = G.sole_consumer(sq.output[0])
+    if rv is None or not _reduces_last_axis(G, rv, sq.output[0]):
+        return None
+    add_eps = G.sole_consumer(rv.output[0])
+    if add_eps is None or add_eps.op_type != "Add":
+        return None
+    eps = _scalar(G.const(_other_input(add_eps, rv.output[0]) or ""))
+    sqrt = G.sole_consumer(add_eps.output[0])
+    if eps is None or not (np.isfinite(eps) and eps >= 0) or sqrt is None or sqrt.op_type != "Sqrt":
+        return None
+    if list(div.input) != [d, sqrt.output[0]] or G.sole_consumer(sqrt.output[0]) is not div:
+        return None
+    mul = G.sole_consumer(div.output[0])
+    if mul is None or mul.op_type != "Mul":
+        return None
+    nodes = [rm, sub, sq, rv, add_eps, sqrt, div, mul]
+    params = [G.const(_other_input(mul, div.output[0]) or "")]
+    out = mul.output[0]
+    add_b = G.sole_consumer(out)
+    if add_b is not None and add_b.op_type == "Add" and G.is_const(_other_input(add_b, out) or ""):
+        params.append(G.const(_other_input(add_b, out)))
+        nodes.append(add_b)
+        out = add_b.output[0]
+    else:
+        params.append(None)
+    if any(nd.domain not in ("", "ai.onnx") for nd in nodes):
+        return None
+    for i, v in enumerate(params):
+        if v is None:
+            continue
+        if v.dtype != np.float32 or v.size != n or v.shape[-1:] != (n,) or any(k != 1 for k in v.shape[:-1]) or not np.all(np.isfinite(v)):
+            return None
+        params[i] = np.ascontiguousarray(v.reshape(n), dtype=np.float32)
+    if params[0] is None:
+        return None
+    return nodes, params[0], params[1], float(eps), out
+
+
 def _match_bias_gelu(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray]]:
     """A following `com.microsoft.BiasGelu(out, bias)` (ONNX Runtime's optimizer writes a bias
     Add and an erf GELU that way) with a constant bias of N values: (node, bias as f32)."""
@@ -951,13 +1028,18 @@ def quantize_model(
             mr = _match_residual(G, out)
             # An Add of two layers' outputs is folded into the first of them only.
             if mr is not None and id(mr[0]) not in removed and id(mr[0]) not in replacement:
-                ml = _match_layer_norm(G, mr[0].output[0], n) if opts.fuse_layer_norm else None
-                residual = (*mr, ml)  # (the Add, the residual tensor, the layer norm or None)
+                ml = None
+                if opts.fuse_layer_norm:
+                    s_out = mr[0].output[0]
+                    m1 = _match_layer_norm(G, s_out, n)
+                    ml = ([m1[0]], *m1[1:], m1[0].output[0]) if m1 is not None else _match_decomposed_layer_norm(G, s_out, n)
+                # (the Add, the residual tensor, the layer norm's (nodes, scale, bias, epsilon) or None)
+                residual = (*mr, ml[:4] if ml is not None else None)
                 fused.append(mr[0])
                 out = mr[0].output[0]
                 if ml is not None:
-                    fused.append(ml[0])
-                    out = ml[0].output[0]
+                    fused.extend(ml[0])
+                    out = ml[4]
             elif opts.fuse_layer_norm:
                 ms = _match_skip_layer_norm(G, out, n)
                 # Its bias is added after the activation: folded only where there is none.

@@ -188,6 +188,19 @@ def _residual_name(node) -> Optional[str]:
     return node.input[5] if len(node.input) > 5 and node.input[5] else None
 
 
+def _decomposed_norm_input(producer, y: str) -> Optional[str]:
+    """The tensor that a layer norm exported below opset 17 ([Add(bias) <-] Mul(scale) <- Div <-
+    Sub(x, mean)) normalizes into `y`, or None."""
+    n = producer.get(y)
+    if n is not None and n.op_type == "Add":
+        n = next((producer.get(i) for i in n.input if producer.get(i) is not None and producer[i].op_type == "Mul"), None)
+    if n is None or n.op_type != "Mul":
+        return None
+    div = next((producer.get(i) for i in n.input if producer.get(i) is not None and producer[i].op_type == "Div"), None)
+    sub = producer.get(div.input[0]) if div is not None and div.input else None
+    return sub.input[0] if sub is not None and sub.op_type == "Sub" and sub.input else None
+
+
 def _pre_norm_names(fp32, layers) -> Tuple[Dict[int, str], onnx.ModelProto]:
     """For nodes with a folded layer norm (input 7): the fp32 model's tensor that its
     LayerNormalization normalized (the sum of the layer and its residual), by id(node); and the
@@ -203,6 +216,8 @@ def _pre_norm_names(fp32, layers) -> Tuple[Dict[int, str], onnx.ModelProto]:
             ln = producer.get(node.output[0])
             if ln is not None and ln.op_type == "LayerNormalization" and ln.input:
                 out[id(node)] = ln.input[0]
+            elif ln is not None and _decomposed_norm_input(producer, node.output[0]):
+                out[id(node)] = _decomposed_norm_input(producer, node.output[0])
             elif ln is not None and ln.op_type == "SkipLayerNormalization" and ln.domain == "com.microsoft":
                 if len(ln.output) < 4 or not ln.output[3]:
                     name = ln.output[0] + "_dynq_eval_sum"
