@@ -223,6 +223,17 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+@dataclass
+class _Derived:
+    """A constant computed from constant `src` when read: its transpose, or its cast to
+    `data_type`; `data_type` and `dims` are those of the result."""
+
+    src: str
+    op: str  # "transpose" or "cast"
+    data_type: int
+    dims: List[int]
+
+
 class _Graph:
     """Indexes of one graph: producers, consumers, constants."""
 
@@ -264,17 +275,19 @@ class _Graph:
                 if src in self.graph_inputs or not (src in self.inits or src in self.const_nodes):
                     continue
                 t = self.inits[src] if src in self.inits else self.const_nodes[src]
+                # Derived values are computed when read (`const`), not here: a large model has a
+                # Transpose per weight, and a copy of each would double its memory.
                 if n.op_type == "Transpose":
                     perm = [int(v) for v in _attr(n, "perm", [1, 0])]
                     if len(t.dims) != 2 or perm != [1, 0]:
                         continue
-                    t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(t).T))
+                    t = _Derived(src, "transpose", t.data_type, list(reversed(t.dims)))
                 elif n.op_type == "Cast":
                     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
                     to = _attr(n, "to")
                     if t.data_type not in floats or to not in floats:
                         continue
-                    t = numpy_helper.from_array(numpy_helper.to_array(t).astype(onnx.helper.tensor_dtype_to_np_dtype(to)))
+                    t = _Derived(src, "cast", int(to), list(t.dims))
                 self.alias[out] = self.alias.get(src, src)
                 self.const_nodes[out] = t
                 changed = True
@@ -309,7 +322,8 @@ class _Graph:
                 self.shapes[t.name] = (t.data_type, tuple(t.dims))
 
     def const(self, name: str) -> Optional[np.ndarray]:
-        """The value of a constant (initializer that is not a graph input, or Constant node)."""
+        """The value of a constant (initializer that is not a graph input, Constant node, or the
+        Identity, Transpose or Cast of one)."""
         if name in self.graph_inputs:
             return None
         t = self.inits.get(name)
@@ -317,6 +331,11 @@ class _Graph:
             t = self.const_nodes.get(name)
         if t is None:
             return None
+        if isinstance(t, _Derived):
+            v = self.const(t.src)
+            if v is None:
+                return None
+            return v.T if t.op == "transpose" else v.astype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
         return numpy_helper.to_array(t)
 
     def source_nbytes(self, name: str) -> int:
@@ -327,7 +346,10 @@ class _Graph:
         t = self.inits.get(root)
         if t is None:
             t = self.const_nodes.get(root)
-        return numpy_helper.to_array(t).nbytes if t is not None else 0
+        if t is None:
+            return 0
+        size = int(np.prod(list(t.dims), dtype=np.int64))
+        return size * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
 
     def first_use(self, name: str) -> bool:
         """True the first time a weight `name` is counted (a weight shared by several layers is
