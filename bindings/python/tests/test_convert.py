@@ -744,6 +744,112 @@ def test_outer_tensor_read_in_a_nested_subgraph_is_not_fused_away():
     assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999
 
 
+def merged_decoder_like(k=32, n=48):
+    """What a merged decoder export looks like: the whole network in both branches of an If
+    (with and without a cache), the weights outer initializers that both read; here each branch
+    is MatMul + bias + Relu -> MatMul, the second weight read through an Identity in one branch,
+    the else branch adding an outer tensor computed before the If."""
+    def branch(name, extra):
+        nodes = [
+            helper.make_node("MatMul", ["x", "w1"], [f"{name}_h"], name=f"{name}_fc1"),
+            helper.make_node("Add", [f"{name}_h", "b1"], [f"{name}_hb"], name=f"{name}_bias"),
+            helper.make_node("Relu", [f"{name}_hb"], [f"{name}_r"], name=f"{name}_relu"),
+        ]
+        w2 = "w2"
+        if extra:
+            nodes.append(helper.make_node("Identity", ["w2"], [f"{name}_w2"], name=f"{name}_id"))
+            w2 = f"{name}_w2"
+        nodes.append(helper.make_node("MatMul", [f"{name}_r", w2], [f"{name}_y0"], name=f"{name}_fc2"))
+        out = f"{name}_y0"
+        if extra:
+            nodes.append(helper.make_node("Add", [out, "x2"], [f"{name}_y"], name=f"{name}_plus"))
+            out = f"{name}_y"
+        return helper.make_graph(nodes, name, [], [_vi(out, ["b", k])])
+
+    inits = [numpy_helper.from_array(f32(k, n), "w1"), numpy_helper.from_array(f32(n), "b1"), numpy_helper.from_array(f32(n, k), "w2")]
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["x2"], name="square"),
+        helper.make_node("If", ["use_cache"], ["y"], name="branches", then_branch=branch("with_cache", False), else_branch=branch("no_cache", True)),
+    ]
+    return model(nodes, [_vi("x", ["b", k]), _vi("use_cache", [], TensorProto.BOOL)], [_vi("y", ["b", k])], inits)
+
+
+def test_layers_inside_if_branches_are_converted_and_share_weights():
+    """Both branches' layers are converted (bias and ReLU folded), their int8 weights stored once
+    in the outer graph, the fp32 weights gone; each branch computes what the float model does,
+    and the report says smoothing was not tried inside."""
+    m = merged_decoder_like()
+    q, rep = quantize_model(m)
+    onnx.checker.check_model(q)
+    assert sorted(r.name for r in rep.converted) == ["no_cache_fc1", "no_cache_fc2", "with_cache_fc1", "with_cache_fc2"]
+    assert all(r.activation == "relu" and r.bias for r in rep.converted if r.name.endswith("fc1"))
+    assert {t.name for t in q.graph.initializer}.isdisjoint({"w1", "b1", "w2"})
+    assert sum(t.data_type == TensorProto.INT8 for t in q.graph.initializer) == 2  # one per weight
+    for br in (q.graph.node[-1].attribute[0].g, q.graph.node[-1].attribute[1].g):
+        assert [n.op_type for n in br.node if n.op_type in ("MatMul", "Relu")] == [] and len(br.initializer) == 0
+    assert "not for the layers inside subgraphs" in rep.summary()
+    assert rep.fp32_weight_bytes == 2 * 32 * 48 * 4
+    x = f32(3, 32, scale=1.0)
+    for c in (True, False):
+        f = {"x": x, "use_cache": np.array(c)}
+        assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999, c
+
+
+def test_layers_inside_a_loop_body_are_converted():
+    """A Loop body whose layer reads an outer weight and its carried state: converted, and the
+    loop still computes the float model's result."""
+    k = 16
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["s_in", "w"], ["h"], name="body_fc"), helper.make_node("Tanh", ["h"], ["s_out"], name="t"),
+         helper.make_node("Identity", ["c_in"], ["c_out"], name="c")],
+        "body",
+        [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("s_in", ["b", k])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("s_out", ["b", k])],
+    )
+    m = model([helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="loop", body=body)],
+              [_vi("x", ["b", k]), _vi("trip", [], TensorProto.INT64), _vi("cond", [], TensorProto.BOOL)], [_vi("y", ["b", k])],
+              [numpy_helper.from_array(f32(k, k, scale=0.3), "w")])
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    onnx.checker.check_model(q)
+    assert [r.name for r in rep.converted] == ["body_fc"] and not any(t.name == "w" for t in q.graph.initializer)
+    f = {"x": f32(2, k, scale=1.0), "trip": np.array(4, np.int64), "cond": np.array(True)}
+    assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999
+
+
+def test_layers_in_an_if_inside_a_loop_body_are_converted():
+    """Two levels down (an If in a Loop body), reading an outer weight and the loop's state:
+    converted, the int8 weight in the top graph, and the same result as the float model; a body
+    that reads an outer tensor of unknown type is left alone, with the reason reported."""
+    k = 16
+    then = helper.make_graph([helper.make_node("MatMul", ["s_in", "w"], ["t"], name="inner_fc")], "then", [], [_vi("t", ["b", k])])
+    els = helper.make_graph([helper.make_node("Neg", ["s_in"], ["e"], name="neg")], "else", [], [_vi("e", ["b", k])])
+    body = helper.make_graph(
+        [helper.make_node("If", ["c_in"], ["s_out"], name="pick", then_branch=then, else_branch=els),
+         helper.make_node("Identity", ["c_in"], ["c_out"], name="c")],
+        "body",
+        [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("s_in", ["b", k])],
+        [_vi("c_out", [], TensorProto.BOOL), _vi("s_out", ["b", k])],
+    )
+    m = model([helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="loop", body=body)],
+              [_vi("x", ["b", k]), _vi("trip", [], TensorProto.INT64), _vi("cond", [], TensorProto.BOOL)], [_vi("y", ["b", k])],
+              [numpy_helper.from_array(f32(k, k, scale=0.3), "w")])
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    onnx.checker.check_model(q)
+    assert [r.name for r in rep.converted] == ["inner_fc"]
+    assert [t.data_type for t in q.graph.initializer if t.name.endswith("W_int8")] == [TensorProto.INT8]
+    for c in (True, False):
+        f = {"x": f32(2, k, scale=1.0), "trip": np.array(3, np.int64), "cond": np.array(c)}
+        assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999
+    # An outer tensor whose type nothing declares or infers (the output of an op shape inference
+    # does not know): the body is skipped with the reason.
+    m2 = model([helper.make_node("Unknown", ["x"], ["u"], name="mystery", domain="custom.domain"),
+                helper.make_node("If", ["cond"], ["y"], name="br", then_branch=helper.make_graph([helper.make_node("MatMul", ["u", "w"], ["t"], name="fc")], "t", [], [_vi("t", ["b", k])]),
+                                 else_branch=helper.make_graph([helper.make_node("Identity", ["u"], ["e"], name="id")], "e", [], [_vi("e", ["b", k])]))],
+               [_vi("x", ["b", k]), _vi("cond", [], TensorProto.BOOL)], [_vi("y", ["b", k])], [numpy_helper.from_array(f32(k, k), "w")])
+    q2, rep2 = quantize_model(m2, QuantizeOptions(smooth="off"))
+    assert not rep2.converted and any("unknown type (u)" in why for _, _, why in rep2.skipped), rep2.skipped
+
+
 def test_new_initializer_names_do_not_shadow_subgraph_names():
     """Tensors defined inside If branches named like the converter's new initializers: the new
     names must differ (ONNX allows one definition of a name across scopes)."""

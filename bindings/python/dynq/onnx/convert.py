@@ -858,9 +858,16 @@ def quantize_model(
     options: Optional[QuantizeOptions] = None,
     progress: bool = False,
     calibration_inputs: Optional[List[Dict[str, np.ndarray]]] = None,
+    _reserved: Optional[set] = None,
 ) -> Tuple[onnx.ModelProto, Report]:
     """Converts a model (a ModelProto or a path; external data is loaded) and returns the new
     model and a :class:`Report`. The input ModelProto is not modified.
+
+    Layers inside subgraphs (`If` branches, `Loop` and `Scan` bodies: a merged decoder keeps
+    its whole network in the two branches of an `If`) are converted too, without smoothing
+    (their activations cannot be asked of the float model); the int8 weights they share are
+    stored once, in the outer graph. (`_reserved`: names the new ones must not take, for the
+    conversion of a subgraph.)
 
     With ``options.smooth == "auto"`` the float model is run once (ONNX Runtime) on
     ``calibration_inputs`` (sample inputs keyed by input name), or on inputs generated from its
@@ -919,7 +926,7 @@ def quantize_model(
     removed = set()  # ids of nodes to drop
     replacement: Dict[int, List[onnx.NodeProto]] = {}  # id(node) -> nodes to put in its place
     new_inits: List[onnx.TensorProto] = []
-    used_names = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g)
+    used_names = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g) | (_reserved or set())
     node_names = {n.name for n in g.node if n.name}
     include = set(opts.include_nodes)
     exclude = set(opts.exclude_nodes)
@@ -1198,6 +1205,8 @@ def quantize_model(
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
     _remove_dead(model, dead_outputs, unused_inits)
+    if _convert_subgraphs(model, opts, report, used_names | {n for n in _subgraph_names(g)} | {t.name for t in g.initializer}):
+        _remove_dead(model, dead_outputs, unused_inits)
     if report.converted and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if report.embeddings and not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
@@ -1210,6 +1219,117 @@ def quantize_model(
     else:
         model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=opts.to_json()))
     return model, report
+
+
+def _graph_reads(g: onnx.GraphProto) -> Tuple[set, set]:
+    """(names read by the nodes of `g` and of its subgraphs, names defined in them: inputs,
+    initializers, node outputs)."""
+    reads, defined = set(), set()
+    for gg in [g, *_subgraphs(g)]:
+        defined.update(i.name for i in gg.input)
+        defined.update(t.name for t in gg.initializer)
+        for n in gg.node:
+            reads.update(i for i in n.input if i)
+            defined.update(o for o in n.output if o)
+        reads.update(o.name for o in gg.output)
+    return reads, defined
+
+
+def _rename_reads(g: onnx.GraphProto, names: Dict[str, str]):
+    """Replaces the names read by the nodes and outputs of `g` and of its subgraphs."""
+    for gg in [g, *_subgraphs(g)]:
+        for n in gg.node:
+            for i, x in enumerate(n.input):
+                if x in names:
+                    n.input[i] = names[x]
+
+
+def _convert_subgraphs(model: onnx.ModelProto, opts: QuantizeOptions, report: Report, reserved: set) -> bool:
+    """Converts the layers in the subgraphs of the top-level nodes of `model` (each body as a
+    model of its own, whose constants are the outer initializers it reads and whose inputs are
+    the other outer tensors it reads), in place; the new initializers move to the outer graph,
+    one copy per distinct content. Returns whether anything was converted."""
+    g = model.graph
+    subs = [(n, a) for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
+    if not subs:
+        return False
+    outer_inits = {t.name: t for t in g.initializer}
+    # Types of the outer tensors a body may read (from shape inference of the whole model).
+    types: Dict[str, onnx.ValueInfoProto] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            types[vi.name] = vi
+    except Exception:
+        pass
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        types.setdefault(vi.name, vi)
+    sub_opts = QuantizeOptions.from_json(opts.to_json())
+    sub_opts.smooth = "off"
+    changed = False
+    by_content: Dict[Tuple, str] = {}  # the new initializers moved out, by content
+    fp32_seen = set()
+    for node, attr in subs:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for body in bodies:
+            reads, defined = _graph_reads(body)
+            free = sorted(reads - defined)
+            consts = [n for n in free if n in outer_inits]
+            others = [n for n in free if n not in outer_inits]
+            if not any(nd.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") for gg in [body, *_subgraphs(body)] for nd in gg.node):
+                continue
+            untyped = [n for n in others if n not in types or not types[n].type.HasField("tensor_type")]
+            if untyped:
+                report.skipped.append((node.name, node.op_type, f"subgraph {body.name!r} reads outer tensors of unknown type ({untyped[0]}): not converted"))
+                continue
+            sg = onnx.GraphProto()
+            sg.CopyFrom(body)
+            sg.input.extend(types[n] for n in others)
+            sg.initializer.extend(outer_inits[n] for n in consts)
+            sm = helper.make_model(sg, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+            conv, rep = quantize_model(sm, sub_opts, _reserved=reserved)
+            if not rep.converted and not rep.embeddings:
+                report.skipped.extend(rep.skipped)
+                continue
+            cg = conv.graph
+            # The outer names are the outer graph's again; what the conversion added moves out.
+            keep_inputs = [i for i in cg.input if i.name not in set(others)]
+            del cg.input[:]
+            cg.input.extend(keep_inputs)
+            still_read, _ = _graph_reads(cg)
+            new_inits = [t for t in cg.initializer if t.name not in outer_inits and t.name not in {x.name for x in body.initializer}]
+            kept = [t for t in cg.initializer if t.name in {x.name for x in body.initializer}]
+            for name in consts:
+                # The weights the conversion replaced (2-D; biases are not counted, as above).
+                if name not in still_read and name not in fp32_seen and len(outer_inits[name].dims) == 2:
+                    fp32_seen.add(name)
+                    t = outer_inits[name]
+                    report.fp32_weight_bytes += int(np.prod(list(t.dims), dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            renames: Dict[str, str] = {}
+            for t in new_inits:
+                data = numpy_helper.to_array(t)
+                key = (t.data_type, tuple(t.dims), hashlib.blake2b(np.ascontiguousarray(data).tobytes(), digest_size=32).digest())
+                if key in by_content:
+                    renames[t.name] = by_content[key]
+                    if t.data_type == TensorProto.INT8:
+                        report.int8_weight_bytes -= data.size
+                else:
+                    by_content[key] = t.name
+                    g.initializer.append(t)
+            del cg.initializer[:]
+            cg.initializer.extend(kept)
+            _rename_reads(cg, renames)
+            cg.ClearField("value_info")
+            body.CopyFrom(cg)
+            reserved.update(_graph_reads(body)[1])
+            report.converted.extend(rep.converted)
+            report.skipped.extend(rep.skipped)
+            report.embeddings.extend(rep.embeddings)
+            report.int8_weight_bytes += rep.int8_weight_bytes
+            if opts.smooth == "auto" and not report.smooth_note:
+                report.smooth_note = "not for the layers inside subgraphs (the float model cannot be asked for their activations)"
+            changed = True
+    return changed
 
 
 def _check_weight_shape(k: int, n: int, opts: "QuantizeOptions"):
