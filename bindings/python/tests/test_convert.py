@@ -788,6 +788,26 @@ def test_layers_inside_if_branches_are_converted_and_share_weights():
     for br in (q.graph.node[-1].attribute[0].g, q.graph.node[-1].attribute[1].g):
         assert [n.op_type for n in br.node if n.op_type in ("MatMul", "Relu")] == [] and len(br.initializer) == 0
     assert "not for the layers inside subgraphs" in rep.summary()
+    # Branches whose nodes have the same names but different weights: the new names differ.
+    m2 = merged_decoder_like()
+    els = next(a.g for a in m2.graph.node[-1].attribute if a.name == "else_branch")
+    for n in els.node:
+        n.name = n.name.replace("no_cache", "with_cache")
+    m2.graph.initializer.append(numpy_helper.from_array(f32(32, 48), "w1b"))
+    for n in els.node:
+        n.input[:] = ["w1b" if i == "w1" else i for i in n.input]
+    q2, rep2 = quantize_model(m2, QuantizeOptions(smooth="off"))
+    onnx.checker.check_model(q2)
+    names = [t.name for t in q2.graph.initializer]
+    assert len(names) == len(set(names)) and sum(t.data_type == TensorProto.INT8 for t in q2.graph.initializer) == 3
+    for c in (True, False):
+        f = {"x": f32(3, 32, scale=1.0), "use_cache": np.array(c)}
+        assert cosine(session(m2, custom=False).run(None, f)[0], session(q2).run(None, f)[0]) > 0.999, c
+    # A weight that is also a graph input (a default the caller may override) is not a constant.
+    m3 = merged_decoder_like()
+    m3.graph.input.append(_vi("w2", [48, 32]))
+    _, rep3 = quantize_model(m3, QuantizeOptions(smooth="off"))
+    assert sorted(r.name for r in rep3.converted) == ["no_cache_fc1", "with_cache_fc1"]
     assert rep.fp32_weight_bytes == 2 * 32 * 48 * 4
     x = f32(3, 32, scale=1.0)
     for c in (True, False):

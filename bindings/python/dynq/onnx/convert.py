@@ -1253,7 +1253,9 @@ def _convert_subgraphs(model: onnx.ModelProto, opts: QuantizeOptions, report: Re
     subs = [(n, a) for n in g.node for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
     if not subs:
         return False
-    outer_inits = {t.name: t for t in g.initializer}
+    # Initializers that are also graph inputs can be fed (defaults, not constants): like the
+    # outer graph's own layers, the bodies' layers that read them stay.
+    outer_inits = {t.name: t for t in g.initializer if t.name not in {i.name for i in g.input}}
     # Types of the outer tensors a body may read (from shape inference of the whole model).
     types: Dict[str, onnx.ValueInfoProto] = {}
     try:
@@ -1316,6 +1318,7 @@ def _convert_subgraphs(model: onnx.ModelProto, opts: QuantizeOptions, report: Re
                 else:
                     by_content[key] = t.name
                     g.initializer.append(t)
+                    reserved.add(t.name)
             del cg.initializer[:]
             cg.initializer.extend(kept)
             _rename_reads(cg, renames)
