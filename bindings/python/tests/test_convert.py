@@ -774,6 +774,25 @@ def merged_decoder_like(k=32, n=48):
     return model(nodes, [_vi("x", ["b", k]), _vi("use_cache", [], TensorProto.BOOL)], [_vi("y", ["b", k])], inits)
 
 
+def test_evaluator_measures_a_folded_layer_against_its_own_output():
+    """A float16 layer whose output is small beside its residual: `(r + p) - r` in float16 keeps
+    none of `p`, so the evaluator measures the layer alone against the float model's tensor
+    before the residual Add instead (it exists there): the layer's figure is then its own."""
+    skip_without_f16_op()
+    d = 32
+    inits = [numpy_helper.from_array((0.02 * np.random.default_rng(3).standard_normal((d, d))).astype(np.float16), "w"),
+             numpy_helper.from_array(np.array(1000, np.float16), "big")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["p"], name="fc"), helper.make_node("Mul", ["x", "big"], ["r"], name="scale"),
+             helper.make_node("Add", ["p", "r"], ["y"], name="res")]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT16, ["b", d])  # noqa: E731
+    m = model(nodes, [vi("x")], [vi("y")], inits)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert rep.converted[0].residual == "r"
+    x = np.random.default_rng(4).standard_normal((8, d)).astype(np.float16)
+    ev = evaluate(m, q, [{"x": x}])
+    assert ev.layers[0]["isolated_cosine"] > 0.999, ev.table()
+
+
 def test_layers_inside_if_branches_are_converted_and_share_weights():
     """Both branches' layers are converted (bias and ReLU folded), their int8 weights stored once
     in the outer graph, the fp32 weights gone; each branch computes what the float model does,

@@ -201,6 +201,28 @@ def _decomposed_norm_input(producer, y: str) -> Optional[str]:
     return sub.input[0] if sub is not None and sub.op_type == "Sub" and sub.input else None
 
 
+def _pre_residual_names(fp32, layers, pre_norm: Dict[int, str]) -> Dict[int, str]:
+    """For nodes with a folded residual Add: the fp32 model's tensor that the Add added the
+    residual to (the layer's own output, before the residual), by id(node). Measuring the layer
+    against it rather than against the sum less the residual avoids the cancellation of
+    `(r + p) - r` when the residual is much larger than the layer's output (in float16 models
+    that left a few bits of `p`)."""
+    producer = {o: n for n in fp32.graph.node for o in n.output if o}
+    out = {}
+    for node, *_ in layers:
+        rn = _residual_name(node)
+        if not rn:
+            continue
+        s = pre_norm.get(id(node), node.output[0])
+        add = producer.get(s)
+        if add is None or add.op_type != "Add" or len(add.input) != 2 or rn not in add.input:
+            continue
+        other = add.input[1] if add.input[0] == rn else add.input[0]
+        if other and other != rn:
+            out[id(node)] = other
+    return out
+
+
 def _pre_norm_names(fp32, layers) -> Tuple[Dict[int, str], onnx.ModelProto]:
     """For nodes with a folded layer norm (input 7): the fp32 model's tensor that its
     LayerNormalization normalized (the sum of the layer and its residual), by id(node); and the
@@ -385,7 +407,8 @@ def evaluate(
     names_in = list(dict.fromkeys(n.input[0] for n, *_ in layers))
     names_in += [r for r in (_residual_name(n) for n, *_ in layers) if r and r not in names_in]
     pre_norm, fp32_sums = _pre_norm_names(fp32, layers)
-    names_in += [t for t in dict.fromkeys(pre_norm.values()) if t not in names_in]
+    pre_res = _pre_residual_names(fp32, layers, pre_norm)
+    names_in += [t for t in dict.fromkeys(list(pre_norm.values()) + list(pre_res.values())) if t not in names_in]
     ev = Evaluation(samples=len(feeds_list))
     fp32_sess = session(_with_outputs(fp32_sums, names_out + names_in) if per_layer else fp32, threads, custom_ops=False)
     q_sess = session(_with_outputs(conv, names_out) if per_layer else conv, threads)
@@ -421,8 +444,12 @@ def evaluate(
                 # A folded skip connection: the layer's own error is judged against the layer's
                 # own output (without the residual both sides share), so that mixed precision
                 # ranks it like the unfolded layer; with a folded layer norm, against the sum
-                # that the fp32 model normalized, less the residual.
-                if id(node) in pre_norm:
+                # that the fp32 model normalized, less the residual. Where the fp32 model has the
+                # layer's output before the residual as a tensor of its own, against that.
+                pre_own = a.get(pre_res[id(node)]) if id(node) in pre_res else None
+                if pre_own is not None and np.shape(pre_own) == np.shape(iso_out):
+                    iso[key].append(metrics(pre_own, iso_out))
+                elif id(node) in pre_norm:
                     pre = a.get(pre_norm[id(node)])
                     if pre is None or r is None:
                         continue
