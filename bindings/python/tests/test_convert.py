@@ -834,20 +834,26 @@ def test_layers_inside_if_branches_are_converted_and_share_weights():
         assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999, c
 
 
-def test_layers_inside_a_loop_body_are_converted():
-    """A Loop body whose layer reads an outer weight and its carried state: converted, and the
-    loop still computes the float model's result."""
-    k = 16
+def loop_model(k, body_nodes):
+    """x ([b, k]) -> Loop(trip, cond) whose body turns the state s_in into s_out with
+    `body_nodes` (the condition passed on as it is); the weight "w" ([k, k]) an outer
+    initializer."""
     body = helper.make_graph(
-        [helper.make_node("MatMul", ["s_in", "w"], ["h"], name="body_fc"), helper.make_node("Tanh", ["h"], ["s_out"], name="t"),
-         helper.make_node("Identity", ["c_in"], ["c_out"], name="c")],
+        body_nodes + [helper.make_node("Identity", ["c_in"], ["c_out"], name="c")],
         "body",
         [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("s_in", ["b", k])],
         [_vi("c_out", [], TensorProto.BOOL), _vi("s_out", ["b", k])],
     )
-    m = model([helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="loop", body=body)],
-              [_vi("x", ["b", k]), _vi("trip", [], TensorProto.INT64), _vi("cond", [], TensorProto.BOOL)], [_vi("y", ["b", k])],
-              [numpy_helper.from_array(f32(k, k, scale=0.3), "w")])
+    return model([helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="loop", body=body)],
+                 [_vi("x", ["b", k]), _vi("trip", [], TensorProto.INT64), _vi("cond", [], TensorProto.BOOL)], [_vi("y", ["b", k])],
+                 [numpy_helper.from_array(f32(k, k, scale=0.3), "w")])
+
+
+def test_layers_inside_a_loop_body_are_converted():
+    """A Loop body whose layer reads an outer weight and its carried state: converted, and the
+    loop still computes the float model's result."""
+    k = 16
+    m = loop_model(k, [helper.make_node("MatMul", ["s_in", "w"], ["h"], name="body_fc"), helper.make_node("Tanh", ["h"], ["s_out"], name="t")])
     q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
     onnx.checker.check_model(q)
     assert [r.name for r in rep.converted] == ["body_fc"] and not any(t.name == "w" for t in q.graph.initializer)
@@ -862,16 +868,7 @@ def test_layers_in_an_if_inside_a_loop_body_are_converted():
     k = 16
     then = helper.make_graph([helper.make_node("MatMul", ["s_in", "w"], ["t"], name="inner_fc")], "then", [], [_vi("t", ["b", k])])
     els = helper.make_graph([helper.make_node("Neg", ["s_in"], ["e"], name="neg")], "else", [], [_vi("e", ["b", k])])
-    body = helper.make_graph(
-        [helper.make_node("If", ["c_in"], ["s_out"], name="pick", then_branch=then, else_branch=els),
-         helper.make_node("Identity", ["c_in"], ["c_out"], name="c")],
-        "body",
-        [_vi("i", [], TensorProto.INT64), _vi("c_in", [], TensorProto.BOOL), _vi("s_in", ["b", k])],
-        [_vi("c_out", [], TensorProto.BOOL), _vi("s_out", ["b", k])],
-    )
-    m = model([helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="loop", body=body)],
-              [_vi("x", ["b", k]), _vi("trip", [], TensorProto.INT64), _vi("cond", [], TensorProto.BOOL)], [_vi("y", ["b", k])],
-              [numpy_helper.from_array(f32(k, k, scale=0.3), "w")])
+    m = loop_model(k, [helper.make_node("If", ["c_in"], ["s_out"], name="pick", then_branch=then, else_branch=els)])
     q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
     onnx.checker.check_model(q)
     assert [r.name for r in rep.converted] == ["inner_fc"]

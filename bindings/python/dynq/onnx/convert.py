@@ -223,6 +223,11 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _tensor_nbytes(t) -> int:
+    """Bytes of the values of a TensorProto (or a `_Derived`), from its dims and type."""
+    return int(np.prod(list(t.dims), dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
 @dataclass
 class _Derived:
     """A constant computed from constant `src` when read: its transpose, or its cast to
@@ -346,10 +351,7 @@ class _Graph:
         t = self.inits.get(root)
         if t is None:
             t = self.const_nodes.get(root)
-        if t is None:
-            return 0
-        size = int(np.prod(list(t.dims), dtype=np.int64))
-        return size * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        return _tensor_nbytes(t) if t is not None else 0
 
     def first_use(self, name: str) -> bool:
         """True the first time a weight `name` is counted (a weight shared by several layers is
@@ -419,6 +421,18 @@ def _other_input(node: onnx.NodeProto, name: str) -> Optional[str]:
     return ins[1] if ins[0] == name else ins[0]
 
 
+def _f32_vector(v: Optional[np.ndarray], n: int, broadcast: bool = False) -> Optional[np.ndarray]:
+    """Constant `v` as f32 [n] when it holds N finite float or float16 values (with `broadcast`:
+    shaped [..., 1, N], an operand broadcast along the last axis only), else None."""
+    if v is None or v.dtype not in (np.float32, np.float16) or v.size != n:
+        return None
+    if broadcast and (v.shape[-1:] != (n,) or any(d != 1 for d in v.shape[:-1])):
+        return None
+    if not np.all(np.isfinite(v)):
+        return None
+    return np.ascontiguousarray(v.reshape(n), dtype=np.float32)
+
+
 def _match_bias(G: _Graph, out: str, n: int, x_name: str) -> Optional[Tuple[onnx.NodeProto, np.ndarray]]:
     """A following `Add(out, const)` whose constant is a bias of N values broadcast along the last
     axis only (and does not raise the rank of the result)."""
@@ -429,15 +443,14 @@ def _match_bias(G: _Graph, out: str, n: int, x_name: str) -> Optional[Tuple[onnx
     if other is None:
         return None
     b = G.const(other)
-    if b is None or b.dtype not in (np.float32, np.float16) or b.size != n or b.shape[-1:] != (n,):
+    vec = _f32_vector(b, n, broadcast=True)  # a non-finite bias stays an Add: the op refuses it
+    if vec is None:
         return None
-    if not np.all(np.isfinite(b.astype(np.float32))):
-        return None  # left as an Add: the op refuses a non-finite bias
     if b.ndim > 1:
         xr = G.ranks.get(x_name)
-        if any(d != 1 for d in b.shape[:-1]) or xr is None or xr < b.ndim:
+        if xr is None or xr < b.ndim:
             return None
-    return add, b.reshape(n).astype(np.float32)
+    return add, vec
 
 
 def _match_residual(G: _Graph, out: str) -> Optional[Tuple[onnx.NodeProto, str]]:
@@ -494,11 +507,11 @@ def _match_input_heads(G: _Graph, x: str, k: int) -> Optional[str]:
     return ctx
 
 
-def _match_layer_norm(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray, Optional[np.ndarray], float]]:
+def _match_layer_norm(G: _Graph, out: str, n: int) -> Optional[Tuple[List[onnx.NodeProto], np.ndarray, Optional[np.ndarray], float, str]]:
     """A following `LayerNormalization` of `out` over its last axis alone (N values), computed in
     f32 (`stash_type` 1), with constant scale and bias of N values and only its first output
-    used: (node, scale, bias or None, epsilon), the scale and bias as f32 (an f16 model's widen
-    exactly)."""
+    used: ([node], scale, bias or None, epsilon, output), the scale and bias as f32 (an f16
+    model's widen exactly), as `_match_decomposed_layer_norm` gives them."""
     ln = G.sole_consumer(out)
     if ln is None or ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx") or ln.input[0] != out:
         return None
@@ -512,24 +525,18 @@ def _match_layer_norm(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodePr
         return None
     if len(ln.input) < 2 or not ln.input[1]:
         return None
-    gamma = G.const(ln.input[1])
-    beta = G.const(ln.input[2]) if len(ln.input) > 2 and ln.input[2] else None
-    if len(ln.input) > 2 and ln.input[2] and beta is None:
-        return None
-    params = []
-    for v in (gamma, beta):
-        if v is None:
-            params.append(None)
-            continue
-        if v.dtype not in (np.float32, np.float16) or v.size != n or not np.all(np.isfinite(v)):
+    gamma = _f32_vector(G.const(ln.input[1]), n)
+    beta = None
+    if len(ln.input) > 2 and ln.input[2]:
+        beta = _f32_vector(G.const(ln.input[2]), n)
+        if beta is None:
             return None
-        params.append(np.ascontiguousarray(v.reshape(n), dtype=np.float32))
-    if params[0] is None:
+    if gamma is None:
         return None
     eps = float(_attr(ln, "epsilon", 1e-5))
     if not (np.isfinite(eps) and eps >= 0):
         return None
-    return ln, params[0], params[1], eps
+    return [ln], gamma, beta, eps, ln.output[0]
 
 
 def _reduces_last_axis(G: _Graph, node: onnx.NodeProto, x: str) -> bool:
@@ -587,26 +594,19 @@ def _match_decomposed_layer_norm(G: _Graph, x: str, n: int):
     if mul is None or mul.op_type != "Mul":
         return None
     nodes = [rm, sub, sq, rv, add_eps, sqrt, div, mul]
-    params = [G.const(_other_input(mul, div.output[0]) or "")]
+    gamma = _f32_vector(G.const(_other_input(mul, div.output[0]) or ""), n, broadcast=True)
+    beta = None
     out = mul.output[0]
     add_b = G.sole_consumer(out)
     if add_b is not None and add_b.op_type == "Add" and G.is_const(_other_input(add_b, out) or ""):
-        params.append(G.const(_other_input(add_b, out)))
+        beta = _f32_vector(G.const(_other_input(add_b, out)), n, broadcast=True)
+        if beta is None:
+            return None
         nodes.append(add_b)
         out = add_b.output[0]
-    else:
-        params.append(None)
-    if any(nd.domain not in ("", "ai.onnx") for nd in nodes):
+    if gamma is None or any(nd.domain not in ("", "ai.onnx") for nd in nodes):
         return None
-    for i, v in enumerate(params):
-        if v is None:
-            continue
-        if v.dtype != np.float32 or v.size != n or v.shape[-1:] != (n,) or any(k != 1 for k in v.shape[:-1]) or not np.all(np.isfinite(v)):
-            return None
-        params[i] = np.ascontiguousarray(v.reshape(n), dtype=np.float32)
-    if params[0] is None:
-        return None
-    return nodes, params[0], params[1], float(eps), out
+    return nodes, gamma, beta, float(eps), out
 
 
 def _match_bias_gelu(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray]]:
@@ -615,12 +615,8 @@ def _match_bias_gelu(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodePro
     c = G.sole_consumer(out)
     if c is None or c.op_type != "BiasGelu" or c.domain != "com.microsoft" or len(c.input) != 2 or c.input[0] != out:
         return None
-    b = G.const(c.input[1])
-    if b is None or b.dtype not in (np.float32, np.float16) or b.size != n or b.shape[-1:] != (n,) or any(d != 1 for d in b.shape[:-1]):
-        return None
-    if not np.all(np.isfinite(b.astype(np.float32))):
-        return None
-    return c, b.reshape(n).astype(np.float32)
+    b = _f32_vector(G.const(c.input[1]), n, broadcast=True)
+    return (c, b) if b is not None else None
 
 
 def _match_skip_layer_norm(G: _Graph, out: str, n: int):
@@ -647,10 +643,10 @@ def _match_skip_layer_norm(G: _Graph, out: str, n: int):
         if len(c.input) <= i or not c.input[i]:
             params.append(None)
             continue
-        v = G.const(c.input[i])
-        if v is None or v.dtype not in (np.float32, np.float16) or v.size != n or not np.all(np.isfinite(v)):
+        v = _f32_vector(G.const(c.input[i]), n)
+        if v is None:
             return None
-        params.append(np.ascontiguousarray(v.reshape(n), dtype=np.float32))
+        params.append(v)
     if params[0] is None:
         return None
     return c, c.input[1], params[0], params[1], params[2], eps
@@ -1060,8 +1056,7 @@ def quantize_model(
                 ml = None
                 if opts.fuse_layer_norm:
                     s_out = mr[0].output[0]
-                    m1 = _match_layer_norm(G, s_out, n)
-                    ml = ([m1[0]], *m1[1:], m1[0].output[0]) if m1 is not None else _match_decomposed_layer_norm(G, s_out, n)
+                    ml = _match_layer_norm(G, s_out, n) or _match_decomposed_layer_norm(G, s_out, n)
                 # (the Add, the residual tensor, the layer norm's (nodes, scale, bias, epsilon) or None)
                 residual = (*mr, ml[:4] if ml is not None else None)
                 fused.append(mr[0])
@@ -1076,7 +1071,7 @@ def quantize_model(
                     sln, skip, gamma, beta, sbias, eps = ms
                     if sbias is not None:
                         bias = sbias if bias is None else (bias + sbias).astype(np.float32)
-                    residual = (sln, skip, (sln, gamma, beta, eps))
+                    residual = (sln, skip, ([sln], gamma, beta, eps))
                     fused.append(sln)
                     out = sln.output[0]
         if residual is None and opts.fuse_heads and heads_ok:
@@ -1295,18 +1290,18 @@ def _convert_subgraphs(model: onnx.ModelProto, opts: QuantizeOptions, report: Re
                 continue
             cg = conv.graph
             # The outer names are the outer graph's again; what the conversion added moves out.
-            keep_inputs = [i for i in cg.input if i.name not in set(others)]
+            outer_inputs, own_inits = set(others), {x.name for x in body.initializer}
+            keep_inputs = [i for i in cg.input if i.name not in outer_inputs]
             del cg.input[:]
             cg.input.extend(keep_inputs)
             still_read, _ = _graph_reads(cg)
-            new_inits = [t for t in cg.initializer if t.name not in outer_inits and t.name not in {x.name for x in body.initializer}]
-            kept = [t for t in cg.initializer if t.name in {x.name for x in body.initializer}]
+            new_inits = [t for t in cg.initializer if t.name not in outer_inits and t.name not in own_inits]
+            kept = [t for t in cg.initializer if t.name in own_inits]
             for name in consts:
                 # The weights the conversion replaced (2-D; biases are not counted, as above).
                 if name not in still_read and name not in fp32_seen and len(outer_inits[name].dims) == 2:
                     fp32_seen.add(name)
-                    t = outer_inits[name]
-                    report.fp32_weight_bytes += int(np.prod(list(t.dims), dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                    report.fp32_weight_bytes += _tensor_nbytes(outer_inits[name])
             renames: Dict[str, str] = {}
             for t in new_inits:
                 data = numpy_helper.to_array(t)

@@ -238,8 +238,8 @@ def _pre_norm_names(fp32, layers) -> Tuple[Dict[int, str], onnx.ModelProto]:
             ln = producer.get(node.output[0])
             if ln is not None and ln.op_type == "LayerNormalization" and ln.input:
                 out[id(node)] = ln.input[0]
-            elif ln is not None and _decomposed_norm_input(producer, node.output[0]):
-                out[id(node)] = _decomposed_norm_input(producer, node.output[0])
+            elif ln is not None and (pre := _decomposed_norm_input(producer, node.output[0])):
+                out[id(node)] = pre
             elif ln is not None and ln.op_type == "SkipLayerNormalization" and ln.domain == "com.microsoft":
                 if len(ln.output) < 4 or not ln.output[3]:
                     name = ln.output[0] + "_dynq_eval_sum"
