@@ -168,6 +168,12 @@ enum dynq_epilogue
   // GELU, erf form: 0.5 * y * (1 + erf(y / sqrt(2))), erf evaluated by dynq's own rational
   // approximation (error below 3.5e-7), identical on every CPU.
   DYNQ_EPILOGUE_GELU = 2,
+  // GELU, tanh form: 0.5 * y * (1 + tanh(sqrt(2 / pi) * (y + 0.044715 * y^3))), as GPT-2's
+  // `gelu_new`, ONNX `Gelu` with `approximate="tanh"` and ONNX Runtime's `FastGelu`; tanh
+  // evaluated by dynq's own rational approximation (error below 3.5e-7), identical on every
+  // CPU. (A library built before this value existed refuses it with
+  // DYNQ_STATUS_INVALID_ARGUMENT, as any unknown value.)
+  DYNQ_EPILOGUE_GELU_TANH = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

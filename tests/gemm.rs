@@ -61,6 +61,78 @@ fn erf_and_gelu_accuracy() {
     assert_eq!(dynq::gemm::gelu(0.0), 0.0);
 }
 
+/// The tanh GELU (GPT-2's `gelu_new`, ONNX Runtime's FastGelu) against the formula in f64.
+#[test]
+fn tanh_and_gelu_tanh_accuracy() {
+    let (mut max_tanh, mut max_gelu) = (0f64, 0f64);
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 6e-5;
+        let t = dynq::gemm::tanh(x) as f64;
+        max_tanh = max_tanh.max((t - (x as f64).tanh()).abs());
+        let xd = x as f64;
+        let want = 0.5 * xd * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd)).tanh());
+        let g = dynq::gemm::gelu_tanh(x) as f64;
+        max_gelu = max_gelu.max((g - want).abs() / xd.abs().max(1.0));
+    }
+    assert!(max_tanh <= 3.5e-7, "tanh max error {max_tanh}");
+    assert!(max_gelu <= 2.5e-7, "gelu_tanh max error / max(|x|, 1): {max_gelu}");
+    // Saturation is exact: 1 from the clamp on, so a large negative input gives exactly zero
+    // (not a tiny multiple of it) and a large positive one itself.
+    for x in [10.0f32, 11.5, 1e3, 1e30, f32::MAX, f32::INFINITY] {
+        assert_eq!(dynq::gemm::tanh(x), 1.0, "tanh({x})");
+        assert_eq!(dynq::gemm::tanh(-x), -1.0, "tanh(-{x})");
+    }
+    for x in [6.0f32, 100.0, 1e20, 3e38] {
+        assert_eq!(dynq::gemm::gelu_tanh(-x), 0.0, "gelu_tanh(-{x})");
+        assert_eq!(dynq::gemm::gelu_tanh(x), x, "gelu_tanh({x})");
+    }
+    assert_eq!(dynq::gemm::gelu_tanh(0.0), 0.0);
+    assert!(dynq::gemm::gelu_tanh(f32::NAN).is_nan());
+    // Distinct from the erf form (they differ by up to 4.7e-4, at |x| = 2.7).
+    assert!((dynq::gemm::gelu_tanh(2.7) - dynq::gemm::gelu(2.7)).abs() > 4e-4);
+}
+
+/// Every ISA's SIMD epilogue gives the scalar definition's bits over a dense sweep of its input,
+/// including saturation and huge magnitudes: the bias sets each output's value (the products are
+/// small), so the activations see every value the sweep lists, in every lane position.
+#[test]
+fn epilogue_activations_match_the_definition_on_a_dense_sweep() {
+    let (m, k) = (3, 8);
+    let mut sweep: Vec<f32> = (-24_000..=24_000).map(|i| i as f32 * 5e-4).collect();
+    for e in -30..=38 {
+        let v = 10f32.powi(e);
+        sweep.extend([v, -v, v * 3.3, -v * 3.3]);
+    }
+    sweep.extend([f32::MAX, -f32::MAX, f32::MIN_POSITIVE, -f32::MIN_POSITIVE, 0.0, -0.0]);
+    let n = sweep.len();
+    let mut rng = Rng(91);
+    let w = random(&mut rng, n * k, 1e-3);
+    let a = random(&mut rng, m * k, 1e-3);
+    for isa in isas_under_test() {
+        let pw =
+            PackedWeights::from_f32(&w, n, k, WeightLayout::NK, PackOptions { isa: Some(isa), ..Default::default() })
+                .unwrap();
+        let plain = run(&pw, &a, m, Some(&sweep), &opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1));
+        for (ep, f) in [
+            (Epilogue::Relu, dynq::gemm::relu as fn(f32) -> f32),
+            (Epilogue::Gelu, dynq::gemm::gelu),
+            (Epilogue::GeluTanh, dynq::gemm::gelu_tanh),
+        ] {
+            let o = GemmOptions { epilogue: ep, ..opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1) };
+            let got = run(&pw, &a, m, Some(&sweep), &o);
+            for (idx, (g, p)) in got.iter().zip(&plain).enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    f(*p).to_bits(),
+                    "{isa} {ep:?}: input {p} gives {g}, defined as {} (column {})",
+                    f(*p),
+                    idx % n
+                );
+            }
+        }
+    }
+}
+
 fn run(w: &PackedWeights, a: &[f32], m: usize, bias: Option<&[f32]>, o: &GemmOptions) -> Vec<f32> {
     let mut y = vec![0f32; m * w.n()];
     gemm(w, a, m, w.k(), bias, &mut y, w.n(), o).unwrap();
@@ -101,7 +173,7 @@ fn bit_identical_across_isas_and_threads() {
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "{isa} threads={threads} {m}x{n}x{k} {g:?} {t:?} qmax={qmax} differs from scalar");
                 }
-                for ep in [Epilogue::Relu, Epilogue::Gelu] {
+                for ep in [Epilogue::Relu, Epilogue::Gelu, Epilogue::GeluTanh] {
                     let o = GemmOptions { epilogue: ep, ..opts(g, t, 2) };
                     let want = run(&base, &a, m, Some(&bias), &GemmOptions { num_threads: 1, ..o });
                     let got = run(&pw, &a, m, Some(&bias), &o);
@@ -1194,7 +1266,7 @@ fn avx_vnni_stand_in_gemm_is_bit_identical() {
         assert_eq!(pw.kernel().name, twin.name);
         assert_eq!(pw.quantized_weights(), scalar.quantized_weights());
         for (g, t) in all_modes() {
-            for ep in [Epilogue::None, Epilogue::Relu, Epilogue::Gelu] {
+            for ep in [Epilogue::None, Epilogue::Relu, Epilogue::Gelu, Epilogue::GeluTanh] {
                 let o = GemmOptions { epilogue: ep, ..opts(g, t, 1) };
                 let want = run(&scalar, &a, m, Some(&bias), &o);
                 for threads in [1, 2, 3] {

@@ -100,7 +100,7 @@ fn micro_kernels_exact_on_guard_pages() {
                         let cs: Vec<i32> = (0..cols).map(|_| rng.below(20000) as i32 - 10000).collect();
                         let sw: Vec<f32> = (0..cols).map(|_| rng.f32().abs() * 0.02).collect();
                         let bias: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
-                        use dynq::Epilogue::{Gelu, None as Plain, Relu};
+                        use dynq::Epilogue::{Gelu, GeluTanh, None as Plain, Relu};
                         // The residual ends at a guard page too: the kernels' masked loads must
                         // not read past a partial panel's columns.
                         let ldr = cols + rng.below(3);
@@ -118,6 +118,8 @@ fn micro_kernels_exact_on_guard_pages() {
                             (true, Plain, true),
                             (false, Relu, true),
                             (true, Gelu, true),
+                            (true, GeluTanh, false),
+                            (false, GeluTanh, true),
                         ] {
                             let mut y = GuardBuf::<f32>::new((mr_eff - 1) * ldy + cols, f32::from_bits(0x7fc0_dead));
                             let ft = F32Tile {

@@ -87,6 +87,10 @@ const (
 	// EpilogueGELU is GELU in its erf form, 0.5 * y * (1 + erf(y / sqrt(2))), with dynq's own
 	// erf approximation (error below 3.5e-7), identical on every CPU.
 	EpilogueGELU Epilogue = C.DYNQ_EPILOGUE_GELU
+	// EpilogueGELUTanh is GELU in its tanh form (GPT-2's gelu_new, ONNX Runtime's FastGelu),
+	// 0.5 * y * (1 + tanh(sqrt(2/pi) * (y + 0.044715 * y^3))), with dynq's own tanh
+	// approximation (error below 3.5e-7), identical on every CPU.
+	EpilogueGELUTanh Epilogue = C.DYNQ_EPILOGUE_GELU_TANH
 )
 
 // ISA is a kernel family.

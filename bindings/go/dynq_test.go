@@ -129,8 +129,9 @@ func TestGemmMatchesReference(t *testing.T) {
 	}
 }
 
-// GELU uses dynq's own erf approximation, so it is compared with math.Erf within a tolerance,
-// applied to the output without epilogue (the value the epilogue receives).
+// GELU uses dynq's own erf and tanh approximations, so each form is compared with its formula
+// in float64 within a tolerance, applied to the output without epilogue (the value the epilogue
+// receives).
 func TestGELU(t *testing.T) {
 	r := rand.New(rand.NewSource(5))
 	n, k, m := 24, 40, 6
@@ -138,17 +139,39 @@ func TestGELU(t *testing.T) {
 	a := randomSlice(r, m*k, 2, 0)
 	bias := randomSlice(r, n, 1, 0)
 	plain := make([]float32, m*n)
-	gelu := make([]float32, m*n)
 	if err := p.Gemm(plain, a, bias, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Gemm(gelu, a, bias, &GemmOptions{Epilogue: EpilogueGELU}); err != nil {
-		t.Fatal(err)
+	forms := []struct {
+		name string
+		ep   Epilogue
+		f    func(x float64) float64
+	}{
+		{"erf", EpilogueGELU, func(x float64) float64 { return 0.5 * x * (1 + math.Erf(x/math.Sqrt2)) }},
+		{"tanh", EpilogueGELUTanh, func(x float64) float64 {
+			return 0.5 * x * (1 + math.Tanh(math.Sqrt(2/math.Pi)*(x+0.044715*x*x*x)))
+		}},
 	}
-	for i, x := range plain {
-		want := 0.5 * float64(x) * (1 + math.Erf(float64(x)/math.Sqrt2))
-		if diff := math.Abs(float64(gelu[i]) - want); diff > 2e-6*(1+math.Abs(want)) {
-			t.Fatalf("GELU(%v) = %v, expected %v (difference %g)", x, gelu[i], want, diff)
+	for _, form := range forms {
+		gelu := make([]float32, m*n)
+		if err := p.Gemm(gelu, a, bias, &GemmOptions{Epilogue: form.ep}); err != nil {
+			t.Fatal(err)
+		}
+		maxOther := 0.0
+		for i, x := range plain {
+			want := form.f(float64(x))
+			if diff := math.Abs(float64(gelu[i]) - want); diff > 2e-6*(1+math.Abs(want)) {
+				t.Fatalf("GELU %s form (%v) = %v, expected %v (difference %g)", form.name, x, gelu[i], want, diff)
+			}
+			for _, other := range forms {
+				if other.ep != form.ep {
+					maxOther = math.Max(maxOther, math.Abs(float64(gelu[i])-other.f(float64(x))))
+				}
+			}
+		}
+		// The two forms differ by up to 4.7e-4: the epilogue is the one asked for.
+		if maxOther < 5e-5 {
+			t.Fatalf("GELU %s form is within %g of the other form everywhere", form.name, maxOther)
 		}
 	}
 }

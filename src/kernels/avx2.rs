@@ -19,7 +19,7 @@
 //! the weights and picks it by itself; it refuses other weights for it.
 
 use super::{pack_panels, unpack_panels, DequantRow, F32Tile, Kernel, RowOps, ScaledRowOps, TileOut};
-use crate::gemm::{Epilogue, ERF_P, ERF_Q};
+use crate::gemm::{Epilogue, ERF_P, ERF_Q, GELU_TANH_A, GELU_TANH_B, TANH_CLAMP, TANH_P, TANH_Q};
 use crate::isa::Isa;
 use crate::quant::activations::{quantize_value, QParams};
 use crate::quant::ActType;
@@ -483,7 +483,7 @@ pub(crate) unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
 }
 
 /// The epilogue activation; the same operations, in the same order, as
-/// `crate::gemm::{relu, gelu}`.
+/// `crate::gemm::{relu, gelu, gelu_tanh}`.
 ///
 /// # Safety
 /// The CPU has AVX and FMA.
@@ -508,6 +508,21 @@ pub(crate) unsafe fn activate(v: __m256, act: Epilogue) -> __m256 {
             let e = _mm256_min_ps(_mm256_max_ps(e, set(-1.0)), set(1.0));
             let h = _mm256_mul_ps(v, set(0.5));
             _mm256_fmadd_ps(h, e, h)
+        }
+        Epilogue::GeluTanh => {
+            let set = _mm256_set1_ps;
+            let u = _mm256_mul_ps(v, _mm256_fmadd_ps(set(GELU_TANH_B), _mm256_mul_ps(v, v), set(GELU_TANH_A)));
+            let u = _mm256_min_ps(_mm256_max_ps(u, set(-TANH_CLAMP)), set(TANH_CLAMP));
+            let s = _mm256_mul_ps(u, u);
+            let (mut p, mut q) = (set(TANH_P[4]), set(TANH_Q[4]));
+            for i in (0..4).rev() {
+                p = _mm256_fmadd_ps(p, s, set(TANH_P[i]));
+                q = _mm256_fmadd_ps(q, s, set(TANH_Q[i]));
+            }
+            let th = _mm256_div_ps(_mm256_mul_ps(u, p), q);
+            let th = _mm256_min_ps(_mm256_max_ps(th, set(-1.0)), set(1.0));
+            let h = _mm256_mul_ps(v, set(0.5));
+            _mm256_fmadd_ps(h, th, h)
         }
     }
 }

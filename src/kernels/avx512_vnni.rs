@@ -14,7 +14,7 @@
 //! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
 
 use super::{pack_panels, unpack_panels, F32Tile, Kernel, RowOps, ScaledRowOps, TileOut};
-use crate::gemm::{Epilogue, ERF_P, ERF_Q};
+use crate::gemm::{Epilogue, ERF_P, ERF_Q, GELU_TANH_A, GELU_TANH_B, TANH_CLAMP, TANH_P, TANH_Q};
 use crate::isa::Isa;
 use crate::quant::ActType;
 use std::arch::x86_64::*;
@@ -300,14 +300,16 @@ unsafe fn deliver_f32<const W: usize>(acc: *const [__m512i; W], rows: usize, t: 
             (false, Epilogue::None) => deliver_rows::<W, false, 0>(acc, rows, t),
             (false, Epilogue::Relu) => deliver_rows::<W, false, 1>(acc, rows, t),
             (false, Epilogue::Gelu) => deliver_rows::<W, false, 2>(acc, rows, t),
+            (false, Epilogue::GeluTanh) => deliver_rows::<W, false, 3>(acc, rows, t),
             (true, Epilogue::None) => deliver_rows::<W, true, 0>(acc, rows, t),
             (true, Epilogue::Relu) => deliver_rows::<W, true, 1>(acc, rows, t),
             (true, Epilogue::Gelu) => deliver_rows::<W, true, 2>(acc, rows, t),
+            (true, Epilogue::GeluTanh) => deliver_rows::<W, true, 3>(acc, rows, t),
         }
     }
 }
 
-/// [`deliver_f32`] with the bias (`BIAS`) and the activation (`ACT`: 0 none, 1 ReLU, 2 GELU)
+/// [`deliver_f32`] with the bias (`BIAS`) and the activation (`ACT`: 0 none, 1 ReLU, 2 GELU, 3 tanh GELU)
 /// fixed.
 ///
 /// # Safety
@@ -322,7 +324,8 @@ unsafe fn deliver_rows<const W: usize, const BIAS: bool, const ACT: u8>(
     let act = match ACT {
         0 => Epilogue::None,
         1 => Epilogue::Relu,
-        _ => Epilogue::Gelu,
+        2 => Epilogue::Gelu,
+        _ => Epilogue::GeluTanh,
     };
     // SAFETY (whole body): the TileOut contract; masked lanes are neither read nor written.
     unsafe {
@@ -361,7 +364,7 @@ unsafe fn deliver_rows<const W: usize, const BIAS: bool, const ACT: u8>(
 }
 
 /// The epilogue activation; the same operations, in the same order, as
-/// `crate::gemm::{relu, gelu}`.
+/// `crate::gemm::{relu, gelu, gelu_tanh}`.
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
@@ -386,6 +389,21 @@ unsafe fn activate(v: __m512, act: Epilogue) -> __m512 {
             let e = _mm512_min_ps(_mm512_max_ps(e, set(-1.0)), set(1.0));
             let h = _mm512_mul_ps(v, set(0.5));
             _mm512_fmadd_ps(h, e, h)
+        }
+        Epilogue::GeluTanh => {
+            let set = _mm512_set1_ps;
+            let u = _mm512_mul_ps(v, _mm512_fmadd_ps(set(GELU_TANH_B), _mm512_mul_ps(v, v), set(GELU_TANH_A)));
+            let u = _mm512_min_ps(_mm512_max_ps(u, set(-TANH_CLAMP)), set(TANH_CLAMP));
+            let s = _mm512_mul_ps(u, u);
+            let (mut p, mut q) = (set(TANH_P[4]), set(TANH_Q[4]));
+            for i in (0..4).rev() {
+                p = _mm512_fmadd_ps(p, s, set(TANH_P[i]));
+                q = _mm512_fmadd_ps(q, s, set(TANH_Q[i]));
+            }
+            let th = _mm512_div_ps(_mm512_mul_ps(u, p), q);
+            let th = _mm512_min_ps(_mm512_max_ps(th, set(-1.0)), set(1.0));
+            let h = _mm512_mul_ps(v, set(0.5));
+            _mm512_fmadd_ps(h, th, h)
         }
     }
 }

@@ -43,6 +43,7 @@ pub enum Activation {
     None,
     Relu,
     Gelu,
+    GeluTanh,
 }
 
 /// The node's attributes.
@@ -83,7 +84,12 @@ pub fn parse_attrs(get: impl Fn(&str) -> Result<Option<String>, String>) -> Resu
             "activation",
             get("activation")?,
             Activation::None,
-            &[("none", Activation::None), ("relu", Activation::Relu), ("gelu", Activation::Gelu)],
+            &[
+                ("none", Activation::None),
+                ("relu", Activation::Relu),
+                ("gelu", Activation::Gelu),
+                ("gelu_tanh", Activation::GeluTanh),
+            ],
         )?,
         a_heads: pick("a_layout", get("a_layout")?, false, &[("rows", false), ("heads", true)])?,
     })
@@ -332,6 +338,7 @@ impl DynqKernel {
                 Activation::None => Epilogue::None,
                 Activation::Relu => Epilogue::Relu,
                 Activation::Gelu => Epilogue::Gelu,
+                Activation::GeluTanh => Epilogue::GeluTanh,
             },
             num_threads: 1, // not used: the work runs on ONNX Runtime's pool
         }
@@ -1036,6 +1043,8 @@ mod tests {
         assert_eq!(a.activation, Activation::None);
         let a = parse_attrs(|n: &str| Ok((n == "activation").then(|| "gelu".to_string()))).unwrap();
         assert_eq!(a.activation, Activation::Gelu);
+        let a = parse_attrs(|n: &str| Ok((n == "activation").then(|| "gelu_tanh".to_string()))).unwrap();
+        assert_eq!(a.activation, Activation::GeluTanh);
         let e = parse_attrs(|n: &str| Ok((n == "act_type").then(|| "int4".to_string()))).unwrap_err();
         assert!(e.contains("'act_type'") && e.contains("\"int4\"") && e.contains("\"symmetric_i8\""), "{e}");
     }

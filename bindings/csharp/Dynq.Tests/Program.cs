@@ -272,26 +272,37 @@ namespace Dynq.Tests
             }
         }
 
-        // GELU uses dynq's own erf approximation: compared with an erf of double precision
-        // within a tolerance, applied to the output without epilogue.
+        // GELU uses dynq's own erf and tanh approximations: each form is compared with its
+        // formula in double precision within a tolerance, applied to the output without
+        // epilogue, and must differ from the other form (they differ by up to 4.7e-4).
         private static void TestGelu()
         {
             Random r = new Random(5);
             int n = 24, k = 40, m = 6;
+            Func<double, double> erfForm = x => 0.5 * x * (1 + Erf(x / Math.Sqrt(2)));
+            Func<double, double> tanhForm = x => 0.5 * x * (1 + Math.Tanh(Math.Sqrt(2 / Math.PI) * (x + 0.044715 * x * x * x)));
             using (PackedWeights p = PackedWeights.Pack(RandomArray(r, n * k, 1f, 0f), n, k))
             {
                 float[] a = RandomArray(r, m * k, 2f, 0f);
                 float[] bias = RandomArray(r, n, 1f, 0f);
                 float[] plain = p.Forward(a, bias);
-                float[] gelu = p.Forward(a, bias, new GemmOptions { Epilogue = Epilogue.Gelu });
-                int bad = -1;
-                for (int i = 0; i < plain.Length && bad < 0; i++)
+                foreach (var form in new[] {
+                    Tuple.Create(Epilogue.Gelu, erfForm, tanhForm, "erf"),
+                    Tuple.Create(Epilogue.GeluTanh, tanhForm, erfForm, "tanh") })
                 {
-                    double want = 0.5 * plain[i] * (1 + Erf(plain[i] / Math.Sqrt(2)));
-                    if (Math.Abs(gelu[i] - want) > 2e-6 * (1 + Math.Abs(want))) bad = i;
+                    float[] gelu = p.Forward(a, bias, new GemmOptions { Epilogue = form.Item1 });
+                    int bad = -1;
+                    double maxOther = 0;
+                    for (int i = 0; i < plain.Length; i++)
+                    {
+                        double want = form.Item2(plain[i]);
+                        if (bad < 0 && Math.Abs(gelu[i] - want) > 2e-6 * (1 + Math.Abs(want))) bad = i;
+                        maxOther = Math.Max(maxOther, Math.Abs(gelu[i] - form.Item3(plain[i])));
+                    }
+                    Check(bad < 0, "GELU " + form.Item4 + " form epilogue matches its formula" +
+                        (bad < 0 ? "" : ": element " + bad + " GELU(" + plain[bad] + ") = " + gelu[bad]));
+                    Check(maxOther > 5e-5, "GELU " + form.Item4 + " form differs from the other form (by " + maxOther + ")");
                 }
-                Check(bad < 0, "GELU epilogue matches 0.5 y (1 + erf(y / sqrt 2))" +
-                    (bad < 0 ? "" : ": element " + bad + " GELU(" + plain[bad] + ") = " + gelu[bad]));
             }
         }
 

@@ -74,6 +74,10 @@ namespace Dynq
         /// <summary>GELU, erf form: 0.5 * y * (1 + erf(y / sqrt(2))), with dynq's own erf
         /// approximation (error below 3.5e-7), identical on every CPU.</summary>
         Gelu = 2,
+        /// <summary>GELU, tanh form (GPT-2's gelu_new, ONNX Runtime's FastGelu):
+        /// 0.5 * y * (1 + tanh(sqrt(2/pi) * (y + 0.044715 * y^3))), with dynq's own tanh
+        /// approximation (error below 3.5e-7), identical on every CPU.</summary>
+        GeluTanh = 3,
     }
 
     /// <summary>Element types of activations and outputs of the Gemm overloads on 16-bit data.

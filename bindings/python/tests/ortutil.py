@@ -79,6 +79,11 @@ def gelu(x):
     return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
 
 
+def gelu_tanh(x):
+    x = np.asarray(x, dtype=np.float64)
+    return (0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))).astype(np.float32)
+
+
 # The first ONNX Runtime whose custom-op schemas accept either output type (float or float16)
 # for one op name; older ones run DynQMatMul with float A only (and say so when given float16).
 ORT_F16_OP = (1, 19)

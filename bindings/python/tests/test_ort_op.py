@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import dynq
-from ortutil import ORT_EMPTY_MIDDLE_INPUT, ORT_F16_OP, ORT_VERSION, check_against_ort_int8, dynq_model, gelu, layer_norm_ref, model, session, skip_without_f16_op
+from ortutil import ORT_EMPTY_MIDDLE_INPUT, ORT_F16_OP, ORT_VERSION, check_against_ort_int8, dynq_model, gelu, gelu_tanh, layer_norm_ref, model, session, skip_without_f16_op
 
 RNG = np.random.default_rng(7)
 
@@ -23,7 +23,7 @@ def weights(k, n, seed=0):
 
 
 @pytest.mark.parametrize("a_shape", [(5,), (7, 5), (2, 3, 5), (2, 1, 3, 5)])
-@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh"])
 def test_op_matches_numpy_and_dynq(a_shape, activation):
     k = a_shape[-1]
     n = 9
@@ -41,19 +41,19 @@ def test_op_matches_numpy_and_dynq(a_shape, activation):
     ref = a.astype(np.float64) @ (q.astype(np.float64) * s) + b
     if activation == "relu":
         ref = np.maximum(ref, 0)
-    elif activation == "gelu":
-        ref = gelu(ref)
+    elif activation in ("gelu", "gelu_tanh"):
+        ref = {"gelu": gelu, "gelu_tanh": gelu_tanh}[activation](ref)
     err = np.abs(y - ref).max() / (np.abs(ref).max() + 1e-6)
     assert err < 0.02, err
-    if activation == "gelu":
-        # dynq's erf agrees with the exact one to ~3e-7.
-        exact = gelu(dynq.gemm(p, a, bias=b).astype(np.float64))
+    if activation in ("gelu", "gelu_tanh"):
+        # dynq's erf and tanh agree with the exact ones to ~3e-7.
+        exact = {"gelu": gelu, "gelu_tanh": gelu_tanh}[activation](dynq.gemm(p, a, bias=b).astype(np.float64))
         np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("act_type", ["asymmetric_u8", "symmetric_i8"])
 @pytest.mark.parametrize("gran", ["per_row", "per_tensor"])
-@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("rows,k,n", [(300, 256, 200), (1, 4096, 1536), (13, 64, 40)])
 def test_activation_modes_match_library(act_type, gran, activation, rows, k, n):
     # The first two are large enough (15M and 6M multiply-adds) to be split into parallel tasks
