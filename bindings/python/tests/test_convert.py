@@ -1682,3 +1682,135 @@ def test_smoothing_runs_on_float16_models_with_com_microsoft_ops():
     assert len(rep.converted) == 2
     x = f32(5, k, scale=1.0).astype(np.float16)
     assert cosine(session(m, custom=False).run(None, {"x": x})[0], session(q).run(None, {"x": x})[0]) > 0.999
+
+
+def _tanh_gelu_nodes(form, t="h", out="y"):
+    """A tanh GELU of `t` as `form` writes it: (nodes, constants as {name: value})."""
+    mk = helper.make_node
+    if form == "onnx_gelu_tanh":
+        return [mk("Gelu", [t], [out], approximate="tanh")], {}
+    if form == "fast_gelu":
+        return [mk("FastGelu", [t], [out], domain="com.microsoft")], {}
+    if form == "gpt2_gelu_new":
+        # 0.5 * x * (1.0 + tanh(sqrt(2 / pi) * (x + 0.044715 * pow(x, 3.0)))), as torch exports it.
+        return [
+            mk("Mul", ["half", t], ["g_hx"]),
+            mk("Pow", [t, "three"], ["g_p"]),
+            mk("Mul", ["g_p", "kappa"], ["g_kp"]),
+            mk("Add", [t, "g_kp"], ["g_s"]),
+            mk("Mul", ["beta", "g_s"], ["g_u"]),
+            mk("Tanh", ["g_u"], ["g_th"]),
+            mk("Add", ["one", "g_th"], ["g_a"]),
+            mk("Mul", ["g_hx", "g_a"], [out]),
+        ], {"half": 0.5, "three": 3.0, "kappa": 0.044715, "beta": (2 / np.pi) ** 0.5, "one": 1.0}
+    if form == "torch_gelu_tanh":
+        # F.gelu(x, approximate="tanh") exported below opset 20: x*x*x, and the halving last.
+        return [
+            mk("Mul", [t, t], ["g_sq"]),
+            mk("Mul", [t, "g_sq"], ["g_cube"]),
+            mk("Mul", ["kappa", "g_cube"], ["g_kc"]),
+            mk("Add", [t, "g_kc"], ["g_s"]),
+            mk("Mul", ["beta", "g_s"], ["g_u"]),
+            mk("Tanh", ["g_u"], ["g_th"]),
+            mk("Add", ["one", "g_th"], ["g_a"]),
+            mk("Mul", [t, "g_a"], ["g_m"]),
+            mk("Mul", ["half", "g_m"], [out]),
+        ], {"half": 0.5, "kappa": 0.044715, "beta": (2 / np.pi) ** 0.5, "one": 1.0}
+    raise ValueError(form)
+
+
+@pytest.mark.parametrize("elem", [np.float32, np.float16])
+@pytest.mark.parametrize("form", ["onnx_gelu_tanh", "fast_gelu", "fast_gelu_bias", "gpt2_gelu_new", "torch_gelu_tanh"])
+def test_tanh_gelu_is_fused(form, elem):
+    """The tanh GELU (GPT-2's gelu_new, PyTorch's approximate="tanh", ONNX Gelu(approximate=
+    "tanh"), ONNX Runtime's FastGelu with and without its bias) becomes the op's gelu_tanh
+    epilogue, every node of it removed, and the model's output stays that of the float model."""
+    if elem == np.float16:
+        skip_without_f16_op()
+    k, n = 48, 40
+    rng = np.random.default_rng(17)
+    w = (rng.standard_normal((k, n)) * 0.3).astype(elem)
+    b = rng.standard_normal(n).astype(elem)
+    if form == "fast_gelu_bias":
+        nodes, consts = [helper.make_node("FastGelu", ["h", "b"], ["y"], domain="com.microsoft")], {}
+    else:
+        nodes, consts = _tanh_gelu_nodes(form)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    inits += [numpy_helper.from_array(np.array(v, elem), nm) for nm, v in consts.items()]
+    et = TensorProto.FLOAT if elem == np.float32 else TensorProto.FLOAT16
+    m = helper.make_model(
+        helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), *nodes], "g",
+                          [helper.make_tensor_value_info("x", et, ["b", k])],
+                          [helper.make_tensor_value_info("y", et, ["b", n])], inits),
+        opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)], ir_version=9)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [(r.name, r.activation, r.bias) for r in rep.converted] == [("mm", "gelu_tanh", form == "fast_gelu_bias")]
+    assert [x.op_type for x in q.graph.node] == ["DynQMatMul"], [x.op_type for x in q.graph.node]
+    onnx.checker.check_model(q)
+    x = (rng.standard_normal((64, k)) * 2).astype(elem)
+    ref, got = session(m, custom=False).run(None, {"x": x})[0], session(q).run(None, {"x": x})[0]
+    assert cosine(ref.astype(np.float32), got.astype(np.float32)) > 0.999
+    # The fused op applies exactly the library's epilogue to the layer's product.
+    p = dynq.PackedWeights.from_float(w.astype(np.float32), layout="kn")
+    bias = b.astype(np.float32) if form == "fast_gelu_bias" else None
+    want = dynq.gemm(p, x, bias=bias, epilogue="gelu_tanh")
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("change", ["kappa", "beta", "erf_for_tanh", "extra_reader"])
+def test_gelu_lookalikes_are_not_fused(change):
+    """Element-wise nodes are fused only when they compute a GELU: a wrong constant, an Erf where
+    the tanh form has Tanh, or an intermediate read elsewhere leave the nodes as they are."""
+    k, n = 16, 12
+    nodes, consts = _tanh_gelu_nodes("gpt2_gelu_new")
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if change == "kappa":
+        consts["kappa"] = 0.5
+    elif change == "beta":
+        consts["beta"] = 1.0
+    elif change == "erf_for_tanh":
+        nodes = [helper.make_node("Erf", ["g_u"], ["g_th"]) if x.op_type == "Tanh" else x for x in nodes]
+    else:
+        outputs.append(helper.make_tensor_value_info("g_s", TensorProto.FLOAT, None))
+    inits = [numpy_helper.from_array(f32(k, n), "w")] + [numpy_helper.from_array(np.array(v, np.float32), nm) for nm, v in consts.items()]
+    m = model([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), *nodes], [_vi("x", [4, k])], outputs, inits)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [(r.name, r.activation) for r in rep.converted] == [("mm", "none")]
+    assert len(q.graph.node) == 1 + len(nodes)
+    f = {"x": f32(4, k, scale=1.0)}
+    for r, o in zip(session(m, custom=False).run(None, f), session(q).run(None, f)):
+        assert cosine(r, o) > 0.999
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_bias_add_after_a_gemm_with_c_joins_its_bias(huge):
+    """Gemm(x, W, C) then Add(b) then a GELU: the Add's b is added to beta * C and the GELU
+    folds too (an Add left in between kept the GELU out of the op). Where beta * C + b overflows
+    float, the Add stays (the op refuses a non-finite bias) and the model still runs."""
+    k, n = 32, 24
+    rng = np.random.default_rng(3)
+    c = rng.standard_normal(n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    if huge:
+        c[:] = 1.5e38  # beta * C = 3e38 is finite, + b is not
+        b[:] = 3e38
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "c"], ["h"], name="gemm", beta=2.0),
+        helper.make_node("Add", ["h", "b"], ["hb"], name="bias_add"),
+        helper.make_node("Gelu", ["hb"], ["y"], approximate="tanh"),
+    ]
+    inits = [numpy_helper.from_array(f32(k, n), "w"), numpy_helper.from_array(c, "c"), numpy_helper.from_array(b, "b")]
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", [_vi("x", [5, k])], [_vi("y", [5, n])], inits),
+        opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [r.name for r in rep.converted] == ["gemm"]
+    onnx.checker.check_model(q)
+    if huge:
+        assert rep.converted[0].activation == "none" and any(x.name == "bias_add" for x in q.graph.node)
+        return
+    assert rep.converted[0].activation == "gelu_tanh" and [x.op_type for x in q.graph.node] == ["DynQMatMul"]
+    bias = numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == q.graph.node[0].input[3]))
+    np.testing.assert_allclose(bias, 2 * c + b, rtol=1e-6)
+    x = f32(5, k, scale=1.0)
+    assert cosine(session(m, custom=False).run(None, {"x": x})[0], session(q).run(None, {"x": x})[0]) > 0.999

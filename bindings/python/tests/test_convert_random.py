@@ -4,8 +4,9 @@ Each model is a chain of 1 to 4 layers over an input of rank 1 to 4, drawn from 
 generator: MatMul or Gemm (transB, alpha, beta, C of several shapes), the weight as an
 initializer, behind an Identity, in a Constant node, as the Transpose of an [N, K] initializer
 or the Cast of one in the other float type, sometimes shared with an earlier layer; a bias Add
-in either operand order and of several broadcast shapes; an activation (ReLU, GELU as
-PyTorch's erf pattern or the Gelu op, tanh, SiLU); a residual Add in either order; a
+in either operand order and of several broadcast shapes; an activation (ReLU, the erf GELU as
+PyTorch's nodes or the Gelu op, the tanh GELU as GPT-2's or PyTorch's nodes or the Gelu op,
+tanh, SiLU); a residual Add in either order; a
 LayerNormalization or its nodes as PyTorch exports it below opset 17; layers that read one
 input side by side (as Q, K and V do); the attention context joined from its heads before a
 layer, and a layer's output split into heads; tensors in the middle that are also graph
@@ -50,6 +51,7 @@ class Builder:
         self.count = 0
         self.weights = {}  # (k, n) -> an initializer name, for sharing
         self.expected = 0  # layers the converter must replace
+        self.gelus = 0  # GELUs right after a layer (or its bias), which must be folded into it
 
     def name(self, base):
         """A unique name; some in the style of PyTorch exports ("/layers.0/MatMul_output_0",
@@ -111,11 +113,11 @@ class Builder:
 
 def activation(b, x):
     r = b.rng
-    kind = r.choice(["none", "none", "relu", "gelu_erf", "gelu_op", "tanh", "silu"])
-    if b.elem == TensorProto.FLOAT16 and kind in ("gelu_erf", "gelu_op"):
+    kind = r.choice(["none", "none", "relu", "gelu_erf", "gelu_op", "gelu_tanh", "gelu_tanh_op", "tanh", "silu"])
+    if b.elem == TensorProto.FLOAT16 and kind in ("gelu_erf", "gelu_op", "gelu_tanh_op"):
         kind = "relu"  # ONNX Runtime's CPU kernels for Erf and Gelu take float only
-    if kind == "gelu_op" and b.opset < 20:
-        kind = "gelu_erf"  # the Gelu op is opset 20
+    if kind in ("gelu_op", "gelu_tanh_op") and b.opset < 20:
+        kind = {"gelu_op": "gelu_erf", "gelu_tanh_op": "gelu_tanh"}[kind]  # the Gelu op is opset 20
     if kind == "relu":
         return b.node("Relu", [x]), kind
     if kind == "tanh":
@@ -124,6 +126,21 @@ def activation(b, x):
         return b.node("Mul", [x, b.node("Sigmoid", [x])]), kind
     if kind == "gelu_op":
         return b.node("Gelu", [x]), kind
+    if kind == "gelu_tanh_op":
+        return b.node("Gelu", [x], approximate="tanh"), kind
+    if kind == "gelu_tanh":
+        # 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))): x^3 as Pow (float only on
+        # ONNX Runtime's CPU) or x*x*x, constants on either side, the halving first or last.
+        if b.elem == TensorProto.FLOAT and r.random() < 0.5:
+            cube = b.node("Pow", [x, b.scalar(3.0)])
+        else:
+            cube = b.node("Mul", [x, b.node("Mul", [x, x])])
+        kc = b.node("Mul", [cube, b.scalar(0.044715)] if r.random() < 0.5 else [b.scalar(0.044715), cube])
+        u = b.node("Mul", [b.scalar((2 / np.pi) ** 0.5), b.node("Add", [x, kc])])
+        e = b.node("Add", [b.scalar(1.0), b.node("Tanh", [u])])
+        if r.random() < 0.5:
+            return b.node("Mul", [b.scalar(0.5), b.node("Mul", [x, e])]), kind
+        return b.node("Mul", [b.node("Mul", [b.scalar(0.5), x]), e]), kind
     if kind == "gelu_erf":
         d = b.node("Div", [x, b.scalar(2**0.5)])
         e = b.node("Add", [b.node("Erf", [d]), b.scalar(1.0)])
@@ -154,13 +171,17 @@ def layer(b, x, rank, k, last):
     else:
         y = b.node("MatMul", [x, b.weight(k, n, 1 / np.sqrt(k))])
     b.expected += 1
+    foldable = True
     if r.random() < 0.15:
         b.outputs.append(y)  # read by the graph's caller too: nothing after it can be folded
+        foldable = False
     if r.random() < 0.6:
         shape = (n,) if r.random() < 0.5 else (1,) * (max(rank, 1) - 1) + (n,)
         bias = b.const(r.standard_normal(shape) * 0.5, "b")
         y = b.node("Add", [y, bias] if r.random() < 0.5 else [bias, y])
     y, kind = activation(b, y)
+    if foldable and kind.startswith("gelu"):
+        b.gelus += 1
     if n == k and r.random() < 0.4:
         y = b.node("Add", [y, x] if r.random() < 0.5 else [x, y])
     if n >= 16 and kind != "relu" and r.random() < 0.25:
@@ -274,8 +295,8 @@ def random_model(seed):
     if r.random() < 0.15:
         # The chain in both branches of an If, as a merged decoder export has its network: the
         # weights stay outer initializers that both branches read.
-        return in_if_branches(m, b.inits), x_shape, opts, 2 * b.expected
-    return m, x_shape, opts, b.expected
+        return in_if_branches(m, b.inits), x_shape, opts, 2 * b.expected, 2 * b.gelus
+    return m, x_shape, opts, b.expected, b.gelus
 
 
 def in_if_branches(m, inits):
@@ -330,7 +351,7 @@ def compare(ref, got, label):
 
 @pytest.mark.parametrize("seed", range(MODELS))
 def test_random_model_converts_and_matches_float(seed):
-    m, x_shape, opts, expected = random_model(seed)
+    m, x_shape, opts, expected, gelus = random_model(seed)
     onnx.checker.check_model(m)
     elem = m.graph.input[0].type.tensor_type.elem_type
     if elem == TensorProto.FLOAT16 and ORT_VERSION < ORT_F16_OP:
@@ -339,6 +360,9 @@ def test_random_model_converts_and_matches_float(seed):
     assert len(rep.converted) == expected, (opts, rep.summary(), rep.skipped)
     left = [nd.op_type for nd in conv.graph.node if nd.op_type in ("MatMul", "Gemm")]
     assert not left, left
+    # Every GELU right after a layer is folded into it, erf and tanh forms alike.
+    folded = sum(c.activation in ("gelu", "gelu_tanh") for c in rep.converted)
+    assert folded == gelus, (folded, gelus, [(c.name, c.activation) for c in rep.converted])
     onnx.checker.check_model(conv)
     s_ref, s_q = session(m, custom=False), session(conv)
     names = [o.name for o in m.graph.output]

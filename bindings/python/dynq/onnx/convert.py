@@ -4,9 +4,11 @@ What it rewrites (everything else is kept as it was):
 
 - ``MatMul(X, W)`` and ``Gemm(X, W[, C])`` whose weight ``W`` is a constant 2-D float initializer
   (not also a graph input, which would make it overridable), with a following ``Add`` of a
-  constant bias of N values folded in, and optionally a following ReLU or GELU (``Relu``,
-  ``Gelu``, ``com.microsoft.Gelu``, or the ``Div/Erf/Add/Mul/Mul`` pattern of PyTorch's export)
-  fused into the op's epilogue.
+  constant bias of N values folded in, and optionally a following ReLU or GELU fused into the
+  op's epilogue: ``Relu``; the erf GELU (``Gelu``, ``com.microsoft.Gelu`` and ``BiasGelu``, or
+  element-wise nodes such as PyTorch's ``Div/Erf/Add/Mul/Mul``); the tanh GELU (``Gelu`` with
+  ``approximate="tanh"``, ``com.microsoft.FastGelu``, or element-wise nodes such as GPT-2's
+  ``gelu_new``).
 - Models already quantized by ONNX Runtime's ``quantize_dynamic``: ``DynamicQuantizeLinear`` +
   ``MatMulInteger`` + ``Cast`` + scale ``Mul``, ``com.microsoft.DynamicQuantizeMatMul`` and
   ``com.microsoft.MatMulIntegerToFloat`` with constant int8 or uint8 weights. The integer weights
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -609,14 +612,18 @@ def _match_decomposed_layer_norm(G: _Graph, x: str, n: int):
     return nodes, gamma, beta, float(eps), out
 
 
-def _match_bias_gelu(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray]]:
-    """A following `com.microsoft.BiasGelu(out, bias)` (ONNX Runtime's optimizer writes a bias
-    Add and an erf GELU that way) with a constant bias of N values: (node, bias as f32)."""
+def _match_bias_gelu(G: _Graph, out: str, n: int) -> Optional[Tuple[onnx.NodeProto, np.ndarray, str]]:
+    """A following `com.microsoft.BiasGelu(out, bias)` or `com.microsoft.FastGelu(out, bias)`
+    (ONNX Runtime's optimizer writes a bias Add and an erf GELU, or a tanh GELU, that way) with a
+    constant bias of N values: (node, bias as f32, "gelu" or "gelu_tanh")."""
     c = G.sole_consumer(out)
-    if c is None or c.op_type != "BiasGelu" or c.domain != "com.microsoft" or len(c.input) != 2 or c.input[0] != out:
+    if c is None or c.domain != "com.microsoft" or len(c.input) != 2 or c.input[0] != out:
+        return None
+    kind = {"BiasGelu": "gelu", "FastGelu": "gelu_tanh"}.get(c.op_type)
+    if kind is None:
         return None
     b = _f32_vector(G.const(c.input[1]), n, broadcast=True)
-    return (c, b) if b is not None else None
+    return (c, b, kind) if b is not None else None
 
 
 def _match_skip_layer_norm(G: _Graph, out: str, n: int):
@@ -726,7 +733,8 @@ def _close(v: Optional[float], target: float, tol: float = 1e-3) -> bool:
 
 
 def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodeProto], str]]:
-    """An activation consuming tensor `t` alone: returns (kind, nodes to remove, output name)."""
+    """An activation consuming tensor `t` alone: returns (kind, nodes to remove, output name);
+    kind is "relu", "gelu" (erf form) or "gelu_tanh" (tanh form)."""
     if not G.internal(t):
         return None
     cons = G.consumers.get(t, [])
@@ -734,53 +742,125 @@ def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodePr
         c = cons[0]
         if c.op_type == "Relu" and c.domain in ("", "ai.onnx"):
             return "relu", [c], c.output[0]
-        if c.op_type == "Gelu" and (
-            (c.domain in ("", "ai.onnx") and _attr(c, "approximate", b"none") in (b"none", "none"))
-            or c.domain == "com.microsoft"
-        ):
+        if c.op_type == "Gelu" and c.domain in ("", "ai.onnx"):
+            approximate = _attr(c, "approximate", b"none")
+            approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+            kind = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+            return (kind, [c], c.output[0]) if kind else None
+        if c.op_type == "Gelu" and c.domain == "com.microsoft":
             return "gelu", [c], c.output[0]
-        return None
-    if len(cons) != 2:
-        return None
-    # 0.5 * t * (1 + erf(t / sqrt(2))), as PyTorch exports it (and the Mul(0.5)-first variant):
-    # the reader that divides by sqrt(2) (or multiplies by 1/sqrt(2)), in whatever node order.
-    def scales_by_inv_sqrt2(c: onnx.NodeProto) -> bool:
-        if c.op_type == "Div" and len(c.input) == 2 and c.input[0] == t:
-            return _close(_scalar(G.const(c.input[1])), 2**0.5)
-        if c.op_type == "Mul" and len(c.input) == 2 and t in c.input:
-            return _close(_scalar(G.const(_other_input(c, t) or "")), 2**-0.5)
-        return False
+        if c.op_type == "FastGelu" and c.domain == "com.microsoft" and len([i for i in c.input if i]) == 1:
+            return "gelu_tanh", [c], c.output[0]
+    return _match_decomposed_gelu(G, t)
 
-    d = next((c for c in cons if c.domain in ("", "ai.onnx") and scales_by_inv_sqrt2(c)), None)
-    if d is None:
-        return None
-    k = _scalar(G.const(_other_input(d, t) or ""))
-    if not ((d.op_type == "Div" and _close(k, 2**0.5)) or (d.op_type == "Mul" and _close(k, 2**-0.5))):
-        return None
-    erf = G.sole_consumer(d.output[0])
-    if erf is None or erf.op_type != "Erf":
-        return None
-    add1 = G.sole_consumer(erf.output[0])
-    if add1 is None or add1.op_type != "Add" or not _close(_scalar(G.const(_other_input(add1, erf.output[0]) or "")), 1.0):
-        return None
-    m1 = next(c for c in cons if c is not d)
-    if m1.op_type != "Mul":
-        return None
-    if set(m1.input) == {t, add1.output[0]}:
-        if G.sole_consumer(add1.output[0]) is not m1:
+
+# Element-wise ops (default domain) a decomposed GELU is written with, and their input counts.
+_GELU_OPS = {"Mul": 2, "Add": 2, "Sub": 2, "Div": 2, "Pow": 2, "Tanh": 1, "Erf": 1, "Neg": 1, "Sqrt": 1}
+_GELU_MAX_NODES = 12
+
+
+def _gelu_forms(x: np.ndarray) -> Dict[str, np.ndarray]:
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return {
+        "gelu": 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),
+        "gelu_tanh": 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
+    }
+
+
+def _match_decomposed_gelu(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodeProto], str]]:
+    """A GELU written as element-wise nodes on `t` and scalar constants, in any order or form:
+    PyTorch's erf export (`Div(sqrt 2)` or `Mul(1/sqrt 2)`, `Erf`, `Add(1)`, `Mul`, `Mul(0.5)`),
+    the tanh form of GPT-2's `gelu_new` and of PyTorch's `gelu(approximate="tanh")` export
+    (`Pow(3)` or `x*x*x`, `Mul(0.044715)`, `Add`, `Mul(sqrt(2/pi))`, `Tanh`, ...). The nodes
+    reachable from `t` are taken one at a time while every input is `t`, an earlier node's output
+    or a scalar constant; each time they form a closed region (every tensor they make but one
+    is read only inside it), the region is evaluated in float64 on sample values and compared
+    with both GELU forms: (kind, nodes, output) of the first region within 2e-3 * max(1, |x|) of
+    one form, the closer one."""
+    avail = {t}
+    region: List[onnx.NodeProto] = []
+    in_region: set = set()
+    consts: Dict[str, float] = {}
+
+    def usable(c: onnx.NodeProto) -> bool:
+        if c.domain not in ("", "ai.onnx") or _GELU_OPS.get(c.op_type) != len(c.input) or len(c.output) != 1:
+            return False
+        if c.attribute:
+            return False
+        for i in c.input:
+            if i in avail:
+                continue
+            v = G.const(i) if G.is_const(i) else None
+            if v is None or v.size != 1 or v.ndim > 1 or v.dtype.kind != "f":
+                return False
+            consts[i] = float(v.reshape(()))
+        return True
+
+    while len(region) < _GELU_MAX_NODES:
+        nxt = None
+        for name in [t] + [nd.output[0] for nd in region]:
+            for c in G.consumers.get(name, []):
+                if id(c) not in in_region and usable(c):
+                    nxt = c
+                    break
+            if nxt is not None:
+                break
+        if nxt is None:
             return None
-        m2 = G.sole_consumer(m1.output[0])
-        if m2 is None or m2.op_type != "Mul" or not _close(_scalar(G.const(_other_input(m2, m1.output[0]) or "")), 0.5):
-            return None
-        return "gelu", [d, erf, add1, m1, m2], m2.output[0]
-    if _close(_scalar(G.const(_other_input(m1, t) or "")), 0.5):
-        m2 = G.sole_consumer(m1.output[0])
-        if m2 is None or m2.op_type != "Mul" or set(m2.input) != {m1.output[0], add1.output[0]}:
-            return None
-        if G.sole_consumer(add1.output[0]) is not m2:
-            return None
-        return "gelu", [d, erf, add1, m1, m2], m2.output[0]
+        region.append(nxt)
+        in_region.add(id(nxt))
+        avail.add(nxt.output[0])
+        # Closed: `t` and every output but one are read only by the region.
+        escaping = []
+        closed = True
+        for name in [t] + [nd.output[0] for nd in region]:
+            outside = [c for c in G.consumers.get(name, []) if id(c) not in in_region]
+            if name == t:
+                if outside or not G.internal(t):
+                    closed = False
+            elif outside or not G.internal(name):
+                escaping.append(name)
+        if not closed or len(escaping) != 1 or escaping[0] != nxt.output[0] or len(region) < 2:
+            continue
+        kind = _region_gelu_kind(region, t, consts)
+        if kind is not None:
+            return kind, list(region), nxt.output[0]
     return None
+
+
+def _region_gelu_kind(region: List[onnx.NodeProto], t: str, consts: Dict[str, float]) -> Optional[str]:
+    """Which GELU form the nodes compute from `t` (in order), if any (see `_match_decomposed_gelu`)."""
+    x = np.concatenate([np.linspace(-8.0, 8.0, 321), [-30.0, -12.0, 12.0, 30.0]])
+    vals: Dict[str, np.ndarray] = {t: x}
+    with np.errstate(all="ignore"):
+        for nd in region:
+            a = [vals[i] if i in vals else np.float64(consts[i]) for i in nd.input]
+            op = nd.op_type
+            if op == "Mul":
+                r = a[0] * a[1]
+            elif op == "Add":
+                r = a[0] + a[1]
+            elif op == "Sub":
+                r = a[0] - a[1]
+            elif op == "Div":
+                r = a[0] / a[1]
+            elif op == "Pow":
+                r = np.power(a[0], a[1])
+            elif op == "Tanh":
+                r = np.tanh(a[0])
+            elif op == "Erf":
+                r = np.vectorize(math.erf, otypes=[np.float64])(a[0])
+            elif op == "Neg":
+                r = -a[0]
+            else:  # Sqrt
+                r = np.sqrt(a[0])
+            vals[nd.output[0]] = np.broadcast_to(np.asarray(r, dtype=np.float64), x.shape)
+    y = vals[region[-1].output[0]]
+    if not np.all(np.isfinite(y)):
+        return None
+    errs = {k: float(np.max(np.abs(y - f) / np.maximum(1.0, np.abs(x)))) for k, f in _gelu_forms(x).items()}
+    kind = min(errs, key=errs.get)
+    return kind if errs[kind] <= 2e-3 else None
 
 
 def _all_tensors(g: onnx.GraphProto):
@@ -1025,16 +1105,23 @@ def quantize_model(
 
     def fuse_tail(out: str, n: int, x: str, bias: Optional[np.ndarray] = None, heads_ok: bool = True):
         """Bias Add, activation and residual Add after `out`: (bias, activation, final output,
-        nodes fused, (residual Add, residual tensor) or None). A `bias` the node already has
-        (Gemm's C, DynamicQuantizeMatMul's B) is kept and no Add is folded on top of it; only
-        the activation and the residual are then looked for."""
+        nodes fused, (residual Add, residual tensor) or None). A bias Add after a node that
+        has one already (Gemm's C, DynamicQuantizeMatMul's B) is added to it."""
         fused: List[onnx.NodeProto] = []
-        if bias is None and opts.fuse_bias:
+
+        def plus(extra: np.ndarray) -> Optional[np.ndarray]:
+            """The bias with `extra` added, or None where the sum overflows (the op refuses a
+            non-finite bias; the node stays)."""
+            with np.errstate(over="ignore"):
+                total = extra if bias is None else (bias + extra).astype(np.float32)
+            return total if np.all(np.isfinite(total)) else None
+
+        if opts.fuse_bias:
             mb = _match_bias(G, out, n, x)
-            if mb is not None:
-                add, bias = mb
-                fused.append(add)
-                out = add.output[0]
+            if mb is not None and plus(mb[1]) is not None:
+                bias = plus(mb[1])
+                fused.append(mb[0])
+                out = mb[0].output[0]
         act = "none"
         if opts.fuse_activation:
             ma = _match_activation(G, out)
@@ -1043,9 +1130,9 @@ def quantize_model(
                 fused.extend(nodes)
             elif opts.fuse_bias:
                 mg = _match_bias_gelu(G, out, n)
-                if mg is not None:
-                    bias = mg[1] if bias is None else (bias + mg[1]).astype(np.float32)
-                    act = "gelu"
+                if mg is not None and plus(mg[1]) is not None:
+                    bias = plus(mg[1])
+                    act = mg[2]
                     fused.append(mg[0])
                     out = mg[0].output[0]
         residual = None
@@ -1067,10 +1154,10 @@ def quantize_model(
             elif opts.fuse_layer_norm:
                 ms = _match_skip_layer_norm(G, out, n)
                 # Its bias is added after the activation: folded only where there is none.
-                if ms is not None and (ms[4] is None or (act == "none" and opts.fuse_bias)):
+                if ms is not None and (ms[4] is None or (act == "none" and opts.fuse_bias and plus(ms[4]) is not None)):
                     sln, skip, gamma, beta, sbias, eps = ms
                     if sbias is not None:
-                        bias = sbias if bias is None else (bias + sbias).astype(np.float32)
+                        bias = plus(sbias)
                     residual = (sln, skip, ([sln], gamma, beta, eps))
                     fused.append(sln)
                     out = sln.output[0]

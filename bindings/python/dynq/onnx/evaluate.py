@@ -331,11 +331,11 @@ class Evaluation:
         lines = []
         if self.layers:
             w = max(20, min(60, max(len(l["name"]) for l in self.layers)))
-            lines.append(f"{'layer':<{w}} {'K x N':>11} {'act':>5}  {'cosine':>9} {'SQNR dB':>8} {'max err':>9}  {'isolated cos':>12} {'iso SQNR':>8}")
+            lines.append(f"{'layer':<{w}} {'K x N':>11} {'act':>9}  {'cosine':>9} {'SQNR dB':>8} {'max err':>9}  {'isolated cos':>12} {'iso SQNR':>8}")
             for l in self.layers:
                 name = l["name"] if len(l["name"]) <= w else "..." + l["name"][-(w - 3):]
                 lines.append(
-                    f"{name:<{w}} {str(l['k']) + 'x' + str(l['n']):>11} {l['activation']:>5}  {l['cosine']:>9.6f} {l['sqnr_db']:>8.2f} "
+                    f"{name:<{w}} {str(l['k']) + 'x' + str(l['n']):>11} {l['activation']:>9}  {l['cosine']:>9.6f} {l['sqnr_db']:>8.2f} "
                     f"{l['max_abs_error']:>9.4g}  {l['isolated_cosine']:>12.6f} {l['isolated_sqnr_db']:>8.2f}"
                 )
             lines.append("")
