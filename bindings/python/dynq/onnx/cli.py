@@ -43,6 +43,7 @@ def _quantize(args) -> int:
         group_max_loss_db=args.group_max_loss_db,
         convert_quantized=not args.no_convert_quantized,
         quantize_embeddings=not args.no_embeddings,
+        convert_attention=not args.no_attention,
         smooth=args.smooth,
         smooth_min_gain_db=args.smooth_min_gain_db,
     )
@@ -173,6 +174,11 @@ def main(argv=None) -> int:
     q.add_argument("--no-fuse-activation", action="store_true", help="do not fuse a following Relu/GELU")
     q.add_argument("--no-convert-quantized", action="store_true", help="leave MatMulInteger/DynamicQuantizeMatMul as they are")
     q.add_argument("--no-embeddings", action="store_true", help="keep embedding tables (Gather) in fp32")
+    q.add_argument(
+        "--no-attention",
+        action="store_true",
+        help="keep com.microsoft.Attention nodes whole (by default their Q/K/V product is converted, the attention runs as MultiHeadAttention)",
+    )
     q.add_argument(
         "--smooth",
         choices=["auto", "off"],

@@ -14,6 +14,9 @@ What it rewrites (everything else is kept as it was):
   ``com.microsoft.MatMulIntegerToFloat`` with constant int8 or uint8 weights. The integer weights
   and their scales are reused (no round trip through fp32): ``q - zero_point`` when it fits int8
   (always for symmetric int8 weights), else that channel is requantized from those integers.
+- ``com.microsoft.Attention`` (ONNX Runtime's fused attention, Q/K/V product included): split
+  into its three products, converted as above, and ``com.microsoft.MultiHeadAttention``; see
+  :func:`decompose_attention`.
 - Optionally (on by default) embedding tables: ``Gather(table, ids)`` on a constant float
   ``[V, D]`` table becomes an int8 table with one scale per row, gathered and dequantized
   (``Cast`` and ``Mul``).
@@ -66,6 +69,7 @@ class QuantizeOptions:
     group_max_loss_db: float = 0.2  # ... unless the group's shared smoothing costs a layer more SQNR than this
     convert_quantized: bool = True  # MatMulInteger / DynamicQuantizeMatMul / MatMulIntegerToFloat
     quantize_embeddings: bool = True  # Gather on a constant float [V, D] table
+    convert_attention: bool = True  # com.microsoft.Attention: its Q/K/V product as layers, see decompose_attention
     smooth: str = "auto"  # "auto": activation smoothing where it measurably helps (see smooth.py); "off"
     smooth_min_gain_db: float = 0.5  # a layer is smoothed only if its SQNR improves at least this much
     weight_qmax: int = 127  # weights in [-qmax, qmax]; 64 (reduce_range) runs faster on AVX2 CPUs without VNNI
@@ -144,6 +148,7 @@ class Report:
     int8_weight_bytes: int = 0
     smooth_note: Optional[str] = None  # why smoothing was not tried, if it was asked for
     smooth_few_rows: int = 0  # layers not smoothed: fewer calibration rows than smooth.MIN_ROWS
+    attention_split: int = 0  # com.microsoft.Attention nodes whose Q/K/V product became layers
 
     def summary(self) -> str:
         lines = [
@@ -164,6 +169,10 @@ class Report:
             + f"; residual Adds folded: {nres}"
             + f"; layer norms folded: {sum(1 for r in self.converted if r.layer_norm)}"
         )
+        if self.attention_split:
+            lines.append(
+                f"  com.microsoft.Attention nodes split into their Q, K, V layers and MultiHeadAttention: {self.attention_split}"
+            )
         nh = sum(1 for r in self.converted if r.a_heads)
         if nh:
             lines.append(f"  attention contexts read in their head layout (Transpose + Reshape folded): {nh}")
@@ -863,6 +872,165 @@ def _region_gelu_kind(region: List[onnx.NodeProto], t: str, consts: Dict[str, fl
     return kind if errs[kind] <= 2e-3 else None
 
 
+def _infer(model: onnx.ModelProto):
+    """Replaces the graph's value_info by ONNX shape inference's, with data propagation (shapes
+    computed in the graph, as PyTorch exports Reshape targets), or without it if that fails."""
+    for data_prop in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+            model.graph.ClearField("value_info")
+            model.graph.value_info.extend(inferred.graph.value_info)
+            return
+        except Exception:
+            continue
+
+
+def decompose_attention(
+    model: onnx.ModelProto,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    exclude_op_types: Sequence[str] = (),
+    skipped: Optional[List[Tuple[str, str, str]]] = None,
+) -> Dict[str, List[str]]:
+    """Rewrites, in place, each `com.microsoft.Attention` node of the main graph (ONNX Runtime's
+    transformer optimizer fuses a BERT block's Q/K/V product and the attention into one) as three
+    `MatMul` + `Add` (the Q, K and V projections, with their part of the weight and bias) and a
+    `com.microsoft.MultiHeadAttention` on their outputs, with the node's mask, attention bias,
+    `num_heads`, `scale`, `mask_filter_value` and `unidirectional`. The float results are the
+    same (ONNX Runtime 1.17.3 and 1.31.1 give the same bits for every mask form taken here); the
+    three products can then be converted as any other layer. Taken only where that holds:
+    a constant float32 weight and bias; no past state, rotary embedding or used `present`
+    output; a mask absent, of rank 2 or 3, or of rank 1 when it is one value per batch row
+    (`EmbedLayerNormalization`'s mask index, or a length equal to the input's batch dimension).
+    Others are listed in `skipped` with the reason. Names are derived from the node's, the same
+    on every call, so that the evaluator can split the float model as the converter did. Returns
+    {Attention node name: the three MatMul node names}."""
+    g = model.graph
+    if not any(n.op_type == "Attention" and n.domain == "com.microsoft" for n in g.node):
+        return {}
+    if skipped is None:
+        skipped = []
+    G = _Graph(model)
+    taken = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g) | {n.name for n in g.node if n.name}
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    shapes = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+    def reason(n: onnx.NodeProto) -> Optional[str]:
+        if len(n.input) < 2 or not G.is_const(n.input[1]):
+            return "Attention weights are not a constant"
+        w = G.const(n.input[1])
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
+            return "Attention weights are not a 2-D float32 constant"
+        if len(n.input) > 2 and n.input[2]:
+            b = G.const(n.input[2]) if G.is_const(n.input[2]) else None
+            if b is None or b.dtype != np.float32 or b.shape != (w.shape[1],):
+                return "Attention bias is not a float32 constant of the weights' width"
+        if any(len(n.input) > i and n.input[i] for i in (4, 6)):
+            return "Attention with past state"
+        if any(o and (G.consumers.get(o) or o in G.graph_outputs or o in G.subgraph_uses) for o in list(n.output)[1:]):
+            return "Attention whose present state is used"
+        if int(_attr(n, "do_rotary", 0)) or int(_attr(n, "past_present_share_buffer", 0)):
+            return "Attention with rotary embedding or a shared past buffer"
+        heads = int(_attr(n, "num_heads", 0))
+        sizes = list(_attr(n, "qkv_hidden_sizes", []) or [])
+        if not sizes and w.shape[1] % 3 == 0:
+            sizes = [w.shape[1] // 3] * 3
+        if len(sizes) != 3 or sizes[0] != sizes[1] or sum(sizes) != w.shape[1] or min(sizes) <= 0:
+            return "Attention with Q/K/V sizes that do not split its weights"
+        if heads <= 0 or sizes[0] % heads or sizes[2] % heads:
+            return "Attention whose sizes are not multiples of num_heads"
+        mask = n.input[3] if len(n.input) > 3 else ""
+        prod = G.producer.get(mask) if mask else None
+        per_row = (
+            prod is not None
+            and prod.op_type == "EmbedLayerNormalization"
+            and prod.domain == "com.microsoft"
+            and len(prod.output) > 1
+            and prod.output[1] == mask
+        )
+        if mask and not per_row:
+            ms = shapes.get(mask)
+            if ms is None:
+                return "Attention mask of unknown shape"
+            if len(ms) == 1:
+                xs = shapes.get(n.input[0])
+                if not (xs and ms[0] is not None and ms[0] == xs[0]):
+                    return "Attention mask index of rank 1 that may hold 2 * batch values"
+            elif len(ms) not in (2, 3):
+                return f"Attention mask of rank {len(ms)}"
+        return None
+
+    split: Dict[str, List[str]] = {}
+    new_nodes: List[onnx.NodeProto] = []
+    dropped: set = set()
+    for n in g.node:
+        if n.op_type != "Attention" or n.domain != "com.microsoft":
+            new_nodes.append(n)
+            continue
+        name = n.name or n.output[0]
+        if (include and name not in include) or name in exclude or "Attention" in exclude_op_types:
+            new_nodes.append(n)
+            continue
+        why = reason(n)
+        if why is not None:
+            skipped.append((name, "Attention", why))
+            new_nodes.append(n)
+            continue
+        w = G.const(n.input[1])
+        b = G.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        sizes = list(_attr(n, "qkv_hidden_sizes", []) or []) or [w.shape[1] // 3] * 3
+        bounds = np.cumsum([0] + sizes)
+        outs, mms = [], []
+        for t, lo, hi in zip("qkv", bounds[:-1], bounds[1:]):
+            wt = fresh(f"{name}/{t}_proj/weight")
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[:, lo:hi]), wt))
+            mm = fresh(f"{name}/{t}_proj")
+            y = fresh(f"{name}/{t}_proj/MatMul_output" if b is not None else f"{name}/{t}")
+            new_nodes.append(helper.make_node("MatMul", [n.input[0], wt], [y], name=mm))
+            mms.append(mm)
+            if b is not None:
+                bt = fresh(f"{name}/{t}_proj/bias")
+                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b[lo:hi]), bt))
+                y2 = fresh(f"{name}/{t}")
+                new_nodes.append(helper.make_node("Add", [y, bt], [y2], name=fresh(f"{name}/{t}_proj/Add")))
+                y = y2
+            outs.append(y)
+        ins = outs + ["", n.input[3] if len(n.input) > 3 else "", n.input[5] if len(n.input) > 5 else ""]
+        while ins[-1] == "":
+            ins.pop()
+        attrs = {"num_heads": int(_attr(n, "num_heads"))}
+        for a in ("scale", "mask_filter_value"):
+            if any(x.name == a for x in n.attribute):
+                attrs[a] = float(_attr(n, a))
+        if int(_attr(n, "unidirectional", 0)):
+            attrs["unidirectional"] = 1
+        new_nodes.append(helper.make_node("MultiHeadAttention", ins, [n.output[0]], name=fresh(f"{name}/MultiHeadAttention"),
+                                          domain="com.microsoft", **attrs))
+        dropped.update(i for i in n.input[1:3] if i)
+        split[name] = mms
+    if not split:
+        return split
+    del g.node[:]
+    g.node.extend(new_nodes)
+    # The fused weights and biases, where nothing else reads them.
+    still = {i for nd in g.node for i in nd.input} | G.subgraph_uses | G.graph_outputs
+    keep = [t for t in g.initializer if t.name not in dropped or t.name in still]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return split
+
+
 def _all_tensors(g: onnx.GraphProto):
     """The initializers and Constant-node tensors of a graph and of its subgraphs."""
     yield from g.initializer
@@ -974,17 +1142,18 @@ def quantize_model(
     # attention heads). data_prop also propagates shapes computed in the graph (Shape -> Gather
     # -> Concat, as PyTorch exports Reshape targets), so the tensors they shape get known shapes;
     # without it if that fails.
-    for data_prop in (True, False):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
-            model.graph.ClearField("value_info")
-            model.graph.value_info.extend(inferred.graph.value_info)
-            break
-        except Exception:
-            continue
+    _infer(model)
+    report = Report()
+    if opts.convert_attention and "MatMul" in opts.op_types:
+        split = decompose_attention(model, opts.include_nodes, opts.exclude_nodes, opts.exclude_op_types, report.skipped)
+        report.attention_split = len(split)
+        if split:
+            opts = QuantizeOptions.from_json(opts.to_json())  # the caller's options stay as they were
+            if opts.include_nodes:
+                opts.include_nodes = opts.include_nodes + tuple(n for names in split.values() for n in names)
+            _infer(model)
     G = _Graph(model)
     g = model.graph
-    report = Report()
     calib = None
     if opts.smooth == "auto":
         from .smooth import Calibration
