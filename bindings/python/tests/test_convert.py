@@ -1975,3 +1975,90 @@ def test_attention_options():
 
     if ORT_VERSION >= (1, 18):
         assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999
+
+
+def _embed_ln_model(v=300, with_segment=True, opset=13):
+    """ids -> com.microsoft.EmbedLayerNormalization (word, position, segment tables, mask) ->
+    MatMul, as ONNX Runtime's transformer optimizer writes a BERT's embeddings."""
+    rng = np.random.default_rng(31)
+    d, p = 16, 32
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((v, d)).astype(np.float32), "wemb"),
+        numpy_helper.from_array(rng.standard_normal((p, d)).astype(np.float32) * 0.1, "pemb"),
+        numpy_helper.from_array(rng.standard_normal((2, d)).astype(np.float32) * 0.1, "semb"),
+        numpy_helper.from_array((1 + rng.standard_normal(d) * 0.1).astype(np.float32), "gamma"),
+        numpy_helper.from_array((rng.standard_normal(d) * 0.1).astype(np.float32), "beta"),
+        numpy_helper.from_array(f32(d, 8), "w"),
+    ]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT32, ["b", "s"]),
+              helper.make_tensor_value_info("mask", TensorProto.INT32, ["b", "s"])]
+    if with_segment:
+        inputs.append(helper.make_tensor_value_info("seg", TensorProto.INT32, ["b", "s"]))
+    nodes = [
+        helper.make_node("EmbedLayerNormalization",
+                         ["ids", "seg" if with_segment else "", "wemb", "pemb", "semb" if with_segment else "", "gamma", "beta", "mask"],
+                         ["emb", "mask_index"], name="embed", domain="com.microsoft", epsilon=1e-12),
+        helper.make_node("MatMul", ["emb", "w"], ["y"], name="mm"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8]),
+               helper.make_tensor_value_info("mask_index", TensorProto.INT32, ["b"])]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=7)
+
+
+def _embed_ln_feeds(batch, seq, v=300, with_segment=True):
+    rng = np.random.default_rng(batch * 100 + seq)
+    mask = np.ones((batch, seq), np.int32)
+    mask[0, seq // 2 + 1:] = 0
+    f = {"ids": rng.integers(0, v, (batch, seq)).astype(np.int32), "mask": mask}
+    if with_segment:
+        f["seg"] = rng.integers(0, 2, (batch, seq)).astype(np.int32)
+    return f
+
+
+@pytest.mark.parametrize("with_segment", [True, False])
+def test_embed_layer_norm_word_table_becomes_int8(with_segment):
+    """EmbedLayerNormalization's word table (most of a BERT's bytes once its layers are int8)
+    is read through a Gather the converter turns into an int8 table; the node keeps its position
+    and segment tables, layer norm and mask index. The float split alone gives the node's bits;
+    converted, the mask index is unchanged and the embeddings are within quantization error."""
+    from dynq.onnx.convert import split_embed_layer_norm
+
+    m = _embed_ln_model(with_segment=with_segment)
+    split = onnx.ModelProto()
+    split.CopyFrom(m)
+    assert split_embed_layer_norm(split) == ["embed/word_gather"]
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert rep.embeddings == [("embed/word_gather", 300, 16)] and [r.name for r in rep.converted] == ["mm"]
+    assert "wemb" not in {t.name for t in q.graph.initializer}
+    onnx.checker.check_model(q)
+    s_ref, s_split, s_q = session(m, custom=False), session(split, custom=False), session(q)
+    for batch, seq in ((2, 7), (1, 1), (3, 32)):
+        f = _embed_ln_feeds(batch, seq, with_segment=with_segment)
+        ref, sp, got = s_ref.run(None, f), s_split.run(None, f), s_q.run(None, f)
+        for a, b in zip(ref, sp):
+            assert np.array_equal(a, b)
+        assert np.array_equal(ref[1], got[1])
+        assert cosine(ref[0], got[0]) > 0.999
+    # Out-of-range ids are an error, as with the node's own table.
+    f = _embed_ln_feeds(1, 4, with_segment=with_segment)
+    f["ids"][0, 1] = 300
+    with pytest.raises(Exception):
+        s_q.run(None, f)
+
+
+def test_embed_layer_norm_options():
+    """quantize_embeddings=False, exclude_nodes naming the node, a table below 1024 values and an
+    opset below 11 keep the node as it is."""
+    m = _embed_ln_model()
+    for opts in (QuantizeOptions(smooth="off", quantize_embeddings=False), QuantizeOptions(smooth="off", exclude_nodes=("embed",))):
+        q, rep = quantize_model(m, opts)
+        assert not rep.embeddings and "wemb" in {t.name for t in q.graph.initializer}
+    q, rep = quantize_model(_embed_ln_model(v=60), QuantizeOptions(smooth="off"))
+    assert not rep.embeddings
+    q, rep = quantize_model(_embed_ln_model(opset=10), QuantizeOptions(smooth="off"))
+    assert not rep.embeddings
+    o = QuantizeOptions(smooth="off", include_nodes=("embed",))
+    q, rep = quantize_model(m, o)
+    assert [e[0] for e in rep.embeddings] == ["embed/word_gather"] and not rep.converted and o.include_nodes == ("embed",)

@@ -65,8 +65,9 @@ def test_minilm_optimized_by_onnx_runtime():
     EmbedLayerNormalization, SkipLayerNormalization, BiasGelu; its Python fusions, level 0):
     the 9 MatMuls outside the Attention nodes are converted, every BiasGelu and
     SkipLayerNormalization folded into them, each Attention node's Q/K/V product becomes three
-    more layers (the attention itself MultiHeadAttention), and the output stays at the
-    unoptimized conversion's accuracy."""
+    more layers (the attention itself MultiHeadAttention), the word table inside
+    EmbedLayerNormalization becomes int8, and the output stays at the unoptimized conversion's
+    accuracy."""
     assert MODEL, "DYNQ_REQUIRE_MODEL is set but the model package is missing"
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -75,6 +76,8 @@ def test_minilm_optimized_by_onnx_runtime():
     assert ops.count("Attention") == 3 and ops.count("SkipLayerNormalization") == 6 and ops.count("BiasGelu") == 3, ops
     conv, rep = quantize_model(m, QuantizeOptions())
     assert len(rep.converted) == 18 and rep.attention_split == 3, rep.summary()
+    # The word table inside EmbedLayerNormalization (46.9 of the model's 69 MB) is int8 too.
+    assert len(rep.embeddings) == 1 and len(conv.SerializeToString()) <= 0.30 * m.ByteSize(), rep.summary()
     assert sum(r.activation == "gelu" for r in rep.converted) == 3 and sum(r.layer_norm for r in rep.converted) == 6
     left = [n.op_type for n in conv.graph.node]
     assert "SkipLayerNormalization" not in left and "BiasGelu" not in left and "MatMul" not in left, left

@@ -17,7 +17,9 @@ What it rewrites (everything else is kept as it was):
 - ``com.microsoft.Attention`` (ONNX Runtime's fused attention, Q/K/V product included): split
   into its three products, converted as above, and ``com.microsoft.MultiHeadAttention``; see
   :func:`decompose_attention`.
-- Optionally (on by default) embedding tables: ``Gather(table, ids)`` on a constant float
+- Optionally (on by default) embedding tables (including the word table that
+  ``com.microsoft.EmbedLayerNormalization`` reads, see :func:`split_embed_layer_norm`):
+  ``Gather(table, ids)`` on a constant float
   ``[V, D]`` table becomes an int8 table with one scale per row, gathered and dequantized
   (``Cast`` and ``Mul``).
 
@@ -885,6 +887,80 @@ def _infer(model: onnx.ModelProto):
             continue
 
 
+def split_embed_layer_norm(
+    model: onnx.ModelProto, min_size: int = 0, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> List[str]:
+    """Rewrites, in place, each `com.microsoft.EmbedLayerNormalization` node of the main graph
+    whose word-embedding table is a constant float32 [V, D] table (of at least `min_size` and
+    1024 values, all finite) so that the table is read by an ordinary `Gather(table, input_ids)`,
+    which the converter then turns into an int8 table: the node keeps everything else (position
+    and segment embeddings, the layer norm, the mask index) and reads the gathered rows as its
+    word table, `[batch * seq, D]`, indexed by `0 .. batch * seq - 1` in the shape of the ids.
+    The float results are the same bits (onnxruntime 1.17.3 and 1.31.1, tested). Needs opset 11
+    (`Range`). Returns the names of the new Gather nodes."""
+    g = model.graph
+    if not any(n.op_type == "EmbedLayerNormalization" and n.domain == "com.microsoft" for n in g.node):
+        return []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:
+        return []
+    G = _Graph(model)
+    taken = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g) | {n.name for n in g.node if n.name}
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    gathers: List[str] = []
+    new_nodes: List[onnx.NodeProto] = []
+    for n in g.node:
+        name = n.name or n.output[0]
+        table = G.const(n.input[2]) if n.op_type == "EmbedLayerNormalization" and n.domain == "com.microsoft" \
+            and len(n.input) > 2 and n.input[0] and G.is_const(n.input[2]) and name not in exclude \
+            and (not include or name in include) else None
+        if (
+            table is None
+            or table.dtype != np.float32
+            or table.ndim != 2
+            or table.size < max(min_size, 1024)
+            or not np.all(np.isfinite(table))
+        ):
+            new_nodes.append(n)
+            continue
+        ids, d = n.input[0], int(table.shape[1])
+
+        def const(base: str, v) -> str:
+            t = fresh(f"{name}/{base}")
+            g.initializer.append(numpy_helper.from_array(np.asarray(v), t))
+            return t
+
+        rows, tab, shp, cnt, rng, rng32, ids2 = (fresh(f"{name}/{x}") for x in ("word_rows", "word_table", "ids_shape", "ids_count", "ids_range", "ids_range_int32", "row_ids"))
+        gname = fresh(f"{name}/word_gather")
+        new_nodes += [
+            helper.make_node("Gather", [n.input[2], ids], [rows], name=gname, axis=0),
+            helper.make_node("Reshape", [rows, const("word_table_shape", np.array([-1, d], np.int64))], [tab], name=fresh(f"{name}/word_reshape")),
+            helper.make_node("Shape", [ids], [shp], name=fresh(f"{name}/ids_shape_node")),
+            helper.make_node("ReduceProd", [shp], [cnt], name=fresh(f"{name}/ids_count_node"), keepdims=0),
+            helper.make_node("Range", [const("zero", np.array(0, np.int64)), cnt, const("one", np.array(1, np.int64))], [rng],
+                             name=fresh(f"{name}/ids_range_node")),
+            helper.make_node("Cast", [rng], [rng32], name=fresh(f"{name}/ids_cast"), to=TensorProto.INT32),
+            helper.make_node("Reshape", [rng32, shp], [ids2], name=fresh(f"{name}/row_ids_node")),
+        ]
+        e = onnx.NodeProto()
+        e.CopyFrom(n)
+        e.input[0] = ids2
+        e.input[2] = tab
+        new_nodes.append(e)
+        gathers.append(gname)
+    if gathers:
+        del g.node[:]
+        g.node.extend(new_nodes)
+    return gathers
+
+
 def decompose_attention(
     model: onnx.ModelProto,
     include: Sequence[str] = (),
@@ -1144,6 +1220,11 @@ def quantize_model(
     # without it if that fails.
     _infer(model)
     report = Report()
+    if opts.quantize_embeddings and "Gather" not in opts.exclude_op_types:
+        gathers = split_embed_layer_norm(model, opts.min_size, opts.include_nodes, opts.exclude_nodes)
+        if gathers and opts.include_nodes:
+            opts = QuantizeOptions.from_json(opts.to_json())  # the caller's options stay as they were
+            opts.include_nodes = opts.include_nodes + tuple(gathers)
     if opts.convert_attention and "MatMul" in opts.op_types:
         split = decompose_attention(model, opts.include_nodes, opts.exclude_nodes, opts.exclude_op_types, report.skipped)
         report.attention_split = len(split)
