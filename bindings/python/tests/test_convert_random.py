@@ -6,7 +6,8 @@ initializer, behind an Identity, in a Constant node, as the Transpose of an [N, 
 or the Cast of one in the other float type, sometimes shared with an earlier layer; a bias Add
 in either operand order and of several broadcast shapes; an activation (ReLU, the erf GELU as
 PyTorch's nodes or the Gelu op, the tanh GELU as GPT-2's or PyTorch's nodes or the Gelu op,
-tanh, SiLU); a residual Add in either order; a
+either as ONNX Runtime's com.microsoft.Gelu and FastGelu, tanh, SiLU); a com.microsoft.Attention
+node before the chain (split by the converter into three layers and MultiHeadAttention); a residual Add in either order; a
 LayerNormalization or its nodes as PyTorch exports it below opset 17; layers that read one
 input side by side (as Q, K and V do); the attention context joined from its heads before a
 layer, and a layer's output split into heads; tensors in the middle that are also graph
@@ -44,8 +45,12 @@ MODELS = 200
 class Builder:
     """A graph under construction; names are unique per model."""
 
-    def __init__(self, rng, elem, opset):
+    def __init__(self, rng, elem, opset, rng_ms=None):
         self.rng, self.elem, self.opset = rng, elem, opset
+        # ONNX Runtime's fused ops (com.microsoft) are drawn from a generator of their own, so
+        # that adding them left the rest of each seed's model as it was.
+        self.rng_ms = rng_ms if rng_ms is not None else np.random.default_rng(0)
+        self.ms = False  # the model uses com.microsoft ops
         self.np = np.float16 if elem == TensorProto.FLOAT16 else np.float32
         self.nodes, self.inits, self.outputs = [], [], []
         self.count = 0
@@ -124,6 +129,10 @@ def activation(b, x):
         return b.node("Tanh", [x]), kind
     if kind == "silu":
         return b.node("Mul", [x, b.node("Sigmoid", [x])]), kind
+    if kind in ("gelu_erf", "gelu_tanh") and b.elem == TensorProto.FLOAT and b.rng_ms.random() < 0.25:
+        # As ONNX Runtime's optimizer leaves them: com.microsoft.Gelu and FastGelu.
+        b.ms = True
+        return b.node("Gelu" if kind == "gelu_erf" else "FastGelu", [x], domain="com.microsoft"), kind
     if kind == "gelu_op":
         return b.node("Gelu", [x]), kind
     if kind == "gelu_tanh_op":
@@ -241,13 +250,27 @@ def heads_out(b, x, k):
     return b.node("Transpose", [y], perm=[0, 2, 1, 3] if r.random() < 0.6 else [0, 2, 3, 1])
 
 
+def attention(b, x, k):
+    """com.microsoft.Attention on x [batch, seq, k] (its fused Q/K/V weight and bias, 2 or 4
+    heads, sometimes causal), as ONNX Runtime's transformer optimizer writes a BERT block's
+    attention: the converter splits it into three layers and MultiHeadAttention."""
+    r = b.rng_ms
+    h, d = int(r.choice([2, 4])), int(r.choice([4, 8, 16]))
+    w = (r.standard_normal((k, 3 * h * d)) / np.sqrt(k)).astype(np.float32)
+    bias = (r.standard_normal(3 * h * d) * 0.2).astype(np.float32)
+    attrs = {"unidirectional": 1} if r.random() < 0.3 else {}
+    b.ms = True
+    b.expected += 3
+    return b.node("Attention", [x, b.const(w, "qkv_w"), b.const(bias, "qkv_b")], domain="com.microsoft", num_heads=h, **attrs), h * d
+
+
 def random_model(seed):
     """(model, input shape with names for the dimensions fed at run time, options, layers)."""
     r = np.random.default_rng(seed)
     elem = TensorProto.FLOAT16 if r.random() < 0.2 else TensorProto.FLOAT
     # Older exports too: opset 13 (IR 7) and 17 (IR 8) beside 20 (IR 9).
     opset = int(r.choice([13, 17, 20, 20]))
-    b = Builder(r, elem, opset)
+    b = Builder(r, elem, opset, np.random.default_rng(10**6 + seed))
     rank = int(r.choice([1, 2, 2, 3, 3, 3, 4]))
     k = int(r.choice([1, 3, 16, 17, 40, 64]))
     x_shape = ["batch", "seq", "heads"][: rank - 1] + [k]
@@ -260,6 +283,8 @@ def random_model(seed):
         x = b.node("Reshape", [x, b.ints([0, 0, h * d])])
         k = h * d
     out_rank = {}
+    if rank == 3 and elem == TensorProto.FLOAT and b.rng_ms.random() < 0.3:
+        x, k = attention(b, x, k)
     layers = int(r.integers(1, 5))
     for i in range(layers):
         if rank == 3 and r.random() < 0.15:
@@ -282,7 +307,8 @@ def random_model(seed):
         [helper.make_tensor_value_info(o, elem, [None] * out_rank.get(o, rank)) for o in outs],
         b.inits,
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version={13: 7, 17: 8, 20: 9}[opset])
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if b.ms else [])
+    m = helper.make_model(g, opset_imports=opsets, ir_version={13: 7, 17: 8, 20: 9}[opset])
     opts = QuantizeOptions(
         weight_granularity=str(r.choice(["per_channel", "per_channel", "per_tensor"])),
         act_granularity=str(r.choice(["per_row", "per_row", "per_tensor"])),

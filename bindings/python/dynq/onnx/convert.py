@@ -390,6 +390,10 @@ class _Graph:
         return name not in self.graph_outputs and name not in self.subgraph_uses
 
 
+# com.microsoft ops whose first output has the type and shape of their first input.
+_MS_SAME_SHAPE = ("Gelu", "FastGelu", "BiasGelu", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "QuickGelu")
+
+
 def _subgraphs(g: onnx.GraphProto):
     """Every subgraph nested in the nodes of `g` (If branches, Loop/Scan bodies, at any depth)."""
     stack = [a for n in g.node for a in n.attribute]
@@ -876,15 +880,75 @@ def _region_gelu_kind(region: List[onnx.NodeProto], t: str, consts: Dict[str, fl
 
 def _infer(model: onnx.ModelProto):
     """Replaces the graph's value_info by ONNX shape inference's, with data propagation (shapes
-    computed in the graph, as PyTorch exports Reshape targets), or without it if that fails."""
-    for data_prop in (True, False):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
-            model.graph.ClearField("value_info")
-            model.graph.value_info.extend(inferred.graph.value_info)
+    computed in the graph, as PyTorch exports Reshape targets), or without it if that fails.
+    ONNX does not know ONNX Runtime's fused ops: the types of their first outputs are added
+    (see `_ms_output_types`) and inference runs again, so that what follows them gets shapes."""
+    for _ in range(4):
+        for data_prop in (True, False):
+            try:
+                inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+                model.graph.ClearField("value_info")
+                model.graph.value_info.extend(inferred.graph.value_info)
+                break
+            except Exception:
+                continue
+        extra = _ms_output_types(model.graph)
+        if not extra:
             return
-        except Exception:
+        model.graph.value_info.extend(extra)
+
+
+def _ms_output_types(g: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
+    """Types of the first outputs of ONNX Runtime's fused ops (com.microsoft) that the graph does
+    not give yet, from their inputs' types: the input's for the element-wise and layer-norm ops,
+    `[batch, seq, v_hidden]` for Attention and MultiHeadAttention, `[batch, seq, hidden]` for
+    EmbedLayerNormalization."""
+    known = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output) if vi.type.HasField("tensor_type")}
+    for t in g.initializer:
+        if t.name not in known:
+            known[t.name] = helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    dims = lambda vi: list(vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else None  # noqa: E731
+    value = lambda d: d.dim_value if d.HasField("dim_value") else (d.dim_param or None)  # noqa: E731
+    out = []
+    for n in g.node:
+        if n.domain != "com.microsoft" or not n.output or not n.output[0] or n.output[0] in known or not n.input:
             continue
+        src = known.get(n.input[0])
+        if n.op_type in _MS_SAME_SHAPE:
+            if src is None:
+                continue
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(src)
+            vi.name = n.output[0]
+        elif n.op_type in ("Attention", "MultiHeadAttention", "EmbedLayerNormalization"):
+            if n.op_type == "EmbedLayerNormalization":
+                ids, table = known.get(n.input[0]), known.get(n.input[2]) if len(n.input) > 2 else None
+                if ids is None or table is None or dims(ids) is None or dims(table) is None or len(dims(ids)) != 2:
+                    continue
+                shape = [value(d) for d in dims(ids)] + [value(dims(table)[-1])]
+                elem = table.type.tensor_type.elem_type
+            else:
+                if src is None or dims(src) is None or len(dims(src)) != 3:
+                    continue
+                width = None
+                if n.op_type == "Attention":
+                    w = known.get(n.input[1]) if len(n.input) > 1 else None
+                    sizes = list(_attr(n, "qkv_hidden_sizes", []) or [])
+                    if sizes:
+                        width = int(sizes[2])
+                    elif w is not None and dims(w) is not None and value(dims(w)[-1]) is not None:
+                        width = int(value(dims(w)[-1])) // 3
+                else:
+                    v = known.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+                    width = value(dims(v)[-1]) if v is not None and dims(v) is not None and len(dims(v)) == 3 else None
+                shape = [value(d) for d in dims(src)[:2]] + [width]
+                elem = src.type.tensor_type.elem_type
+            vi = helper.make_tensor_value_info(n.output[0], elem, shape)
+        else:
+            continue
+        known[vi.name] = vi
+        out.append(vi)
+    return out
 
 
 def split_embed_layer_norm(
