@@ -155,7 +155,9 @@ typedef uint32_t dynq_act_type;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// Operation fused after the bias (`uint32_t` values).
+// Operation fused after the bias (`uint32_t` values). Values 3 to 5 came after the first
+// release; a library from before them refuses them with DYNQ_STATUS_INVALID_ARGUMENT, as any
+// unknown value.
 enum dynq_epilogue
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
   : uint32_t
@@ -171,9 +173,14 @@ enum dynq_epilogue
   // GELU, tanh form: 0.5 * y * (1 + tanh(sqrt(2 / pi) * (y + 0.044715 * y^3))), as GPT-2's
   // `gelu_new`, ONNX `Gelu` with `approximate="tanh"` and ONNX Runtime's `FastGelu`; tanh
   // evaluated by dynq's own rational approximation (error below 3.5e-7), identical on every
-  // CPU. (A library built before this value existed refuses it with
-  // DYNQ_STATUS_INVALID_ARGUMENT, as any unknown value.)
+  // CPU.
   DYNQ_EPILOGUE_GELU_TANH = 3,
+  // SiLU (Swish), y * sigmoid(y), the gate of LLaMA's and its kin's MLP: y/2 + y/2 *
+  // tanh(y/2) with the same tanh.
+  DYNQ_EPILOGUE_SILU = 4,
+  // QuickGELU, y * sigmoid(1.702 * y) (CLIP; ONNX Runtime's QuickGelu with its default
+  // alpha): y/2 + y/2 * tanh(0.851 * y) with the same tanh.
+  DYNQ_EPILOGUE_QUICK_GELU = 5,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -203,6 +210,9 @@ typedef enum dynq_dtype dynq_dtype;
 typedef uint32_t dynq_dtype;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
+
+// The operation applied after the bias.
+typedef struct Epilogue Epilogue;
 
 // Opaque handle to packed weights.
 typedef struct dynq_packed_weights dynq_packed_weights;
@@ -293,6 +303,8 @@ typedef struct {
   // Zero.
   uint32_t reserved;
 } dynq_heads;
+
+
 
 
 

@@ -399,7 +399,7 @@ fn bad_inputs_table() {
                 (|c: &mut dynq_gemm_config| c.act_granularity = 2) as fn(&mut dynq_gemm_config),
             ),
             ("config->act_type = 5", |c| c.act_type = 5),
-            ("config->epilogue = 4", |c| c.epilogue = 4),
+            ("config->epilogue = 6", |c| c.epilogue = 6),
             ("config->num_threads = 1025 (above the maximum)", |c| c.num_threads = 1025),
             ("config->struct_size = sizeof - 4", |c| c.struct_size -= 4),
         ] {

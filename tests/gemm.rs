@@ -61,9 +61,10 @@ fn erf_and_gelu_accuracy() {
     assert_eq!(dynq::gemm::gelu(0.0), 0.0);
 }
 
-/// The tanh GELU (GPT-2's `gelu_new`, ONNX Runtime's FastGelu) against the formula in f64.
+/// The tanh GELU (GPT-2's `gelu_new`, ONNX Runtime's FastGelu), SiLU and QuickGELU against their
+/// formulas in f64.
 #[test]
-fn tanh_and_gelu_tanh_accuracy() {
+fn tanh_gelu_tanh_silu_and_quick_gelu_accuracy() {
     let (mut max_tanh, mut max_gelu) = (0f64, 0f64);
     for i in -200_000..=200_000 {
         let x = i as f32 * 6e-5;
@@ -88,6 +89,23 @@ fn tanh_and_gelu_tanh_accuracy() {
     }
     assert_eq!(dynq::gemm::gelu_tanh(0.0), 0.0);
     assert!(dynq::gemm::gelu_tanh(f32::NAN).is_nan());
+    // SiLU and QuickGELU, the same tanh: against x * sigmoid(a x) in f64.
+    let (mut max_silu, mut max_quick) = (0f64, 0f64);
+    for i in -400_000..=400_000 {
+        let x = i as f32 * 6e-5;
+        let xd = x as f64;
+        let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+        max_silu = max_silu.max((dynq::gemm::silu(x) as f64 - xd * sig(xd)).abs() / xd.abs().max(1.0));
+        max_quick = max_quick.max((dynq::gemm::quick_gelu(x) as f64 - xd * sig(1.702 * xd)).abs() / xd.abs().max(1.0));
+    }
+    assert!(max_silu <= 2.5e-7, "silu max error / max(|x|, 1): {max_silu}");
+    assert!(max_quick <= 2.5e-7, "quick_gelu max error / max(|x|, 1): {max_quick}");
+    for x in [21.0f32, 1e3, 1e30, 3e38] {
+        assert_eq!(dynq::gemm::silu(-x), 0.0, "silu(-{x})");
+        assert_eq!(dynq::gemm::silu(x), x, "silu({x})");
+        assert_eq!(dynq::gemm::quick_gelu(-x), 0.0, "quick_gelu(-{x})");
+        assert_eq!(dynq::gemm::quick_gelu(x), x, "quick_gelu({x})");
+    }
     // Distinct from the erf form (they differ by up to 4.7e-4, at |x| = 2.7).
     assert!((dynq::gemm::gelu_tanh(2.7) - dynq::gemm::gelu(2.7)).abs() > 4e-4);
 }
@@ -117,6 +135,8 @@ fn epilogue_activations_match_the_definition_on_a_dense_sweep() {
             (Epilogue::Relu, dynq::gemm::relu as fn(f32) -> f32),
             (Epilogue::Gelu, dynq::gemm::gelu),
             (Epilogue::GeluTanh, dynq::gemm::gelu_tanh),
+            (Epilogue::Silu, dynq::gemm::silu),
+            (Epilogue::QuickGelu, dynq::gemm::quick_gelu),
         ] {
             let o = GemmOptions { epilogue: ep, ..opts(ActGranularity::PerRow, ActType::AsymmetricU8, 1) };
             let got = run(&pw, &a, m, Some(&sweep), &o);
@@ -173,8 +193,8 @@ fn bit_identical_across_isas_and_threads() {
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "{isa} threads={threads} {m}x{n}x{k} {g:?} {t:?} qmax={qmax} differs from scalar");
                 }
-                for ep in [Epilogue::Relu, Epilogue::Gelu, Epilogue::GeluTanh] {
-                    let o = GemmOptions { epilogue: ep, ..opts(g, t, 2) };
+                for ep in &Epilogue::ALL[1..] {
+                    let o = GemmOptions { epilogue: *ep, ..opts(g, t, 2) };
                     let want = run(&base, &a, m, Some(&bias), &GemmOptions { num_threads: 1, ..o });
                     let got = run(&pw, &a, m, Some(&bias), &o);
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -1266,7 +1286,7 @@ fn avx_vnni_stand_in_gemm_is_bit_identical() {
         assert_eq!(pw.kernel().name, twin.name);
         assert_eq!(pw.quantized_weights(), scalar.quantized_weights());
         for (g, t) in all_modes() {
-            for ep in [Epilogue::None, Epilogue::Relu, Epilogue::Gelu, Epilogue::GeluTanh] {
+            for ep in Epilogue::ALL {
                 let o = GemmOptions { epilogue: ep, ..opts(g, t, 1) };
                 let want = run(&scalar, &a, m, Some(&bias), &o);
                 for threads in [1, 2, 3] {

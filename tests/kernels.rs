@@ -100,7 +100,7 @@ fn micro_kernels_exact_on_guard_pages() {
                         let cs: Vec<i32> = (0..cols).map(|_| rng.below(20000) as i32 - 10000).collect();
                         let sw: Vec<f32> = (0..cols).map(|_| rng.f32().abs() * 0.02).collect();
                         let bias: Vec<f32> = (0..cols).map(|_| rng.f32()).collect();
-                        use dynq::Epilogue::{Gelu, GeluTanh, None as Plain, Relu};
+                        use dynq::Epilogue::{Gelu, GeluTanh, None as Plain, QuickGelu, Relu, Silu};
                         // The residual ends at a guard page too: the kernels' masked loads must
                         // not read past a partial panel's columns.
                         let ldr = cols + rng.below(3);
@@ -120,6 +120,8 @@ fn micro_kernels_exact_on_guard_pages() {
                             (true, Gelu, true),
                             (true, GeluTanh, false),
                             (false, GeluTanh, true),
+                            (true, Silu, false),
+                            (false, QuickGelu, true),
                         ] {
                             let mut y = GuardBuf::<f32>::new((mr_eff - 1) * ldy + cols, f32::from_bits(0x7fc0_dead));
                             let ft = F32Tile {

@@ -91,6 +91,11 @@ const (
 	// 0.5 * y * (1 + tanh(sqrt(2/pi) * (y + 0.044715 * y^3))), with dynq's own tanh
 	// approximation (error below 3.5e-7), identical on every CPU.
 	EpilogueGELUTanh Epilogue = C.DYNQ_EPILOGUE_GELU_TANH
+	// EpilogueSiLU is y * sigmoid(y) (SiLU or Swish, the gate of LLaMA's MLP), computed as
+	// y/2 + y/2 * tanh(y/2) with the same tanh, identical on every CPU.
+	EpilogueSiLU Epilogue = C.DYNQ_EPILOGUE_SILU
+	// EpilogueQuickGELU is y * sigmoid(1.702 * y) (CLIP's QuickGELU), computed the same way.
+	EpilogueQuickGELU Epilogue = C.DYNQ_EPILOGUE_QUICK_GELU
 )
 
 // ISA is a kernel family.

@@ -129,8 +129,8 @@ func TestGemmMatchesReference(t *testing.T) {
 	}
 }
 
-// GELU uses dynq's own erf and tanh approximations, so each form is compared with its formula
-// in float64 within a tolerance, applied to the output without epilogue (the value the epilogue
+// GELU, SiLU and QuickGELU use dynq's own erf and tanh approximations, so each is compared
+// with its formula in float64 within a tolerance, applied to the output without epilogue (the value the epilogue
 // receives).
 func TestGELU(t *testing.T) {
 	r := rand.New(rand.NewSource(5))
@@ -151,6 +151,8 @@ func TestGELU(t *testing.T) {
 		{"tanh", EpilogueGELUTanh, func(x float64) float64 {
 			return 0.5 * x * (1 + math.Tanh(math.Sqrt(2/math.Pi)*(x+0.044715*x*x*x)))
 		}},
+		{"silu", EpilogueSiLU, func(x float64) float64 { return x / (1 + math.Exp(-x)) }},
+		{"quick", EpilogueQuickGELU, func(x float64) float64 { return x / (1 + math.Exp(-1.702*x)) }},
 	}
 	for _, form := range forms {
 		gelu := make([]float32, m*n)
@@ -169,7 +171,7 @@ func TestGELU(t *testing.T) {
 				}
 			}
 		}
-		// The two forms differ by up to 4.7e-4: the epilogue is the one asked for.
+		// The forms differ (the two GELUs by up to 4.7e-4): the epilogue is the one asked for.
 		if maxOther < 5e-5 {
 			t.Fatalf("GELU %s form is within %g of the other form everywhere", form.name, maxOther)
 		}

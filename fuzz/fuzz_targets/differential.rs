@@ -161,7 +161,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
     let bias = if u.arbitrary::<bool>()? { Some(f32_values(u, &mut rng, n)?) } else { None };
     let g = if u.arbitrary::<bool>()? { ActGranularity::PerRow } else { ActGranularity::PerTensor };
     let t = if u.arbitrary::<bool>()? { ActType::AsymmetricU8 } else { ActType::SymmetricI8 };
-    let act = [Epilogue::None, Epilogue::Relu, Epilogue::Gelu, Epilogue::GeluTanh][u.choose_index(4)?];
+    let act = Epilogue::ALL[u.choose_index(Epilogue::ALL.len())?];
     let opts = GemmOptions { act_granularity: g, act_type: t, epilogue: act, num_threads: threads };
 
     // The definition, on the reference integers.

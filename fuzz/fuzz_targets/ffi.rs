@@ -208,7 +208,7 @@ fn gemm_config(u: &mut Unstructured, ar: &mut Arena) -> Result<(*const dynq_gemm
     let struct_size = if u.ratio(15u8, 16)? { size } else { u.arbitrary()? };
     let act_granularity = enum_u32(u, 2)?;
     let act_type = enum_u32(u, 2)?;
-    let epilogue = enum_u32(u, 4)?;
+    let epilogue = enum_u32(u, 6)?;
     // 0 = default; valid up to 1024 (dynq runs at most its pool's size of workers).
     let num_threads = [0u32, 1, 2, 3, 1, 64, 1024, 1025, u32::MAX, 1 << 20][u.choose_index(10)?];
     let c = dynq_gemm_config { struct_size, act_granularity, act_type, epilogue, num_threads };
@@ -220,7 +220,7 @@ fn gemm_config(u: &mut Unstructured, ar: &mut Arena) -> Result<(*const dynq_gemm
         && struct_size == size
         && act_granularity < 2
         && act_type < 2
-        && epilogue < 4
+        && epilogue < 6
         && num_threads as usize <= 1024;
     // SAFETY: in bounds.
     Ok(((unsafe { ar.base().add(off) }) as *const dynq_gemm_config, ok))

@@ -86,7 +86,9 @@ pub enum dynq_act_type {
     SymmetricI8 = 1,
 }
 
-/// Operation fused after the bias (`uint32_t` values).
+/// Operation fused after the bias (`uint32_t` values). Values 3 to 5 came after the first
+/// release; a library from before them refuses them with DYNQ_STATUS_INVALID_ARGUMENT, as any
+/// unknown value.
 #[repr(u32)]
 pub enum dynq_epilogue {
     /// None (default).
@@ -99,9 +101,14 @@ pub enum dynq_epilogue {
     /// GELU, tanh form: 0.5 * y * (1 + tanh(sqrt(2 / pi) * (y + 0.044715 * y^3))), as GPT-2's
     /// `gelu_new`, ONNX `Gelu` with `approximate="tanh"` and ONNX Runtime's `FastGelu`; tanh
     /// evaluated by dynq's own rational approximation (error below 3.5e-7), identical on every
-    /// CPU. (A library built before this value existed refuses it with
-    /// DYNQ_STATUS_INVALID_ARGUMENT, as any unknown value.)
+    /// CPU.
     GeluTanh = 3,
+    /// SiLU (Swish), y * sigmoid(y), the gate of LLaMA's and its kin's MLP: y/2 + y/2 *
+    /// tanh(y/2) with the same tanh.
+    Silu = 4,
+    /// QuickGELU, y * sigmoid(1.702 * y) (CLIP; ONNX Runtime's QuickGelu with its default
+    /// alpha): y/2 + y/2 * tanh(0.851 * y) with the same tanh.
+    QuickGelu = 5,
 }
 
 /// Element types of activations and outputs (`uint32_t` values), for `dynq_gemm_ex`.

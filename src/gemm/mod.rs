@@ -24,7 +24,7 @@
 //! c = acc - za * colsum          (i32, exact)
 //! t = f32(c) * (sa * sw)         (two f32 roundings: the product sa * sw, then the multiply)
 //! t = t + bias                   (if a bias is given)
-//! t = max(t, 0), gelu(t) or gelu_tanh(t)   (the epilogue, if one is selected; see `gelu`)
+//! t = max(t, 0), gelu(t), gelu_tanh(t), silu(t) or quick_gelu(t)   (the epilogue, if one is selected)
 //! ```
 //!
 //! Every kernel produces the same `acc`, and every element is computed by these same
@@ -58,9 +58,19 @@ pub enum Epilogue {
     /// `y = gelu_tanh(acc * scales + bias)`, the tanh approximation of GELU (GPT-2's `gelu_new`,
     /// ONNX `Gelu` with `approximate="tanh"`, ONNX Runtime's `FastGelu`), see [`gelu_tanh`].
     GeluTanh,
+    /// `y = silu(acc * scales + bias)`, `x * sigmoid(x)` (SiLU or Swish: the gate of LLaMA's
+    /// and its kin's MLP), see [`silu`].
+    Silu,
+    /// `y = quick_gelu(acc * scales + bias)`, `x * sigmoid(1.702 * x)` (CLIP's QuickGELU,
+    /// ONNX Runtime's `QuickGelu` with its default alpha), see [`quick_gelu`].
+    QuickGelu,
 }
 
 impl Epilogue {
+    /// Every epilogue, in the order of their C ABI values.
+    pub const ALL: [Epilogue; 6] =
+        [Epilogue::None, Epilogue::Relu, Epilogue::Gelu, Epilogue::GeluTanh, Epilogue::Silu, Epilogue::QuickGelu];
+
     /// The C ABI value (`dynq_epilogue`).
     pub fn to_raw(self) -> u32 {
         match self {
@@ -68,6 +78,8 @@ impl Epilogue {
             Epilogue::Relu => 1,
             Epilogue::Gelu => 2,
             Epilogue::GeluTanh => 3,
+            Epilogue::Silu => 4,
+            Epilogue::QuickGelu => 5,
         }
     }
     /// From the C ABI value.
@@ -77,6 +89,8 @@ impl Epilogue {
             1 => Some(Epilogue::Relu),
             2 => Some(Epilogue::Gelu),
             3 => Some(Epilogue::GeluTanh),
+            4 => Some(Epilogue::Silu),
+            5 => Some(Epilogue::QuickGelu),
             _ => None,
         }
     }
@@ -235,6 +249,27 @@ pub fn gelu_tanh(x: f32) -> f32 {
     h.mul_add(tanh(u), h)
 }
 
+/// SiLU (Swish) as dynq defines it, `x * sigmoid(x)` written with `sigmoid(x) = (1 + tanh(x /
+/// 2)) / 2`: `h = x * 0.5`, then `fma(h, tanh(h), h)`, with [`tanh`]. Within 2e-7 * |x| of the
+/// exact function; exactly 0 below -20.
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    let h = x * 0.5;
+    h.mul_add(tanh(h), h)
+}
+
+/// `1.702 / 2`, the tanh argument of [`quick_gelu`].
+pub(crate) const QUICK_GELU_HALF_ALPHA: f32 = 0.851;
+
+/// QuickGELU as dynq defines it, `x * sigmoid(1.702 * x)` written like [`silu`]: `h = x * 0.5`,
+/// then `fma(h, tanh(x * 0.851), h)`. Within 2e-7 * |x| of the exact function; exactly 0
+/// below -11.8.
+#[inline(always)]
+pub fn quick_gelu(x: f32) -> f32 {
+    let h = x * 0.5;
+    h.mul_add(tanh(x * QUICK_GELU_HALF_ALPHA), h)
+}
+
 /// Definition of `RowOps::dequantize_row`: the epilogue of one output row segment.
 pub fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
     for (j, (o, &c)) in out.iter_mut().zip(acc).enumerate() {
@@ -247,6 +282,8 @@ pub fn dequantize_row(row: &DequantRow<'_>, acc: &[i32], out: &mut [f32]) {
             Epilogue::Relu => relu(t),
             Epilogue::Gelu => gelu(t),
             Epilogue::GeluTanh => gelu_tanh(t),
+            Epilogue::Silu => silu(t),
+            Epilogue::QuickGelu => quick_gelu(t),
         };
     }
 }

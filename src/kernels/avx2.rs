@@ -19,7 +19,9 @@
 //! the weights and picks it by itself; it refuses other weights for it.
 
 use super::{pack_panels, unpack_panels, DequantRow, F32Tile, Kernel, RowOps, ScaledRowOps, TileOut};
-use crate::gemm::{Epilogue, ERF_P, ERF_Q, GELU_TANH_A, GELU_TANH_B, TANH_CLAMP, TANH_P, TANH_Q};
+use crate::gemm::{
+    Epilogue, ERF_P, ERF_Q, GELU_TANH_A, GELU_TANH_B, QUICK_GELU_HALF_ALPHA, TANH_CLAMP, TANH_P, TANH_Q,
+};
 use crate::isa::Isa;
 use crate::quant::activations::{quantize_value, QParams};
 use crate::quant::ActType;
@@ -483,7 +485,7 @@ pub(crate) unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
 }
 
 /// The epilogue activation; the same operations, in the same order, as
-/// `crate::gemm::{relu, gelu, gelu_tanh}`.
+/// `crate::gemm::{relu, gelu, gelu_tanh, silu, quick_gelu}`.
 ///
 /// # Safety
 /// The CPU has AVX and FMA.
@@ -512,19 +514,39 @@ pub(crate) unsafe fn activate(v: __m256, act: Epilogue) -> __m256 {
         Epilogue::GeluTanh => {
             let set = _mm256_set1_ps;
             let u = _mm256_mul_ps(v, _mm256_fmadd_ps(set(GELU_TANH_B), _mm256_mul_ps(v, v), set(GELU_TANH_A)));
-            let u = _mm256_min_ps(_mm256_max_ps(u, set(-TANH_CLAMP)), set(TANH_CLAMP));
-            let s = _mm256_mul_ps(u, u);
-            let (mut p, mut q) = (set(TANH_P[4]), set(TANH_Q[4]));
-            for i in (0..4).rev() {
-                p = _mm256_fmadd_ps(p, s, set(TANH_P[i]));
-                q = _mm256_fmadd_ps(q, s, set(TANH_Q[i]));
-            }
-            let th = _mm256_div_ps(_mm256_mul_ps(u, p), q);
-            let th = _mm256_min_ps(_mm256_max_ps(th, set(-1.0)), set(1.0));
             let h = _mm256_mul_ps(v, set(0.5));
-            _mm256_fmadd_ps(h, th, h)
+            // SAFETY (this arm and the next two): the contract of `activate`.
+            _mm256_fmadd_ps(h, unsafe { tanh(u) }, h)
+        }
+        Epilogue::Silu => {
+            let h = _mm256_mul_ps(v, _mm256_set1_ps(0.5));
+            _mm256_fmadd_ps(h, unsafe { tanh(h) }, h)
+        }
+        Epilogue::QuickGelu => {
+            let h = _mm256_mul_ps(v, _mm256_set1_ps(0.5));
+            let u = _mm256_mul_ps(v, _mm256_set1_ps(QUICK_GELU_HALF_ALPHA));
+            _mm256_fmadd_ps(h, unsafe { tanh(u) }, h)
         }
     }
+}
+
+/// `crate::gemm::tanh`: the same operations in the same order.
+///
+/// # Safety
+/// As [`activate`].
+#[inline]
+#[target_feature(enable = "avx,fma")]
+unsafe fn tanh(u: __m256) -> __m256 {
+    let set = _mm256_set1_ps;
+    let u = _mm256_min_ps(_mm256_max_ps(u, set(-TANH_CLAMP)), set(TANH_CLAMP));
+    let s = _mm256_mul_ps(u, u);
+    let (mut p, mut q) = (set(TANH_P[4]), set(TANH_Q[4]));
+    for i in (0..4).rev() {
+        p = _mm256_fmadd_ps(p, s, set(TANH_P[i]));
+        q = _mm256_fmadd_ps(q, s, set(TANH_Q[i]));
+    }
+    let th = _mm256_div_ps(_mm256_mul_ps(u, p), q);
+    _mm256_min_ps(_mm256_max_ps(th, set(-1.0)), set(1.0))
 }
 
 /// # Safety

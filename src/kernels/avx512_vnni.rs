@@ -14,7 +14,9 @@
 //! `vpdpbusd` never saturates (its `vpdpbusds` sibling does), so the sums are exact.
 
 use super::{pack_panels, unpack_panels, F32Tile, Kernel, RowOps, ScaledRowOps, TileOut};
-use crate::gemm::{Epilogue, ERF_P, ERF_Q, GELU_TANH_A, GELU_TANH_B, TANH_CLAMP, TANH_P, TANH_Q};
+use crate::gemm::{
+    Epilogue, ERF_P, ERF_Q, GELU_TANH_A, GELU_TANH_B, QUICK_GELU_HALF_ALPHA, TANH_CLAMP, TANH_P, TANH_Q,
+};
 use crate::isa::Isa;
 use crate::quant::ActType;
 use std::arch::x86_64::*;
@@ -301,15 +303,19 @@ unsafe fn deliver_f32<const W: usize>(acc: *const [__m512i; W], rows: usize, t: 
             (false, Epilogue::Relu) => deliver_rows::<W, false, 1>(acc, rows, t),
             (false, Epilogue::Gelu) => deliver_rows::<W, false, 2>(acc, rows, t),
             (false, Epilogue::GeluTanh) => deliver_rows::<W, false, 3>(acc, rows, t),
+            (false, Epilogue::Silu) => deliver_rows::<W, false, 4>(acc, rows, t),
+            (false, Epilogue::QuickGelu) => deliver_rows::<W, false, 5>(acc, rows, t),
             (true, Epilogue::None) => deliver_rows::<W, true, 0>(acc, rows, t),
             (true, Epilogue::Relu) => deliver_rows::<W, true, 1>(acc, rows, t),
             (true, Epilogue::Gelu) => deliver_rows::<W, true, 2>(acc, rows, t),
             (true, Epilogue::GeluTanh) => deliver_rows::<W, true, 3>(acc, rows, t),
+            (true, Epilogue::Silu) => deliver_rows::<W, true, 4>(acc, rows, t),
+            (true, Epilogue::QuickGelu) => deliver_rows::<W, true, 5>(acc, rows, t),
         }
     }
 }
 
-/// [`deliver_f32`] with the bias (`BIAS`) and the activation (`ACT`: 0 none, 1 ReLU, 2 GELU, 3 tanh GELU)
+/// [`deliver_f32`] with the bias (`BIAS`) and the activation (`ACT`: the C ABI value of the activation)
 /// fixed.
 ///
 /// # Safety
@@ -325,7 +331,9 @@ unsafe fn deliver_rows<const W: usize, const BIAS: bool, const ACT: u8>(
         0 => Epilogue::None,
         1 => Epilogue::Relu,
         2 => Epilogue::Gelu,
-        _ => Epilogue::GeluTanh,
+        3 => Epilogue::GeluTanh,
+        4 => Epilogue::Silu,
+        _ => Epilogue::QuickGelu,
     };
     // SAFETY (whole body): the TileOut contract; masked lanes are neither read nor written.
     unsafe {
@@ -364,7 +372,7 @@ unsafe fn deliver_rows<const W: usize, const BIAS: bool, const ACT: u8>(
 }
 
 /// The epilogue activation; the same operations, in the same order, as
-/// `crate::gemm::{relu, gelu, gelu_tanh}`.
+/// `crate::gemm::{relu, gelu, gelu_tanh, silu, quick_gelu}`.
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
@@ -393,19 +401,39 @@ unsafe fn activate(v: __m512, act: Epilogue) -> __m512 {
         Epilogue::GeluTanh => {
             let set = _mm512_set1_ps;
             let u = _mm512_mul_ps(v, _mm512_fmadd_ps(set(GELU_TANH_B), _mm512_mul_ps(v, v), set(GELU_TANH_A)));
-            let u = _mm512_min_ps(_mm512_max_ps(u, set(-TANH_CLAMP)), set(TANH_CLAMP));
-            let s = _mm512_mul_ps(u, u);
-            let (mut p, mut q) = (set(TANH_P[4]), set(TANH_Q[4]));
-            for i in (0..4).rev() {
-                p = _mm512_fmadd_ps(p, s, set(TANH_P[i]));
-                q = _mm512_fmadd_ps(q, s, set(TANH_Q[i]));
-            }
-            let th = _mm512_div_ps(_mm512_mul_ps(u, p), q);
-            let th = _mm512_min_ps(_mm512_max_ps(th, set(-1.0)), set(1.0));
             let h = _mm512_mul_ps(v, set(0.5));
-            _mm512_fmadd_ps(h, th, h)
+            // SAFETY (this arm and the next two): the contract of `activate`.
+            _mm512_fmadd_ps(h, unsafe { tanh(u) }, h)
+        }
+        Epilogue::Silu => {
+            let h = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
+            _mm512_fmadd_ps(h, unsafe { tanh(h) }, h)
+        }
+        Epilogue::QuickGelu => {
+            let h = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
+            let u = _mm512_mul_ps(v, _mm512_set1_ps(QUICK_GELU_HALF_ALPHA));
+            _mm512_fmadd_ps(h, unsafe { tanh(u) }, h)
         }
     }
+}
+
+/// `crate::gemm::tanh`: the same operations in the same order.
+///
+/// # Safety
+/// As [`activate`].
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn tanh(u: __m512) -> __m512 {
+    let set = _mm512_set1_ps;
+    let u = _mm512_min_ps(_mm512_max_ps(u, set(-TANH_CLAMP)), set(TANH_CLAMP));
+    let s = _mm512_mul_ps(u, u);
+    let (mut p, mut q) = (set(TANH_P[4]), set(TANH_Q[4]));
+    for i in (0..4).rev() {
+        p = _mm512_fmadd_ps(p, s, set(TANH_P[i]));
+        q = _mm512_fmadd_ps(q, s, set(TANH_Q[i]));
+    }
+    let th = _mm512_div_ps(_mm512_mul_ps(u, p), q);
+    _mm512_min_ps(_mm512_max_ps(th, set(-1.0)), set(1.0))
 }
 
 /// Mask of the first `n` (< 16) lanes, or all 16.

@@ -44,6 +44,8 @@ pub enum Activation {
     Relu,
     Gelu,
     GeluTanh,
+    Silu,
+    QuickGelu,
 }
 
 /// The node's attributes.
@@ -89,6 +91,8 @@ pub fn parse_attrs(get: impl Fn(&str) -> Result<Option<String>, String>) -> Resu
                 ("relu", Activation::Relu),
                 ("gelu", Activation::Gelu),
                 ("gelu_tanh", Activation::GeluTanh),
+                ("silu", Activation::Silu),
+                ("quick_gelu", Activation::QuickGelu),
             ],
         )?,
         a_heads: pick("a_layout", get("a_layout")?, false, &[("rows", false), ("heads", true)])?,
@@ -339,6 +343,8 @@ impl DynqKernel {
                 Activation::Relu => Epilogue::Relu,
                 Activation::Gelu => Epilogue::Gelu,
                 Activation::GeluTanh => Epilogue::GeluTanh,
+                Activation::Silu => Epilogue::Silu,
+                Activation::QuickGelu => Epilogue::QuickGelu,
             },
             num_threads: 1, // not used: the work runs on ONNX Runtime's pool
         }
@@ -1045,6 +1051,10 @@ mod tests {
         assert_eq!(a.activation, Activation::Gelu);
         let a = parse_attrs(|n: &str| Ok((n == "activation").then(|| "gelu_tanh".to_string()))).unwrap();
         assert_eq!(a.activation, Activation::GeluTanh);
+        for (name, act) in [("silu", Activation::Silu), ("quick_gelu", Activation::QuickGelu)] {
+            let a = parse_attrs(|n: &str| Ok((n == "activation").then(|| name.to_string()))).unwrap();
+            assert_eq!(a.activation, act);
+        }
         let e = parse_attrs(|n: &str| Ok((n == "act_type").then(|| "int4".to_string()))).unwrap_err();
         assert!(e.contains("'act_type'") && e.contains("\"int4\"") && e.contains("\"symmetric_i8\""), "{e}");
     }

@@ -24,8 +24,9 @@
 //! - `act_granularity`: `"per_row"` (default; one range per row of A, i.e. per token) or
 //!   `"per_tensor"` (one range for all of A, as ONNX `DynamicQuantizeLinear`).
 //! - `act_type`: `"asymmetric_u8"` (default; uint8 with zero point) or `"symmetric_i8"`.
-//! - `activation`: `"none"` (default), `"relu"`, `"gelu"` (erf form) or `"gelu_tanh"` (tanh
-//!   form), fused into the GEMM's epilogue after the bias (dynq's `Epilogue`).
+//! - `activation`: `"none"` (default), `"relu"`, `"gelu"` (erf form), `"gelu_tanh"` (tanh
+//!   form), `"silu"` or `"quick_gelu"`, fused into the GEMM's epilogue after the bias (dynq's
+//!   `Epilogue`).
 //!
 //! - `a_layout`: `"rows"` (default) or `"heads"`: A is `[batch, heads, seq, d]` (the attention
 //!   context) and the product reads it as its `Transpose(perm = [0, 2, 1, 3])` reshaped to

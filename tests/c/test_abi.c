@@ -474,14 +474,13 @@ static float ref_gelu(float x)
     return fmaf(h, e, h);
 }
 
-/* The tanh GELU as dynq documents it: u = x * fma(B, x*x, A); tanh(u) ~= u * P(u^2) / Q(u^2)
- * with u clamped to [-10, 10] and the quotient to [-1, 1]; h = x/2; h + h * tanh, fused. */
-static float ref_gelu_tanh(float x)
+/* dynq's tanh: tanh(u) ~= u * P(u^2) / Q(u^2) with u clamped to [-10, 10] and the quotient to
+ * [-1, 1]. */
+static float ref_tanh(float u)
 {
     static const float P[5] = {0.99999976f, 0.13304606f, 0.00340612f, 1.9191817e-5f, 1.1503483e-8f};
     static const float Q[5] = {1.0f, 0.4663785f, 0.025533244f, 0.0003141641f, 6.994529e-7f};
-    float u = x * fmaf(0.035677407f, x * x, 0.7978846f);
-    float s, p, q, t, h;
+    float s, p, q, t;
     int i;
     u = u > -10.0f ? u : -10.0f;
     u = u < 10.0f ? u : 10.0f;
@@ -494,9 +493,27 @@ static float ref_gelu_tanh(float x)
     }
     t = (u * p) / q;
     t = t > -1.0f ? t : -1.0f;
-    t = t < 1.0f ? t : 1.0f;
-    h = x * 0.5f;
-    return fmaf(h, t, h);
+    return t < 1.0f ? t : 1.0f;
+}
+
+/* The epilogues built on it, as dynq documents them: h = x/2, then h + h * tanh(u), fused, with
+ * u = x * fma(B, x*x, A) (tanh GELU), h (SiLU) or 0.851 * x (QuickGELU). */
+static float ref_gelu_tanh(float x)
+{
+    float h = x * 0.5f;
+    return fmaf(h, ref_tanh(x * fmaf(0.035677407f, x * x, 0.7978846f)), h);
+}
+
+static float ref_silu(float x)
+{
+    float h = x * 0.5f;
+    return fmaf(h, ref_tanh(h), h);
+}
+
+static float ref_quick_gelu(float x)
+{
+    float h = x * 0.5f;
+    return fmaf(h, ref_tanh(x * 0.851f), h);
 }
 
 /* y = dequant(quant(A) x W^T) + bias, then the epilogue, in the documented order:
@@ -564,6 +581,12 @@ static void ref_gemm(const float *a, size_t m, size_t k, size_t lda, const int8_
             }
             if (epi == DYNQ_EPILOGUE_GELU_TANH) {
                 t = ref_gelu_tanh(t);
+            }
+            if (epi == DYNQ_EPILOGUE_SILU) {
+                t = ref_silu(t);
+            }
+            if (epi == DYNQ_EPILOGUE_QUICK_GELU) {
+                t = ref_quick_gelu(t);
             }
             if (epi == DYNQ_EPILOGUE_RELU) {
                 t = t > 0.0f ? t : 0.0f;
@@ -1415,13 +1438,16 @@ static void test_gemm_reference(void)
         random_a(aa, m, k, lda, ext);
         memcpy(a, aa, ((m - 1) * lda + k) * sizeof(float));
         free(aa);
-        for (combo = 0; combo < 32; combo++) {
+        for (combo = 0; combo < 48; combo++) {
+            /* combo >> 3: 0 and 1 none or ReLU (bias by bit 3), then GELU, tanh GELU, SiLU,
+             * QuickGELU, each with the bias. */
+            static const uint32_t later[4] = {DYNQ_EPILOGUE_GELU, DYNQ_EPILOGUE_GELU_TANH, DYNQ_EPILOGUE_SILU,
+                                              DYNQ_EPILOGUE_QUICK_GELU};
             uint32_t gran = (combo & 1) ? DYNQ_ACT_GRANULARITY_PER_TENSOR : DYNQ_ACT_GRANULARITY_PER_ROW;
             uint32_t type = (combo & 2) ? DYNQ_ACT_TYPE_SYMMETRIC_I8 : DYNQ_ACT_TYPE_ASYMMETRIC_U8;
-            uint32_t epi = (combo >> 3) == 3   ? DYNQ_EPILOGUE_GELU_TANH
-                           : (combo >> 3) == 2 ? DYNQ_EPILOGUE_GELU
-                           : (combo & 4)       ? DYNQ_EPILOGUE_RELU
-                                               : DYNQ_EPILOGUE_NONE;
+            uint32_t epi = (combo >> 3) >= 2 ? later[(combo >> 3) - 2]
+                           : (combo & 4)     ? DYNQ_EPILOGUE_RELU
+                                             : DYNQ_EPILOGUE_NONE;
             const float *b = (combo & 8) || (combo >> 3) >= 2 ? bias : NULL;
             dynq_status st;
             fill_sentinel(y, (m - 1) * ldy + n);
@@ -1431,7 +1457,9 @@ static void test_gemm_reference(void)
                   "dynq_gemm == C reference, %s activations, %s, %s, %s, %s, lda=%zu ldy=%zu: %s (%s)",
                   ext ? "extreme" : "random", gran ? "per-tensor" : "per-row",
                   type ? "symmetric int8" : "asymmetric uint8",
-                  epi == DYNQ_EPILOGUE_GELU_TANH ? "tanh GELU" : epi == DYNQ_EPILOGUE_GELU ? "GELU" : epi ? "ReLU" : "no epilogue",
+                  epi == DYNQ_EPILOGUE_QUICK_GELU ? "QuickGELU" : epi == DYNQ_EPILOGUE_SILU ? "SiLU"
+                  : epi == DYNQ_EPILOGUE_GELU_TANH  ? "tanh GELU" : epi == DYNQ_EPILOGUE_GELU ? "GELU"
+                  : epi                             ? "ReLU"      : "no epilogue",
                   b ? "bias" : "bias NULL", lda, ldy, st == DYNQ_STATUS_OK ? why : "call failed",
                   sname((int)st));
         }
@@ -2213,8 +2241,8 @@ static void test_invalid_arguments(void)
     gc = gemm_cfg(0, 2u, 0, 1);
     EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "act_type", "dynq_gemm(config act_type=2)",
            dynq_gemm(p, a, 3, 8, NULL, y, 6, &gc));
-    gc = gemm_cfg(0, 0, 4u, 1);
-    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "epilogue", "dynq_gemm(config epilogue=4)",
+    gc = gemm_cfg(0, 0, 6u, 1);
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "epilogue", "dynq_gemm(config epilogue=6)",
            dynq_gemm(p, a, 3, 8, NULL, y, 6, &gc));
     gc = gemm_cfg(0, 0, 0, 1025u);
     EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "num_threads", "dynq_gemm(config num_threads=1025)",

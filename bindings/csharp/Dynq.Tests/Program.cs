@@ -286,9 +286,13 @@ namespace Dynq.Tests
                 float[] a = RandomArray(r, m * k, 2f, 0f);
                 float[] bias = RandomArray(r, n, 1f, 0f);
                 float[] plain = p.Forward(a, bias);
+                Func<double, double> siluForm = x => x / (1 + Math.Exp(-x));
+                Func<double, double> quickForm = x => x / (1 + Math.Exp(-1.702 * x));
                 foreach (var form in new[] {
                     Tuple.Create(Epilogue.Gelu, erfForm, tanhForm, "erf"),
-                    Tuple.Create(Epilogue.GeluTanh, tanhForm, erfForm, "tanh") })
+                    Tuple.Create(Epilogue.GeluTanh, tanhForm, erfForm, "tanh"),
+                    Tuple.Create(Epilogue.Silu, siluForm, quickForm, "silu"),
+                    Tuple.Create(Epilogue.QuickGelu, quickForm, siluForm, "quick") })
                 {
                     float[] gelu = p.Forward(a, bias, new GemmOptions { Epilogue = form.Item1 });
                     int bad = -1;

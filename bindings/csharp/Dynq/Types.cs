@@ -78,6 +78,11 @@ namespace Dynq
         /// 0.5 * y * (1 + tanh(sqrt(2/pi) * (y + 0.044715 * y^3))), with dynq's own tanh
         /// approximation (error below 3.5e-7), identical on every CPU.</summary>
         GeluTanh = 3,
+        /// <summary>SiLU (Swish), y * sigmoid(y), the gate of LLaMA's MLP: y/2 + y/2 * tanh(y/2)
+        /// with the same tanh, identical on every CPU.</summary>
+        Silu = 4,
+        /// <summary>QuickGELU (CLIP), y * sigmoid(1.702 * y), computed the same way.</summary>
+        QuickGelu = 5,
     }
 
     /// <summary>Element types of activations and outputs of the Gemm overloads on 16-bit data.

@@ -59,7 +59,7 @@ _LAYOUTS = {"nk": 0, "kn": 1}
 _WEIGHT_GRANULARITY = {"per_channel": 0, "per_tensor": 1}
 _ACT_GRANULARITY = {"per_row": 0, "per_tensor": 1}
 _ACT_TYPE = {"asymmetric_u8": 0, "symmetric_i8": 1}
-_EPILOGUE = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+_EPILOGUE = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "quick_gelu": 5}
 
 
 class DynqError(RuntimeError):
@@ -427,7 +427,7 @@ def gemm(
     layer_norm: Optional[Tuple[np.ndarray, Optional[np.ndarray], float]] = None,
 ) -> np.ndarray:
     """``Y = dequant(quant(A) x W) + bias`` then the epilogue (``"none"``, ``"relu"``, ``"gelu"``
-    (erf form) or ``"gelu_tanh"`` (tanh form)).
+    (erf form), ``"gelu_tanh"`` (tanh form), ``"silu"`` or ``"quick_gelu"``).
     ``a`` has shape ``[..., K]``; the result has shape ``[..., N]`` and the type of ``a`` when it
     is float16 (widened exactly, computed as float32, rounded to nearest-even), else float32.
 

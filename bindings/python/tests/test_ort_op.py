@@ -23,7 +23,7 @@ def weights(k, n, seed=0):
 
 
 @pytest.mark.parametrize("a_shape", [(5,), (7, 5), (2, 3, 5), (2, 1, 3, 5)])
-@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu", "quick_gelu"])
 def test_op_matches_numpy_and_dynq(a_shape, activation):
     k = a_shape[-1]
     n = 9
@@ -41,13 +41,19 @@ def test_op_matches_numpy_and_dynq(a_shape, activation):
     ref = a.astype(np.float64) @ (q.astype(np.float64) * s) + b
     if activation == "relu":
         ref = np.maximum(ref, 0)
-    elif activation in ("gelu", "gelu_tanh"):
-        ref = {"gelu": gelu, "gelu_tanh": gelu_tanh}[activation](ref)
+    forms = {
+        "gelu": gelu,
+        "gelu_tanh": gelu_tanh,
+        "silu": lambda x: x / (1 + np.exp(-x)),
+        "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+    }
+    if activation in forms:
+        ref = forms[activation](ref)
     err = np.abs(y - ref).max() / (np.abs(ref).max() + 1e-6)
     assert err < 0.02, err
-    if activation in ("gelu", "gelu_tanh"):
+    if activation in forms:
         # dynq's erf and tanh agree with the exact ones to ~3e-7.
-        exact = {"gelu": gelu, "gelu_tanh": gelu_tanh}[activation](dynq.gemm(p, a, bias=b).astype(np.float64))
+        exact = forms[activation](dynq.gemm(p, a, bias=b).astype(np.float64))
         np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-6)
 
 

@@ -84,18 +84,22 @@ def test_gemm_matches_reference_bit_for_bit_on_integers():
     np.testing.assert_array_equal(y3.reshape(36, n), y[:36])
     relu = dynq.gemm(p, a, bias=b, epilogue="relu")
     np.testing.assert_array_equal(relu, np.maximum(y, 0))
-    # The two GELU forms, each against its formula in float64 on the output without epilogue.
+    # GELU in both forms, SiLU and QuickGELU, each against its formula in float64 on the output
+    # without epilogue.
     yd = y.astype(np.float64)
     erf = np.vectorize(math.erf)
     forms = {
         "gelu": 0.5 * yd * (1 + erf(yd / math.sqrt(2))),
         "gelu_tanh": 0.5 * yd * (1 + np.tanh(math.sqrt(2 / math.pi) * (yd + 0.044715 * yd**3))),
+        "silu": yd / (1 + np.exp(-yd)),
+        "quick_gelu": yd / (1 + np.exp(-1.702 * yd)),
     }
     for name, want in forms.items():
         got = dynq.gemm(p, a, bias=b, epilogue=name).astype(np.float64)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * (1 + np.abs(want).max()))
-        other = forms["gelu" if name == "gelu_tanh" else "gelu_tanh"]
-        assert np.abs(got - other).max() > 5e-5, name
+        for other_name, other in forms.items():
+            if other_name != name:
+                assert np.abs(got - other).max() > 5e-5, (name, other_name)
 
 
 def test_serialize_roundtrip():
