@@ -2062,3 +2062,57 @@ def test_embed_layer_norm_options():
     o = QuantizeOptions(smooth="off", include_nodes=("embed",))
     q, rep = quantize_model(m, o)
     assert [e[0] for e in rep.embeddings] == ["embed/word_gather"] and not rep.converted and o.include_nodes == ("embed",)
+
+
+@pytest.mark.parametrize("elem", [np.float32, np.float16])
+@pytest.mark.parametrize("form", ["silu", "silu_swapped", "quick_nodes", "quick_op"])
+def test_silu_and_quick_gelu_are_fused(form, elem):
+    """SiLU (`x * Sigmoid(x)`, LLaMA's MLP gate as PyTorch exports it) and QuickGELU (CLIP's
+    `x * Sigmoid(1.702 * x)`, or com.microsoft.QuickGelu with its default alpha) become the op's
+    epilogue, bit for bit the library's."""
+    if elem == np.float16:
+        skip_without_f16_op()
+        if form == "quick_op":
+            pytest.skip("ONNX Runtime's QuickGelu takes float only on the CPU")
+    k, n = 48, 40
+    rng = np.random.default_rng(19)
+    w = (rng.standard_normal((k, n)) * 0.3).astype(elem)
+    mk = helper.make_node
+    consts = {}
+    if form == "silu":
+        nodes = [mk("Sigmoid", ["h"], ["s"]), mk("Mul", ["h", "s"], ["y"])]
+    elif form == "silu_swapped":
+        nodes = [mk("Sigmoid", ["h"], ["s"]), mk("Mul", ["s", "h"], ["y"])]
+    elif form == "quick_nodes":
+        nodes = [mk("Mul", ["h", "alpha"], ["ha"]), mk("Sigmoid", ["ha"], ["s"]), mk("Mul", ["h", "s"], ["y"])]
+        consts = {"alpha": 1.702}
+    else:
+        nodes = [mk("QuickGelu", ["h"], ["y"], domain="com.microsoft")]
+    et = TensorProto.FLOAT if elem == np.float32 else TensorProto.FLOAT16
+    inits = [numpy_helper.from_array(w, "w")] + [numpy_helper.from_array(np.array(v, elem), nm) for nm, v in consts.items()]
+    m = helper.make_model(
+        helper.make_graph([mk("MatMul", ["x", "w"], ["h"], name="mm"), *nodes], "g",
+                          [helper.make_tensor_value_info("x", et, ["b", k])],
+                          [helper.make_tensor_value_info("y", et, ["b", n])], inits),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=8)
+    kind = "silu" if form.startswith("silu") else "quick_gelu"
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [(r.name, r.activation) for r in rep.converted] == [("mm", kind)]
+    assert [x.op_type for x in q.graph.node] == ["DynQMatMul"]
+    onnx.checker.check_model(q)
+    x = (rng.standard_normal((64, k)) * 2).astype(elem)
+    ref, got = session(m, custom=False).run(None, {"x": x})[0], session(q).run(None, {"x": x})[0]
+    assert cosine(ref.astype(np.float32), got.astype(np.float32)) > 0.999
+    p = dynq.PackedWeights.from_float(w.astype(np.float32), layout="kn")
+    np.testing.assert_array_equal(got, dynq.gemm(p, x, epilogue=kind))
+
+
+def test_quick_gelu_with_another_alpha_is_not_fused():
+    """com.microsoft.QuickGelu with an alpha other than 1.702 stays a node (the epilogue has that
+    alpha only)."""
+    w = f32(16, 24)
+    m = _mm_model(w, [helper.make_node("QuickGelu", ["h"], ["y"], domain="com.microsoft", alpha=1.0)])
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert [(r.name, r.activation) for r in rep.converted] == [("mm", "none")]
+    assert [x.op_type for x in q.graph.node] == ["DynQMatMul", "QuickGelu"]

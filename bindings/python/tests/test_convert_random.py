@@ -56,7 +56,7 @@ class Builder:
         self.count = 0
         self.weights = {}  # (k, n) -> an initializer name, for sharing
         self.expected = 0  # layers the converter must replace
-        self.gelus = 0  # GELUs right after a layer (or its bias), which must be folded into it
+        self.gelus = 0  # GELUs and SiLUs right after a layer (or its bias), which must be folded into it
 
     def name(self, base):
         """A unique name; some in the style of PyTorch exports ("/layers.0/MatMul_output_0",
@@ -189,7 +189,7 @@ def layer(b, x, rank, k, last):
         bias = b.const(r.standard_normal(shape) * 0.5, "b")
         y = b.node("Add", [y, bias] if r.random() < 0.5 else [bias, y])
     y, kind = activation(b, y)
-    if foldable and kind.startswith("gelu"):
+    if foldable and (kind.startswith("gelu") or kind == "silu"):
         b.gelus += 1
     if n == k and r.random() < 0.4:
         y = b.node("Add", [y, x] if r.random() < 0.5 else [x, y])
@@ -386,8 +386,8 @@ def test_random_model_converts_and_matches_float(seed):
     assert len(rep.converted) == expected, (opts, rep.summary(), rep.skipped)
     left = [nd.op_type for nd in conv.graph.node if nd.op_type in ("MatMul", "Gemm")]
     assert not left, left
-    # Every GELU right after a layer is folded into it, erf and tanh forms alike.
-    folded = sum(c.activation in ("gelu", "gelu_tanh") for c in rep.converted)
+    # Every GELU (erf and tanh forms alike) and SiLU right after a layer is folded into it.
+    folded = sum(c.activation in ("gelu", "gelu_tanh", "silu") for c in rep.converted)
     assert folded == gelus, (folded, gelus, [(c.name, c.activation) for c in rep.converted])
     onnx.checker.check_model(conv)
     s_ref, s_q = session(m, custom=False), session(conv)

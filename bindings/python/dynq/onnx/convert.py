@@ -8,7 +8,8 @@ What it rewrites (everything else is kept as it was):
   op's epilogue: ``Relu``; the erf GELU (``Gelu``, ``com.microsoft.Gelu`` and ``BiasGelu``, or
   element-wise nodes such as PyTorch's ``Div/Erf/Add/Mul/Mul``); the tanh GELU (``Gelu`` with
   ``approximate="tanh"``, ``com.microsoft.FastGelu``, or element-wise nodes such as GPT-2's
-  ``gelu_new``).
+  ``gelu_new``); SiLU (``x * Sigmoid(x)``); QuickGELU (``com.microsoft.QuickGelu``,
+  ``x * Sigmoid(1.702 * x)``).
 - Models already quantized by ONNX Runtime's ``quantize_dynamic``: ``DynamicQuantizeLinear`` +
   ``MatMulInteger`` + ``Cast`` + scale ``Mul``, ``com.microsoft.DynamicQuantizeMatMul`` and
   ``com.microsoft.MatMulIntegerToFloat`` with constant int8 or uint8 weights. The integer weights
@@ -749,7 +750,7 @@ def _close(v: Optional[float], target: float, tol: float = 1e-3) -> bool:
 
 def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodeProto], str]]:
     """An activation consuming tensor `t` alone: returns (kind, nodes to remove, output name);
-    kind is "relu", "gelu" (erf form) or "gelu_tanh" (tanh form)."""
+    kind is "relu", "gelu" (erf form), "gelu_tanh" (tanh form), "silu" or "quick_gelu"."""
     if not G.internal(t):
         return None
     cons = G.consumers.get(t, [])
@@ -766,32 +767,39 @@ def _match_activation(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodePr
             return "gelu", [c], c.output[0]
         if c.op_type == "FastGelu" and c.domain == "com.microsoft" and len([i for i in c.input if i]) == 1:
             return "gelu_tanh", [c], c.output[0]
+        if c.op_type == "QuickGelu" and c.domain == "com.microsoft" and _close(float(_attr(c, "alpha", 1.702)), 1.702, 1e-6):
+            return "quick_gelu", [c], c.output[0]
     return _match_decomposed_gelu(G, t)
 
 
-# Element-wise ops (default domain) a decomposed GELU is written with, and their input counts.
-_GELU_OPS = {"Mul": 2, "Add": 2, "Sub": 2, "Div": 2, "Pow": 2, "Tanh": 1, "Erf": 1, "Neg": 1, "Sqrt": 1}
+# Element-wise ops (default domain) a decomposed activation is written with, and their input
+# counts.
+_GELU_OPS = {"Mul": 2, "Add": 2, "Sub": 2, "Div": 2, "Pow": 2, "Tanh": 1, "Erf": 1, "Neg": 1, "Sqrt": 1, "Sigmoid": 1}
 _GELU_MAX_NODES = 12
 
 
 def _gelu_forms(x: np.ndarray) -> Dict[str, np.ndarray]:
+    """The activations the op's epilogue computes (other than ReLU), on `x`."""
     erf = np.vectorize(math.erf, otypes=[np.float64])
     return {
         "gelu": 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),
         "gelu_tanh": 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
+        "silu": x / (1.0 + np.exp(-x)),
+        "quick_gelu": x / (1.0 + np.exp(-1.702 * x)),
     }
 
 
 def _match_decomposed_gelu(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.NodeProto], str]]:
-    """A GELU written as element-wise nodes on `t` and scalar constants, in any order or form:
-    PyTorch's erf export (`Div(sqrt 2)` or `Mul(1/sqrt 2)`, `Erf`, `Add(1)`, `Mul`, `Mul(0.5)`),
-    the tanh form of GPT-2's `gelu_new` and of PyTorch's `gelu(approximate="tanh")` export
-    (`Pow(3)` or `x*x*x`, `Mul(0.044715)`, `Add`, `Mul(sqrt(2/pi))`, `Tanh`, ...). The nodes
+    """A GELU, SiLU or QuickGELU written as element-wise nodes on `t` and scalar constants, in any
+    order or form: PyTorch's erf export (`Div(sqrt 2)` or `Mul(1/sqrt 2)`, `Erf`, `Add(1)`,
+    `Mul`, `Mul(0.5)`), the tanh form of GPT-2's `gelu_new` and of PyTorch's
+    `gelu(approximate="tanh")` export (`Pow(3)` or `x*x*x`, `Mul(0.044715)`, `Add`,
+    `Mul(sqrt(2/pi))`, `Tanh`, ...), `x * Sigmoid(x)` and `x * Sigmoid(1.702 * x)`. The nodes
     reachable from `t` are taken one at a time while every input is `t`, an earlier node's output
     or a scalar constant; each time they form a closed region (every tensor they make but one
     is read only inside it), the region is evaluated in float64 on sample values and compared
-    with both GELU forms: (kind, nodes, output) of the first region within 2e-3 * max(1, |x|) of
-    one form, the closer one."""
+    with each form of `_gelu_forms`: (kind, nodes, output) of the first region within
+    2e-3 * max(1, |x|) of one form, the closest one."""
     avail = {t}
     region: List[onnx.NodeProto] = []
     in_region: set = set()
@@ -867,6 +875,8 @@ def _region_gelu_kind(region: List[onnx.NodeProto], t: str, consts: Dict[str, fl
                 r = np.vectorize(math.erf, otypes=[np.float64])(a[0])
             elif op == "Neg":
                 r = -a[0]
+            elif op == "Sigmoid":
+                r = 1.0 / (1.0 + np.exp(-a[0]))
             else:  # Sqrt
                 r = np.sqrt(a[0])
             vals[nd.output[0]] = np.broadcast_to(np.asarray(r, dtype=np.float64), x.shape)
