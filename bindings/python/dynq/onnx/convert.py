@@ -893,7 +893,13 @@ def _infer(model: onnx.ModelProto):
     computed in the graph, as PyTorch exports Reshape targets), or without it if that fails.
     ONNX does not know ONNX Runtime's fused ops: the types of their first outputs are added
     (see `_ms_output_types`) and inference runs again, so that what follows them gets shapes."""
+    # Each round starts again from the model's own value_info and the fused ops' types found so
+    # far: a shapeless type inferred in an earlier round would not be refined.
+    given = [vi for vi in model.graph.value_info]
+    hints: List[onnx.ValueInfoProto] = []
     for _ in range(4):
+        model.graph.ClearField("value_info")
+        model.graph.value_info.extend(given + hints)
         for data_prop in (True, False):
             try:
                 inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
@@ -902,18 +908,26 @@ def _infer(model: onnx.ModelProto):
                 break
             except Exception:
                 continue
-        extra = _ms_output_types(model.graph)
-        if not extra:
+        new = _ms_output_types(model.graph)
+        if [h.SerializeToString() for h in new] == [h.SerializeToString() for h in hints]:
             return
-        model.graph.value_info.extend(extra)
+        hints = new
+    model.graph.ClearField("value_info")
+    model.graph.value_info.extend(given + hints)
 
 
 def _ms_output_types(g: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
-    """Types of the first outputs of ONNX Runtime's fused ops (com.microsoft) that the graph does
-    not give yet, from their inputs' types: the input's for the element-wise and layer-norm ops,
-    `[batch, seq, v_hidden]` for Attention and MultiHeadAttention, `[batch, seq, hidden]` for
-    EmbedLayerNormalization."""
-    known = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output) if vi.type.HasField("tensor_type")}
+    """Types of the first outputs of ONNX Runtime's fused ops (com.microsoft) that are not graph
+    outputs, from their inputs' types in the graph's value_info (those of earlier fused ops as
+    computed here): the input's for the element-wise and layer-norm ops, `[batch, seq, v_hidden]`
+    for Attention and MultiHeadAttention, `[batch, seq, hidden]` for EmbedLayerNormalization."""
+    ms_outputs = {n.output[0] for n in g.node if n.domain == "com.microsoft" and n.output and n.output[0]}
+    graph_outputs = {o.name for o in g.output}
+    known = {
+        vi.name: vi
+        for vi in list(g.value_info) + list(g.input) + list(g.output)
+        if vi.type.HasField("tensor_type") and (vi.name not in ms_outputs or vi.name in graph_outputs)
+    }
     for t in g.initializer:
         if t.name not in known:
             known[t.name] = helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
