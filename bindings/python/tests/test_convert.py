@@ -2116,3 +2116,17 @@ def test_quick_gelu_with_another_alpha_is_not_fused():
     q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
     assert [(r.name, r.activation) for r in rep.converted] == [("mm", "none")]
     assert [x.op_type for x in q.graph.node] == ["DynQMatMul", "QuickGelu"]
+
+
+def test_attention_weights_behind_identity_leave_no_float_copy():
+    """Attention weights read through an Identity: once split and converted, neither the float
+    weights nor the Identity stay in the model."""
+    m = _attention_model(mask="2d")
+    att = next(n for n in m.graph.node if n.op_type == "Attention")
+    att.input[1] = "qkv_w_id"
+    m.graph.node.insert(0, helper.make_node("Identity", ["qkv_w"], ["qkv_w_id"], name="id"))
+    q, rep = quantize_model(m, QuantizeOptions(smooth="off"))
+    assert rep.attention_split == 1 and len(rep.converted) == 4
+    assert "qkv_w" not in {t.name for t in q.graph.initializer} and "Identity" not in [n.op_type for n in q.graph.node]
+    f = _attention_feeds(m)
+    assert cosine(session(m, custom=False).run(None, f)[0], session(q).run(None, f)[0]) > 0.999

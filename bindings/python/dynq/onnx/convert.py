@@ -975,6 +975,22 @@ def _ms_output_types(g: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
     return out
 
 
+def _namer(G: _Graph):
+    """A function giving names no tensor, node or subgraph name of `G`'s graph has, nor any name
+    it gave before: `base`, else `base_1`, `base_2`, ..."""
+    g = G.g
+    taken = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g) | {n.name for n in g.node if n.name}
+
+    def fresh(base: str) -> str:
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
+
+    return fresh
+
+
 def split_embed_layer_norm(
     model: onnx.ModelProto, min_size: int = 0, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> List[str]:
@@ -993,14 +1009,7 @@ def split_embed_layer_norm(
     if opset < 11:
         return []
     G = _Graph(model)
-    taken = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g) | {n.name for n in g.node if n.name}
-
-    def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
+    fresh = _namer(G)
 
     gathers: List[str] = []
     new_nodes: List[onnx.NodeProto] = []
@@ -1075,14 +1084,7 @@ def decompose_attention(
     if skipped is None:
         skipped = []
     G = _Graph(model)
-    taken = set(G.inits) | set(G.producer) | {i.name for i in g.input} | _subgraph_names(g) | {n.name for n in g.node if n.name}
-
-    def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in taken:
-            name, i = f"{base}_{i}", i + 1
-        taken.add(name)
-        return name
+    fresh = _namer(G)
 
     shapes = {}
     for vi in list(g.value_info) + list(g.input) + list(g.output):
@@ -1308,6 +1310,9 @@ def quantize_model(
     # without it if that fails.
     _infer(model)
     report = Report()
+    # Nodes and initializers the model itself never uses stay as they are (only what the
+    # conversion makes unused, the splits below included, is removed).
+    dead_outputs, unused_inits = _unused(model.graph)
     if opts.quantize_embeddings and "Gather" not in opts.exclude_op_types:
         gathers = split_embed_layer_norm(model, opts.min_size, opts.include_nodes, opts.exclude_nodes)
         if gathers and opts.include_nodes:
@@ -1344,10 +1349,6 @@ def quantize_model(
     node_names = {n.name for n in g.node if n.name}
     include = set(opts.include_nodes)
     exclude = set(opts.exclude_nodes)
-    # Nodes and initializers the model itself never uses stay as they are (only what the
-    # conversion makes unused is removed).
-    dead_outputs, unused_inits = _unused(g)
-
     def selected(node: onnx.NodeProto) -> Optional[str]:
         # A node without a name is known by its first output (the name its dynq node gets, and
         # the one `evaluate` reports and mixed precision passes back here).
