@@ -30,6 +30,7 @@ round half to even); see :func:`dynq.quantize_weights`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -778,10 +779,14 @@ _GELU_OPS = {"Mul": 2, "Add": 2, "Sub": 2, "Div": 2, "Pow": 2, "Tanh": 1, "Erf":
 _GELU_MAX_NODES = 12
 
 
-def _gelu_forms(x: np.ndarray) -> Dict[str, np.ndarray]:
-    """The activations the op's epilogue computes (other than ReLU), on `x`."""
+@functools.lru_cache(maxsize=1)
+def _gelu_samples() -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """The sample inputs a decomposed activation is evaluated on, and the values there of the
+    activations the op's epilogue computes (other than ReLU): computed once."""
+    x = np.concatenate([np.linspace(-8.0, 8.0, 321), [-30.0, -12.0, 12.0, 30.0]])
+    x.flags.writeable = False
     erf = np.vectorize(math.erf, otypes=[np.float64])
-    return {
+    return x, {
         "gelu": 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))),
         "gelu_tanh": 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
         "silu": x / (1.0 + np.exp(-x)),
@@ -798,7 +803,7 @@ def _match_decomposed_gelu(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.N
     reachable from `t` are taken one at a time while every input is `t`, an earlier node's output
     or a scalar constant; each time they form a closed region (every tensor they make but one
     is read only inside it), the region is evaluated in float64 on sample values and compared
-    with each form of `_gelu_forms`: (kind, nodes, output) of the first region within
+    with each form of `_gelu_samples`: (kind, nodes, output) of the first region within
     2e-3 * max(1, |x|) of one form, the closest one."""
     avail = {t}
     region: List[onnx.NodeProto] = []
@@ -853,7 +858,7 @@ def _match_decomposed_gelu(G: _Graph, t: str) -> Optional[Tuple[str, List[onnx.N
 
 def _region_gelu_kind(region: List[onnx.NodeProto], t: str, consts: Dict[str, float]) -> Optional[str]:
     """Which GELU form the nodes compute from `t` (in order), if any (see `_match_decomposed_gelu`)."""
-    x = np.concatenate([np.linspace(-8.0, 8.0, 321), [-30.0, -12.0, 12.0, 30.0]])
+    x, forms = _gelu_samples()
     vals: Dict[str, np.ndarray] = {t: x}
     with np.errstate(all="ignore"):
         for nd in region:
@@ -883,7 +888,7 @@ def _region_gelu_kind(region: List[onnx.NodeProto], t: str, consts: Dict[str, fl
     y = vals[region[-1].output[0]]
     if not np.all(np.isfinite(y)):
         return None
-    errs = {k: float(np.max(np.abs(y - f) / np.maximum(1.0, np.abs(x)))) for k, f in _gelu_forms(x).items()}
+    errs = {k: float(np.max(np.abs(y - f) / np.maximum(1.0, np.abs(x)))) for k, f in forms.items()}
     kind = min(errs, key=errs.get)
     return kind if errs[kind] <= 2e-3 else None
 
@@ -895,7 +900,7 @@ def _infer(model: onnx.ModelProto):
     (see `_ms_output_types`) and inference runs again, so that what follows them gets shapes."""
     # Each round starts again from the model's own value_info and the fused ops' types found so
     # far: a shapeless type inferred in an earlier round would not be refined.
-    given = [vi for vi in model.graph.value_info]
+    given = list(model.graph.value_info)
     hints: List[onnx.ValueInfoProto] = []
     for _ in range(4):
         model.graph.ClearField("value_info")
@@ -912,8 +917,6 @@ def _infer(model: onnx.ModelProto):
         if [h.SerializeToString() for h in new] == [h.SerializeToString() for h in hints]:
             return
         hints = new
-    model.graph.ClearField("value_info")
-    model.graph.value_info.extend(given + hints)
 
 
 def _ms_output_types(g: onnx.GraphProto) -> List[onnx.ValueInfoProto]:
