@@ -70,6 +70,8 @@ enum dynq_isa
   DYNQ_ISA_NEON = 5,
   DYNQ_ISA_NEON_DOTPROD = 6,
   DYNQ_ISA_NEON_I8MM = 7,
+  // x86-64 AMX-INT8 (tile `tdpbusd`), with AVX-512 VNNI for the rest.
+  DYNQ_ISA_AMX_INT8 = 8,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

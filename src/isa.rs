@@ -26,12 +26,24 @@ pub enum Isa {
     NeonDotprod = 6,
     /// AArch64 with `smmla` (FEAT_I8MM).
     NeonI8mm = 7,
+    /// x86-64 AMX-INT8 (`tdpbusd` on tile registers, e.g. Sapphire Rapids), with AVX-512 VNNI
+    /// for the row operations, the epilogue and the row tails. Usable only where Linux grants
+    /// the process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), asked once.
+    AmxInt8 = 8,
 }
 
 impl Isa {
     /// Every ISA dynq knows, from the most portable to the most specialised.
-    pub const ALL: [Isa; 7] =
-        [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDotprod, Isa::NeonI8mm];
+    pub const ALL: [Isa; 8] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::AvxVnni,
+        Isa::Avx512Vnni,
+        Isa::Neon,
+        Isa::NeonDotprod,
+        Isa::NeonI8mm,
+        Isa::AmxInt8,
+    ];
 
     /// The lower-case name used by `DYNQ_ISA`, the CLI and `dynq_isa_name`, NUL-terminated.
     pub fn c_name(self) -> &'static std::ffi::CStr {
@@ -43,6 +55,7 @@ impl Isa {
             Isa::Neon => c"neon",
             Isa::NeonDotprod => c"neon_dotprod",
             Isa::NeonI8mm => c"neon_i8mm",
+            Isa::AmxInt8 => c"amx_int8",
         }
     }
 
@@ -97,7 +110,68 @@ fn cpu_supports(isa: Isa) -> bool {
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
         }
+        Isa::AmxInt8 => cpu_supports(Isa::Avx512Vnni) && amx::usable(),
         Isa::Neon | Isa::NeonDotprod | Isa::NeonI8mm => false,
+    }
+}
+
+/// AMX detection: the CPU's flags, the operating system's, and the process's permission.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use once_cell::sync::OnceCell;
+
+    /// `ARCH_REQ_XCOMP_PERM` and the tile data component (Linux `asm/prctl.h`).
+    #[cfg(target_os = "linux")]
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    #[cfg(target_os = "linux")]
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+
+    /// CPUID.(EAX=7, ECX=0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8).
+    pub(super) fn cpu_has_amx_int8() -> bool {
+        // Leaf 7 is read only when the maximum leaf reaches it.
+        use std::arch::x86_64::{__cpuid, __cpuid_count};
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+    }
+
+    /// Whether the OS has enabled the tile state in XCR0 (bits 17 TILECFG and 18 TILEDATA).
+    fn os_enables_tiles() -> bool {
+        if !std::arch::is_x86_feature_detected!("xsave") || !std::arch::is_x86_feature_detected!("avx") {
+            return false;
+        }
+        #[target_feature(enable = "xsave")]
+        unsafe fn xcr0() -> u64 {
+            // SAFETY: XGETBV with ECX = 0 is valid when the OS enabled XSAVE (checked above
+            // via OSXSAVE, which the `xsave`/`avx` detection requires).
+            unsafe { std::arch::x86_64::_xgetbv(0) }
+        }
+        // SAFETY: see xcr0.
+        let x = unsafe { xcr0() };
+        x & (0b11 << 17) == 0b11 << 17
+    }
+
+    /// Whether this process may execute AMX instructions: asks Linux for the tile data state
+    /// once (the permission is per process and covers every thread). Where the request is
+    /// refused (an older kernel, or a thread whose alternate signal stack is too small for the
+    /// larger signal frame), AMX is reported as unsupported and the AVX-512 kernels run.
+    pub(super) fn usable() -> bool {
+        static OK: OnceCell<bool> = OnceCell::new();
+        *OK.get_or_init(|| {
+            if !cpu_has_amx_int8() || !os_enables_tiles() {
+                return false;
+            }
+            #[cfg(target_os = "linux")]
+            {
+                // SAFETY: a plain system call with integer arguments.
+                let r = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+                r == 0
+            }
+            #[cfg(not(target_os = "linux"))]
+            false
+        })
     }
 }
 
@@ -112,7 +186,7 @@ fn cpu_supports(isa: Isa) -> bool {
         Isa::NeonI8mm => {
             std::arch::is_aarch64_feature_detected!("neon") && std::arch::is_aarch64_feature_detected!("i8mm")
         }
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni => false,
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni | Isa::AmxInt8 => false,
     }
 }
 
@@ -138,6 +212,7 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
         v.push(("avx512vl", d!("avx512vl")));
         v.push(("avx512vnni", d!("avx512vnni")));
         v.push(("avx512bf16", d!("avx512bf16")));
+        v.push(("amx-int8", amx::cpu_has_amx_int8()));
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -169,6 +244,7 @@ fn preference(isa: Isa) -> u32 {
         Isa::Avx2 | Isa::Neon => 1,
         Isa::AvxVnni | Isa::NeonDotprod => 2,
         Isa::Avx512Vnni | Isa::NeonI8mm => 3,
+        Isa::AmxInt8 => 4,
     }
 }
 
@@ -251,7 +327,8 @@ mod tests {
         assert_eq!(Isa::from_name("AVX512-VNNI"), Some(Isa::Avx512Vnni));
         assert_eq!(Isa::from_name("sse9"), None);
         assert_eq!(Isa::from_raw(0), None);
-        assert_eq!(Isa::from_raw(8), None);
+        assert_eq!(Isa::from_raw(9), None);
+        assert_eq!(Isa::from_name("AMX-INT8"), Some(Isa::AmxInt8));
     }
 
     #[test]

@@ -24,7 +24,8 @@ fn median_rate(min_time: Duration, mut f: impl FnMut() -> f64) -> f64 {
 
 /// Integer multiply-add peak of an ISA's dot-product instruction in GOPS (2 operations per
 /// u8*s8 multiply-add), single thread, or `None` when the CPU lacks it or nothing is
-/// measured for it. AVX-512 VNNI: `vpdpbusd zmm`; AVX-VNNI: `vpdpbusd ymm` (VEX);
+/// measured for it. AMX-INT8: `tdpbusd` on six independent accumulator tiles; AVX-512 VNNI:
+/// `vpdpbusd zmm`; AVX-VNNI: `vpdpbusd ymm` (VEX);
 /// on CPUs without it where the AVX-VNNI kernel's EVEX twin stands in
 /// (`kernels::stand_in_for`), the EVEX encoding of the same instruction;
 /// AVX2: the `vpmaddubsw + vpmaddwd + vpaddd` chain (the usual int8 route without VNNI, whose
@@ -47,6 +48,8 @@ pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
         // SAFETY (each arm): the ISA was checked above.
         match isa {
             Isa::Avx512Vnni => Some(run(&|n| unsafe { x86::vnni_zmm(n) }, 24 * 64)),
+            // 6 tiles of 16 x 16 x 64 per iteration: a 64th of the iterations of the others.
+            Isa::AmxInt8 => Some(run(&|n| unsafe { crate::kernels::amx::tdpbusd_loop(n / 64) }, 6 * 16384 / 64)),
             // Where the AVX-VNNI kernel's EVEX twin stands in, the same instruction in its EVEX
             // encoding (AVX-512 VL + VNNI): the twin's own peak.
             Isa::AvxVnni if stand_in => Some(run(&|n| unsafe { x86::vnni_ymm_evex(n) }, 12 * 32)),

@@ -110,6 +110,7 @@ const (
 	ISANEON        ISA = C.DYNQ_ISA_NEON
 	ISANEONDotprod ISA = C.DYNQ_ISA_NEON_DOTPROD
 	ISANEONI8MM    ISA = C.DYNQ_ISA_NEON_I8MM
+	ISAAMXINT8     ISA = C.DYNQ_ISA_AMX_INT8
 )
 
 // String is the library's name of the ISA ("avx2", ...), or "unknown".

@@ -48,6 +48,8 @@ pub enum dynq_isa {
     Neon = 5,
     NeonDotprod = 6,
     NeonI8mm = 7,
+    /// x86-64 AMX-INT8 (tile `tdpbusd`), with AVX-512 VNNI for the rest.
+    AmxInt8 = 8,
 }
 
 /// Memory layout of a weight matrix (`uint32_t` values).

@@ -33,7 +33,7 @@
 
 use crate::dtype::Element;
 use crate::error::{checked_add, checked_mul, try_zeroed_vec, Error, Result};
-use crate::kernels::{DequantRow, F32Tile, TileOut, MAX_BLOCKS16};
+use crate::kernels::{DequantRow, F32Tile, ThreadStateGuard, TileOut, MAX_BLOCKS16};
 use crate::pack::PackedWeights;
 use crate::quant::activations::{quantize_activations_rows, ActGranularity, ActType, Rows};
 use once_cell::sync::Lazy;
@@ -671,8 +671,12 @@ where
     let m_tiles = m.div_ceil(mr);
     // The rows are spread evenly over the tiles (M = 20 with MR = 8: 7 + 7 + 6, not 8 + 8 + 4): a tile
     // with few rows has few independent accumulators and reads the whole panel for little work.
+    // (Kernels that want full tiles get them: MR rows each, the rest in the last.)
     let tile_rows = |t: usize| {
-        let (start, end) = (t * m / m_tiles, (t + 1) * m / m_tiles);
+        let (start, end) = match kern.full_tiles {
+            true => (t * mr, ((t + 1) * mr).min(m)),
+            false => (t * m / m_tiles, (t + 1) * m / m_tiles),
+        };
         assert!(end > start && end - start <= mr); // the micro-kernel relies on it
         (start, end - start)
     };
@@ -720,6 +724,8 @@ where
     // that come after it, to be brought into L2 while it computes (`Tile::prefetch_l2`).
     let streamed = data.len() > ROW_BLOCKS_MAX_WEIGHTS;
     let run_block = |blk: usize| {
+        // SAFETY: the CPU runs the kernel's ISA (checked when `w` was packed).
+        let _state = unsafe { ThreadStateGuard::new(kern) };
         let (mb, nb) = (blk / n_blocks, blk % n_blocks);
         let mut scratch = vec![0i32; mr * nr];
         let visit = |p: usize, (i0, rows): (usize, usize), prefetch_l2: &[i8], scratch: &mut [i32]| {

@@ -308,9 +308,9 @@ fn layer_norm_batch<const R: usize>(isa: Isa, xs: &mut [&mut [f32]; R], ln: &Lay
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
-            // SAFETY: a kernel ISA is used only on a CPU that supports it (AVX-512 VNNI implies F);
-            // one length (asserted).
-            Isa::Avx512Vnni if isa.is_supported() => return unsafe { x86::rows_avx512(xs, ln) },
+            // SAFETY: a kernel ISA is used only on a CPU that supports it (AVX-512 VNNI implies F,
+            // and AMX is detected only with AVX-512 VNNI); one length (asserted).
+            Isa::Avx512Vnni | Isa::AmxInt8 if isa.is_supported() => return unsafe { x86::rows_avx512(xs, ln) },
             // SAFETY: as above (both imply AVX2).
             Isa::Avx2 | Isa::AvxVnni if isa.is_supported() => return unsafe { x86::rows_avx2(xs, ln) },
             _ => {}
@@ -396,7 +396,7 @@ mod tests {
                 let ln = LayerNorm { gamma: &g, beta, epsilon: 1e-5 };
                 let mut want = x.clone();
                 layer_norm_reference(&mut want, &ln);
-                for isa in [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon] {
+                for isa in [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::AmxInt8, Isa::Neon] {
                     let mut got = x.clone();
                     layer_norm_row(isa, &mut got, &ln);
                     let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
@@ -446,7 +446,10 @@ mod tests {
         let (ns, isas): (&[usize], &[Isa]) = if cfg!(miri) {
             (&[3, 24, 70], &[Isa::Scalar])
         } else {
-            (&[3, 5, 24, 64, 100, 385, 768, 3000], &[Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::Neon])
+            (
+                &[3, 5, 24, 64, 100, 385, 768, 3000],
+                &[Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni, Isa::AmxInt8, Isa::Neon],
+            )
         };
         for &n in ns {
             let g = data(n, 3 + n as u32);

@@ -49,6 +49,8 @@ pub const KERNEL: Kernel = Kernel {
     ops: &OPS_U16,
     weight_pair_limit: None,
     narrow: Some(&KERNEL_NARROW),
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// `|w[2j]| + |w[2j + 1]|` bound under which `vpmaddubsw` cannot saturate:
@@ -75,6 +77,8 @@ pub const KERNEL_NARROW: Kernel = Kernel {
     ops: &OPS_U8,
     weight_pair_limit: Some(NARROW_PAIR_LIMIT),
     narrow: None,
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// AVX2 row operations writing `u8` activations.

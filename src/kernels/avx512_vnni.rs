@@ -48,6 +48,8 @@ pub const KERNEL: Kernel = Kernel {
     ops: &OPS,
     weight_pair_limit: None,
     narrow: None,
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// AVX-512 row operations. The epilogue itself runs in registers inside the micro-kernel
@@ -82,18 +84,7 @@ unsafe fn gemm_u8s8_i32_8x48c4__avx512vnni(
     macro_rules! go {
         ($w:literal) => {
             // SAFETY: forwarded contract.
-            unsafe {
-                match mr {
-                    1 => rows::<1, true, $w>(kp, a, a_stride, b, c),
-                    2 => rows::<2, true, $w>(kp, a, a_stride, b, c),
-                    3 => rows::<3, true, $w>(kp, a, a_stride, b, c),
-                    4 => rows::<4, true, $w>(kp, a, a_stride, b, c),
-                    5 => rows::<5, false, $w>(kp, a, a_stride, b, c),
-                    6 => rows::<6, false, $w>(kp, a, a_stride, b, c),
-                    7 => rows::<7, false, $w>(kp, a, a_stride, b, c),
-                    _ => rows::<8, false, $w>(kp, a, a_stride, b, c),
-                }
-            }
+            unsafe { rows_of::<$w, NR>(mr, kp, a, a_stride, b, c) }
         };
     }
     match w {
@@ -103,15 +94,46 @@ unsafe fn gemm_u8s8_i32_8x48c4__avx512vnni(
     }
 }
 
-/// `R` rows; `SPLIT`: keep separate accumulators for even and odd K groups; `W`: the first
-/// `W` of the panel's V zmm columns groups are computed (the others are padding or unused).
+/// [`rows`] for `mr` (1..=8) rows, on panels `P` columns wide.
 ///
 /// # Safety
-/// As [`gemm_u8s8_i32_8x48c4__avx512vnni`] with `mr == R`; `W == V` unless `out` is an f32
-/// tile with at most `16 * W` columns.
+/// As [`rows`].
+#[inline(always)]
+pub(super) unsafe fn rows_of<const W: usize, const P: usize>(
+    mr: usize,
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    c: &TileOut<'_>,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match mr {
+            1 => rows::<1, true, W, P>(kp, a, a_stride, b, c),
+            2 => rows::<2, true, W, P>(kp, a, a_stride, b, c),
+            3 => rows::<3, true, W, P>(kp, a, a_stride, b, c),
+            4 => rows::<4, true, W, P>(kp, a, a_stride, b, c),
+            5 => rows::<5, false, W, P>(kp, a, a_stride, b, c),
+            6 => rows::<6, false, W, P>(kp, a, a_stride, b, c),
+            7 => rows::<7, false, W, P>(kp, a, a_stride, b, c),
+            _ => rows::<8, false, W, P>(kp, a, a_stride, b, c),
+        }
+    }
+}
+
+/// `R` rows; `SPLIT`: keep separate accumulators for even and odd K groups; `W`: the first
+/// `W` of the panel's `P / 16` zmm columns groups are computed (the others are padding or
+/// unused); `P`: the panel width, 48 (this kernel's) or 32 (the AMX kernel's row tails, on its
+/// panels, which have the same layout).
+///
+/// # Safety
+/// As [`gemm_u8s8_i32_8x48c4__avx512vnni`] with `mr == R` and panels of `P` columns (an i32
+/// tile then has `P` columns per row); `W == P / 16` unless `out` is an f32 tile with at most
+/// `16 * W` columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // two accumulator sets indexed in lockstep
-unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize>(
+unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize, const P: usize>(
     kp: usize,
     a: *const u8,
     a_stride: usize,
@@ -131,7 +153,7 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize>(
         // KR = 4: group g of a row is the i32 at index g.
         let bcast = |i: usize, g: usize| _mm512_set1_epi32(rowp[i].add(g).read_unaligned());
         let panel = |g: usize| -> [__m512i; W] {
-            let p = b.add(g * NR * KR) as *const __m512i;
+            let p = b.add(g * P * KR) as *const __m512i;
             // Software prefetch PREFETCH bytes ahead in the weight stream: with few rows the
             // kernel is bound by how fast weights arrive (GEMV-like shapes), and the hardware
             // prefetcher alone leaves bandwidth unused. A prefetch past the end is harmless
@@ -216,7 +238,7 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize>(
             }
             g += 1;
         }
-        deliver(&acc, out);
+        deliver::<R, W, P>(&acc, out);
         if let TileOut::F32(t) = out {
             if t.residual.is_some() {
                 add_residual(R, t);
@@ -232,7 +254,7 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize>(
 /// The CPU has AVX-512 F; `t` satisfies the `F32Tile` contract for `rows` rows.
 #[inline(never)]
 #[target_feature(enable = "avx512f")]
-unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
+pub(super) unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
     let Some((r, ldr)) = t.residual else { return };
     let cols = t.cols();
     // SAFETY: rows x cols of y are this tile's, of the residual readable; masked lanes are
@@ -252,19 +274,20 @@ unsafe fn add_residual(rows: usize, t: &F32Tile<'_>) {
 }
 
 /// Delivers `R` rows of `16 * W` columns held in W zmm accumulators each, as `out` asks
-/// (`W == V` for i32 tiles); partial panels use masked loads and stores.
+/// (`W == P / 16` for i32 tiles, `P` columns per row); partial panels use masked loads and
+/// stores.
 ///
 /// # Safety
-/// The CPU has AVX-512 F; `out` satisfies the `TileOut` contract for `R` rows and NR.
+/// The CPU has AVX-512 F; `out` satisfies the `TileOut` contract for `R` rows and `P` columns.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn deliver<const R: usize, const W: usize>(acc: &[[__m512i; W]; R], out: &TileOut<'_>) {
+unsafe fn deliver<const R: usize, const W: usize, const P: usize>(acc: &[[__m512i; W]; R], out: &TileOut<'_>) {
     // SAFETY (whole body): the TileOut contract; masked lanes are neither read nor written.
     unsafe {
         match out {
             TileOut::I32(c) => {
                 for (i, acc) in acc.iter().enumerate() {
-                    let dst = c.add(i * NR) as *mut __m512i;
+                    let dst = c.add(i * P) as *mut __m512i;
                     for (v, acc) in acc.iter().enumerate() {
                         _mm512_storeu_si512(dst.add(v), *acc);
                     }
@@ -295,7 +318,7 @@ unsafe fn deliver<const R: usize, const W: usize>(acc: &[[__m512i; W]; R], out: 
 /// `F32Tile` contract for `rows` rows with at most `16 * W` columns.
 #[inline(never)]
 #[target_feature(enable = "avx512f")]
-unsafe fn deliver_f32<const W: usize>(acc: *const [__m512i; W], rows: usize, t: &F32Tile<'_>) {
+pub(super) unsafe fn deliver_f32<const W: usize>(acc: *const [__m512i; W], rows: usize, t: &F32Tile<'_>) {
     // SAFETY (each arm): forwarded.
     unsafe {
         match (t.bias.is_some(), t.act) {

@@ -36,6 +36,8 @@ pub const KERNEL: Kernel = Kernel {
     ops: &super::avx2::OPS_U8,
     weight_pair_limit: None,
     narrow: None,
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// The same kernel built with the EVEX (AVX-512 VL) encoding of `vpdpbusd ymm`: not a table

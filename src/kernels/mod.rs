@@ -13,6 +13,8 @@ use crate::isa::Isa;
 use crate::quant::ActType;
 
 #[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512_vnni;
@@ -242,7 +244,8 @@ pub struct Kernel {
     pub mr: usize,
     /// Columns of W per packed panel and per micro-kernel call.
     pub nr: usize,
-    /// K values per dot-product group.
+    /// K values per dot-product group; K is padded to a multiple of it (with zero weights).
+    /// For AMX, the depth of one tile step (64), whose panels hold groups of 4 inside.
     pub kr: usize,
     /// Bytes per quantized activation in the A buffer the micro-kernel reads: 1 (`u8`) or 2
     /// (`u8` zero-extended to `u16`, for kernels that multiply 16-bit lanes).
@@ -266,6 +269,53 @@ pub struct Kernel {
     /// packing picks instead of this one when the weights allow it (the results are the same
     /// bits: both compute the exact integer products).
     pub narrow: Option<&'static Kernel>,
+    /// The driver gives this kernel its rows in full tiles of `mr`, the last tile holding the
+    /// rest (instead of spreading them evenly over the tiles): for kernels much faster on a
+    /// full tile than on a partial one (AMX, whose row tails run on AVX-512).
+    pub full_tiles: bool,
+    /// Per-thread processor state the micro-kernel sets up by itself on first use (AMX: the
+    /// tile configuration), which the driver saves before a thread's first tile and restores
+    /// after its last (see [`ThreadState`]); `None` for kernels that change no such state.
+    pub thread_state: Option<&'static ThreadState>,
+}
+
+/// Per-thread processor state a micro-kernel changes: the AMX tile configuration. The
+/// micro-kernel loads its own configuration whenever the current one differs (so it is correct
+/// however it is called); the driver brackets each thread's share of a GEMM with `save` and
+/// `restore`, so that code sharing the thread (another library's AMX kernels, which may keep
+/// their configuration loaded between calls) finds the state it left, and a thread that used
+/// no tiles before gives them back to the operating system.
+///
+/// # Safety (both)
+/// The CPU supports the ISA of the kernel-table entry that holds them.
+#[derive(Debug)]
+pub struct ThreadState {
+    pub save: unsafe fn() -> [u8; 64],
+    pub restore: unsafe fn(&[u8; 64]),
+}
+
+/// Saves a kernel's per-thread state on creation and restores it on drop (see
+/// [`ThreadState`]); does nothing for kernels without such state.
+pub(crate) struct ThreadStateGuard {
+    state: Option<(&'static ThreadState, [u8; 64])>,
+}
+
+impl ThreadStateGuard {
+    /// # Safety
+    /// The CPU supports `kern`'s ISA (true wherever packed weights for it exist).
+    pub(crate) unsafe fn new(kern: &Kernel) -> Self {
+        // SAFETY: per the contract.
+        ThreadStateGuard { state: kern.thread_state.map(|s| (s, unsafe { (s.save)() })) }
+    }
+}
+
+impl Drop for ThreadStateGuard {
+    fn drop(&mut self) {
+        if let Some((s, saved)) = &self.state {
+            // SAFETY: the state was saved by the same entry, on a CPU that runs it.
+            unsafe { (s.restore)(saved) }
+        }
+    }
 }
 
 impl Kernel {
@@ -310,6 +360,8 @@ pub static KERNELS: &[Kernel] = &[
     avx_vnni::KERNEL,
     #[cfg(target_arch = "x86_64")]
     avx512_vnni::KERNEL,
+    #[cfg(target_arch = "x86_64")]
+    amx::KERNEL,
 ];
 
 /// Scales for which the x86 row operations (`quantize_row`) replace the division `x / scale`
@@ -377,7 +429,19 @@ pub fn pairs_within(q: &[i8], k: usize, limit: u32) -> bool {
 ///
 /// Padding columns (n >= N) and padding depths (k >= K) hold 0, so they add nothing.
 pub(crate) fn pack_panels<const NR: usize, const KR: usize>(q: &[i8], n: usize, k: usize, out: &mut [i8]) {
-    let kp = k.div_ceil(KR) * KR;
+    pack_panels_to::<NR, KR>(q, n, k, k.div_ceil(KR) * KR, out)
+}
+
+/// [`pack_panels`] with the depth padded to `kp` (a multiple of KR, at least K): the AMX
+/// kernel's panels, whose depth is a multiple of its 64-deep tile step.
+pub(crate) fn pack_panels_to<const NR: usize, const KR: usize>(
+    q: &[i8],
+    n: usize,
+    k: usize,
+    kp: usize,
+    out: &mut [i8],
+) {
+    debug_assert!(kp >= k && kp.is_multiple_of(KR));
     debug_assert_eq!(out.len(), n.div_ceil(NR) * NR * kp);
     debug_assert_eq!(q.len(), n * k);
     out.fill(0);
@@ -392,7 +456,17 @@ pub(crate) fn pack_panels<const NR: usize, const KR: usize>(q: &[i8], n: usize, 
 
 /// Inverse of [`pack_panels`].
 pub(crate) fn unpack_panels<const NR: usize, const KR: usize>(packed: &[i8], n: usize, k: usize, q: &mut [i8]) {
-    let kp = k.div_ceil(KR) * KR;
+    unpack_panels_from::<NR, KR>(packed, n, k, k.div_ceil(KR) * KR, q)
+}
+
+/// Inverse of [`pack_panels_to`].
+pub(crate) fn unpack_panels_from<const NR: usize, const KR: usize>(
+    packed: &[i8],
+    n: usize,
+    k: usize,
+    kp: usize,
+    q: &mut [i8],
+) {
     debug_assert_eq!(q.len(), n * k);
     for nn in 0..n {
         let (p, j) = (nn / NR, nn % NR);

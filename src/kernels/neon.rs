@@ -37,6 +37,8 @@ pub const KERNEL: Kernel = Kernel {
     ops: &scalar::OPS,
     weight_pair_limit: None,
     narrow: None,
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// The dot-product table entry.
@@ -55,6 +57,8 @@ pub const KERNEL_DOTPROD: Kernel = Kernel {
     ops: &scalar::OPS,
     weight_pair_limit: None,
     narrow: None,
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// The i8mm table entry.
@@ -73,6 +77,8 @@ pub const KERNEL_I8MM: Kernel = Kernel {
     ops: &scalar::OPS,
     weight_pair_limit: None,
     narrow: None,
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// Delivers `rows` rows of `NR` raw accumulators as `out` asks.

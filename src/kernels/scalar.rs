@@ -25,6 +25,8 @@ pub const KERNEL: Kernel = Kernel {
     ops: &OPS,
     weight_pair_limit: None,
     narrow: None,
+    full_tiles: false,
+    thread_state: None,
 };
 
 /// The scalar row operations: the definitions themselves.

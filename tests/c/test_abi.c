@@ -786,13 +786,13 @@ static uint32_t g_active_isa = 0;
 static void test_isa(void)
 {
     static const char *const names[] = {"auto", "scalar", "avx2", "avx_vnni", "avx512_vnni",
-                                        "neon", "neon_dotprod", "neon_i8mm"};
+                                        "neon", "neon_dotprod", "neon_i8mm", "amx_int8"};
     static const uint32_t values[] = {DYNQ_ISA_AUTO, DYNQ_ISA_SCALAR, DYNQ_ISA_AVX2,
                                       DYNQ_ISA_AVX_VNNI, DYNQ_ISA_AVX512_VNNI, DYNQ_ISA_NEON,
-                                      DYNQ_ISA_NEON_DOTPROD, DYNQ_ISA_NEON_I8MM};
+                                      DYNQ_ISA_NEON_DOTPROD, DYNQ_ISA_NEON_I8MM, DYNQ_ISA_AMX_INT8};
     uint32_t i;
     uint32_t isa = 0xDEADu;
-    for (i = 0; i < 8; i++) {
+    for (i = 0; i < 9; i++) {
         const char *n = dynq_isa_name(values[i]);
         int avail = dynq_isa_available(values[i]);
         check(values[i] == i && n != NULL && strcmp(n, names[i]) == 0,
@@ -805,25 +805,26 @@ static void test_isa(void)
     }
     check(dynq_isa_available(DYNQ_ISA_AUTO) == 1, "dynq_isa_available(DYNQ_ISA_AUTO) == 1");
     check(dynq_isa_available(DYNQ_ISA_SCALAR) == 1, "dynq_isa_available(DYNQ_ISA_SCALAR) == 1");
-    check(dynq_isa_available(8u) == 0 && dynq_isa_available(0xFFFFFFFFu) == 0,
-          "dynq_isa_available of non-ISA values (8, 0xFFFFFFFF) == 0");
+    check(dynq_isa_available(9u) == 0 && dynq_isa_available(0xFFFFFFFFu) == 0,
+          "dynq_isa_available of non-ISA values (9, 0xFFFFFFFF) == 0");
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
     check(dynq_isa_available(DYNQ_ISA_NEON) == 0 && dynq_isa_available(DYNQ_ISA_NEON_DOTPROD) == 0 &&
               dynq_isa_available(DYNQ_ISA_NEON_I8MM) == 0,
           "x86: no NEON ISA is available");
 #endif
 #if defined(__aarch64__)
-    check(dynq_isa_available(DYNQ_ISA_AVX2) == 0 && dynq_isa_available(DYNQ_ISA_AVX512_VNNI) == 0,
+    check(dynq_isa_available(DYNQ_ISA_AVX2) == 0 && dynq_isa_available(DYNQ_ISA_AVX512_VNNI) == 0 &&
+              dynq_isa_available(DYNQ_ISA_AMX_INT8) == 0,
           "aarch64: no x86 ISA is available");
 #endif
-    check(strcmp(dynq_isa_name(8u), "unknown") == 0 && strcmp(dynq_isa_name(0xFFFFFFFFu), "unknown") == 0,
-          "dynq_isa_name of non-ISA values (8, 0xFFFFFFFF) = \"unknown\"");
+    check(strcmp(dynq_isa_name(9u), "unknown") == 0 && strcmp(dynq_isa_name(0xFFFFFFFFu), "unknown") == 0,
+          "dynq_isa_name of non-ISA values (9, 0xFFFFFFFF) = \"unknown\"");
     check(g_unavailable_isa != 0, "found an ISA this CPU/build lacks: %s",
           dynq_isa_name(g_unavailable_isa));
 
     EXPECT_OK("dynq_active_isa(&isa)", dynq_active_isa(&isa));
     g_active_isa = isa;
-    check(isa >= 1 && isa <= 7 && dynq_isa_available(isa) == 1,
+    check(isa >= 1 && isa <= 8 && dynq_isa_available(isa) == 1,
           "dynq_active_isa = %u (%s): a concrete, available ISA", (unsigned)isa, dynq_isa_name(isa));
     {
         /* A run with DYNQ_ISA set (tests/c/run.sh, scripts/under-bochs.sh) tests that kernel: the
@@ -2170,12 +2171,12 @@ static void test_invalid_arguments(void)
     pc = pack_cfg(2u, 0);
     EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "granularity", "dynq_pack_weights(config granularity=2)",
            dynq_pack_weights(w, n, k, DYNQ_WEIGHT_LAYOUT_NK, &pc, &out));
-    pc = pack_cfg(0, 8u);
-    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "isa", "dynq_pack_weights(config isa=8)",
+    pc = pack_cfg(0, 9u);
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "isa", "dynq_pack_weights(config isa=9)",
            dynq_pack_weights(w, n, k, DYNQ_WEIGHT_LAYOUT_NK, &pc, &out));
-    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "isa", "dynq_pack_quantized_weights(config isa=8)",
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "isa", "dynq_pack_quantized_weights(config isa=9)",
            dynq_pack_quantized_weights(q, n, k, DYNQ_WEIGHT_LAYOUT_NK, s, n, &pc, &out));
-    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "isa", "dynq_packed_weights_deserialize(config isa=8)",
+    EXPECT(DYNQ_STATUS_INVALID_ARGUMENT, "isa", "dynq_packed_weights_deserialize(config isa=9)",
            dynq_packed_weights_deserialize(blob, blob_len, &pc, &out));
     pc = pack_cfg(0, 0);
     pc.weight_qmax = 128;

@@ -139,6 +139,8 @@ namespace Dynq
         NeonDotprod = 6,
         /// <summary>AArch64 NEON with int8 matrix multiply instructions.</summary>
         NeonI8mm = 7,
+        /// <summary>x86-64 AMX-INT8 (tile instructions), with AVX-512 VNNI for the rest.</summary>
+        AmxInt8 = 8,
     }
 
     /// <summary>Options of PackedWeights.Pack, PackQuantized and Load; null means the defaults.</summary>
