@@ -639,9 +639,30 @@ fn line_share(bytes: &[i8], i: usize, parts: usize) -> &[i8] {
     &bytes[(i * chunk).min(bytes.len())..((i + 1) * chunk).min(bytes.len())]
 }
 
+/// The length (in values) of a row of the quantized activation buffer for a padded depth `kp`:
+/// `kp`, plus one cache line when the rows would start an even number of lines apart. A
+/// kernel reads the same K group of many rows at once (AMX: 32 rows per tile step); rows a
+/// power-of-two multiple of lines apart (K = 1024, 2048, 4096: every row at the same offset in
+/// its page) fall into the same few L1 sets, 32 lines into a 12-way set, and come from L2 on
+/// every step. An odd number of lines apart, 64 consecutive rows use 64 different sets. (AMX,
+/// 1 thread, medians of alternating calls: K = 4096 and 3072 0.93-0.96x the time.)
+fn a_row_len(kp: usize, a_bytes: usize) -> usize {
+    let bytes = kp * a_bytes;
+    if bytes.is_multiple_of(128) {
+        kp + 64 / a_bytes
+    } else {
+        kp
+    }
+}
+
 /// Packed weights up to this size are split between threads by rows (see `for_each_tile`):
 /// half of this machine's 2 MiB L2, and the L2 of most server cores.
 const ROW_BLOCKS_MAX_WEIGHTS: usize = 1 << 20;
+
+/// Panels of a block met tile by tile (each A tile in L1 while they pass) up to this size.
+const TILES_OUTER_MAX_PANELS: usize = 512 * 1024;
+/// Quantized activation rows of a block up to this size stay in L2 while its panels pass.
+const A_BLOCK_MAX: usize = 512 * 1024;
 
 /// Rows whose tiles are all written: `(first row, end row)`.
 type RowsDone<'a> = &'a (dyn Fn(usize, usize) + Sync);
@@ -682,7 +703,7 @@ where
     };
     let n_panels = n.div_ceil(nr);
     let kp = kern.padded_k(w.k());
-    debug_assert_eq!(row_bytes, kp * kern.a_bytes);
+    debug_assert!(row_bytes >= kp * kern.a_bytes);
     debug_assert!(qa.len() >= m * row_bytes);
     debug_assert_eq!(w.packed_data().len(), n_panels * nr * kp);
     // Blocks: a block of panels stays in cache while all row tiles of a block stream by.
@@ -702,6 +723,15 @@ where
         let mc = 16.min(m_tiles).max(1);
         let m_blocks = m_tiles.div_ceil(mc);
         let mut nc = 8.min(n_panels).max(1);
+        if mc * mr * kp * kern.a_bytes > A_BLOCK_MAX {
+            // A block of rows too large to stay in L2 beside the panels (AMX's 32-row tiles at
+            // K = 4096: 2 MB for 16 tiles) would be read from the last-level cache once per
+            // panel: fewer panels per block instead, as many as stay in L2, met tile by tile
+            // (each A tile then comes from the last-level cache once per block and stays in
+            // L1/L2 while the block's panels pass). AMX, 1 thread, medians of alternating
+            // calls: 512x1024x4096 0.86x the time, 1024x768x3072 0.89x, 128x4096x4096 0.90x.
+            nc = nc.min((TILES_OUTER_MAX_PANELS / (nr * kp)).max(1));
+        }
         if threads > 1 {
             let want_n_blocks = (4 * threads).div_ceil(m_blocks);
             nc = nc.min(n_panels.div_ceil(want_n_blocks)).max(1);
@@ -715,7 +745,7 @@ where
     // panels fit in L2 beside the rest and several tiles reuse them; panels outer (each panel
     // read once, from memory for weights that do not fit in cache, and reused by every tile)
     // otherwise, e.g. for decoding shapes with one or two row tiles.
-    let tiles_outer = mc >= 4 && nc * nr * kp <= 512 * 1024;
+    let tiles_outer = mc >= 4 && nc * nr * kp <= TILES_OUTER_MAX_PANELS;
     let data = w.packed_data();
     let panel_bytes = nr * kp;
     // Weights that do not stay in L2 from one block to the next are read from the last-level
@@ -1175,7 +1205,7 @@ fn gemm_impl<A: Element, Y: Element>(
         smooth,
         opts.act_granularity,
         opts.act_type,
-        kp,
+        a_row_len(kp, kern.a_bytes),
         m,
         take_scratch(),
         &exec,
