@@ -261,7 +261,7 @@ unsafe fn tiles<const FULL: bool>(kp: usize, a: *const u8, a_stride: usize, b: *
             // with wrapping_add). 1 thread, medians of alternating calls: 16x11008x4096 0.88x
             // the time, 64x4096x4096 0.90x, 128x768x3072 0.92x, 128x768x768 0.92x. Bringing
             // the next step's A rows as well was slower.
-            let ahead = (bp as *const i8).wrapping_add(PREFETCH);
+            let ahead = bp.wrapping_add(PREFETCH);
             for l in 0..16 * B_STRIDE / 64 {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l));
             }
