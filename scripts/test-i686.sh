@@ -19,10 +19,14 @@ if ! rustup target list --installed 2>/dev/null | grep -q "^$target$"; then
     exit 0
   fi
 fi
-# The 32-bit crt files and libgcc that rustc's link step (through cc -m32) needs.
+# The 32-bit crt files and libgcc that rustc's link step (through cc -m32) needs. The
+# versioned package (gcc-12-multilib) and not the gcc-multilib metapackage: Debian's
+# metapackage conflicts with the aarch64 and s390x cross compilers, so installing it removed
+# them and the later steps that compile C for those targets failed.
 if ! echo 'int main(void){return 0;}' | cc -m32 -x c - -o /dev/null 2>/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
-  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc-multilib; }; then
+  multilib="gcc-$(gcc -dumpversion 2>/dev/null | cut -d. -f1)-multilib"
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "$multilib"; }; then
     echo "SKIPPED: i686 tests: could not install gcc-multilib"
     exit 0
   fi
