@@ -24,7 +24,7 @@
 //!
 //! `tdpbusd` does not saturate: the sums are exact (wrapping i32, as every kernel's).
 
-use super::{avx512_vnni, pack_panels_to, unpack_panels_from, F32Tile, Kernel, ThreadState, TileOut};
+use super::{avx512_vnni, pack_panels_to, unpack_panels_from, Kernel, ThreadState, TileOut};
 use crate::isa::Isa;
 use std::arch::asm;
 use std::arch::x86_64::{__m512i, _mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
@@ -178,7 +178,7 @@ unsafe fn gemm_u8s8_i32_32x32c4__amx_int8(
             let sub = match out {
                 TileOut::I32(c) => TileOut::I32(c.add(r * NR)),
                 TileOut::F32(t) => {
-                    sub_f32 = rows_from(t, r);
+                    sub_f32 = t.rows_from(r);
                     TileOut::F32(&sub_f32)
                 }
             };
@@ -188,29 +188,6 @@ unsafe fn gemm_u8s8_i32_32x32c4__amx_int8(
                 _ => avx512_vnni::rows_of::<2, NR>(rows, kp, ar, a_stride, b, &sub),
             }
             r += rows;
-        }
-    }
-}
-
-/// The rows from `r` of an f32 tile, as a tile of their own.
-///
-/// # Safety
-/// `r` is below the tile's rows; the result is used for rows the caller's tile holds.
-unsafe fn rows_from<'a>(t: &'a F32Tile<'a>, r: usize) -> F32Tile<'a> {
-    // SAFETY: row r of the output (and of the residual) lies inside the caller's tile.
-    unsafe {
-        F32Tile {
-            za: &t.za[r..],
-            sa: &t.sa[r..],
-            col_sums: t.col_sums,
-            scales: t.scales,
-            bias: t.bias,
-            act: t.act,
-            y: t.y.add(r * t.ldy),
-            ldy: t.ldy,
-            blocks16: t.blocks16.map(|p| p.map(|q| q.wrapping_add(r * t.ldy))),
-            residual: t.residual.map(|(p, ld)| (p.add(r * ld), ld)),
-            prefetch_l2: &[],
         }
     }
 }

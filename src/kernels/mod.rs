@@ -125,6 +125,31 @@ impl F32Tile<'_> {
         }
     }
 
+    /// The rows from `r` on, as a tile of their own (for a kernel that hands part of its
+    /// rows to other code); without the L2 hint, which the caller's own loop issues.
+    ///
+    /// # Safety
+    /// `r` is below the tile's rows (so row `r` of the output and of the residual lies inside
+    /// the tile).
+    pub unsafe fn rows_from(&self, r: usize) -> F32Tile<'_> {
+        // SAFETY: per the contract, row r is inside the tile.
+        unsafe {
+            F32Tile {
+                za: &self.za[r..],
+                sa: &self.sa[r..],
+                col_sums: self.col_sums,
+                scales: self.scales,
+                bias: self.bias,
+                act: self.act,
+                y: self.y.add(r * self.ldy),
+                ldy: self.ldy,
+                blocks16: self.blocks16.map(|p| p.map(|q| q.wrapping_add(r * self.ldy))),
+                residual: self.residual.map(|(p, ld)| (p.add(r * ld), ld)),
+                prefetch_l2: &[],
+            }
+        }
+    }
+
     /// Writes row `i` from its `NR` accumulators (`acc.len() >= cols`) with the given row
     /// operations (the portable path, used for tails).
     ///
