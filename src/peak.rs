@@ -31,36 +31,92 @@ fn median_rate(min_time: Duration, mut f: impl FnMut() -> f64) -> f64 {
 /// AVX2: the `vpmaddubsw + vpmaddwd + vpaddd` chain (the usual int8 route without VNNI, whose
 /// int16 step can saturate; dynq's exact AVX2 kernel is measured against it).
 pub fn dot_product_gops(isa: Isa, min_time: Duration) -> Option<f64> {
+    let (f, macs) = dot_product_loop(isa)?;
+    Some(median_rate(min_time, || {
+        let t = Instant::now();
+        std::hint::black_box(f(DOT_ITERS));
+        (DOT_ITERS * macs * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
+    }))
+}
+
+/// Iterations of a dot-product loop per timed run (a few milliseconds).
+const DOT_ITERS: usize = 2_000_000;
+
+/// The dot-product peak of [`dot_product_gops`] on 1 thread and on `threads` threads running
+/// the same loop at once, as `(1 thread, all threads together)` in GOPS: medians of runs made
+/// in turn. Their ratio bounds what more threads can give a kernel bound by that instruction:
+/// two vCPUs that are the two hyperthreads of one core share its units (its AMX tile unit:
+/// about 1.0x), two separate cores give about 2x. `None` as for [`dot_product_gops`], or when
+/// `threads` is 0.
+pub fn dot_product_scaling(isa: Isa, threads: usize, min_time: Duration) -> Option<(f64, f64)> {
+    let (f, macs) = dot_product_loop(isa)?;
+    if threads == 0 {
+        return None;
+    }
+    let ops = (DOT_ITERS * macs * 2) as f64;
+    let one = || {
+        let t = Instant::now();
+        std::hint::black_box(f(DOT_ITERS));
+        ops / t.elapsed().as_secs_f64() / 1e9
+    };
+    let all = || {
+        // Each thread starts its loop when all have started, so the loops overlap.
+        let barrier = std::sync::Barrier::new(threads);
+        let secs = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let t = Instant::now();
+                        std::hint::black_box(f(DOT_ITERS));
+                        t.elapsed().as_secs_f64()
+                    })
+                })
+                .collect();
+            // The slowest thread: they ran at once for at least that long.
+            runs.into_iter().map(|r| r.join().unwrap_or(f64::INFINITY)).fold(0.0, f64::max)
+        });
+        threads as f64 * ops / secs / 1e9
+    };
+    let (mut v1, mut vn) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    one(); // warm-up
+    while v1.len() < 3 || (start.elapsed() < 2 * min_time && v1.len() < 50) {
+        v1.push(one());
+        vn.push(all());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Some((median(&mut v1), median(&mut vn)))
+}
+
+/// An ISA's dot-product loop (runs `iters` iterations, returns a value of the result) and its
+/// multiply-adds per iteration, or `None` when the CPU lacks it or nothing is measured for it.
+#[allow(clippy::type_complexity)]
+fn dot_product_loop(isa: Isa) -> Option<(Box<dyn Fn(usize) -> u64 + Sync>, usize)> {
     let stand_in = crate::kernels::stand_in_for(isa).is_some();
     if crate::isa::resolve(isa).is_err() && !(isa == Isa::AvxVnni && isa.is_supported()) && !stand_in {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let iters = 2_000_000usize;
-        let run = |f: &dyn Fn(usize) -> u64, macs_per_iter: usize| {
-            median_rate(min_time, || {
-                let t = Instant::now();
-                std::hint::black_box(f(iters));
-                (iters * macs_per_iter * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
-            })
-        };
         // SAFETY (each arm): the ISA was checked above.
         match isa {
-            Isa::Avx512Vnni => Some(run(&|n| unsafe { x86::vnni_zmm(n) }, 24 * 64)),
+            Isa::Avx512Vnni => Some((Box::new(|n| unsafe { x86::vnni_zmm(n) }), 24 * 64)),
             // 6 tiles of 16 x 16 x 64 per iteration: a 64th of the iterations of the others.
-            Isa::AmxInt8 => Some(run(&|n| unsafe { crate::kernels::amx::tdpbusd_loop(n / 64) }, 6 * 16384 / 64)),
+            Isa::AmxInt8 => Some((Box::new(|n| unsafe { crate::kernels::amx::tdpbusd_loop(n / 64) }), 6 * 16384 / 64)),
             // Where the AVX-VNNI kernel's EVEX twin stands in, the same instruction in its EVEX
             // encoding (AVX-512 VL + VNNI): the twin's own peak.
-            Isa::AvxVnni if stand_in => Some(run(&|n| unsafe { x86::vnni_ymm_evex(n) }, 12 * 32)),
-            Isa::AvxVnni => Some(run(&|n| unsafe { x86::vnni_ymm(n) }, 12 * 32)),
-            Isa::Avx2 => Some(run(&|n| unsafe { x86::maddubs_ymm(n) }, 12 * 32)),
+            Isa::AvxVnni if stand_in => Some((Box::new(|n| unsafe { x86::vnni_ymm_evex(n) }), 12 * 32)),
+            Isa::AvxVnni => Some((Box::new(|n| unsafe { x86::vnni_ymm(n) }), 12 * 32)),
+            Isa::Avx2 => Some((Box::new(|n| unsafe { x86::maddubs_ymm(n) }), 12 * 32)),
             _ => None,
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = min_time;
         None
     }
 }

@@ -4,7 +4,7 @@ use std::process::Command;
 
 fn dynq(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dynq"));
-    c.args(args).env_remove("DYNQ_ISA").env_remove("DYNQ_NUM_THREADS");
+    c.args(args).env_remove("DYNQ_ISA").env_remove("DYNQ_NUM_THREADS").env_remove("DYNQ_SPIN_US");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -35,6 +35,17 @@ fn peak_prints_json() {
     let first: f64 =
         kernel.split(['"', ':', ',']).map(str::trim).filter(|s| !s.is_empty()).nth(1).unwrap().parse().unwrap();
     assert!(first > 0.0, "{out}");
+    // --threads N: the dot-product loop on 1 and on N threads at once, with their ratio.
+    let (ok, out) = dynq(&["peak", "--threads", "2", "--bytes", "4096"], &[]);
+    assert!(ok && out.contains("\"dot_product_threads\": {\"threads\": 2, "), "{out}");
+    if !out.contains("\"dot_product_gops\": null") {
+        let scaling: f64 = out.split("\"scaling\": ").nth(1).unwrap().split('}').next().unwrap().parse().unwrap();
+        assert!(scaling > 0.1 && scaling < 2.5, "{out}");
+    }
+    for bad in ["0", "lots", "257"] {
+        let (ok, out) = dynq(&["peak", "--threads", bad], &[]);
+        assert!(!ok && out.contains("--threads") && out.contains("thread count"), "{bad}: {out}");
+    }
 }
 
 #[test]
@@ -130,6 +141,19 @@ fn bad_environment_is_reported_not_crashed() {
     assert!(!ok && out.contains("names no ISA"), "{out}");
     let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--threads", "0"], &[("DYNQ_NUM_THREADS", "lots")]);
     assert!(!ok && out.contains("DYNQ_NUM_THREADS"), "{out}");
+    // A bad DYNQ_SPIN_US: reported by a call that would use worker threads, and by `info`.
+    for bad in ["lots", "-1", "1000001"] {
+        let (ok, out) =
+            dynq(&["bench", "--shapes", "64x256x256", "--threads", "2", "--min-time", "0"], &[("DYNQ_SPIN_US", bad)]);
+        assert!(!ok && out.contains("DYNQ_SPIN_US"), "{bad}: {out}");
+        let (ok, out) = dynq(&["info"], &[("DYNQ_SPIN_US", bad)]);
+        assert!(ok && out.contains("DYNQ_SPIN_US") && out.contains("between 0 and 1000000"), "{bad}: {out}");
+    }
+    let (ok, out) = dynq(&["info"], &[("DYNQ_SPIN_US", "0")]);
+    assert!(ok && out.contains("wait for the next call: 0 us"), "{out}");
+    let (ok, _) =
+        dynq(&["bench", "--shapes", "64x256x256", "--threads", "2", "--min-time", "0"], &[("DYNQ_SPIN_US", "0")]);
+    assert!(ok);
     // Sizes no buffer can have: an error naming the shape, not an abort.
     let (ok, out) = dynq(&["bench", "--shapes", "18446744073709551615x2x2", "--min-time", "0"], &[]);
     assert!(!ok && out.contains("no memory for A"), "{out}");

@@ -24,14 +24,17 @@ commands:
     --weight-qmax Q          quantize weights to [-Q, Q] (default 127; 64 = ONNX Runtime's
                              reduce_range, which runs a faster kernel on AVX2 without VNNI)
     --json PATH              also write every figure as JSON (- for standard output)
-  peak [--isa NAME] [--bytes N[,N...]] [--narrow]
+  peak [--isa NAME] [--bytes N[,N...]] [--narrow] [--threads N]
                              this machine's measured limits as JSON: the dot-product peak of an
                              ISA (GOPS, 1 thread; avx_vnni: as for bench), its micro-kernel's
                              rate (--narrow: the ISA's narrow-weight kernel, if it has one) and
-                             the read bandwidth for buffers of N bytes
+                             the read bandwidth for buffers of N bytes; --threads N also
+                             runs the dot-product loop on N threads at once, in turn with
+                             1 thread (the most N threads can give a kernel bound by it)
   help                       this text
 
-environment: DYNQ_ISA forces the kernel family, DYNQ_NUM_THREADS the default thread count.";
+environment: DYNQ_ISA forces the kernel family, DYNQ_NUM_THREADS the default thread count,
+DYNQ_SPIN_US how long idle worker threads wait for the next call before sleeping (default 200).";
 
 /// (label, M, N, K)
 const DEFAULT_SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -89,6 +92,10 @@ fn info() -> Result<(), String> {
         Ok(t) => println!("default threads: {t}"),
         Err(e) => println!("default threads: {e}"),
     }
+    match dynq::gemm::spin_window() {
+        Ok(w) => println!("idle workers wait for the next call: {} us (DYNQ_SPIN_US)", w.as_micros()),
+        Err(e) => println!("idle workers wait for the next call: {e}"),
+    }
     println!("kernels in this build:");
     for k in kernels::KERNELS {
         let usable = isa::resolve(k.isa).is_ok();
@@ -118,6 +125,7 @@ fn peak(args: &[String]) -> Result<(), String> {
     let mut isa = None;
     let mut sizes = vec![16usize << 20];
     let mut narrow = false;
+    let mut threads = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -133,6 +141,16 @@ fn peak(args: &[String]) -> Result<(), String> {
                     .collect::<Result<_, _>>()?;
             }
             "--narrow" => narrow = true,
+            "--threads" => {
+                let v = it.next().ok_or("--threads needs a value")?;
+                threads = Some(
+                    v.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|t| (1..=256).contains(t))
+                        .ok_or_else(|| format!("--threads {v:?}: a thread count from 1 to 256"))?,
+                );
+            }
             other => return Err(format!("unknown peak option {other:?}")),
         }
     }
@@ -153,11 +171,20 @@ fn peak(args: &[String]) -> Result<(), String> {
             Ok(format!("\"{b}\": {g:.2}"))
         })
         .collect::<Result<_, String>>()?;
+    // With --threads N: the loop on 1 thread and on N at once, in turn.
+    let together = threads.map(|n| match dynq::peak::dot_product_scaling(isa, n, t) {
+        Some((one, all)) => format!(
+            ", \"dot_product_threads\": {{\"threads\": {n}, \"one_thread_gops\": {one:.1}, \"all_threads_gops\": {all:.1}, \"scaling\": {:.2}}}",
+            all / one
+        ),
+        None => format!(", \"dot_product_threads\": {{\"threads\": {n}, \"one_thread_gops\": null, \"all_threads_gops\": null, \"scaling\": null}}"),
+    });
     println!(
-        "{{\"isa\": \"{isa}\", \"stand_in\": {}, \"kernel\": {}, \"dot_product_gops\": {}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
+        "{{\"isa\": \"{isa}\", \"stand_in\": {}, \"kernel\": {}, \"dot_product_gops\": {}{}, \"micro_kernel_gops_by_k\": {{{}}}, \"read_gbs\": {{{}}}}}",
         stand_in.map_or("null".to_string(), |k| format!("\"{}\"", k.name)),
         kern.map_or("null".to_string(), |k| format!("\"{}\"", k.name)),
         fmt(gops),
+        together.unwrap_or_default(),
         kernel.join(", "),
         bw.join(", ")
     );
@@ -604,6 +631,16 @@ fn bench(args: &[String]) -> Result<(), String> {
     );
     if !scaling.is_empty() {
         println!();
+        // What the threads can give where the dot-product instruction is the limit: two
+        // vCPUs on one core's two hyperthreads share its units.
+        for &t in b.threads.iter().filter(|&&t| t > 1) {
+            if let Some((one, all)) = dynq::peak::dot_product_scaling(isa, t, b.min_time) {
+                println!(
+                    "{isa} dot-product peak, {t} threads at once: {all:.0} GOPS = {:.2}x 1 thread's {one:.0} (runs in turn)",
+                    all / one
+                );
+            }
+        }
         println!(
             "thread counts (dynq ms, medians of calls made in turn; x = speedup over {} thread(s)):",
             b.threads[0]
