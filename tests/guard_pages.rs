@@ -172,6 +172,9 @@ fn micro_kernels_with_buffers_starting_after_a_guard_page() {
                         blocks16: None,
                         residual: Some((res.as_slice().as_ptr(), ldy)),
                         prefetch_l2: &[],
+                        // The far L2 prefetch runs past the panel's guard page (a hint: it
+                        // must not fault).
+                        stream_l2: true,
                     };
                     // SAFETY: as above; y holds rows x cols at stride ldy.
                     unsafe {

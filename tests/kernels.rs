@@ -136,6 +136,8 @@ fn micro_kernels_exact_on_guard_pages() {
                                 blocks16: None,
                                 residual: use_res.then(|| (res.as_slice().as_ptr(), ldr)),
                                 prefetch_l2: &[],
+                                // A hint only: the results are the same either way.
+                                stream_l2: use_bias,
                             };
                             // SAFETY: as above; y holds mr_eff rows of cols at stride ldy.
                             unsafe { (kern.ukernel)(mr_eff, kp, a.as_ptr(), stride, b.as_ptr(), &TileOut::F32(&ft)) };

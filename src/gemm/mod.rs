@@ -762,6 +762,8 @@ struct Tile<'a> {
     panel: &'a [i8],
     /// Weights to bring into L2 while this tile computes (see `F32Tile::prefetch_l2`).
     prefetch_l2: &'a [i8],
+    /// The only row tile of its block: the weights stream through it (`F32Tile::stream_l2`).
+    stream_l2: bool,
 }
 
 /// Share `i` of `parts` of `bytes`, in whole cache lines.
@@ -889,7 +891,7 @@ where
         let _state = unsafe { ThreadStateGuard::new(kern) };
         let (mb, nb) = (blk / n_blocks, blk % n_blocks);
         let mut scratch = vec![0i32; mr * nr];
-        let visit = |p: usize, (i0, rows): (usize, usize), prefetch_l2: &[i8], scratch: &mut [i32]| {
+        let visit = |p: usize, (i0, rows): (usize, usize), prefetch_l2: &[i8], stream_l2: bool, scratch: &mut [i32]| {
             let tile = Tile {
                 i0,
                 rows,
@@ -898,6 +900,7 @@ where
                 a: &qa[i0 * row_bytes..(i0 + rows) * row_bytes],
                 panel: &data[p * panel_bytes..(p + 1) * panel_bytes],
                 prefetch_l2,
+                stream_l2,
             };
             f(&tile, scratch);
         };
@@ -915,7 +918,7 @@ where
             for (ti, t) in tiles.enumerate() {
                 let rows = tile_rows(t);
                 for (pi, p) in panels.clone().enumerate() {
-                    visit(p, rows, share(next_block, ti * panels.len() + pi, visits), &mut scratch);
+                    visit(p, rows, share(next_block, ti * panels.len() + pi, visits), false, &mut scratch);
                 }
                 if let Some(done) = done {
                     // The tile's rows are still in L1.
@@ -930,11 +933,12 @@ where
                     true => &data[(p + 1) * panel_bytes..(p + 2) * panel_bytes],
                     false => &next_block[..panel_bytes.min(next_block.len())],
                 };
-                // A single tile (decoding) streams its panels anyway, prefetching them itself:
-                // asking for the next one as well made 1x4096x4096 and 4x4096x4096 2-4% slower.
+                // A single tile (decoding) streams its panels anyway, prefetching them itself
+                // (`F32Tile::stream_l2`): asking for the next one as well made 1x4096x4096 and
+                // 4x4096x4096 2-4% slower.
                 let upcoming = if rows.len() > 1 { upcoming } else { &[] };
                 for (ri, &r) in rows.iter().enumerate() {
-                    visit(p, r, share(upcoming, ri, rows.len()), &mut scratch);
+                    visit(p, r, share(upcoming, ri, rows.len()), rows.len() == 1, &mut scratch);
                 }
             }
             if let (Some(done), Some(first), Some(last)) = (done, rows.first(), rows.last()) {
@@ -1450,6 +1454,7 @@ fn gemm_impl<A: Element, Y: Element>(
                 // column j0: in bounds, checked by check_matrix).
                 residual: res_f32.map(|(r, ldr)| (r[i0 * ldr + j0..].as_ptr(), ldr)),
                 prefetch_l2: t.prefetch_l2,
+                stream_l2: t.stream_l2,
             };
             if let Some((r, ldr)) = ft.residual {
                 // The tile's residual lines are requested now and arrive while the kernel computes

@@ -126,6 +126,7 @@ unsafe fn gemm_u8s8_i32_6x16c2__avx2(
 /// As [`gemm_u8s8_i32_6x16c2__avx2`] with `mr == R`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
+    let stream_l2 = super::streams_l2(out);
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     // SAFETY (whole body): loads stay inside the R rows of kp u16 values and the kp * NR
     // bytes of the panel; stores write the first R rows of the MR x NR tile.
@@ -154,6 +155,10 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
             // end is harmless (its address is made with wrapping_add: no out-of-bounds pointer
             // arithmetic).
             _mm_prefetch::<_MM_HINT_T0>((b.add(g * NR * KR)).wrapping_add(PREFETCH));
+            if stream_l2 {
+                // The line far ahead into L2 (`F32Tile::stream_l2`).
+                _mm_prefetch::<_MM_HINT_T1>((b.add(g * NR * KR)).wrapping_add(super::STREAM_L2_AHEAD));
+            }
             if R == 6 {
                 // SAFETY: as `step` for pairs g and g + 1 (R == 6: rowp and acc have 6 rows).
                 two_pairs_6(
@@ -305,6 +310,7 @@ unsafe fn gemm_u8s8_i32_6x16c4__avx2_narrow(
 /// As [`gemm_u8s8_i32_6x16c4__avx2_narrow`] with `mr == R`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_narrow<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
+    let stream_l2 = super::streams_l2(out);
     const KR: usize = 4;
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     // SAFETY (whole body): loads stay inside the R rows of kp bytes and the kp * NR bytes of
@@ -331,6 +337,11 @@ unsafe fn rows_narrow<const R: usize>(kp: usize, a: *const u8, a_stride: usize, 
             let bg = b.add(g * NR * KR);
             _mm_prefetch::<_MM_HINT_T0>(bg.wrapping_add(PREFETCH));
             _mm_prefetch::<_MM_HINT_T0>(bg.wrapping_add(PREFETCH + 64));
+            if stream_l2 {
+                // Both lines far ahead into L2 (`F32Tile::stream_l2`).
+                _mm_prefetch::<_MM_HINT_T1>(bg.wrapping_add(super::STREAM_L2_AHEAD));
+                _mm_prefetch::<_MM_HINT_T1>(bg.wrapping_add(super::STREAM_L2_AHEAD + 64));
+            }
             if R == 6 {
                 // SAFETY: as `step` for groups g and g + 1 (R == 6: rowp and acc have 6 rows).
                 narrow_two_groups_6(

@@ -152,6 +152,7 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize, const P: usize
         let rowp: [*const i32; R] = std::hint::black_box(std::array::from_fn(|i| a.add(i * a_stride) as *const i32));
         // KR = 4: group g of a row is the i32 at index g.
         let bcast = |i: usize, g: usize| _mm512_set1_epi32(rowp[i].add(g).read_unaligned());
+        let stream_l2 = super::streams_l2(out);
         let panel = |g: usize| -> [__m512i; W] {
             let p = b.add(g * P * KR) as *const __m512i;
             // Software prefetch PREFETCH bytes ahead in the weight stream: with few rows the
@@ -160,6 +161,10 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize, const P: usize
             // (its address is made with wrapping_add: no out-of-bounds pointer arithmetic).
             for v in 0..W {
                 _mm_prefetch::<_MM_HINT_T0>((p.add(v) as *const i8).wrapping_add(PREFETCH));
+            }
+            if stream_l2 {
+                // One line per group (the L2 streamer fetches its neighbours).
+                _mm_prefetch::<_MM_HINT_T1>((p as *const i8).wrapping_add(super::STREAM_L2_AHEAD));
             }
             std::array::from_fn(|v| _mm512_loadu_si512(p.add(v)))
         };

@@ -77,6 +77,32 @@ pub struct F32Tile<'a> {
     /// Weights the driver will need soon (the next panel or block), which a kernel may ask to
     /// be brought into L2 a line at a time while it computes: a hint, never read.
     pub prefetch_l2: &'a [i8],
+    /// This tile is the only row tile that meets its panels (decoding, M up to one tile), so
+    /// the weights stream through it once, most likely from memory: a kernel may ask for the
+    /// lines of its panel stream far ahead into L2 (past the panel's end too: the driver's
+    /// next panel follows it in memory). A hint, never read.
+    pub stream_l2: bool,
+}
+
+/// How far ahead in its weight stream a kernel asks for lines to be brought into L2 when the
+/// tile streams them alone ([`F32Tile::stream_l2`]), in bytes. The kernels' L1 prefetch (4 KiB
+/// ahead) alone keeps too few lines in flight to pull weights from DRAM at the core's rate.
+/// Medians of alternating calls, 1 thread, weights from DRAM (48 copies of the matrix, 768
+/// MiB), against the L1 prefetch alone: AVX-512 kernel (one line per K group of three weight
+/// lines) 1x4096x4096 0.93-0.95x the time, 4x4096x4096 0.89-0.91x, 8x4096x4096 0.87x, 2
+/// threads 0.91x and 0.82x; AVX-VNNI (every line) 1x 0.94x, 4x and 6x 0.85x; AVX2 exact 1x
+/// 0.86-0.93x, 7-bit weights 1x 0.82x, 4x 0.90x. With the matrix in L3 (one copy) the extra
+/// requests cost 0-3% (AVX2 at M = 1: 3-5%); real decoding reads each matrix once per token,
+/// from DRAM. For AVX-512, 32 and 64 KiB ahead measured the same as 16; 8 KiB, and a line for
+/// each weight line rather than each group, cost 3-5% with the weights in L3.
+#[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+pub(crate) const STREAM_L2_AHEAD: usize = 16384;
+
+/// Whether `out` is an f32 tile whose weights stream through it alone ([`F32Tile::stream_l2`]).
+#[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+#[inline(always)]
+pub(crate) fn streams_l2(out: &TileOut<'_>) -> bool {
+    matches!(out, TileOut::F32(t) if t.stream_l2)
 }
 
 /// Runs of 16 columns in a tile with [`F32Tile::blocks16`] (the widest panel, AVX-512's, is 48).
@@ -146,6 +172,7 @@ impl F32Tile<'_> {
                 blocks16: self.blocks16.map(|p| p.map(|q| q.wrapping_add(r * self.ldy))),
                 residual: self.residual.map(|(p, ld)| (p.add(r * ld), ld)),
                 prefetch_l2: &[],
+                stream_l2: self.stream_l2,
             }
         }
     }
