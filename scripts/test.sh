@@ -57,6 +57,8 @@ cargo run --release --quiet --bin dynq -- bench --shapes 3x40x50,1x64x4096 --min
 cargo run --release --quiet --bin dynq -- bench --shapes 7x40x50 --min-time 0 --weight-qmax 64
 cargo run --release --quiet --bin dynq -- bench --shapes 9x40x50 --min-time 0 --threads 1,2 --json target/bench-smoke.json
 python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["shapes"][0]["threads_ms"].keys() == {"1", "2"}, d' target/bench-smoke.json
+cargo run --release --quiet --bin dynq -- bench --shapes 2x512x2048 --min-time 0 --threads 1,2 --cold-bytes 8388608 --json target/bench-cold.json
+python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); s = d["shapes"][0]; assert s["cold_copies"] >= 2 and s["cold_threads_ms"].keys() == {"1", "2"} and d["cold_read_gbs"] > 0, d' target/bench-cold.json
 if grep -qw avx2 /proc/cpuinfo; then python3 bench/avx2_steps.py --rounds 1; fi
 
 step "CMake package: install, C++ consumer (find_package, shared and static, ctest), pkg-config, exports"

@@ -23,6 +23,11 @@ commands:
     --symmetric              symmetric int8 activations instead of asymmetric uint8
     --weight-qmax Q          quantize weights to [-Q, Q] (default 127; 64 = ONNX Runtime's
                              reduce_range, which runs a faster kernel on AVX2 without VNNI)
+    --cold-bytes N           for shapes with M <= 16 and at least 1 MiB of weights also time
+                             them read from memory:
+                             calls cycle through copies of the packed weights, N bytes in all
+                             (default: twice the last-level cache, at least 256 MiB, at most
+                             4 GiB; 0: skip), beside the read bandwidth for a buffer of N bytes
     --json PATH              also write every figure as JSON (- for standard output)
   peak [--isa NAME] [--bytes N[,N...]] [--narrow] [--threads N]
                              this machine's measured limits as JSON: the dot-product peak of an
@@ -213,6 +218,8 @@ struct BenchArgs {
     gran: ActGranularity,
     ty: ActType,
     weight_qmax: u8,
+    /// Bytes of weight copies for the weights-from-memory table (`None`: from the LLC size).
+    cold_bytes: Option<usize>,
     json: Option<String>,
 }
 
@@ -225,6 +232,7 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
         gran: ActGranularity::PerRow,
         ty: ActType::AsymmetricU8,
         weight_qmax: 127,
+        cold_bytes: None,
         json: None,
     };
     let mut it = args.iter();
@@ -271,6 +279,10 @@ fn parse_bench(args: &[String]) -> Result<BenchArgs, String> {
                     Ok(q @ 1..=127) => q,
                     _ => return Err("bad --weight-qmax: expected 1..=127".to_string()),
                 }
+            }
+            "--cold-bytes" => {
+                let v = val("--cold-bytes")?;
+                b.cold_bytes = Some(v.parse().map_err(|_| format!("bad --cold-bytes {v:?}: expected a byte count"))?);
             }
             "--json" => b.json = Some(val("--json")?),
             other => return Err(format!("unknown bench option {other:?}; see `dynq help`")),
@@ -374,6 +386,61 @@ fn jstr(s: &str) -> String {
     o
 }
 
+/// The size of the last-level data cache in bytes, as Linux reports it
+/// (`/sys/devices/system/cpu/cpu0/cache`), or `None` where it does not.
+fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    let mut best: Option<(u32, usize)> = None;
+    for e in dir.flatten() {
+        let read = |f: &str| std::fs::read_to_string(e.path().join(f)).ok().map(|s| s.trim().to_string());
+        let (Some(level), Some(ty), Some(size)) = (read("level"), read("type"), read("size")) else {
+            continue;
+        };
+        if ty == "Instruction" {
+            continue;
+        }
+        let Ok(level) = level.parse::<u32>() else { continue };
+        let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
+        let Ok(v) = digits.parse::<usize>() else { continue };
+        let bytes = match unit {
+            "" => Some(v),
+            "K" => v.checked_mul(1 << 10),
+            "M" => v.checked_mul(1 << 20),
+            "G" => v.checked_mul(1 << 30),
+            _ => None,
+        };
+        if let Some(bytes) = bytes {
+            if best.is_none_or(|(l, _)| level > l) {
+                best = Some((level, bytes));
+            }
+        }
+    }
+    best.map(|(_, b)| b)
+}
+
+/// Bytes of weight copies for the weights-from-memory table: twice the last-level cache (so
+/// that a copy is evicted before it comes round again), at least 256 MiB (caches that Linux
+/// does not report, or reports per slice), at most 4 GiB.
+fn default_cold_bytes() -> usize {
+    last_level_cache_bytes().map_or(0, |c| c.saturating_mul(2)).clamp(256 << 20, 4 << 30)
+}
+
+/// Median wall times of calls on copies of the weights cycled through in turn (each call on
+/// the copy least recently used, so from memory when the copies exceed the caches), for each
+/// thread count, the counts interleaved call by call.
+fn time_cold(
+    copies: &[dynq::PackedWeights],
+    min_time: Duration,
+    threads: &[usize],
+    mut call: impl FnMut(&dynq::PackedWeights, usize) -> Result<(), String>,
+) -> Result<Vec<Duration>, String> {
+    let mut next = 0;
+    time_interleaved(min_time, threads.len(), |i| {
+        next = (next + 1) % copies.len();
+        call(&copies[next], threads[i])
+    })
+}
+
 fn bench(args: &[String]) -> Result<(), String> {
     let b = parse_bench(args)?;
     let (isa, stand_in) = select_or_stand_in(b.isa)?;
@@ -436,6 +503,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     let mut micro_cache: Vec<(usize, Option<f64>)> = Vec::new();
     // (label, shape, median ms per thread count).
     let mut scaling: Vec<(String, String, Vec<f64>)> = Vec::new();
+    // Weights from memory: (label, shape, weight bytes, copies, median ms per thread count).
+    let cold_bytes = b.cold_bytes.unwrap_or_else(default_cold_bytes);
+    let mut cold: Vec<(String, String, usize, usize, Vec<f64>)> = Vec::new();
     for (label, m, n, k) in &b.shapes {
         let (m, n, k) = (*m, *n, *k);
         let a = matrix(label, m, k, "A", || rng.normal())?;
@@ -465,6 +535,22 @@ fn bench(args: &[String]) -> Result<(), String> {
                 format!("{m}x{n}x{k}"),
                 t_threads.iter().map(|t| t.as_secs_f64() * 1e3).collect(),
             ));
+        }
+        // Shapes bound by the weight stream: also with the weights read from memory, as a
+        // model's layers are when each is read once per token.
+        let mut cold_ms: Option<Vec<f64>> = None;
+        let copies = cold_bytes / pw.packed_data().len().max(1);
+        if m <= 16 && pw.packed_data().len() >= 1 << 20 && copies >= 2 {
+            let mut v = Vec::new();
+            if v.try_reserve_exact(copies).is_ok() {
+                v.extend((0..copies).map(|_| pw.clone()));
+                let t = time_cold(&v, b.min_time, &b.threads, |w, t| {
+                    dynq::gemm(w, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))
+                })?;
+                let ms: Vec<f64> = t.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+                cold.push((label.clone(), format!("{m}x{n}x{k}"), pw.packed_data().len(), copies, ms.clone()));
+                cold_ms = Some(ms);
+            }
         }
         let mut y_ref = matrix(label, m, n, "Y", || 0.0)?;
         let t_f = time_it(b.min_time, || {
@@ -577,10 +663,15 @@ fn bench(args: &[String]) -> Result<(), String> {
                     tiles.map_or("null".into(), jnum)
                 )
             });
+            let cold_json = cold_ms.as_ref().map_or(String::new(), |ms| {
+                let per: Vec<String> =
+                    b.threads.iter().zip(ms).map(|(t, v)| format!("{}: {}", jstr(&t.to_string()), jnum(*v))).collect();
+                format!(", \"cold_copies\": {copies}, \"cold_threads_ms\": {{{}}}", per.join(", "))
+            });
             records.push(format!(
                 "{{\"layer\": {}, \"m\": {m}, \"n\": {n}, \"k\": {k}, \"dynq_ms\": {}, \"gops\": {}, \"pct_peak\": {}, \
                  \"weight_gbs\": {}, \"read_gbs\": {}, \"pct_bw\": {}, \"fp32_ms\": {}, \"fp32_gflops\": {}, \"speedup\": {}, \
-                 \"rel_err\": {}, \"cosine\": {}, \"threads_ms\": {{{}}}{parts}}}",
+                 \"rel_err\": {}, \"cosine\": {}, \"threads_ms\": {{{}}}{parts}{cold_json}}}",
                 jstr(label),
                 jnum(t_q.as_secs_f64() * 1e3),
                 jnum(gops),
@@ -597,11 +688,19 @@ fn bench(args: &[String]) -> Result<(), String> {
             ));
         }
     }
+    // The read bandwidth for a buffer as large as the copies (1 thread): the limit for them.
+    let cold_bw = match cold.is_empty() {
+        true => None,
+        false => {
+            Some(dynq::peak::read_bandwidth_gbs(cold_bytes, b.min_time).map_err(|e| format!("--cold-bytes: {e}"))?)
+        }
+    };
     if let Some(path) = &b.json {
         let doc = format!(
             "{{\"dynq\": {}, \"isa\": {}, \"kernel\": {}, \"stand_in\": {}, \"threads\": [{}], \
              \"act_granularity\": {}, \"act_type\": {}, \"weight_qmax\": {}, \"peak_gops\": {}, \
-             \"micro_kernel_gops_k768\": {}, \"fp32_baseline\": \"matrixmultiply 0.3, 1 thread\", \"shapes\": [\n  {}\n]}}\n",
+             \"micro_kernel_gops_k768\": {}, \"cold_bytes\": {}, \"cold_read_gbs\": {}, \
+             \"fp32_baseline\": \"matrixmultiply 0.3, 1 thread\", \"shapes\": [\n  {}\n]}}\n",
             jstr(dynq::VERSION),
             jstr(&isa.to_string()),
             jstr(kern.name),
@@ -612,6 +711,8 @@ fn bench(args: &[String]) -> Result<(), String> {
             b.weight_qmax,
             peak.map_or("null".into(), jnum),
             jnum(micro_768),
+            cold_bytes,
+            cold_bw.map_or("null".into(), jnum),
             records.join(",\n  "),
         );
         if path == "-" {
@@ -629,6 +730,24 @@ fn bench(args: &[String]) -> Result<(), String> {
     println!(
         "rel.err = ||Y_dynq - Y_fp32|| / ||Y_fp32|| (Frobenius); cosine between the two outputs. Times are medians."
     );
+    if let Some(bw) = cold_bw {
+        println!();
+        println!(
+            "weights from memory (calls cycle through copies of the packed weights, {} MiB in all, as a model's \
+             layers are read once per token;\nread bandwidth for a buffer of that size, 1 thread: {bw:.1} GB/s):",
+            cold_bytes >> 20
+        );
+        let heads: String = b.threads.iter().map(|t| format!("{:>9}{:>8}", format!("{t}T ms"), "W GB/s")).collect();
+        println!("{:<22} {:>16} {:>7} {heads} {:>8}", "layer", "MxNxK", "copies", "%bw 1st");
+        for (label, shape, wbytes, copies, ms) in &cold {
+            let cols: String = ms.iter().map(|v| format!("{v:>9.3}{:>8.1}", *wbytes as f64 / v / 1e6)).collect();
+            println!("{label:<22} {shape:>16} {copies:>7} {cols} {:>7.0}%", 100.0 * *wbytes as f64 / ms[0] / 1e6 / bw);
+        }
+        println!(
+            "%bw 1st = weight bytes per second at the first thread count / that read bandwidth (one thread's; more\n\
+             threads can exceed it: a core keeps a limited number of reads from memory in flight)."
+        );
+    }
     if !scaling.is_empty() {
         println!();
         // What the threads can give where the dot-product instruction is the limit: two
