@@ -112,8 +112,10 @@ fn micro_kernels() -> Vec<Kernel> {
 fn micro_kernels_with_buffers_starting_after_a_guard_page() {
     let mut rng = Rng(21);
     for kern in micro_kernels() {
-        let (mr, nr, kr, ab) = (kern.mr, kern.nr, kern.kr, kern.a_bytes);
-        for groups in [1, 2, 5, 17] {
+        // Every row count a call may take (see `Kernel::stream_mr`); 130 groups cross a tall
+        // tile's K chunk.
+        let (mr, nr, kr, ab) = (kern.stream_mr, kern.nr, kern.kr, kern.a_bytes);
+        for groups in [1, 2, 5, 17, 130] {
             let kp = groups * kr;
             for rows in 1..=mr {
                 let stride = (kp + kr) * ab;
@@ -227,7 +229,7 @@ fn driver_at_tile_edges_with_guarded_inputs_and_outputs() {
     let mut calls = 0;
     for isa in isas_under_test() {
         let kern = kernel_for(isa).unwrap();
-        for m in 1..=kern.mr + 1 {
+        for m in (1..=kern.mr + 1).chain([kern.stream_mr, kern.stream_mr + 1]) {
             for &n in &dims(kern.nr, &[]) {
                 for &k in &dims(kern.kr, &[61]) {
                     let case = calls;

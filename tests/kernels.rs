@@ -46,8 +46,10 @@ fn micro_kernels_under_test() -> Vec<dynq::kernels::Kernel> {
 fn micro_kernels_exact_on_guard_pages() {
     let mut rng = Rng(1);
     for kern in micro_kernels_under_test() {
-        let (mr, nr, kr, ab) = (kern.mr, kern.nr, kern.kr, kern.a_bytes);
-        for groups in [1, 2, 3, 7, 16, 33, 200] {
+        // Every row count a call may take (`stream_mr`: up to 2 * MR for AVX-512's tall
+        // tiles, whose K chunks of 128 groups 200 and 257 groups cross).
+        let (mr, nr, kr, ab) = (kern.stream_mr, kern.nr, kern.kr, kern.a_bytes);
+        for groups in [1, 2, 3, 7, 16, 33, 200, 257] {
             let kp = groups * kr;
             for mr_eff in 1..=mr {
                 for stride_pad in [0, 1, kr] {
@@ -345,7 +347,8 @@ fn integer_gemm_exact_around_tile_edges() {
     let mut cases = 0;
     for isa in isas_under_test() {
         let kern = kernel_for(isa).unwrap();
-        let ms: Vec<usize> = (1..=kern.mr + 1).chain([2 * kern.mr + 3, 67]).collect();
+        let ms: Vec<usize> =
+            (1..=kern.mr + 1).chain([kern.stream_mr, kern.stream_mr + 1, 2 * kern.mr + 3, 67]).collect();
         let ns: Vec<usize> = (1..=2 * kern.nr + 1).chain([127]).collect();
         let ks: Vec<usize> = (1..=2 * kern.kr + 1).chain([61, 256, 257]).collect();
         for &m in &ms {

@@ -820,8 +820,10 @@ where
     F: Fn(&Tile<'_>, &mut [i32]) + Sync,
 {
     let kern = w.kernel();
-    let (mr, nr) = (kern.mr, kern.nr);
-    let n = w.n();
+    let (nr, n) = (kern.nr, w.n());
+    // Up to `stream_mr` rows (more than MR only for kernels that take them) run as one tile
+    // that streams the weights once, instead of several tiles that each read every panel.
+    let mr = if m > kern.mr && m <= kern.stream_mr { m } else { kern.mr };
     let m_tiles = m.div_ceil(mr);
     // The rows are spread evenly over the tiles (M = 20 with MR = 8: 7 + 7 + 6, not 8 + 8 + 4): a tile
     // with few rows has few independent accumulators and reads the whole panel for little work.

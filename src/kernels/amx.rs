@@ -58,6 +58,7 @@ pub const KERNEL: Kernel = Kernel {
     weight_pair_limit: None,
     narrow: None,
     full_tiles: true,
+    stream_mr: MR,
     thread_state: Some(&THREAD_STATE),
 };
 

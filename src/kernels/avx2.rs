@@ -50,6 +50,7 @@ pub const KERNEL: Kernel = Kernel {
     weight_pair_limit: None,
     narrow: Some(&KERNEL_NARROW),
     full_tiles: false,
+    stream_mr: MR,
     thread_state: None,
 };
 
@@ -78,6 +79,7 @@ pub const KERNEL_NARROW: Kernel = Kernel {
     weight_pair_limit: Some(NARROW_PAIR_LIMIT),
     narrow: None,
     full_tiles: false,
+    stream_mr: MR,
     thread_state: None,
 };
 

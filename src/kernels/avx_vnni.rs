@@ -37,6 +37,7 @@ pub const KERNEL: Kernel = Kernel {
     weight_pair_limit: None,
     narrow: None,
     full_tiles: false,
+    stream_mr: MR,
     thread_state: None,
 };
 

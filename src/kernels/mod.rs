@@ -31,7 +31,7 @@ pub mod scalar;
 /// # Safety
 /// - The CPU supports the kernel's ISA (guaranteed by [`crate::isa::resolve`] before any
 ///   packed weights exist for it).
-/// - `1 <= mr <= MR`.
+/// - `1 <= mr <= stream_mr` (see [`Kernel::stream_mr`]; `MR` for most kernels).
 /// - `a` points to `mr` rows of `kp * a_bytes` readable bytes, row `i` at `a + i * a_stride`.
 /// - `b` points to one packed panel: `kp * NR` readable bytes in the kernel's layout.
 /// - `out` satisfies the requirements documented on [`TileOut`] for this `mr`.
@@ -41,9 +41,9 @@ pub type MicroKernel = unsafe fn(mr: usize, kp: usize, a: *const u8, a_stride: u
 /// Where a micro-kernel delivers its tile.
 #[derive(Debug)]
 pub enum TileOut<'a> {
-    /// The raw accumulators, `MR x NR` row-major at this pointer: rows `i < mr` are written
+    /// The raw accumulators, `mr x NR` row-major at this pointer: rows `i < mr` are written
     /// (overwritten, not accumulated), the others left as they were. Must have room for
-    /// `MR * NR` values.
+    /// `max(mr, MR) * NR` values.
     I32(*mut i32),
     /// The f32 epilogue, written to Y.
     F32(&'a F32Tile<'a>),
@@ -95,11 +95,11 @@ pub struct F32Tile<'a> {
 /// requests cost 0-3% (AVX2 at M = 1: 3-5%); real decoding reads each matrix once per token,
 /// from DRAM. For AVX-512, 32 and 64 KiB ahead measured the same as 16; 8 KiB, and a line for
 /// each weight line rather than each group, cost 3-5% with the weights in L3.
-#[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+#[cfg(target_arch = "x86_64")]
 pub(crate) const STREAM_L2_AHEAD: usize = 16384;
 
 /// Whether `out` is an f32 tile whose weights stream through it alone ([`F32Tile::stream_l2`]).
-#[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn streams_l2(out: &TileOut<'_>) -> bool {
     matches!(out, TileOut::F32(t) if t.stream_l2)
@@ -325,6 +325,12 @@ pub struct Kernel {
     /// rest (instead of spreading them evenly over the tiles): for kernels much faster on a
     /// full tile than on a partial one (AMX, whose row tails run on AVX-512).
     pub full_tiles: bool,
+    /// The most rows one call takes (`mr` or more): when M is at most this, the driver runs a
+    /// single row tile of M rows that streams the weights once (decoding and small batches).
+    /// The AVX-512 kernel takes up to `2 * mr`, as two row tiles that meet each chunk of the
+    /// panel's K range together (the chunk then comes from memory once and from L1 for the
+    /// second); other kernels `mr`.
+    pub stream_mr: usize,
     /// Per-thread processor state the micro-kernel sets up by itself on first use (AMX: the
     /// tile configuration), which the driver saves before a thread's first tile and restores
     /// after its last (see [`ThreadState`]); `None` for kernels that change no such state.

@@ -38,6 +38,7 @@ pub const KERNEL: Kernel = Kernel {
     weight_pair_limit: None,
     narrow: None,
     full_tiles: false,
+    stream_mr: 4,
     thread_state: None,
 };
 
@@ -58,6 +59,7 @@ pub const KERNEL_DOTPROD: Kernel = Kernel {
     weight_pair_limit: None,
     narrow: None,
     full_tiles: false,
+    stream_mr: 4,
     thread_state: None,
 };
 
@@ -78,6 +80,7 @@ pub const KERNEL_I8MM: Kernel = Kernel {
     weight_pair_limit: None,
     narrow: None,
     full_tiles: false,
+    stream_mr: 4,
     thread_state: None,
 };
 
