@@ -71,16 +71,17 @@ fn bench_times_several_thread_counts() {
     assert!(out.contains("threads=1,2,3"), "{out}");
     let tail = out.split("thread counts").nth(1).unwrap_or_else(|| panic!("no thread table: {out}"));
     let table = tail.split("where the time goes").next().unwrap();
-    for head in ["1T ms", "2T ms", "3T ms", "2T x", "3T x"] {
+    for head in ["1T ms", "2T ms", "3T ms", "2T x", "3T x", "1T idle ms", "3T idle ms"] {
         assert!(table.contains(head), "{head}: {out}");
     }
     for shape in ["3x20x30", "9x33x17"] {
         let row = table.lines().find(|l| l.contains(shape)).unwrap_or_else(|| panic!("{shape}: {out}"));
-        // label, shape, 3 times, 2 ratios
+        // label, shape, 3 times, 2 ratios, 3 times after idle
         let cols: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cols.len(), 7, "{row}");
-        assert!(cols[2..5].iter().all(|v| v.parse::<f64>().is_ok_and(|v| v > 0.0)), "{row}");
-        assert!(cols[5..].iter().all(|v| v.ends_with('x')), "{row}");
+        assert_eq!(cols.len(), 10, "{row}");
+        let times = |c: &[&str]| c.iter().all(|v| v.parse::<f64>().is_ok_and(|v| v > 0.0));
+        assert!(times(&cols[2..5]) && times(&cols[7..]), "{row}");
+        assert!(cols[5..7].iter().all(|v| v.ends_with('x')), "{row}");
     }
     assert!(tail.contains("where the time goes"), "{out}");
     // --json: the same figures as a document (checked as JSON by the CI smoke step).

@@ -326,6 +326,16 @@ fn time_it(min_time: Duration, mut f: impl FnMut()) -> Duration {
 fn time_interleaved<E>(
     min_time: Duration,
     n: usize,
+    f: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Vec<Duration>, E> {
+    time_rounds(min_time, n, false, f)
+}
+
+/// [`time_interleaved`]; `warm`: each timed call follows an untimed call of the same variant.
+fn time_rounds<E>(
+    min_time: Duration,
+    n: usize,
+    warm: bool,
     mut f: impl FnMut(usize) -> Result<(), E>,
 ) -> Result<Vec<Duration>, E> {
     (0..n).try_for_each(&mut f)?;
@@ -334,6 +344,9 @@ fn time_interleaved<E>(
     let total = min_time * n as u32;
     while samples[0].len() < 3 || (start.elapsed() < total && samples[0].len() < 1000) {
         for (i, s) in samples.iter_mut().enumerate() {
+            if warm {
+                f(i)?;
+            }
             let t = Instant::now();
             f(i)?;
             s.push(t.elapsed());
@@ -346,6 +359,33 @@ fn time_interleaved<E>(
             s[s.len() / 2]
         })
         .collect())
+}
+
+/// As [`time_interleaved`], but each timed call of a variant follows an untimed call of the
+/// same variant (steady state: caches, and a pool's helpers, as the variant leaves them).
+fn time_interleaved_warm<E>(
+    min_time: Duration,
+    n: usize,
+    f: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Vec<Duration>, E> {
+    time_rounds(min_time, n, true, f)
+}
+
+/// Median wall time of `f` called after the pool's helpers have gone to sleep: each call
+/// follows a pause of the spin window (`DYNQ_SPIN_US`) plus 2 ms; at least 5 calls, about
+/// `min_time` of them (at most 50).
+fn time_after_idle<E>(min_time: Duration, mut f: impl FnMut() -> Result<(), E>) -> Result<Duration, E> {
+    let pause = dynq::gemm::spin_window().unwrap_or_default() + Duration::from_millis(2);
+    let start = Instant::now();
+    let mut s = Vec::new();
+    while s.len() < 5 || (start.elapsed() < min_time && s.len() < 50) {
+        std::thread::sleep(pause);
+        let t = Instant::now();
+        f()?;
+        s.push(t.elapsed());
+    }
+    s.sort();
+    Ok(s[s.len() / 2])
 }
 
 /// An `r x c` matrix of `value()`s; a size this machine cannot hold is an error naming the
@@ -501,8 +541,9 @@ fn bench(args: &[String]) -> Result<(), String> {
     // micro-kernel's rate ms).
     let mut breakdown: Vec<(String, String, f64, f64, f64, Option<f64>)> = Vec::new();
     let mut micro_cache: Vec<(usize, Option<f64>)> = Vec::new();
-    // (label, shape, median ms per thread count).
-    let mut scaling: Vec<(String, String, Vec<f64>)> = Vec::new();
+    // (label, shape, median ms per thread count, the same after the helpers slept (counts > 1)).
+    type Scaling = (String, String, Vec<f64>, Vec<Option<f64>>);
+    let mut scaling: Vec<Scaling> = Vec::new();
     // Weights from memory: (label, shape, weight bytes, copies, median ms per thread count).
     let cold_bytes = b.cold_bytes.unwrap_or_else(default_cold_bytes);
     let mut cold: Vec<(String, String, usize, usize, Vec<f64>)> = Vec::new();
@@ -524,16 +565,23 @@ fn bench(args: &[String]) -> Result<(), String> {
         };
         let mut y = matrix(label, m, n, "Y", || 0.0)?;
         // The warm-up call of each count reports what the library refuses (say, too many threads).
-        let t_threads = time_interleaved(b.min_time, b.threads.len(), |i| {
-            let t = b.threads[i];
+        // Each timed call follows an untimed one with the same count: the figures are for calls
+        // made back to back, as a model's layers are, with the pool's helpers awake (called in
+        // turn with another count, they would have gone to sleep in between: see `idle` below).
+        let mut call = |t: usize| {
             dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))
-        })?;
+        };
+        let t_threads = time_interleaved_warm(b.min_time, b.threads.len(), |i| call(b.threads[i]))?;
+        // Several threads, after the helpers have gone to sleep (the first call after a pause).
+        let t_idle: Vec<Option<Duration>> =
+            b.threads.iter().map(|&t| time_after_idle(b.min_time, || call(t)).map(Some)).collect::<Result<_, _>>()?;
         let t_q = t_threads[0];
         if b.threads.len() > 1 {
             scaling.push((
                 label.clone(),
                 format!("{m}x{n}x{k}"),
                 t_threads.iter().map(|t| t.as_secs_f64() * 1e3).collect(),
+                t_idle.iter().map(|t| t.map(|d| d.as_secs_f64() * 1e3)).collect(),
             ));
         }
         // Shapes bound by the weight stream: also with the weights read from memory, as a
@@ -656,6 +704,12 @@ fn bench(args: &[String]) -> Result<(), String> {
                 .zip(&t_threads)
                 .map(|(t, d)| format!("{}: {}", jstr(&t.to_string()), jnum(d.as_secs_f64() * 1e3)))
                 .collect();
+            let idle_ms: Vec<String> = b
+                .threads
+                .iter()
+                .zip(&t_idle)
+                .filter_map(|(t, d)| d.map(|d| format!("{}: {}", jstr(&t.to_string()), jnum(d.as_secs_f64() * 1e3))))
+                .collect();
             let parts = parts_ms.map_or(String::new(), |(qa, tiles)| {
                 format!(
                     ", \"quant_ms\": {}, \"tiles_at_micro_kernel_ms\": {}",
@@ -671,7 +725,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             records.push(format!(
                 "{{\"layer\": {}, \"m\": {m}, \"n\": {n}, \"k\": {k}, \"dynq_ms\": {}, \"gops\": {}, \"pct_peak\": {}, \
                  \"weight_gbs\": {}, \"read_gbs\": {}, \"pct_bw\": {}, \"fp32_ms\": {}, \"fp32_gflops\": {}, \"speedup\": {}, \
-                 \"rel_err\": {}, \"cosine\": {}, \"threads_ms\": {{{}}}{parts}{cold_json}}}",
+                 \"rel_err\": {}, \"cosine\": {}, \"threads_ms\": {{{}}}, \"threads_idle_ms\": {{{}}}{parts}{cold_json}}}",
                 jstr(label),
                 jnum(t_q.as_secs_f64() * 1e3),
                 jnum(gops),
@@ -685,6 +739,7 @@ fn bench(args: &[String]) -> Result<(), String> {
                 jnum((diff / nr).sqrt()),
                 jnum(dot / (nq.sqrt() * nr.sqrt())),
                 threads_ms.join(", "),
+                idle_ms.join(", "),
             ));
         }
     }
@@ -761,25 +816,24 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         }
         println!(
-            "thread counts (dynq ms, medians of calls made in turn; x = speedup over {} thread(s)):",
+            "thread counts (dynq ms, medians of calls made in turn, each after an untimed call with the same count; \
+             x = speedup over {} thread(s);\nidle = the first call after the pool's helpers went to sleep, a pause of \
+             the spin window (DYNQ_SPIN_US) + 2 ms before each):",
             b.threads[0]
         );
-        let heads: Vec<String> = b.threads.iter().map(|t| format!("{t}T ms")).collect();
-        let ratios: Vec<String> = b.threads[1..].iter().map(|t| format!("{t}T x")).collect();
-        println!(
-            "{:<22} {:>16} {} {}",
-            "layer",
-            "MxNxK",
-            heads.iter().map(|h| format!("{h:>9}")).collect::<String>(),
-            ratios.iter().map(|h| format!("{h:>7}")).collect::<String>()
-        );
-        for (label, shape, ms) in &scaling {
+        let multi: Vec<usize> = b.threads.clone();
+        let heads: String = b.threads.iter().map(|t| format!("{:>9}", format!("{t}T ms"))).collect();
+        let ratios: String = b.threads[1..].iter().map(|t| format!("{:>7}", format!("{t}T x"))).collect();
+        let idle: String = multi.iter().map(|t| format!("{:>12}", format!("{t}T idle ms"))).collect();
+        println!("{:<22} {:>16} {heads} {ratios} {idle}", "layer", "MxNxK");
+        for (label, shape, ms, idle_ms) in &scaling {
             println!(
-                "{:<22} {:>16} {} {}",
+                "{:<22} {:>16} {} {} {}",
                 label,
                 shape,
                 ms.iter().map(|v| format!("{v:>9.3}")).collect::<String>(),
-                ms[1..].iter().map(|v| format!("{:>6.2}x", ms[0] / v)).collect::<String>()
+                ms[1..].iter().map(|v| format!("{:>6.2}x", ms[0] / v)).collect::<String>(),
+                idle_ms.iter().flatten().map(|v| format!("{v:>12.3}")).collect::<String>()
             );
         }
     }
