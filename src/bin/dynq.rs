@@ -572,9 +572,16 @@ fn bench(args: &[String]) -> Result<(), String> {
             dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))
         };
         let t_threads = time_interleaved_warm(b.min_time, b.threads.len(), |i| call(b.threads[i]))?;
-        // Several threads, after the helpers have gone to sleep (the first call after a pause).
-        let t_idle: Vec<Option<Duration>> =
-            b.threads.iter().map(|&t| time_after_idle(b.min_time, || call(t)).map(Some)).collect::<Result<_, _>>()?;
+        // With several counts, each also after the helpers have gone to sleep (the first call
+        // after a pause).
+        let t_idle: Vec<Option<Duration>> = b
+            .threads
+            .iter()
+            .map(|&t| match b.threads.len() > 1 {
+                true => time_after_idle(b.min_time, || call(t)).map(Some),
+                false => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
         let t_q = t_threads[0];
         if b.threads.len() > 1 {
             scaling.push((
