@@ -8,7 +8,12 @@ For each shape and thread count it times, in turn within every repetition:
   - dynq (direct C ABI call through ctypes) on the same int8 weights and scales, in per-tensor
     uint8 mode (the same arithmetic as DynamicQuantizeMatMul) and in its default per-row mode,
 and reports medians, plus this machine's limits measured in the same run (`dynq peak`: the
-vpdpbusd peak and the read bandwidth for a buffer of the weights' size).
+vpdpbusd peak and the read bandwidth for a buffer of the weights' size). Each timed call follows
+an untimed call of the same function, so every library runs as a model's layers run, back to
+back: its pool's threads awake and its weights where its previous call left them (in cache
+where they fit). --no-warm times the calls in turn without it: each library's threads then
+wake for every call (each pool stops spinning while the others run) and large weights come
+from memory, as for a call after a pause.
 
     python3 bench/compare_ort.py                 # default shapes, 1 and 2 threads
     python3 bench/compare_ort.py --shapes 1x4096x4096,128x768x768 --threads 1 --reps 50
@@ -94,6 +99,7 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default: adaptive, ~1 s per shape)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--no-warm", action="store_true", help="no untimed call before each timed one (see above)")
     ap.add_argument("--weight-qmax", type=int, default=127, help="int8 weights in [-Q, Q] for both libraries (default 127; 64 = reduce_range)")
     args = ap.parse_args()
     if not 1 <= args.weight_qmax <= 127:
@@ -109,7 +115,9 @@ def main():
         + (["--narrow"] if args.weight_qmax <= 64 else []), text=True))
     print(f"onnxruntime {ort.__version__}; dynq ISA {peak['isa']}, kernel {peak.get('kernel')}; int8 weights in "
           f"[-{args.weight_qmax}, {args.weight_qmax}]; measured dot-product peak "
-          f"{peak['dot_product_gops']} GOPS (1 thread); weights reused, so in cache where they fit")
+          f"{peak['dot_product_gops']} GOPS (1 thread); "
+          + ("calls timed in turn, weights from wherever the others' calls left them" if args.no_warm
+             else "each timed call after an untimed one of the same function (weights in cache where they fit)"))
     rng = np.random.default_rng(7)
     rows = []
     # dynq runs twice: per-tensor (ONNX Runtime's own arithmetic, so "vs ORT int8" compares like
@@ -160,6 +168,8 @@ def main():
             times = {key: [] for key in fns}
             for _ in range(reps):
                 for key, f in fns.items():
+                    if not args.no_warm:
+                        f()
                     t0 = time.perf_counter()
                     f()
                     times[key].append(time.perf_counter() - t0)
@@ -203,7 +213,8 @@ def main():
           "kernels on x86 CPUs without VNNI).")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(peak=peak, onnxruntime=ort.__version__, weight_qmax=args.weight_qmax, rows=rows), f, indent=1)
+            json.dump(dict(peak=peak, onnxruntime=ort.__version__, weight_qmax=args.weight_qmax, warm=not args.no_warm,
+                           rows=rows), f, indent=1)
 
 
 def rel_err(y, ref):

@@ -266,25 +266,37 @@ pub(super) unsafe fn rows_of<const W: usize, const P: usize>(
     b: *const i8,
     c: &TileOut<'_>,
 ) {
-    // SAFETY: forwarded contract.
-    unsafe {
-        match mr {
-            1 => rows::<1, true, W, P>(kp, a, a_stride, b, c),
-            2 => rows::<2, true, W, P>(kp, a, a_stride, b, c),
-            3 => rows::<3, true, W, P>(kp, a, a_stride, b, c),
-            4 => rows::<4, true, W, P>(kp, a, a_stride, b, c),
-            5 => rows::<5, false, W, P>(kp, a, a_stride, b, c),
-            6 => rows::<6, false, W, P>(kp, a, a_stride, b, c),
-            7 => rows::<7, false, W, P>(kp, a, a_stride, b, c),
-            _ => rows::<8, false, W, P>(kp, a, a_stride, b, c),
-        }
+    macro_rules! go {
+        ($stream:literal) => {
+            // SAFETY: forwarded contract.
+            unsafe {
+                match mr {
+                    1 => rows::<1, true, W, P, $stream>(kp, a, a_stride, b, c),
+                    2 => rows::<2, true, W, P, $stream>(kp, a, a_stride, b, c),
+                    3 => rows::<3, true, W, P, $stream>(kp, a, a_stride, b, c),
+                    4 => rows::<4, true, W, P, $stream>(kp, a, a_stride, b, c),
+                    5 => rows::<5, false, W, P, $stream>(kp, a, a_stride, b, c),
+                    6 => rows::<6, false, W, P, $stream>(kp, a, a_stride, b, c),
+                    7 => rows::<7, false, W, P, $stream>(kp, a, a_stride, b, c),
+                    _ => rows::<8, false, W, P, $stream>(kp, a, a_stride, b, c),
+                }
+            }
+        };
+    }
+    // A separate instance for streaming tiles: the far prefetch in every tile's loop, even
+    // at distance 0 or behind a test, cost compute-bound shapes 10% (128x768x768, medians of
+    // alternating runs) and 30-50% (the test made LLVM spill accumulators).
+    match super::streams_l2(c) {
+        true => go!(true),
+        false => go!(false),
     }
 }
 
 /// `R` rows; `SPLIT`: keep separate accumulators for even and odd K groups; `W`: the first
 /// `W` of the panel's `P / 16` zmm columns groups are computed (the others are padding or
 /// unused); `P`: the panel width, 48 (this kernel's) or 32 (the AMX kernel's row tails, on its
-/// panels, which have the same layout).
+/// panels, which have the same layout); `STREAM`: the tile streams the weights
+/// (`F32Tile::stream_l2`).
 ///
 /// # Safety
 /// As [`gemm_u8s8_i32_8x48c4__avx512vnni`] with `mr == R` and panels of `P` columns (an i32
@@ -292,7 +304,7 @@ pub(super) unsafe fn rows_of<const W: usize, const P: usize>(
 /// `16 * W` columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // two accumulator sets indexed in lockstep
-unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize, const P: usize>(
+unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize, const P: usize, const STREAM: bool>(
     kp: usize,
     a: *const u8,
     a_stride: usize,
@@ -311,7 +323,6 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize, const P: usize
         let rowp: [*const i32; R] = std::hint::black_box(std::array::from_fn(|i| a.add(i * a_stride) as *const i32));
         // KR = 4: group g of a row is the i32 at index g.
         let bcast = |i: usize, g: usize| _mm512_set1_epi32(rowp[i].add(g).read_unaligned());
-        let stream_l2 = super::streams_l2(out);
         let panel = |g: usize| -> [__m512i; W] {
             let p = b.add(g * P * KR) as *const __m512i;
             // Software prefetch PREFETCH bytes ahead in the weight stream: with few rows the
@@ -321,8 +332,9 @@ unsafe fn rows<const R: usize, const SPLIT: bool, const W: usize, const P: usize
             for v in 0..W {
                 _mm_prefetch::<_MM_HINT_T0>((p.add(v) as *const i8).wrapping_add(PREFETCH));
             }
-            if stream_l2 {
-                // One line per group (the L2 streamer fetches its neighbours).
+            if STREAM {
+                // Far into L2, one line per group (the L2 streamer fetches its neighbours):
+                // `F32Tile::stream_l2`.
                 _mm_prefetch::<_MM_HINT_T1>((p as *const i8).wrapping_add(super::STREAM_L2_AHEAD));
             }
             std::array::from_fn(|v| _mm512_loadu_si512(p.add(v)))
