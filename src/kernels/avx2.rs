@@ -113,13 +113,21 @@ unsafe fn gemm_u8s8_i32_6x16c2__avx2(
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        match mr {
-            1 => rows::<1>(kp, a, a_stride, b, c),
-            2 => rows::<2>(kp, a, a_stride, b, c),
-            3 => rows::<3>(kp, a, a_stride, b, c),
-            4 => rows::<4>(kp, a, a_stride, b, c),
-            5 => rows::<5>(kp, a, a_stride, b, c),
-            _ => rows::<6>(kp, a, a_stride, b, c),
+        // A separate instance for streaming tiles (`F32Tile::stream_l2`): no test in the
+        // other tiles' loops (see the AVX-512 kernel).
+        match (mr, super::streams_l2(c)) {
+            (1, true) => rows::<1, true>(kp, a, a_stride, b, c),
+            (1, false) => rows::<1, false>(kp, a, a_stride, b, c),
+            (2, true) => rows::<2, true>(kp, a, a_stride, b, c),
+            (2, false) => rows::<2, false>(kp, a, a_stride, b, c),
+            (3, true) => rows::<3, true>(kp, a, a_stride, b, c),
+            (3, false) => rows::<3, false>(kp, a, a_stride, b, c),
+            (4, true) => rows::<4, true>(kp, a, a_stride, b, c),
+            (4, false) => rows::<4, false>(kp, a, a_stride, b, c),
+            (5, true) => rows::<5, true>(kp, a, a_stride, b, c),
+            (5, false) => rows::<5, false>(kp, a, a_stride, b, c),
+            (_, true) => rows::<6, true>(kp, a, a_stride, b, c),
+            (_, false) => rows::<6, false>(kp, a, a_stride, b, c),
         }
     }
 }
@@ -127,8 +135,13 @@ unsafe fn gemm_u8s8_i32_6x16c2__avx2(
 /// # Safety
 /// As [`gemm_u8s8_i32_6x16c2__avx2`] with `mr == R`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
-    let stream_l2 = super::streams_l2(out);
+unsafe fn rows<const R: usize, const STREAM: bool>(
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    out: &TileOut<'_>,
+) {
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     // SAFETY (whole body): loads stay inside the R rows of kp u16 values and the kp * NR
     // bytes of the panel; stores write the first R rows of the MR x NR tile.
@@ -157,7 +170,7 @@ unsafe fn rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *con
             // end is harmless (its address is made with wrapping_add: no out-of-bounds pointer
             // arithmetic).
             _mm_prefetch::<_MM_HINT_T0>((b.add(g * NR * KR)).wrapping_add(PREFETCH));
-            if stream_l2 {
+            if STREAM {
                 // The line far ahead into L2 (`F32Tile::stream_l2`).
                 _mm_prefetch::<_MM_HINT_T1>((b.add(g * NR * KR)).wrapping_add(super::STREAM_L2_AHEAD));
             }
@@ -297,13 +310,21 @@ unsafe fn gemm_u8s8_i32_6x16c4__avx2_narrow(
 ) {
     // SAFETY: forwarded contract.
     unsafe {
-        match mr {
-            1 => rows_narrow::<1>(kp, a, a_stride, b, c),
-            2 => rows_narrow::<2>(kp, a, a_stride, b, c),
-            3 => rows_narrow::<3>(kp, a, a_stride, b, c),
-            4 => rows_narrow::<4>(kp, a, a_stride, b, c),
-            5 => rows_narrow::<5>(kp, a, a_stride, b, c),
-            _ => rows_narrow::<6>(kp, a, a_stride, b, c),
+        // A separate instance for streaming tiles (`F32Tile::stream_l2`): no test in the
+        // other tiles' loops (see the AVX-512 kernel).
+        match (mr, super::streams_l2(c)) {
+            (1, true) => rows_narrow::<1, true>(kp, a, a_stride, b, c),
+            (1, false) => rows_narrow::<1, false>(kp, a, a_stride, b, c),
+            (2, true) => rows_narrow::<2, true>(kp, a, a_stride, b, c),
+            (2, false) => rows_narrow::<2, false>(kp, a, a_stride, b, c),
+            (3, true) => rows_narrow::<3, true>(kp, a, a_stride, b, c),
+            (3, false) => rows_narrow::<3, false>(kp, a, a_stride, b, c),
+            (4, true) => rows_narrow::<4, true>(kp, a, a_stride, b, c),
+            (4, false) => rows_narrow::<4, false>(kp, a, a_stride, b, c),
+            (5, true) => rows_narrow::<5, true>(kp, a, a_stride, b, c),
+            (5, false) => rows_narrow::<5, false>(kp, a, a_stride, b, c),
+            (_, true) => rows_narrow::<6, true>(kp, a, a_stride, b, c),
+            (_, false) => rows_narrow::<6, false>(kp, a, a_stride, b, c),
         }
     }
 }
@@ -311,8 +332,13 @@ unsafe fn gemm_u8s8_i32_6x16c4__avx2_narrow(
 /// # Safety
 /// As [`gemm_u8s8_i32_6x16c4__avx2_narrow`] with `mr == R`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_narrow<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
-    let stream_l2 = super::streams_l2(out);
+unsafe fn rows_narrow<const R: usize, const STREAM: bool>(
+    kp: usize,
+    a: *const u8,
+    a_stride: usize,
+    b: *const i8,
+    out: &TileOut<'_>,
+) {
     const KR: usize = 4;
     let mut acc = [[_mm256_setzero_si256(); 2]; R];
     // SAFETY (whole body): loads stay inside the R rows of kp bytes and the kp * NR bytes of
@@ -339,7 +365,7 @@ unsafe fn rows_narrow<const R: usize>(kp: usize, a: *const u8, a_stride: usize, 
             let bg = b.add(g * NR * KR);
             _mm_prefetch::<_MM_HINT_T0>(bg.wrapping_add(PREFETCH));
             _mm_prefetch::<_MM_HINT_T0>(bg.wrapping_add(PREFETCH + 64));
-            if stream_l2 {
+            if STREAM {
                 // Both lines far ahead into L2 (`F32Tile::stream_l2`).
                 _mm_prefetch::<_MM_HINT_T1>(bg.wrapping_add(super::STREAM_L2_AHEAD));
                 _mm_prefetch::<_MM_HINT_T1>(bg.wrapping_add(super::STREAM_L2_AHEAD + 64));

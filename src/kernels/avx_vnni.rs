@@ -63,23 +63,39 @@ macro_rules! vnni_ymm_kernel {
         /// the `target_feature` of the body.
         #[allow(non_snake_case)]
         unsafe fn $entry(mr: usize, kp: usize, a: *const u8, a_stride: usize, b: *const i8, c: &TileOut<'_>) {
-            // SAFETY: forwarded contract.
-            unsafe {
-                match mr {
-                    1 => $rows::<1>(kp, a, a_stride, b, c),
-                    2 => $rows::<2>(kp, a, a_stride, b, c),
-                    3 => $rows::<3>(kp, a, a_stride, b, c),
-                    4 => $rows::<4>(kp, a, a_stride, b, c),
-                    5 => $rows::<5>(kp, a, a_stride, b, c),
-                    _ => $rows::<6>(kp, a, a_stride, b, c),
-                }
+            macro_rules! go {
+                ($stream:literal) => {
+                    // SAFETY: forwarded contract.
+                    unsafe {
+                        match mr {
+                            1 => $rows::<1, $stream>(kp, a, a_stride, b, c),
+                            2 => $rows::<2, $stream>(kp, a, a_stride, b, c),
+                            3 => $rows::<3, $stream>(kp, a, a_stride, b, c),
+                            4 => $rows::<4, $stream>(kp, a, a_stride, b, c),
+                            5 => $rows::<5, $stream>(kp, a, a_stride, b, c),
+                            _ => $rows::<6, $stream>(kp, a, a_stride, b, c),
+                        }
+                    }
+                };
+            }
+            // A separate instance for streaming tiles (`F32Tile::stream_l2`), as in the
+            // AVX-512 kernel: no test in the other tiles' loops.
+            match super::streams_l2(c) {
+                true => go!(true),
+                false => go!(false),
             }
         }
 
         /// # Safety
         /// As the entry above with `mr == R`.
         #[target_feature(enable = $features)]
-        unsafe fn $rows<const R: usize>(kp: usize, a: *const u8, a_stride: usize, b: *const i8, out: &TileOut<'_>) {
+        unsafe fn $rows<const R: usize, const STREAM: bool>(
+            kp: usize,
+            a: *const u8,
+            a_stride: usize,
+            b: *const i8,
+            out: &TileOut<'_>,
+        ) {
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             // SAFETY (whole body): loads stay inside the R rows of kp bytes and the kp * NR
             // bytes of the panel; stores write the first R rows of the MR x NR tile.
@@ -88,7 +104,6 @@ macro_rules! vnni_ymm_kernel {
                 // kernel): each broadcast is then indexed by the K group alone.
                 let rowp: [*const i32; R] =
                     std::hint::black_box(std::array::from_fn(|i| a.add(i * a_stride) as *const i32));
-                let stream_l2 = super::streams_l2(out);
                 let step = |g: usize, acc: &mut [[__m256i; 2]; R]| {
                     let bp = b.add(g * NR * KR) as *const __m256i;
                     // The weight stream, one line per K group, 4 KiB ahead (measured on the EVEX
@@ -96,7 +111,7 @@ macro_rules! vnni_ymm_kernel {
                     // A prefetch past the end is harmless
                     // (its address is made with wrapping_add: no out-of-bounds pointer arithmetic).
                     _mm_prefetch::<_MM_HINT_T0>((bp as *const i8).wrapping_add(PREFETCH));
-                    if stream_l2 {
+                    if STREAM {
                         // The line far ahead into L2 (`F32Tile::stream_l2`; weights from DRAM,
                         // 1 thread: 1x4096x4096 0.94x the time, 4x and 6x4096x4096 0.85x; in
                         // L3: 1.01-1.03x. Every other line instead: 0.92-1.00x from DRAM).
