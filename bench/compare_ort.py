@@ -9,11 +9,12 @@ For each shape and thread count it times, in turn within every repetition:
     uint8 mode (the same arithmetic as DynamicQuantizeMatMul) and in its default per-row mode,
 and reports medians, plus this machine's limits measured in the same run (`dynq peak`: the
 vpdpbusd peak and the read bandwidth for a buffer of the weights' size). Each timed call follows
-an untimed call of the same function, so every library runs as a model's layers run, back to
-back: its pool's threads awake and its weights where its previous call left them (in cache
-where they fit). --no-warm times the calls in turn without it: each library's threads then
-wake for every call (each pool stops spinning while the others run) and large weights come
-from memory, as for a call after a pause.
+untimed calls of the same function (at least 1 ms of them: a woken pool thread can take a few
+hundred microseconds to arrive in a VM), so every library runs as a model's layers run, back
+to back: its pool's threads awake and its weights where its previous calls left them (in cache
+where they fit); the functions' order changes in every repetition. --no-warm times the calls
+in turn without them: each library's threads then wake for every call (each pool stops
+spinning while the others run) and large weights come from memory, as after a pause.
 
     python3 bench/compare_ort.py                 # default shapes, 1 and 2 threads
     python3 bench/compare_ort.py --shapes 1x4096x4096,128x768x768 --threads 1 --reps 50
@@ -117,7 +118,7 @@ def main():
           f"[-{args.weight_qmax}, {args.weight_qmax}]; measured dot-product peak "
           f"{peak['dot_product_gops']} GOPS (1 thread); "
           + ("calls timed in turn, weights from wherever the others' calls left them" if args.no_warm
-             else "each timed call after an untimed one of the same function (weights in cache where they fit)"))
+             else "each timed call after >= 1 ms of untimed calls of the same function (weights in cache where they fit)"))
     rng = np.random.default_rng(7)
     rows = []
     # dynq runs twice: per-tensor (ONNX Runtime's own arithmetic, so "vs ORT int8" compares like
@@ -166,10 +167,23 @@ def main():
                 f()
             reps = args.reps or max(5, min(200, int(0.25 / max(1e-5, timeit(fns["fp32"])))))
             times = {key: [] for key in fns}
+            items = list(fns.items())
+            order_rng = np.random.default_rng(1)
             for _ in range(reps):
-                for key, f in fns.items():
+                # A new order in every repetition, so that no function always follows the same
+                # one: in a fixed order dynq's per-tensor call, always after ONNX Runtime's,
+                # measured 1.3-1.5x its per-row call (which followed it) on decoding shapes, the
+                # same call alone (its weights stay in the last-level cache only after a
+                # second pass over them on this machine).
+                for i in order_rng.permutation(len(items)):
+                    key, f = items[i]
                     if not args.no_warm:
+                        # At least 1 ms of untimed calls: a sleeping pool thread woken by the
+                        # first may arrive a few hundred microseconds later (in a VM).
+                        w0 = time.perf_counter()
                         f()
+                        while time.perf_counter() - w0 < 1e-3:
+                            f()
                     t0 = time.perf_counter()
                     f()
                     times[key].append(time.perf_counter() - t0)

@@ -331,7 +331,8 @@ fn time_interleaved<E>(
     time_rounds(min_time, n, false, f)
 }
 
-/// [`time_interleaved`]; `warm`: each timed call follows an untimed call of the same variant.
+/// [`time_interleaved`]; `warm`: each timed call follows untimed calls of the same variant
+/// (at least one, and at least 1 ms of them).
 fn time_rounds<E>(
     min_time: Duration,
     n: usize,
@@ -345,7 +346,13 @@ fn time_rounds<E>(
     while samples[0].len() < 3 || (start.elapsed() < total && samples[0].len() < 1000) {
         for (i, s) in samples.iter_mut().enumerate() {
             if warm {
+                // At least 1 ms of untimed calls: a sleeping helper woken by the first may take
+                // a few hundred microseconds to arrive (in a VM), longer than a short call.
+                let w = Instant::now();
                 f(i)?;
+                while w.elapsed() < Duration::from_millis(1) {
+                    f(i)?;
+                }
             }
             let t = Instant::now();
             f(i)?;
@@ -361,8 +368,9 @@ fn time_rounds<E>(
         .collect())
 }
 
-/// As [`time_interleaved`], but each timed call of a variant follows an untimed call of the
-/// same variant (steady state: caches, and a pool's helpers, as the variant leaves them).
+/// As [`time_interleaved`], but each timed call of a variant follows untimed calls of the
+/// same variant, at least 1 ms of them (steady state: caches, and a pool's helpers, as the
+/// variant leaves them).
 fn time_interleaved_warm<E>(
     min_time: Duration,
     n: usize,
@@ -823,7 +831,7 @@ fn bench(args: &[String]) -> Result<(), String> {
             }
         }
         println!(
-            "thread counts (dynq ms, medians of calls made in turn, each after an untimed call with the same count; \
+            "thread counts (dynq ms, medians of calls made in turn, each after >= 1 ms of untimed calls with the same count; \
              x = speedup over {} thread(s);\nidle = the first call after the pool's helpers went to sleep, a pause of \
              the spin window (DYNQ_SPIN_US) + 2 ms before each):",
             b.threads[0]
