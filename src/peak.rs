@@ -275,7 +275,7 @@ mod x86 {
                 for l in 0..4 {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4096 + 64 * l));
                 }
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(16384));
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(crate::kernels::STREAM_L2_AHEAD));
             }
             for (j, a) in acc.iter_mut().enumerate() {
                 // SAFETY: the chunk holds 32 words, 8 per load.
@@ -299,7 +299,7 @@ mod x86 {
                 for l in 0..2 {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4096 + 64 * l));
                 }
-                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(16384));
+                _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(crate::kernels::STREAM_L2_AHEAD));
             }
             for (j, a) in acc.iter_mut().enumerate() {
                 // SAFETY: the chunk holds 16 words, 4 per load.

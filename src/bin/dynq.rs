@@ -331,8 +331,9 @@ fn time_interleaved<E>(
     time_rounds(min_time, n, false, f)
 }
 
-/// [`time_interleaved`]; `warm`: each timed call follows untimed calls of the same variant
-/// (at least one, and at least 1 ms of them).
+/// [`time_interleaved`]; `warm`: each timed call follows untimed calls of the same variant,
+/// at least one and at least 1 ms of them (steady state: caches, and a pool's helpers, as the
+/// variant leaves them).
 fn time_rounds<E>(
     min_time: Duration,
     n: usize,
@@ -366,17 +367,6 @@ fn time_rounds<E>(
             s[s.len() / 2]
         })
         .collect())
-}
-
-/// As [`time_interleaved`], but each timed call of a variant follows untimed calls of the
-/// same variant, at least 1 ms of them (steady state: caches, and a pool's helpers, as the
-/// variant leaves them).
-fn time_interleaved_warm<E>(
-    min_time: Duration,
-    n: usize,
-    f: impl FnMut(usize) -> Result<(), E>,
-) -> Result<Vec<Duration>, E> {
-    time_rounds(min_time, n, true, f)
 }
 
 /// Median wall time of `f` called after the pool's helpers have gone to sleep: each call
@@ -573,13 +563,13 @@ fn bench(args: &[String]) -> Result<(), String> {
         };
         let mut y = matrix(label, m, n, "Y", || 0.0)?;
         // The warm-up call of each count reports what the library refuses (say, too many threads).
-        // Each timed call follows an untimed one with the same count: the figures are for calls
+        // Each timed call follows >= 1 ms of untimed ones with the same count: figures for calls
         // made back to back, as a model's layers are, with the pool's helpers awake (called in
         // turn with another count, they would have gone to sleep in between: see `idle` below).
         let mut call = |t: usize| {
             dynq::gemm(&pw, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))
         };
-        let t_threads = time_interleaved_warm(b.min_time, b.threads.len(), |i| call(b.threads[i]))?;
+        let t_threads = time_rounds(b.min_time, b.threads.len(), true, |i| call(b.threads[i]))?;
         // With several counts, each also after the helpers have gone to sleep (the first call
         // after a pause).
         let t_idle: Vec<Option<Duration>> = b
@@ -602,8 +592,9 @@ fn bench(args: &[String]) -> Result<(), String> {
         // Shapes bound by the weight stream: also with the weights read from memory, as a
         // model's layers are when each is read once per token.
         let mut cold_ms: Option<Vec<f64>> = None;
-        let copies = cold_bytes / pw.packed_data().len().max(1);
-        if m <= 16 && pw.packed_data().len() >= 1 << 20 && copies >= 2 {
+        let packed_bytes = pw.packed_data().len();
+        let copies = cold_bytes / packed_bytes.max(1);
+        if m <= 16 && packed_bytes >= 1 << 20 && copies >= 2 {
             let mut v = Vec::new();
             if v.try_reserve_exact(copies).is_ok() {
                 v.extend((0..copies).map(|_| pw.clone()));
@@ -611,7 +602,7 @@ fn bench(args: &[String]) -> Result<(), String> {
                     dynq::gemm(w, &a, m, k, Some(&bias), &mut y, n, &opts(t)).map_err(|e| format!("--threads {t}: {e}"))
                 })?;
                 let ms: Vec<f64> = t.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-                cold.push((label.clone(), format!("{m}x{n}x{k}"), pw.packed_data().len(), copies, ms.clone()));
+                cold.push((label.clone(), format!("{m}x{n}x{k}"), packed_bytes, copies, ms.clone()));
                 cold_ms = Some(ms);
             }
         }

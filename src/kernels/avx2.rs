@@ -33,6 +33,29 @@ const KR: usize = 2;
 /// Prefetch distance in the weight stream, bytes.
 const PREFETCH: usize = 4096;
 
+/// `$rows::<R, STREAM>(..)` for `$mr` rows (1..=6), in a separate instance for streaming tiles
+/// (`F32Tile::stream_l2`): no test in the other tiles' loops (see the AVX-512 kernel).
+macro_rules! by_rows {
+    ($rows:ident, $mr:expr, $kp:expr, $a:expr, $a_stride:expr, $b:expr, $c:expr) => {{
+        macro_rules! go {
+            ($stream:literal) => {
+                match $mr {
+                    1 => $rows::<1, $stream>($kp, $a, $a_stride, $b, $c),
+                    2 => $rows::<2, $stream>($kp, $a, $a_stride, $b, $c),
+                    3 => $rows::<3, $stream>($kp, $a, $a_stride, $b, $c),
+                    4 => $rows::<4, $stream>($kp, $a, $a_stride, $b, $c),
+                    5 => $rows::<5, $stream>($kp, $a, $a_stride, $b, $c),
+                    _ => $rows::<6, $stream>($kp, $a, $a_stride, $b, $c),
+                }
+            };
+        }
+        match super::streams_l2($c) {
+            true => go!(true),
+            false => go!(false),
+        }
+    }};
+}
+
 /// The AVX2 table entry.
 pub const KERNEL: Kernel = Kernel {
     isa: Isa::Avx2,
@@ -112,24 +135,7 @@ unsafe fn gemm_u8s8_i32_6x16c2__avx2(
     c: &TileOut<'_>,
 ) {
     // SAFETY: forwarded contract.
-    unsafe {
-        // A separate instance for streaming tiles (`F32Tile::stream_l2`): no test in the
-        // other tiles' loops (see the AVX-512 kernel).
-        match (mr, super::streams_l2(c)) {
-            (1, true) => rows::<1, true>(kp, a, a_stride, b, c),
-            (1, false) => rows::<1, false>(kp, a, a_stride, b, c),
-            (2, true) => rows::<2, true>(kp, a, a_stride, b, c),
-            (2, false) => rows::<2, false>(kp, a, a_stride, b, c),
-            (3, true) => rows::<3, true>(kp, a, a_stride, b, c),
-            (3, false) => rows::<3, false>(kp, a, a_stride, b, c),
-            (4, true) => rows::<4, true>(kp, a, a_stride, b, c),
-            (4, false) => rows::<4, false>(kp, a, a_stride, b, c),
-            (5, true) => rows::<5, true>(kp, a, a_stride, b, c),
-            (5, false) => rows::<5, false>(kp, a, a_stride, b, c),
-            (_, true) => rows::<6, true>(kp, a, a_stride, b, c),
-            (_, false) => rows::<6, false>(kp, a, a_stride, b, c),
-        }
-    }
+    unsafe { by_rows!(rows, mr, kp, a, a_stride, b, c) }
 }
 
 /// # Safety
@@ -309,24 +315,7 @@ unsafe fn gemm_u8s8_i32_6x16c4__avx2_narrow(
     c: &TileOut<'_>,
 ) {
     // SAFETY: forwarded contract.
-    unsafe {
-        // A separate instance for streaming tiles (`F32Tile::stream_l2`): no test in the
-        // other tiles' loops (see the AVX-512 kernel).
-        match (mr, super::streams_l2(c)) {
-            (1, true) => rows_narrow::<1, true>(kp, a, a_stride, b, c),
-            (1, false) => rows_narrow::<1, false>(kp, a, a_stride, b, c),
-            (2, true) => rows_narrow::<2, true>(kp, a, a_stride, b, c),
-            (2, false) => rows_narrow::<2, false>(kp, a, a_stride, b, c),
-            (3, true) => rows_narrow::<3, true>(kp, a, a_stride, b, c),
-            (3, false) => rows_narrow::<3, false>(kp, a, a_stride, b, c),
-            (4, true) => rows_narrow::<4, true>(kp, a, a_stride, b, c),
-            (4, false) => rows_narrow::<4, false>(kp, a, a_stride, b, c),
-            (5, true) => rows_narrow::<5, true>(kp, a, a_stride, b, c),
-            (5, false) => rows_narrow::<5, false>(kp, a, a_stride, b, c),
-            (_, true) => rows_narrow::<6, true>(kp, a, a_stride, b, c),
-            (_, false) => rows_narrow::<6, false>(kp, a, a_stride, b, c),
-        }
-    }
+    unsafe { by_rows!(rows_narrow, mr, kp, a, a_stride, b, c) }
 }
 
 /// # Safety
