@@ -105,6 +105,12 @@ fn bench_times_several_thread_counts() {
         let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--min-time", bad], &[]);
         assert!(!ok && out.contains("--min-time") && !out.contains("panicked"), "{bad}: {out}");
     }
+    for bad in ["abc", "-1", "", "1e9", "99999999999999999999999"] {
+        let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--min-time", "0", "--cold-bytes", bad], &[]);
+        assert!(!ok && out.contains("--cold-bytes") && !out.contains("panicked"), "{bad:?}: {out}");
+    }
+    let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--cold-bytes"], &[]);
+    assert!(!ok && out.contains("--cold-bytes needs a value"), "{out}");
     for bad in ["1,x", "", "1,,2", "-1", "1,100000"] {
         let (ok, out) = dynq(&["bench", "--shapes", "2x8x8", "--threads", bad], &[]);
         assert!(!ok && out.contains("--threads"), "{bad:?}: {out}");
